@@ -1,0 +1,44 @@
+# lunsync: the two set-up commands are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark
+SHARED ?= ../shared
+N ?= 100000
+
+.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials soak clean
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# Debian packages the end-to-end tests drive (real initiators and the peer target).
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+serve: venv
+	$(VENV)/bin/lunsync serve --demo
+
+test: deps venv
+	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q -m 'not e2e'
+
+lint: venv
+	$(VENV)/bin/ruff check target snapshots provider tests
+	$(VENV)/bin/mypy target snapshots provider
+
+bench: deps venv
+	$(PY) tests/bench/run.py --shared $(SHARED)
+
+clean:
+	rm -rf $(VENV) lunsync-data build *.egg-info

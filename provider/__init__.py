@@ -1,0 +1,1 @@
+"""lunsync.provider: the control plane (VSS-style provider, management API, CLI, metrics, config, daemon)."""

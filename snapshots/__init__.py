@@ -1,0 +1,1 @@
+"""lunsync.snapshots: the storage engine (backends, volumes, snapshots, catalog, copy engine, resync)."""

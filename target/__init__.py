@@ -1,0 +1,1 @@
+"""lunsync.target: the iSCSI data-path front end (PDU codec, login and session state machines, SCSI emulation, portal)."""

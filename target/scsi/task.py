@@ -1,0 +1,107 @@
+"""The types that cross between the iSCSI session layer and the SCSI layer.
+
+The iSCSI layer builds a :class:`ScsiTask` once all of a command's Data-Out has arrived, awaits
+:meth:`ScsiTarget.execute` (see :mod:`lunsync.target.scsi.target`), and turns the :class:`ScsiResponse` into Data-In
+and SCSI Response PDUs, computing residuals from ``len(data)`` against the expected transfer length. The SCSI layer
+never sees a PDU; the iSCSI layer never parses a CDB.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from lunsync.snapshots.device import Buffer
+
+
+class Status(enum.IntEnum):
+    """SAM-5 status codes."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class TaskAttr(enum.IntEnum):
+    """iSCSI task attributes (RFC 7143 §11.3.1, ATTR field)."""
+
+    UNTAGGED = 0
+    SIMPLE = 1
+    ORDERED = 2
+    HEAD_OF_QUEUE = 3
+    ACA = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Nexus:
+    """An I_T nexus: one initiator port talking to one target port (SAM-5 §4.6)."""
+
+    initiator_name: str
+    isid: int
+    target_name: str
+    tpgt: int = 1
+    relative_port: int = 1
+
+    @property
+    def initiator_port(self) -> str:
+        """The SCSI initiator port name, RFC 7143 §4.2.7.1: ``iqn,i,0x<ISID>``."""
+        return f"{self.initiator_name},i,0x{self.isid:012x}"
+
+    @property
+    def target_port(self) -> str:
+        """The SCSI target port name: ``iqn,t,0x<TPGT>``."""
+        return f"{self.target_name},t,0x{self.tpgt:04x}"
+
+
+@dataclass(slots=True)
+class ScsiTask:
+    """One SCSI command, with all of its Data-Out gathered."""
+
+    nexus: Nexus
+    lun: int
+    cdb: bytes
+    tag: int
+    data_out: Buffer | None = None
+    expected_in: int = 0
+    expected_out: int = 0
+    attr: TaskAttr = TaskAttr.SIMPLE
+
+
+@dataclass(slots=True)
+class ScsiResponse:
+    """The outcome of a task. ``data`` may be longer than the initiator asked for; the transport truncates it and
+    reports the overflow as a residual. ``sense`` is fixed-format sense data, present with CHECK CONDITION."""
+
+    status: Status = Status.GOOD
+    data: Buffer | None = None
+    sense: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LunIdentity:
+    """What makes a logical unit itself across restarts: VPD 0x80 serial and the 0x83 NAA designator."""
+
+    naa: bytes  # 16 bytes, NAA IEEE Registered Extended (type 6)
+    serial: str
+    vendor: str = "LUNSYNC"
+    product: str = "VIRTUAL-DISK"
+    revision: str = "0001"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class TmfFunction(enum.IntEnum):
+    """Task management functions (RFC 7143 §11.5.1)."""
+
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
