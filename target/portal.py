@@ -1,0 +1,367 @@
+"""The asyncio edge of the data path: listening sockets, one BufferedProtocol per connection, task execution.
+
+Everything protocol-shaped happens in :class:`~lunsync.target.connection.Connection`; this module owns the sockets,
+timers and asyncio tasks, carries out task management across sessions, keeps the session table (TSIH assignment and
+session reinstatement), and drains everything on shutdown. Counters are plain integers read at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lunsync.target import connection as cx
+from lunsync.target.directory import Directory
+from lunsync.target.pdu import TaskMgmtRequest
+from lunsync.target.scsi.task import ScsiResponse, ScsiTask, Status, TmfFunction
+
+log = logging.getLogger("lunsync.iscsi")
+
+TICK_S = 1.0
+
+
+@dataclass(slots=True)
+class PortalSettings:
+    nop_interval_s: float = 30.0
+    nop_timeout_s: float = 15.0
+    login_timeout_s: float = 15.0
+    max_sessions: int = 256
+    max_recv_data_segment_length: int = 262144
+    max_burst_length: int = 1048576
+    first_burst_length: int = 262144
+
+
+@dataclass(slots=True)
+class Counters:
+    """Hot-path counts as plain integers; the metrics collector reads them at scrape time."""
+
+    logins: int = 0
+    logouts: int = 0
+    login_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    rejects: collections.Counter[str] = field(default_factory=collections.Counter)
+    connections: int = 0
+
+
+class IscsiProtocol(asyncio.BufferedProtocol):
+    """One TCP connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: cx.Connection | None = None
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.peer = "?"
+        self.closing = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
+        self.logged_in = False
+        self.done = asyncio.Event()
+
+    # -- asyncio callbacks --------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        s = self.server.settings
+        self.conn = cx.Connection(
+            self.server.directory, peer=self.peer, tpgt=1, now=self.loop.time(), nop_interval_s=s.nop_interval_s,
+            nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
+            target_limits=self.server.target_limits(), allocate_tsih=self.server.allocate_tsih,
+        )
+        self.server.protocols.add(self)
+        self.server.counters.connections += 1
+        self.timer = self.loop.call_later(TICK_S, self._tick)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self.conn is not None
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            conn.buffer_updated(nbytes, self.loop.time())
+        except Exception:  # a bug must cost one connection, never the daemon
+            log.exception("internal error on connection from %s", self.peer)
+            self._close()
+            return
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+        for t in list(self.tasks.values()):
+            t.cancel()
+        self.server.protocols.discard(self)
+        self.server.counters.connections -= 1
+        if self.logged_in:
+            self.server.session_closed(self)
+        self.done.set()
+
+    def pause_writing(self) -> None:
+        # The peer is not draining Data-In: stop reading new commands until it does.
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    # -- the pump -----------------------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        close_reason: str | None = None
+        while conn.events:
+            for ev in conn.take_events():
+                if isinstance(ev, cx.Execute):
+                    self._execute(ev.task)
+                elif isinstance(ev, cx.TaskManagement):
+                    self.server.task_management(self, ev.request)
+                elif isinstance(ev, cx.LoggedIn):
+                    self.logged_in = True
+                    self.server.logged_in(self, ev.result)
+                elif isinstance(ev, cx.LoginFailed):
+                    self.server.login_failed(self, ev)
+                elif isinstance(ev, cx.LoggedOut):
+                    self.server.counters.logouts += 1
+                    log.info("logout initiator=%s addr=%s target=%s", self.initiator, self.peer, self.target_name)
+                elif isinstance(ev, cx.Rejected):
+                    self.server.counters.rejects[ev.reason.name.lower()] += 1
+                elif isinstance(ev, cx.Close):
+                    close_reason = ev.reason
+        out = conn.take_output()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+        if close_reason is not None:
+            self._close()
+
+    @property
+    def initiator(self) -> str:
+        r = self.conn.result if self.conn else None
+        return r.initiator_name if r else (self.conn.login.initiator_name if self.conn else "")
+
+    @property
+    def target_name(self) -> str:
+        r = self.conn.result if self.conn else None
+        if r is not None and r.target is not None:
+            return r.target.name
+        return "(discovery)" if r is not None else ""
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _tick(self) -> None:
+        if self.closing or self.conn is None:
+            return
+        self.conn.tick(self.loop.time())
+        self._pump()
+        if not self.closing:
+            self.timer = self.loop.call_later(TICK_S, self._tick)
+
+    # -- SCSI tasks ---------------------------------------------------------------------------------------------------
+
+    def _execute(self, task: ScsiTask) -> None:
+        self.tasks[task.tag] = self.loop.create_task(self._run(task))
+
+    async def _run(self, task: ScsiTask) -> None:
+        conn = self.conn
+        assert conn is not None and conn.result is not None and conn.result.target is not None
+        try:
+            resp = await conn.result.target.scsi.execute(task)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("SCSI task failed unexpectedly (initiator %s)", self.initiator)
+            resp = ScsiResponse(Status.BUSY)
+        finally:
+            self.tasks.pop(task.tag, None)
+        if self.closing:
+            return
+        conn.complete(task, resp)
+        self._pump()
+
+    def abort(self, tag: int) -> bool:
+        assert self.conn is not None
+        found = self.conn.abort(tag)
+        t = self.tasks.pop(tag, None)
+        if t is not None:
+            t.cancel()
+            found = True
+        return found
+
+    def abort_lun(self, lun: int | None) -> int:
+        assert self.conn is not None
+        tags = self.conn.tags_for(lun)
+        for tag in tags:
+            self.abort(tag)
+        return len(tags)
+
+    async def drain(self) -> None:
+        """Wait for every running SCSI task to finish (shutdown)."""
+        if self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+class Server:
+    """All portals, all connections and the session table of one daemon."""
+
+    def __init__(self, directory: Directory, settings: PortalSettings | None = None) -> None:
+        self.directory = directory
+        self.settings = settings or PortalSettings()
+        self.protocols: set[IscsiProtocol] = set()
+        self.sessions: dict[int, IscsiProtocol] = {}
+        self.servers: list[asyncio.base_events.Server] = []
+        self.counters = Counters()
+        self._tsih = 0
+        self.on_login: list[Callable[[IscsiProtocol], None]] = []
+
+    def target_limits(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "MaxRecvDataSegmentLength": str(s.max_recv_data_segment_length),
+            "MaxBurstLength": str(s.max_burst_length),
+            "FirstBurstLength": str(s.first_burst_length),
+        }
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(lambda: IscsiProtocol(self), host, port, reuse_address=True, backlog=256)
+        self.servers.append(srv)
+        addr = srv.sockets[0].getsockname()
+        return addr[0], addr[1]
+
+    def allocate_tsih(self) -> int:
+        for _ in range(0xFFFF):
+            self._tsih = self._tsih % 0xFFFF + 1
+            if self._tsih not in self.sessions:
+                return self._tsih
+        raise RuntimeError("no free TSIH")
+
+    # -- sessions -----------------------------------------------------------------------------------------------------
+
+    def logged_in(self, proto: IscsiProtocol, result: cx.LoginResult) -> None:
+        self.counters.logins += 1
+        # Session reinstatement (RFC 7143 §6.3.5): a new leading login with the same ISID, initiator and target ends
+        # the old session and its tasks.
+        for old in list(self.sessions.values()):
+            r = old.conn.result if old.conn else None
+            if r is not None and r.isid == result.isid and r.initiator_name == result.initiator_name \
+                    and (r.target.name if r.target else None) == (result.target.name if result.target else None):
+                log.info("session reinstatement initiator=%s isid=0x%012x tsih=%d", r.initiator_name, r.isid,
+                         r.tsih)
+                old.abort_lun(None)
+                old._close()
+                self.sessions.pop(r.tsih, None)
+        self.sessions[result.tsih] = proto
+        log.info("login initiator=%s addr=%s target=%s tsih=%d auth=%s type=%s", result.initiator_name, proto.peer,
+                 result.target.name if result.target else "(discovery)", result.tsih, result.auth,
+                 "discovery" if result.discovery else "normal")
+        for cb in self.on_login:
+            cb(proto)
+
+    def login_failed(self, proto: IscsiProtocol, ev: cx.LoginFailed) -> None:
+        self.counters.login_failures[ev.status.name.lower()] += 1
+        log.warning("login failed initiator=%s addr=%s target=%s status=%s reason=%s", ev.initiator or "?",
+                    proto.peer, ev.target or "?", ev.status.name, ev.reason)
+
+    def session_closed(self, proto: IscsiProtocol) -> None:
+        r = proto.conn.result if proto.conn else None
+        if r is not None and self.sessions.get(r.tsih) is proto:
+            del self.sessions[r.tsih]
+
+    def sessions_of(self, target_name: str) -> list[IscsiProtocol]:
+        out = []
+        for p in self.sessions.values():
+            r = p.conn.result if p.conn else None
+            if r is not None and r.target is not None and r.target.name == target_name:
+                out.append(p)
+        return out
+
+    # -- task management (RFC 7143 §11.5) -----------------------------------------------------------------------------
+
+    def task_management(self, proto: IscsiProtocol, req: TaskMgmtRequest) -> None:
+        conn = proto.conn
+        assert conn is not None and conn.result is not None
+        target = conn.result.target
+        f = req.function
+        response = 0
+        cold = False
+        if target is None:
+            response = 255
+        elif f == TmfFunction.ABORT_TASK:
+            if proto.abort(req.rtt):
+                response = 0
+            elif cx.sn_le(conn.exp_cmd_sn, req.ref_cmd_sn) and cx.sn_lt(req.ref_cmd_sn, req.cmd_sn):
+                response = 0  # not yet received: consider it received and aborted (RFC 7143 §11.5.1)
+            else:
+                response = 1
+        elif f in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+            if req.lun not in target.scsi.luns:
+                response = 2 if f == TmfFunction.LOGICAL_UNIT_RESET else 0
+            else:
+                victims = [proto] if f == TmfFunction.ABORT_TASK_SET else self.sessions_of(target.name)
+                for p in victims:
+                    p.abort_lun(req.lun)
+                if f != TmfFunction.ABORT_TASK_SET:
+                    assert conn.nexus is not None
+                    target.scsi.reset(TmfFunction(f), conn.nexus, req.lun)
+        elif f in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            for p in self.sessions_of(target.name):
+                p.abort_lun(None)
+            assert conn.nexus is not None
+            target.scsi.reset(TmfFunction(f), conn.nexus, None)
+            cold = f == TmfFunction.TARGET_COLD_RESET
+        elif f == TmfFunction.CLEAR_ACA:
+            response = 5
+        elif f == TmfFunction.TASK_REASSIGN:
+            response = 4  # ErrorRecoveryLevel 0 has no task reassignment (RFC 7143 §11.6.1)
+        else:
+            response = 255
+        conn.tmf_done(req, response)
+        proto._pump()
+        if cold:
+            # A cold reset ends every session of the target after the response is on its way.
+            for p in self.sessions_of(target.name if target else ""):
+                p._close()
+
+    # -- shutdown -----------------------------------------------------------------------------------------------------
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, let in-flight commands finish, then close every connection."""
+        for srv in self.servers:
+            srv.close()
+        protos = list(self.protocols)
+        if protos:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(p.drain() for p in protos)), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("shutdown: in-flight commands did not finish within %.0f s", timeout_s)
+        for p in protos:
+            p._close()
+        for srv in self.servers:
+            await srv.wait_closed() if False else None
+        if protos:
+            await asyncio.wait([asyncio.ensure_future(p.done.wait()) for p in protos], timeout=2)
