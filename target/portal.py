@@ -11,13 +11,15 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lunsync.target import connection as cx
-from lunsync.target.directory import Directory
+from lunsync.target.directory import Directory, TargetEntry
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import ScsiResponse, ScsiTask, Status, TmfFunction
+from lunsync.target.stats import CommandStats, IoCounts
 
 log = logging.getLogger("lunsync.iscsi")
 
@@ -61,6 +63,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.write_paused = False
         self.logged_in = False
         self.done = asyncio.Event()
+        self.lun_io: dict[int, IoCounts] = {}  # per LUN number of this session, for the API's session list
 
     # -- asyncio callbacks --------------------------------------------------------------------------------------------
 
@@ -189,6 +192,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     async def _run(self, task: ScsiTask) -> None:
         conn = self.conn
         assert conn is not None and conn.result is not None and conn.result.target is not None
+        # perf_counter, not loop.time(): uvloop's clock is cached per loop iteration at millisecond resolution.
+        started = time.perf_counter()
         try:
             resp = await conn.result.target.scsi.execute(task)
         except asyncio.CancelledError:
@@ -198,10 +203,23 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             resp = ScsiResponse(Status.BUSY)
         finally:
             self.tasks.pop(task.tag, None)
+        self._count(conn.result.target, task, resp, time.perf_counter() - started)
         if self.closing:
             return
         conn.complete(task, resp)
         self._pump()
+
+    def _count(self, target: TargetEntry, task: ScsiTask, resp: ScsiResponse, seconds: float) -> None:
+        # One plain-int update per command; lunsync.provider.metrics reads the totals at scrape time.
+        lu = target.scsi.luns.get(task.lun)
+        if lu is None:
+            return
+        if task.data_out is not None:
+            nbytes = len(task.data_out)
+        else:
+            nbytes = min(len(resp.data), task.expected_in) if resp.data is not None else 0
+        self.server.stats.record(lu.name or str(task.lun), self.lun_io, task.lun, task.cdb[0] if task.cdb else 0,
+                                 resp.status == Status.GOOD, nbytes, seconds)
 
     def abort(self, tag: int) -> bool:
         assert self.conn is not None
@@ -235,6 +253,7 @@ class Server:
         self.sessions: dict[int, IscsiProtocol] = {}
         self.servers: list[asyncio.base_events.Server] = []
         self.counters = Counters()
+        self.stats = CommandStats()
         self._tsih = 0
         self.on_login: list[Callable[[IscsiProtocol], None]] = []
 
