@@ -1,0 +1,227 @@
+"""The logical unit: a BlockDevice plus everything SPC/SBC keeps per LU.
+
+A :class:`LogicalUnit` owns the state the command handlers share: the mode pages (current, changeable, default and
+saved copies of caching 0x08, control 0x0A and informational exceptions 0x1C), the unit-attention queues of every
+I_T nexus that has talked to it (a new nexus first sees POWER ON, RESET), the write-cache setting (with WCE off every
+write is forced to FUA), the software write protect (SWP), the RESERVE(6/10) holder, the persistent-reservation
+state (:class:`lunsync.target.scsi.pr.PrState`, persisted when APTPL is set), the EXTENDED COPY results, and the
+lock that makes COMPARE AND WRITE atomic. It knows nothing of CDBs; the handlers in spc/sbc/pr/xcopy do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from lunsync.snapshots.device import BlockDevice
+from lunsync.target.scsi import sense as S
+from lunsync.target.scsi.pr import PrState
+from lunsync.target.scsi.task import LunIdentity, Nexus
+
+# Mode page codes (SPC-4 §7.5, SBC-3 §6.4).
+PAGE_CACHING = 0x08
+PAGE_CONTROL = 0x0A
+PAGE_IEC = 0x1C
+PAGE_ALL = 0x3F
+
+# Bytes of the pages that carry state the handlers read.
+_CACHING_WCE = 0x04  # byte 2
+_CACHING_RCD = 0x01  # byte 2
+_CONTROL_SWP = 0x08  # byte 4
+_IEC_DEXCPT = 0x08  # byte 2
+
+_MAX_UA = 16  # SAM-5 lets a device drop UAs beyond what it can queue; keep memory bounded per nexus
+
+
+def _default_pages() -> dict[int, bytearray]:
+    caching = bytearray(20)
+    caching[0], caching[1] = PAGE_CACHING, 18
+    caching[2] = _CACHING_WCE  # write-back by default: page-cache writes, flushed by SYNCHRONIZE CACHE
+    caching[12] = 0x20  # DRA clear, NV_DIS clear; FSW-ish hints are vendor noise, keep the byte conservative
+    control = bytearray(12)
+    control[0], control[1] = PAGE_CONTROL, 10
+    control[2] = 0x00  # TST 000b: one task set for all initiators; D_SENSE clear: fixed-format sense only
+    control[3] = 0x10  # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering; QERR 00b
+    control[5] = 0x40  # TAS: aborted tasks of other nexuses end in TASK ABORTED
+    control[8], control[9] = 0xFF, 0xFF  # BUSY TIMEOUT PERIOD: unlimited
+    iec = bytearray(12)
+    iec[0], iec[1] = PAGE_IEC, 10
+    iec[2] = _IEC_DEXCPT  # no informational exceptions are ever raised
+    return {PAGE_CACHING: caching, PAGE_CONTROL: control, PAGE_IEC: iec}
+
+
+def _changeable_pages() -> dict[int, bytearray]:
+    caching = bytearray(20)
+    caching[0], caching[1] = PAGE_CACHING, 18
+    caching[2] = _CACHING_WCE
+    control = bytearray(12)
+    control[0], control[1] = PAGE_CONTROL, 10
+    control[4] = _CONTROL_SWP
+    iec = bytearray(12)
+    iec[0], iec[1] = PAGE_IEC, 10
+    iec[2] = _IEC_DEXCPT
+    iec[3] = 0x0F  # MRIE
+    return {PAGE_CACHING: caching, PAGE_CONTROL: control, PAGE_IEC: iec}
+
+
+@dataclass(slots=True)
+class CopyResult:
+    """What RECEIVE COPY RESULTS (COPY STATUS) reports for one EXTENDED COPY list identifier."""
+
+    status: int  # COPY MANAGER STATUS: 0x01 completed without errors, 0x02 with errors
+    segments_processed: int
+    transfer_count: int  # blocks
+    sense: bytes = b""
+
+
+@dataclass(slots=True)
+class ModePages:
+    """The four copies of every supported mode page (SPC-4 §6.11 PC field)."""
+
+    current: dict[int, bytearray] = field(default_factory=_default_pages)
+    changeable: dict[int, bytearray] = field(default_factory=_changeable_pages)
+    default: dict[int, bytearray] = field(default_factory=_default_pages)
+    saved: dict[int, bytearray] = field(default_factory=_default_pages)
+
+
+class LogicalUnit:
+    """One logical unit exposed by a :class:`lunsync.target.scsi.target.ScsiTarget`."""
+
+    def __init__(self, device: BlockDevice, identity: LunIdentity, *, aptpl_path: str | None = None, name: str = "") -> None:
+        self.device = device
+        self.identity = identity
+        self.name = name
+        self.aptpl_path = aptpl_path
+        self.mode = ModePages()
+        self.wce = True
+        self.swp = False
+        # Per I_T nexus unit-attention queue; presence of the key means the nexus has been seen.
+        self._ua: dict[Nexus, list[S.Asc]] = {}
+        # RESERVE(6/10) holder (SPC-2 §7.21), cleared by RELEASE, LUN RESET and target resets.
+        self.legacy_holder: Nexus | None = None
+        self.pr = PrState(aptpl_path)
+        self.caw_lock = asyncio.Lock()
+        self.copy_results: dict[tuple[str, int], CopyResult] = {}
+        self.prevent: set[Nexus] = set()
+        self.stopped = False
+
+    # -- geometry ---------------------------------------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.device.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.device.num_blocks
+
+    @property
+    def thin(self) -> bool:
+        return self.device.thin
+
+    @property
+    def write_protected(self) -> bool:
+        """True when writes must fail with DATA PROTECT: a read-only device or SWP set in the control page."""
+        return self.swp or self.device.read_only
+
+    @property
+    def max_transfer_blocks(self) -> int:
+        """MAXIMUM TRANSFER LENGTH of VPD 0xB0: 8 MiB per command keeps a single READ from pinning huge buffers."""
+        return (8 << 20) // self.device.block_size
+
+    @property
+    def optimal_transfer_blocks(self) -> int:
+        return (128 << 10) // self.device.block_size
+
+    @property
+    def physical_exponent(self) -> int:
+        """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: the backing page size is 4 KiB."""
+        bs = self.device.block_size
+        exp = 0
+        while (bs << (exp + 1)) <= 4096:
+            exp += 1
+        return exp
+
+    max_unmap_descriptors = 256
+    max_compare_and_write_blocks = 256
+    max_write_same_blocks = 1 << 16
+
+    @property
+    def max_unmap_blocks(self) -> int:
+        return min((1 << 30) // self.device.block_size, 0xFFFFFFFF)
+
+    # -- unit attentions ----------------------------------------------------------------------------------------------
+
+    def take_ua(self, nexus: Nexus) -> S.Asc | None:
+        """Pop the oldest unit attention for ``nexus``; a nexus seen for the first time gets POWER ON, RESET."""
+        q = self._ua.get(nexus)
+        if q is None:
+            self._ua[nexus] = []
+            return S.POWER_ON_RESET
+        if q:
+            return q.pop(0)
+        return None
+
+    def peek_ua(self, nexus: Nexus) -> bool:
+        """True when ``nexus`` has a unit attention waiting (or has never been seen)."""
+        q = self._ua.get(nexus)
+        return q is None or bool(q)
+
+    def add_ua(self, nexus: Nexus, asc: S.Asc) -> None:
+        """Queue ``asc`` for ``nexus`` (once; bounded)."""
+        q = self._ua.get(nexus)
+        if q is None:
+            # It will see POWER ON, RESET first, which subsumes anything that happened before it arrived.
+            return
+        if asc not in q and len(q) < _MAX_UA:
+            q.append(asc)
+
+    def add_ua_all(self, asc: S.Asc, *, except_nexus: Nexus | None = None) -> None:
+        """Queue ``asc`` for every known nexus but ``except_nexus``."""
+        for nexus in self._ua:
+            if nexus != except_nexus:
+                self.add_ua(nexus, asc)
+
+    def add_ua_initiator_port(self, initiator_port: str, asc: S.Asc, *, except_nexus: Nexus | None = None) -> None:
+        """Queue ``asc`` for every known nexus of one initiator port (persistent reservations act per port)."""
+        for nexus in self._ua:
+            if nexus.initiator_port == initiator_port and nexus != except_nexus:
+                self.add_ua(nexus, asc)
+
+    def known_nexuses(self) -> list[Nexus]:
+        return list(self._ua)
+
+    def forget_nexus(self, nexus: Nexus) -> None:
+        """Drop the unit-attention state of ``nexus`` (I_T nexus loss). Reservations are not touched."""
+        self._ua.pop(nexus, None)
+        self.prevent.discard(nexus)
+
+    # -- events -------------------------------------------------------------------------------------------------------
+
+    def notify_capacity_changed(self) -> None:
+        """The device was resized: every nexus sees CAPACITY DATA HAS CHANGED."""
+        self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
+
+    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION) -> None:
+        """LUN RESET or a target reset: drop RESERVE(6/10), PREVENT, and tell every nexus (SAM-5 §5.11)."""
+        self.legacy_holder = None
+        self.prevent.clear()
+        self.stopped = False
+        for q in self._ua.values():
+            q.clear()  # a reset supersedes older attentions
+            q.append(asc)
+
+    def apply_mode_page(self, page: int, data: bytes | bytearray, *, save: bool, nexus: Nexus) -> None:
+        """Install a validated page as current (and saved), refresh derived state, and tell the other nexuses."""
+        cur = self.mode.current[page]
+        changed = bytes(cur) != bytes(data)
+        cur[:] = data
+        if save:
+            self.mode.saved[page][:] = data
+        self._refresh_mode_state()
+        if changed:
+            self.add_ua_all(S.MODE_PARAMETERS_CHANGED, except_nexus=nexus)
+
+    def _refresh_mode_state(self) -> None:
+        self.wce = bool(self.mode.current[PAGE_CACHING][2] & _CACHING_WCE)
+        self.swp = bool(self.mode.current[PAGE_CONTROL][4] & _CONTROL_SWP)

@@ -1,0 +1,533 @@
+"""SBC-3 block commands: READ/WRITE (6/10/12/16), WRITE AND VERIFY, VERIFY, SYNCHRONIZE CACHE, WRITE SAME, UNMAP,
+GET LBA STATUS, COMPARE AND WRITE, ORWRITE, PRE-FETCH, READ CAPACITY (10/16), READ DEFECT DATA, START STOP UNIT and
+PREVENT ALLOW MEDIUM REMOVAL.
+
+READ and WRITE are the hot path: each decodes its CDB with one precompiled :class:`struct.Struct`, checks the range
+and hands the device's buffer straight back (reads) or the task's Data-Out buffer straight down (writes), with no
+copy. With the caching page's WCE bit clear every write is FUA. A transfer shorter than the CDB asks for (iSCSI EDTL
+below the SCSI transfer length) writes only the whole blocks that arrived; the transport reports the residual.
+Protection information is not supported, so any non-zero RDPROTECT/WRPROTECT/VRPROTECT is INVALID FIELD IN CDB.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from lunsync.snapshots.device import Buffer
+from lunsync.target.scsi import sense as S
+from lunsync.target.scsi.lu import LogicalUnit
+from lunsync.target.scsi.registry import Conflict, Dir, Request, command
+from lunsync.target.scsi.sense import CheckCondition, SenseKey, invalid_field, invalid_param, lba_out_of_range
+
+_RW10 = struct.Struct(">xBIxH")
+_RW12 = struct.Struct(">xBII")
+_RW16 = struct.Struct(">xBQI")
+_CAW = struct.Struct(">xBQ3xB")
+_LBA16 = struct.Struct(">2xQI")
+_UNMAP_DESC = struct.Struct(">QI4x")
+_CHUNK = 1 << 20  # WRITE SAME/VERIFY work in pieces of this many bytes at most
+
+
+def _check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
+    if lba + blocks > lu.device.num_blocks:
+        raise lba_out_of_range()
+
+
+async def _read(lu: LogicalUnit, lba: int, blocks: int, len_byte: int) -> Buffer | None:
+    dev = lu.device
+    if lba + blocks > dev.num_blocks:
+        raise lba_out_of_range()
+    if not blocks:
+        return None
+    if blocks > lu.max_transfer_blocks:
+        raise invalid_field(len_byte)
+    return await dev.read(lba, blocks)
+
+
+def _payload(req: Request, lu: LogicalUnit, blocks: int) -> tuple[Buffer | None, int]:
+    """The Data-Out for ``blocks`` blocks: exactly those bytes, or the whole blocks that arrived if fewer did."""
+    data = req.task.data_out
+    bs = lu.device.block_size
+    need = blocks * bs
+    if data is None:
+        return None, 0
+    have = len(data)
+    if have == need:
+        return data, blocks
+    if have > need:
+        return memoryview(data)[:need], blocks
+    whole = have // bs
+    if not whole:
+        return None, 0
+    return memoryview(data)[: whole * bs], whole
+
+
+async def _write(req: Request, lu: LogicalUnit, lba: int, blocks: int, fua: bool, len_byte: int) -> None:
+    dev = lu.device
+    if lu.swp or dev.read_only:
+        raise S.write_protected()
+    if lba + blocks > dev.num_blocks:
+        raise lba_out_of_range()
+    if not blocks:
+        return
+    if blocks > lu.max_transfer_blocks:
+        raise invalid_field(len_byte)
+    buf, _ = _payload(req, lu, blocks)
+    if buf is None:
+        return
+    await dev.write(lba, buf, fua or not lu.wce)
+
+
+# -- READ ----------------------------------------------------------------------------------------------------------
+
+
+@command(0x08, data=Dir.IN, conflicts=Conflict.READ, name="READ(6)", usage=b"\x08\x1f\xff\xff\xff\x00")
+async def read_6(req: Request) -> Buffer | None:
+    cdb = req.cdb
+    lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
+    return await _read(req.unit, lba, cdb[4] or 256, 4)  # SBC-3 §5.10: zero means 256 blocks
+
+
+@command(0x28, data=Dir.IN, conflicts=Conflict.READ, name="READ(10)",
+         usage=b"\x28\xfa\xff\xff\xff\xff\x3f\xff\xff\x00")
+async def read_10(req: Request) -> Buffer | None:
+    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    return await _read(req.unit, lba, blocks, 7)
+
+
+@command(0xA8, data=Dir.IN, conflicts=Conflict.READ, name="READ(12)",
+         usage=b"\xa8\xfa\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
+async def read_12(req: Request) -> Buffer | None:
+    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    return await _read(req.unit, lba, blocks, 6)
+
+
+@command(0x88, data=Dir.IN, conflicts=Conflict.READ, name="READ(16)",
+         usage=b"\x88\xfa" + b"\xff" * 12 + b"\x3f\x00")
+async def read_16(req: Request) -> Buffer | None:
+    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    return await _read(req.unit, lba, blocks, 10)
+
+
+# -- WRITE ---------------------------------------------------------------------------------------------------------
+
+
+@command(0x0A, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(6)", usage=b"\x0a\x1f\xff\xff\xff\x00")
+async def write_6(req: Request) -> None:
+    cdb = req.cdb
+    lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
+    await _write(req, req.unit, lba, cdb[4] or 256, False, 4)
+
+
+@command(0x2A, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(10)",
+         usage=b"\x2a\xfa\xff\xff\xff\xff\x3f\xff\xff\x00")
+async def write_10(req: Request) -> None:
+    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    await _write(req, req.unit, lba, blocks, bool(flags & 0x08), 7)
+
+
+@command(0xAA, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(12)",
+         usage=b"\xaa\xfa\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
+async def write_12(req: Request) -> None:
+    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    await _write(req, req.unit, lba, blocks, bool(flags & 0x08), 6)
+
+
+@command(0x8A, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(16)",
+         usage=b"\x8a\xfa" + b"\xff" * 12 + b"\x3f\x00")
+async def write_16(req: Request) -> None:
+    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    await _write(req, req.unit, lba, blocks, bool(flags & 0x08), 10)
+
+
+# -- WRITE AND VERIFY, VERIFY --------------------------------------------------------------------------------------
+
+
+async def _write_verify(req: Request, flags: int, lba: int, blocks: int, len_byte: int) -> None:
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    # The verify half reads back what the write put on stable storage, so the write goes through with FUA; a
+    # successful write of the same bytes cannot then miscompare.
+    await _write(req, req.unit, lba, blocks, True, len_byte)
+
+
+@command(0x2E, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE AND VERIFY(10)",
+         usage=b"\x2e\xf2\xff\xff\xff\xff\x3f\xff\xff\x00")
+async def write_verify_10(req: Request) -> None:
+    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    await _write_verify(req, flags, lba, blocks, 7)
+
+
+@command(0xAE, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE AND VERIFY(12)",
+         usage=b"\xae\xf2\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
+async def write_verify_12(req: Request) -> None:
+    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    await _write_verify(req, flags, lba, blocks, 6)
+
+
+@command(0x8E, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE AND VERIFY(16)",
+         usage=b"\x8e\xf2" + b"\xff" * 12 + b"\x3f\x00")
+async def write_verify_16(req: Request) -> None:
+    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    await _write_verify(req, flags, lba, blocks, 10)
+
+
+def first_difference(a: Buffer, b: Buffer) -> int:
+    """Offset of the first differing byte of two equal-length buffers, or -1."""
+    if a == b:
+        return -1
+    ma, mb = memoryview(a).cast("B"), memoryview(b).cast("B")
+    lo, hi = 0, len(ma)
+    # Bisect on slice equality: C-speed compares instead of a Python loop over every byte.
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if ma[lo:mid] != mb[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    for i in range(lo, hi):
+        if ma[i] != mb[i]:
+            return i
+    return -1
+
+
+async def _verify(req: Request, flags: int, lba: int, blocks: int, len_byte: int) -> None:
+    lu = req.unit
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    bytchk = (flags >> 1) & 0x03
+    if bytchk == 0x02:
+        raise invalid_field(1, 2)
+    _check_range(lu, lba, blocks)
+    if not blocks or bytchk == 0:
+        return  # medium verification: the data is readable by construction of the backing store
+    if blocks > lu.max_transfer_blocks:
+        raise invalid_field(len_byte)
+    bs = lu.device.block_size
+    data = req.task.data_out
+    expect_len = bs if bytchk == 0x03 else blocks * bs
+    if data is None or len(data) < expect_len:
+        raise S.param_list_length_error()
+    expected = memoryview(data)[:expect_len]
+    medium = await lu.device.read(lba, blocks)
+    if bytchk == 0x01:
+        off = first_difference(memoryview(medium)[:expect_len], expected)
+        if off >= 0:
+            raise S.miscompare(off)
+        return
+    mv = memoryview(medium)
+    for i in range(blocks):
+        off = first_difference(mv[i * bs : (i + 1) * bs], expected)
+        if off >= 0:
+            raise S.miscompare(i * bs + off)
+
+
+@command(0x2F, data=Dir.OUT, conflicts=Conflict.READ, name="VERIFY(10)",
+         usage=b"\x2f\xf6\xff\xff\xff\xff\x3f\xff\xff\x00")
+async def verify_10(req: Request) -> None:
+    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    await _verify(req, flags, lba, blocks, 7)
+
+
+@command(0xAF, data=Dir.OUT, conflicts=Conflict.READ, name="VERIFY(12)",
+         usage=b"\xaf\xf6\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
+async def verify_12(req: Request) -> None:
+    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    await _verify(req, flags, lba, blocks, 6)
+
+
+@command(0x8F, data=Dir.OUT, conflicts=Conflict.READ, name="VERIFY(16)",
+         usage=b"\x8f\xf6" + b"\xff" * 12 + b"\x3f\x00")
+async def verify_16(req: Request) -> None:
+    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    await _verify(req, flags, lba, blocks, 10)
+
+
+# -- SYNCHRONIZE CACHE, PRE-FETCH ----------------------------------------------------------------------------------
+
+
+async def _sync(req: Request, lba: int, blocks: int) -> None:
+    lu = req.unit
+    _check_range(lu, lba, blocks)
+    await lu.device.flush()
+
+
+@command(0x35, conflicts=Conflict.WRITE, name="SYNCHRONIZE CACHE(10)",
+         usage=b"\x35\x02\xff\xff\xff\xff\x3f\xff\xff\x00", timeout_s=60)
+async def synchronize_cache_10(req: Request) -> None:
+    _, lba, blocks = _RW10.unpack_from(req.cdb)
+    await _sync(req, lba, blocks)
+
+
+@command(0x91, conflicts=Conflict.WRITE, name="SYNCHRONIZE CACHE(16)",
+         usage=b"\x91\x02" + b"\xff" * 12 + b"\x3f\x00", timeout_s=60)
+async def synchronize_cache_16(req: Request) -> None:
+    _, lba, blocks = _RW16.unpack_from(req.cdb)
+    await _sync(req, lba, blocks)
+
+
+@command(0x34, conflicts=Conflict.READ, name="PRE-FETCH(10)", usage=b"\x34\x02\xff\xff\xff\xff\x3f\xff\xff\x00")
+async def prefetch_10(req: Request) -> None:
+    # The page cache does its own read-ahead; PRE-FETCH only checks its range and completes with GOOD.
+    _, lba, blocks = _RW10.unpack_from(req.cdb)
+    _check_range(req.unit, lba, blocks)
+
+
+@command(0x90, conflicts=Conflict.READ, name="PRE-FETCH(16)", usage=b"\x90\x02" + b"\xff" * 12 + b"\x3f\x00")
+async def prefetch_16(req: Request) -> None:
+    _, lba, blocks = _RW16.unpack_from(req.cdb)
+    _check_range(req.unit, lba, blocks)
+
+
+# -- WRITE SAME, UNMAP, GET LBA STATUS -----------------------------------------------------------------------------
+
+
+async def _write_same(req: Request, flags: int, lba: int, blocks: int, len_byte: int, ndob: bool) -> None:
+    lu = req.unit
+    dev = lu.device
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    if flags & 0x10:  # ANCHOR: anchored blocks are not supported (ANC_SUP 0)
+        raise invalid_field(1, 4)
+    unmap = bool(flags & 0x08)
+    bs = dev.block_size
+    data = req.task.data_out
+    if not ndob and (data is None or len(data) != bs):
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    if blocks == 0:
+        raise invalid_field(len_byte)  # WSNZ: zero means "to the end of the medium", which is refused
+    if blocks > lu.max_write_same_blocks:
+        raise invalid_field(len_byte)
+    if lu.swp or dev.read_only:
+        raise S.write_protected()
+    _check_range(lu, lba, blocks)
+    if unmap and dev.thin:
+        # LBPRZ: deallocated blocks read as zeros, which is what libiscsi and initiators expect after UNMAP=1.
+        await dev.unmap(((lba, blocks),))
+        return
+    block = bytes(bs) if ndob or data is None else bytes(data)
+    per = max(1, min(blocks, _CHUNK // bs))
+    chunk = block * per
+    fua = not lu.wce
+    done = 0
+    while done < blocks:
+        n = min(per, blocks - done)
+        await dev.write(lba + done, chunk if n == per else chunk[: n * bs], fua)
+        done += n
+
+
+@command(0x41, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE SAME(10)",
+         usage=b"\x41\xf8\xff\xff\xff\xff\x3f\xff\xff\x00")
+async def write_same_10(req: Request) -> None:
+    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    await _write_same(req, flags, lba, blocks, 7, False)
+
+
+@command(0x93, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE SAME(16)",
+         usage=b"\x93\xf9" + b"\xff" * 12 + b"\x3f\x00")
+async def write_same_16(req: Request) -> None:
+    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    await _write_same(req, flags, lba, blocks, 10, bool(flags & 0x01))
+
+
+@command(0x42, data=Dir.OUT, conflicts=Conflict.WRITE, name="UNMAP", usage=b"\x42\x01\x00\x00\x00\x00\x3f\xff\xff\x00")
+async def unmap(req: Request) -> None:
+    lu = req.unit
+    cdb = req.cdb
+    dev = lu.device
+    if not dev.thin:
+        raise S.invalid_opcode()
+    if cdb[1] & 0x01:  # ANCHOR
+        raise invalid_field(1, 0)
+    length = (cdb[7] << 8) | cdb[8]
+    if length == 0:
+        return
+    if length < 8:
+        raise S.param_list_length_error()
+    data = bytes(req.task.data_out or b"")[:length]
+    if len(data) < length:
+        raise S.param_list_length_error()
+    if lu.swp or dev.read_only:
+        raise S.write_protected()
+    data_len = (data[0] << 8) | data[1]
+    desc_len = (data[2] << 8) | data[3]
+    if data_len and data_len + 2 > length:
+        raise S.param_list_length_error()
+    desc_len = min(desc_len, length - 8)
+    if desc_len % 16:
+        raise invalid_param(2)
+    count = desc_len // 16
+    if count > lu.max_unmap_descriptors:
+        raise invalid_param(2)
+    ranges: list[tuple[int, int]] = []
+    nb = dev.num_blocks
+    for i in range(count):
+        off = 8 + 16 * i
+        lba, blocks = _UNMAP_DESC.unpack_from(data, off)
+        if lba + blocks > nb:
+            raise lba_out_of_range()
+        if blocks > lu.max_unmap_blocks:
+            raise invalid_param(off + 8)
+        if blocks:
+            ranges.append((lba, blocks))
+    if ranges:
+        await dev.unmap(ranges)
+
+
+@command(0x9E, 0x12, data=Dir.IN, conflicts=Conflict.READ, name="GET LBA STATUS",
+         usage=b"\x9e\x12" + b"\xff" * 12 + b"\x00\x00")
+async def get_lba_status(req: Request) -> bytes:
+    lu = req.unit
+    lba, alloc = _LBA16.unpack_from(req.cdb)
+    nb = lu.device.num_blocks
+    if lba >= nb:
+        raise lba_out_of_range()
+    if alloc < 8:
+        return b"\x00" * alloc if alloc else b""
+    room = max(1, min(64, (alloc - 8) // 16))
+    out = bytearray()
+    if lu.thin:
+        for ext in lu.device.lba_status(lba, room):
+            n = ext.blocks
+            while n > 0 and len(out) < room * 16:
+                take = min(n, 0xFFFFFFFF)
+                out += struct.pack(">QIB3x", ext.lba + (ext.blocks - n), take, 0 if ext.mapped else 1)
+                n -= take
+    if not out:
+        out += struct.pack(">QIB3x", lba, min(nb - lba, 0xFFFFFFFF), 0)
+    return (struct.pack(">I4x", len(out) + 4) + bytes(out))[:alloc]
+
+
+# -- COMPARE AND WRITE, ORWRITE ------------------------------------------------------------------------------------
+
+
+@command(0x89, data=Dir.OUT, conflicts=Conflict.WRITE, name="COMPARE AND WRITE",
+         usage=b"\x89\xfa" + b"\xff" * 8 + b"\x00\x00\x00\xff\x3f\x00")
+async def compare_and_write(req: Request) -> None:
+    lu = req.unit
+    dev = lu.device
+    flags, lba, blocks = _CAW.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    bs = dev.block_size
+    data = req.task.data_out
+    if (len(data) if data is not None else 0) != 2 * blocks * bs:
+        # The Data-Out must be exactly the verify and write halves; anything else cannot be split safely.
+        raise invalid_field(13)
+    if blocks > lu.max_compare_and_write_blocks:
+        raise invalid_field(13)
+    if lu.swp or dev.read_only:
+        raise S.write_protected()
+    _check_range(lu, lba, blocks)
+    if not blocks or data is None:
+        return
+    half = blocks * bs
+    mv = memoryview(data)
+    async with lu.caw_lock:
+        current = await dev.read(lba, blocks)
+        off = first_difference(current, mv[:half])
+        if off >= 0:
+            raise S.miscompare(off)
+        await dev.write(lba, mv[half:], bool(flags & 0x08) or not lu.wce)
+
+
+@command(0x8B, data=Dir.OUT, conflicts=Conflict.WRITE, name="ORWRITE(16)",
+         usage=b"\x8b\xfa" + b"\xff" * 12 + b"\x3f\x00")
+async def orwrite_16(req: Request) -> None:
+    lu = req.unit
+    dev = lu.device
+    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    if flags & 0xE0:
+        raise invalid_field(1, 7)
+    if lu.swp or dev.read_only:
+        raise S.write_protected()
+    _check_range(lu, lba, blocks)
+    if not blocks:
+        return
+    if blocks > lu.max_transfer_blocks:
+        raise invalid_field(10)
+    buf, n = _payload(req, lu, blocks)
+    if buf is None:
+        return
+    size = n * dev.block_size
+    async with lu.caw_lock:
+        current = await dev.read(lba, n)
+        merged = (int.from_bytes(current, "little") | int.from_bytes(buf, "little")).to_bytes(size, "little")
+        await dev.write(lba, merged, bool(flags & 0x08) or not lu.wce)
+
+
+# -- READ CAPACITY, READ DEFECT DATA -------------------------------------------------------------------------------
+
+
+@command(0x25, data=Dir.IN, conflicts=Conflict.NEVER, name="READ CAPACITY(10)",
+         usage=b"\x25\x00\xff\xff\xff\xff\x00\x00\x01\x00")
+async def read_capacity_10(req: Request) -> bytes:
+    cdb = req.cdb
+    lu = req.unit
+    if not cdb[8] & 0x01 and any(cdb[2:6]):
+        raise invalid_field(2)  # SBC-3 §5.16: LBA must be zero when PMI is zero
+    last = lu.device.num_blocks - 1
+    return struct.pack(">II", min(last, 0xFFFFFFFF), lu.device.block_size)
+
+
+@command(0x9E, 0x10, data=Dir.IN, conflicts=Conflict.NEVER, name="READ CAPACITY(16)",
+         usage=b"\x9e\x10" + b"\xff" * 12 + b"\x01\x00")
+async def read_capacity_16(req: Request) -> bytes:
+    lu = req.unit
+    cdb = req.cdb
+    if not cdb[14] & 0x01 and any(cdb[2:10]):
+        raise invalid_field(2)
+    alloc = int.from_bytes(cdb[10:14], "big")
+    lbp = 0xC000 if lu.thin else 0  # LBPME, LBPRZ
+    data = struct.pack(">QIBBH16x", lu.device.num_blocks - 1, lu.device.block_size, 0, lu.physical_exponent, lbp)
+    return data[:alloc]
+
+
+@command(0x37, data=Dir.IN, conflicts=Conflict.READ, name="READ DEFECT DATA(10)",
+         usage=b"\x37\x00\x1f\x00\x00\x00\x00\xff\xff\x00")
+async def read_defect_data_10(req: Request) -> bytes:
+    cdb = req.cdb
+    # A virtual disk has no defects: an empty list in the requested format, with PLISTV/GLISTV as asked.
+    return bytes((0, cdb[2] & 0x1F, 0, 0))[: (cdb[7] << 8) | cdb[8]]
+
+
+@command(0xB7, data=Dir.IN, conflicts=Conflict.READ, name="READ DEFECT DATA(12)",
+         usage=b"\xb7\x1f\x00\x00\x00\x00\xff\xff\xff\xff\x00\x00")
+async def read_defect_data_12(req: Request) -> bytes:
+    cdb = req.cdb
+    return bytes((0, cdb[1] & 0x1F, 0, 0, 0, 0, 0, 0))[: int.from_bytes(cdb[6:10], "big")]
+
+
+# -- START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL ------------------------------------------------------------------
+
+
+@command(0x1B, conflicts=Conflict.WRITE, name="START STOP UNIT", usage=b"\x1b\x01\x00\x0f\xf7\x00")
+async def start_stop_unit(req: Request) -> None:
+    cdb = req.cdb
+    if cdb[4] & 0x02:  # LOEJ: the medium is not removable, so there is nothing to load or eject
+        raise invalid_field(4, 1)
+    # START/STOP and power conditions have no effect on a virtual disk: it is always ready.
+
+
+@command(0x1E, conflicts=Conflict.WRITE, name="PREVENT ALLOW MEDIUM REMOVAL", usage=b"\x1e\x00\x00\x00\x03\x00")
+async def prevent_allow(req: Request) -> None:
+    lu = req.unit
+    prevent = req.cdb[4] & 0x03
+    if prevent & 0x02:  # 10b and 11b are obsolete (medium changer forms)
+        raise invalid_field(4, 1)
+    if prevent:
+        lu.prevent.add(req.task.nexus)
+    else:
+        lu.prevent.discard(req.task.nexus)

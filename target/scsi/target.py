@@ -1,0 +1,156 @@
+"""The SCSI target device: a LUN map and the one dispatcher that turns a task into a response.
+
+:class:`ScsiTarget` holds the mutable map of LUN numbers to :class:`~lunsync.target.scsi.lu.LogicalUnit`. Its
+:meth:`ScsiTarget.execute` is the only place where sense bytes are built for a command: it looks the CDB up in the
+registry, reports pending unit attentions, applies the reservation-conflict rule, awaits the handler, and converts
+:class:`~lunsync.target.scsi.sense.CheckCondition`, :class:`~lunsync.target.scsi.sense.ReservationConflict` and
+storage errors into a :class:`ScsiResponse`. Absent LUNs answer INQUIRY with peripheral qualifier 011b, REQUEST SENSE
+with LOGICAL UNIT NOT SUPPORTED data, REPORT LUNS normally, and everything else with CHECK CONDITION 25/00. Task
+management resets and I_T nexus loss land in :meth:`reset` and :meth:`nexus_lost`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from lunsync.snapshots.errors import StorageError
+
+# Importing the command modules registers their handlers in the registry.
+from lunsync.target.scsi import pr as _pr
+from lunsync.target.scsi import sbc as _sbc  # noqa: F401
+from lunsync.target.scsi import sense as S
+from lunsync.target.scsi import spc as _spc  # noqa: F401
+from lunsync.target.scsi import xcopy as _xcopy  # noqa: F401
+from lunsync.target.scsi.lu import LogicalUnit
+from lunsync.target.scsi.registry import Dir, Request, lookup
+from lunsync.target.scsi.sense import CheckCondition, ReservationConflict, SenseKey
+from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfFunction
+
+# The commands an absent LUN still answers (SPC-4 §6.6.1, §6.27, §6.33).
+_NO_LUN_OPCODES = frozenset({0x12, 0x03, 0xA0})
+
+_GOOD = Status.GOOD
+_CHECK = Status.CHECK_CONDITION
+
+
+class ScsiTarget:
+    """A SCSI target device exposing logical units to I_T nexuses.
+
+    ``port_groups`` maps target port group identifiers to the relative target port identifiers in each group (VPD
+    0x83 and REPORT TARGET PORT GROUPS report them); by default one group 1 holds relative port 1.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        luns: Mapping[int, LogicalUnit] | None = None,
+        *,
+        port_groups: Mapping[int, tuple[int, ...]] | None = None,
+    ) -> None:
+        self.name = name
+        self._luns: dict[int, LogicalUnit] = dict(luns or {})
+        self.port_groups: dict[int, tuple[int, ...]] = dict(port_groups or {1: (1,)})
+        self._group_of_port = {port: group for group, ports in self.port_groups.items() for port in ports}
+
+    # -- the LUN map ------------------------------------------------------------------------------------------------
+
+    @property
+    def luns(self) -> dict[int, LogicalUnit]:
+        """A copy of the LUN map."""
+        return dict(self._luns)
+
+    def luns_for(self, nexus: Nexus) -> dict[int, LogicalUnit]:
+        """The LUNs visible to ``nexus`` (every LUN: masking is done above, by the ACL that admits the login)."""
+        return self._luns
+
+    def lun(self, n: int) -> LogicalUnit | None:
+        return self._luns.get(n)
+
+    def add_lun(self, n: int, lu: LogicalUnit) -> None:
+        """Expose ``lu`` as LUN ``n``; the other LUNs' nexuses see REPORTED LUNS DATA HAS CHANGED."""
+        if not 0 <= n < 16384:
+            raise ValueError(f"LUN {n} outside 0..16383")
+        if n in self._luns:
+            raise ValueError(f"LUN {n} already exists")
+        for other in self._luns.values():
+            other.add_ua_all(S.REPORTED_LUNS_DATA_HAS_CHANGED)
+        self._luns[n] = lu
+
+    def remove_lun(self, n: int) -> LogicalUnit:
+        """Stop exposing LUN ``n`` and return it; the remaining LUNs report REPORTED LUNS DATA HAS CHANGED."""
+        lu = self._luns.pop(n)
+        for other in self._luns.values():
+            other.add_ua_all(S.REPORTED_LUNS_DATA_HAS_CHANGED)
+        return lu
+
+    def notify_capacity_changed(self, n: int) -> None:
+        """LUN ``n`` was resized: its nexuses see CAPACITY DATA HAS CHANGED."""
+        self._luns[n].notify_capacity_changed()
+
+    def port_group_of(self, nexus: Nexus) -> int:
+        return self._group_of_port.get(nexus.relative_port, nexus.tpgt)
+
+    # -- execution --------------------------------------------------------------------------------------------------
+
+    async def execute(self, task: ScsiTask) -> ScsiResponse:
+        """Run one command to completion and return its status, data and sense."""
+        lu = self._luns.get(task.lun)
+        cdb = task.cdb
+        spec = None
+        try:
+            if lu is None and (not cdb or cdb[0] not in _NO_LUN_OPCODES):
+                raise CheckCondition(SenseKey.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED)
+            spec = lookup(cdb)
+            if lu is not None:
+                if spec.reports_ua:
+                    ua = lu.take_ua(task.nexus)
+                    if ua is not None:
+                        raise CheckCondition(SenseKey.UNIT_ATTENTION, ua)
+                if lu.legacy_holder is not None or lu.pr.res_type:
+                    _pr.check_conflict(lu, spec, task.nexus)
+            result = await spec.handler(Request(self, lu, task))
+        except CheckCondition as cc:
+            return ScsiResponse(_CHECK, None, cc.sense())
+        except ReservationConflict:
+            return ScsiResponse(Status.RESERVATION_CONFLICT)
+        except StorageError as exc:
+            write = spec is not None and spec.data is Dir.OUT
+            return ScsiResponse(_CHECK, None, S.storage_error_to_check(exc, write=write).sense())
+        if result is None:
+            return ScsiResponse(_GOOD)
+        if isinstance(result, ScsiResponse):
+            return result
+        return ScsiResponse(_GOOD, result)
+
+    # -- task management and nexus events ---------------------------------------------------------------------------
+
+    def reset(self, function: TmfFunction, nexus: Nexus, lun: int | None = None) -> None:
+        """Apply the SCSI side effects of a task management function (the transport aborts the tasks itself).
+
+        LOGICAL UNIT RESET clears RESERVE(6/10) reservations and PREVENT on that LU and gives every nexus BUS DEVICE
+        RESET FUNCTION OCCURRED; TARGET WARM/COLD RESET does the same on every LU with POWER ON, RESET. CLEAR TASK SET
+        tells the other nexuses COMMANDS CLEARED BY ANOTHER INITIATOR. Persistent reservations are never affected.
+        """
+        if function == TmfFunction.LOGICAL_UNIT_RESET:
+            lu = self._luns.get(lun) if lun is not None else None
+            if lu is not None:
+                lu.reset(asc=S.BUS_DEVICE_RESET_FUNCTION)
+        elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            for lu in self._luns.values():
+                lu.reset(asc=S.POWER_ON_RESET)
+        elif function == TmfFunction.CLEAR_TASK_SET:
+            lu = self._luns.get(lun) if lun is not None else None
+            if lu is not None:
+                lu.add_ua_all(S.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, except_nexus=nexus)
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """The I_T nexus ended (logout, session reinstatement, connection loss without recovery).
+
+        RESERVE(6/10) reservations and PREVENT held by it are released (SPC-2 §5.5.1); persistent reservations and
+        registrations survive, as SPC-4 requires. The nexus sees I_T NEXUS LOSS OCCURRED if it comes back.
+        """
+        for lu in self._luns.values():
+            if lu.legacy_holder == nexus:
+                lu.legacy_holder = None
+            lu.prevent.discard(nexus)
+            lu.add_ua(nexus, S.I_T_NEXUS_LOSS)
