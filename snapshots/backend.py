@@ -118,6 +118,8 @@ def _pwrite_full(fd: int, data: memoryview, offset: int) -> None:
     # pwritev may write short (a signal, a quota edge, the 2 GiB per-call cap); the rest must still land or fail.
     while data:
         done = os.pwritev(fd, [data], offset)
+        if done == 0:  # no progress would spin the event loop forever; the kernel should have said why
+            raise OSError(errno.EIO, "write made no progress")
         data = data[done:]
         offset += done
 
