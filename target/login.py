@@ -194,9 +194,16 @@ class LoginMachine:
                 raise LoginError(LoginStatus.INITIATOR_ERROR, f"invalid transition {req.csg}->{req.nsg}")
             if self._may_leave_security():
                 transit, nsg = True, req.nsg
-        if transit and nsg == Stage.FULL_FEATURE and not self.sent_declarations:
-            out += self.negotiator.declarations()
-            self.sent_declarations = True
+        if transit and nsg == Stage.FULL_FEATURE:
+            # Before granting full feature phase, offer what the RFC defaults would get wrong for us, and hold the
+            # stage until the initiator has answered (RFC 7143 §6.2).
+            offers = self.negotiator.offers()
+            if offers or self.negotiator.awaiting_answers:
+                out += offers
+                transit, nsg = False, req.csg
+            elif not self.sent_declarations:
+                out += self.negotiator.declarations()
+                self.sent_declarations = True
         reply = LoginReply(transit, req.csg, nsg, out)
         if transit:
             self.stage = Stage(nsg)

@@ -13,6 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
 from dataclasses import dataclass, field
 
 from lunsync.target import connection as cx
@@ -68,8 +69,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     # -- asyncio callbacks --------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, though they behave as one.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("socket")
@@ -310,6 +311,17 @@ class Server:
         r = proto.conn.result if proto.conn else None
         if r is not None and self.sessions.get(r.tsih) is proto:
             del self.sessions[r.tsih]
+
+    def force_logout(self, tsih: int) -> bool:
+        """End session ``tsih`` now (the management API's logout): abort its tasks and close the connection. The
+        initiator sees the connection drop and may log in again, subject to the current ACL and CHAP."""
+        proto = self.sessions.get(tsih)
+        if proto is None:
+            return False
+        proto.abort_lun(None)
+        proto._close()
+        self.sessions.pop(tsih, None)
+        return True
 
     def sessions_of(self, target_name: str) -> list[IscsiProtocol]:
         out = []
