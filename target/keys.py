@@ -494,7 +494,7 @@ class Negotiator:
     def respond(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         """Apply §6.2 to the initiator's pairs and return the target's answers, in the order of the offers.
 
-        Raises :class:`NegotiationError` for a protocol error, ValueError if handed an authentication key.
+        Raises :class:`NegotiationError` for a protocol error, including an authentication key (:func:`is_auth_key`).
         """
         items = list(pairs)
         order = sorted(range(len(items)), key=lambda i: _PRIORITY.get(items[i][0], 1))
@@ -589,7 +589,8 @@ class Negotiator:
 
     def _one(self, key: str, value: str) -> str | None:
         if is_auth_key(key):
-            raise ValueError(f"authentication key {key} passed to the Negotiator")
+            # The login machine hands CHAP_* to chap.py; any other method's key here was never asked for.
+            raise NegotiationError(f"authentication key {key} outside an authentication exchange")
         if key in self._offered:
             self._seen.add(key)
             self._take_answer(KEYS[key], self._offered.pop(key), value)

@@ -420,9 +420,11 @@ def test_target_only_keys_from_the_initiator_fail(key: str) -> None:
         negotiate([(key, "1")])
 
 
-def test_authentication_keys_are_not_the_negotiators() -> None:
-    with pytest.raises(ValueError, match="CHAP_A"):
-        Negotiator().respond([("CHAP_A", "5")])
+@pytest.mark.parametrize("key", ["CHAP_A", "SRP_U", "KRB_AP_REQ", "SPKM_REQ"])
+def test_authentication_keys_are_not_the_negotiators(key: str) -> None:
+    with pytest.raises(NegotiationError, match=key) as e:
+        Negotiator().respond([(key, "5")])
+    assert (e.value.status_class, e.value.status_detail) == (0x02, 0x00)
 
 
 def test_sendtargets_during_login_is_rejected() -> None:
