@@ -1,0 +1,1021 @@
+"""The catalog: the persistent source of truth the daemon builds its runtime from.
+
+This module owns ``catalog.db`` in the data dir: an embedded SQLite database in WAL mode, mode 0600 (it holds CHAP
+secrets), with ``synchronous=FULL`` so that whatever a public method has returned survives ``kill -9`` and power loss.
+It holds the portal, targets, LUNs and their identities, LUN mappings, ACLs, CHAP credentials and generic settings;
+snapshot, pool and recovery tables are added by appending to :data:`MIGRATIONS`. Every public mutating method is one
+transaction: it happens entirely or not at all. :meth:`Catalog.apply` reconciles the catalog with a declarative
+:class:`~lunsync.provider.config.Config` and :meth:`Catalog.export` produces one. Creating, growing and deleting the
+LUNs' backing files is the daemon's job, not this module's; it only says where they are (:meth:`Catalog.lun_path`).
+
+Layering note: the catalog speaks the configuration model of :mod:`lunsync.provider.config` and hands out
+:class:`~lunsync.target.scsi.task.LunIdentity`, so that there is one typed model of a LUN, not three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal, Self
+
+from lunsync.provider.config import (
+    MAX_LUN_NUMBER,
+    ChapConfig,
+    Config,
+    ConfigError,
+    LunConfig,
+    LunMapping,
+    PortalConfig,
+    TargetConfig,
+    default_lun_path,
+    format_size,
+    normalize_iscsi_name,
+)
+from lunsync.target.scsi.task import LunIdentity
+
+__all__ = [
+    "CATALOG_FILENAME",
+    "COMPANY_ID",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "AlreadyExists",
+    "Catalog",
+    "CatalogError",
+    "CatalogLocked",
+    "InUse",
+    "Invalid",
+    "LunRecord",
+    "NotFound",
+    "Plan",
+    "PlanStep",
+    "lun_identity",
+    "new_identity",
+    "serial_from_naa",
+]
+
+CATALOG_FILENAME = "catalog.db"
+
+# The 24-bit IEEE company id in every NAA-6 designator lunsync generates. It is not an IEEE assignment: its first
+# octet (0x0A) has the local bit set and the group bit clear, the shape of the "CID" block the IEEE reserves for
+# identifiers that are not globally registered, so it cannot collide with a real vendor's OUI. Uniqueness comes from
+# the 100 random bits that follow it (birthday bound ~2**50 LUNs). Never change it: it is part of every existing
+# LUN's identity, and those are stored, not recomputed.
+COMPANY_ID = 0x0A5C51
+
+_SERIAL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 base32: upper case, no 0/1/8/9 look-alikes
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+class CatalogError(Exception):
+    """Base of every error the catalog raises."""
+
+
+class NotFound(CatalogError, LookupError):
+    """The named object does not exist."""
+
+
+class AlreadyExists(CatalogError):
+    """An object with that name (or path, number, identity) already exists."""
+
+
+class InUse(CatalogError):
+    """The object is still referenced (a LUN still mapped, a target with LUNs, a LUN with snapshots)."""
+
+
+class Invalid(CatalogError, ValueError):
+    """The request is malformed or not allowed (bad name, shrinking a LUN, changing a fixed attribute)."""
+
+
+class CatalogLocked(CatalogError):
+    """Another process holds the data dir (only with ``exclusive=True``)."""
+
+
+# --- identity --------------------------------------------------------------------------------------------------------
+
+
+def serial_from_naa(naa: str) -> str:
+    """The unit serial number (VPD 0x80) of an NAA-6 designator: its low 100 bits, the random part, as 20 base32
+    characters. Deterministic, so a configuration that pins only ``naa`` reproduces the serial too."""
+    value = int(naa, 16) & ((1 << 100) - 1)
+    return "".join(_SERIAL_ALPHABET[(value >> (5 * (19 - i))) & 31] for i in range(20))
+
+
+def new_identity() -> tuple[str, str]:
+    """A fresh ``(naa, serial)``: NAA IEEE Registered Extended (SPC-4 §7.8.6.6.5): NAA = 6, the 24-bit
+    :data:`COMPANY_ID`, a 36-bit vendor specific identifier and a 64-bit extension, the last 100 bits random."""
+    value = (6 << 124) | (COMPANY_ID << 100) | secrets.randbits(100)
+    naa = f"{value:032x}"
+    return naa, serial_from_naa(naa)
+
+
+# --- records ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LunRecord:
+    """A LUN as the catalog holds it. Unlike a :class:`LunConfig` its identity is always set. ``id`` and
+    ``created_at`` are bookkeeping and take no part in equality, so a catalog rebuilt from an export compares equal."""
+
+    name: str
+    path: str  # as configured: relative to the data dir unless absolute; see Catalog.lun_path
+    size_bytes: int
+    block_size: int
+    thin: bool
+    read_only: bool
+    chunk_size_bytes: int
+    naa: str  # 32 lowercase hex digits
+    serial: str
+    created_at: dt.datetime = field(compare=False)
+    id: int = field(compare=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.size_bytes // self.block_size
+
+    @property
+    def identity(self) -> LunIdentity:
+        return lun_identity(self)
+
+    def config(self) -> LunConfig:
+        """This LUN as configuration, identity included (what export writes)."""
+        return LunConfig(
+            name=self.name,
+            size_bytes=self.size_bytes,
+            path=self.path,
+            block_size=self.block_size,
+            thin=self.thin,
+            read_only=self.read_only,
+            chunk_size_bytes=self.chunk_size_bytes,
+            naa=self.naa,
+            serial=self.serial,
+        )
+
+
+def lun_identity(lun: LunRecord) -> LunIdentity:
+    """The SCSI identity (VPD 0x80 serial, 0x83 NAA designator) of a catalogued LUN."""
+    return LunIdentity(naa=bytes.fromhex(lun.naa), serial=lun.serial)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """One change :meth:`Catalog.apply` makes. ``str()`` is the human form: ``~ lun db0 size 10GiB -> 20GiB``.
+    ``kind`` is one of portal, lun, target, map, acl, chap; ``name`` is the LUN name or target IQN."""
+
+    action: Literal["+", "-", "~"]
+    kind: str
+    name: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return " ".join(part for part in (self.action, self.kind, self.name, self.detail) if part)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What an apply did (or, with ``dry_run``, would do). Empty when the catalog already matched."""
+
+    steps: tuple[PlanStep, ...] = ()
+    dry_run: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __str__(self) -> str:
+        return "\n".join(str(s) for s in self.steps)
+
+    def lines(self) -> list[str]:
+        return [str(s) for s in self.steps]
+
+
+# --- schema ----------------------------------------------------------------------------------------------------------
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _schema_v1(db: sqlite3.Connection) -> None:
+    # Rows carry integer ids so later tables (snapshots, recovery sets) reference LUNs and targets by something that
+    # survives a rename; names and IQNs are UNIQUE alongside.
+    statements = (
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE portal (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            nop_interval_s INTEGER NOT NULL,
+            nop_timeout_s INTEGER NOT NULL,
+            login_timeout_s INTEGER NOT NULL,
+            max_sessions INTEGER NOT NULL)""",
+        "CREATE TABLE portals (position INTEGER PRIMARY KEY, address TEXT NOT NULL UNIQUE)",
+        """CREATE TABLE targets (
+            id INTEGER PRIMARY KEY,
+            iqn TEXT NOT NULL UNIQUE,
+            alias TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE luns (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            path TEXT NOT NULL UNIQUE,
+            size_bytes INTEGER NOT NULL CHECK (size_bytes > 0),
+            block_size INTEGER NOT NULL CHECK (block_size IN (512, 4096)),
+            thin INTEGER NOT NULL CHECK (thin IN (0, 1)),
+            read_only INTEGER NOT NULL CHECK (read_only IN (0, 1)),
+            chunk_size_bytes INTEGER NOT NULL,
+            naa TEXT NOT NULL UNIQUE CHECK (length(naa) = 32),
+            serial TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            CHECK (size_bytes % block_size = 0))""",
+        f"""CREATE TABLE mappings (
+            target_id INTEGER NOT NULL REFERENCES targets(id) ON DELETE CASCADE,
+            lun INTEGER NOT NULL CHECK (lun BETWEEN 0 AND {MAX_LUN_NUMBER}),
+            lun_id INTEGER NOT NULL REFERENCES luns(id) ON DELETE RESTRICT,
+            PRIMARY KEY (target_id, lun),
+            UNIQUE (target_id, lun_id))""",
+        "CREATE INDEX mappings_by_lun ON mappings(lun_id)",
+        """CREATE TABLE acls (
+            target_id INTEGER NOT NULL REFERENCES targets(id) ON DELETE CASCADE,
+            initiator TEXT NOT NULL,
+            PRIMARY KEY (target_id, initiator))""",
+        """CREATE TABLE chap (
+            target_id INTEGER PRIMARY KEY REFERENCES targets(id) ON DELETE CASCADE,
+            user TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            mutual_user TEXT,
+            mutual_secret TEXT,
+            CHECK ((mutual_user IS NULL) = (mutual_secret IS NULL)))""",
+    )
+    for sql in statements:
+        db.execute(sql)
+    p = PortalConfig()
+    db.execute(
+        "INSERT INTO portal VALUES (1, ?, ?, ?, ?)",
+        (p.nop_interval_s, p.nop_timeout_s, p.login_timeout_s, p.max_sessions),
+    )
+    db.executemany("INSERT INTO portals VALUES (?, ?)", enumerate(p.listen))
+
+
+# Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
+# enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
+# commit the enclosing transaction.
+MIGRATIONS: tuple[Migration, ...] = (_schema_v1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class _DryRun(Exception):
+    """Raised inside the apply transaction to roll a dry run back."""
+
+
+def _now_iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="microseconds")
+
+
+def _why(e: ConfigError) -> str:
+    """A config-model error as ``field: message`` (the model's key paths name LUNs and targets differently)."""
+    names = [p for p in e.path if isinstance(p, str)]
+    return f"{names[-1]}: {e.message}" if names else e.message
+
+
+def _config(what: str, make: Callable[[], object]) -> None:
+    """Run a config-model check, reporting its failure as the catalog's :class:`Invalid` about ``what``."""
+    try:
+        make()
+    except ConfigError as e:
+        raise Invalid(f"{what}: {_why(e)}") from None
+
+
+def _iqn(name: str) -> str:
+    try:
+        normalized: str = normalize_iscsi_name(name)
+    except (TypeError, ValueError) as e:
+        raise Invalid(str(e)) from None
+    return normalized
+
+
+# --- the catalog -----------------------------------------------------------------------------------------------------
+
+
+class Catalog:
+    """The catalog of one data dir. One connection, shared by the threads of one process under a lock; every call
+    is short. Use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        exclusive: bool = False,
+    ) -> None:
+        """Open (creating and migrating as needed) the catalog in ``data_dir``. With ``exclusive`` the data dir is
+        flock()ed for the life of the catalog, so a second daemon on the same LUN files fails fast
+        (:class:`CatalogLocked`) instead of corrupting them."""
+        self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self.path = os.path.join(self.data_dir, CATALOG_FILENAME)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._dir_fd: int | None = None
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        if exclusive:
+            self._dir_fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._dir_fd)
+                self._dir_fd = None
+                raise CatalogLocked(f"data dir {self.data_dir} is in use by another lunsync process") from None
+        # Create the file 0600 before SQLite does (it would honour the umask); SQLite gives the -wal and -shm files
+        # the database file's mode. chmod too, in case an older file was looser: it holds CHAP secrets.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            self._db.row_factory = sqlite3.Row
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise CatalogError(f"{self.path}: cannot use WAL journaling (got {mode!r})")
+            # FULL: in WAL mode NORMAL may lose the last commits on power loss; an acknowledged change must not be.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(
+        cls, data_dir: str | os.PathLike[str], *, clock: Callable[[], float] = time.time, exclusive: bool = False
+    ) -> Catalog:
+        """Same as the constructor."""
+        return cls(data_dir, clock=clock, exclusive=exclusive)
+
+    def close(self) -> None:
+        with self._lock:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
+                del self._db
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)  # releases the flock
+                self._dir_fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.data_dir!r})"
+
+    # --- plumbing ------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction: BEGIN IMMEDIATE (or DEFERRED for reads), COMMIT on success, ROLLBACK on any error. Nested
+        uses join the outer transaction, so composite operations stay atomic."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            # IMMEDIATE takes the write lock up front, so a read-then-write can never fail half way with SQLITE_BUSY.
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._depth = 1
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.IntegrityError):
+                    raise _translate(e) from e
+                raise
+            finally:
+                self._depth = 0
+
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A read transaction: several queries see one consistent state."""
+        return self._tx(write=False)
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise CatalogError(
+                f"{self.path} has schema version {version}, newer than this lunsync understands ({SCHEMA_VERSION})"
+            )
+        for v in range(version, SCHEMA_VERSION):
+            with self._tx() as db:
+                MIGRATIONS[v](db)
+                db.execute(f"PRAGMA user_version = {v + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open file (PRAGMA user_version); :data:`SCHEMA_VERSION` once migrated."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _target_id(self, iqn: str) -> int:
+        row = self._db.execute("SELECT id FROM targets WHERE iqn = ?", (iqn,)).fetchone()
+        if row is None:
+            raise NotFound(f"target {iqn} does not exist")
+        return int(row[0])
+
+    def _lun_row(self, name: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = self._db.execute("SELECT * FROM luns WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"lun {name!r} does not exist")
+        return row
+
+    # --- portal ----------------------------------------------------------------------------------------------------
+
+    def get_portal(self) -> PortalConfig:
+        """The portal configuration: listen addresses and session timers."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM portal WHERE id = 1").fetchone()
+            listen = tuple(r[0] for r in db.execute("SELECT address FROM portals ORDER BY position"))
+            return PortalConfig(
+                listen=listen,
+                nop_interval_s=row["nop_interval_s"],
+                nop_timeout_s=row["nop_timeout_s"],
+                login_timeout_s=row["login_timeout_s"],
+                max_sessions=row["max_sessions"],
+            )
+
+    def set_portal(self, portal: PortalConfig) -> None:
+        """Replace the whole portal configuration."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE portal SET nop_interval_s = ?, nop_timeout_s = ?, login_timeout_s = ?, max_sessions = ?",
+                (portal.nop_interval_s, portal.nop_timeout_s, portal.login_timeout_s, portal.max_sessions),
+            )
+            self._write_portals(portal.listen)
+
+    def list_portals(self) -> tuple[str, ...]:
+        """The listen addresses, ``HOST:PORT`` / ``[V6]:PORT``, in order."""
+        listen: tuple[str, ...] = self.get_portal().listen
+        return listen
+
+    def set_portals(self, listen: Sequence[str]) -> tuple[str, ...]:
+        """Replace the listen addresses; returns them normalized. Raises :class:`Invalid`."""
+        try:
+            portal = replace(self.get_portal(), listen=tuple(listen))
+        except ConfigError as e:
+            raise Invalid(f"listen: {e.message}") from None
+        normalized: tuple[str, ...] = portal.listen
+        with self._tx():
+            self._write_portals(normalized)
+        return normalized
+
+    def _write_portals(self, listen: Sequence[str]) -> None:
+        self._db.execute("DELETE FROM portals")
+        self._db.executemany("INSERT INTO portals VALUES (?, ?)", enumerate(listen))
+
+    # --- targets ---------------------------------------------------------------------------------------------------
+
+    def create_target(self, iqn: str, alias: str = "") -> TargetConfig:
+        """Create an empty target (no LUNs, open to any initiator, no CHAP). Raises :class:`AlreadyExists`,
+        :class:`Invalid`."""
+        iqn = _iqn(iqn)
+        _config(f"target {iqn}", lambda: TargetConfig(iqn, alias=alias))
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM targets WHERE iqn = ?", (iqn,)).fetchone():
+                raise AlreadyExists(f"target {iqn} already exists")
+            db.execute(
+                "INSERT INTO targets (iqn, alias, created_at) VALUES (?, ?, ?)", (iqn, alias, _now_iso(self._clock()))
+            )
+            return self.get_target(iqn)
+
+    def get_target(self, iqn: str) -> TargetConfig:
+        """A target with its ACL, LUN mappings and CHAP. Raises :class:`NotFound`."""
+        iqn = _iqn(iqn)
+        with self._read() as db:
+            row = db.execute("SELECT id, alias FROM targets WHERE iqn = ?", (iqn,)).fetchone()
+            if row is None:
+                raise NotFound(f"target {iqn} does not exist")
+            return self._target(row["id"], iqn, row["alias"])
+
+    def _target(self, target_id: int, iqn: str, alias: str) -> TargetConfig:
+        acl = tuple(r[0] for r in self._db.execute("SELECT initiator FROM acls WHERE target_id = ?", (target_id,)))
+        maps = tuple(
+            LunMapping(r[0], r[1])
+            for r in self._db.execute(
+                "SELECT m.lun, l.name FROM mappings m JOIN luns l ON l.id = m.lun_id WHERE m.target_id = ?",
+                (target_id,),
+            )
+        )
+        return TargetConfig(iqn, alias=alias, acl=acl, luns=maps, chap=self._chap(target_id))
+
+    def list_targets(self) -> tuple[TargetConfig, ...]:
+        """Every target, in creation order."""
+        with self._read() as db:
+            rows = db.execute("SELECT id, iqn, alias FROM targets ORDER BY id").fetchall()
+            return tuple(self._target(r["id"], r["iqn"], r["alias"]) for r in rows)
+
+    def update_target(self, iqn: str, *, alias: str) -> TargetConfig:
+        """Change a target's alias. Raises :class:`NotFound`, :class:`Invalid`."""
+        iqn = _iqn(iqn)
+        _config(f"target {iqn}", lambda: TargetConfig(iqn, alias=alias))
+        with self._tx() as db:
+            db.execute("UPDATE targets SET alias = ? WHERE id = ?", (alias, self._target_id(iqn)))
+            return self.get_target(iqn)
+
+    def delete_target(self, iqn: str, *, force: bool = False) -> None:
+        """Delete a target with its ACL and CHAP. A target that still shows LUNs is :class:`InUse` unless ``force``,
+        which unmaps them (the LUNs themselves stay). Raises :class:`NotFound`."""
+        iqn = _iqn(iqn)
+        with self._tx() as db:
+            target_id = self._target_id(iqn)
+            mapped = db.execute("SELECT count(*) FROM mappings WHERE target_id = ?", (target_id,)).fetchone()[0]
+            if mapped and not force:
+                raise InUse(f"target {iqn} still maps {mapped} LUN(s); unmap them first or force")
+            db.execute("DELETE FROM targets WHERE id = ?", (target_id,))
+
+    # --- LUNs ------------------------------------------------------------------------------------------------------
+
+    def create_lun(
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        path: str | None = None,
+        block_size: int = 512,
+        thin: bool = True,
+        read_only: bool = False,
+        chunk_size_bytes: int = 64 << 10,
+        naa: str | None = None,
+        serial: str | None = None,
+    ) -> LunRecord:
+        """Record a new LUN and give it its identity, generated here once and never changed (unless ``naa``/``serial``
+        pin it, as an export does). ``path`` defaults to ``luns/<name>.img`` in the data dir. The backing file is the
+        caller's to create. Raises :class:`AlreadyExists` (name, path or identity taken), :class:`Invalid`."""
+        try:
+            cfg = LunConfig(
+                name=name,
+                size_bytes=size_bytes,
+                path=path or "",
+                block_size=block_size,
+                thin=thin,
+                read_only=read_only,
+                chunk_size_bytes=chunk_size_bytes,
+                naa=naa,
+                serial=serial,
+            )
+        except ConfigError as e:
+            raise Invalid(f"lun {name!r}: {_why(e)}") from None
+        with self._tx():
+            return self._insert_lun(cfg)
+
+    def _insert_lun(self, cfg: LunConfig) -> LunRecord:
+        db = self._db
+        if db.execute("SELECT 1 FROM luns WHERE name = ?", (cfg.name,)).fetchone():
+            raise AlreadyExists(f"lun {cfg.name!r} already exists")
+        where = self.lun_path(cfg)
+        if where in (self.path, self.path + "-wal", self.path + "-shm"):
+            raise Invalid(f"lun {cfg.name!r}: path {cfg.path!r} is the catalog itself")
+        for other in db.execute("SELECT name, path FROM luns"):
+            if self._resolve(other["path"]) == where:
+                raise AlreadyExists(f"lun {cfg.name!r}: path {where} is already used by lun {other['name']!r}")
+        naa = cfg.naa
+        serial = cfg.serial
+        if naa is None:
+            naa, generated = new_identity()
+            serial = serial or generated
+        elif serial is None:
+            serial = serial_from_naa(naa)
+        for column, value in (("naa", naa), ("serial", serial)):
+            row = db.execute(f"SELECT name FROM luns WHERE {column} = ?", (value,)).fetchone()
+            if row is not None:
+                raise AlreadyExists(f"lun {cfg.name!r}: {column} {value} already belongs to lun {row[0]!r}")
+        db.execute(
+            """INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa, serial,
+                                 created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                cfg.name,
+                cfg.path,
+                cfg.size_bytes,
+                cfg.block_size,
+                int(cfg.thin),
+                int(cfg.read_only),
+                cfg.chunk_size_bytes,
+                naa,
+                serial,
+                _now_iso(self._clock()),
+            ),
+        )
+        return _lun(self._lun_row(cfg.name))
+
+    def get_lun(self, name: str) -> LunRecord:
+        """Raises :class:`NotFound`."""
+        with self._read():
+            return _lun(self._lun_row(name))
+
+    def list_luns(self) -> tuple[LunRecord, ...]:
+        """Every LUN, in creation order."""
+        with self._read() as db:
+            return tuple(_lun(r) for r in db.execute("SELECT * FROM luns ORDER BY id"))
+
+    def delete_lun(self, name: str) -> LunRecord:
+        """Forget a LUN; returns what it was, so the caller can remove the backing file. A LUN still mapped to a
+        target is :class:`InUse` (so is one that later tables still reference). Raises :class:`NotFound`."""
+        with self._tx() as db:
+            rec = _lun(self._lun_row(name))
+            users = self._mapped_by(rec.id)
+            if users:
+                shown = ", ".join(f"{iqn} lun {n}" for iqn, n in users)
+                raise InUse(f"lun {name!r} is still mapped ({shown}); unmap it first")
+            db.execute("DELETE FROM luns WHERE id = ?", (rec.id,))
+            return rec
+
+    def resize_lun(self, name: str, size_bytes: int) -> LunRecord:
+        """Grow a LUN (the caller grows the backing file and signals CAPACITY DATA HAS CHANGED). Shrinking would cut
+        off data initiators have written, so it is :class:`Invalid`; so is a size that is not a whole number of
+        blocks. The same size is a no-op. Raises :class:`NotFound`."""
+        with self._tx() as db:
+            rec = _lun(self._lun_row(name))
+            self._check_resize(rec, size_bytes)
+            if size_bytes != rec.size_bytes:
+                db.execute("UPDATE luns SET size_bytes = ? WHERE id = ?", (size_bytes, rec.id))
+            return _lun(self._lun_row(name))
+
+    @staticmethod
+    def _check_resize(rec: LunRecord, size_bytes: int) -> None:
+        _config(f"lun {rec.name!r}", lambda: replace(rec.config(), size_bytes=size_bytes))
+        if size_bytes < rec.size_bytes:
+            raise Invalid(
+                f"lun {rec.name!r}: cannot shrink from {format_size(rec.size_bytes)} to {format_size(size_bytes)}: "
+                "data beyond the new end would be lost"
+            )
+
+    def update_lun(self, name: str, *, read_only: bool | None = None, thin: bool | None = None) -> LunRecord:
+        """Change the attributes that may change after creation. Size has :meth:`resize_lun`; path, block size,
+        chunk size and identity are fixed for the life of the LUN. Raises :class:`NotFound`, :class:`Invalid`."""
+        with self._tx() as db:
+            rec = _lun(self._lun_row(name))
+            for column, value in (("read_only", read_only), ("thin", thin)):
+                if value is None:
+                    continue
+                if not isinstance(value, bool):
+                    raise Invalid(f"lun {name!r}: {column} must be true or false")
+                db.execute(f"UPDATE luns SET {column} = ? WHERE id = ?", (int(value), rec.id))
+            return _lun(self._lun_row(name))
+
+    def lun_path(self, lun: LunRecord | LunConfig | str) -> str:
+        """The absolute path of a LUN's backing store: its configured path, resolved against the data dir when
+        relative. Accepts a record, a config, or a LUN name (then :class:`NotFound` if unknown)."""
+        if isinstance(lun, str):
+            lun = self.get_lun(lun)
+        return self._resolve(lun.path)
+
+    def _resolve(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.data_dir, path))
+
+    def lun_mappings(self, name: str) -> tuple[tuple[str, int], ...]:
+        """Every ``(target iqn, LUN number)`` that shows the LUN ``name``. Raises :class:`NotFound`."""
+        with self._read():
+            return self._mapped_by(int(self._lun_row(name)["id"]))
+
+    def _mapped_by(self, lun_id: int) -> tuple[tuple[str, int], ...]:
+        rows = self._db.execute(
+            "SELECT t.iqn, m.lun FROM mappings m JOIN targets t ON t.id = m.target_id WHERE m.lun_id = ? "
+            "ORDER BY t.id, m.lun",
+            (lun_id,),
+        )
+        return tuple((r[0], r[1]) for r in rows)
+
+    # --- mappings --------------------------------------------------------------------------------------------------
+
+    def map_lun(self, target: str, lun_name: str, lun: int | None = None) -> LunMapping:
+        """Show LUN ``lun_name`` on ``target`` as LUN number ``lun`` (the lowest free number when None). A LUN may be
+        mapped on several targets, once per target. Raises :class:`NotFound`, :class:`AlreadyExists`,
+        :class:`Invalid`, :class:`InUse` (no free number)."""
+        target = _iqn(target)
+        if lun is not None:
+            number = lun
+            _config(f"target {target}", lambda: LunMapping(number, lun_name))
+        with self._tx() as db:
+            target_id = self._target_id(target)
+            lun_id = int(self._lun_row(lun_name)["id"])
+            row = db.execute(
+                "SELECT lun FROM mappings WHERE target_id = ? AND lun_id = ?", (target_id, lun_id)
+            ).fetchone()
+            if row is not None:
+                raise AlreadyExists(f"lun {lun_name!r} is already mapped on {target} as LUN {row[0]}")
+            used = {r[0] for r in db.execute("SELECT lun FROM mappings WHERE target_id = ?", (target_id,))}
+            if lun is None:
+                lun = next((n for n in range(MAX_LUN_NUMBER + 1) if n not in used), None)
+                if lun is None:
+                    raise InUse(f"target {target} has no free LUN number")
+            elif lun in used:
+                other = db.execute(
+                    "SELECT l.name FROM mappings m JOIN luns l ON l.id = m.lun_id WHERE m.target_id = ? AND m.lun = ?",
+                    (target_id, lun),
+                ).fetchone()[0]
+                raise AlreadyExists(f"LUN {lun} of {target} is already taken by lun {other!r}")
+            db.execute("INSERT INTO mappings VALUES (?, ?, ?)", (target_id, lun, lun_id))
+            return LunMapping(lun, lun_name)
+
+    def unmap_lun(self, target: str, lun: int) -> LunMapping:
+        """Remove LUN number ``lun`` from ``target``; returns what it showed. Raises :class:`NotFound`."""
+        target = _iqn(target)
+        with self._tx() as db:
+            target_id = self._target_id(target)
+            row = db.execute(
+                "SELECT l.name FROM mappings m JOIN luns l ON l.id = m.lun_id WHERE m.target_id = ? AND m.lun = ?",
+                (target_id, lun),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"target {target} has no LUN {lun}")
+            db.execute("DELETE FROM mappings WHERE target_id = ? AND lun = ?", (target_id, lun))
+            return LunMapping(lun, row[0])
+
+    def list_mappings(self, target: str) -> tuple[LunMapping, ...]:
+        """The LUNs ``target`` shows, by LUN number. Raises :class:`NotFound`."""
+        maps: tuple[LunMapping, ...] = self.get_target(target).luns
+        return maps
+
+    # --- ACLs ------------------------------------------------------------------------------------------------------
+
+    def add_acl(self, target: str, initiator: str) -> str:
+        """Allow ``initiator`` to log in to ``target`` (a target with no ACL entries admits everyone). Returns the
+        name as stored (lowercase). Raises :class:`NotFound`, :class:`AlreadyExists`, :class:`Invalid`."""
+        target, initiator = _iqn(target), _iqn(initiator)
+        with self._tx() as db:
+            target_id = self._target_id(target)
+            if db.execute("SELECT 1 FROM acls WHERE target_id = ? AND initiator = ?", (target_id, initiator)).fetchone():
+                raise AlreadyExists(f"{initiator} is already in the ACL of {target}")
+            db.execute("INSERT INTO acls VALUES (?, ?)", (target_id, initiator))
+            return initiator
+
+    def remove_acl(self, target: str, initiator: str) -> None:
+        """Raises :class:`NotFound` (target, or initiator not in its ACL)."""
+        target, initiator = _iqn(target), _iqn(initiator)
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM acls WHERE target_id = ? AND initiator = ?", (self._target_id(target), initiator)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"{initiator} is not in the ACL of {target}")
+
+    def list_acls(self, target: str) -> tuple[str, ...]:
+        """The initiator names allowed on ``target``, sorted; empty means any. Raises :class:`NotFound`."""
+        acl: tuple[str, ...] = self.get_target(target).acl
+        return acl
+
+    # --- CHAP ------------------------------------------------------------------------------------------------------
+
+    def set_chap(self, target: str, chap: ChapConfig) -> None:
+        """Require CHAP (and mutual CHAP when ``chap.mutual``) on ``target``, replacing any earlier credentials.
+        Raises :class:`NotFound`."""
+        target = _iqn(target)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO chap VALUES (?, ?, ?, ?, ?)",
+                (self._target_id(target), chap.user, chap.secret, chap.mutual_user, chap.mutual_secret),
+            )
+
+    def clear_chap(self, target: str) -> None:
+        """Stop requiring CHAP. Raises :class:`NotFound` (target, or no CHAP set)."""
+        target = _iqn(target)
+        with self._tx() as db:
+            if db.execute("DELETE FROM chap WHERE target_id = ?", (self._target_id(target),)).rowcount == 0:
+                raise NotFound(f"target {target} has no CHAP credentials")
+
+    def get_chap(self, target: str) -> ChapConfig | None:
+        """The CHAP credentials of ``target``, None when it does not use CHAP. Raises :class:`NotFound`."""
+        target = _iqn(target)
+        with self._read():
+            return self._chap(self._target_id(target))
+
+    def _chap(self, target_id: int) -> ChapConfig | None:
+        row = self._db.execute("SELECT * FROM chap WHERE target_id = ?", (target_id,)).fetchone()
+        if row is None:
+            return None
+        return ChapConfig(row["user"], row["secret"], row["mutual_user"], row["mutual_secret"])
+
+    # --- settings --------------------------------------------------------------------------------------------------
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            return default if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise Invalid("a setting needs a non-empty string key and a string value")
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+    def delete_setting(self, key: str) -> bool:
+        """Returns whether the key existed."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM settings WHERE key = ?", (key,)).rowcount > 0
+
+    # --- declarative -----------------------------------------------------------------------------------------------
+
+    def export(self) -> Config:
+        """The whole catalog as configuration, LUN identities included, so that applying it to an empty data dir
+        rebuilds this one with the same identities."""
+        with self._read():
+            return Config(
+                portal=self.get_portal(),
+                luns=tuple(rec.config() for rec in self.list_luns()),
+                targets=self.list_targets(),
+            )
+
+    def apply(self, config: Config, *, dry_run: bool = False) -> Plan:
+        """Make the catalog equal to ``config``: create, change and remove (this is declarative: what the config does
+        not name is removed) portals, LUNs, targets, mappings, ACLs and CHAP, in one transaction. Applying the same
+        config twice gives an empty plan the second time. With ``dry_run`` nothing is changed and the plan says what
+        would be. Raises :class:`Invalid` (shrinking a LUN, changing its path, block size, chunk size or identity)
+        and the other catalog errors, having changed nothing."""
+        steps: list[PlanStep] = []
+        try:
+            with self._tx():
+                self._apply(config, steps)
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass
+        return Plan(tuple(steps), dry_run=dry_run)
+
+    def _apply(self, config: Config, steps: list[PlanStep]) -> None:
+        current_luns = {rec.name: rec for rec in self.list_luns()}
+        # Refuse impossible changes before touching anything, so the error names the first real problem.
+        for want in config.luns:
+            have = current_luns.get(want.name)
+            if have is None:
+                continue
+            for attr in ("path", "block_size", "chunk_size_bytes", "naa", "serial"):
+                wanted, held = getattr(want, attr), getattr(have, attr)
+                if wanted is not None and wanted != held:
+                    raise Invalid(
+                        f"lun {want.name!r}: {attr} is fixed once the LUN exists ({held} in the catalog, {wanted} in "
+                        "the configuration)"
+                    )
+            self._check_resize(have, want.size_bytes)
+
+        portal = self.get_portal()
+        if portal != config.portal:
+            for attr in ("listen", "nop_interval_s", "nop_timeout_s", "login_timeout_s", "max_sessions"):
+                old, new = getattr(portal, attr), getattr(config.portal, attr)
+                if old != new:
+                    shown = (lambda v: "[" + ", ".join(v) + "]") if attr == "listen" else str
+                    steps.append(PlanStep("~", "portal", attr, f"{shown(old)} -> {shown(new)}"))
+            self.set_portal(config.portal)
+
+        wanted_targets = {t.iqn: t for t in config.targets}
+        current_targets = self.list_targets()
+        # Removals first, mappings before targets before LUNs, so nothing is removed while still referenced and a
+        # renamed LUN can take over its predecessor's path and identity.
+        for have_t in current_targets:
+            want_t = wanted_targets.get(have_t.iqn)
+            keep = set() if want_t is None else set(want_t.luns)
+            for m in have_t.luns:
+                if m not in keep:
+                    steps.append(PlanStep("-", "map", have_t.iqn, f"lun {m.lun} -> {m.name}"))
+                    self.unmap_lun(have_t.iqn, m.lun)
+            if want_t is None:
+                steps.append(PlanStep("-", "target", have_t.iqn))
+                self.delete_target(have_t.iqn)
+        wanted_luns = {lun.name for lun in config.luns}
+        for name in current_luns:
+            if name not in wanted_luns:
+                steps.append(PlanStep("-", "lun", name))
+                self.delete_lun(name)
+
+        for want in config.luns:
+            have = current_luns.get(want.name)
+            if have is None:
+                steps.append(PlanStep("+", "lun", want.name, _describe_lun(want)))
+                self._insert_lun(want)
+                continue
+            if want.size_bytes != have.size_bytes:
+                sizes = f"{format_size(have.size_bytes)} -> {format_size(want.size_bytes)}"
+                steps.append(PlanStep("~", "lun", want.name, f"size {sizes}"))
+                self.resize_lun(want.name, want.size_bytes)
+            for attr in ("read_only", "thin"):
+                old, new = getattr(have, attr), getattr(want, attr)
+                if old != new:
+                    steps.append(PlanStep("~", "lun", want.name, f"{attr} {_b(old)} -> {_b(new)}"))
+                    self.update_lun(want.name, **{attr: new})
+
+        current_by_iqn = {t.iqn: t for t in current_targets}
+        for want_t in config.targets:
+            have_t2 = current_by_iqn.get(want_t.iqn)
+            if have_t2 is None:
+                steps.append(PlanStep("+", "target", want_t.iqn, f"alias {want_t.alias!r}" if want_t.alias else ""))
+                self.create_target(want_t.iqn, want_t.alias)
+                have_t2 = TargetConfig(want_t.iqn, alias=want_t.alias)
+            elif have_t2.alias != want_t.alias:
+                steps.append(PlanStep("~", "target", want_t.iqn, f"alias {have_t2.alias!r} -> {want_t.alias!r}"))
+                self.update_target(want_t.iqn, alias=want_t.alias)
+            for initiator in have_t2.acl:
+                if initiator not in want_t.acl:
+                    steps.append(PlanStep("-", "acl", want_t.iqn, initiator))
+                    self.remove_acl(want_t.iqn, initiator)
+            for initiator in want_t.acl:
+                if initiator not in have_t2.acl:
+                    steps.append(PlanStep("+", "acl", want_t.iqn, initiator))
+                    self.add_acl(want_t.iqn, initiator)
+            if have_t2.chap != want_t.chap:
+                if want_t.chap is None:
+                    steps.append(PlanStep("-", "chap", want_t.iqn))
+                    self.clear_chap(want_t.iqn)
+                else:
+                    steps.append(_chap_step(want_t.iqn, have_t2.chap, want_t.chap))
+                    self.set_chap(want_t.iqn, want_t.chap)
+            have_maps = set(have_t2.luns)
+            for m in want_t.luns:
+                if m not in have_maps:
+                    steps.append(PlanStep("+", "map", want_t.iqn, f"lun {m.lun} -> {m.name}"))
+                    self.map_lun(want_t.iqn, m.name, m.lun)
+
+    # --- health ----------------------------------------------------------------------------------------------------
+
+    def integrity_check(self) -> list[str]:
+        """Problems found by SQLite's integrity and foreign-key checks, and rows the model rejects. Empty when
+        healthy."""
+        with self._read() as db:
+            problems = [str(r[0]) for r in db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+            for table, rowid, parent, _ in db.execute("PRAGMA foreign_key_check"):
+                problems.append(f"{table} row {rowid}: refers to a missing {parent} row")
+            for row in db.execute("SELECT * FROM luns"):
+                try:
+                    _lun(row).config()
+                except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+                    problems.append(f"luns row {row['id']}: {e}")
+            return problems
+
+
+def _lun(row: sqlite3.Row) -> LunRecord:
+    return LunRecord(
+        name=row["name"],
+        path=row["path"],
+        size_bytes=row["size_bytes"],
+        block_size=row["block_size"],
+        thin=bool(row["thin"]),
+        read_only=bool(row["read_only"]),
+        chunk_size_bytes=row["chunk_size_bytes"],
+        naa=row["naa"],
+        serial=row["serial"],
+        created_at=dt.datetime.fromisoformat(row["created_at"]),
+        id=row["id"],
+    )
+
+
+def _translate(e: sqlite3.IntegrityError) -> CatalogError:
+    """The constraints back up the explicit checks; if one still fires, say which family it belongs to."""
+    text = str(e)
+    if "FOREIGN KEY" in text:
+        return InUse(f"still referenced: {text}")
+    if "UNIQUE" in text or "PRIMARY KEY" in text:
+        return AlreadyExists(text)
+    return Invalid(text)
+
+
+def _b(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _describe_lun(lun: LunConfig) -> str:
+    extras = []
+    if not lun.thin:
+        extras.append("thick")
+    if lun.read_only:
+        extras.append("read-only")
+    if lun.block_size != 512:
+        extras.append(f"block_size {lun.block_size}")
+    if lun.path != default_lun_path(lun.name):
+        extras.append(f"at {lun.path}")
+    size: str = format_size(lun.size_bytes)
+    return size + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _chap_step(iqn: str, old: ChapConfig | None, new: ChapConfig) -> PlanStep:
+    mutual = " (mutual)" if new.mutual else ""
+    if old is None:
+        return PlanStep("+", "chap", iqn, f"user {new.user}{mutual}")
+    changes = []
+    if old.user != new.user:
+        changes.append(f"user {old.user} -> {new.user}")
+    if old.secret != new.secret:
+        changes.append("secret changed")  # never print a secret, not even in a dry run
+    if old.mutual_user != new.mutual_user:
+        changes.append(f"mutual_user {old.mutual_user or '-'} -> {new.mutual_user or '-'}")
+    if old.mutual_secret != new.mutual_secret and new.mutual_secret is not None and old.mutual_secret is not None:
+        changes.append("mutual_secret changed")
+    return PlanStep("~", "chap", iqn, ", ".join(changes))
