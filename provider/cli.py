@@ -1,24 +1,33 @@
-"""The ``lunsync`` command line: ``serve`` runs the daemon; every other command is a client of the REST API."""
+"""The ``lunsync`` command line: ``serve`` runs the daemon; every other command is a client of the REST API.
+
+Besides the parser, this module owns how results look: rich tables with human sizes by default, the API's JSON
+unchanged with ``--json``, and every error as one line on stderr with exit status 1 (argparse's usage errors exit 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
 import sys
-
-from lunsync.provider import daemon
+from collections.abc import Callable
+from typing import Any
 
 
 def _size(text: str) -> int:
     from lunsync.provider.config import parse_size
 
     try:
-        return parse_size(text)
+        n: int = parse_size(text)
+        return n
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lunsync", description="iSCSI target with snapshots and live LUN resync")
+    ap = argparse.ArgumentParser(prog="lunsync", description="iSCSI target with snapshots and live LUN resync",
+                                 parents=[_common()])
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--data-dir", default="./lunsync-data", help="where the catalog and LUN files live")
@@ -27,20 +36,465 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE", help="TOML file applied to the catalog at start")
     s.add_argument("--demo", action="store_true", help="create the demo target and LUN 0 when missing")
     s.add_argument("--demo-size", type=_size, default=1 << 30, metavar="SIZE", help="demo LUN size (default 1GiB)")
+    # Defaults live in daemon.ServeOptions; importing the daemon here would slow every client command by 0.4 s.
+    s.add_argument("--api", metavar="HOST:PORT|unix:PATH",
+                   help="management API address (default 127.0.0.1:8080; 'off' disables it)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="Prometheus /metrics address (default 127.0.0.1:9100; 'off' disables it)")
+    s.add_argument("--api-tls-cert", metavar="FILE", help="serve the API over TLS with this certificate (PEM)")
+    s.add_argument("--api-tls-key", metavar="FILE", help="the private key of --api-tls-cert (PEM)")
+    _client_commands(sub)
     return ap
+
+
+# --- client commands -------------------------------------------------------------------------------------------------
+
+Handler = Callable[[Any, argparse.Namespace], int]
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS: options given before the command (lunsync --json lun list) must not be reset by the subparser.
+    c = argparse.ArgumentParser(add_help=False)
+    g = c.add_argument_group("connection")
+    g.add_argument("--api", default=argparse.SUPPRESS, metavar="URL",
+                   help="API address: http(s)://HOST:PORT or unix:PATH (default $LUNSYNC_API or "
+                        "http://127.0.0.1:8080)")
+    g.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE", help="file holding the API token")
+    g.add_argument("--data-dir", default=argparse.SUPPRESS, metavar="DIR",
+                   help="daemon data dir whose api-token to use (default $LUNSYNC_DATA_DIR or ./lunsync-data)")
+    g.add_argument("--cacert", default=argparse.SUPPRESS, metavar="FILE", help="CA certificate for an https API")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON")
+    return c
+
+
+def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = _common()
+
+    def leaf(group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler,
+             help_: str) -> argparse.ArgumentParser:
+        p = group.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    def noun(name: str, help_: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        p = sub.add_parser(name, help=help_, description=help_)
+        return p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    t = noun("target", "iSCSI targets")
+    p = leaf(t, "create", _target_create, "create a target")
+    p.add_argument("iqn", metavar="IQN")
+    p.add_argument("--alias", default="", help="TargetAlias shown to initiators")
+    leaf(t, "list", _target_list, "list targets")
+    p = leaf(t, "show", _target_show, "show one target")
+    p.add_argument("iqn", metavar="IQN")
+    p = leaf(t, "delete", _target_delete, "delete a target (refused while it maps LUNs, unless --force)")
+    p.add_argument("iqn", metavar="IQN")
+    p.add_argument("--force", action="store_true", help="unmap its LUNs first (the LUNs themselves stay)")
+
+    lun = noun("lun", "logical units")
+    p = leaf(lun, "create", _lun_create, "create a LUN and its backing file")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", required=True, type=_size, metavar="SIZE", help="e.g. 256MiB, 10GiB, 1TiB, 512M or bytes")
+    p.add_argument("--path", help="backing file or block device (default <data-dir>/luns/NAME.img)")
+    p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    p.add_argument("--thick", action="store_true", help="allocate every block now instead of a sparse file")
+    p.add_argument("--read-only", action="store_true")
+    p = leaf(lun, "map", _lun_map, "show a LUN on a target")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--target", required=True, metavar="IQN")
+    p.add_argument("--lun", type=int, metavar="N", help="LUN number (default: the lowest free one)")
+    p = leaf(lun, "unmap", _lun_unmap, "remove a LUN from a target")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--target", required=True, metavar="IQN")
+    p = leaf(lun, "resize", _lun_resize, "grow a LUN live (initiators are told; shrinking is refused)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", required=True, type=_size, metavar="SIZE")
+    leaf(lun, "list", _lun_list, "list LUNs")
+    p = leaf(lun, "show", _lun_show, "show one LUN")
+    p.add_argument("name", metavar="NAME")
+    p = leaf(lun, "delete", _lun_delete, "delete a LUN (refused while mapped)")
+    p.add_argument("name", metavar="NAME")
+
+    acl = noun("acl", "which initiators may log in to a target (an empty ACL admits any)")
+    for action, handler, text in (("add", _acl_add, "allow an initiator"),
+                                  ("remove", _acl_remove, "disallow an initiator (its sessions are logged out)")):
+        p = leaf(acl, action, handler, text)
+        p.add_argument("initiator", metavar="INITIATOR_IQN")
+        p.add_argument("--target", required=True, metavar="IQN")
+    p = leaf(acl, "list", _acl_list, "list ACLs (of one target, or all)")
+    p.add_argument("--target", metavar="IQN")
+
+    chap = noun("chap", "CHAP authentication of a target")
+    p = leaf(chap, "set", _chap_set, "require CHAP on a target (secrets are read from a prompt, a file or stdin)")
+    p.add_argument("--target", required=True, metavar="IQN")
+    p.add_argument("--user", required=True)
+    p.add_argument("--secret", help="the secret (visible in ps and shell history; prefer --secret-file or the prompt)")
+    p.add_argument("--secret-file", metavar="FILE", help="read the secret from FILE ('-' for stdin)")
+    p.add_argument("--mutual-user", help="mutual CHAP: the name the target answers with")
+    p.add_argument("--mutual-secret", help="mutual CHAP: the target's secret")
+    p.add_argument("--mutual-secret-file", metavar="FILE")
+    p = leaf(chap, "clear", _chap_clear, "stop requiring CHAP")
+    p.add_argument("--target", required=True, metavar="IQN")
+    p = leaf(chap, "show", _chap_show, "show CHAP settings (never the secrets)")
+    p.add_argument("--target", required=True, metavar="IQN")
+
+    sess = noun("session", "logged-in iSCSI sessions")
+    leaf(sess, "list", _session_list, "list sessions with per-LUN counters")
+    p = leaf(sess, "logout", _session_logout, "force a session out")
+    p.add_argument("tsih", type=int, metavar="TSIH")
+
+    p = sub.add_parser("status", parents=[common], help="daemon status")
+    p.set_defaults(handler=_status)
+    p = sub.add_parser("portals", parents=[common], help="the iSCSI portals the daemon listens on")
+    p.set_defaults(handler=_portals)
+    p = sub.add_parser("apply", parents=[common], help="make the array match a TOML file (prints the plan)")
+    p.add_argument("file", metavar="FILE", help="the configuration ('-' for stdin)")
+    p.add_argument("--dry-run", action="store_true", help="only print what would change")
+    p.set_defaults(handler=_apply)
+    p = sub.add_parser("export", parents=[common], help="print the array as TOML (CHAP secrets included)")
+    p.set_defaults(handler=_export)
+
+
+# --- output ----------------------------------------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    """Exact when a binary unit divides it (10GiB), else one decimal (953.7MiB)."""
+    from lunsync.provider.config import format_size
+
+    exact: str = format_size(n)
+    if exact.endswith("iB") or n < 1024:
+        return exact
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return exact
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    # Piped output gets a wide console: rich would otherwise fold IQNs at 80 columns.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _done(args: argparse.Namespace, result: Any, text: str) -> int:
+    if getattr(args, "json", False):
+        _print_json(result if result is not None else {"ok": True})
+    else:
+        print(text)
+    return 0
+
+
+def _q(segment: str) -> str:
+    from lunsync.provider.client import quote
+
+    quoted: str = quote(segment)
+    return quoted
+
+
+def _read_text(file: str) -> str:
+    """A file's text, or stdin's for '-'; a ValueError saying which file when it cannot be read."""
+    try:
+        if file == "-":
+            return sys.stdin.read()
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text") from None
+
+
+# --- handlers --------------------------------------------------------------------------------------------------------
+
+
+def _target_rows(targets: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for t in targets:
+        luns = ", ".join(f"{m['lun']}:{m['name']}" for m in t["luns"]) or "-"
+        chap = ("mutual" if t["chap"]["mutual"] else t["chap"]["user"]) if t["chap"]["enabled"] else "-"
+        rows.append([t["iqn"], t["alias"] or "-", luns, ", ".join(t["acl"]) or "any", chap, str(t["sessions"])])
+    return rows
+
+
+_TARGET_COLUMNS = ["IQN", "Alias", "LUNs", "ACL", "CHAP", "Sessions"]
+
+
+def _target_create(c: Any, a: argparse.Namespace) -> int:
+    t = c.post("/targets", {"iqn": a.iqn, "alias": a.alias})
+    return _done(a, t, f"created target {t['iqn']}")
+
+
+def _target_list(c: Any, a: argparse.Namespace) -> int:
+    targets = c.get("/targets")
+    if getattr(a, "json", False):
+        _print_json(targets)
+    else:
+        _table(None, _TARGET_COLUMNS, _target_rows(targets))
+    return 0
+
+
+def _target_show(c: Any, a: argparse.Namespace) -> int:
+    t = c.get(f"/targets/{_q(a.iqn)}")
+    if getattr(a, "json", False):
+        _print_json(t)
+    else:
+        _table(None, _TARGET_COLUMNS, _target_rows([t]))
+    return 0
+
+
+def _target_delete(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/targets/{_q(a.iqn)}", **({"force": "true"} if a.force else {}))
+    return _done(a, r, f"deleted target {a.iqn}")
+
+
+def _lun_rows(luns: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for lun in luns:
+        flags = ["thin" if lun["thin"] else "thick"] + (["ro"] if lun["read_only"] else [])
+        maps = ", ".join(f"{m['target']} lun {m['lun']}" for m in lun["mappings"]) or "-"
+        rows.append([lun["name"], human_size(lun["size_bytes"]), str(lun["block_size"]), ",".join(flags), maps,
+                     lun["serial"], lun["path"]])
+    return rows
+
+
+_LUN_COLUMNS = ["Name", "Size", "Block", "Type", "Mapped on", "Serial", "Path"]
+
+
+def _lun_create(c: Any, a: argparse.Namespace) -> int:
+    body = {"name": a.name, "size": a.size, "block_size": a.block_size, "thin": not a.thick,
+            "read_only": a.read_only}
+    if a.path:
+        # Relative paths on the command line are the user's working dir, not the daemon's data dir.
+        body["path"] = os.path.abspath(a.path)
+    lun = c.post("/luns", body)
+    return _done(a, lun, f"created lun {lun['name']}: {human_size(lun['size_bytes'])}, serial {lun['serial']}")
+
+
+def _lun_map(c: Any, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": a.name}
+    if a.lun is not None:
+        body["lun"] = a.lun
+    m = c.post(f"/targets/{_q(a.target)}/luns", body)
+    return _done(a, m, f"mapped lun {m['name']} on {a.target} as LUN {m['lun']}")
+
+
+def _lun_unmap(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/targets/{_q(a.target)}/luns/{_q(a.name)}")
+    return _done(a, r, f"unmapped lun {a.name} from {a.target}")
+
+
+def _lun_resize(c: Any, a: argparse.Namespace) -> int:
+    lun = c.post(f"/luns/{_q(a.name)}/resize", {"size": a.size})
+    return _done(a, lun, f"lun {lun['name']} is now {human_size(lun['size_bytes'])}")
+
+
+def _lun_list(c: Any, a: argparse.Namespace) -> int:
+    luns = c.get("/luns")
+    if getattr(a, "json", False):
+        _print_json(luns)
+    else:
+        _table(None, _LUN_COLUMNS, _lun_rows(luns))
+    return 0
+
+
+def _lun_show(c: Any, a: argparse.Namespace) -> int:
+    lun = c.get(f"/luns/{_q(a.name)}")
+    if getattr(a, "json", False):
+        _print_json(lun)
+    else:
+        _table(None, _LUN_COLUMNS + ["NAA"], [_lun_rows([lun])[0] + [lun["naa"]]])
+    return 0
+
+
+def _lun_delete(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/luns/{_q(a.name)}")
+    return _done(a, r, f"deleted lun {a.name}")
+
+
+def _acl_add(c: Any, a: argparse.Namespace) -> int:
+    acl = c.post(f"/targets/{_q(a.target)}/acls", {"initiator": a.initiator})
+    return _done(a, acl, f"{a.initiator} may log in to {a.target}")
+
+
+def _acl_remove(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/targets/{_q(a.target)}/acls/{_q(a.initiator)}")
+    return _done(a, r, f"{a.initiator} removed from the ACL of {a.target}")
+
+
+def _acl_list(c: Any, a: argparse.Namespace) -> int:
+    if a.target:
+        acls = {a.target: c.get(f"/targets/{_q(a.target)}/acls")}
+    else:
+        acls = {t["iqn"]: t["acl"] for t in c.get("/targets")}
+    if getattr(a, "json", False):
+        _print_json(acls)
+    else:
+        _table(None, ["Target", "Allowed initiators"], [[iqn, "\n".join(names) or "any"] for iqn, names in acls.items()])
+    return 0
+
+
+def _read_secret(value: str | None, file: str | None, prompt: str) -> str | None:
+    if value is not None:
+        return value
+    if file is not None:
+        return _read_text(file).strip("\r\n")
+    return None
+
+
+def _chap_set(c: Any, a: argparse.Namespace) -> int:
+    secret = _read_secret(a.secret, a.secret_file, "CHAP secret: ")
+    if secret is None:
+        secret = getpass.getpass("CHAP secret: ") if sys.stdin.isatty() else sys.stdin.readline().strip("\r\n")
+    body: dict[str, Any] = {"user": a.user, "secret": secret}
+    mutual_secret = _read_secret(a.mutual_secret, a.mutual_secret_file, "mutual CHAP secret: ")
+    if a.mutual_user is not None:
+        if mutual_secret is None:
+            mutual_secret = getpass.getpass("mutual CHAP secret: ")
+        body.update(mutual_user=a.mutual_user, mutual_secret=mutual_secret)
+    elif mutual_secret is not None:
+        raise ValueError("--mutual-secret needs --mutual-user")
+    r = c.put(f"/targets/{_q(a.target)}/chap", body)
+    return _done(a, r, f"CHAP required on {a.target} for user {a.user}" + (" (mutual)" if a.mutual_user else ""))
+
+
+def _chap_clear(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/targets/{_q(a.target)}/chap")
+    return _done(a, r, f"CHAP no longer required on {a.target}")
+
+
+def _chap_show(c: Any, a: argparse.Namespace) -> int:
+    chap = c.get(f"/targets/{_q(a.target)}/chap")
+    if getattr(a, "json", False):
+        _print_json(chap)
+    elif not chap["enabled"]:
+        print(f"{a.target}: no CHAP")
+    else:
+        print(f"{a.target}: CHAP user {chap['user']}" + (f", mutual user {chap['mutual_user']}" if chap["mutual"]
+                                                        else ""))
+    return 0
+
+
+def _session_list(c: Any, a: argparse.Namespace) -> int:
+    sessions = c.get("/sessions")
+    if getattr(a, "json", False):
+        _print_json(sessions)
+        return 0
+    rows = []
+    for s in sessions:
+        io = ", ".join(f"{x['lun']}: {x['reads']}r/{x['writes']}w {human_size(x['read_bytes'])}/"
+                       f"{human_size(x['write_bytes'])}" for x in s["luns"]) or "-"
+        rows.append([str(s["tsih"]), s["initiator"], s["address"], s["target"] or "(discovery)", s["isid"],
+                     s["auth"], io])
+    _table(None, ["TSIH", "Initiator", "Address", "Target", "ISID", "Auth", "I/O per LUN (read/write)"], rows)
+    return 0
+
+
+def _session_logout(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/sessions/{a.tsih}")
+    return _done(a, r, f"session {a.tsih} logged out")
+
+
+def _status(c: Any, a: argparse.Namespace) -> int:
+    st = c.get("/status")
+    if getattr(a, "json", False):
+        _print_json(st)
+        return 0
+    uptime = int(st["uptime_s"])
+    rows = [["version", st["version"]], ["uptime", f"{uptime // 3600}h{uptime % 3600 // 60:02d}m{uptime % 60:02d}s"],
+            ["data dir", st["data_dir"]], ["portals", ", ".join(st["portals"]) or "-"], ["api", st["api"]],
+            ["metrics", st["metrics"] or "off"], ["targets", str(st["targets"])], ["luns", str(st["luns"])],
+            ["sessions", str(st["sessions"])], ["connections", str(st["connections"])]]
+    _table(None, ["", ""], rows)
+    return 0
+
+
+def _portals(c: Any, a: argparse.Namespace) -> int:
+    portals = c.get("/portals")
+    if getattr(a, "json", False):
+        _print_json(portals)
+    else:
+        _table(None, ["Address", "TPGT"], [[p["address"], str(p["tpgt"])] for p in portals])
+    return 0
+
+
+def _apply(c: Any, a: argparse.Namespace) -> int:
+    text = _read_text(a.file)
+    r = c.post("/apply", {"config": text, "dry_run": a.dry_run, "source": a.file})
+    if getattr(a, "json", False):
+        _print_json(r)
+        return 0
+    for line in r["plan"]:
+        print(line)
+    n = len(r["plan"])
+    if not n:
+        print("no changes: the array already matches " + a.file)
+    elif a.dry_run:
+        print(f"dry run: {n} change(s) would be made")
+    else:
+        print(f"{n} change(s) applied")
+    return 0
+
+
+def _export(c: Any, a: argparse.Namespace) -> int:
+    r = c.get("/export")
+    if getattr(a, "json", False):
+        _print_json(r)
+    else:
+        sys.stdout.write(r["config"])
+    return 0
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from lunsync.provider.client import Client, ClientError, Endpoint, find_token
+
+    try:
+        endpoint = Endpoint.parse(getattr(args, "api", None))
+        token = find_token(getattr(args, "token_file", None), getattr(args, "data_dir", None))
+        with Client(endpoint, token, cacert=getattr(args, "cacert", None) or os.environ.get("LUNSYNC_CACERT")) as c:
+            rc: int = args.handler(c, args)
+            return rc
+    except ClientError as e:
+        print(f"lunsync: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"lunsync: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "serve":
+        from lunsync.provider import daemon
+
         opts = daemon.ServeOptions(data_dir=args.data_dir, listen=args.listen, config=args.config, demo=args.demo,
-                                   demo_size=args.demo_size)
+                                   demo_size=args.demo_size, api=args.api or daemon.DEFAULT_API,
+                                   metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
+                                   api_tls_key=args.api_tls_key)
+        from lunsync.snapshots.catalog import CatalogError
+
         try:
-            return daemon.run(opts)
-        except (ValueError, OSError) as e:
+            rc: int = daemon.run(opts)
+            return rc
+        except (ValueError, OSError, CatalogError) as e:
             print(f"lunsync: {e}", file=sys.stderr)
             return 1
+    if hasattr(args, "handler"):
+        return _run_client(args)
     ap.error(f"unknown command {args.command}")
     return 2
 

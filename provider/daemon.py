@@ -2,8 +2,11 @@
 
 ``lunsync serve`` lands in :func:`run`. The catalog in the data dir is the source of truth; ``--config`` applies a TOML
 file to it and ``--demo`` makes sure the demo target exists. :class:`Array` holds the live objects built from the
-catalog (backends, logical units, targets) and is what the management API mutates. SIGTERM stops accepting, lets
-in-flight commands finish, flushes every LUN and exits 0.
+catalog (backends, logical units, targets) and is what the management API mutates: each of its management methods
+commits the catalog transaction first and then changes the live objects, so an acknowledged change survives kill -9
+and a crash in between is rolled forward at the next start. The daemon also runs the API and the metrics endpoint on
+its own event loop and tells systemd when it is ready. SIGTERM stops accepting, lets in-flight commands finish,
+flushes every LUN and exits 0.
 """
 
 from __future__ import annotations
@@ -13,12 +16,17 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lunsync.provider import systemd
+from lunsync.provider.config import ChapConfig, Config, LunMapping, TargetConfig, format_size
 from lunsync.snapshots.backend import FileBackend, open_backend
-from lunsync.snapshots.catalog import Catalog, lun_identity
+from lunsync.snapshots.catalog import Catalog, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.errors import StorageError
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
+from lunsync.target.login import LoginResult
 from lunsync.target.portal import PortalSettings, Server
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.target import ScsiTarget
@@ -28,6 +36,8 @@ log = logging.getLogger("lunsync.daemon")
 DEMO_IQN = "iqn.2026-11.io.lunsync:demo"
 DEMO_LUN = "demo0"
 DEFAULT_LISTEN = "127.0.0.1:3260"
+DEFAULT_API = "127.0.0.1:8080"
+DEFAULT_METRICS = "127.0.0.1:9100"
 
 
 def parse_hostport(text: str, default_port: int = 3260) -> tuple[str, int]:
@@ -70,21 +80,42 @@ class Array:
     catalog: Catalog
     directory: Directory = field(default_factory=Directory)
     luns: dict[str, LiveLun] = field(default_factory=dict)
+    server: Server | None = None  # set once the portals exist; sessions are logged out through it
 
     async def load(self) -> None:
         for rec in self.catalog.list_luns():
-            await self.open_lun(rec.name)
+            live = await self.open_lun(rec.name)
+            await self._roll_forward_size(live, rec)
         for t in self.catalog.list_targets():
             self.build_target(t.iqn)
+
+    async def _roll_forward_size(self, live: LiveLun, rec: LunRecord) -> None:
+        """Finish a resize a crash interrupted. Never shrinks: either side being larger means a grow was asked for."""
+        have = live.device.num_blocks * live.device.block_size
+        if have < rec.size_bytes and isinstance(live.device, FileBackend):
+            log.warning("lun %s: backing file holds %s, catalog says %s: growing it", rec.name, format_size(have),
+                        format_size(rec.size_bytes))
+            try:
+                await live.device.resize(rec.num_blocks)
+            except (StorageError, OSError) as e:  # serve what is there rather than not at all; the log says why
+                log.error("lun %s: cannot grow the backing file: %s", rec.name, e)
+        elif have > rec.size_bytes and have % rec.block_size == 0:
+            # resize_lun grows the file before committing; a crash in between leaves the file larger.
+            log.warning("lun %s: backing file holds %s, catalog says %s: completing the interrupted grow", rec.name,
+                        format_size(have), format_size(rec.size_bytes))
+            self.catalog.resize_lun(rec.name, have)
 
     async def open_lun(self, name: str) -> LiveLun:
         rec = self.catalog.get_lun(name)
         path = self.catalog.lun_path(rec)
+        device: BlockDevice
         if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            FileBackend.create(path, rec.size_bytes, block_size=rec.block_size, thin=rec.thin,
-                               read_only=False)
-        device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            # Creating a thick LUN allocates every block: never on the loop.
+            device = await asyncio.to_thread(FileBackend.create, path, rec.size_bytes, rec.block_size, rec.thin,
+                                             rec.read_only)
+        else:
+            device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
         pr_dir = os.path.join(self.data_dir, "pr")
         os.makedirs(pr_dir, mode=0o700, exist_ok=True)
         lu = LogicalUnit(device, lun_identity(rec), aptpl_path=os.path.join(pr_dir, f"{rec.name}.json"), name=name)
@@ -111,6 +142,193 @@ class Array:
                                                                               self.catalog.list_acls(iqn)), chap=chap)
         self.directory.add(entry)
         return entry
+
+    # -- management operations: the catalog transaction first, then the live objects -------------------------------
+
+    def _logout(self, which: Callable[[LoginResult], bool]) -> int:
+        """Force out every session for which ``which(login result)`` holds."""
+        if self.server is None:
+            return 0
+        victims = []
+        for tsih, proto in list(self.server.sessions.items()):
+            r = proto.conn.result if proto.conn is not None else None
+            if r is not None and which(r):
+                victims.append(tsih)
+        for tsih in victims:
+            self.server.force_logout(tsih)
+        return len(victims)
+
+    async def create_target(self, iqn: str, alias: str = "") -> TargetConfig:
+        t = self.catalog.create_target(iqn, alias)
+        self.build_target(t.iqn)
+        log.info("target %s created", t.iqn)
+        return t
+
+    async def delete_target(self, iqn: str, *, force: bool = False) -> None:
+        iqn = self.catalog.get_target(iqn).iqn
+        self.catalog.delete_target(iqn, force=force)
+        self.directory.remove(iqn)
+        n = self._logout(lambda r: r.target is not None and r.target.name == iqn)
+        log.info("target %s deleted (%d session(s) logged out)", iqn, n)
+
+    async def create_lun(self, name: str, size_bytes: int, *, path: str | None = None, block_size: int = 512,
+                         thin: bool = True, read_only: bool = False) -> LunRecord:
+        """Record the LUN, then create (or adopt) its backing store. An existing file or device is served as it is
+        only when its size is the requested one; otherwise nothing is left behind."""
+        rec = self.catalog.create_lun(name, size_bytes, path=path, block_size=block_size, thin=thin,
+                                      read_only=read_only)
+        try:
+            live = await self.open_lun(rec.name)
+            have = live.device.num_blocks * live.device.block_size
+            if have != rec.size_bytes:
+                raise ValueError(f"{self.catalog.lun_path(rec)} already exists and holds {have} bytes, not "
+                                 f"{rec.size_bytes}; create the LUN with --size {have} to serve it as it is")
+        except BaseException:
+            dropped = self.luns.pop(rec.name, None)
+            if dropped is not None:
+                await dropped.device.close()
+            self.catalog.delete_lun(rec.name)
+            raise
+        log.info("lun %s created: %s, block size %d, %s%s at %s", rec.name, format_size(rec.size_bytes),
+                 rec.block_size, "thin" if rec.thin else "thick", ", read-only" if rec.read_only else "",
+                 self.catalog.lun_path(rec))
+        return rec
+
+    async def delete_lun(self, name: str) -> LunRecord:
+        """Forget a LUN (refused while mapped). A backing file inside the data dir goes with it; a file or device
+        elsewhere was the user's before and stays."""
+        rec = self.catalog.delete_lun(name)
+        live = self.luns.pop(rec.name, None)
+        if live is not None:
+            await live.device.close()
+        path = self.catalog.lun_path(rec)
+        if not os.path.isabs(rec.path) and os.path.isfile(path):
+            os.unlink(path)
+        pr = os.path.join(self.data_dir, "pr", f"{rec.name}.json")
+        if os.path.exists(pr):
+            os.unlink(pr)
+        log.info("lun %s deleted%s", rec.name, "" if os.path.isabs(rec.path) else f" with {path}")
+        return rec
+
+    async def resize_lun(self, name: str, size_bytes: int) -> LunRecord:
+        """Grow a LUN live and tell its sessions (CAPACITY DATA HAS CHANGED). Shrinking is refused.
+
+        The one operation that touches the file before the catalog: growing can fail (EFBIG, ENOSPC on a thick
+        LUN) and the catalog cannot shrink back, so the file grows first and the catalog commits after. A crash in
+        between leaves a larger file, which :meth:`load` adopts. Initiators only learn of the new size after the
+        commit."""
+        rec = self.catalog.get_lun(name)
+        if size_bytes == rec.size_bytes:
+            return rec
+        if size_bytes < rec.size_bytes:
+            return self.catalog.resize_lun(name, size_bytes)  # raises Invalid with the catalog's wording
+        if size_bytes % rec.block_size:
+            raise ValueError(f"lun {name!r}: {size_bytes} bytes is not a multiple of the {rec.block_size}-byte "
+                             "block size")
+        live = self.luns[rec.name]
+        await live.device.resize(size_bytes // rec.block_size)
+        try:
+            rec = self.catalog.resize_lun(name, size_bytes)
+        except BaseException:
+            await live.device.resize(rec.num_blocks)
+            raise
+        live.lu.notify_capacity_changed()
+        log.info("lun %s grown to %s", rec.name, format_size(rec.size_bytes))
+        return rec
+
+    async def map_lun(self, iqn: str, name: str, lun: int | None = None) -> LunMapping:
+        m = self.catalog.map_lun(iqn, name, lun)
+        self.build_target(iqn)
+        log.info("lun %s mapped on %s as LUN %d", m.name, iqn, m.lun)
+        return m
+
+    async def unmap_lun(self, iqn: str, name: str) -> LunMapping:
+        mapping = next((m for m in self.catalog.list_mappings(iqn) if m.name == name), None)
+        if mapping is None:
+            self.catalog.get_lun(name)  # NotFound for an unknown LUN, before the more specific message below
+            raise NotFound(f"lun {name!r} is not mapped on {iqn}")
+        m = self.catalog.unmap_lun(iqn, mapping.lun)
+        self.build_target(iqn)
+        log.info("lun %s unmapped from %s (was LUN %d)", m.name, iqn, m.lun)
+        return m
+
+    async def add_acl(self, iqn: str, initiator: str) -> str:
+        stored: str = self.catalog.add_acl(iqn, initiator)
+        self.build_target(iqn)
+        # The first entry turns an open target into a closed one: sessions of initiators not listed must go.
+        t = self.catalog.get_target(iqn)
+        self._logout(lambda r: r.target is not None and r.target.name == t.iqn
+                     and r.initiator_name.lower() not in t.acl)
+        log.info("acl %s: allowed %s", t.iqn, stored)
+        return stored
+
+    async def remove_acl(self, iqn: str, initiator: str) -> None:
+        self.catalog.remove_acl(iqn, initiator)
+        self.build_target(iqn)
+        t = self.catalog.get_target(iqn)
+        if t.acl:  # an emptied ACL opens the target; nobody needs to go
+            self._logout(lambda r: r.target is not None and r.target.name == t.iqn
+                         and r.initiator_name.lower() not in t.acl)
+        log.info("acl %s: removed %s", t.iqn, initiator.lower())
+
+    async def set_chap(self, iqn: str, chap: ChapConfig) -> None:
+        self.catalog.set_chap(iqn, chap)
+        self.build_target(iqn)
+        log.info("chap %s: set for user %s%s (applies to new logins)", iqn, chap.user, ", mutual" if chap.mutual else "")
+
+    async def clear_chap(self, iqn: str) -> None:
+        self.catalog.clear_chap(iqn)
+        self.build_target(iqn)
+        log.info("chap %s: cleared", iqn)
+
+    async def apply(self, config: Config, *, dry_run: bool = False) -> Plan:
+        """Make the catalog equal to ``config`` (one transaction), then the live array equal to the catalog."""
+        before = {rec.name: rec for rec in self.catalog.list_luns()}
+        plan = self.catalog.apply(config, dry_run=dry_run)
+        if not dry_run and plan:
+            for step in plan.steps:
+                log.info("apply: %s", step)
+            await self.reconcile(before)
+        return plan
+
+    async def reconcile(self, before: dict[str, LunRecord] | None = None) -> None:
+        """Bring the live objects in line with the catalog after a bulk change: open new LUNs, grow, reopen those
+        whose flags changed, rebuild every target, then close what the catalog no longer has. A removed LUN's file
+        inside the data dir is removed as ``lun delete`` would, unless a remaining LUN took over its path (a
+        rename)."""
+        records = {rec.name: rec for rec in self.catalog.list_luns()}
+        for name, rec in records.items():
+            live = self.luns.get(name)
+            if live is None:
+                await self.open_lun(name)
+                continue
+            dev = live.device
+            if dev.read_only != rec.read_only or dev.thin != rec.thin:
+                path = self.catalog.lun_path(rec)
+                live.device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
+                live.lu.device = live.device
+                await dev.close()
+            if live.device.num_blocks < rec.num_blocks:
+                await live.device.resize(rec.num_blocks)
+                live.lu.notify_capacity_changed()
+        wanted = {t.iqn for t in self.catalog.list_targets()}
+        for iqn in wanted:
+            self.build_target(iqn)
+        gone = {entry.name for entry in self.directory.targets.values()} - wanted
+        for iqn in gone:
+            self.directory.remove(iqn)
+        if gone:
+            self._logout(lambda r: r.target is not None and r.target.name in gone)
+        in_use = {self.catalog.lun_path(rec) for rec in records.values()}
+        for name in [n for n in self.luns if n not in records]:
+            live = self.luns.pop(name)
+            await live.device.close()
+            old = (before or {}).get(name)
+            if old is not None and not os.path.isabs(old.path):
+                path = self.catalog.lun_path(old)
+                if path not in in_use and os.path.isfile(path):
+                    os.unlink(path)
+            log.info("lun %s removed", name)
 
     async def close(self) -> None:
         for live in self.luns.values():
@@ -150,12 +368,55 @@ class ServeOptions:
     config: str | None = None
     demo: bool = False
     demo_size: int = 1 << 30
+    api: str = DEFAULT_API  # HOST:PORT, [V6]:PORT, unix:PATH, or "off"
+    metrics: str = DEFAULT_METRICS  # HOST:PORT or "off"
+    api_tls_cert: str | None = None
+    api_tls_key: str | None = None
+
+
+async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[object], str, str | None]:
+    """Start the API and the metrics endpoint on this loop. A port that cannot be bound is logged and skipped: the
+    LUNs are served regardless, because initiators matter more than the management plane."""
+    from lunsync.provider.api import ApiContext, HttpServer, asgi_app, ensure_token
+    from lunsync.provider.metrics import ApiCounters, LunInfo, build_registry, metrics_app
+
+    if (opts.api_tls_cert is None) != (opts.api_tls_key is None):
+        raise ValueError("--api-tls-cert and --api-tls-key go together")
+    counters = ApiCounters()
+    ctx = ApiContext(array, server, ensure_token(array.data_dir), counters)
+    running: list[object] = []
+    status_api, status_metrics = "off", None
+    if opts.api != "off":
+        try:
+            api = await HttpServer.start("API", asgi_app(ctx), opts.api, 8080, certfile=opts.api_tls_cert,
+                                         keyfile=opts.api_tls_key)
+            running.append(api)
+            ctx.api_address = status_api = api.address
+        except OSError as e:
+            log.error("API: cannot listen on %s: %s; continuing without the API", opts.api, e)
+            status_api = f"unavailable ({e.strerror or e})"
+    if opts.metrics != "off":
+
+        def luns() -> list[LunInfo]:
+            return [LunInfo(n, live.device.num_blocks * live.device.block_size) for n, live in array.luns.items()]
+
+        try:
+            if opts.metrics.startswith("unix:"):
+                raise ValueError("--metrics takes HOST:PORT (Prometheus scrapes over TCP)")
+            m = await HttpServer.start("metrics", metrics_app(build_registry(server, counters, luns)), opts.metrics,
+                                       9100)
+            running.append(m)
+            ctx.metrics_address = status_metrics = m.address + "/metrics"
+        except OSError as e:
+            log.error("metrics: cannot listen on %s: %s; continuing without metrics", opts.metrics, e)
+    return running, status_api, status_metrics
 
 
 async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     data_dir = os.path.abspath(opts.data_dir)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    catalog = Catalog.open(data_dir)
+    # exclusive: a second daemon on the same data dir would write the same LUN files behind this one's back.
+    catalog = Catalog.open(data_dir, exclusive=True)
     settings = PortalSettings()
     listen = list(opts.listen)
     if opts.config:
@@ -165,13 +426,14 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         plan = catalog.apply(cfg)
         for step in plan.steps:
             log.info("config: %s", step)
-        p = cfg.portal
-        settings.nop_interval_s = p.nop_interval_s
-        settings.nop_timeout_s = p.nop_timeout_s
-        settings.login_timeout_s = p.login_timeout_s
-        settings.max_sessions = p.max_sessions
-        if not listen:
-            listen = list(p.listen)
+    # The portal section lives in the catalog (apply and --config write it), so it survives restarts.
+    p = catalog.get_portal()
+    settings.nop_interval_s = p.nop_interval_s
+    settings.nop_timeout_s = p.nop_timeout_s
+    settings.login_timeout_s = p.login_timeout_s
+    settings.max_sessions = p.max_sessions
+    if not listen:
+        listen = list(p.listen)
     if opts.demo:
         ensure_demo(catalog, opts.demo_size)
     if not listen:
@@ -179,6 +441,9 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     array = Array(data_dir, catalog)
     await array.load()
     server = Server(array.directory, settings)
+    array.server = server
+    # The management plane first: once the iSCSI port accepts, the API answers too (tests and scripts rely on it).
+    http, api_at, metrics_at = await _start_http(array, server, opts)
     bound: list[tuple[str, int]] = []
     for spec in listen:
         host, port = parse_hostport(spec)
@@ -193,14 +458,20 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     else:
         print(f"lunsync: serving {len(array.directory.targets)} target(s) on "
               + ", ".join(f"{h}:{p}" for h, p in bound), flush=True)
+    print(f"  API       : {api_at} (token in {os.path.join(data_dir, 'api-token')})", flush=True)
+    print(f"  metrics   : {metrics_at or 'off'}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
+    systemd.ready(f"serving {len(array.luns)} LUN(s) on {len(bound)} portal(s); API {api_at}")
     await stop.wait()
+    systemd.stopping()
     log.info("shutting down: draining in-flight commands")
+    for h in http:
+        await h.stop()  # type: ignore[attr-defined]
     await server.stop()
     await array.close()
     catalog.close()

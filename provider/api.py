@@ -1,0 +1,670 @@
+"""The management API: HTTP and JSON under ``/v1``, described at ``/openapi.json``, served inside the daemon's loop.
+
+This module owns the REST surface (targets, portals, LUNs, mappings, ACLs, CHAP, sessions, status, apply/export),
+its request and response models, the bearer-token check and the token file, the translation of every catalog,
+configuration and storage error into a 4xx ``{"error": "..."}`` that names the problem, and the small runner that
+serves an ASGI app with uvicorn on the daemon's own event loop (also used for the metrics port). Handlers are
+``async def`` on purpose: they run on the loop thread, so they never race the data path over the live
+:class:`~lunsync.provider.daemon.Array`. Each change goes through an ``Array`` method, which commits the catalog
+transaction first and then applies it live. CHAP secrets go in and never come out, and are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from lunsync.provider.config import MAX_LUN_NUMBER, ChapConfig, ConfigError, format_size, parse_config, parse_size
+from lunsync.provider.metrics import ApiCounters
+from lunsync.snapshots import catalog as cat
+from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+if TYPE_CHECKING:
+    from lunsync.provider.daemon import Array
+    from lunsync.target.portal import IscsiProtocol, Server
+
+log = logging.getLogger("lunsync.api")
+
+VERSION = "0.1.0"
+TOKEN_FILENAME = "api-token"
+DEFAULT_API = "127.0.0.1:8080"
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SIZE_BYTES = (1 << 63) - 1
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# --- the token -------------------------------------------------------------------------------------------------------
+
+
+def ensure_token(data_dir: str) -> str:
+    """The API token in ``<data_dir>/api-token``, generated (256 random bits, mode 0600) on first start."""
+    path = os.path.join(data_dir, TOKEN_FILENAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        st = os.stat(path)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            # A token others can read is a token others can use; tighten rather than refuse to start.
+            log.warning("%s was readable by others; setting mode 0600", path)
+            os.chmod(path, 0o600)
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+        if len(token) < 16:
+            raise ValueError(f"{path} holds no usable token (delete it to generate a new one)")
+        return token
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log.info("generated a new API token in %s", path)
+    return token
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+
+LunName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")]
+IscsiName = Annotated[str, Field(min_length=5, max_length=223, description="iqn., eui. or naa. name (RFC 3720)")]
+Size = Annotated[
+    Annotated[StrictInt, Field(ge=1, le=MAX_SIZE_BYTES)] | Annotated[StrictStr, Field(min_length=1, max_length=32)],
+    Field(description="bytes, or a string with a binary unit: '256MiB', '10GiB', '1TiB', '512M'"),
+]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+class TargetIn(_In):
+    iqn: IscsiName
+    alias: str = Field("", max_length=255)
+
+
+class MappingOut(BaseModel):
+    lun: int
+    name: str
+
+
+class ChapOut(BaseModel):
+    """CHAP settings of a target. Secrets are write-only: they are never returned."""
+
+    enabled: bool
+    user: str | None = None
+    mutual: bool = False
+    mutual_user: str | None = None
+
+
+class TargetOut(BaseModel):
+    iqn: str
+    alias: str
+    acl: list[str]
+    luns: list[MappingOut]
+    chap: ChapOut
+    sessions: int
+
+
+class LunIn(_In):
+    name: LunName
+    size: Size
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="backing file or block device; relative paths are inside the data dir")
+    block_size: Literal[512, 4096] = 512
+    thin: bool = True
+    read_only: bool = False
+
+
+class LunMappingOut(BaseModel):
+    target: str
+    lun: int
+
+
+class LunOut(BaseModel):
+    name: str
+    path: str
+    size_bytes: int
+    size: str
+    block_size: int
+    thin: bool
+    read_only: bool
+    naa: str
+    serial: str
+    mappings: list[LunMappingOut]
+
+
+class ResizeIn(_In):
+    size: Size
+
+
+class MapIn(_In):
+    name: LunName
+    lun: int | None = Field(None, ge=0, le=MAX_LUN_NUMBER, description="LUN number; the lowest free one if absent")
+
+
+class AclIn(_In):
+    initiator: IscsiName
+
+
+class ChapIn(_In):
+    user: str = Field(min_length=1, max_length=255)
+    secret: str = Field(min_length=1, max_length=255)
+    mutual_user: str | None = Field(None, min_length=1, max_length=255)
+    mutual_secret: str | None = Field(None, min_length=1, max_length=255)
+
+
+class PortalOut(BaseModel):
+    address: str
+    host: str
+    port: int
+    tpgt: int
+
+
+class SessionLunOut(BaseModel):
+    lun: int
+    name: str | None
+    reads: int
+    writes: int
+    read_bytes: int
+    write_bytes: int
+
+
+class SessionOut(BaseModel):
+    tsih: int
+    isid: str
+    initiator: str
+    initiator_alias: str
+    address: str
+    target: str | None
+    discovery: bool
+    auth: str
+    luns: list[SessionLunOut]
+
+
+class StatusOut(BaseModel):
+    version: str
+    uptime_s: float
+    data_dir: str
+    targets: int
+    luns: int
+    sessions: int
+    connections: int
+    portals: list[str]
+    api: str
+    metrics: str | None
+
+
+class ApplyIn(_In):
+    config: str = Field(max_length=MAX_CONFIG_BYTES, description="the TOML configuration, as `lunsync export` writes")
+    dry_run: bool = False
+    source: str = Field("<api>", max_length=4096, description="file name shown in error messages")
+
+
+class ApplyOut(BaseModel):
+    dry_run: bool
+    changed: bool
+    plan: list[str]
+
+
+class ExportOut(BaseModel):
+    config: str
+
+
+# --- context ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ApiContext:
+    """What the handlers act on."""
+
+    array: Array
+    server: Server
+    token: str
+    counters: ApiCounters = field(default_factory=ApiCounters)
+    started: float = field(default_factory=time.monotonic)
+    api_address: str = ""
+    metrics_address: str | None = None
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+def _status_of(exc: BaseException) -> int:
+    """The one place an exception becomes an HTTP status. Requests that cannot be carried out get a 4xx: a 5xx is
+    reserved for lunsync's own bugs."""
+    if isinstance(exc, cat.NotFound):
+        return 404
+    if isinstance(exc, (cat.AlreadyExists, cat.InUse, cat.CatalogLocked)):
+        return 409
+    if isinstance(exc, (ReadOnly, OutOfSpace, NotReady)):
+        return 409
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EBUSY, errno.EEXIST):
+        return 409
+    return 400
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class ApiError(Exception):
+    """A request the API refuses on its own account (the catalog and storage raise their own families)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- auth ------------------------------------------------------------------------------------------------------------
+
+
+class TokenAuth:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <token>``. It sits in front of routing
+    and body parsing, so an unauthenticated request learns nothing (not even whether its body would parse)."""
+
+    def __init__(self, app: AsgiApp, ctx: ApiContext) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.expected = f"Bearer {ctx.token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.ctx.counters.requests += 1
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        if not secrets.compare_digest(given, self.expected):
+            self.ctx.counters.unauthorized += 1
+            client = scope.get("client")
+            who = f"{client[0]}:{client[1]}" if client else "unix socket"
+            # Never log the presented value: a mistyped token is often a real one for another system.
+            log.warning("API: refused %s %s from %s: %s", scope.get("method"), scope.get("path"), who,
+                        "no bearer token" if not given else "wrong token")
+            response = _error(401, "missing or wrong bearer token (see <data-dir>/api-token)",
+                              {"WWW-Authenticate": 'Bearer realm="lunsync"'})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# --- views -----------------------------------------------------------------------------------------------------------
+
+
+def _lun_out(array: Array, rec: cat.LunRecord) -> LunOut:
+    maps = array.catalog.lun_mappings(rec.name)
+    return LunOut(name=rec.name, path=rec.path, size_bytes=rec.size_bytes, size=format_size(rec.size_bytes),
+                  block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only, naa=rec.naa, serial=rec.serial,
+                  mappings=[LunMappingOut(target=iqn, lun=n) for iqn, n in maps])
+
+
+def _target_out(ctx: ApiContext, t: Any) -> TargetOut:
+    chap = t.chap
+    return TargetOut(
+        iqn=t.iqn, alias=t.alias, acl=list(t.acl), luns=[MappingOut(lun=m.lun, name=m.name) for m in t.luns],
+        chap=ChapOut(enabled=chap is not None, user=chap.user if chap else None, mutual=bool(chap and chap.mutual),
+                     mutual_user=chap.mutual_user if chap else None),
+        sessions=len(ctx.server.sessions_of(t.iqn)),
+    )
+
+
+def _session_out(tsih: int, proto: IscsiProtocol) -> SessionOut | None:
+    r = proto.conn.result if proto.conn is not None else None
+    if r is None:
+        return None
+    target = r.target
+    luns = []
+    for n, io in sorted(proto.lun_io.items()):
+        lu = target.scsi.luns.get(n) if target is not None else None
+        luns.append(SessionLunOut(lun=n, name=lu.name if lu is not None else None, **io.as_dict()))
+    return SessionOut(tsih=tsih, isid=f"{r.isid:012x}", initiator=r.initiator_name,
+                      initiator_alias=r.initiator_alias, address=proto.peer,
+                      target=target.name if target is not None else None, discovery=r.discovery, auth=r.auth,
+                      luns=luns)
+
+
+def _size(value: int | str) -> int:
+    n: int = parse_size(value)
+    if n <= 0:
+        raise ApiError(400, "size must be greater than zero")
+    if n > MAX_SIZE_BYTES:
+        raise ApiError(400, f"size {value!r} is larger than the 64-bit maximum")
+    return n
+
+
+# --- the app ---------------------------------------------------------------------------------------------------------
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the request is invalid; `error` says why"},
+    401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorOut, "description": "no such object"},
+    409: {"model": ErrorOut, "description": "conflicts with the current state (exists, in use, read-only, full)"},
+    422: {"model": ErrorOut, "description": "the body or a parameter does not match the schema"},
+}
+
+TargetPath = Annotated[str, Path(min_length=1, max_length=223, description="target IQN")]
+LunPath = Annotated[str, Path(min_length=1, max_length=64, description="LUN name")]
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The FastAPI application for one daemon, wrapped in the token check by :func:`asgi_app`."""
+    app = FastAPI(title="lunsync", version=VERSION, docs_url=None, redoc_url=None,
+                  description="Management API of the lunsync iSCSI target. Every route needs "
+                              "`Authorization: Bearer <token>`; the token is in `<data-dir>/api-token`.")
+    # Declares the scheme in the OpenAPI document; the check itself is TokenAuth, ahead of routing.
+    bearer = HTTPBearer(auto_error=False, description="the token in <data-dir>/api-token")
+    v1 = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(bearer)])
+    array = ctx.array
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return _error(422, _describe_validation(exc))
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return _error(exc.status, str(exc))
+
+    for family in (cat.CatalogError, ConfigError, StorageError, ValueError, TypeError, OSError):
+        @app.exception_handler(family)
+        async def refused(request: Request, exc: Exception) -> Response:
+            status = _status_of(exc)
+            log.info("API: %s %s -> %d: %s", request.method, request.url.path, status, exc)
+            return _error(status, str(exc) or type(exc).__name__)
+
+    # -- status and portals --
+
+    @v1.get("/status", response_model=StatusOut, summary="daemon status")
+    async def status() -> StatusOut:
+        return StatusOut(
+            version=VERSION, uptime_s=round(time.monotonic() - ctx.started, 3), data_dir=array.data_dir,
+            targets=len(array.catalog.list_targets()), luns=len(array.luns), sessions=len(ctx.server.sessions),
+            connections=ctx.server.counters.connections, portals=[p.text() for p in array.directory.portals],
+            api=ctx.api_address, metrics=ctx.metrics_address,
+        )
+
+    @v1.get("/portals", response_model=list[PortalOut], summary="the iSCSI portals the daemon listens on")
+    async def portals() -> list[PortalOut]:
+        return [PortalOut(address=p.text().rsplit(",", 1)[0], host=p.host, port=p.port, tpgt=p.tpgt)
+                for p in array.directory.portals]
+
+    # -- targets --
+
+    @v1.get("/targets", response_model=list[TargetOut], summary="list targets")
+    async def list_targets() -> list[TargetOut]:
+        return [_target_out(ctx, t) for t in array.catalog.list_targets()]
+
+    @v1.post("/targets", response_model=TargetOut, status_code=201, summary="create a target")
+    async def create_target(body: TargetIn) -> TargetOut:
+        t = await array.create_target(body.iqn, body.alias)
+        return _target_out(ctx, t)
+
+    @v1.get("/targets/{iqn}", response_model=TargetOut, summary="show a target")
+    async def get_target(iqn: TargetPath) -> TargetOut:
+        return _target_out(ctx, array.catalog.get_target(iqn))
+
+    @v1.delete("/targets/{iqn}", status_code=204, response_class=Response, summary="delete a target",
+               description="Refused (409) while the target maps LUNs, unless `force`, which unmaps them first. "
+                           "Sessions of the target are logged out.")
+    async def delete_target(iqn: TargetPath, force: bool = Query(False)) -> Response:
+        await array.delete_target(iqn, force=force)
+        return Response(status_code=204)
+
+    # -- mappings --
+
+    @v1.get("/targets/{iqn}/luns", response_model=list[MappingOut], summary="LUNs a target shows")
+    async def list_mappings(iqn: TargetPath) -> list[MappingOut]:
+        return [MappingOut(lun=m.lun, name=m.name) for m in array.catalog.list_mappings(iqn)]
+
+    @v1.post("/targets/{iqn}/luns", response_model=MappingOut, status_code=201, summary="map a LUN into a target")
+    async def map_lun(iqn: TargetPath, body: MapIn) -> MappingOut:
+        m = await array.map_lun(iqn, body.name, body.lun)
+        return MappingOut(lun=m.lun, name=m.name)
+
+    @v1.delete("/targets/{iqn}/luns/{name}", status_code=204, response_class=Response,
+               summary="unmap a LUN (by name) from a target")
+    async def unmap_lun(iqn: TargetPath, name: LunPath) -> Response:
+        await array.unmap_lun(iqn, name)
+        return Response(status_code=204)
+
+    # -- ACLs --
+
+    @v1.get("/targets/{iqn}/acls", response_model=list[str], summary="initiators allowed on a target (empty: any)")
+    async def list_acls(iqn: TargetPath) -> list[str]:
+        return list(array.catalog.list_acls(iqn))
+
+    @v1.post("/targets/{iqn}/acls", response_model=list[str], status_code=201, summary="allow an initiator")
+    async def add_acl(iqn: TargetPath, body: AclIn) -> list[str]:
+        await array.add_acl(iqn, body.initiator)
+        return list(array.catalog.list_acls(iqn))
+
+    @v1.delete("/targets/{iqn}/acls/{initiator}", status_code=204, response_class=Response,
+               summary="disallow an initiator; its sessions on the target are logged out")
+    async def remove_acl(iqn: TargetPath, initiator: Annotated[str, Path(min_length=1, max_length=223)]) -> Response:
+        await array.remove_acl(iqn, initiator)
+        return Response(status_code=204)
+
+    # -- CHAP --
+
+    @v1.get("/targets/{iqn}/chap", response_model=ChapOut, summary="CHAP settings (never the secrets)")
+    async def get_chap(iqn: TargetPath) -> ChapOut:
+        return _target_out(ctx, array.catalog.get_target(iqn)).chap
+
+    @v1.put("/targets/{iqn}/chap", response_model=ChapOut, summary="require CHAP (mutual when mutual_* are given)")
+    async def set_chap(iqn: TargetPath, body: ChapIn) -> ChapOut:
+        try:
+            chap = ChapConfig(body.user, body.secret, body.mutual_user, body.mutual_secret)
+        except ConfigError as e:
+            # ConfigError's message names the key, never the value.
+            raise ApiError(400, f"chap: {e}") from None
+        await array.set_chap(iqn, chap)
+        return _target_out(ctx, array.catalog.get_target(iqn)).chap
+
+    @v1.delete("/targets/{iqn}/chap", status_code=204, response_class=Response, summary="stop requiring CHAP")
+    async def clear_chap(iqn: TargetPath) -> Response:
+        await array.clear_chap(iqn)
+        return Response(status_code=204)
+
+    # -- LUNs --
+
+    @v1.get("/luns", response_model=list[LunOut], summary="list LUNs")
+    async def list_luns() -> list[LunOut]:
+        return [_lun_out(array, rec) for rec in array.catalog.list_luns()]
+
+    @v1.post("/luns", response_model=LunOut, status_code=201, summary="create a LUN and its backing file")
+    async def create_lun(body: LunIn) -> LunOut:
+        rec = await array.create_lun(body.name, _size(body.size), path=body.path, block_size=body.block_size,
+                                     thin=body.thin, read_only=body.read_only)
+        return _lun_out(array, rec)
+
+    @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN")
+    async def get_lun(name: LunPath) -> LunOut:
+        return _lun_out(array, array.catalog.get_lun(name))
+
+    @v1.delete("/luns/{name}", status_code=204, response_class=Response,
+               summary="delete a LUN (refused while mapped); a backing file inside the data dir is removed")
+    async def delete_lun(name: LunPath) -> Response:
+        await array.delete_lun(name)
+        ctx.server.stats.forget(name)
+        return Response(status_code=204)
+
+    @v1.post("/luns/{name}/resize", response_model=LunOut, summary="grow a LUN live (shrinking is refused)",
+             description="Sessions see CAPACITY DATA HAS CHANGED on their next command.")
+    async def resize_lun(name: LunPath, body: ResizeIn) -> LunOut:
+        rec = await array.resize_lun(name, _size(body.size))
+        return _lun_out(array, rec)
+
+    # -- sessions --
+
+    @v1.get("/sessions", response_model=list[SessionOut], summary="logged-in sessions with per-LUN counters")
+    async def list_sessions() -> list[SessionOut]:
+        out = (_session_out(tsih, p) for tsih, p in sorted(ctx.server.sessions.items()))
+        return [s for s in out if s is not None]
+
+    @v1.delete("/sessions/{tsih}", status_code=204, response_class=Response,
+               summary="force a session out: abort its tasks and close its connections")
+    async def logout_session(tsih: Annotated[int, Path(ge=1, le=0xFFFF)]) -> Response:
+        if not ctx.server.force_logout(tsih):
+            raise ApiError(404, f"no session with TSIH {tsih}")
+        log.info("API: forced logout of session tsih=%d", tsih)
+        return Response(status_code=204)
+
+    # -- declarative --
+
+    @v1.post("/apply", response_model=ApplyOut, summary="make the array match a TOML configuration",
+             description="Declarative: what the configuration does not name is removed. Idempotent; `dry_run` only "
+                         "plans. Portal changes are recorded and take effect at the next start.")
+    async def apply(body: ApplyIn) -> ApplyOut:
+        cfg = parse_config(body.config, source=body.source)
+        plan = await array.apply(cfg, dry_run=body.dry_run)
+        return ApplyOut(dry_run=body.dry_run, changed=bool(plan), plan=plan.lines())
+
+    @v1.get("/export", response_model=ExportOut, summary="the whole array as TOML (CHAP secrets included)",
+            description="What `apply` reads: applied to an empty data dir it rebuilds this array, LUN identities "
+                        "included. It carries the CHAP secrets, so treat it like the token.")
+    async def export() -> ExportOut:
+        from lunsync.provider.config import dump_config
+
+        return ExportOut(config=dump_config(array.catalog.export()))
+
+    app.include_router(v1)
+    return app
+
+
+def asgi_app(ctx: ApiContext) -> AsgiApp:
+    """The API as served: the FastAPI app behind the token check."""
+    return TokenAuth(create_app(ctx), ctx)
+
+
+# --- serving inside the daemon's loop --------------------------------------------------------------------------------
+
+
+class _LoopServer(uvicorn.Server):
+    """uvicorn without its signal handling: the daemon owns SIGTERM/SIGINT and stops us itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn releases
+        return None
+
+
+def parse_api_address(spec: str, default_port: int) -> tuple[str, str, int]:
+    """``unix:PATH`` -> ("unix", PATH, 0); ``HOST:PORT`` / ``[V6]:PORT`` / ``HOST`` -> ("tcp", HOST, PORT)."""
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise ValueError(f"bad address {spec!r}: unix: needs a path")
+        return "unix", os.path.abspath(path), 0
+    from lunsync.provider.daemon import parse_hostport
+
+    host, port = parse_hostport(spec, default_port)
+    return "tcp", host, port
+
+
+def _bind(kind: str, host: str, port: int) -> socket.socket:
+    if kind == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(host).st_mode):
+                os.unlink(host)  # a stale socket from a crashed daemon
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: only the daemon's user may even try a token
+        try:
+            sock.bind(host)
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        return sock
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
+@dataclass
+class HttpServer:
+    """One ASGI app served by uvicorn on the running loop, on a socket bound by us (so a bind error is an OSError
+    the daemon reports, not uvicorn's ``sys.exit``)."""
+
+    name: str
+    server: _LoopServer
+    task: asyncio.Task[None]
+    address: str
+    sock: socket.socket
+    unix_path: str | None = None
+
+    @classmethod
+    async def start(cls, name: str, app: AsgiApp, spec: str, default_port: int, *, certfile: str | None = None,
+                    keyfile: str | None = None) -> HttpServer:
+        # uvicorn's "Started server process" lines say nothing the daemon's own log does not.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        kind, host, port = parse_api_address(spec, default_port)
+        sock = _bind(kind, host, port)
+        if kind == "unix":
+            address = f"unix:{host}"
+        else:
+            bound = sock.getsockname()
+            shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            address = f"{'https' if certfile else 'http'}://{shown}:{bound[1]}"
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,
+                                proxy_headers=False, ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                timeout_graceful_shutdown=2, interface="asgi3")
+        server = _LoopServer(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name=f"http-{name}")
+        while not server.started:
+            if task.done():
+                sock.close()
+                exc = task.exception()
+                raise OSError(f"{name} server on {address} failed to start: {exc!r}")
+            await asyncio.sleep(0.01)
+        log.info("%s listening on %s", name, address)
+        return cls(name, server, task, address, sock, host if kind == "unix" else None)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        done, _ = await asyncio.wait({self.task}, timeout=5)
+        if not done:
+            self.task.cancel()
+        elif not self.task.cancelled() and self.task.exception() is not None:
+            log.warning("%s server ended with %r", self.name, self.task.exception())
+        self.sock.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)

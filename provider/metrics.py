@@ -1,0 +1,144 @@
+"""Prometheus metrics: every ``lunsync_*`` series is declared here, once, and read at scrape time.
+
+This module owns the metric names, their help text and their labels, the custom collector that turns the data path's
+plain-integer counters (:class:`lunsync.target.portal.Counters`, :class:`lunsync.target.stats.CommandStats`) and the
+API's own counters into Prometheus families when ``/metrics`` is scraped, and the small ASGI app served on the
+metrics port. Nothing on the hot path calls prometheus-client: one call per PDU halved throughput here. Labels stay
+bounded: LUN name, operation, and a reason from a fixed enum; never an LBA, a task tag or an initiator port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from lunsync.target.portal import Server
+from lunsync.target.stats import OP_NAMES, CommandStats
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_asgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Login failures that dashboards chart even before the first one happens, so `rate()` has a series to work on.
+_KNOWN_LOGIN_FAILURES = ("authentication_failure", "authorization_failure", "not_found")
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as the exposition format writes it (``+Inf``, ``0.001``)."""
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+@dataclass(slots=True)
+class ApiCounters:
+    """The management API's own counts, bumped by :mod:`lunsync.provider.api`."""
+
+    unauthorized: int = 0
+    requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LunInfo:
+    """What the collector needs to know about one live LUN."""
+
+    name: str
+    size_bytes: int
+
+
+class LunsyncCollector(Collector):
+    """Reads the daemon's plain integers at scrape time and yields Prometheus families."""
+
+    def __init__(self, server: Server, api: ApiCounters, luns: Callable[[], Iterable[LunInfo]]) -> None:
+        self.server = server
+        self.api = api
+        self.luns = luns
+
+    def describe(self) -> Iterable[Metric]:
+        # Declaring nothing up front keeps registration from calling collect() before the array exists.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats: CommandStats = self.server.stats
+        counters = self.server.counters
+        live = list(self.luns())
+
+        reads = CounterMetricFamily("lunsync_read_commands", "SCSI read commands completed, per LUN.", labels=["lun"])
+        writes = CounterMetricFamily("lunsync_write_commands", "SCSI write commands completed, per LUN.",
+                                     labels=["lun"])
+        read_bytes = CounterMetricFamily("lunsync_read_bytes", "Bytes read by initiators (GOOD status), per LUN.",
+                                         labels=["lun"])
+        write_bytes = CounterMetricFamily("lunsync_write_bytes", "Bytes written by initiators (GOOD status), per LUN.",
+                                          labels=["lun"])
+        latency = HistogramMetricFamily("lunsync_command_latency_seconds",
+                                        "SCSI command service time inside the target, per LUN and operation.",
+                                        labels=["lun", "op"])
+        capacity = GaugeMetricFamily("lunsync_lun_capacity_bytes", "Capacity of each LUN.", labels=["lun"])
+        for lun in live:
+            s = stats.lun(lun.name)
+            reads.add_metric([lun.name], s.io.reads)
+            writes.add_metric([lun.name], s.io.writes)
+            read_bytes.add_metric([lun.name], s.io.read_bytes)
+            write_bytes.add_metric([lun.name], s.io.write_bytes)
+            capacity.add_metric([lun.name], lun.size_bytes)
+            for op, op_name in enumerate(OP_NAMES):
+                buckets, _count, total_s = s.histogram(op)
+                latency.add_metric([lun.name, op_name], [(_le(b), n) for b, n in buckets], total_s)
+        yield from (reads, writes, read_bytes, write_bytes, latency, capacity)
+
+        sessions = GaugeMetricFamily("lunsync_sessions", "iSCSI sessions in full feature phase (normal and discovery).")
+        sessions.add_metric([], len(self.server.sessions))
+        yield sessions
+        connections = GaugeMetricFamily("lunsync_connections", "Open TCP connections on the iSCSI portals.")
+        connections.add_metric([], counters.connections)
+        yield connections
+        yield CounterMetricFamily("lunsync_logins", "Logins that reached full feature phase.", value=counters.logins)
+        yield CounterMetricFamily("lunsync_logouts", "Logout requests honoured.", value=counters.logouts)
+
+        failures = CounterMetricFamily("lunsync_login_failures", "Failed logins, by login status.", labels=["reason"])
+        seen = dict.fromkeys(_KNOWN_LOGIN_FAILURES, 0)
+        seen.update(counters.login_failures)
+        for reason, n in sorted(seen.items()):
+            failures.add_metric([reason], n)
+        yield failures
+        rejects = CounterMetricFamily("lunsync_rejected_pdus", "PDUs answered with Reject, by reason.",
+                                      labels=["reason"])
+        for reason, n in sorted(counters.rejects.items()):
+            rejects.add_metric([reason], n)
+        yield rejects
+        # CHAP is the only authentication method, so every AUTHENTICATION FAILURE login status is a CHAP failure.
+        yield CounterMetricFamily("lunsync_chap_failures", "Logins refused because CHAP authentication failed.",
+                                  value=counters.login_failures.get("authentication_failure", 0))
+        yield CounterMetricFamily("lunsync_api_unauthorized",
+                                  "Management API requests refused for a missing or wrong bearer token.",
+                                  value=self.api.unauthorized)
+        yield CounterMetricFamily("lunsync_api_requests", "Management API requests answered.",
+                                  value=self.api.requests)
+
+
+def build_registry(server: Server, api: ApiCounters, luns: Callable[[], Iterable[LunInfo]]) -> CollectorRegistry:
+    """A private registry (not prometheus-client's global one) holding the lunsync and process collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LunsyncCollector(server, api, luns))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def metrics_app(registry: CollectorRegistry) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The ASGI app of the metrics port: ``/metrics`` (and ``/``) is the exposition, anything else a 404."""
+    exposition = make_asgi_app(registry)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") not in ("/metrics", "/"):
+            body = b"not found: the metrics are at /metrics\n"
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await exposition(scope, receive, send)
+
+    return app
