@@ -19,6 +19,7 @@ from lunsync.target.directory import Directory
 from lunsync.target.errors import LoginError, LoginStatus, ProtocolError
 from lunsync.target.login import LoginMachine, LoginResult
 from lunsync.target.pdu import Op, RejectReason
+from lunsync.target.scsi.sense import CheckCondition, SenseKey
 from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TaskAttr
 
 log = logging.getLogger("lunsync.iscsi")
@@ -28,6 +29,8 @@ CMD_WINDOW = 128
 SERIAL_HALF = 1 << 31
 MASK32 = 0xFFFFFFFF
 MAX_PENDING_DATA = 64 * 1024 * 1024  # per connection: write data buffered waiting on Data-Out
+# ABORTED COMMAND, 4B/00 DATA PHASE ERROR (SPC-4 Annex D): how a task ends when its Data-Out sequence breaks.
+DATA_PHASE_ERROR_SENSE = CheckCondition(SenseKey.ABORTED_COMMAND, (0x4B, 0x00)).sense()
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -274,7 +277,13 @@ class Connection:
         try:
             if op == Op.DATA_OUT:
                 assert isinstance(decoded, pdu.DataOut)
-                self._data_out(decoded, data, bhs)
+                try:
+                    self._data_out(decoded, data, bhs)
+                except ProtocolError:
+                    # At ErrorRecoveryLevel 0 a broken Data-Out sequence cannot be repaired: end the task with
+                    # ABORTED COMMAND (DATA PHASE ERROR) so the initiator is not left waiting, then Reject the PDU.
+                    self._terminate_write(decoded.itt)
+                    raise
             elif op == Op.SCSI_CMD or op == Op.NOP_OUT or op == Op.TEXT_REQ or op == Op.TMF_REQ \
                     or op == Op.LOGOUT_REQ:
                 self._sequenced(decoded, data, bhs)
@@ -519,6 +528,17 @@ class Connection:
         else:
             self._issue_r2ts(w)
 
+    def _terminate_write(self, itt: int) -> None:
+        w = self.writes.pop(itt, None)
+        if w is None:
+            return
+        self.pending_bytes -= len(w.buffer)
+        for ttt in w.r2ts:
+            self.ttt_index.pop(ttt, None)
+        self.inflight -= 1
+        self._window_update()
+        self._respond(w.task, ScsiResponse(Status.CHECK_CONDITION, None, DATA_PHASE_ERROR_SENSE))
+
     # -- completion ---------------------------------------------------------------------------------------------------
 
     def complete(self, task: ScsiTask, resp: ScsiResponse) -> None:
@@ -535,8 +555,6 @@ class Connection:
         status = int(resp.status)
         over = under = False
         residual = 0
-        if task.expected_out and resp.status == Status.GOOD and data is None:
-            pass
         n = len(data) if data is not None else 0
         if expected or n:
             if n > expected:

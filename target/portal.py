@@ -308,9 +308,13 @@ class Server:
                     proto.peer, ev.target or "?", ev.status.name, ev.reason)
 
     def session_closed(self, proto: IscsiProtocol) -> None:
-        r = proto.conn.result if proto.conn else None
+        conn = proto.conn
+        r = conn.result if conn else None
         if r is not None and self.sessions.get(r.tsih) is proto:
             del self.sessions[r.tsih]
+        # The I_T nexus is gone: RESERVE/RELEASE reservations and PREVENT it held end with it (SPC-2 §5.5.1).
+        if conn is not None and r is not None and r.target is not None and conn.nexus is not None:
+            r.target.scsi.nexus_lost(conn.nexus)
 
     def force_logout(self, tsih: int) -> bool:
         """End session ``tsih`` now (the management API's logout): abort its tasks and close the connection. The
