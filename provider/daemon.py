@@ -12,6 +12,7 @@ flushes every LUN and exits 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lunsync.provider import systemd
-from lunsync.provider.config import ChapConfig, Config, LunMapping, TargetConfig, format_size
+from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
 from lunsync.snapshots.backend import FileBackend, open_backend
 from lunsync.snapshots.catalog import Catalog, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
@@ -349,6 +350,21 @@ def ensure_demo(catalog: Catalog, size_bytes: int) -> None:
         catalog.map_lun(DEMO_IQN, DEMO_LUN, 0)
 
 
+def with_demo(cfg: Config, catalog: Catalog, size_bytes: int) -> Config:
+    """``cfg`` plus the demo LUN and target, so that applying a config with ``--demo`` keeps them (and the demo
+    LUN's identity) instead of removing them as undeclared and re-creating them with a new NAA."""
+    luns = list(cfg.luns)
+    if all(lun.name != DEMO_LUN for lun in luns):
+        try:
+            luns.append(catalog.get_lun(DEMO_LUN).config())
+        except NotFound:
+            luns.append(LunConfig(DEMO_LUN, size_bytes))
+    targets = list(cfg.targets)
+    if all(t.iqn != DEMO_IQN for t in targets):
+        targets.append(TargetConfig(DEMO_IQN, alias="demo", luns=(LunMapping(0, DEMO_LUN),)))
+    return dataclasses.replace(cfg, luns=tuple(luns), targets=tuple(targets))
+
+
 def attach_text(host: str, port: int, iqn: str) -> str:
     shown = f"[{host}]" if ":" in host else host
     return "\n".join([
@@ -423,6 +439,8 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         from lunsync.provider.config import load_config
 
         cfg = load_config(opts.config)
+        if opts.demo:
+            cfg = with_demo(cfg, catalog, opts.demo_size)
         plan = catalog.apply(cfg)
         for step in plan.steps:
             log.info("config: %s", step)
