@@ -143,12 +143,10 @@ class LogicalUnit:
         return exp
 
     max_unmap_descriptors = 256
-    max_compare_and_write_blocks = 256
-    max_write_same_blocks = 1 << 16
+    max_compare_and_write_blocks = 255  # one-byte NUMBER OF LOGICAL BLOCKS field
+    max_write_same_blocks = 0xFFFF  # below 65536 so WRITE SAME never outgrows what one WRITE(16) may carry
 
-    @property
-    def max_unmap_blocks(self) -> int:
-        return min((1 << 30) // self.device.block_size, 0xFFFFFFFF)
+    max_unmap_blocks = 1 << 20  # per descriptor and per command; bounds the time one UNMAP holds the device
 
     # -- unit attentions ----------------------------------------------------------------------------------------------
 
@@ -202,12 +200,15 @@ class LogicalUnit:
         """The device was resized: every nexus sees CAPACITY DATA HAS CHANGED."""
         self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
 
-    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION) -> None:
-        """LUN RESET or a target reset: drop RESERVE(6/10), PREVENT, and tell every nexus (SAM-5 §5.11)."""
+    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION, issuer: Nexus | None = None) -> None:
+        """LUN RESET or a target reset: drop RESERVE(6/10) and PREVENT, and tell every nexus but the one that asked
+        (SAM-5 §7.7: the issuer learns of the reset from the TMF response itself)."""
         self.legacy_holder = None
         self.prevent.clear()
         self.stopped = False
-        for q in self._ua.values():
+        for nexus, q in self._ua.items():
+            if nexus == issuer:
+                continue
             q.clear()  # a reset supersedes older attentions
             q.append(asc)
 

@@ -234,14 +234,14 @@ def decode_transport_id(buf: bytes, offset: int) -> tuple[str, int | None, int]:
 # -- PERSISTENT RESERVE IN -----------------------------------------------------------------------------------------------
 
 
-@command(0x5E, 0x00, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=False, name="PERSISTENT RESERVE IN/READ KEYS")
+@command(0x5E, 0x00, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/READ KEYS")
 async def prin_read_keys(req: Request) -> bytes:
     pr = req.unit.pr
     keys = b"".join(r.key.to_bytes(8, "big") for r in pr.registrations)
     return _alloc(req.cdb, struct.pack(">II", pr.generation, len(keys)) + keys)
 
 
-@command(0x5E, 0x01, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=False, name="PERSISTENT RESERVE IN/READ RESERVATION")
+@command(0x5E, 0x01, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/READ RESERVATION")
 async def prin_read_reservation(req: Request) -> bytes:
     pr = req.unit.pr
     if not pr.res_type:
@@ -251,7 +251,7 @@ async def prin_read_reservation(req: Request) -> bytes:
     return _alloc(req.cdb, struct.pack(">II", pr.generation, len(body)) + body)
 
 
-@command(0x5E, 0x02, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=False, name="PERSISTENT RESERVE IN/REPORT CAPABILITIES")
+@command(0x5E, 0x02, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/REPORT CAPABILITIES")
 async def prin_report_capabilities(req: Request) -> bytes:
     pr = req.unit.pr
     # CRH 1, SIP_C 1, ATP_C 1, PTPL_C 1 | TMV 1, ALLOW COMMANDS 001b (SPC-4 Table 186), PTPL_A
@@ -261,7 +261,7 @@ async def prin_report_capabilities(req: Request) -> bytes:
     return _alloc(req.cdb, struct.pack(">HBBBBH", 8, flags, flags2, mask, 0x01, 0))
 
 
-@command(0x5E, 0x03, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=False, name="PERSISTENT RESERVE IN/READ FULL STATUS")
+@command(0x5E, 0x03, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/READ FULL STATUS")
 async def prin_read_full_status(req: Request) -> bytes:
     pr = req.unit.pr
     out = bytearray()

@@ -78,7 +78,7 @@ class CommandSpec:
     data: Dir
     conflicts: Conflict
     allowed_without_lun: bool
-    legacy_ok: bool  # allowed while another I_T nexus holds a RESERVE(6/10) reservation
+    legacy_ok: bool  # allowed while another I_T nexus holds a RESERVE(6/10) reservation (SPC-2 §5.5.1)
     reports_ua: bool  # False for INQUIRY, REPORT LUNS, REQUEST SENSE (SAM-5 §5.14)
     cdb_len: int
     usage: bytes  # CDB USAGE DATA (SPC-4 §6.35.3)
@@ -113,7 +113,7 @@ def command(
     data: Dir = Dir.NONE,
     conflicts: Conflict = Conflict.WRITE,
     allowed_without_lun: bool = False,
-    legacy_ok: bool | None = None,
+    legacy_ok: bool = False,
     reports_ua: bool = True,
     usage: bytes | None = None,
     timeout_s: int = 30,
@@ -131,7 +131,7 @@ def command(
             data=data,
             conflicts=conflicts,
             allowed_without_lun=allowed_without_lun,
-            legacy_ok=(conflicts is Conflict.NEVER) if legacy_ok is None else legacy_ok,
+            legacy_ok=bool(legacy_ok),
             reports_ua=reports_ua,
             cdb_len=n,
             usage=usage if usage is not None else _default_usage(opcode, service_action, n),

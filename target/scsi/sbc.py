@@ -400,11 +400,14 @@ async def get_lba_status(req: Request) -> bytes:
     out = bytearray()
     if lu.thin:
         for ext in lu.device.lba_status(lba, room):
-            n = ext.blocks
-            while n > 0 and len(out) < room * 16:
-                take = min(n, 0xFFFFFFFF)
-                out += struct.pack(">QIB3x", ext.lba + (ext.blocks - n), take, 0 if ext.mapped else 1)
-                n -= take
+            # The device may report the extent that contains ``lba``; SBC-3 §5.6 wants the first descriptor to start
+            # exactly at the requested LBA, so clip.
+            start = max(ext.lba, lba)
+            end = min(ext.lba + ext.blocks, nb)
+            while start < end and len(out) < room * 16:
+                take = min(end - start, 0xFFFFFFFF)
+                out += struct.pack(">QIB3x", start, take, 0 if ext.mapped else 1)
+                start += take
     if not out:
         out += struct.pack(">QIB3x", lba, min(nb - lba, 0xFFFFFFFF), 0)
     return (struct.pack(">I4x", len(out) + 4) + bytes(out))[:alloc]

@@ -157,7 +157,7 @@ def vpd_page(lu: LogicalUnit, page: int, nexus: Nexus, tpg: int) -> bytes:
     raise invalid_field(2)
 
 
-@command(0x12, data=Dir.IN, conflicts=Conflict.NEVER, allowed_without_lun=True, reports_ua=False,
+@command(0x12, data=Dir.IN, conflicts=Conflict.NEVER, allowed_without_lun=True, reports_ua=False, legacy_ok=True,
          usage=b"\x12\x01\xff\xff\xff\x00")
 async def inquiry(req: Request) -> bytes:
     cdb = req.cdb
@@ -186,7 +186,7 @@ def encode_lun(n: int) -> bytes:
     return bytes((0x40 | (n >> 8), n & 0xFF)) + b"\x00" * 6
 
 
-@command(0xA0, data=Dir.IN, conflicts=Conflict.NEVER, allowed_without_lun=True, reports_ua=False,
+@command(0xA0, data=Dir.IN, conflicts=Conflict.NEVER, allowed_without_lun=True, reports_ua=False, legacy_ok=True,
          usage=b"\xa0\x00\xff\x00\x00\x00\xff\xff\xff\xff\x00\x00")
 async def report_luns(req: Request) -> bytes:
     cdb = req.cdb
@@ -204,12 +204,12 @@ async def report_luns(req: Request) -> bytes:
     return (struct.pack(">I4x", len(body)) + body)[:alloc]
 
 
-@command(0x00, conflicts=Conflict.NEVER, legacy_ok=False, usage=b"\x00\x00\x00\x00\x00\x00")
+@command(0x00, conflicts=Conflict.NEVER, usage=b"\x00\x00\x00\x00\x00\x00")
 async def test_unit_ready(req: Request) -> None:
     return None
 
 
-@command(0x03, data=Dir.IN, conflicts=Conflict.NEVER, allowed_without_lun=True, reports_ua=False,
+@command(0x03, data=Dir.IN, conflicts=Conflict.NEVER, allowed_without_lun=True, reports_ua=False, legacy_ok=True,
          usage=b"\x03\x01\x00\x00\xff\x00")
 async def request_sense(req: Request) -> bytes:
     cdb = req.cdb
@@ -418,7 +418,7 @@ def _one_command(spec: CommandSpec | None, rctd: bool) -> bytes:
     return out
 
 
-@command(0xA3, 0x0C, data=Dir.IN, conflicts=Conflict.NEVER, name="REPORT SUPPORTED OPERATION CODES",
+@command(0xA3, 0x0C, data=Dir.IN, conflicts=Conflict.NEVER, legacy_ok=True, name="REPORT SUPPORTED OPERATION CODES",
          usage=b"\xa3\x0c\x87\xff\xff\xff\xff\xff\xff\xff\x00\x00")
 async def report_supported_opcodes(req: Request) -> bytes:
     cdb = req.cdb
@@ -455,7 +455,7 @@ async def report_supported_opcodes(req: Request) -> bytes:
     raise invalid_field(2, 2)
 
 
-@command(0xA3, 0x0D, data=Dir.IN, conflicts=Conflict.NEVER, name="REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+@command(0xA3, 0x0D, data=Dir.IN, conflicts=Conflict.NEVER, legacy_ok=True, name="REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
          usage=b"\xa3\x0d\x80\x00\x00\x00\xff\xff\xff\xff\x00\x00")
 async def report_supported_tmfs(req: Request) -> bytes:
     cdb = req.cdb
@@ -466,7 +466,7 @@ async def report_supported_tmfs(req: Request) -> bytes:
     return data[: _alloc32(cdb, 6)]
 
 
-@command(0xA3, 0x0A, data=Dir.IN, conflicts=Conflict.NEVER, name="REPORT TARGET PORT GROUPS",
+@command(0xA3, 0x0A, data=Dir.IN, conflicts=Conflict.NEVER, legacy_ok=True, name="REPORT TARGET PORT GROUPS",
          usage=b"\xa3\xea\x00\x00\x00\x00\xff\xff\xff\xff\x00\x00")
 async def report_target_port_groups(req: Request) -> bytes:
     cdb = req.cdb

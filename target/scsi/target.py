@@ -55,9 +55,9 @@ class ScsiTarget:
     # -- the LUN map ------------------------------------------------------------------------------------------------
 
     @property
-    def luns(self) -> dict[int, LogicalUnit]:
-        """A copy of the LUN map."""
-        return dict(self._luns)
+    def luns(self) -> Mapping[int, LogicalUnit]:
+        """The live LUN map, read-only by contract (no copy: the portal consults it per command)."""
+        return self._luns
 
     def luns_for(self, nexus: Nexus) -> dict[int, LogicalUnit]:
         """The LUNs visible to ``nexus`` (every LUN: masking is done above, by the ACL that admits the login)."""
@@ -128,16 +128,17 @@ class ScsiTarget:
         """Apply the SCSI side effects of a task management function (the transport aborts the tasks itself).
 
         LOGICAL UNIT RESET clears RESERVE(6/10) reservations and PREVENT on that LU and gives every nexus BUS DEVICE
-        RESET FUNCTION OCCURRED; TARGET WARM/COLD RESET does the same on every LU with POWER ON, RESET. CLEAR TASK SET
+        RESET FUNCTION OCCURRED (all but the issuing nexus); TARGET WARM/COLD RESET does the same on every LU with
+        POWER ON, RESET. CLEAR TASK SET
         tells the other nexuses COMMANDS CLEARED BY ANOTHER INITIATOR. Persistent reservations are never affected.
         """
         if function == TmfFunction.LOGICAL_UNIT_RESET:
             lu = self._luns.get(lun) if lun is not None else None
             if lu is not None:
-                lu.reset(asc=S.BUS_DEVICE_RESET_FUNCTION)
+                lu.reset(asc=S.BUS_DEVICE_RESET_FUNCTION, issuer=nexus)
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             for lu in self._luns.values():
-                lu.reset(asc=S.POWER_ON_RESET)
+                lu.reset(asc=S.POWER_ON_RESET, issuer=nexus)
         elif function == TmfFunction.CLEAR_TASK_SET:
             lu = self._luns.get(lun) if lun is not None else None
             if lu is not None:

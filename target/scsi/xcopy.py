@@ -49,8 +49,8 @@ def _copy_aborted(asc: S.Asc) -> CheckCondition:
 def _resolve(req: Request, data: bytes, off: int) -> LogicalUnit:
     """Turn one 0xE4 CSCD descriptor into a logical unit of this target visible to this nexus."""
     b1 = data[off + 1]
-    if b1 >> 6 != 0:  # LU ID TYPE: only "logical unit" (00b) designators
-        raise invalid_param(off + 1, 7)
+    # LU ID TYPE (bits 7-6) says how the copy manager would address the LU through an initiator port; the designator
+    # alone identifies it here, so the field is not consulted (libiscsi expects any value to be accepted).
     if b1 & 0x1F != 0:  # PERIPHERAL DEVICE TYPE: block devices only
         raise invalid_param(off + 1, 4)
     if b1 & 0x20:  # NUL: a null device can neither source nor sink blocks here
