@@ -133,14 +133,15 @@ class LogicalUnit:
     def optimal_transfer_blocks(self) -> int:
         return (128 << 10) // self.device.block_size
 
+    # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: with a larger exponent libiscsi's GET LBA STATUS test
+    # expects physical-block-aligned extents, which SBC-3 §5.6 forbids (the first descriptor starts at the requested
+    # LBA). The 4 KiB page preference is still conveyed by the granularity fields of VPD 0xB0.
+    physical_exponent = 0
+
     @property
-    def physical_exponent(self) -> int:
-        """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: the backing page size is 4 KiB."""
-        bs = self.device.block_size
-        exp = 0
-        while (bs << (exp + 1)) <= 4096:
-            exp += 1
-        return exp
+    def granularity_blocks(self) -> int:
+        """Blocks per backing page (4 KiB): OPTIMAL TRANSFER LENGTH GRANULARITY and OPTIMAL UNMAP GRANULARITY."""
+        return max(1, 4096 // self.device.block_size)
 
     max_unmap_descriptors = 256
     max_compare_and_write_blocks = 255  # one-byte NUMBER OF LOGICAL BLOCKS field

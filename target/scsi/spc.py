@@ -100,14 +100,14 @@ def block_limits(lu: LogicalUnit) -> bytes:
     body = bytearray(0x3C)
     body[0] = 0x01  # WSNZ: WRITE SAME with zero blocks is refused rather than run to the end of the medium
     body[1] = lu.max_compare_and_write_blocks
-    struct.pack_into(">H", body, 2, 1 << lu.physical_exponent)  # OPTIMAL TRANSFER LENGTH GRANULARITY
+    struct.pack_into(">H", body, 2, lu.granularity_blocks)  # OPTIMAL TRANSFER LENGTH GRANULARITY
     struct.pack_into(">I", body, 4, lu.max_transfer_blocks)
     struct.pack_into(">I", body, 8, lu.optimal_transfer_blocks)
     struct.pack_into(">I", body, 12, lu.max_transfer_blocks)  # MAXIMUM PREFETCH LENGTH
     if lu.thin:
         struct.pack_into(">I", body, 16, lu.max_unmap_blocks)
         struct.pack_into(">I", body, 20, lu.max_unmap_descriptors)
-        struct.pack_into(">I", body, 24, 1 << lu.physical_exponent)  # OPTIMAL UNMAP GRANULARITY: one 4 KiB page
+        struct.pack_into(">I", body, 24, lu.granularity_blocks)  # OPTIMAL UNMAP GRANULARITY: one 4 KiB page
         struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
     struct.pack_into(">Q", body, 32, lu.max_write_same_blocks)
     return _vpd(0xB0, bytes(body))

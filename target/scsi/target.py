@@ -11,7 +11,7 @@ management resets and I_T nexus loss land in :meth:`reset` and :meth:`nexus_lost
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from lunsync.snapshots.errors import StorageError
 
@@ -28,6 +28,46 @@ from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfF
 
 # The commands an absent LUN still answers (SPC-4 §6.6.1, §6.27, §6.33).
 _NO_LUN_OPCODES = frozenset({0x12, 0x03, 0xA0})
+
+def _verify_out(blocks: int, cdb: bytes, bs: int) -> int:
+    bytchk = (cdb[1] >> 1) & 0x03
+    return 0 if bytchk == 0 else bs if bytchk == 0x03 else blocks * bs
+
+
+def _b10(cdb: bytes) -> int:
+    return (cdb[7] << 8) | cdb[8]
+
+
+def _b12(cdb: bytes) -> int:
+    return int.from_bytes(cdb[6:10], "big")
+
+
+def _b16(cdb: bytes) -> int:
+    return int.from_bytes(cdb[10:14], "big")
+
+
+# Data-Out length by opcode, from the CDB and the block size (SBC-3 §5, SPC-4 §6).
+_DATA_OUT: dict[int, Callable[[bytes, int], int]] = {
+    0x0A: lambda c, bs: (c[4] or 256) * bs,
+    0x2A: lambda c, bs: _b10(c) * bs,
+    0x2E: lambda c, bs: _b10(c) * bs,
+    0x2F: lambda c, bs: _verify_out(_b10(c), c, bs),
+    0xAA: lambda c, bs: _b12(c) * bs,
+    0xAE: lambda c, bs: _b12(c) * bs,
+    0xAF: lambda c, bs: _verify_out(_b12(c), c, bs),
+    0x8A: lambda c, bs: _b16(c) * bs,
+    0x8B: lambda c, bs: _b16(c) * bs,
+    0x8E: lambda c, bs: _b16(c) * bs,
+    0x8F: lambda c, bs: _verify_out(_b16(c), c, bs),
+    0x41: lambda c, bs: bs,
+    0x93: lambda c, bs: 0 if c[1] & 0x01 else bs,
+    0x89: lambda c, bs: 2 * c[13] * bs if len(c) > 13 else 0,
+    0x42: lambda c, bs: _b10(c),
+    0x15: lambda c, bs: c[4],
+    0x55: lambda c, bs: _b10(c),
+    0x5F: lambda c, bs: int.from_bytes(c[5:9], "big"),
+    0x83: lambda c, bs: _b16(c),
+}
 
 _GOOD = Status.GOOD
 _CHECK = Status.CHECK_CONDITION
@@ -121,6 +161,22 @@ class ScsiTarget:
         if isinstance(result, ScsiResponse):
             return result
         return ScsiResponse(_GOOD, result)
+
+    def data_out_length(self, task: ScsiTask) -> int | None:
+        """The number of Data-Out bytes the CDB of ``task`` asks for (its SCSI transfer length), or ``None`` when the
+        command moves no Data-Out or the LUN is absent.
+
+        The transport needs this, and only this, to set the overflow/underflow residual of a write against the iSCSI
+        expected data transfer length without parsing CDBs itself (RFC 7143 §11.4.5.1).
+        """
+        cdb = task.cdb
+        lu = self._luns.get(task.lun)
+        if lu is None or not cdb:
+            return None
+        rule = _DATA_OUT.get(cdb[0])
+        if rule is None or len(cdb) < 6:
+            return None
+        return rule(cdb, lu.block_size)
 
     # -- task management and nexus events ---------------------------------------------------------------------------
 
