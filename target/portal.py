@@ -12,8 +12,8 @@ import collections
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, cast
 from dataclasses import dataclass, field
 
 from lunsync.target import connection as cx
@@ -64,6 +64,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.write_paused = False
         self.logged_in = False
         self.done = asyncio.Event()
+        self.pumping = False
+        self.close_reason: str | None = None
         self.lun_io: dict[int, IoCounts] = {}  # per LUN number of this session, for the API's session list
 
     # -- asyncio callbacks --------------------------------------------------------------------------------------------
@@ -135,7 +137,20 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def _pump(self) -> None:
         conn = self.conn
         assert conn is not None
-        close_reason: str | None = None
+        if self.pumping:
+            return  # re-entered from an event handler: the outer pump sends everything
+        self.pumping = True
+        try:
+            self._pump_events(conn)
+        finally:
+            self.pumping = False
+        out = conn.take_output()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+        if self.close_reason is not None:
+            self._close()
+
+    def _pump_events(self, conn: cx.Connection) -> None:
         while conn.events:
             for ev in conn.take_events():
                 if isinstance(ev, cx.Execute):
@@ -153,12 +168,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 elif isinstance(ev, cx.Rejected):
                     self.server.counters.rejects[ev.reason.name.lower()] += 1
                 elif isinstance(ev, cx.Close):
-                    close_reason = ev.reason
-        out = conn.take_output()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
-        if close_reason is not None:
-            self._close()
+                    self.close_reason = ev.reason
 
     @property
     def initiator(self) -> str:
@@ -188,7 +198,16 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     # -- SCSI tasks ---------------------------------------------------------------------------------------------------
 
     def _execute(self, task: ScsiTask) -> None:
-        self.tasks[task.tag] = self.loop.create_task(self._run(task))
+        # Run the command inline until it first has to wait. A page-cache read or write completes right here, so
+        # every response to the commands of one receive leaves in one vectored write, and no asyncio Task (several
+        # microseconds each) is made. Only a command that really waits (fsync, a thread, a lock) becomes a Task.
+        # Code on the SCSI path must therefore not rely on asyncio.current_task() before its first suspension.
+        coro = self._run(task)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        self.tasks[task.tag] = self.loop.create_task(_finish(coro, yielded))
 
     async def _run(self, task: ScsiTask) -> None:
         conn = self.conn
@@ -208,7 +227,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self.closing:
             return
         conn.complete(task, resp)
-        self._pump()
+        if not self.pumping:
+            self._pump()
 
     def _count(self, target: TargetEntry, task: ScsiTask, resp: ScsiResponse, seconds: float) -> None:
         # One plain-int update per command; lunsync.provider.metrics reads the totals at scrape time.
@@ -242,6 +262,37 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         """Wait for every running SCSI task to finish (shutdown)."""
         if self.tasks:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+class _Resume:
+    """Awaitable that carries on a coroutine already started by hand: it hands the object the coroutine yielded
+    to the driving Task, then forwards every send and throw, exactly as ``yield from`` would."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                value = yield yielded
+            except BaseException as exc:  # CancelledError included: the command is aborted
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = coro.send(value)
+                except StopIteration:
+                    return
+
+
+async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    await _Resume(coro, yielded)
 
 
 class Server:
