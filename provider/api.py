@@ -86,10 +86,20 @@ def ensure_token(data_dir: str) -> str:
 
 LunName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                description="1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")]
-IscsiName = Annotated[str, Field(min_length=5, max_length=223, description="iqn., eui. or naa. name (RFC 3720)")]
+# RFC 3720 §3.2.6.3 names, any case (they are compared in lowercase). The model validator stays the authority (it
+# also checks the month); the pattern lets clients and fuzzers know the shape.
+ISCSI_NAME_PATTERN = (
+    r"^(?:[iI][qQ][nN]\.[0-9]{4}-[0-9]{2}\.[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[A-Za-z0-9.:_-]+)?"
+    r"|[eE][uU][iI]\.[0-9A-Fa-f]{16}|[nN][aA][aA]\.(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32}))$"
+)
+IscsiName = Annotated[str, Field(min_length=5, max_length=223, pattern=ISCSI_NAME_PATTERN,
+                                 description="iqn., eui. or naa. name (RFC 3720)")]
+SIZE_PATTERN = r"^[0-9]+(?:\.[0-9]+)?\s*(?:[KkMmGgTtPp](?:[Ii][Bb])?|[Bb])?$"
 Size = Annotated[
-    Annotated[StrictInt, Field(ge=1, le=MAX_SIZE_BYTES)] | Annotated[StrictStr, Field(min_length=1, max_length=32)],
-    Field(description="bytes, or a string with a binary unit: '256MiB', '10GiB', '1TiB', '512M'"),
+    Annotated[StrictInt, Field(ge=512, le=MAX_SIZE_BYTES, multiple_of=512)]
+    | Annotated[StrictStr, Field(min_length=1, max_length=32, pattern=SIZE_PATTERN)],
+    Field(description="bytes (a multiple of the block size), or a number with a binary unit: '256MiB', '10GiB', "
+                      "'1TiB', '512M'"),
 ]
 
 
@@ -377,8 +387,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "the body or a parameter does not match the schema"},
 }
 
-TargetPath = Annotated[str, Path(min_length=1, max_length=223, description="target IQN")]
-LunPath = Annotated[str, Path(min_length=1, max_length=64, description="LUN name")]
+TargetPath = Annotated[str, Path(min_length=5, max_length=223, pattern=ISCSI_NAME_PATTERN, description="target IQN")]
+LunPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                              description="LUN name")]
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -478,7 +489,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @v1.delete("/targets/{iqn}/acls/{initiator}", status_code=204, response_class=Response,
                summary="disallow an initiator; its sessions on the target are logged out")
-    async def remove_acl(iqn: TargetPath, initiator: Annotated[str, Path(min_length=1, max_length=223)]) -> Response:
+    async def remove_acl(iqn: TargetPath, initiator: Annotated[str, Path(min_length=5, max_length=223,
+                                                                          pattern=ISCSI_NAME_PATTERN)]) -> Response:
         await array.remove_acl(iqn, initiator)
         return Response(status_code=204)
 

@@ -17,15 +17,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from lunsync.provider import systemd
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
 from lunsync.snapshots.backend import FileBackend, open_backend
 from lunsync.snapshots.catalog import Catalog, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
-from lunsync.snapshots.errors import StorageError
+from lunsync.snapshots.errors import OutOfSpace, StorageError
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
 from lunsync.target.login import LoginResult
 from lunsync.target.portal import PortalSettings, Server
@@ -179,6 +180,8 @@ class Array:
         rec = self.catalog.create_lun(name, size_bytes, path=path, block_size=block_size, thin=thin,
                                       read_only=read_only)
         try:
+            if not thin and not os.path.exists(self.catalog.lun_path(rec)):
+                _check_space(self.catalog.lun_path(rec), size_bytes)
             live = await self.open_lun(rec.name)
             have = live.device.num_blocks * live.device.block_size
             if have != rec.size_bytes:
@@ -227,6 +230,8 @@ class Array:
             raise ValueError(f"lun {name!r}: {size_bytes} bytes is not a multiple of the {rec.block_size}-byte "
                              "block size")
         live = self.luns[rec.name]
+        if not rec.thin and isinstance(live.device, FileBackend):
+            _check_space(self.catalog.lun_path(rec), size_bytes - rec.size_bytes)
         await live.device.resize(size_bytes // rec.block_size)
         try:
             rec = self.catalog.resize_lun(name, size_bytes)
@@ -339,6 +344,19 @@ class Array:
                 log.exception("closing LUN %s", live.name)
 
 
+def _check_space(path: str, needed: int) -> None:
+    """Refuse a thick allocation the filesystem cannot hold, before making it: posix_fallocate would otherwise fill
+    the disk under every other LUN and only then fail."""
+    directory = os.path.dirname(path)
+    while directory and not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    st = os.statvfs(directory or ".")
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise OutOfSpace(f"a thick allocation of {format_size(needed)} does not fit in {directory}: "
+                         f"{free} bytes free")
+
+
 def ensure_demo(catalog: Catalog, size_bytes: int) -> None:
     """Create the demo target and its LUN 0 when missing; leave them alone when present."""
     names = {lun.name for lun in catalog.list_luns()}
@@ -428,6 +446,12 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
     return running, status_api, status_metrics
 
 
+def _stop_on(sig: signal.Signals, stop: asyncio.Event) -> None:
+    # Say which signal: an unexpected stop is otherwise indistinguishable from a requested one in the log.
+    log.info("received %s", sig.name)
+    stop.set()
+
+
 async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     data_dir = os.path.abspath(opts.data_dir)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -481,7 +505,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stop_on, sig, stop)
     if ready is not None:
         ready.set()
     systemd.ready(f"serving {len(array.luns)} LUN(s) on {len(bound)} portal(s); API {api_at}")
@@ -500,6 +524,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
 def run(opts: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

@@ -1,0 +1,117 @@
+"""The management-plane tests' view of the daemon: the shared e2e daemon, plus its API and metrics ports.
+
+:class:`ApiDaemon` extends :class:`e2e.harness.Daemon` with free loopback ports for ``--api`` and ``--metrics`` (kept
+across restarts like the iSCSI ports), the token the daemon wrote, an authenticated httpx client, and a runner for
+the ``lunsync`` CLI pointed at that daemon. Everything else (start, kill -9, logs) is the shared harness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from e2e.harness import Daemon, describe, free_port, lunsync_command
+
+API_TIMEOUT_S = 10.0
+
+
+def _wait_accepts(port: int, timeout: float = API_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing accepts on 127.0.0.1:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+class ApiDaemon(Daemon):
+    """A daemon with its management API and metrics endpoint on their own free ports."""
+
+    def __init__(self, workdir: Path, *, api: str | None = None, **kwargs: Any) -> None:
+        super().__init__(workdir, **kwargs)
+        self.api_port = 0
+        self.metrics_port = 0
+        self.api_spec = api  # e.g. "unix:/path"; None means a free loopback port
+
+    def command(self) -> list[str]:
+        api = self.api_spec or f"127.0.0.1:{self.api_port}"
+        return [*super().command(), "--api", api, "--metrics", f"127.0.0.1:{self.metrics_port}"]
+
+    def start(self) -> ApiDaemon:
+        if not self.metrics_port:
+            self.api_port, self.metrics_port = free_port(), free_port()
+        super().start()
+        # The daemon binds the API before the iSCSI portals, so this normally returns at once.
+        if self.api_spec is None:
+            _wait_accepts(self.api_port)
+        _wait_accepts(self.metrics_port)
+        return self
+
+    @property
+    def api_url(self) -> str:
+        return self.api_spec or f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "api-token").read_text().strip()
+
+    def http(self, *, token: str | None = None) -> httpx.Client:
+        """An httpx client on ``/`` of the API, authenticated unless ``token=""``."""
+        tok = self.token if token is None else token
+        headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", headers=headers, timeout=30)
+
+    def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``lunsync ARGS`` against this daemon: API from LUNSYNC_API, token found through LUNSYNC_DATA_DIR,
+        unless ``env`` says otherwise. Any LUNSYNC_* the developer exported is left out."""
+        full_env = {**_clean_env(), "LUNSYNC_API": self.api_url, "LUNSYNC_DATA_DIR": str(self.data_dir),
+                    **(env or {})}
+        p = subprocess.run([*lunsync_command(), *args], check=False, capture_output=True, text=True, errors="replace",
+                           input=input_text, env=full_env, timeout=120, cwd=self.workdir)
+        if check:
+            assert p.returncode == 0, describe(p)
+        return p
+
+    def cli_json(self, *args: str) -> Any:
+        p = self.cli(*args, "--json", check=True)
+        return json.loads(p.stdout)
+
+    def metrics(self) -> str:
+        r = httpx.get(self.metrics_url, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.text
+
+
+def _clean_env() -> dict[str, str]:
+    """The test's environment without any lunsync settings a developer may have exported."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LUNSYNC_")}
+
+
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format; 0.0 when the series is absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+def names(items: Sequence[dict[str, Any]], key: str = "name") -> list[Any]:
+    return [x[key] for x in items]

@@ -1,0 +1,376 @@
+"""The management API against the real daemon: auth, every resource, live effects on logins and SCSI, error shapes.
+
+One demo daemon serves the module; each test works on its own targets and LUNs so the tests do not interfere. Live
+effects are checked with a hand-driven initiator (``iscsi_scapy.RawInitiator``): a grown LUN raises CAPACITY DATA HAS
+CHANGED on a session that already exists, an ACL refuses a login, CHAP is demanded, a forced logout closes the socket.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Iterator
+
+import pytest
+from api_harness import ApiDaemon, names
+from iscsi_scapy import RawInitiator, cdb_read10, cdb_read_capacity10, cdb_test_unit_ready
+
+pytestmark = pytest.mark.e2e
+
+DEMO = "iqn.2026-11.io.lunsync:demo"
+MIB = 1 << 20
+STATUS_CHECK_CONDITION = 0x02
+UNIT_ATTENTION = 0x06
+LOGIN_AUTHORIZATION_FAILURE = 0x0202
+LOGIN_AUTHENTICATION_FAILURE = 0x0201
+
+
+def iqn(tag: str) -> str:
+    return f"iqn.2026-11.io.lunsync:api-{tag}"
+
+
+@pytest.fixture
+def initiator(api_daemon: ApiDaemon) -> Iterator[RawInitiator]:
+    ri = RawInitiator("127.0.0.1", api_daemon.port)
+    try:
+        yield ri
+    finally:
+        ri.close()
+
+
+def clear_unit_attentions(ri: RawInitiator, lun: int) -> None:
+    """A new nexus first sees POWER ON, RESET (and maybe others): TEST UNIT READY until GOOD."""
+    for _ in range(8):
+        if ri.scsi(cdb_test_unit_ready(), lun=lun).status == 0:
+            return
+    raise AssertionError("TEST UNIT READY never returned GOOD")
+
+
+def read_capacity_bytes(ri: RawInitiator, lun: int) -> int:
+    r = ri.scsi(cdb_read_capacity10(), lun=lun, read_length=8)
+    assert r.status == 0, r
+    last_lba, block = struct.unpack(">II", r.data[:8])
+    return (last_lba + 1) * block
+
+
+# --- auth ------------------------------------------------------------------------------------------------------------
+
+
+def test_token_file_is_private(api_daemon: ApiDaemon) -> None:
+    st = os.stat(api_daemon.data_dir / "api-token")
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert len(api_daemon.token) >= 32
+
+
+@pytest.mark.parametrize("path", ["/v1/status", "/v1/luns", "/openapi.json", "/v1/no-such-route"])
+def test_requests_without_the_token_get_401(api_daemon: ApiDaemon, path: str) -> None:
+    mark = api_daemon.log_mark()
+    with api_daemon.http(token="") as anon, api_daemon.http(token="not-the-token") as wrong:
+        for client, why in ((anon, "no bearer token"), (wrong, "wrong token")):
+            r = client.get(path)
+            assert r.status_code == 401, r.text
+            assert "token" in r.json()["error"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            api_daemon.wait_for_log(rf"refused GET {path} from 127\.0\.0\.1:\d+: {why}", since=mark)
+    assert "not-the-token" not in api_daemon.log_since(mark)
+
+
+def test_unauthenticated_garbage_body_is_still_401_not_422(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http(token="") as anon:
+        r = anon.post("/v1/luns", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401
+
+
+def test_openapi_document_describes_the_resources(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        doc = c.get("/openapi.json").json()
+    paths = doc["paths"]
+    for p in ("/v1/targets", "/v1/targets/{iqn}/luns", "/v1/targets/{iqn}/acls", "/v1/targets/{iqn}/chap",
+              "/v1/luns", "/v1/luns/{name}/resize", "/v1/sessions", "/v1/sessions/{tsih}", "/v1/portals",
+              "/v1/status", "/v1/apply", "/v1/export"):
+        assert p in paths, p
+    assert any(s.get("scheme") == "bearer" for s in doc["components"]["securitySchemes"].values())
+    # Errors are documented with the shape they really have.
+    assert paths["/v1/luns"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorOut")
+
+
+# --- targets ---------------------------------------------------------------------------------------------------------
+
+
+def test_target_lifecycle(api_daemon: ApiDaemon) -> None:
+    name = iqn("Lifecycle")
+    with api_daemon.http() as c:
+        r = c.post("/v1/targets", json={"iqn": name, "alias": "lc"})
+        assert r.status_code == 201, r.text
+        assert r.json()["iqn"] == name.lower()  # names are compared, and stored, in lowercase (RFC 3722)
+        assert r.json() == {"iqn": name.lower(), "alias": "lc", "acl": [], "luns": [],
+                            "chap": {"enabled": False, "user": None, "mutual": False, "mutual_user": None},
+                            "sessions": 0}
+        dup = c.post("/v1/targets", json={"iqn": name})
+        assert dup.status_code == 409 and "already exists" in dup.json()["error"]
+        assert name.lower() in names(c.get("/v1/targets").json(), "iqn")
+        assert c.get(f"/v1/targets/{name}").status_code == 200
+        assert c.delete(f"/v1/targets/{name}").status_code == 204
+        gone = c.get(f"/v1/targets/{name}")
+        assert gone.status_code == 404 and name.lower() in gone.json()["error"]
+
+
+@pytest.mark.parametrize("bad", ["iqn.2026-13.io.x:y", "iqn.nodate", "foo.bar", ""])
+def test_bad_target_names_are_refused_with_the_reason(api_daemon: ApiDaemon, bad: str) -> None:
+    with api_daemon.http() as c:
+        r = c.post("/v1/targets", json={"iqn": bad})
+    assert r.status_code in (400, 422), r.text
+    assert "iqn" in r.json()["error"].lower()
+
+
+def test_deleting_a_target_that_maps_luns_needs_force(api_daemon: ApiDaemon) -> None:
+    t = iqn("force")
+    with api_daemon.http() as c:
+        assert c.post("/v1/targets", json={"iqn": t}).status_code == 201
+        assert c.post("/v1/luns", json={"name": "force0", "size": "8MiB"}).status_code == 201
+        assert c.post(f"/v1/targets/{t}/luns", json={"name": "force0"}).status_code == 201
+        r = c.delete(f"/v1/targets/{t}")
+        assert r.status_code == 409 and "unmap" in r.json()["error"]
+        assert c.delete(f"/v1/targets/{t}", params={"force": "true"}).status_code == 204
+        assert c.get("/v1/luns/force0").json()["mappings"] == []  # the LUN itself stays
+
+
+# --- LUNs ------------------------------------------------------------------------------------------------------------
+
+
+def test_lun_create_makes_a_private_sparse_backing_file(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        r = c.post("/v1/luns", json={"name": "thin0", "size": "64MiB"})
+    assert r.status_code == 201, r.text
+    lun = r.json()
+    assert lun["size_bytes"] == 64 * MIB and lun["size"] == "64MiB" and lun["thin"] and not lun["read_only"]
+    assert lun["path"] == "luns/thin0.img" and lun["block_size"] == 512
+    assert len(lun["naa"]) == 32 and lun["naa"].startswith("6") and len(lun["serial"]) == 20
+    st = os.stat(api_daemon.data_dir / "luns" / "thin0.img")
+    assert st.st_size == 64 * MIB
+    assert st.st_blocks * 512 < MIB, "a thin LUN must not allocate its blocks"
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_thick_and_read_only_and_4k_luns(api_daemon: ApiDaemon, tmp_path: os.PathLike[str]) -> None:
+    outside = os.path.join(tmp_path, "thick.img")
+    with api_daemon.http() as c:
+        r = c.post("/v1/luns", json={"name": "thick0", "size": 8 * MIB, "thin": False, "block_size": 4096,
+                                     "read_only": True, "path": outside})
+        assert r.status_code == 201, r.text
+        assert r.json()["path"] == outside and not r.json()["thin"] and r.json()["read_only"]
+        st = os.stat(outside)
+        assert st.st_blocks * 512 >= 8 * MIB, "a thick LUN has every block allocated"
+        assert c.delete("/v1/luns/thick0").status_code == 204
+    assert os.path.exists(outside), "a backing file outside the data dir belongs to the user and stays"
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"name": "bad0", "size": "10GB"}, 422, "size"),  # refused by the schema (KB/MB/GB are ambiguous)
+    ({"name": "bad0", "size": 1000}, 422, "multiple"),
+    ({"name": "bad0", "size": "1000B"}, 400, "multiple of the 512-byte block size"),
+    ({"name": "bad0", "size": "6KiB", "block_size": 4096}, 400, "4096"),
+    ({"name": "bad0", "size": "8MiB", "block_size": 1024}, 422, "block_size"),
+    ({"name": "bad/0", "size": "8MiB"}, 422, "name"),
+    ({"name": "bad0", "size": "8MiB", "colour": "blue"}, 422, "colour"),
+    ({"name": "bad0"}, 422, "size"),
+])
+def test_bad_lun_requests_name_the_problem(api_daemon: ApiDaemon, body: dict[str, object], status: int,
+                                           words: str) -> None:
+    with api_daemon.http() as c:
+        r = c.post("/v1/luns", json=body)
+        assert r.status_code == status, r.text
+        assert words in r.json()["error"], r.json()
+        assert c.get("/v1/luns/bad0").status_code == 404, "a refused create leaves nothing behind"
+    assert not (api_daemon.data_dir / "luns" / "bad0.img").exists()
+
+
+def test_duplicate_lun_is_a_conflict(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        assert c.post("/v1/luns", json={"name": "dup0", "size": "8MiB"}).status_code == 201
+        r = c.post("/v1/luns", json={"name": "dup0", "size": "16MiB"})
+        assert r.status_code == 409 and "dup0" in r.json()["error"]
+        assert c.get("/v1/luns/dup0").json()["size_bytes"] == 8 * MIB
+
+
+def test_map_unmap_and_delete_rules(api_daemon: ApiDaemon) -> None:
+    t = iqn("maps")
+    with api_daemon.http() as c:
+        assert c.post("/v1/targets", json={"iqn": t}).status_code == 201
+        assert c.post("/v1/luns", json={"name": "map0", "size": "8MiB"}).status_code == 201
+        m = c.post(f"/v1/targets/{t}/luns", json={"name": "map0", "lun": 5})
+        assert m.status_code == 201 and m.json() == {"lun": 5, "name": "map0"}
+        again = c.post(f"/v1/targets/{t}/luns", json={"name": "map0"})
+        assert again.status_code == 409 and "already mapped" in again.json()["error"]
+        assert c.get(f"/v1/targets/{t}/luns").json() == [{"lun": 5, "name": "map0"}]
+        assert c.get("/v1/luns/map0").json()["mappings"] == [{"target": t, "lun": 5}]
+        busy = c.delete("/v1/luns/map0")
+        assert busy.status_code == 409 and "still mapped" in busy.json()["error"]
+        assert c.post(f"/v1/targets/{t}/luns", json={"name": "nosuch"}).status_code == 404
+        assert c.delete(f"/v1/targets/{t}/luns/map0").status_code == 204
+        assert c.delete(f"/v1/targets/{t}/luns/map0").status_code == 404
+        assert c.delete("/v1/luns/map0").status_code == 204
+        assert c.get("/v1/luns/map0").status_code == 404
+    assert not (api_daemon.data_dir / "luns" / "map0.img").exists()
+
+
+def test_mapping_is_live_for_report_luns(api_daemon: ApiDaemon, initiator: RawInitiator) -> None:
+    t = iqn("live")
+    with api_daemon.http() as c:
+        assert c.post("/v1/targets", json={"iqn": t}).status_code == 201
+        assert c.post("/v1/luns", json={"name": "live0", "size": "4MiB"}).status_code == 201
+        assert c.post(f"/v1/targets/{t}/luns", json={"name": "live0", "lun": 2}).status_code == 201
+    initiator.login(t)
+    clear_unit_attentions(initiator, 2)
+    assert read_capacity_bytes(initiator, 2) == 4 * MIB
+
+
+def test_grow_is_live_and_raises_capacity_data_has_changed(api_daemon: ApiDaemon, initiator: RawInitiator) -> None:
+    t = iqn("grow")
+    with api_daemon.http() as c:
+        assert c.post("/v1/targets", json={"iqn": t}).status_code == 201
+        assert c.post("/v1/luns", json={"name": "grow0", "size": "16MiB"}).status_code == 201
+        assert c.post(f"/v1/targets/{t}/luns", json={"name": "grow0", "lun": 0}).status_code == 201
+        initiator.login(t)
+        clear_unit_attentions(initiator, 0)
+        assert read_capacity_bytes(initiator, 0) == 16 * MIB
+
+        r = c.post("/v1/luns/grow0/resize", json={"size": "48MiB"})
+        assert r.status_code == 200, r.text
+        assert r.json()["size_bytes"] == 48 * MIB
+        # The session that already knew the old size hears about the new one on its next command.
+        tur = initiator.scsi(cdb_test_unit_ready(), lun=0)
+        assert tur.status == STATUS_CHECK_CONDITION, tur
+        assert tur.sense_key == UNIT_ATTENTION
+        assert (tur.sense[12], tur.sense[13]) == (0x2A, 0x09), tur.sense.hex()
+        assert read_capacity_bytes(initiator, 0) == 48 * MIB
+        assert os.stat(api_daemon.data_dir / "luns" / "grow0.img").st_size == 48 * MIB
+
+        shrink = c.post("/v1/luns/grow0/resize", json={"size": "16MiB"})
+        assert shrink.status_code == 400 and "shrink" in shrink.json()["error"]
+        assert c.get("/v1/luns/grow0").json()["size_bytes"] == 48 * MIB
+        assert c.post("/v1/luns/nosuch/resize", json={"size": "1GiB"}).status_code == 404
+
+
+# --- ACLs and CHAP ---------------------------------------------------------------------------------------------------
+
+
+def test_acl_decides_who_logs_in_and_evicts_the_others(api_daemon: ApiDaemon) -> None:
+    t = iqn("acl")
+    alice, bob = "iqn.2026-11.test:alice", "iqn.2026-11.test:bob"
+    with api_daemon.http() as c:
+        assert c.post("/v1/targets", json={"iqn": t}).status_code == 201
+        with RawInitiator("127.0.0.1", api_daemon.port) as bob_session:
+            bob_session.login(t, bob)  # an empty ACL admits anyone
+            r = c.post(f"/v1/targets/{t}/acls", json={"initiator": alice.upper()})
+            assert r.status_code == 201 and r.json() == [alice]
+            assert bob_session.is_closed(timeout=3), "bob's session must end once the ACL leaves him out"
+        with RawInitiator("127.0.0.1", api_daemon.port) as ri:
+            rsp = ri.login(t, bob, check=False)
+            assert rsp.status == LOGIN_AUTHORIZATION_FAILURE
+        with RawInitiator("127.0.0.1", api_daemon.port) as ri:
+            assert ri.login(t, alice).status == 0
+        assert c.get(f"/v1/targets/{t}/acls").json() == [alice]
+        assert c.post(f"/v1/targets/{t}/acls", json={"initiator": alice}).status_code == 409
+        assert c.post(f"/v1/targets/{t}/acls", json={"initiator": "not-an-iqn"}).status_code == 422
+        assert c.delete(f"/v1/targets/{t}/acls/{bob}").status_code == 404
+        assert c.delete(f"/v1/targets/{t}/acls/{alice}").status_code == 204
+        assert c.get(f"/v1/targets/{t}/acls").json() == []
+    with RawInitiator("127.0.0.1", api_daemon.port) as ri:
+        assert ri.login(t, bob).status == 0, "an emptied ACL admits anyone again"
+
+
+def test_chap_secrets_go_in_and_never_come_out(api_daemon: ApiDaemon) -> None:
+    t = iqn("chap")
+    secret, mutual = "s3cret-Chap-0123", "mutual-Secret-987"
+    mark = api_daemon.log_mark()
+    with api_daemon.http() as c:
+        assert c.post("/v1/targets", json={"iqn": t}).status_code == 201
+        r = c.put(f"/v1/targets/{t}/chap", json={"user": "alice", "secret": secret, "mutual_user": "tgt",
+                                                   "mutual_secret": mutual})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"enabled": True, "user": "alice", "mutual": True, "mutual_user": "tgt"}
+        texts = [r.text, c.get(f"/v1/targets/{t}/chap").text, c.get(f"/v1/targets/{t}").text,
+                 c.get("/v1/targets").text]
+        assert all(secret not in x and mutual not in x for x in texts)
+        same = c.put(f"/v1/targets/{t}/chap", json={"user": "alice", "secret": "x", "mutual_user": "tgt",
+                                                     "mutual_secret": "x"})
+        assert same.status_code == 400 and "mutual_secret" in same.json()["error"] and '"x"' not in same.text
+        # Live: a login without CHAP is now refused.
+        with RawInitiator("127.0.0.1", api_daemon.port) as ri:
+            assert ri.login(t, check=False).status == LOGIN_AUTHENTICATION_FAILURE
+        assert c.delete(f"/v1/targets/{t}/chap").status_code == 204
+        assert c.delete(f"/v1/targets/{t}/chap").status_code == 404
+        assert c.get(f"/v1/targets/{t}/chap").json()["enabled"] is False
+    with RawInitiator("127.0.0.1", api_daemon.port) as ri:
+        assert ri.login(t).status == 0
+    log = api_daemon.log_since(mark)
+    assert secret not in log and mutual not in log
+    assert "chap" in log.lower()
+
+
+# --- sessions --------------------------------------------------------------------------------------------------------
+
+
+def test_sessions_show_who_and_what_and_can_be_forced_out(api_daemon: ApiDaemon, initiator: RawInitiator) -> None:
+    initiator.login(DEMO, "iqn.2026-11.test:sessions")
+    clear_unit_attentions(initiator, 0)
+    for _ in range(3):
+        assert initiator.scsi(cdb_read10(0, 8), lun=0, read_length=4096).status == 0
+    assert initiator.sock is not None
+    local = initiator.sock.getsockname()
+    with api_daemon.http() as c:
+        sessions = [s for s in c.get("/v1/sessions").json() if s["initiator"] == "iqn.2026-11.test:sessions"]
+        assert len(sessions) == 1, sessions
+        s = sessions[0]
+        assert s["address"] == f"{local[0]}:{local[1]}"
+        assert s["target"] == DEMO and not s["discovery"] and s["tsih"] == initiator.tsih
+        assert s["isid"] == f"{initiator.isid:012x}"
+        per_lun = {x["lun"]: x for x in s["luns"]}
+        assert per_lun[0]["name"] == "demo0"
+        assert per_lun[0]["reads"] == 3 and per_lun[0]["read_bytes"] == 3 * 4096 and per_lun[0]["writes"] == 0
+
+        assert c.delete(f"/v1/sessions/{s['tsih']}").status_code == 204
+        assert initiator.is_closed(timeout=3)
+        assert s["tsih"] not in names(c.get("/v1/sessions").json(), "tsih")
+        gone = c.delete(f"/v1/sessions/{s['tsih']}")
+        assert gone.status_code == 404 and str(s["tsih"]) in gone.json()["error"]
+        assert c.delete("/v1/sessions/0").status_code == 422
+
+
+def test_status_and_portals(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        st = c.get("/v1/status").json()
+        portals = c.get("/v1/portals").json()
+    assert st["api"] == api_daemon.api_url and st["metrics"] == api_daemon.metrics_url
+    assert st["data_dir"] == str(api_daemon.data_dir) and st["uptime_s"] > 0 and st["luns"] >= 1
+    assert portals == [{"address": f"127.0.0.1:{api_daemon.port}", "host": "127.0.0.1", "port": api_daemon.port,
+                        "tpgt": 1}]
+
+
+# --- error shapes ----------------------------------------------------------------------------------------------------
+
+
+def test_errors_are_json_objects_naming_the_problem(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        nowhere = c.get("/v1/nowhere")
+        assert nowhere.status_code == 404 and "error" in nowhere.json()
+        broken = c.post("/v1/targets", content=b"{", headers={"content-type": "application/json"})
+        assert broken.status_code == 422 and "json" in broken.json()["error"].lower()
+        method = c.put("/v1/luns")
+        assert method.status_code == 405 and "error" in method.json()
+        for r in (nowhere, broken, method):
+            assert set(r.json()) == {"error"}
+
+
+def test_apply_and_export_through_the_api(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        exported = c.get("/v1/export").json()["config"]
+        assert "[[lun]]" in exported and 'name = "demo0"' in exported
+        same = c.post("/v1/apply", json={"config": exported, "dry_run": True})
+        assert same.status_code == 200 and same.json() == {"dry_run": True, "changed": False, "plan": []}
+        bad = c.post("/v1/apply", json={"config": '[[lun]]\nname = "x"\nsize = "1GiB"\nread_onyl = true\n',
+                                        "source": "mine.toml"})
+        assert bad.status_code == 400 and "read_onyl" in bad.json()["error"] and "mine.toml:" in bad.json()["error"]
