@@ -595,10 +595,13 @@ class Connection:
         seg_data: bytes | None = None
         if sense:
             seg_data = len(sense).to_bytes(2, "big") + sense
-        if task.expected_out and not task.expected_in:
-            # For writes the transport moved all expected bytes; the SCSI layer reports none back.
-            over = under = False
-            residual = 0
+        if not task.expected_in and self.result is not None and self.result.target is not None:
+            # A write's residual compares the expected transfer length with what the CDB asks to move (RFC 7143
+            # §11.4.5.1); the SCSI layer knows the latter, so the transport never parses a CDB.
+            want = self.result.target.scsi.data_out_length(task)
+            if want is not None and want != task.expected_out:
+                over, under = want > task.expected_out, want < task.expected_out
+                residual = abs(want - task.expected_out)
         rsp = pdu.ScsiResponse(
             task.tag, status, self._next_stat_sn(), self.exp_cmd_sn, self.max_cmd_sn, 0, over, under, residual,
             exp_data_sn, len(seg_data) if seg_data else 0,
