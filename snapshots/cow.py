@@ -1,0 +1,771 @@
+"""Differential (copy-on-write) snapshots: the pool, the snapshot-aware volume and the read-only snapshot view.
+
+This module owns the data path of snapshots. A :class:`Pool` is a directory (possibly on other, cheaper storage than
+the LUNs) holding one preserved-chunk file per origin LUN (``lun-<id>.cow``, fixed-size slots) and ``pool.db``, the
+chunk maps: ``copies(lun_id, chunk, epoch, slot)`` in SQLite, WAL, ``synchronous=FULL``. The maps live next to the
+data they describe, not in the catalog, so a hot-path commit never contends with management transactions, costs one
+WAL append plus one fsync, and is shared by every preservation that happened at the same time (group commit); and
+losing the pool's storage loses the snapshots coherently, never leaving maps that point at nothing.
+
+A :class:`CowVolume` wraps an origin backend and is the LUN's :class:`~lunsync.snapshots.device.BlockDevice`. Each
+snapshot of the LUN has an epoch, increasing per LUN. Before a chunk is first overwritten after the newest snapshot,
+its old contents are copied into a slot and tagged with the newest epoch ``e``; that one copy serves every snapshot
+whose epoch lies in ``(epoch of the chunk's previous copy, e]``, so a first write costs the same with 8 snapshots as
+with 1. Reading snapshot ``s`` at chunk ``c`` gives the earliest copy with epoch >= ``s``, else the origin. Whether a
+write must preserve is one dict lookup (``latest copy epoch < newest epoch``), so once a chunk is preserved, writes
+go straight through. Ordering, which holds under kill -9 with any write-cache setting: the copy is written and
+fdatasync'ed, then its mapping is committed (FULL), and only then does the overwriting write reach the origin.
+Concurrent writes to one chunk share the one preservation (a per-chunk in-flight future), and preservations that
+arrive while a batch is being copied form the next batch (one fdatasync and one commit per batch). UNMAP and WRITE
+SAME preserve first like any write; a partial-chunk write preserves the whole chunk. A copy is freed only when no live
+snapshot maps to it, so snapshots can be deleted in any order. When a preservation fails (pool full, I/O error) the
+origin keeps serving: the snapshots that needed it are reported through ``on_invalid`` (which must make that durable)
+before the write proceeds, and stop counting, so they are never silently wrong.
+
+A :class:`SnapshotView` is a read-only BlockDevice of one snapshot; writes are refused with :class:`ReadOnly` (DATA
+PROTECT), and reads of an invalidated snapshot fail with :class:`NotReady`.
+
+API for resync (live restore) built on top of this module:
+
+- ``volume.view(epoch, num_blocks)`` opens a read-only :class:`SnapshotView` of a snapshot (the source of a restore).
+- ``volume.changed_chunks(epoch)`` is the set of chunk numbers changed on the origin since snapshot ``epoch`` (every
+  chunk with a copy of epoch >= ``epoch``): copying only these back makes the origin equal to the snapshot again.
+  ``volume.chunk_size`` converts chunks to bytes.
+- Copy-on-write stays active on a destination as long as everything that changes it goes through the volume's
+  ``write``/``unmap``. A copier that writes the origin's descriptor directly (``os.copy_file_range`` into
+  ``volume.origin.fileno()``) must first ``await volume.preserve_range(lba, blocks)`` and keep that range from being
+  written concurrently; other snapshots of the destination then stay intact.
+- ``volume.hold()`` / ``volume.release()`` pause new writes and drain in-flight ones (a point in time), the primitive
+  snapshot sets and a resync switch-over need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from lunsync.snapshots.device import Buffer, LbaExtent
+from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
+
+__all__ = ["CowStats", "CowVolume", "Pool", "SnapshotView", "copy_range"]
+
+log = logging.getLogger("lunsync.cow")
+
+POOL_DB = "pool.db"
+# copy_file_range cannot cross filesystems on every kernel (EXDEV), nor work on every file (EINVAL, EOPNOTSUPP); then
+# the copy goes through a buffer.
+_NO_OFFLOAD = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP, errno.EBADF)
+
+
+def copy_range(src_fd: int, dst_fd: int, length: int, src_off: int, dst_off: int) -> None:
+    """Copy ``length`` bytes with ``os.copy_file_range`` (a reflink on XFS/btrfs), or through a buffer where the
+    kernel cannot offload it. Blocking: call from a thread. Bytes past the source's EOF read as zeros."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                break  # source EOF: the rest is zeros, which a sparse destination already reads as
+            done += n
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_OFFLOAD:
+            raise
+    buf = bytearray(min(length - done, 1 << 20))
+    view = memoryview(buf)
+    while done < length:
+        n = min(len(buf), length - done)
+        got = os.preadv(src_fd, [view[:n]], src_off + done)
+        if got < n:
+            view[got:n] = bytes(n - got)
+        data = view[:n]
+        while data:
+            w = os.pwritev(dst_fd, [data], dst_off + done + (n - len(data)))
+            if w <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            data = data[w:]
+        done += n
+
+
+@dataclass(slots=True)
+class CowStats:
+    """Plain integers the metrics collector samples; the hot path never calls Prometheus."""
+
+    copies: int = 0  # chunks preserved
+    copy_batches: int = 0  # group commits
+    copy_seconds: float = 0.0  # summed latency of batches, from submit to commit
+    copy_failures: int = 0
+    invalidated: int = 0  # snapshots marked invalid by a failed preservation
+
+
+# --- the pool ----------------------------------------------------------------------------------------------------
+
+
+class Pool:
+    """A snapshot pool: a directory with the chunk maps (``pool.db``) and one slot file per origin LUN.
+
+    ``capacity_bytes`` caps what the pool may hold (None: the filesystem's free space is the limit). Accounting is in
+    slots allocated by the volumes open on it."""
+
+    def __init__(self, name: str, path: str, capacity_bytes: int | None = None) -> None:
+        self.name = name
+        self.path = os.path.abspath(path)
+        self.capacity_bytes = capacity_bytes
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(os.path.join(self.path, POOL_DB), isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise StorageError(f"pool {name}: cannot use WAL journaling in {self.path} (got {mode!r})")
+        # FULL: a commit that returned is on stable storage, so an origin write may follow it.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT "
+            "NULL, slot INTEGER NOT NULL, PRIMARY KEY (lun_id, chunk, epoch), UNIQUE (lun_id, slot)) WITHOUT ROWID"
+        )
+        self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
+
+    def data_path(self, lun_id: int) -> str:
+        return os.path.join(self.path, f"lun-{lun_id}.cow")
+
+    def load(self, lun_id: int) -> list[tuple[int, int, int]]:
+        """Every ``(chunk, epoch, slot)`` of ``lun_id``, by chunk then epoch."""
+        with self._lock:
+            return list(self._db.execute(
+                "SELECT chunk, epoch, slot FROM copies WHERE lun_id = ? ORDER BY chunk, epoch", (lun_id,)))
+
+    def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int]]) -> None:
+        """Record ``(chunk, epoch, slot)`` rows in one durable transaction. Blocking."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO copies VALUES (?, ?, ?, ?)",
+                                     [(lun_id, c, e, s) for c, e, s in rows])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def forget(self, lun_id: int, rows: Sequence[tuple[int, int]]) -> None:
+        """Drop ``(chunk, epoch)`` rows in one durable transaction. Blocking."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM copies WHERE lun_id = ? AND chunk = ? AND epoch = ?",
+                                     [(lun_id, c, e) for c, e in rows])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def drop_lun(self, lun_id: int) -> None:
+        """Forget every copy of ``lun_id`` and remove its slot file (the LUN is gone). Blocking."""
+        with self._lock:
+            self._db.execute("DELETE FROM copies WHERE lun_id = ?", (lun_id,))
+            self._used.pop(lun_id, None)
+        try:
+            os.unlink(self.data_path(lun_id))
+        except FileNotFoundError:
+            pass
+
+    def set_used(self, lun_id: int, used_bytes: int) -> None:
+        self._used[lun_id] = used_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    @property
+    def fs_free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    @property
+    def free_bytes(self) -> int:
+        """What the pool can still take: the cap minus use, and never more than the filesystem has."""
+        free = self.fs_free_bytes
+        if self.capacity_bytes is not None:
+            free = min(free, max(0, self.capacity_bytes - self.used_bytes))
+        return free
+
+    def reserve(self, need: int) -> None:
+        """Refuse a new slot that would take the pool past its cap (ENOSPC from the filesystem is caught later)."""
+        if self.capacity_bytes is not None and self.used_bytes + need > self.capacity_bytes:
+            raise OutOfSpace(f"pool {self.name} is full ({self.used_bytes} of {self.capacity_bytes} bytes used)")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# --- the copy-on-write volume ------------------------------------------------------------------------------------
+
+
+class _Origin(Protocol):
+    """What the volume needs of its origin: a BlockDevice with a descriptor (FileBackend, BlockDevBackend)."""
+
+    block_size: int
+    num_blocks: int
+    read_only: bool
+    thin: bool
+
+    def fileno(self) -> int: ...
+    async def read(self, lba: int, blocks: int) -> bytearray: ...
+    async def write(self, lba: int, data: Buffer, fua: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None: ...
+    def lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]: ...
+    async def resize(self, num_blocks: int) -> None: ...
+    async def close(self) -> None: ...
+
+
+InvalidHandler = Callable[[list[int], str], Awaitable[None]]
+
+
+class CowVolume:
+    """A LUN with differential snapshots: the origin, plus the preserved chunks of its snapshots in a pool.
+
+    ``epochs`` are the epochs of the snapshots that still need copy-on-write (valid, and not a clone that has been
+    filled). ``on_invalid(epochs, reason)`` is awaited when a preservation fails and must durably mark those
+    snapshots invalid; the overwriting write waits for it."""
+
+    def __init__(self, origin: _Origin, pool: Pool | None, lun_id: int, chunk_size: int,
+                 epochs: Iterable[int] = (), on_invalid: InvalidHandler | None = None, name: str = "") -> None:
+        if chunk_size <= 0 or chunk_size % origin.block_size:
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {origin.block_size}")
+        self.origin = origin
+        self.name = name or str(lun_id)
+        self.lun_id = lun_id
+        self.chunk_size = chunk_size
+        self.stats = CowStats()
+        self.on_invalid = on_invalid
+        self._epochs: list[int] = sorted(set(epochs))
+        self._newest = self._epochs[-1] if self._epochs else 0
+        self._copies: dict[int, list[tuple[int, int]]] = {}  # chunk -> [(epoch, slot)], ascending epochs
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._pool: Pool | None = None
+        self._data_fd = -1
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._pending: list[tuple[int, asyncio.Future[None]]] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._active = 0
+        self._gate: asyncio.Event | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._closed = False
+        if pool is not None:
+            self.attach_pool(pool)
+
+    # --- pool and maps --------------------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> Pool | None:
+        return self._pool
+
+    def attach_pool(self, pool: Pool) -> None:
+        """Open this LUN's slot file in ``pool`` and load its maps; copies no live snapshot needs are freed."""
+        if self._pool is not None:
+            if self._pool is pool:
+                return
+            raise ValueError(f"lun {self.name} already keeps its copies in pool {self._pool.name}")
+        self._data_fd = os.open(pool.data_path(self.lun_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._pool = pool
+        used: set[int] = set()
+        for chunk, epoch, slot in pool.load(self.lun_id):
+            self._copies.setdefault(chunk, []).append((epoch, slot))
+            used.add(slot)
+        self._next_slot = max(used) + 1 if used else 0
+        self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
+        self._account()
+        garbage = self._unneeded()
+        if garbage:
+            self._free_now(garbage)
+
+    def detach_pool(self) -> Pool | None:
+        """Let go of the pool once no snapshot needs copy-on-write (its slot file is then empty)."""
+        if self._pool is None or self._epochs or self._copies:
+            return None
+        pool, self._pool = self._pool, None
+        os.close(self._data_fd)
+        self._data_fd = -1
+        pool.set_used(self.lun_id, 0)
+        return pool
+
+    def _account(self) -> None:
+        if self._pool is not None:
+            self._pool.set_used(self.lun_id, (self._next_slot - len(self._free_slots)) * self.chunk_size)
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        return tuple(self._epochs)
+
+    @property
+    def slots_used(self) -> int:
+        return self._next_slot - len(self._free_slots)
+
+    def copy_for(self, chunk: int, epoch: int) -> int | None:
+        """The slot holding snapshot ``epoch``'s contents of ``chunk``: the earliest copy with epoch >= ``epoch``;
+        None means the origin still holds them."""
+        cl = self._copies.get(chunk)
+        if not cl:
+            return None
+        if cl[-1][0] < epoch:
+            return None
+        for e, slot in cl:
+            if e >= epoch:
+                return slot
+        return None
+
+    def changed_chunks(self, epoch: int) -> set[int]:
+        """Chunks changed on the origin since snapshot ``epoch`` (for "copy only what changed")."""
+        return {c for c, cl in self._copies.items() if cl[-1][0] >= epoch}
+
+    def mapped_chunks(self, epoch: int) -> int:
+        """How many preserved chunks snapshot ``epoch`` reads (its space in the pool, shared copies included)."""
+        return len(self.changed_chunks(epoch))
+
+    def _unneeded(self) -> list[tuple[int, int, int]]:
+        """Copies whose epoch range (previous copy's epoch, epoch] holds no live snapshot: (chunk, epoch, slot)."""
+        live = self._epochs
+        out = []
+        for chunk, cl in self._copies.items():
+            prev = 0
+            for e, slot in cl:
+                i = bisect.bisect_right(live, prev)
+                if not (i < len(live) and live[i] <= e):
+                    out.append((chunk, e, slot))
+                prev = e
+        return out
+
+    def _free_now(self, garbage: list[tuple[int, int, int]]) -> None:
+        """Forget copies (durably first), then make their slots reusable and give the space back. Blocking."""
+        assert self._pool is not None
+        self._pool.forget(self.lun_id, [(c, e) for c, e, _ in garbage])
+        self._release_slots(garbage)
+
+    def _release_slots(self, garbage: list[tuple[int, int, int]]) -> None:
+        for chunk, e, slot in garbage:
+            cl = self._copies.get(chunk)
+            if cl is not None:
+                cl.remove((e, slot))
+                if not cl:
+                    del self._copies[chunk]
+            self._free_slots.append(slot)
+        if not self._copies:
+            # Nothing preserved any more: give the whole file back.
+            self._free_slots.clear()
+            self._next_slot = 0
+            os.ftruncate(self._data_fd, 0)
+        else:
+            for _, _, slot in garbage:
+                _punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+            self._free_slots.sort(reverse=True)
+        self._account()
+
+    # --- snapshots come and go ------------------------------------------------------------------------------------
+
+    async def hold(self) -> None:
+        """Hold new writes and wait for in-flight ones (and their preservations) to finish. Pair with
+        :meth:`release`; a cancelled hold releases itself."""
+        if self._gate is not None:
+            raise RuntimeError(f"lun {self.name} is already held")
+        self._gate = asyncio.Event()
+        try:
+            while self._active:
+                self._drained = asyncio.get_running_loop().create_future()
+                await self._drained
+        except BaseException:
+            self.release()
+            raise
+        finally:
+            self._drained = None
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    @property
+    def held(self) -> bool:
+        return self._gate is not None
+
+    def add_snapshot(self, epoch: int) -> None:
+        """Start preserving for snapshot ``epoch`` (the newest). Call while held, after the epoch is committed."""
+        if self._pool is None:
+            raise ValueError(f"lun {self.name} has no pool for its copies")
+        if self._epochs and epoch <= self._epochs[-1]:
+            raise ValueError(f"epoch {epoch} is not newer than {self._epochs[-1]}")
+        self._epochs.append(epoch)
+        self._newest = epoch
+
+    async def drop_snapshot(self, epoch: int) -> int:
+        """Stop preserving for ``epoch`` (deleted, invalid, or a filled clone) and free the copies no remaining
+        snapshot maps to. Returns the number of chunks freed. Call while held, after the catalog says so."""
+        self._drop(epoch)
+        garbage = self._unneeded()
+        if garbage and self._pool is not None:
+            await asyncio.to_thread(self._pool.forget, self.lun_id, [(c, e) for c, e, _ in garbage])
+            self._release_slots(garbage)
+        return len(garbage)
+
+    def _drop(self, epoch: int) -> None:
+        if epoch in self._epochs:
+            self._epochs.remove(epoch)
+        self._newest = self._epochs[-1] if self._epochs else 0
+
+    def view(self, epoch: int, num_blocks: int | None = None) -> SnapshotView:
+        """A read-only BlockDevice of snapshot ``epoch`` (``num_blocks``: its size when taken)."""
+        return SnapshotView(self, epoch, self.origin.num_blocks if num_blocks is None else num_blocks)
+
+    # --- BlockDevice ----------------------------------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.origin.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.origin.num_blocks
+
+    @property
+    def read_only(self) -> bool:
+        return self.origin.read_only
+
+    @property
+    def thin(self) -> bool:
+        return self.origin.thin
+
+    def fileno(self) -> int:
+        return self.origin.fileno()
+
+    async def read(self, lba: int, blocks: int) -> Buffer:
+        return await self.origin.read(lba, blocks)
+
+    def _needs(self, first: int, last: int) -> list[int]:
+        newest = self._newest
+        copies = self._copies
+        out = []
+        for c in range(first, last + 1):
+            cl = copies.get(c)
+            if (cl is None or cl[-1][0] < newest) or c in self._inflight:
+                out.append(c)
+        return out
+
+    async def _enter(self) -> None:
+        while self._gate is not None:
+            await self._gate.wait()
+        self._active += 1
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if not self._active and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
+        """Preserve the chunks this write is the first to change since the newest snapshot, then write. Durability
+        as the origin's ``write``; the preserved copies are durable before the origin is touched."""
+        await self._enter()
+        try:
+            if self._newest:
+                nbytes = memoryview(data).nbytes
+                if nbytes:
+                    start = lba * self.origin.block_size
+                    need = self._needs(start // self.chunk_size, (start + nbytes - 1) // self.chunk_size)
+                    if need:
+                        await self._preserve(need)
+            await self.origin.write(lba, data, fua)
+        finally:
+            self._leave()
+
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Preserve the chunks the ranges touch (a deallocation is a change), then unmap."""
+        await self._enter()
+        try:
+            if self._newest:
+                bs = self.origin.block_size
+                need: set[int] = set()
+                for lba, blocks in ranges:
+                    if blocks and 0 <= lba and lba + blocks <= self.origin.num_blocks:
+                        need.update(self._needs(lba * bs // self.chunk_size,
+                                                ((lba + blocks) * bs - 1) // self.chunk_size))
+                if need:
+                    await self._preserve(sorted(need))
+            await self.origin.unmap(ranges)
+        finally:
+            self._leave()
+
+    async def preserve_range(self, lba: int, blocks: int) -> None:
+        """Preserve the chunks of a range before something writes the origin's descriptor directly."""
+        if self._newest and blocks:
+            start = lba * self.origin.block_size
+            need = self._needs(start // self.chunk_size, (start + blocks * self.origin.block_size - 1)
+                               // self.chunk_size)
+            if need:
+                await self._preserve(need)
+
+    async def flush(self) -> None:
+        await self.origin.flush()
+
+    def lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]:
+        return self.origin.lba_status(lba, max_extents)
+
+    async def resize(self, num_blocks: int) -> None:
+        await self._enter()
+        try:
+            await self.origin.resize(num_blocks)
+        finally:
+            self._leave()
+
+    async def close(self) -> None:
+        """Wait for preservations in flight, close the slot file, then close the origin."""
+        self._closed = True
+        if self._runner is not None:
+            await asyncio.wait([self._runner])
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+        await self.origin.close()
+
+    # --- preservation ---------------------------------------------------------------------------------------------
+
+    async def _preserve(self, chunks: list[int]) -> None:
+        """Make sure each chunk is preserved for the newest epoch (or its snapshots are invalidated)."""
+        waits: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for c in chunks:
+            fut = self._inflight.get(c)
+            if fut is None:
+                cl = self._copies.get(c)
+                if cl is not None and cl[-1][0] >= self._newest:
+                    continue
+                fut = loop.create_future()
+                self._inflight[c] = fut
+                self._pending.append((c, fut))
+            waits.append(fut)
+        if self._pending and (self._runner is None or self._runner.done()):
+            self._runner = loop.create_task(self._run_batches(), name=f"cow-{self.name}")
+        for fut in waits:
+            # Shielded: a cancelled writer must not cancel a preservation others wait for.
+            await asyncio.shield(fut)
+
+    async def _run_batches(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            started = time.perf_counter()
+            try:
+                await self._copy_batch(batch)
+            except BaseException as exc:  # never leave a writer waiting on a future nobody completes
+                for c, fut in batch:
+                    self._inflight.pop(c, None)
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else StorageError(str(exc)))
+                        fut.exception()
+                if not isinstance(exc, Exception):
+                    raise
+            self.stats.copy_batches += 1
+            self.stats.copy_seconds += time.perf_counter() - started
+
+    async def _copy_batch(self, batch: list[tuple[int, asyncio.Future[None]]]) -> None:
+        pool = self._pool
+        epoch = self._newest
+        failed: dict[int, str] = {}
+        items: list[tuple[int, int]] = []
+        if pool is None:
+            failed = {c: "no pool" for c, _ in batch}
+        else:
+            for c, _ in batch:
+                cl = self._copies.get(c)
+                if epoch == 0 or (cl is not None and cl[-1][0] >= epoch):
+                    continue  # preserved by an earlier batch, or the snapshot went away meanwhile
+                try:
+                    pool.reserve(self.chunk_size)
+                except OutOfSpace as exc:
+                    failed[c] = str(exc)
+                    continue
+                slot = self._free_slots.pop() if self._free_slots else self._take_slot()
+                items.append((c, slot))
+                self._account()
+            if items:
+                done, errors = await asyncio.to_thread(self._copy_and_commit, pool, items, epoch)
+                for c, slot in done:
+                    self._copies.setdefault(c, []).append((epoch, slot))
+                self.stats.copies += len(done)
+                for c, slot in items:
+                    if c in errors:
+                        failed[c] = errors[c]
+                        self._free_slots.append(slot)
+                self._account()
+        if failed:
+            await self._invalidate(failed)
+        for c, fut in batch:
+            self._inflight.pop(c, None)
+            if not fut.done():
+                fut.set_result(None)
+
+    def _take_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def _copy_and_commit(self, pool: Pool, items: list[tuple[int, int]], epoch: int
+                         ) -> tuple[list[tuple[int, int]], dict[int, str]]:
+        """In a thread: copy each chunk to its slot, fdatasync the slot file, commit the maps. The order is the
+        crash-safety argument: data durable, then map durable, then (in the caller) the origin write."""
+        cs = self.chunk_size
+        src = self.origin.fileno()
+        size = self.origin.num_blocks * self.origin.block_size
+        done: list[tuple[int, int]] = []
+        errors: dict[int, str] = {}
+        for c, slot in items:
+            try:
+                length = min(cs, size - c * cs)
+                if length > 0:
+                    copy_range(src, self._data_fd, length, c * cs, slot * cs)
+                done.append((c, slot))
+            except OSError as exc:
+                errors[c] = f"copying chunk {c}: {exc.strerror or exc}"
+        if done:
+            try:
+                os.fdatasync(self._data_fd)
+                pool.commit(self.lun_id, [(c, epoch, slot) for c, slot in done])
+            except (OSError, sqlite3.Error) as exc:
+                why = f"making copies durable: {getattr(exc, 'strerror', None) or exc}"
+                errors.update({c: why for c, _ in done})
+                done = []
+        return done, errors
+
+    async def _invalidate(self, failed: dict[int, str]) -> None:
+        """The snapshots that needed a failed preservation lose it: every live epoch above the chunk's latest copy."""
+        victims: set[int] = set()
+        for c in failed:
+            cl = self._copies.get(c)
+            latest = cl[-1][0] if cl else 0
+            victims.update(e for e in self._epochs if e > latest)
+        self.stats.copy_failures += len(failed)
+        if not victims:
+            return
+        reason = next(iter(failed.values()))
+        epochs = sorted(victims)
+        log.error("lun %s: cannot preserve %d chunk(s) (%s): snapshot epoch(s) %s are now invalid", self.name,
+                  len(failed), reason, epochs)
+        if self.on_invalid is not None:
+            await self.on_invalid(epochs, reason)  # durable before the origin is overwritten
+        for e in epochs:
+            self._drop(e)
+        self.stats.invalidated += len(epochs)
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Give a freed slot's blocks back to the filesystem; where holes cannot be punched the slot is just reused."""
+    from lunsync.snapshots.backend import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+
+    try:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+
+
+# --- the snapshot view -------------------------------------------------------------------------------------------
+
+
+class SnapshotView:
+    """Snapshot ``epoch`` of a :class:`CowVolume` as a read-only BlockDevice.
+
+    A read takes the range from the origin first and then overlays every chunk that has a copy for this snapshot.
+    Checking the maps *after* the origin read is what makes it race-free without locks: an origin chunk only changes
+    after its copy is committed, so a read that saw new data also sees the copy."""
+
+    def __init__(self, volume: CowVolume, epoch: int, num_blocks: int) -> None:
+        self.volume = volume
+        self.epoch = epoch
+        self._num_blocks = num_blocks
+        self.valid = True  # cleared when the snapshot is invalidated or deleted
+
+    @property
+    def block_size(self) -> int:
+        return self.volume.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def read_only(self) -> bool:
+        return True
+
+    @property
+    def thin(self) -> bool:
+        return False
+
+    def _check(self, lba: int, blocks: int) -> None:
+        if not self.valid:
+            raise NotReady(f"snapshot epoch {self.epoch} of lun {self.volume.name} is invalid")
+        if lba < 0 or blocks < 0 or lba + blocks > self._num_blocks:
+            raise OutOfRange(f"blocks {lba}+{blocks} outside 0..{self._num_blocks}")
+
+    async def read(self, lba: int, blocks: int) -> bytearray:
+        self._check(lba, blocks)
+        vol = self.volume
+        buf = await vol.origin.read(lba, blocks)
+        if not isinstance(buf, bytearray):
+            buf = bytearray(buf)
+        bs, cs = vol.block_size, vol.chunk_size
+        start, end = lba * bs, (lba + blocks) * bs
+        segments = []
+        for c in range(start // cs, (end - 1) // cs + 1) if blocks else ():
+            slot = vol.copy_for(c, self.epoch)
+            if slot is not None:
+                lo, hi = max(start, c * cs), min(end, (c + 1) * cs)
+                segments.append((slot * cs + lo - c * cs, lo - start, hi - lo))
+        if segments:
+            try:
+                await asyncio.to_thread(_read_segments, vol._data_fd, buf, segments)
+            except OSError as exc:
+                raise MediumError(f"read snapshot of {vol.name} from the pool: {exc.strerror or exc}", lba) from exc
+        if not self.valid:  # invalidated while we read: never hand out data that may be wrong
+            raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name} is invalid")
+        return buf
+
+    async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
+        raise ReadOnly("a snapshot is read-only")
+
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        raise ReadOnly("a snapshot is read-only")
+
+    async def flush(self) -> None:
+        return None
+
+    def lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]:
+        if not 0 <= lba < self._num_blocks:
+            raise OutOfRange(f"block {lba} outside 0..{self._num_blocks}")
+        return [LbaExtent(lba, self._num_blocks - lba, True)]
+
+    async def resize(self, num_blocks: int) -> None:
+        raise ReadOnly("a snapshot cannot be resized")
+
+    async def close(self) -> None:
+        return None  # the volume owns every descriptor
+
+
+def _read_segments(fd: int, buf: bytearray, segments: list[tuple[int, int, int]]) -> None:
+    view = memoryview(buf)
+    for src, dst, length in segments:
+        part = view[dst:dst + length]
+        while part:
+            got = os.preadv(fd, [part], src)
+            if got == 0:  # a slot past EOF was never written: zeros (the origin chunk was a hole)
+                part[:] = bytes(len(part))
+                break
+            part = part[got:]
+            src += got

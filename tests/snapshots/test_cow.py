@@ -1,0 +1,341 @@
+"""Tests for lunsync.snapshots.cow on real files: snapshot contents, shared copies, deletion in every order, the
+crash ordering (injected failures, reopening from disk, and kill -9 of a writer process), pool full, and the resync
+API (changed chunks, preserve_range)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from lunsync.snapshots.backend import FileBackend
+from lunsync.snapshots.cow import CowVolume, Pool
+from lunsync.snapshots.errors import NotReady, ReadOnly
+
+BS = 512
+CS = 64 << 10
+SIZE = 4 << 20  # 64 chunks
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def make(tmp: Path, *, capacity: int | None = None, epochs: tuple[int, ...] = (), create: bool = True
+         ) -> tuple[CowVolume, Pool]:
+    path = tmp / "origin.img"
+    origin = FileBackend.create(path, SIZE, BS) if create else FileBackend.open(path, BS)
+    pool = Pool("p", str(tmp / "pool"), capacity)
+    return CowVolume(origin, pool, 1, CS, epochs, name="lun"), pool
+
+
+def pat(byte: int, n: int = CS) -> bytes:
+    return bytes([byte]) * n
+
+
+async def snap(vol: CowVolume, epoch: int) -> None:
+    await vol.hold()
+    vol.add_snapshot(epoch)
+    vol.release()
+
+
+def test_write_snapshot_write_reads_old_through_view_and_new_on_origin(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0xAA, 4 * CS))
+        await snap(vol, 1)
+        await vol.write(0, pat(0xBB, 2 * CS))
+        view = vol.view(1)
+        assert bytes(await view.read(0, 4 * CS // BS)) == pat(0xAA, 4 * CS)
+        assert bytes(await vol.read(0, 4 * CS // BS)) == pat(0xBB, 2 * CS) + pat(0xAA, 2 * CS)
+        assert vol.slots_used == 2
+        assert vol.changed_chunks(1) == {0, 1}
+        with pytest.raises(ReadOnly):
+            await view.write(0, pat(0, BS))
+        await vol.close()
+
+    run(go())
+
+
+def test_eight_snapshots_share_one_copy_per_chunk(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0x11))
+        for e in range(1, 9):
+            await snap(vol, e)
+        await vol.write(0, pat(0x22))
+        await vol.write(0, pat(0x33))  # already preserved for the newest epoch: straight through
+        assert vol.slots_used == 1
+        assert vol.stats.copies == 1
+        for e in range(1, 9):
+            assert bytes(await vol.view(e).read(0, CS // BS)) == pat(0x11)
+        await vol.close()
+
+    run(go())
+
+
+def test_partial_chunk_write_preserves_the_whole_chunk(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0x01, CS))
+        await snap(vol, 1)
+        await vol.write(3, pat(0x02, BS))  # one block in the middle of chunk 0
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x01)
+        got = bytes(await vol.read(0, CS // BS))
+        assert got[3 * BS:4 * BS] == pat(0x02, BS) and got[:3 * BS] == pat(0x01, 3 * BS)
+        await vol.close()
+
+    run(go())
+
+
+def test_unmap_preserves_first(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0x5A, 2 * CS))
+        await snap(vol, 1)
+        await vol.unmap([(0, 2 * CS // BS)])
+        assert bytes(await vol.read(0, 2 * CS // BS)) == bytes(2 * CS)
+        assert bytes(await vol.view(1).read(0, 2 * CS // BS)) == pat(0x5A, 2 * CS)
+        await vol.close()
+
+    run(go())
+
+
+def test_concurrent_writes_to_one_chunk_share_one_preservation(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0x10, CS))
+        await snap(vol, 1)
+        await asyncio.gather(*(vol.write(i, pat(0x20 + i, BS)) for i in range(32)))
+        assert vol.stats.copies == 1
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x10)
+        await vol.close()
+
+    run(go())
+
+
+def test_concurrent_first_writes_are_group_committed(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await snap(vol, 1)
+        await asyncio.gather(*(vol.write(c * CS // BS, pat(0x7F, BS)) for c in range(32)))
+        assert vol.stats.copies == 32
+        assert vol.stats.copy_batches < 32
+        await vol.close()
+
+    run(go())
+
+
+EPOCH_PATTERNS = {1: 0xA1, 2: 0xA2, 3: 0xA3, 4: 0xA4}
+
+
+async def _history(vol: CowVolume) -> None:
+    """Chunk 0 changes before every snapshot, chunk 1 only before the first, chunk 2 before the 3rd."""
+    for e, byte in EPOCH_PATTERNS.items():
+        await vol.write(0, pat(byte))
+        if e == 1:
+            await vol.write(CS // BS, pat(byte))
+        if e == 3:
+            await vol.write(2 * CS // BS, pat(byte))
+        await snap(vol, e)
+    await vol.write(0, pat(0xFF, 3 * CS))
+
+
+def _expected(e: int) -> bytes:
+    return pat(EPOCH_PATTERNS[e]) + pat(0xA1) + (pat(0xA3) if e >= 3 else bytes(CS))
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations([1, 2, 3, 4])))
+def test_delete_in_every_order_keeps_what_the_rest_need(tmp_path: Path, order: tuple[int, ...]) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await _history(vol)
+        live = [1, 2, 3, 4]
+        for e in order:
+            await vol.hold()
+            await vol.drop_snapshot(e)
+            vol.release()
+            live.remove(e)
+            for other in live:
+                assert bytes(await vol.view(other).read(0, 3 * CS // BS)) == _expected(other), (order, other)
+        assert vol.slots_used == 0
+        assert pool.load(1) == []
+        assert bytes(await vol.read(0, 3 * CS // BS)) == pat(0xFF, 3 * CS)
+        await vol.close()
+
+    run(go())
+
+
+def test_reopen_from_disk_reads_the_same_snapshots(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await _history(vol)
+        await vol.close()
+        pool.close()
+        vol2, _ = make(tmp_path, epochs=(1, 2, 3, 4), create=False)
+        for e in (1, 2, 3, 4):
+            assert bytes(await vol2.view(e).read(0, 3 * CS // BS)) == _expected(e)
+        # Reopened with snapshot 2 gone (deleted just before a crash): its unshared copies are collected.
+        await vol2.close()
+        vol3, _ = make(tmp_path, epochs=(1, 3, 4), create=False)
+        assert vol3.slots_used == 6  # of 7: only chunk 0's copy for (1, 2] served snapshot 2 alone
+        for e in (1, 3, 4):
+            assert bytes(await vol3.view(e).read(0, 3 * CS // BS)) == _expected(e)
+        await vol3.close()
+
+    run(go())
+
+
+def test_preservation_is_durable_before_the_origin_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0xAA))
+        await snap(vol, 1)
+        events: list[str] = []
+        real_sync, real_commit, real_write = os.fdatasync, pool.commit, vol.origin.write
+
+        def fdatasync(fd: int) -> None:
+            events.append("fdatasync-pool" if fd == vol._data_fd else "fdatasync")
+            real_sync(fd)
+
+        def commit(lun_id: int, rows: list[tuple[int, int, int]]) -> None:
+            events.append("commit")
+            real_commit(lun_id, rows)
+
+        async def crash(lba: int, data: bytes, fua: bool = False) -> None:
+            events.append("origin-write")
+            raise RuntimeError("power cut between preservation and origin write")
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(pool, "commit", commit)
+        monkeypatch.setattr(vol.origin, "write", crash)
+        with pytest.raises(RuntimeError):
+            await vol.write(0, pat(0xBB))
+        assert events == ["fdatasync-pool", "commit", "origin-write"]
+        monkeypatch.setattr(vol.origin, "write", real_write)
+        # Reopen from disk without closing anything: the copy and its map are there.
+        vol2, _ = make(tmp_path, epochs=(1,), create=False)
+        assert vol2.slots_used == 1
+        assert bytes(await vol2.view(1).read(0, CS // BS)) == pat(0xAA)
+        await vol2.close()
+
+    run(go())
+
+
+def test_pool_full_invalidates_the_snapshot_and_keeps_serving(tmp_path: Path) -> None:
+    async def go() -> None:
+        invalid: list[tuple[list[int], str]] = []
+        vol, pool = make(tmp_path, capacity=2 * CS)
+        view = vol.view(1)
+
+        async def on_invalid(epochs: list[int], reason: str) -> None:
+            invalid.append((epochs, reason))
+            view.valid = False
+
+        vol.on_invalid = on_invalid
+        await vol.write(0, pat(0x01, 4 * CS))
+        await snap(vol, 1)
+        await vol.write(0, pat(0x02, 2 * CS))  # fits
+        assert invalid == []
+        await vol.write(2 * CS // BS, pat(0x03, CS))  # the third copy does not
+        assert invalid and invalid[0][0] == [1] and "full" in invalid[0][1]
+        assert bytes(await vol.read(0, 3 * CS // BS)) == pat(0x02, 2 * CS) + pat(0x03)
+        assert vol.epochs == ()
+        with pytest.raises(NotReady):
+            await view.read(0, 1)
+        copies = vol.stats.copies
+        await vol.write(3 * CS // BS, pat(0x04, CS))  # no valid snapshot left: no more copies
+        assert vol.stats.copies == copies
+        assert pool.free_bytes == 0
+        await vol.close()
+
+    run(go())
+
+
+def test_preserve_range_before_direct_copy(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0x61, 2 * CS))
+        await snap(vol, 1)
+        await vol.preserve_range(CS // BS, 1)
+        os.pwrite(vol.fileno(), pat(0x62, CS), CS)  # what an offloaded copier does
+        assert vol.changed_chunks(1) == {1}
+        assert bytes(await vol.view(1).read(0, 2 * CS // BS)) == pat(0x61, 2 * CS)
+        await vol.close()
+
+    run(go())
+
+
+# --- kill -9 ---------------------------------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import asyncio, hashlib, json, os, random, signal, sys
+    from lunsync.snapshots.backend import FileBackend
+    from lunsync.snapshots.cow import CowVolume, Pool
+    tmp, seed = sys.argv[1], int(sys.argv[2])
+    rng = random.Random(seed)
+    BS, CS, SIZE = 512, 65536, 4 << 20
+    async def main():
+        origin = FileBackend.create(os.path.join(tmp, "origin.img"), SIZE, BS)
+        vol = CowVolume(origin, Pool("p", os.path.join(tmp, "pool")), 1, CS, name="lun")
+        kill_at = rng.randrange(50, 400)
+        n = 0
+        epoch = 0
+        acked = {}
+        async def writer(w):
+            nonlocal n
+            while True:
+                lba = rng.randrange(0, SIZE // BS - 16)
+                blocks = rng.choice((1, 8, 16))
+                data = os.urandom(blocks * BS)
+                await vol.write(lba, data, fua=rng.random() < 0.3)
+                n += 1
+                if n == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                await asyncio.sleep(0)
+        tasks = [asyncio.create_task(writer(w)) for w in range(4)]
+        while True:
+            await asyncio.sleep(0.005)
+            await vol.hold()
+            epoch += 1
+            await vol.flush()
+            digest = hashlib.sha256(bytes(await origin.read(0, SIZE // BS))).hexdigest()
+            # The record is durable before the epoch counts, as the catalog commit is in the daemon.
+            record = json.load(open(os.path.join(tmp, "snaps.json"))) if epoch > 1 else {}
+            record[str(epoch)] = digest
+            with open(os.path.join(tmp, "snaps.json.tmp"), "w") as f:
+                json.dump(record, f)
+                f.flush(); os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, "snaps.json.tmp"), os.path.join(tmp, "snaps.json"))
+            vol.add_snapshot(epoch)
+            vol.release()
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kill9_during_writes_leaves_every_snapshot_intact(tmp_path: Path, seed: int) -> None:
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), str(seed)], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    record = json.loads((tmp_path / "snaps.json").read_text()) if (tmp_path / "snaps.json").exists() else {}
+    epochs = tuple(int(e) for e in record)
+
+    async def check() -> int:
+        vol, _ = make(tmp_path, epochs=epochs, create=False)
+        for e, digest in record.items():
+            data = bytes(await vol.view(int(e)).read(0, SIZE // BS))
+            assert hashlib.sha256(data).hexdigest() == digest, f"snapshot {e} altered (seed {seed})"
+        await vol.close()
+        return len(record)
+
+    assert record, "the writer died before its first snapshot: the trial checks nothing"
+    assert run(check()) == len(epochs)
