@@ -1,0 +1,299 @@
+"""The connection state machine driven with bytes and a clock only: login, full feature phase, R2T, Data-In,
+NOP, Text/SendTargets, task management events, Reject and logout. No socket anywhere."""
+
+from __future__ import annotations
+
+import struct
+
+from lunsync.target import chap, keys, pdu
+from lunsync.target.connection import Close, Connection, Execute, LoggedIn, LoginFailed, Phase, TaskManagement
+from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
+from lunsync.target.scsi.task import ScsiResponse, Status
+from tests.target.scsi.memdev import MemDevice, make_target, run
+
+IQN = "iqn.2026-11.io.lunsync:test"
+INITIATOR = "iqn.2026-11.org.example:host1"
+ISID = 0x23D000000001
+
+
+def login_pdu(pairs: list[tuple[str, str]], *, csg: int = 1, nsg: int = 3, transit: bool = True, itt: int = 0,
+              cmd_sn: int = 1, cont: bool = False, tsih: int = 0) -> bytes:
+    data = keys.encode_text(pairs)
+    flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | (nsg if transit else 0)
+    bhs = struct.pack(">BBBBB3s6sHIHxxII16x", 0x43, flags, 0, 0, 0, len(data).to_bytes(3, "big"),
+                      ISID.to_bytes(6, "big"), tsih, itt, 0, cmd_sn, 0)
+    return bhs + data + pdu.padding(len(data))
+
+
+def scsi_cmd(cdb: bytes, *, itt: int, cmd_sn: int, edtl: int, read: bool = False, write: bool = False,
+             data: bytes = b"", final: bool = True, lun: int = 0) -> bytes:
+    flags = (0x80 if final else 0) | (0x40 if read else 0) | (0x20 if write else 0) | 1
+    bhs = struct.pack(">BBxxB3s8sIIII16s", 0x01, flags, 0, len(data).to_bytes(3, "big"), pdu.encode_lun(lun), itt,
+                      edtl, cmd_sn, 0, cdb.ljust(16, b"\0"))
+    return bhs + data + pdu.padding(len(data))
+
+
+def data_out(data: bytes, *, itt: int, ttt: int, offset: int, data_sn: int = 0, final: bool = True) -> bytes:
+    bhs = struct.pack(">BBxxB3s8sIIIIIII4x", 0x05, 0x80 if final else 0, 0, len(data).to_bytes(3, "big"),
+                      pdu.encode_lun(0), itt, ttt, 0, 0, 0, data_sn, offset)
+    return bhs + data + pdu.padding(len(data))
+
+
+def split(out: list[pdu.Out]) -> list[tuple[bytes, bytes]]:
+    """Parse what the target sent back into (BHS, data) pairs."""
+    raw = b"".join(bytes(x) for x in out)
+    pdus = []
+    while raw:
+        n = pdu.frame_length(raw, False, False)
+        dlen = pdu.data_segment_length(raw)
+        pdus.append((raw[:48], raw[48:48 + dlen]))
+        raw = raw[n:]
+    return pdus
+
+
+class Rig:
+    def __init__(self, *, chap_creds: ChapCredentials | None = None, acl: frozenset[str] = frozenset()) -> None:
+        self.dev = MemDevice(num_blocks=2048)
+        scsi, self.lu, _ = make_target(self.dev)
+        self.directory = Directory()
+        self.directory.add(TargetEntry(IQN, scsi, alias="t", acl=acl, chap=chap_creds))
+        self.directory.portals.append(PortalAddress("127.0.0.1", 3260, 1))
+        self.conn = Connection(self.directory, peer="test", now=0.0, nop_interval_s=5, nop_timeout_s=5,
+                               target_limits={"MaxRecvDataSegmentLength": "65536"})
+
+    def feed(self, data: bytes, now: float = 1.0) -> list[tuple[bytes, bytes]]:
+        view = self.conn.get_buffer()
+        view[:len(data)] = data
+        self.conn.buffer_updated(len(data), now)
+        self.run_events()
+        return split(self.conn.take_output())
+
+    def run_events(self) -> None:
+        for ev in self.conn.take_events():
+            if isinstance(ev, Execute):
+                resp: ScsiResponse = run(self.conn.result.target.scsi.execute(ev.task))  # type: ignore[union-attr]
+                self.conn.complete(ev.task, resp)
+            else:
+                self.events.append(ev)
+
+    events: list[object] = []
+
+    def login(self, extra: list[tuple[str, str]] | None = None) -> list[tuple[bytes, bytes]]:
+        self.events = []
+        pairs = [("InitiatorName", INITIATOR), ("TargetName", IQN), ("SessionType", "Normal"),
+                 ("ImmediateData", "Yes"), ("InitialR2T", "Yes"), ("MaxBurstLength", "65536"),
+                 ("FirstBurstLength", "8192")] + (extra or [])
+        out = self.feed(login_pdu(pairs))
+        if self.conn.phase is Phase.FULL_FEATURE:
+            # The first command of a new I_T nexus reports POWER ON OCCURRED; take it out of the way.
+            self.feed(scsi_cmd(bytes(6), itt=0xFFFF, cmd_sn=1, edtl=0))
+        return out
+
+
+def test_single_pdu_login_reaches_full_feature_phase() -> None:
+    rig = Rig()
+    [(bhs, data)] = rig.login()
+    assert bhs[0] == 0x23 and bhs[36] == 0 and bhs[37] == 0
+    assert bhs[1] & 0x80 and bhs[1] & 3 == 3  # T bit, NSG = full feature
+    tsih = int.from_bytes(bhs[14:16], "big")
+    assert tsih != 0
+    answers = dict(keys.parse_text(data))
+    assert answers["TargetPortalGroupTag"] == "1"
+    assert answers["MaxRecvDataSegmentLength"] == "65536"
+    assert rig.conn.phase is Phase.FULL_FEATURE
+    assert any(isinstance(e, LoggedIn) for e in rig.events)
+
+
+def test_unknown_target_fails_login_with_not_found() -> None:
+    rig = Rig()
+    out = rig.feed(login_pdu([("InitiatorName", INITIATOR), ("TargetName", "iqn.2026-11.io.lunsync:nope")]))
+    assert out[0][0][36:38] == bytes((0x02, 0x03))
+    assert any(isinstance(e, Close) for e in rig.conn.take_events()) or rig.conn.phase is Phase.CLOSED
+
+
+def test_acl_refusal_is_authorization_failure() -> None:
+    rig = Rig(acl=frozenset({"iqn.2026-11.org.example:other"}))
+    [(bhs, _)] = rig.login()
+    assert bhs[36:38] == bytes((0x02, 0x02))
+    assert any(isinstance(e, LoginFailed) and e.reason.startswith("initiator not in the ACL") for e in rig.events)
+
+
+def test_chap_login_in_three_steps() -> None:
+    secret = "verysecretpassword"
+    rig = Rig(chap_creds=ChapCredentials("alice", secret))
+    first = [("InitiatorName", INITIATOR), ("TargetName", IQN), ("AuthMethod", "CHAP,None")]
+    [(bhs, data)] = rig.feed(login_pdu(first, csg=0, nsg=1))
+    assert dict(keys.parse_text(data))["AuthMethod"] == "CHAP"
+    assert not bhs[1] & 0x80  # the target holds the security stage
+    [(bhs, data)] = rig.feed(login_pdu([("CHAP_A", "7,5")], csg=0, nsg=1, transit=False))
+    d = dict(keys.parse_text(data))
+    assert d["CHAP_A"] == "7"
+    resp = chap.chap_response(7, int(d["CHAP_I"]), secret.encode(), chap.decode_binary(d["CHAP_C"]))
+    [(bhs, data)] = rig.feed(login_pdu([("CHAP_N", "alice"), ("CHAP_R", chap.encode_binary(resp))], csg=0, nsg=1))
+    assert bhs[36] == 0 and bhs[1] & 0x80
+    [(bhs, _)] = rig.feed(login_pdu([("HeaderDigest", "None")], csg=1, nsg=3))
+    assert bhs[36] == 0 and rig.conn.phase is Phase.FULL_FEATURE
+
+
+def test_wrong_chap_secret_is_authentication_failure() -> None:
+    rig = Rig(chap_creds=ChapCredentials("alice", "verysecretpassword"))
+    rig.feed(login_pdu([("InitiatorName", INITIATOR), ("TargetName", IQN), ("AuthMethod", "CHAP")], csg=0, nsg=1))
+    [(_, data)] = rig.feed(login_pdu([("CHAP_A", "5")], csg=0, nsg=1, transit=False))
+    d = dict(keys.parse_text(data))
+    bad = chap.chap_response(5, int(d["CHAP_I"]), b"wrong-secret-123", chap.decode_binary(d["CHAP_C"]))
+    [(bhs, _)] = rig.feed(login_pdu([("CHAP_N", "alice"), ("CHAP_R", chap.encode_binary(bad))], csg=0, nsg=1))
+    assert bhs[36:38] == bytes((0x02, 0x01))
+    assert rig.conn.phase is Phase.CLOSED
+
+
+def test_skipping_security_when_chap_is_required_fails() -> None:
+    rig = Rig(chap_creds=ChapCredentials("alice", "verysecretpassword"))
+    [(bhs, _)] = rig.login()
+    assert bhs[36:38] == bytes((0x02, 0x01))
+
+
+def test_read_returns_data_in_with_status_folded() -> None:
+    rig = Rig()
+    rig.login()
+    rig.dev.data[512:1024] = b"\xab" * 512
+    out = rig.feed(scsi_cmd(bytes((0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0)), itt=5, cmd_sn=2, edtl=512, read=True))
+    [(bhs, data)] = out
+    assert bhs[0] == 0x25 and bhs[1] & 0x81 == 0x81  # F and S
+    assert data == b"\xab" * 512
+    assert int.from_bytes(bhs[24:28], "big") == rig.conn.stat_sn - 1
+
+
+def test_read_underflow_sets_residual() -> None:
+    rig = Rig()
+    rig.login()
+    [(bhs, data)] = rig.feed(scsi_cmd(bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0)), itt=6, cmd_sn=2, edtl=1024,
+                                      read=True))
+    assert len(data) == 512 and bhs[1] & 0x02 and int.from_bytes(bhs[44:48], "big") == 512
+
+
+def test_write_beyond_first_burst_gets_r2t_then_completes() -> None:
+    rig = Rig()
+    rig.login()
+    payload = bytes(range(256)) * 64  # 16 KiB, twice FirstBurstLength
+    cdb = bytes((0x2A, 0, 0, 0, 0, 8, 0, 0, 32, 0))
+    out = rig.feed(scsi_cmd(cdb, itt=7, cmd_sn=2, edtl=len(payload), write=True, data=payload[:8192]))
+    [(r2t, _)] = out
+    assert r2t[0] == 0x31
+    ttt = int.from_bytes(r2t[20:24], "big")
+    assert int.from_bytes(r2t[40:44], "big") == 8192 and int.from_bytes(r2t[44:48], "big") == 8192
+    [(rsp, _)] = rig.feed(data_out(payload[8192:], itt=7, ttt=ttt, offset=8192))
+    assert rsp[0] == 0x21 and rsp[3] == Status.GOOD
+    assert bytes(rig.dev.data[8 * 512:8 * 512 + len(payload)]) == payload
+
+
+def test_data_out_with_unknown_ttt_is_rejected() -> None:
+    rig = Rig()
+    rig.login()
+    cdb = bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, 32, 0))
+    rig.feed(scsi_cmd(cdb, itt=8, cmd_sn=2, edtl=16384, write=True, data=b"\0" * 8192))
+    out = rig.feed(data_out(b"\0" * 512, itt=8, ttt=0x1234, offset=8192))
+    kinds = [b[0] for b, _ in out]
+    assert 0x3F in kinds  # Reject
+    rej = next(b for b, _ in out if b[0] == 0x3F)
+    assert rej[2] == pdu.RejectReason.INVALID_PDU_FIELD
+
+
+def test_cmd_sn_outside_window_is_silently_dropped() -> None:
+    rig = Rig()
+    rig.login()
+    out = rig.feed(scsi_cmd(bytes(6), itt=9, cmd_sn=rig.conn.max_cmd_sn + 1, edtl=0))
+    assert out == []
+
+
+def test_nop_out_ping_is_echoed() -> None:
+    rig = Rig()
+    rig.login()
+    bhs = struct.pack(">BBxxB3s8sIIII16x", 0x40, 0x80, 0, (4).to_bytes(3, "big"), bytes(8), 0x77, 0xFFFFFFFF, 2, 0)
+    [(rsp, data)] = rig.feed(bhs + b"ping")
+    assert rsp[0] == 0x20 and int.from_bytes(rsp[16:20], "big") == 0x77 and data == b"ping"
+
+
+def test_nop_in_keepalive_then_timeout() -> None:
+    rig = Rig()
+    rig.login()
+    rig.conn.tick(10.0)
+    [(nop, _)] = split(rig.conn.take_output())
+    assert nop[0] == 0x20 and int.from_bytes(nop[16:20], "big") == 0xFFFFFFFF
+    rig.conn.tick(20.0)
+    assert rig.conn.phase is Phase.CLOSED
+
+
+def test_send_targets_in_discovery_session() -> None:
+    rig = Rig()
+    rig.events = []
+    rig.feed(login_pdu([("InitiatorName", INITIATOR), ("SessionType", "Discovery")]))
+    text = keys.encode_text([("SendTargets", "All")])
+    bhs = struct.pack(">BBxxB3s8sIIII16x", 0x04, 0x80, 0, len(text).to_bytes(3, "big"), bytes(8), 3, 0xFFFFFFFF,
+                      1, 0)
+    [(rsp, data)] = rig.feed(bhs + text + pdu.padding(len(text)))
+    assert rsp[0] == 0x24
+    assert keys.parse_text(data) == [("TargetName", IQN), ("TargetAddress", "127.0.0.1:3260,1")]
+
+
+def test_scsi_command_in_discovery_session_is_rejected() -> None:
+    rig = Rig()
+    rig.feed(login_pdu([("InitiatorName", INITIATOR), ("SessionType", "Discovery")]))
+    out = rig.feed(scsi_cmd(bytes(6), itt=1, cmd_sn=1, edtl=0))
+    assert out[0][0][0] == 0x3F
+
+
+def test_task_management_becomes_an_event() -> None:
+    rig = Rig()
+    rig.login()
+    bhs = struct.pack(">BBxxB3s8sIIIIII8x", 0x02, 0x80 | 5, 0, b"\0\0\0", pdu.encode_lun(0), 0x55, 0xFFFFFFFF, 2,
+                      0, 0, 0)
+    rig.feed(bhs)
+    assert any(isinstance(e, TaskManagement) and e.request.function == 5 for e in rig.events)
+
+
+def test_logout_answers_and_closes() -> None:
+    rig = Rig()
+    rig.login()
+    bhs = struct.pack(">BBxxB3s8xIHxxII16x", 0x06, 0x80, 0, b"\0\0\0", 0x99, 0, 2, 0)
+    [(rsp, _)] = rig.feed(bhs)
+    assert rsp[0] == 0x26 and rsp[2] == 0
+    assert rig.conn.phase is Phase.LOGGED_OUT
+
+
+def test_pdu_before_login_closes_the_connection() -> None:
+    rig = Rig()
+    rig.feed(scsi_cmd(bytes(6), itt=1, cmd_sn=1, edtl=0))
+    assert rig.conn.phase is Phase.CLOSED
+
+
+def test_oversized_data_segment_closes_the_connection() -> None:
+    rig = Rig()
+    rig.login()
+    bhs = bytearray(scsi_cmd(bytes(6), itt=1, cmd_sn=1, edtl=0))
+    bhs[5:8] = (1 << 20).to_bytes(3, "big")
+    rig.feed(bytes(bhs[:48]))
+    assert rig.conn.phase is Phase.CLOSED
+
+
+def test_login_split_at_every_byte_still_succeeds() -> None:
+    raw = login_pdu([("InitiatorName", INITIATOR), ("TargetName", IQN)])
+    rig = Rig()
+    out: list[tuple[bytes, bytes]] = []
+    for i in range(len(raw)):
+        out += rig.feed(raw[i:i + 1])
+    assert len(out) == 1 and out[0][0][36] == 0
+    assert rig.conn.phase is Phase.FULL_FEATURE
+
+
+def test_completion_after_abort_sends_nothing() -> None:
+    rig = Rig()
+    rig.login()
+    view = rig.conn.get_buffer()
+    raw = scsi_cmd(bytes((0x00,) * 6), itt=42, cmd_sn=2, edtl=0)
+    view[:len(raw)] = raw
+    rig.conn.buffer_updated(len(raw), 1.0)
+    [ev] = [e for e in rig.conn.take_events() if isinstance(e, Execute)]
+    assert rig.conn.abort(42)
+    rig.conn.complete(ev.task, ScsiResponse(Status.GOOD))
+    assert rig.conn.take_output() == []
+    assert run(rig.dev.close()) is None
