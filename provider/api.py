@@ -84,7 +84,8 @@ def ensure_token(data_dir: str) -> str:
 
 # --- models ----------------------------------------------------------------------------------------------------------
 
-LunName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+LUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LunName = Annotated[str, Field(min_length=1, max_length=64, pattern=LUN_NAME_PATTERN,
                                description="1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")]
 # RFC 3720 §3.2.6.3 names, any case (they are compared in lowercase). The model validator stays the authority (it
 # also checks the month); the pattern lets clients and fuzzers know the shape.
@@ -92,9 +93,17 @@ ISCSI_NAME_PATTERN = (
     r"^(?:[iI][qQ][nN]\.[0-9]{4}-[0-9]{2}\.[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[A-Za-z0-9.:_-]+)?"
     r"|[eE][uU][iI]\.[0-9A-Fa-f]{16}|[nN][aA][aA]\.(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32}))$"
 )
-IscsiName = Annotated[str, Field(min_length=5, max_length=223, pattern=ISCSI_NAME_PATTERN,
+IscsiName = Annotated[str, Field(max_length=223, pattern=ISCSI_NAME_PATTERN,
                                  description="iqn., eui. or naa. name (RFC 3720)")]
 SIZE_PATTERN = r"^[0-9]+(?:\.[0-9]+)?\s*(?:[KkMmGgTtPp](?:[Ii][Bb])?|[Bb])?$"
+# What a pattern means, for error messages: quoting a 200-character regex at a user explains nothing.
+_PATTERN_MEANS: dict[str, str] = {
+    ISCSI_NAME_PATTERN: "not an iSCSI name: expected iqn.YYYY-MM.reversed.domain[:id] (e.g. "
+                        "iqn.2026-11.io.lunsync:demo), eui. + 16 hex digits, or naa. + 16 or 32 hex digits",
+    SIZE_PATTERN: "not a size: write bytes or a number with a binary unit, e.g. 512MiB, 10GiB, 1TiB, 512M "
+                  "(KB/MB/GB are ambiguous)",
+    LUN_NAME_PATTERN: "not a LUN name: 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+}
 Size = Annotated[
     Annotated[StrictInt, Field(ge=512, le=MAX_SIZE_BYTES, multiple_of=512)]
     | Annotated[StrictStr, Field(min_length=1, max_length=32, pattern=SIZE_PATTERN)],
@@ -281,12 +290,31 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+# Union members appear in pydantic's error locations ("size.constrained-int"); they are not fields.
+_UNION_TAGS = ("int", "str", "constrained-int", "constrained-str")
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+    """One line naming each offending field once, in words."""
+    parts: dict[str, str] = {}
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        tag = loc[-1] if loc and loc[-1] in _UNION_TAGS else None
+        if tag is not None:
+            loc = loc[:-1]
+            value = err.get("input")
+            # Report the union member the client was aiming at: a number's multiple-of error, a string's syntax.
+            if (isinstance(value, str) and "int" in tag) or (isinstance(value, int) and "str" in tag):
+                continue
+        field_name = ".".join(loc) or "body"
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "string_pattern_mismatch":
+            pattern = str((err.get("ctx") or {}).get("pattern", ""))
+            msg = _PATTERN_MEANS.get(pattern, "has the wrong syntax")
+        parts.setdefault(field_name, f"{field_name}: {msg}")
+        if len(parts) == 5:
+            break
+    return "; ".join(parts.values()) or "invalid request"
 
 
 class ApiError(Exception):
@@ -387,8 +415,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "the body or a parameter does not match the schema"},
 }
 
-TargetPath = Annotated[str, Path(min_length=5, max_length=223, pattern=ISCSI_NAME_PATTERN, description="target IQN")]
-LunPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+TargetPath = Annotated[str, Path(max_length=223, pattern=ISCSI_NAME_PATTERN, description="target IQN")]
+LunPath = Annotated[str, Path(min_length=1, max_length=64, pattern=LUN_NAME_PATTERN,
                               description="LUN name")]
 
 
@@ -418,8 +446,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
         @app.exception_handler(family)
         async def refused(request: Request, exc: Exception) -> Response:
             status = _status_of(exc)
-            log.info("API: %s %s -> %d: %s", request.method, request.url.path, status, exc)
-            return _error(status, str(exc) or type(exc).__name__)
+            if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+                message = f"{exc.filename}: {exc.strerror}"  # no "[Errno 2]": the words are the message
+            else:
+                message = str(exc) or type(exc).__name__
+            log.info("API: %s %s -> %d: %s", request.method, request.url.path, status, message)
+            return _error(status, message)
 
     # -- status and portals --
 
@@ -489,7 +521,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @v1.delete("/targets/{iqn}/acls/{initiator}", status_code=204, response_class=Response,
                summary="disallow an initiator; its sessions on the target are logged out")
-    async def remove_acl(iqn: TargetPath, initiator: Annotated[str, Path(min_length=5, max_length=223,
+    async def remove_acl(iqn: TargetPath, initiator: Annotated[str, Path(max_length=223,
                                                                           pattern=ISCSI_NAME_PATTERN)]) -> Response:
         await array.remove_acl(iqn, initiator)
         return Response(status_code=204)
