@@ -304,7 +304,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
             loc = loc[:-1]
             value = err.get("input")
             # Report the union member the client was aiming at: a number's multiple-of error, a string's syntax.
-            if (isinstance(value, str) and "int" in tag) or (isinstance(value, int) and "str" in tag):
+            if (isinstance(value, str) and tag.endswith("int")) or (isinstance(value, int) and tag.endswith("str")):
                 continue
         field_name = ".".join(loc) or "body"
         msg = str(err.get("msg", "invalid"))
