@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lunsync.target.scsi import sense as S
 from lunsync.target.scsi.lu import PAGE_CACHING, PAGE_CONTROL, LogicalUnit
-from memdev import IDENTITY, NEXUS_A, NEXUS_B, MemDevice
+from tests.target.scsi.memdev import IDENTITY, NEXUS_A, NEXUS_B, MemDevice
 
 
 def make() -> LogicalUnit:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from lunsync.target.scsi.task import Status
-from memdev import MemDevice, Session, cdb10, cdb16, make_target, sense_of
+from tests.target.scsi.memdev import MemDevice, Session, cdb10, cdb16, make_target, sense_of
 
 
 def session(dev: MemDevice | None = None) -> tuple[Session, MemDevice]:

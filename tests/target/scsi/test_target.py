@@ -5,7 +5,7 @@ from __future__ import annotations
 from lunsync.snapshots.errors import MediumError, OutOfSpace
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.task import ScsiTask, Status, TmfFunction
-from memdev import IDENTITY2, NEXUS_A, NEXUS_B, MemDevice, Session, cdb10, make_target, sense_of
+from tests.target.scsi.memdev import IDENTITY2, NEXUS_A, NEXUS_B, MemDevice, Session, cdb10, make_target, sense_of
 
 
 def test_first_command_of_a_nexus_gets_power_on_ua() -> None:

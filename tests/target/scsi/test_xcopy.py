@@ -6,7 +6,7 @@ import struct
 
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.task import Status
-from memdev import IDENTITY, IDENTITY2, NEXUS_A, NEXUS_B, MemDevice, Session, make_target, sense_of
+from tests.target.scsi.memdev import IDENTITY, IDENTITY2, NEXUS_A, NEXUS_B, MemDevice, Session, make_target, sense_of
 
 
 def cscd(naa: bytes, nul: bool = False, code: int = 0xE4) -> bytes:
