@@ -20,6 +20,7 @@ from lunsync.target import connection as cx
 from lunsync.target.directory import Directory, TargetEntry
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import ScsiResponse, ScsiTask, Status, TmfFunction
+from lunsync.target.throttle import LoginThrottle
 from lunsync.target.stats import CommandStats, IoCounts
 
 log = logging.getLogger("lunsync.iscsi")
@@ -47,6 +48,7 @@ class Counters:
     login_failures: collections.Counter[str] = field(default_factory=collections.Counter)
     rejects: collections.Counter[str] = field(default_factory=collections.Counter)
     connections: int = 0
+    throttled_connections: int = 0
 
 
 class IscsiProtocol(asyncio.BufferedProtocol):
@@ -90,6 +92,20 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.server.protocols.add(self)
         self.server.counters.connections += 1
         self.timer = self.loop.call_later(TICK_S, self._tick)
+        hold = self.server.throttle.delay(self.source, self.loop.time())
+        if hold > 0:
+            # This address keeps failing logins: read nothing from it for a while (see lunsync.target.throttle).
+            self.server.counters.throttled_connections += 1
+            self.transport.pause_reading()
+            self.loop.call_later(hold, self._unhold)
+
+    @property
+    def source(self) -> str:
+        return self.peer.rpartition(":")[0] or self.peer
+
+    def _unhold(self) -> None:
+        if not self.closing and not self.write_paused and self.transport is not None:
+            self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         assert self.conn is not None
@@ -305,6 +321,7 @@ class Server:
         self.sessions: dict[int, IscsiProtocol] = {}
         self.servers: list[asyncio.base_events.Server] = []
         self.counters = Counters()
+        self.throttle = LoginThrottle()
         self.stats = CommandStats()
         self._tsih = 0
         self.on_login: list[Callable[[IscsiProtocol], None]] = []
@@ -355,6 +372,7 @@ class Server:
 
     def login_failed(self, proto: IscsiProtocol, ev: cx.LoginFailed) -> None:
         self.counters.login_failures[ev.status.name.lower()] += 1
+        self.throttle.record_failure(proto.source, proto.loop.time())
         log.warning("login failed initiator=%s addr=%s target=%s status=%s reason=%s", ev.initiator or "?",
                     proto.peer, ev.target or "?", ev.status.name, ev.reason)
 
