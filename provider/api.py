@@ -610,6 +610,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return ExportOut(config=dump_config(array.catalog.export()))
 
     app.include_router(v1)
+    from lunsync.provider.api_snapshots import snapshot_router  # imports this module: not at the top
+
+    app.include_router(snapshot_router(ctx))
     return app
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from lunsync.provider import systemd
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
+from lunsync.provider.snapshot_service import SnapshotService
 from lunsync.snapshots.backend import FileBackend, open_backend
 from lunsync.snapshots.catalog import Catalog, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
@@ -83,13 +84,21 @@ class Array:
     directory: Directory = field(default_factory=Directory)
     luns: dict[str, LiveLun] = field(default_factory=dict)
     server: Server | None = None  # set once the portals exist; sessions are logged out through it
+    snapshots: SnapshotService | None = None  # set by load(); every LUN opened after that has copy-on-write
 
     async def load(self) -> None:
+        if self.snapshots is None:
+            self.snapshots = SnapshotService(self)
         for rec in self.catalog.list_luns():
             live = await self.open_lun(rec.name)
             await self._roll_forward_size(live, rec)
         for t in self.catalog.list_targets():
             self.build_target(t.iqn)
+        await self.snapshots.load()
+
+    def _cow(self, rec: LunRecord, backend: BlockDevice) -> BlockDevice:
+        """What the SCSI layer writes through: the backend behind copy-on-write, so snapshots stay intact."""
+        return self.snapshots.wrap(rec, backend) if self.snapshots is not None else backend
 
     async def _roll_forward_size(self, live: LiveLun, rec: LunRecord) -> None:
         """Finish a resize a crash interrupted. Never shrinks: either side being larger means a grow was asked for."""
@@ -120,7 +129,7 @@ class Array:
             device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
         pr_dir = os.path.join(self.data_dir, "pr")
         os.makedirs(pr_dir, mode=0o700, exist_ok=True)
-        lu = LogicalUnit(device, lun_identity(rec), aptpl_path=os.path.join(pr_dir, f"{rec.name}.json"), name=name)
+        lu = LogicalUnit(self._cow(rec, device), lun_identity(rec), aptpl_path=os.path.join(pr_dir, f"{rec.name}.json"), name=name)
         live = LiveLun(name, device, lu)
         self.luns[name] = live
         return live
@@ -129,13 +138,15 @@ class Array:
         t = self.catalog.get_target(iqn)
         existing = self.directory.lookup(iqn)
         scsi = existing.scsi if existing is not None else ScsiTarget(t.iqn)
-        wanted = {m.lun: m.name for m in self.catalog.list_mappings(iqn)}
+        wanted = {m.lun: self.luns[m.name].lu for m in self.catalog.list_mappings(iqn)}
+        if self.snapshots is not None:
+            wanted.update(self.snapshots.exposed_on(t.iqn))
         for n in list(scsi.luns):
-            if n not in wanted or scsi.luns[n] is not self.luns[wanted[n]].lu:
+            if n not in wanted or scsi.luns[n] is not wanted[n]:
                 scsi.remove_lun(n)
-        for n, name in wanted.items():
+        for n, lu in wanted.items():
             if n not in scsi.luns:
-                scsi.add_lun(n, self.luns[name].lu)
+                scsi.add_lun(n, lu)
         chap_rec = self.catalog.get_chap(iqn)
         chap = None
         if chap_rec is not None:
@@ -201,6 +212,8 @@ class Array:
     async def delete_lun(self, name: str) -> LunRecord:
         """Forget a LUN (refused while mapped). A backing file inside the data dir goes with it; a file or device
         elsewhere was the user's before and stays."""
+        if self.snapshots is not None:
+            await self.snapshots.release_origin(name)  # refused while snapshots depend on it
         rec = self.catalog.delete_lun(name)
         live = self.luns.pop(rec.name, None)
         if live is not None:
@@ -312,7 +325,7 @@ class Array:
             if dev.read_only != rec.read_only or dev.thin != rec.thin:
                 path = self.catalog.lun_path(rec)
                 live.device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
-                live.lu.device = live.device
+                live.lu.device = self._cow(rec, live.device)
                 await dev.close()
             if live.device.num_blocks < rec.num_blocks:
                 await live.device.resize(rec.num_blocks)
@@ -337,6 +350,8 @@ class Array:
             log.info("lun %s removed", name)
 
     async def close(self) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.close()
         for live in self.luns.values():
             try:
                 await live.device.close()

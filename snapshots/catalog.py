@@ -264,10 +264,68 @@ def _schema_v1(db: sqlite3.Connection) -> None:
     db.executemany("INSERT INTO portals VALUES (?, ?)", enumerate(p.listen))
 
 
+def _schema_v2_snapshots(db: sqlite3.Connection) -> None:
+    # Snapshots, pools, sets and exposures (lunsync.snapshots.snapcat owns the queries). The chunk maps are not here:
+    # they live in each pool's own pool.db, next to the data they describe (see lunsync.snapshots.cow). A snapshot
+    # keeps its origin's name as text and its lun_id only while the origin exists: a filled clone outlives its origin.
+    statements = (
+        """CREATE TABLE pools (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            path TEXT NOT NULL UNIQUE,
+            capacity_bytes INTEGER CHECK (capacity_bytes IS NULL OR capacity_bytes > 0),
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE cow_volumes (
+            lun_id INTEGER PRIMARY KEY REFERENCES luns(id) ON DELETE CASCADE,
+            pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE RESTRICT,
+            last_epoch INTEGER NOT NULL DEFAULT 0)""",
+        """CREATE TABLE snapshot_sets (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            hold_ms REAL,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE snapshots (
+            id INTEGER PRIMARY KEY,
+            lun_id INTEGER REFERENCES luns(id) ON DELETE RESTRICT,
+            lun_name TEXT NOT NULL,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('differential', 'clone')),
+            state TEXT NOT NULL CHECK (state IN ('valid', 'invalid')),
+            invalid_reason TEXT,
+            epoch INTEGER NOT NULL,
+            pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE RESTRICT,
+            set_id INTEGER REFERENCES snapshot_sets(id) ON DELETE SET NULL,
+            size_bytes INTEGER NOT NULL,
+            block_size INTEGER NOT NULL,
+            chunk_size_bytes INTEGER NOT NULL,
+            filled_chunks INTEGER NOT NULL DEFAULT 0,
+            filled INTEGER NOT NULL DEFAULT 0 CHECK (filled IN (0, 1)),
+            naa TEXT NOT NULL UNIQUE CHECK (length(naa) = 32),
+            serial TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            UNIQUE (lun_name, name))""",
+        "CREATE INDEX snapshots_by_lun ON snapshots(lun_id)",
+        f"""CREATE TABLE snapshot_exposures (
+            snapshot_id INTEGER PRIMARY KEY REFERENCES snapshots(id) ON DELETE RESTRICT,
+            target_id INTEGER NOT NULL REFERENCES targets(id) ON DELETE CASCADE,
+            lun INTEGER NOT NULL CHECK (lun BETWEEN 0 AND {MAX_LUN_NUMBER}),
+            UNIQUE (target_id, lun))""",
+        # One LUN number per target, whether it shows a LUN or an exposed snapshot.
+        """CREATE TRIGGER mappings_vs_exposures BEFORE INSERT ON mappings
+           WHEN EXISTS (SELECT 1 FROM snapshot_exposures WHERE target_id = NEW.target_id AND lun = NEW.lun)
+           BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: that LUN number shows an exposed snapshot'); END""",
+        """CREATE TRIGGER exposures_vs_mappings BEFORE INSERT ON snapshot_exposures
+           WHEN EXISTS (SELECT 1 FROM mappings WHERE target_id = NEW.target_id AND lun = NEW.lun)
+           BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: that LUN number is already mapped'); END""",
+    )
+    for sql in statements:
+        db.execute(sql)
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
-MIGRATIONS: tuple[Migration, ...] = (_schema_v1,)
+MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -409,6 +467,11 @@ class Catalog:
     def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A read transaction: several queries see one consistent state."""
         return self._tx(write=False)
+
+    def transaction(self, write: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One transaction for modules that own tables of their own (lunsync.snapshots.snapcat): same connection,
+        same lock, same nesting rules and error translation as every method here."""
+        return self._tx(write=write)
 
     def _migrate(self) -> None:
         version = self.schema_version

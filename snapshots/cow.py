@@ -301,6 +301,15 @@ class CowVolume:
         pool.set_used(self.lun_id, 0)
         return pool
 
+    def close_pool(self) -> None:
+        """Close the slot file (the daemon is stopping, or the LUN is going away). Not for use while writes run."""
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
+        if self._pool is not None:
+            self._pool.set_used(self.lun_id, 0)
+        self._pool = None
+
     def _account(self) -> None:
         if self._pool is not None:
             self._pool.set_used(self.lun_id, (self._next_slot - len(self._free_slots)) * self.chunk_size)

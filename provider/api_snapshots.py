@@ -1,0 +1,195 @@
+"""The snapshot part of the management API: pools, snapshots, snapshot sets and exposures under ``/v1``.
+
+This module owns the routes, request and response models of ``/v1/pools`` and ``/v1/snapshots`` and is mounted by
+:func:`lunsync.provider.api.create_app`. Snapshots are addressed as one path segment ``LUN@SNAP``. Every change goes
+through the :class:`~lunsync.provider.snapshot_service.SnapshotService` of the daemon's array, which commits the
+catalog first; errors are the API's usual 4xx ``{"error": ...}`` (the catalog's families map to 404/409/400).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi.security import HTTPBearer
+from lunsync.provider.api import _ERRORS, ApiError, Size, _size
+from lunsync.provider.config import MAX_LUN_NUMBER
+from lunsync.snapshots.snapcat import PoolRecord, SnapshotRecord, parse_snapshot_name, validate_name
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from lunsync.provider.api import ApiContext
+    from lunsync.provider.snapshot_service import SnapshotService
+
+SnapName = Annotated[str, Path(min_length=3, max_length=129, description="LUN@SNAP")]
+FullName = Annotated[str, Field(min_length=3, max_length=129, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@"
+                                r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="LUN@SNAP")]
+ShortName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolIn(_In):
+    name: ShortName
+    path: str = Field(min_length=1, max_length=4096, description="directory; relative paths are inside the data dir")
+    capacity: Size | None = Field(None, description="cap on what the pool may hold (default: the filesystem's space)")
+
+
+class PoolOut(BaseModel):
+    name: str
+    path: str
+    capacity_bytes: int | None
+    used_bytes: int | None
+    free_bytes: int | None
+    snapshots: int
+
+
+class SnapshotsIn(_In):
+    snapshots: list[FullName] = Field(min_length=1, max_length=64,
+                                      description="one point in time across every LUN named (a snapshot set)")
+    kind: Literal["differential", "clone"] = "differential"
+    pool: ShortName | None = None
+    set: ShortName | None = None
+
+
+class ExposureOut(BaseModel):
+    target: str
+    lun: int
+
+
+class FillOut(BaseModel):
+    done_chunks: int
+    total_chunks: int
+    percent: float
+    complete: bool
+
+
+class SnapshotOut(BaseModel):
+    name: str
+    lun: str
+    snapshot: str
+    kind: str
+    state: str
+    invalid_reason: str | None
+    created_at: str
+    set: str | None
+    pool: str
+    epoch: int
+    size_bytes: int
+    space_bytes: int
+    chunk_size_bytes: int
+    naa: str
+    serial: str
+    origin_present: bool
+    exposed: ExposureOut | None
+    fill: FillOut | None
+
+
+class SnapshotsOut(BaseModel):
+    snapshots: list[SnapshotOut]
+    set: str | None
+    hold_ms: float = Field(description="how long new writes were held on the member LUNs, measured in the daemon")
+
+
+class ExposeIn(_In):
+    target: str = Field(min_length=5, max_length=223)
+    lun: int | None = Field(None, ge=0, le=MAX_LUN_NUMBER, description="LUN number; the lowest free one if absent")
+
+
+def _snapshot_out(svc: SnapshotService, rec: SnapshotRecord) -> SnapshotOut:
+    fill = None
+    if rec.kind == "clone":
+        done, total = svc.fill_progress.get(rec.id, (rec.filled_chunks, rec.total_chunks))
+        if rec.filled:
+            done = total
+        fill = FillOut(done_chunks=done, total_chunks=total, percent=round(100.0 * done / max(total, 1), 2),
+                       complete=rec.filled)
+    exposed = None
+    if rec.exposed_target is not None and rec.exposed_lun is not None:
+        exposed = ExposureOut(target=rec.exposed_target, lun=rec.exposed_lun)
+    return SnapshotOut(name=rec.full_name, lun=rec.lun_name, snapshot=rec.name, kind=rec.kind, state=rec.state,
+                       invalid_reason=rec.invalid_reason, created_at=rec.created_at, set=rec.set_name, pool=rec.pool,
+                       epoch=rec.epoch, size_bytes=rec.size_bytes, space_bytes=svc.space_bytes(rec),
+                       chunk_size_bytes=rec.chunk_size_bytes, naa=rec.naa, serial=rec.serial,
+                       origin_present=rec.lun_id is not None, exposed=exposed, fill=fill)
+
+
+def _pool_out(svc: SnapshotService, rec: PoolRecord) -> PoolOut:
+    usage = svc.pool_usage(rec)
+    count = sum(1 for s in svc.cat.list_snapshots() if s.pool_id == rec.id)
+    return PoolOut(name=rec.name, path=rec.path, capacity_bytes=usage["capacity_bytes"],
+                   used_bytes=usage["used_bytes"], free_bytes=usage["free_bytes"], snapshots=count)
+
+
+def snapshot_router(ctx: ApiContext) -> APIRouter:
+    """The ``/v1`` routes of pools and snapshots, for :func:`lunsync.provider.api.create_app` to include."""
+    bearer = HTTPBearer(auto_error=False, description="the token in <data-dir>/api-token")
+    r = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(bearer)], tags=["snapshots"])
+
+    def svc() -> SnapshotService:
+        s = ctx.array.snapshots
+        if s is None:
+            raise ApiError(409, "snapshots are not available until the array has loaded")
+        return s
+
+    @r.get("/pools", response_model=list[PoolOut], summary="snapshot pools with capacity and use")
+    async def list_pools() -> list[PoolOut]:
+        s = svc()
+        return [_pool_out(s, p) for p in s.cat.list_pools()]
+
+    @r.post("/pools", response_model=PoolOut, status_code=201, summary="register a snapshot pool directory")
+    async def create_pool(body: PoolIn) -> PoolOut:
+        s = svc()
+        rec = s.create_pool(body.name, body.path, _size(body.capacity) if body.capacity is not None else None)
+        return _pool_out(s, rec)
+
+    @r.get("/pools/{name}", response_model=PoolOut, summary="show a pool")
+    async def get_pool(name: Annotated[str, Path(min_length=1, max_length=64)]) -> PoolOut:
+        s = svc()
+        return _pool_out(s, s.cat.get_pool(validate_name("pool", name)))
+
+    @r.get("/snapshots", response_model=list[SnapshotOut], summary="list snapshots (of one LUN, or all)")
+    async def list_snapshots(lun: Annotated[str | None, Query(min_length=1, max_length=64)] = None
+                             ) -> list[SnapshotOut]:
+        s = svc()
+        return [_snapshot_out(s, rec) for rec in s.cat.list_snapshots(lun)]
+
+    @r.post("/snapshots", response_model=SnapshotsOut, status_code=201,
+            summary="take snapshots: one point in time across every LUN named",
+            description="New writes on every member are held, in-flight writes drain, the epochs are committed in "
+                        "one transaction and writes are released. If writes do not drain within the bound (10 s) "
+                        "nothing is recorded and the answer is 409.")
+    async def create_snapshots(body: SnapshotsIn) -> SnapshotsOut:
+        s = svc()
+        specs = [parse_snapshot_name(n) for n in body.snapshots]
+        recs, hold_ms = await s.create(specs, body.kind, body.pool, body.set)
+        return SnapshotsOut(snapshots=[_snapshot_out(s, rec) for rec in recs], set=body.set,
+                            hold_ms=round(hold_ms, 3))
+
+    @r.get("/snapshots/{name}", response_model=SnapshotOut, summary="show a snapshot (LUN@SNAP)")
+    async def get_snapshot(name: SnapName) -> SnapshotOut:
+        s = svc()
+        return _snapshot_out(s, s.cat.get_snapshot(*parse_snapshot_name(name)))
+
+    @r.delete("/snapshots/{name}", status_code=204, response_class=Response,
+              summary="delete a snapshot (any order; refused while exposed)")
+    async def delete_snapshot(name: SnapName) -> Response:
+        await svc().delete(*parse_snapshot_name(name))
+        return Response(status_code=204)
+
+    @r.post("/snapshots/{name}/expose", response_model=SnapshotOut, status_code=201,
+            summary="present a snapshot as a read-only LUN with its own identity")
+    async def expose(name: SnapName, body: ExposeIn) -> SnapshotOut:
+        s = svc()
+        rec = await s.expose(*parse_snapshot_name(name), body.target, body.lun)
+        return _snapshot_out(s, rec)
+
+    @r.delete("/snapshots/{name}/expose", status_code=204, response_class=Response,
+              summary="stop presenting a snapshot")
+    async def unexpose(name: SnapName) -> Response:
+        await svc().unexpose(*parse_snapshot_name(name))
+        return Response(status_code=204)
+
+    return r

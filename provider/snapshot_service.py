@@ -1,0 +1,417 @@
+"""The live side of snapshots in the daemon: copy-on-write volumes, snapshot sets, exposures, clone fills and pools.
+
+This module owns :class:`SnapshotService`, which the :class:`~lunsync.provider.daemon.Array` holds. It wraps every
+LUN's backend in a :class:`~lunsync.snapshots.cow.CowVolume` when the LUN is opened, takes snapshots and snapshot sets
+(hold new writes on every member, drain in-flight ones, commit all epochs in one catalog transaction, release; bounded
+by ``hold_timeout_s``, after which the set is abandoned with nothing recorded), deletes them (copies are freed only
+when no remaining snapshot maps to them), exposes a snapshot as a read-only LUN with its own identity on any target,
+fills clones in the background with ``os.copy_file_range`` until they no longer depend on their origin, and opens the
+pools. As everywhere in the daemon, the catalog transaction comes first and the live objects follow, so a crash in
+between is rolled forward by :meth:`load`. It keeps plain counters for the metrics collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lunsync.snapshots.backend import FileBackend
+from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
+from lunsync.snapshots.cow import CowVolume, Pool, SnapshotView, copy_range
+from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.errors import StorageError
+from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
+from lunsync.target.scsi.lu import LogicalUnit
+
+if TYPE_CHECKING:
+    from lunsync.provider.daemon import Array
+
+log = logging.getLogger("lunsync.snapshots")
+
+HOLD_TIMEOUT_S = 10.0  # VSS's flush-and-hold bound
+FILL_BATCH_CHUNKS = 64
+FILL_COMMIT_INTERVAL_S = 1.0
+
+
+class HoldTimeout(InUse):  # type: ignore[misc]
+    """Writes did not drain within the bound; the set was abandoned and nothing was recorded."""
+
+
+@dataclass(slots=True)
+class SnapshotCounters:
+    """Plain integers the metrics collector reads."""
+
+    sets_created: int = 0
+    snapshots_created: int = 0
+    snapshots_deleted: int = 0
+    hold_timeouts: int = 0
+    last_hold_ms: float = 0.0
+    hold_ms: list[float] = field(default_factory=list)  # recent holds, newest last (bounded)
+
+
+@dataclass(slots=True)
+class Exposure:
+    snapshot_id: int
+    target: str
+    lun: int
+    lu: LogicalUnit
+
+
+class SnapshotService:
+    """Snapshots of the LUNs of one :class:`Array`."""
+
+    def __init__(self, array: Array, *, hold_timeout_s: float = HOLD_TIMEOUT_S) -> None:
+        self.array = array
+        self.cat = SnapshotCatalog(array.catalog)
+        self.hold_timeout_s = hold_timeout_s
+        self.counters = SnapshotCounters()
+        self.volumes: dict[str, CowVolume] = {}
+        self.exposures: dict[int, Exposure] = {}
+        self.views: dict[int, SnapshotView] = {}  # snapshot id -> the differential view in use
+        self.fill_progress: dict[int, tuple[int, int]] = {}  # clone id -> (chunks done, total)
+        self._pools: dict[int, Pool] = {}
+        self._fills: dict[int, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        self.cat.ensure_default_pool()
+
+    # --- pools -----------------------------------------------------------------------------------------------------
+
+    def pool(self, rec: PoolRecord) -> Pool:
+        p = self._pools.get(rec.id)
+        if p is None:
+            p = self._pools[rec.id] = Pool(rec.name, rec.path, rec.capacity_bytes)
+        return p
+
+    def _pool_by_id(self, pool_id: int) -> Pool:
+        if pool_id not in self._pools:
+            rec = next((p for p in self.cat.list_pools() if p.id == pool_id), None)
+            if rec is None:
+                raise NotFound(f"pool id {pool_id} does not exist")
+            return self.pool(rec)
+        return self._pools[pool_id]
+
+    def create_pool(self, name: str, path: str, capacity_bytes: int | None = None) -> PoolRecord:
+        rec = self.cat.create_pool(name, path, capacity_bytes)
+        try:
+            self.pool(rec)  # creates the directory; a path that cannot be used is refused now, not at first write
+        except BaseException:
+            with self.array.catalog.transaction() as db:
+                db.execute("DELETE FROM pools WHERE id = ?", (rec.id,))
+            raise
+        log.info("pool %s created at %s%s", rec.name, rec.path,
+                 f", capacity {rec.capacity_bytes} bytes" if rec.capacity_bytes else "")
+        return rec
+
+    def pool_usage(self, rec: PoolRecord) -> dict[str, int | None]:
+        """Capacity, use and free space: use is what the pool's files really hold on disk."""
+        p = self.pool(rec)
+        used = 0
+        with os.scandir(p.path) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False):
+                    used += entry.stat(follow_symlinks=False).st_blocks * 512
+        st = os.statvfs(p.path)
+        capacity = rec.capacity_bytes if rec.capacity_bytes is not None else st.f_blocks * st.f_frsize
+        return {"capacity_bytes": capacity, "used_bytes": used, "free_bytes": p.free_bytes,
+                "copy_bytes": p.used_bytes}
+
+    # --- LUNs come and go ------------------------------------------------------------------------------------------
+
+    def wrap(self, rec: LunRecord, backend: BlockDevice) -> CowVolume:
+        """The LUN's device: its backend behind copy-on-write, with the snapshots that still need it."""
+        old = self.volumes.get(rec.name)
+        if old is not None and old.lun_id == rec.id:
+            old.origin = backend  # reopened with other flags: same maps, same state
+            return old
+        prec = self.cat.volume_pool(rec.id)
+        epochs = [s.epoch for s in self.cat.list_snapshots(rec.name) if s.lun_id == rec.id and s.needs_cow]
+        lun_id = rec.id
+
+        async def on_invalid(epochs: list[int], reason: str) -> None:
+            await self._invalidate(lun_id, epochs, reason)
+
+        vol = CowVolume(backend, self.pool(prec) if prec is not None else None,
+                        rec.id, rec.chunk_size_bytes, epochs, on_invalid=on_invalid, name=rec.name)
+        self.volumes[rec.name] = vol
+        return vol
+
+    async def release_origin(self, name: str) -> None:
+        """Before LUN ``name`` is deleted: refused while snapshots depend on it; filled clones are detached."""
+        async with self._lock:
+            rec = self.array.catalog.get_lun(name)
+            maps = self.array.catalog.lun_mappings(name)
+            if maps:  # the catalog refuses this too, but only after the clones would have been detached
+                shown = ", ".join(f"{iqn} lun {n}" for iqn, n in maps)
+                raise InUse(f"lun {name!r} is still mapped ({shown}); unmap it first")
+            detached = self.cat.release_origin(name)
+            vol = self.volumes.pop(name, None)
+            pool = vol.pool if vol is not None else None
+            if vol is not None:
+                vol.close_pool()
+            if pool is not None:
+                pool.drop_lun(rec.id)
+            for s in detached:
+                log.info("clone %s no longer depends on its origin", s.full_name)
+
+    async def load(self) -> None:
+        """After the LUNs and targets are up: resume clone fills and show the exposed snapshots again."""
+        targets = set()
+        for rec in self.cat.list_snapshots():
+            if rec.kind == "clone" and not rec.filled and rec.state == "valid" and rec.lun_id is not None:
+                self._start_fill(rec)
+            if rec.exposed_target is not None and rec.exposed_lun is not None:
+                try:
+                    self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, self._make_lu(rec))
+                    targets.add(rec.exposed_target)
+                except (CatalogError, StorageError, OSError) as e:  # serve the rest; the log says which and why
+                    log.error("snapshot %s: cannot expose it again: %s", rec.full_name, e)
+        for iqn in targets:
+            self.array.build_target(iqn)
+
+    def exposed_on(self, iqn: str) -> dict[int, LogicalUnit]:
+        """The snapshots shown on ``iqn``, by LUN number (the daemon's build_target adds them to the LUN map)."""
+        return {e.lun: e.lu for e in self.exposures.values() if e.target == iqn}
+
+    async def close(self) -> None:
+        for task in self._fills.values():
+            task.cancel()
+        if self._fills:
+            await asyncio.wait(list(self._fills.values()))
+        for vol in self.volumes.values():
+            vol.close_pool()
+        for p in self._pools.values():
+            p.close()
+
+    # --- snapshots -------------------------------------------------------------------------------------------------
+
+    async def create(self, specs: Sequence[tuple[str, str]], kind: Kind = "differential", pool: str | None = None,
+                     set_name: str | None = None) -> tuple[list[SnapshotRecord], float]:
+        """Take one point in time across every ``(lun, snap)``; returns the records and the hold time in ms."""
+        async with self._lock:
+            vols = []
+            for lun, _ in specs:
+                self.array.catalog.get_lun(lun)  # NotFound before anything is held
+                vols.append(self.volumes[lun])
+            if len({id(v) for v in vols}) != len(vols):
+                from lunsync.snapshots.catalog import Invalid
+
+                raise Invalid("a set takes each LUN once")
+            started = time.perf_counter()
+            try:
+                await asyncio.wait_for(asyncio.gather(*(v.hold() for v in vols)), self.hold_timeout_s)
+            except TimeoutError:
+                for v in vols:
+                    v.release()
+                self.counters.hold_timeouts += 1
+                log.warning("snapshot set %s abandoned: writes did not drain within %.1f s",
+                            set_name or ",".join(f"{a}@{b}" for a, b in specs), self.hold_timeout_s)
+                raise HoldTimeout(f"in-flight writes did not drain within {self.hold_timeout_s:g} s; nothing was "
+                                  "recorded") from None
+            try:
+                recs = await asyncio.to_thread(self.cat.create_snapshots, list(specs), kind, pool, set_name)
+                for rec, vol in zip(recs, vols, strict=True):
+                    p = self._pool_by_id(rec.pool_id)
+                    if vol.pool is not p:
+                        vol.detach_pool()
+                        vol.attach_pool(p)
+                    vol.add_snapshot(rec.epoch)
+            finally:
+                for v in vols:
+                    v.release()
+                hold_ms = (time.perf_counter() - started) * 1000
+            self.counters.last_hold_ms = hold_ms
+            self.counters.hold_ms = [*self.counters.hold_ms[-99:], hold_ms]
+            self.counters.snapshots_created += len(recs)
+            if set_name is not None:
+                self.counters.sets_created += 1
+                self.cat.set_hold_ms(set_name, hold_ms)
+            log.info("snapshot%s %s taken (%s, writes held %.2f ms)", " set " + set_name if set_name else "",
+                     ", ".join(r.full_name for r in recs), kind, hold_ms)
+            for rec in recs:
+                if rec.kind == "clone":
+                    self._start_fill(rec)
+            return [self.cat.get_snapshot(r.lun_name, r.name) for r in recs], hold_ms
+
+    async def delete(self, lun: str, name: str) -> SnapshotRecord:
+        async with self._lock:
+            rec = self.cat.get_snapshot(lun, name)
+            if rec.exposed_target is not None:
+                self.cat.delete_snapshot(lun, name)  # raises InUse with the catalog's wording
+            fill = self._fills.pop(rec.id, None)
+            if fill is not None:
+                fill.cancel()
+                await asyncio.wait([fill])
+            vol = self.volumes.get(lun) if rec.lun_id is not None else None
+            if vol is not None:
+                await vol.hold()
+            try:
+                self.cat.delete_snapshot(lun, name)
+                freed = await vol.drop_snapshot(rec.epoch) if vol is not None else 0
+            finally:
+                if vol is not None:
+                    vol.release()
+            view = self.views.pop(rec.id, None)
+            if view is not None:
+                view.valid = False
+            self.fill_progress.pop(rec.id, None)
+            if rec.kind == "clone":
+                try:
+                    os.unlink(self._clone_path(rec))
+                except FileNotFoundError:
+                    pass
+            self.counters.snapshots_deleted += 1
+            log.info("snapshot %s deleted (%d preserved chunk(s) freed)", rec.full_name, freed)
+            return rec
+
+    def space_bytes(self, rec: SnapshotRecord) -> int:
+        """The pool space a snapshot reads from: its preserved chunks (shared ones included), or its clone file."""
+        if rec.kind == "clone":
+            try:
+                clone = os.stat(self._clone_path(rec)).st_blocks * 512
+            except FileNotFoundError:
+                clone = 0
+            if rec.filled:
+                return clone
+        else:
+            clone = 0
+        vol = self.volumes.get(rec.lun_name)
+        if vol is None or rec.lun_id is None or vol.lun_id != rec.lun_id:
+            return clone
+        return int(clone + vol.mapped_chunks(rec.epoch) * vol.chunk_size)
+
+    async def _invalidate(self, lun_id: int, epochs: list[int], reason: str) -> None:
+        """Called by a volume whose preservation failed, before it overwrites the origin: durable first."""
+        await asyncio.to_thread(self.cat.mark_invalid, lun_id, epochs, reason)
+        for rec in self.cat.list_snapshots():
+            if rec.lun_id == lun_id and rec.epoch in epochs:
+                view = self.views.get(rec.id)
+                if view is not None:
+                    view.valid = False
+                fill = self._fills.pop(rec.id, None)
+                if fill is not None:
+                    fill.cancel()
+                log.error("snapshot %s is now invalid: %s", rec.full_name, reason)
+
+    # --- reading a snapshot (exposure, resync) -----------------------------------------------------------------
+
+    def open_view(self, rec: SnapshotRecord) -> BlockDevice:
+        """A read-only BlockDevice of a snapshot: the filled clone's file, or the differential view."""
+        if rec.state != "valid":
+            from lunsync.snapshots.catalog import Invalid
+
+            raise Invalid(f"snapshot {rec.full_name} is invalid ({rec.invalid_reason})")
+        if rec.kind == "clone" and rec.filled:
+            return FileBackend.open(self._clone_path(rec), rec.block_size, thin=True, read_only=True)
+        vol = self.volumes.get(rec.lun_name)
+        if vol is None or vol.lun_id != rec.lun_id:
+            raise NotFound(f"the origin of {rec.full_name} is not open")
+        view = self.views.get(rec.id)
+        if view is None:
+            view = self.views[rec.id] = vol.view(rec.epoch, rec.size_bytes // rec.block_size)
+        return view
+
+    def _make_lu(self, rec: SnapshotRecord) -> LogicalUnit:
+        return LogicalUnit(self.open_view(rec), rec.identity, name=rec.full_name)
+
+    async def expose(self, lun: str, name: str, target: str, number: int | None = None) -> SnapshotRecord:
+        async with self._lock:
+            rec = self.cat.expose(lun, name, target, number)
+            try:
+                assert rec.exposed_target is not None and rec.exposed_lun is not None
+                self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, self._make_lu(rec))
+                self.array.build_target(rec.exposed_target)
+            except BaseException:
+                self.exposures.pop(rec.id, None)
+                self.cat.unexpose(lun, name)
+                raise
+            log.info("snapshot %s exposed on %s as LUN %d (read-only, serial %s)", rec.full_name, rec.exposed_target,
+                     rec.exposed_lun, rec.serial)
+            return rec
+
+    async def unexpose(self, lun: str, name: str) -> SnapshotRecord:
+        async with self._lock:
+            rec = self.cat.unexpose(lun, name)
+            exp = self.exposures.pop(rec.id, None)
+            if rec.exposed_target is not None:
+                self.array.build_target(rec.exposed_target)
+            if exp is not None and isinstance(exp.lu.device, FileBackend):
+                await exp.lu.device.close()
+            log.info("snapshot %s unexposed from %s (was LUN %s)", rec.full_name, rec.exposed_target, rec.exposed_lun)
+            return rec
+
+    # --- clones ----------------------------------------------------------------------------------------------------
+
+    def _clone_path(self, rec: SnapshotRecord) -> str:
+        return os.path.join(self._pool_by_id(rec.pool_id).path, f"clone-{rec.id}.img")
+
+    def _start_fill(self, rec: SnapshotRecord) -> None:
+        self.fill_progress[rec.id] = (rec.filled_chunks, rec.total_chunks)
+        self._fills[rec.id] = asyncio.get_running_loop().create_task(self._fill(rec), name=f"fill-{rec.full_name}")
+
+    async def _fill(self, rec: SnapshotRecord) -> None:
+        """Copy the snapshot into its clone file, chunk by chunk, committing progress after fdatasync."""
+        path = self._clone_path(rec)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, rec.size_bytes)
+            vol = self.volumes[rec.lun_name]
+            cs, total, size = rec.chunk_size_bytes, rec.total_chunks, rec.size_bytes
+            done = rec.filled_chunks
+            last_commit = time.monotonic()
+            while done < total:
+                chunks = range(done, min(total, done + FILL_BATCH_CHUNKS))
+                plan = [(c, vol.copy_for(c, rec.epoch)) for c in chunks]
+                await asyncio.to_thread(_copy_chunks, vol, fd, plan, cs, size)
+                # A chunk taken from the origin is right unless it was overwritten meanwhile, and then its copy
+                # exists now (preservation commits before the origin write): take that instead.
+                again = [(c, slot) for c, old in plan if old is None
+                         and (slot := vol.copy_for(c, rec.epoch)) is not None]
+                if again:
+                    await asyncio.to_thread(_copy_chunks, vol, fd, again, cs, size)
+                done = chunks.stop
+                self.fill_progress[rec.id] = (done, total)
+                if time.monotonic() - last_commit >= FILL_COMMIT_INTERVAL_S or done == total:
+                    await asyncio.to_thread(os.fdatasync, fd)
+                    await asyncio.to_thread(self.cat.set_fill, rec.id, done, done == total)
+                    last_commit = time.monotonic()
+        except (StorageError, OSError, CatalogError) as e:
+            log.error("clone %s: fill failed: %s", rec.full_name, e)
+            vol = self.volumes.get(rec.lun_name)
+            await self._invalidate(rec.lun_id or 0, [rec.epoch], f"clone fill failed: {e}")
+            if vol is not None:
+                await vol.hold()
+                try:
+                    await vol.drop_snapshot(rec.epoch)
+                finally:
+                    vol.release()
+            return
+        finally:
+            os.close(fd)
+            self._fills.pop(rec.id, None)
+        log.info("clone %s filled (%d chunks); it no longer depends on %s", rec.full_name, total, rec.lun_name)
+        # Independent now: the origin stops preserving for it, and an exposure switches to the clone's own file.
+        await vol.hold()
+        try:
+            await vol.drop_snapshot(rec.epoch)
+        finally:
+            vol.release()
+        self.views.pop(rec.id, None)
+        exp = self.exposures.get(rec.id)
+        if exp is not None:
+            filled = self.cat.get_snapshot(rec.lun_name, rec.name)
+            exp.lu.device = self.open_view(filled)
+
+
+def _copy_chunks(vol: CowVolume, dst_fd: int, plan: list[tuple[int, int | None]], cs: int, size: int) -> None:
+    src_origin = vol.fileno()
+    for c, slot in plan:
+        length = min(cs, size - c * cs)
+        if slot is None:
+            copy_range(src_origin, dst_fd, length, c * cs, c * cs)
+        else:
+            copy_range(vol._data_fd, dst_fd, length, slot * cs, c * cs)

@@ -1,0 +1,355 @@
+"""The catalog side of snapshots: pools, snapshots, snapshot sets and exposures, as catalog transactions.
+
+This module owns the queries on the tables that migration 2 of :mod:`lunsync.snapshots.catalog` creates, and the
+rules they enforce: names (``LUN@SNAP``, no path separators), one pool per LUN for its copy-on-write area while it has
+differential snapshots, epochs that only grow per LUN, an identity (NAA, serial) per snapshot minted once at creation
+so that an exposed snapshot shows the same VPD 0x80/0x83 every time, no deleting an exposed snapshot, LUN numbers
+shared between mappings and exposures, and a clone outliving its origin only once it is filled. Every public
+mutating method is one transaction through :meth:`Catalog.transaction`, so the chunk maps (in the pools) are the only
+snapshot state outside the catalog.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from lunsync.provider.config import MAX_LUN_NUMBER
+from lunsync.snapshots.catalog import AlreadyExists, Catalog, InUse, Invalid, NotFound, new_identity
+from lunsync.target.scsi.task import LunIdentity
+
+__all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotRecord", "parse_snapshot_name",
+           "validate_name"]
+
+DEFAULT_POOL = "default"
+DEFAULT_POOL_PATH = "pool"  # inside the data dir
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+Kind = Literal["differential", "clone"]
+
+
+def validate_name(what: str, name: str) -> str:
+    """1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit: never a path."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise Invalid(f"{what} name {name!r} must be 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter "
+                      "or digit")
+    return name
+
+
+def parse_snapshot_name(text: str) -> tuple[str, str]:
+    """``LUN@SNAP`` -> (lun, snap), both validated."""
+    lun, sep, snap = text.partition("@")
+    if not sep:
+        raise Invalid(f"{text!r} is not LUN@SNAP")
+    return validate_name("lun", lun), validate_name("snapshot", snap)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRecord:
+    id: int
+    name: str
+    path: str  # absolute
+    capacity_bytes: int | None
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRecord:
+    id: int
+    lun_id: int | None  # None once the origin is gone (a filled clone)
+    lun_name: str
+    name: str
+    kind: Kind
+    state: Literal["valid", "invalid"]
+    invalid_reason: str | None
+    epoch: int
+    pool_id: int
+    pool: str
+    set_name: str | None
+    size_bytes: int
+    block_size: int
+    chunk_size_bytes: int
+    filled_chunks: int
+    filled: bool
+    naa: str
+    serial: str
+    created_at: str
+    exposed_target: str | None
+    exposed_lun: int | None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.lun_name}@{self.name}"
+
+    @property
+    def identity(self) -> LunIdentity:
+        return LunIdentity(naa=bytes.fromhex(self.naa), serial=self.serial)
+
+    @property
+    def total_chunks(self) -> int:
+        return -(-self.size_bytes // self.chunk_size_bytes)
+
+    @property
+    def needs_cow(self) -> bool:
+        """Whether the origin must still preserve for it: valid, and not a clone that is complete."""
+        return self.state == "valid" and self.lun_id is not None and not (self.kind == "clone" and self.filled)
+
+
+_SNAP_SELECT = """
+    SELECT s.*, p.name AS pool_name, ss.name AS set_name, t.iqn AS exposed_target, e.lun AS exposed_lun
+    FROM snapshots s JOIN pools p ON p.id = s.pool_id
+    LEFT JOIN snapshot_sets ss ON ss.id = s.set_id
+    LEFT JOIN snapshot_exposures e ON e.snapshot_id = s.id
+    LEFT JOIN targets t ON t.id = e.target_id
+"""
+
+
+def _snap(row: sqlite3.Row) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=row["id"], lun_id=row["lun_id"], lun_name=row["lun_name"], name=row["name"], kind=row["kind"],
+        state=row["state"], invalid_reason=row["invalid_reason"], epoch=row["epoch"], pool_id=row["pool_id"],
+        pool=row["pool_name"], set_name=row["set_name"], size_bytes=row["size_bytes"], block_size=row["block_size"],
+        chunk_size_bytes=row["chunk_size_bytes"], filled_chunks=row["filled_chunks"], filled=bool(row["filled"]),
+        naa=row["naa"], serial=row["serial"], created_at=row["created_at"], exposed_target=row["exposed_target"],
+        exposed_lun=row["exposed_lun"],
+    )
+
+
+class SnapshotCatalog:
+    """Snapshot, pool, set and exposure records in one data dir's catalog."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def _resolve(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.catalog.data_dir, path))
+
+    # --- pools -----------------------------------------------------------------------------------------------------
+
+    def _pool(self, row: sqlite3.Row) -> PoolRecord:
+        return PoolRecord(row["id"], row["name"], self._resolve(row["path"]), row["capacity_bytes"],
+                          row["created_at"])
+
+    def ensure_default_pool(self) -> PoolRecord:
+        with self.catalog.transaction() as db:
+            row = db.execute("SELECT * FROM pools WHERE name = ?", (DEFAULT_POOL,)).fetchone()
+            if row is None:
+                return self.create_pool(DEFAULT_POOL, DEFAULT_POOL_PATH)
+            return self._pool(row)
+
+    def create_pool(self, name: str, path: str, capacity_bytes: int | None = None) -> PoolRecord:
+        """Register a pool directory (relative paths are inside the data dir). Raises AlreadyExists, Invalid."""
+        validate_name("pool", name)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise Invalid("a pool needs a directory path")
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise Invalid("pool capacity must be positive")
+        where = self._resolve(path)
+        if where == self.catalog.data_dir or where == os.path.join(self.catalog.data_dir, "luns"):
+            raise Invalid(f"pool path {where} would mix pool files with the data dir's own files")
+        with self.catalog.transaction() as db:
+            if db.execute("SELECT 1 FROM pools WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExists(f"pool {name!r} already exists")
+            for other in db.execute("SELECT name, path FROM pools"):
+                if self._resolve(other["path"]) == where:
+                    raise AlreadyExists(f"pool path {where} is already used by pool {other['name']!r}")
+            db.execute("INSERT INTO pools (name, path, capacity_bytes, created_at) VALUES (?, ?, ?, ?)",
+                       (name, path, capacity_bytes, _now()))
+            return self.get_pool(name)
+
+    def get_pool(self, name: str) -> PoolRecord:
+        with self.catalog.transaction(write=False) as db:
+            row = db.execute("SELECT * FROM pools WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"pool {name!r} does not exist")
+            return self._pool(row)
+
+    def list_pools(self) -> list[PoolRecord]:
+        with self.catalog.transaction(write=False) as db:
+            return [self._pool(r) for r in db.execute("SELECT * FROM pools ORDER BY id")]
+
+    def volume_pool(self, lun_id: int) -> PoolRecord | None:
+        """The pool holding ``lun_id``'s copy-on-write area, if it has one."""
+        with self.catalog.transaction(write=False) as db:
+            row = db.execute("SELECT p.* FROM cow_volumes v JOIN pools p ON p.id = v.pool_id WHERE v.lun_id = ?",
+                             (lun_id,)).fetchone()
+            return None if row is None else self._pool(row)
+
+    # --- snapshots -------------------------------------------------------------------------------------------------
+
+    def create_snapshots(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
+                         set_name: str | None) -> list[SnapshotRecord]:
+        """Record one snapshot per ``(lun, snap)``, each with its LUN's next epoch, all in one transaction (the point
+        in time of a set). Raises NotFound, AlreadyExists, Invalid; nothing is recorded then."""
+        if kind not in ("differential", "clone"):
+            raise Invalid(f"kind must be differential or clone, not {kind!r}")
+        if not specs:
+            raise Invalid("name at least one LUN@SNAP")
+        luns = [lun for lun, _ in specs]
+        if len(set(luns)) != len(luns):
+            raise Invalid("a set takes each LUN once")
+        if set_name is not None:
+            validate_name("set", set_name)
+        with self.catalog.transaction() as db:
+            set_id = None
+            if set_name is not None:
+                if db.execute("SELECT 1 FROM snapshot_sets WHERE name = ?", (set_name,)).fetchone():
+                    raise AlreadyExists(f"snapshot set {set_name!r} already exists")
+                set_id = db.execute("INSERT INTO snapshot_sets (name, created_at) VALUES (?, ?)",
+                                    (set_name, _now())).lastrowid
+            ids = []
+            for lun_name, snap_name in specs:
+                validate_name("lun", lun_name)
+                validate_name("snapshot", snap_name)
+                lun = db.execute("SELECT * FROM luns WHERE name = ?", (lun_name,)).fetchone()
+                if lun is None:
+                    raise NotFound(f"lun {lun_name!r} does not exist")
+                if db.execute("SELECT 1 FROM snapshots WHERE lun_name = ? AND name = ?",
+                              (lun_name, snap_name)).fetchone():
+                    raise AlreadyExists(f"snapshot {lun_name}@{snap_name} already exists")
+                vol = db.execute("SELECT * FROM cow_volumes WHERE lun_id = ?", (lun["id"],)).fetchone()
+                if pool is not None:
+                    prow = db.execute("SELECT * FROM pools WHERE name = ?", (pool,)).fetchone()
+                    if prow is None:
+                        raise NotFound(f"pool {pool!r} does not exist")
+                elif vol is not None:
+                    prow = db.execute("SELECT * FROM pools WHERE id = ?", (vol["pool_id"],)).fetchone()
+                else:
+                    prow = db.execute("SELECT * FROM pools WHERE name = ?", (DEFAULT_POOL,)).fetchone()
+                    if prow is None:
+                        raise NotFound(f"pool {DEFAULT_POOL!r} does not exist")
+                if vol is not None and vol["pool_id"] != prow["id"]:
+                    live = db.execute("SELECT count(*) FROM snapshots WHERE lun_id = ?", (lun["id"],)).fetchone()[0]
+                    if live:
+                        raise Invalid(f"lun {lun_name!r} keeps its copy-on-write area in another pool while it has "
+                                      "snapshots there; delete them or use that pool")
+                    db.execute("UPDATE cow_volumes SET pool_id = ? WHERE lun_id = ?", (prow["id"], lun["id"]))
+                if vol is None:
+                    db.execute("INSERT INTO cow_volumes (lun_id, pool_id, last_epoch) VALUES (?, ?, 0)",
+                               (lun["id"], prow["id"]))
+                db.execute("UPDATE cow_volumes SET last_epoch = last_epoch + 1 WHERE lun_id = ?", (lun["id"],))
+                epoch = db.execute("SELECT last_epoch FROM cow_volumes WHERE lun_id = ?", (lun["id"],)).fetchone()[0]
+                naa, serial = new_identity()
+                ids.append(db.execute(
+                    """INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, set_id, size_bytes,
+                                              block_size, chunk_size_bytes, naa, serial, created_at)
+                       VALUES (?, ?, ?, ?, 'valid', ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (lun["id"], lun_name, snap_name, kind, epoch, prow["id"], set_id, lun["size_bytes"],
+                     lun["block_size"], lun["chunk_size_bytes"], naa, serial, _now())).lastrowid)
+            return [self._get_by_id(i) for i in ids]
+
+    def _get_by_id(self, snap_id: int) -> SnapshotRecord:
+        row = self.catalog.transaction(write=False)
+        with row as db:
+            r = db.execute(_SNAP_SELECT + " WHERE s.id = ?", (snap_id,)).fetchone()
+            if r is None:
+                raise NotFound(f"snapshot id {snap_id} does not exist")
+            return _snap(r)
+
+    def set_hold_ms(self, set_name: str, hold_ms: float) -> None:
+        with self.catalog.transaction() as db:
+            db.execute("UPDATE snapshot_sets SET hold_ms = ? WHERE name = ?", (hold_ms, set_name))
+
+    def get_snapshot(self, lun: str, name: str) -> SnapshotRecord:
+        with self.catalog.transaction(write=False) as db:
+            r = db.execute(_SNAP_SELECT + " WHERE s.lun_name = ? AND s.name = ?", (lun, name)).fetchone()
+            if r is None:
+                raise NotFound(f"snapshot {lun}@{name} does not exist")
+            return _snap(r)
+
+    def list_snapshots(self, lun: str | None = None) -> list[SnapshotRecord]:
+        with self.catalog.transaction(write=False) as db:
+            if lun is None:
+                rows = db.execute(_SNAP_SELECT + " ORDER BY s.lun_name, s.epoch")
+            else:
+                rows = db.execute(_SNAP_SELECT + " WHERE s.lun_name = ? ORDER BY s.epoch", (lun,))
+            return [_snap(r) for r in rows]
+
+    def delete_snapshot(self, lun: str, name: str) -> SnapshotRecord:
+        """Forget a snapshot; refused (InUse) while it is exposed."""
+        with self.catalog.transaction() as db:
+            rec = self.get_snapshot(lun, name)
+            if rec.exposed_target is not None:
+                raise InUse(f"snapshot {rec.full_name} is exposed on {rec.exposed_target} as LUN {rec.exposed_lun}; "
+                            "unexpose it first")
+            db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
+            # A set whose last member is gone goes too.
+            db.execute("DELETE FROM snapshot_sets WHERE id NOT IN (SELECT set_id FROM snapshots WHERE set_id IS NOT "
+                       "NULL)")
+            return rec
+
+    def mark_invalid(self, lun_id: int, epochs: Sequence[int], reason: str) -> None:
+        with self.catalog.transaction() as db:
+            db.executemany("UPDATE snapshots SET state = 'invalid', invalid_reason = ? WHERE lun_id = ? AND epoch = ?",
+                           [(reason[:500], lun_id, e) for e in epochs])
+
+    def set_fill(self, snap_id: int, filled_chunks: int, filled: bool) -> None:
+        with self.catalog.transaction() as db:
+            db.execute("UPDATE snapshots SET filled_chunks = ?, filled = ? WHERE id = ?",
+                       (filled_chunks, int(filled), snap_id))
+
+    def release_origin(self, lun_name: str) -> list[SnapshotRecord]:
+        """Before the LUN ``lun_name`` is deleted: detach its filled clones (they no longer need it) and drop its
+        copy-on-write record. Refused (InUse) while any other snapshot of it exists."""
+        with self.catalog.transaction() as db:
+            lun = db.execute("SELECT id FROM luns WHERE name = ?", (lun_name,)).fetchone()
+            if lun is None:
+                raise NotFound(f"lun {lun_name!r} does not exist")
+            snaps = [s for s in self.list_snapshots(lun_name) if s.lun_id == lun["id"]]
+            blocking = [s.full_name for s in snaps if not (s.kind == "clone" and s.filled)]
+            if blocking:
+                raise InUse(f"lun {lun_name!r} still has snapshots that depend on it ({', '.join(blocking)}); "
+                            "delete them first")
+            db.execute("UPDATE snapshots SET lun_id = NULL WHERE lun_id = ?", (lun["id"],))
+            db.execute("DELETE FROM cow_volumes WHERE lun_id = ?", (lun["id"],))
+            return snaps
+
+    # --- exposures -------------------------------------------------------------------------------------------------
+
+    def expose(self, lun: str, name: str, target: str, number: int | None = None) -> SnapshotRecord:
+        """Show a snapshot on ``target`` as LUN ``number`` (the lowest number free of LUNs and snapshots when None).
+        Raises NotFound, AlreadyExists, InUse, Invalid (an invalid snapshot)."""
+        if number is not None and not 0 <= number <= MAX_LUN_NUMBER:
+            raise Invalid(f"LUN number {number} outside 0..{MAX_LUN_NUMBER}")
+        with self.catalog.transaction() as db:
+            rec = self.get_snapshot(lun, name)
+            if rec.state != "valid":
+                raise Invalid(f"snapshot {rec.full_name} is invalid ({rec.invalid_reason}); it cannot be exposed")
+            if rec.exposed_target is not None:
+                raise AlreadyExists(f"snapshot {rec.full_name} is already exposed on {rec.exposed_target} as LUN "
+                                    f"{rec.exposed_lun}")
+            iqn = self.catalog.get_target(target).iqn
+            tid = db.execute("SELECT id FROM targets WHERE iqn = ?", (iqn,)).fetchone()[0]
+            used = {r[0] for r in db.execute("SELECT lun FROM mappings WHERE target_id = ? UNION "
+                                             "SELECT lun FROM snapshot_exposures WHERE target_id = ?", (tid, tid))}
+            if number is None:
+                number = next((n for n in range(MAX_LUN_NUMBER + 1) if n not in used), None)
+                if number is None:
+                    raise InUse(f"target {iqn} has no free LUN number")
+            elif number in used:
+                raise AlreadyExists(f"LUN {number} of {iqn} is already taken")
+            db.execute("INSERT INTO snapshot_exposures VALUES (?, ?, ?)", (rec.id, tid, number))
+            return self.get_snapshot(lun, name)
+
+    def unexpose(self, lun: str, name: str) -> SnapshotRecord:
+        """Stop showing a snapshot; returns it as it was (with its target and LUN number)."""
+        with self.catalog.transaction() as db:
+            rec = self.get_snapshot(lun, name)
+            if rec.exposed_target is None:
+                raise NotFound(f"snapshot {rec.full_name} is not exposed")
+            db.execute("DELETE FROM snapshot_exposures WHERE snapshot_id = ?", (rec.id,))
+            return rec
+
+    def exposures_on(self, target: str) -> list[SnapshotRecord]:
+        with self.catalog.transaction(write=False) as db:
+            rows = db.execute(_SNAP_SELECT + " WHERE t.iqn = ? ORDER BY e.lun", (target,))
+            return [_snap(r) for r in rows]
