@@ -113,7 +113,8 @@ Size = Annotated[
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: 0 is not false and "5" is not 5; a client that sends the wrong type has a bug worth hearing about.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorOut(BaseModel):
