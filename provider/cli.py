@@ -153,6 +153,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(handler=_apply)
     p = sub.add_parser("export", parents=[common], help="print the array as TOML (CHAP secrets included)")
     p.set_defaults(handler=_export)
+    from lunsync.provider.cli_snapshots import add_snapshot_commands  # imports this module: not at the top
+
+    add_snapshot_commands(noun, leaf)
 
 
 # --- output ----------------------------------------------------------------------------------------------------------

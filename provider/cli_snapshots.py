@@ -1,0 +1,140 @@
+"""The ``lunsync snapshot`` and ``lunsync pool`` commands: clients of ``/v1/snapshots`` and ``/v1/pools``.
+
+This module owns the words and the tables of those two nouns; :mod:`lunsync.provider.cli` registers them and owns
+the connection options, ``--json`` and error reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+from lunsync.provider.cli import _done, _print_json, _q, _size, _table, human_size
+
+Leaf = Callable[..., argparse.ArgumentParser]
+Noun = Callable[[str, str], "argparse._SubParsersAction[argparse.ArgumentParser]"]
+
+
+def add_snapshot_commands(noun: Noun, leaf: Leaf) -> None:
+    snap = noun("snapshot", "snapshots (LUN@SNAP): differential or clone, single or as a set")
+    p = leaf(snap, "create", _create, "take snapshots: one point in time across every LUN named")
+    p.add_argument("names", nargs="+", metavar="LUN@SNAP")
+    p.add_argument("--kind", choices=("differential", "clone"), default="differential",
+                   help="differential (copy-on-write, the default) or clone (a full copy filled in the background)")
+    p.add_argument("--pool", metavar="NAME", help="pool for the preserved data (default: the LUN's, else 'default')")
+    p.add_argument("--set", metavar="NAME", help="name the snapshot set")
+    p = leaf(snap, "list", _list, "list snapshots (of one LUN, or all)")
+    p.add_argument("lun", nargs="?", metavar="LUN")
+    p = leaf(snap, "show", _show, "show one snapshot")
+    p.add_argument("name", metavar="LUN@SNAP")
+    p = leaf(snap, "delete", _delete, "delete a snapshot (any order; refused while exposed)")
+    p.add_argument("name", metavar="LUN@SNAP")
+    p = leaf(snap, "expose", _expose, "present a snapshot as a read-only LUN with its own identity")
+    p.add_argument("name", metavar="LUN@SNAP")
+    p.add_argument("--target", required=True, metavar="IQN")
+    p.add_argument("--lun", type=int, metavar="N", help="LUN number (default: the lowest free one)")
+    p = leaf(snap, "unexpose", _unexpose, "stop presenting a snapshot")
+    p.add_argument("name", metavar="LUN@SNAP")
+
+    pool = noun("pool", "snapshot pools: where preserved chunks and clones live")
+    p = leaf(pool, "create", _pool_create, "register a pool directory")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--path", required=True, metavar="DIR", help="directory for the pool (created if missing)")
+    p.add_argument("--capacity", type=_size, metavar="SIZE", help="cap on what the pool may hold")
+    leaf(pool, "list", _pool_list, "list pools with capacity and use")
+
+
+def _ok(a: argparse.Namespace, result: Any, text: str) -> int:
+    rc: int = _done(a, result, text)
+    return rc
+
+
+_COLUMNS = ["Snapshot", "Kind", "State", "Created", "Set", "Pool", "Space", "Exposed", "Serial"]
+
+
+def _rows(snaps: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for s in snaps:
+        state = s["state"]
+        if s["fill"] is not None and not s["fill"]["complete"]:
+            state += f" (filling {s['fill']['percent']:.0f}%)"
+        if s["state"] == "invalid" and s["invalid_reason"]:
+            state += f": {s['invalid_reason']}"
+        exposed = f"{s['exposed']['target']} lun {s['exposed']['lun']}" if s["exposed"] else "-"
+        rows.append([s["name"], s["kind"], state, s["created_at"][:19].replace("T", " "), s["set"] or "-",
+                     s["pool"], human_size(s["space_bytes"]), exposed, s["serial"]])
+    return rows
+
+
+def _create(c: Any, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"snapshots": a.names, "kind": a.kind}
+    if a.pool:
+        body["pool"] = a.pool
+    if a.set:
+        body["set"] = a.set
+    r = c.post("/snapshots", body)
+    names = ", ".join(s["name"] for s in r["snapshots"])
+    what = f"snapshot set {r['set']}: " if r["set"] else ""
+    return _ok(a, r, f"{what}{names} ({a.kind}), writes held {r['hold_ms']:.2f} ms")
+
+
+def _list(c: Any, a: argparse.Namespace) -> int:
+    snaps = c.get("/snapshots", **({"lun": a.lun} if a.lun else {}))
+    if getattr(a, "json", False):
+        _print_json(snaps)
+    else:
+        _table(None, _COLUMNS, _rows(snaps))
+    return 0
+
+
+def _show(c: Any, a: argparse.Namespace) -> int:
+    s = c.get(f"/snapshots/{_q(a.name)}")
+    if getattr(a, "json", False):
+        _print_json(s)
+    else:
+        _table(None, [*_COLUMNS, "NAA"], [_rows([s])[0] + [s["naa"]]])
+    return 0
+
+
+def _delete(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/snapshots/{_q(a.name)}")
+    return _ok(a, r, f"deleted snapshot {a.name}")
+
+
+def _expose(c: Any, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"target": a.target}
+    if a.lun is not None:
+        body["lun"] = a.lun
+    s = c.post(f"/snapshots/{_q(a.name)}/expose", body)
+    return _ok(a, s, f"exposed {s['name']} on {s['exposed']['target']} as LUN {s['exposed']['lun']} (read-only, "
+                       f"serial {s['serial']})")
+
+
+def _unexpose(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/snapshots/{_q(a.name)}/expose")
+    return _ok(a, r, f"unexposed snapshot {a.name}")
+
+
+def _pool_create(c: Any, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": a.name, "path": os.path.abspath(a.path)}
+    if a.capacity is not None:
+        body["capacity"] = a.capacity
+    p = c.post("/pools", body)
+    return _ok(a, p, f"created pool {p['name']} at {p['path']}")
+
+
+def _pool_list(c: Any, a: argparse.Namespace) -> int:
+    pools = c.get("/pools")
+    if getattr(a, "json", False):
+        _print_json(pools)
+        return 0
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else human_size(n)
+
+    _table(None, ["Pool", "Path", "Capacity", "Used", "Free", "Snapshots"],
+           [[p["name"], p["path"], size(p["capacity_bytes"]), size(p["used_bytes"]), size(p["free_bytes"]),
+             str(p["snapshots"])] for p in pools])
+    return 0
