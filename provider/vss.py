@@ -257,8 +257,9 @@ class Engine(Protocol):
 
     async def unexpose_snapshot(self, ref: str) -> None: ...
 
-    async def swap(self, ref: str, identity: str) -> LunRef:
-        """BreakSnapshotSetEx: the snapshot becomes the LUN (read-write), the snapshot is used up."""
+    async def swap_identity(self, ref: str) -> None:
+        """Give the snapshot's origin the snapshot's identity (VPD 0x80/0x83) and the snapshot the origin's, so
+        hosts that imported the snapshot see their disk (BreakSnapshotSetEx without identity revert)."""
         ...
 
     def baseline_latency_s(self, name: str) -> float | None: ...
@@ -345,19 +346,21 @@ class Options:
     post_restore: tuple[str, ...] = ()
     mask_except: tuple[str, ...] | None = None  # mask destinations from every initiator but these during the restore
     create_missing: bool = True  # a destination that does not exist is created at the snapshot's size
+    consume_snapshot: bool = False  # a swap: the snapshot is deleted once its contents are the LUN's
 
     def as_dict(self) -> dict[str, Any]:
         return {"rate_bps": self.rate_bps, "verify": self.verify, "pre_restore": list(self.pre_restore),
                 "post_restore": list(self.post_restore),
                 "mask_except": None if self.mask_except is None else list(self.mask_except),
-                "create_missing": self.create_missing}
+                "create_missing": self.create_missing, "consume_snapshot": self.consume_snapshot}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Options:
         m = d.get("mask_except")
         return cls(rate_bps=d.get("rate_bps"), verify=bool(d.get("verify", False)),
                    pre_restore=tuple(d.get("pre_restore") or ()), post_restore=tuple(d.get("post_restore") or ()),
-                   mask_except=None if m is None else tuple(m), create_missing=bool(d.get("create_missing", True)))
+                   mask_except=None if m is None else tuple(m), create_missing=bool(d.get("create_missing", True)),
+                   consume_snapshot=bool(d.get("consume_snapshot", False)))
 
 
 @dataclass
@@ -691,6 +694,15 @@ class RecoveryManager:
             self._move(rs, Event.FAIL, "; ".join(f"{j.pair.destination}: {j.pair.error}" for j in failed))
             return
         self._move(rs, Event.COMPLETE)
+        if rs.options.consume_snapshot:
+            for p in rs.pairs:
+                try:
+                    with contextlib.suppress(LookupError):
+                        await self.engine.unexpose_snapshot(p.snapshot)
+                    await self.engine.delete_snapshot(p.snapshot)
+                except Exception as e:  # noqa: BLE001 - the LUN is restored; say why the snapshot is still there
+                    rs.error = f"swapped, but {p.snapshot} could not be deleted: {e}"
+                    self._save(rs)
         try:
             await self._run_hooks(rs, "post-restore", rs.options.post_restore)
         except VssError as e:
@@ -817,18 +829,29 @@ class RecoveryManager:
                         lun.size_bytes < snap.size_bytes else None, "resync_in_progress": owner})
         return {"dry_run": True, "bytes": sum(x["bytes"] for x in out), "pairs": out}
 
-    async def swap(self, ref: str, identity: str = "keep") -> LunRef:
-        """BreakSnapshotSetEx: turn the snapshot into the read-write LUN. Irreversible; the snapshot is used up."""
+    async def swap(self, ref: str, identity: str = "keep", options: Options | None = None) -> RecoverySet:
+        """BreakSnapshotSetEx: the snapshot becomes the read-write LUN at once, and is used up.
+
+        The origin serves the snapshot's contents from the moment this returns (a resync to the origin, which copies
+        back only the chunks that changed); when that is done the snapshot is deleted. With ``identity="snapshot"``
+        the LUN also takes the snapshot's identity. It cannot be undone."""
         if identity not in ("keep", "snapshot"):
             raise VssError(VssCode.INVALID_ARG, "identity must be 'keep' or 'snapshot'")
         snap = self._snapshot(ref)
         owner = self._busy.get(snap.origin)
         if owner is not None:
             raise VssError(VssCode.RESYNC_IN_PROGRESS, f"{snap.origin} is being resynced by recovery set {owner}")
-        try:
-            return await self.engine.swap(snap.ref, identity)
-        except LookupError as e:
-            raise VssError(VssCode.OBJECT_NOT_FOUND, str(e)) from None
+        if any(rs.options.consume_snapshot and rs.state not in TERMINAL and rs.pairs[0].snapshot == snap.ref
+               for rs in self.sets.values()):
+            raise VssError(VssCode.BAD_STATE, f"{snap.ref} is already being swapped in")
+        opts = options or Options()
+        opts.consume_snapshot = True
+        if identity == "snapshot":
+            try:
+                await self.engine.swap_identity(snap.ref)
+            except LookupError as e:
+                raise VssError(VssCode.OBJECT_NOT_FOUND, str(e)) from None
+        return await self.resync([(snap.ref, snap.origin)], opts)
 
     # -- lifecycle --
 

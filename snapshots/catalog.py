@@ -322,10 +322,48 @@ def _schema_v2_snapshots(db: sqlite3.Connection) -> None:
         db.execute(sql)
 
 
+def _schema_v3_recovery(db: sqlite3.Connection) -> None:
+    # Recovery sets and their resync progress (lunsync.provider.recovery_store owns the queries). A pair names its
+    # snapshot as LUN@SNAP text, not by id: a swap deletes the snapshot it consumed and the history must stay. The
+    # partial unique index is the rule "one resync per destination" (VSS_E_RESYNC_IN_PROGRESS), held by the catalog
+    # itself so that no restart or race can break it. Bitmaps live in <data-dir>/resync/, committed after the
+    # destination's data; the counters here are progress for people, never what a resume trusts.
+    statements = (
+        """CREATE TABLE recovery_sets (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'pre-restore', 'resyncing', 'done', 'failed',
+                                                 'cancelled')),
+            options TEXT NOT NULL,
+            error TEXT,
+            hooks TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL)""",
+        """CREATE TABLE recovery_pairs (
+            set_id TEXT NOT NULL REFERENCES recovery_sets(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            snapshot TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            new_lun INTEGER NOT NULL DEFAULT 0 CHECK (new_lun IN (0, 1)),
+            state TEXT NOT NULL CHECK (state IN ('pending', 'resyncing', 'done', 'failed', 'cancelled')),
+            bytes_total INTEGER NOT NULL DEFAULT 0,
+            bytes_done INTEGER NOT NULL DEFAULT 0,
+            bytes_copied INTEGER NOT NULL DEFAULT 0,
+            redirected_reads INTEGER NOT NULL DEFAULT 0,
+            verified INTEGER CHECK (verified IN (0, 1)),
+            error TEXT,
+            PRIMARY KEY (set_id, position))""",
+        "CREATE UNIQUE INDEX one_resync_per_destination ON recovery_pairs(destination) WHERE state = 'resyncing'",
+    )
+    for sql in statements:
+        db.execute(sql)
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
-MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots)
+MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

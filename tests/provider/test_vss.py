@@ -62,7 +62,7 @@ class FakeEngine:
         self.grown: list[tuple[str, int]] = []
         self.free: int | None = None
         self.exposed: set[str] = set()
-        self.swapped: list[tuple[str, str]] = []
+        self.identity_swaps: list[str] = []
         self._n = 0
 
     def _ident(self) -> tuple[str, str]:
@@ -161,11 +161,9 @@ class FakeEngine:
     async def unexpose_snapshot(self, ref: str) -> None:
         self.exposed.discard(ref)
 
-    async def swap(self, ref: str, identity: str) -> LunRef:
-        self.swapped.append((ref, identity))
-        snap = self.snapshot(ref)
-        del self._snaps[ref]
-        return self.lun(snap.origin)
+    async def swap_identity(self, ref: str) -> None:
+        self.snapshot(ref)
+        self.identity_swaps.append(ref)
 
     def baseline_latency_s(self, name: str) -> float | None:
         return None
@@ -353,15 +351,22 @@ def test_swap_is_refused_during_a_resync_and_uses_the_snapshot_up(tmp_path: Path
     async def main() -> None:
         eng, mgr, _ = setup(tmp_path)
         eng.add_lun("lab", bytes(SIZE))
-        rs = await mgr.resync([("db0@s1", "db0")], Options(rate_bps=64 << 10))
+        busy = await mgr.resync([("db0@s1", "db0")], Options(rate_bps=64 << 10))
         with pytest.raises(VssError) as ei:
             await mgr.swap("db0@s1", "keep")
         assert ei.value.code is VssCode.RESYNC_IN_PROGRESS
-        await mgr.cancel(rs.id)
+        await mgr.cancel(busy.id)
         with pytest.raises(VssError):
             await mgr.swap("db0@s1", "other")
-        await mgr.swap("db0@s1", "snapshot")
-        assert eng.swapped == [("db0@s1", "snapshot")]
+        rs = await mgr.swap("db0@s1", "snapshot")
+        assert eng.identity_swaps == ["db0@s1"]
+        vol = eng.installed["db0"]
+        assert isinstance(vol, ResyncVolume)
+        assert bytes(await vol.read(0, SIZE // 512)) == A  # the snapshot is the LUN at once
+        await asyncio.wait_for(mgr.wait(rs.id), 10)
+        assert rs.state is RecoveryState.DONE and eng.lun_bytes("db0") == A
+        with pytest.raises(LookupError):
+            eng.snapshot("db0@s1")  # used up
         with pytest.raises(VssError) as ei:
             await mgr.swap("db0@s1", "keep")
         assert ei.value.code is VssCode.OBJECT_NOT_FOUND
