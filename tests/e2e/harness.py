@@ -110,6 +110,8 @@ class Daemon:
         demo_size: str | None = "256MiB",
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        api: bool = False,
+        metrics: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,10 @@ class Daemon:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.ports: list[int] = []
+        # The API and metrics listen on fixed default ports unless told otherwise; parallel daemons would collide.
+        self.api, self.metrics = api, metrics
+        self.api_port: int | None = None
+        self.metrics_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -135,6 +141,8 @@ class Daemon:
             cmd += ["--listen", f"127.0.0.1:{p}"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
+        cmd += ["--api", f"127.0.0.1:{self.api_port}" if self.api_port else "off"]
+        cmd += ["--metrics", f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off"]
         if self.demo:
             cmd.append("--demo")
             if self.demo_size:
@@ -147,6 +155,8 @@ class Daemon:
         for attempt in range(3):
             if fresh_ports:
                 self.ports = [free_port() for _ in range(self.portals)]
+                self.api_port = free_port() if self.api else None
+                self.metrics_port = free_port() if self.metrics else None
             try:
                 self._spawn_and_wait()
                 return self
@@ -166,7 +176,7 @@ class Daemon:
                 cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
-        pending = list(self.ports)
+        pending = [p for p in (*self.ports, self.api_port, self.metrics_port) if p]
         while pending:
             if self.proc.poll() is not None:
                 raise DaemonFailed(f"lunsync serve exited {self.proc.returncode} during start-up\n{self.log_tail()}")
@@ -229,6 +239,21 @@ class Daemon:
     @property
     def port(self) -> int:
         return self.ports[0]
+
+    @property
+    def api_url(self) -> str:
+        assert self.api_port, "started without api=True"
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.metrics_port, "started without metrics=True"
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def api_token(self) -> str:
+        """The API bearer token the daemon generated in its data directory."""
+        return (self.data_dir / "api-token").read_text().strip()
 
     def url(
         self,

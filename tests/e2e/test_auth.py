@@ -13,18 +13,17 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from iscsi_scapy import LoginRequest, LoginResponse, LoginStatus, RawInitiator, Stage, login_request, parse_kv, text_kv
-
 from e2e.harness import Daemon, describe, require_tools
+from iscsi_scapy import LoginRequest, LoginResponse, LoginStatus, RawInitiator, Stage, login_request, parse_kv, text_kv
 
 pytestmark = pytest.mark.e2e
 
 CHAP_IQN = "iqn.2026-11.io.lunsync:chap"
 MUTUAL_IQN = "iqn.2026-11.io.lunsync:mutual"
 ACL_IQN = "iqn.2026-11.io.lunsync:acl"
-USER, SECRET = "alice", "alice-secret-0123"  # RFC 7143 §12.1.3: at least 12 bytes
-M_USER, M_SECRET = "bob", "bob-secret-456789"
-TARGET_USER, TARGET_SECRET = "lunsync-array", "array-secret-9876"
+USER, SECRET = "alice", "alice-secret-012"  # RFC 7143 §12.1.3: at least 12 bytes
+M_USER, M_SECRET = "bob", "bob-secret-45678"
+TARGET_USER, TARGET_SECRET = "lunsync-array", "array-secret-987"
 ALLOWED = "iqn.2026-11.io.lunsync:allowed-host"
 INTRUDER = "iqn.2026-11.io.lunsync:intruder"
 INQ_DEFAULT_INITIATOR = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-inq"
@@ -221,6 +220,17 @@ def test_acl_refusal_is_authorization_failure(daemon: Daemon) -> None:
 def test_unauthenticated_target_does_not_leak_into_protected_ones(daemon: Daemon) -> None:
     """A session on the ACL target cannot reach the CHAP target's LUN by naming it in a later login."""
     assert raw_login_status(daemon, CHAP_IQN, ALLOWED) == LoginStatus.AUTHENTICATION_FAILURE
+
+
+def test_login_and_logout_each_logged_once(daemon: Daemon) -> None:
+    mark = daemon.log_mark()
+    with RawInitiator("127.0.0.1", daemon.port) as ini:
+        ini.login(ACL_IQN, initiator=ALLOWED, isid=0x400000D00077)
+        assert ini.logout().response == 0
+    daemon.wait_for_log(rf"(?im)^.*logout.*{re.escape(ALLOWED)}.*$", since=mark)
+    logged = [line for line in daemon.log_since(mark).splitlines() if ALLOWED in line]
+    assert len([line for line in logged if re.search(r"(?i)\blogin\b", line)]) == 1, logged
+    assert len([line for line in logged if re.search(r"(?i)\blogout\b", line)]) == 1, logged
 
 
 def test_daemon_healthy_after_auth_tests(daemon: Daemon) -> None:

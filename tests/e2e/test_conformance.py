@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from e2e.harness import Daemon, require_tools, shared_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -13,9 +13,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from iscsi_scapy import RawInitiator, cdb_inquiry
-
 from e2e.harness import DEMO_IQN, Daemon, run
+from iscsi_scapy import RawInitiator, cdb_inquiry
 
 pytestmark = pytest.mark.e2e
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from e2e.harness import DEMO_IQN, Daemon, require_tools
 from iscsi_scapy import (
     BHS,
     BHS_LEN,
@@ -42,8 +43,6 @@ from iscsi_scapy import (
     summaries,
     text_kv,
 )
-
-from e2e.harness import DEMO_IQN, Daemon, require_tools
 
 pytestmark = pytest.mark.e2e
 
@@ -171,6 +170,7 @@ def test_non_login_pdu_during_login_gets_invalid_during_login(daemon: Daemon, ki
         start_login(ini)
         ini.send(FIRST_PDUS[kind]())
         got = ini.expect_closed(timeout=5)
+        assert got, "closed the connection without the Login reject (0x020b) RFC 7143 §6.3 requires"
         assert len(got) == 1 and isinstance(got[0], LoginResponse), f"got {summaries(got)}"
         assert got[0].status == LoginStatus.INVALID_DURING_LOGIN, f"status 0x{got[0].status:04x}"
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-
 from e2e.harness import Daemon, describe, require_tools, run
 
 pytestmark = pytest.mark.e2e

@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from iscsi_scapy import NopIn, NopOut, RawInitiator
-
 from e2e.harness import free_port
+from iscsi_scapy import NopIn, NopOut, RawInitiator
 
 pytestmark = pytest.mark.e2e
 
