@@ -427,7 +427,7 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
     """Start the API and the metrics endpoint on this loop. A port that cannot be bound is logged and skipped: the
     LUNs are served regardless, because initiators matter more than the management plane."""
     from lunsync.provider.api import ApiContext, HttpServer, asgi_app, ensure_token
-    from lunsync.provider.metrics import ApiCounters, LunInfo, build_registry, metrics_app
+    from lunsync.provider.metrics import ApiCounters, LunInfo, SnapshotCollector, build_registry, metrics_app
 
     if (opts.api_tls_cert is None) != (opts.api_tls_key is None):
         raise ValueError("--api-tls-cert and --api-tls-key go together")
@@ -452,7 +452,9 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
         try:
             if opts.metrics.startswith("unix:"):
                 raise ValueError("--metrics takes HOST:PORT (Prometheus scrapes over TCP)")
-            m = await HttpServer.start("metrics", metrics_app(build_registry(server, counters, luns)), opts.metrics,
+            registry = build_registry(server, counters, luns)
+            registry.register(SnapshotCollector(lambda: array.snapshots))
+            m = await HttpServer.start("metrics", metrics_app(registry), opts.metrics,
                                        9100)
             running.append(m)
             ctx.metrics_address = status_metrics = m.address + "/metrics"

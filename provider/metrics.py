@@ -16,7 +16,13 @@ from typing import Any
 from lunsync.target.portal import Server
 from lunsync.target.stats import OP_NAMES, CommandStats
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_asgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 # Login failures that dashboards chart even before the first one happens, so `rate()` has a series to work on.
@@ -142,3 +148,68 @@ def metrics_app(registry: CollectorRegistry) -> Callable[[Scope, Receive, Send],
         await exposition(scope, receive, send)
 
     return app
+
+
+class SnapshotCollector(Collector):
+    """Pools, copy-on-write and snapshots, read at scrape time from the daemon's
+    :class:`~lunsync.provider.snapshot_service.SnapshotService` (``service()`` is None until the array has loaded).
+    Labels: pool name, LUN name, snapshot state, and clone name (clones are few and made by an administrator)."""
+
+    def __init__(self, service: Callable[[], Any]) -> None:
+        self.service = service
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service()
+        if svc is None:
+            return
+        used = GaugeMetricFamily("lunsync_pool_used_bytes", "Bytes the files of each snapshot pool hold on disk.",
+                                 labels=["pool"])
+        free = GaugeMetricFamily("lunsync_pool_free_bytes", "Bytes each snapshot pool can still take.", labels=["pool"])
+        cap = GaugeMetricFamily("lunsync_pool_capacity_bytes", "Cap of each pool (its filesystem's size if uncapped).",
+                                labels=["pool"])
+        for rec in svc.cat.list_pools():
+            usage = svc.pool_usage(rec)
+            used.add_metric([rec.name], usage["used_bytes"])
+            free.add_metric([rec.name], usage["free_bytes"])
+            cap.add_metric([rec.name], usage["capacity_bytes"])
+        yield from (used, free, cap)
+        copies = CounterMetricFamily("lunsync_cow_copies", "Origin chunks preserved before their first overwrite.",
+                                     labels=["lun"])
+        latency = SummaryMetricFamily("lunsync_cow_copy_batch_seconds",
+                                      "Copy-on-write group commits: copy, fdatasync and map commit, per batch.",
+                                      labels=["lun"])
+        failures = CounterMetricFamily("lunsync_cow_copy_failures", "Chunks whose preservation failed (pool full, "
+                                       "I/O error); their snapshots were marked invalid.", labels=["lun"])
+        for name, vol in sorted(svc.volumes.items()):
+            st = vol.stats
+            copies.add_metric([name], st.copies)
+            latency.add_metric([name], st.copy_batches, st.copy_seconds)
+            failures.add_metric([name], st.copy_failures)
+        yield from (copies, latency, failures)
+        by_state = GaugeMetricFamily("lunsync_snapshots", "Snapshots by state.", labels=["state"])
+        fill = GaugeMetricFamily("lunsync_clone_fill_ratio", "Fraction of each clone copied so far (1: independent).",
+                                 labels=["snapshot"])
+        counts = {"valid": 0, "invalid": 0, "filling": 0}
+        for s in svc.cat.list_snapshots():
+            if s.kind == "clone" and s.state == "valid":
+                done, total = svc.fill_progress.get(s.id, (s.filled_chunks, s.total_chunks))
+                fill.add_metric([s.full_name], 1.0 if s.filled else done / max(total, 1))
+                if not s.filled:
+                    counts["filling"] += 1
+                    continue
+            counts[s.state] += 1
+        for state, n in counts.items():
+            by_state.add_metric([state], n)
+        yield from (by_state, fill)
+        c = svc.counters
+        yield CounterMetricFamily("lunsync_snapshots_invalidated", "Snapshots marked invalid by a failed preservation.",
+                                  value=sum(v.stats.invalidated for v in svc.volumes.values()))
+        yield GaugeMetricFamily("lunsync_snapshot_hold_last_seconds",
+                                "How long the last snapshot (set) held new writes, measured in the daemon.",
+                                value=c.last_hold_ms / 1000)
+        yield CounterMetricFamily("lunsync_snapshot_hold_timeouts",
+                                  "Snapshot sets abandoned because writes did not drain in time.",
+                                  value=c.hold_timeouts)
