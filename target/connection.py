@@ -260,6 +260,17 @@ class Connection:
         allowed = ALLOWED[self.phase]
         if op not in allowed:
             if self.phase == Phase.LOGIN:
+                if self.login.first is not None:
+                    # A login is under way: answer "invalid during login" (RFC 7143 §11.13.5), then close.
+                    first = self.login.first
+                    self._send(pdu.encode_login_response(
+                        transit=False, cont=False, csg=first.csg, nsg=0, isid=first.isid, tsih=0,
+                        itt=int.from_bytes(bhs[16:20], "big"), stat_sn=self._next_stat_sn(),
+                        exp_cmd_sn=self.exp_cmd_sn, max_cmd_sn=self.max_cmd_sn,
+                        status_class=LoginStatus.INVALID_DURING_LOGIN >> 8,
+                        status_detail=LoginStatus.INVALID_DURING_LOGIN & 0xFF, length=0))
+                    self.events.append(LoginFailed(self.login.initiator_name, "", LoginStatus.INVALID_DURING_LOGIN,
+                                                   f"opcode 0x{op:02x} during login"))
                 self._fatal(f"opcode 0x{op:02x} before login completed")
             elif op == Op.LOGIN_REQ:
                 self._reject(bytes(bhs), RejectReason.PROTOCOL_ERROR, "login request in full feature phase")

@@ -143,3 +143,13 @@ def test_report_tmfs_and_thick_lun_vpd() -> None:
     assert d[0] & 0x08 and d[0] & 0x80  # LURS, ATS
     b0 = data(s.cmd(bytes([0x12, 1, 0xB0, 0, 255, 0])))
     assert struct.unpack_from(">II", b0, 20) == (0, 0)
+
+
+def test_unmap_granularity_is_reported_on_512_byte_luns_only() -> None:
+    """4096-byte LUNs leave OPTIMAL UNMAP GRANULARITY at 0 so QEMU 7.2 does not abort on its allocation-map probe."""
+    for block_size, want in ((512, 8), (4096, 0)):
+        target, _, _ = make_target(MemDevice(num_blocks=1024, block_size=block_size))
+        s = Session(target)
+        page = bytes(s.cmd(bytes((0x12, 1, 0xB0, 0, 0xFF, 0))).data or b"")
+        assert struct.unpack_from(">I", page, 28)[0] == want
+        assert struct.unpack_from(">I", page, 20)[0] > 0  # MAXIMUM UNMAP LBA COUNT stays non-zero (Windows)
