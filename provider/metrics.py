@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from dataclasses import dataclass
 from typing import Any
 
+from lunsync.target.pdu import RejectReason
 from lunsync.target.portal import Server
 from lunsync.target.stats import OP_NAMES, CommandStats
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_asgi_app
@@ -107,7 +108,10 @@ class LunsyncCollector(Collector):
         yield failures
         rejects = CounterMetricFamily("lunsync_rejected_pdus", "PDUs answered with Reject, by reason.",
                                       labels=["reason"])
-        for reason, n in sorted(counters.rejects.items()):
+        # Every reason of RFC 7143 §11.17.1 from the start (11 series), so rate() works before the first Reject.
+        seen_rejects = dict.fromkeys((r.name.lower() for r in RejectReason), 0)
+        seen_rejects.update(counters.rejects)
+        for reason, n in sorted(seen_rejects.items()):
             rejects.add_metric([reason], n)
         yield rejects
         # CHAP is the only authentication method, so every AUTHENTICATION FAILURE login status is a CHAP failure.

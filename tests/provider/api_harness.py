@@ -7,6 +7,7 @@ the ``lunsync`` CLI pointed at that daemon. Everything else (start, kill -9, log
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -34,26 +35,44 @@ def _wait_accepts(port: int, timeout: float = API_TIMEOUT_S) -> None:
             time.sleep(0.05)
 
 
+# The shared harness grew its own --api/--metrics ports (api=True, metrics=True); use them when it has them, so both
+# harnesses start the daemon the same way, and allocate the ports here when it does not.
+_HARNESS_HAS_PORTS = "api" in inspect.signature(Daemon.__init__).parameters
+
+
 class ApiDaemon(Daemon):
-    """A daemon with its management API and metrics endpoint on their own free ports."""
+    """A daemon with its management API and metrics endpoint on their own free ports (or the API on ``api``, e.g.
+    ``unix:/path``)."""
 
     def __init__(self, workdir: Path, *, api: str | None = None, **kwargs: Any) -> None:
+        if _HARNESS_HAS_PORTS:
+            kwargs.update(api=api is None, metrics=True)
         super().__init__(workdir, **kwargs)
-        self.api_port = 0
-        self.metrics_port = 0
-        self.api_spec = api  # e.g. "unix:/path"; None means a free loopback port
+        self.api_spec = api
+        if not _HARNESS_HAS_PORTS:
+            self.api_port: int | None = None
+            self.metrics_port: int | None = None
 
     def command(self) -> list[str]:
-        api = self.api_spec or f"127.0.0.1:{self.api_port}"
-        return [*super().command(), "--api", api, "--metrics", f"127.0.0.1:{self.metrics_port}"]
+        # argparse keeps the last of a repeated option, so these override whatever the shared harness put first.
+        cmd = super().command()
+        if not _HARNESS_HAS_PORTS:
+            cmd += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
+            if self.api_spec is None:
+                cmd += ["--api", f"127.0.0.1:{self.api_port}"]
+        if self.api_spec is not None:
+            cmd += ["--api", self.api_spec]
+        return cmd
 
     def start(self) -> ApiDaemon:
-        if not self.metrics_port:
+        if not _HARNESS_HAS_PORTS and not self.metrics_port:
             self.api_port, self.metrics_port = free_port(), free_port()
         super().start()
-        # The daemon binds the API before the iSCSI portals, so this normally returns at once.
+        # The daemon binds the API before the iSCSI portals, so these normally return at once.
         if self.api_spec is None:
+            assert self.api_port
             _wait_accepts(self.api_port)
+        assert self.metrics_port
         _wait_accepts(self.metrics_port)
         return self
 
@@ -91,7 +110,8 @@ class ApiDaemon(Daemon):
         p = self.cli(*args, "--json", check=True)
         return json.loads(p.stdout)
 
-    def metrics(self) -> str:
+    def scrape(self) -> str:
+        """The metrics exposition, as Prometheus would fetch it."""
         r = httpx.get(self.metrics_url, timeout=10)
         assert r.status_code == 200, r.text
         return r.text

@@ -32,18 +32,18 @@ def qemu_io(d: ApiDaemon, *commands: str) -> None:
 def test_per_lun_counters_and_latency_rise_with_io(api_daemon_factory: Callable[..., ApiDaemon]) -> None:
     require_tools("qemu-io")
     d = api_daemon_factory()
-    before = d.metrics()
+    before = d.scrape()
     assert sample(before, "lunsync_write_commands_total", lun="demo0") == 0
     assert sample(before, "lunsync_lun_capacity_bytes", lun="demo0") == 256 * MIB
 
     qemu_io(d, "write -P 0x5a 0 1M", "write -P 0x5b 4M 512k")
-    mid = d.metrics()
+    mid = d.scrape()
     writes = sample(mid, "lunsync_write_commands_total", lun="demo0")
     assert writes >= 2
     assert sample(mid, "lunsync_write_bytes_total", lun="demo0") == MIB + 512 * 1024
 
     qemu_io(d, "read -P 0x5a 0 1M", "read -P 0x5b 4M 512k")
-    after = d.metrics()
+    after = d.scrape()
     assert sample(after, "lunsync_read_commands_total", lun="demo0") >= 2
     assert sample(after, "lunsync_read_bytes_total", lun="demo0") >= MIB + 512 * 1024
     assert sample(after, "lunsync_write_commands_total", lun="demo0") == writes, "reads are not writes"
@@ -67,12 +67,12 @@ def test_sessions_gauge_and_login_failure_reasons(api_daemon_factory: Callable[.
         assert c.post(f"/v1/targets/{t}/acls", json={"initiator": "iqn.2026-11.test:allowed"}).status_code == 201
     with RawInitiator("127.0.0.1", d.port) as ri:
         ri.login(DEMO)
-        assert sample(d.metrics(), "lunsync_sessions") == 1
+        assert sample(d.scrape(), "lunsync_sessions") == 1
     with RawInitiator("127.0.0.1", d.port) as ri:
         assert ri.login(t, "iqn.2026-11.test:stranger", check=False).status == 0x0202
     with RawInitiator("127.0.0.1", d.port) as ri:
         assert ri.login("iqn.2026-11.io.lunsync:nosuch", check=False).status == 0x0203
-    m = d.metrics()
+    m = d.scrape()
     assert sample(m, "lunsync_login_failures_total", reason="authorization_failure") == 1
     assert sample(m, "lunsync_login_failures_total", reason="not_found") == 1
     assert sample(m, "lunsync_logins_total") == 1
@@ -83,10 +83,10 @@ def test_chap_failures_are_counted(api_daemon_factory: Callable[..., ApiDaemon])
     with d.http() as c:
         r = c.put(f"/v1/targets/{DEMO}/chap", json={"user": "u", "secret": "metrics-secret-1"})
         assert r.status_code == 200
-    assert sample(d.metrics(), "lunsync_chap_failures_total") == 0
+    assert sample(d.scrape(), "lunsync_chap_failures_total") == 0
     with RawInitiator("127.0.0.1", d.port) as ri:
         assert ri.login(DEMO, check=False).status == 0x0201
-    assert sample(d.metrics(), "lunsync_chap_failures_total") == 1
+    assert sample(d.scrape(), "lunsync_chap_failures_total") == 1
 
 
 def test_rejected_pdus_are_counted(api_daemon_factory: Callable[..., ApiDaemon]) -> None:
@@ -102,18 +102,18 @@ def test_rejected_pdus_are_counted(api_daemon_factory: Callable[..., ApiDaemon])
         ri.send(bytes(bogus))
         got: list[BHS] = ri.drain(timeout=1.0)
         assert got, "the target neither answered nor closed"
-    m = d.metrics()
+    m = d.scrape()
     rejected = sum(s.value for fam in _families(m) if fam.name == "lunsync_rejected_pdus" for s in fam.samples)
     assert rejected >= 1, m
 
 
 def test_api_refusals_are_counted(api_daemon_factory: Callable[..., ApiDaemon]) -> None:
     d = api_daemon_factory()
-    before = sample(d.metrics(), "lunsync_api_unauthorized_total")
+    before = sample(d.scrape(), "lunsync_api_unauthorized_total")
     with d.http(token="") as anon:
         for _ in range(3):
             assert anon.get("/v1/luns").status_code == 401
-    assert sample(d.metrics(), "lunsync_api_unauthorized_total") == before + 3
+    assert sample(d.scrape(), "lunsync_api_unauthorized_total") == before + 3
 
 
 def test_exposition_shape(api_daemon: ApiDaemon) -> None:
@@ -128,7 +128,12 @@ def test_exposition_shape(api_daemon: ApiDaemon) -> None:
                        ("lunsync_api_unauthorized", "counter")):
         assert families[name].type == kind, name
     labels = {k for f in families.values() if f.name.startswith("lunsync_") for s in f.samples for k in s.labels}
-    assert labels <= {"lun", "op", "reason", "le"}, f"unbounded label in {labels}"
+    assert {"lun", "op", "reason", "le"} <= labels
+    unbounded = {"lba", "itt", "tag", "initiator", "initiator_port", "isid", "tsih", "address", "peer", "cmd_sn"}
+    assert not labels & unbounded, f"unbounded label in {labels}"
+    # Rejects are labelled by the RFC's reason names, all present from the start.
+    reasons = {s.labels["reason"] for s in families["lunsync_rejected_pdus"].samples}
+    assert {"protocol_error", "command_not_supported", "invalid_pdu_field"} <= reasons
     assert httpx.get(api_daemon.metrics_url.replace("/metrics", "/other"), timeout=10).status_code == 404
     # The metrics port needs no token; the API port does.
     assert httpx.get(f"http://127.0.0.1:{api_daemon.api_port}/metrics", timeout=10).status_code == 401
