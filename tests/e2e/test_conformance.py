@@ -39,11 +39,31 @@ def failed(report: dict) -> list[str]:
     return sorted(name for name, verdict in report["tests"].items() if verdict == "failed")
 
 
+# iSCSIDataSnInvalid sends Data-Out PDUs with broken DataSNs through a helper that expects GOOD and prints
+# "[FAILED]" for any other answer, while the test's own assertion requires the write to fail. Every RFC-correct
+# target (Reject, ABORTED COMMAND, or dropping the connection) therefore trips the shared tool's "[FAILED]" rule.
+# It is accepted only when CUnit's own assertions for it all pass, which the test below checks separately.
+INHERENTLY_FLAGGED = {"iSCSIdatasn.iSCSIDataSnInvalid"}
+
+
+def cunit_asserts_failed(url: str, test: str) -> int:
+    p = subprocess.run(["iscsi-test-cu", "--dataloss", "-t", test, url], capture_output=True, text=True,
+                       errors="replace", timeout=120, check=False)
+    for line in p.stdout.splitlines():
+        fields = line.split()
+        if fields[:1] == ["asserts"] and len(fields) >= 5:
+            return int(fields[4])
+    raise AssertionError(f"no CUnit summary for {test}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+
+
 def test_conformance_suite_on_thin_demo_lun(daemon_factory, tmp_path: Path) -> None:
     daemon: Daemon = daemon_factory()
     report, out = conformance(daemon.url(0), tmp_path / "conformance.json")
     counts = report["counts"]
-    assert counts["failed"] == 0, f"{counts}: failed {failed(report)}\n{out[-4000:]}\n{daemon.log_tail()}"
+    unexpected = sorted(set(failed(report)) - INHERENTLY_FLAGGED)
+    assert not unexpected, f"{counts}: failed {unexpected}\n{out[-4000:]}\n{daemon.log_tail()}"
+    for name in sorted(set(failed(report)) & INHERENTLY_FLAGGED):
+        assert cunit_asserts_failed(daemon.url(0), "iSCSI." + name) == 0, f"{name}: CUnit assertions failed"
     assert counts["passed"] >= MIN_PASSED, f"{counts}: fewer than {MIN_PASSED} passed"
     daemon.assert_healthy()
     daemon.terminate()
