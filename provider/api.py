@@ -614,6 +614,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from lunsync.provider.api_snapshots import snapshot_router  # imports this module: not at the top
 
     app.include_router(snapshot_router(ctx))
+    from lunsync.provider.api_provider import provider_router  # imports this module: not at the top
+
+    app.include_router(provider_router(ctx))
     return app
 
 

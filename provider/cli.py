@@ -156,6 +156,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     from lunsync.provider.cli_snapshots import add_snapshot_commands  # imports this module: not at the top
 
     add_snapshot_commands(noun, leaf)
+    from lunsync.provider.cli_resync import add_resync_commands  # imports this module: not at the top
+
+    add_resync_commands(sub, noun, leaf, common)
 
 
 # --- output ----------------------------------------------------------------------------------------------------------

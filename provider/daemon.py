@@ -428,6 +428,7 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
     LUNs are served regardless, because initiators matter more than the management plane."""
     from lunsync.provider.api import ApiContext, HttpServer, asgi_app, ensure_token
     from lunsync.provider.metrics import ApiCounters, LunInfo, SnapshotCollector, build_registry, metrics_app
+    from lunsync.provider.resync_array import register_metrics
 
     if (opts.api_tls_cert is None) != (opts.api_tls_key is None):
         raise ValueError("--api-tls-cert and --api-tls-key go together")
@@ -454,6 +455,7 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
                 raise ValueError("--metrics takes HOST:PORT (Prometheus scrapes over TCP)")
             registry = build_registry(server, counters, luns)
             registry.register(SnapshotCollector(lambda: array.snapshots))
+            register_metrics(registry, array)  # restores (recovery sets) in progress
             m = await HttpServer.start("metrics", metrics_app(registry), opts.metrics,
                                        9100)
             running.append(m)
@@ -501,6 +503,9 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     await array.load()
     server = Server(array.directory, settings)
     array.server = server
+    from lunsync.provider import resync_array
+
+    await resync_array.attach(array)  # resumes the resyncs a stop or a crash interrupted, before any initiator is in
     # The management plane first: once the iSCSI port accepts, the API answers too (tests and scripts rely on it).
     http, api_at, metrics_at = await _start_http(array, server, opts)
     bound: list[tuple[str, int]] = []
@@ -532,6 +537,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     for h in http:
         await h.stop()  # type: ignore[attr-defined]
     await server.stop()
+    await resync_array.detach(array)  # copiers pause and commit; the next start resumes them
     await array.close()
     catalog.close()
     log.info("stopped")

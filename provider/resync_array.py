@@ -288,3 +288,10 @@ def register_metrics(registry: Any, array: Array) -> None:
     manager = getattr(array, "recovery", None)
     if manager is not None:
         registry.register(ResyncCollector(manager, array))
+
+
+async def detach(array: Array) -> None:
+    """At shutdown, after the portals stop: pause every copier and commit (the sets resume at the next start)."""
+    manager = getattr(array, "recovery", None)
+    if manager is not None:
+        await manager.shutdown()
