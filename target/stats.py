@@ -31,6 +31,8 @@ class Op(enum.IntEnum):
 
 
 OP_NAMES: tuple[str, ...] = tuple(op.name.lower() for op in Op)
+_READ = int(Op.READ)
+_WRITE = int(Op.WRITE)
 
 _READS = (0x08, 0x28, 0xA8, 0x88)  # READ(6/10/12/16)
 _WRITES = (0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E)  # WRITE(6/10/12/16), WRITE AND VERIFY(10/12/16)
@@ -120,12 +122,13 @@ class CommandStats:
             s = self.luns[name] = LunStats()
         s.buckets[op][bisect_left(LATENCY_BOUNDS_S, seconds)] += 1
         s.latency_sum_s[op] += seconds
-        if op > Op.WRITE:
+        # Plain ints, not Op members: an enum attribute lookup costs more than the rest of this method.
+        if op > _WRITE:
             return
         per = session.get(lun)
         if per is None:
             per = session[lun] = IoCounts()
-        if op == Op.READ:
+        if op == _READ:
             s.io.reads += 1
             per.reads += 1
             if good:
