@@ -89,6 +89,8 @@ class ScsiTarget:
     ) -> None:
         self.name = name
         self._luns: dict[int, LogicalUnit] = dict(luns or {})
+        # LUN masking (a restore's "maintenance mode"): an LU listed here is seen only by these initiator names.
+        self.masked: dict[LogicalUnit, frozenset[str]] = {}
         self.port_groups: dict[int, tuple[int, ...]] = dict(port_groups or {1: (1,)})
         self._group_of_port = {port: group for group, ports in self.port_groups.items() for port in ports}
 
@@ -100,8 +102,14 @@ class ScsiTarget:
         return self._luns
 
     def luns_for(self, nexus: Nexus) -> dict[int, LogicalUnit]:
-        """The LUNs visible to ``nexus`` (every LUN: masking is done above, by the ACL that admits the login)."""
-        return self._luns
+        """The LUNs visible to ``nexus``: every LUN but those masked from its initiator."""
+        if not self.masked:
+            return self._luns
+        return {n: lu for n, lu in self._luns.items() if self.visible(lu, nexus)}
+
+    def visible(self, lu: LogicalUnit, nexus: Nexus) -> bool:
+        allowed = self.masked.get(lu)
+        return allowed is None or nexus.initiator_name.lower() in allowed
 
     def lun(self, n: int) -> LogicalUnit | None:
         return self._luns.get(n)
@@ -135,6 +143,8 @@ class ScsiTarget:
     async def execute(self, task: ScsiTask) -> ScsiResponse:
         """Run one command to completion and return its status, data and sense."""
         lu = self._luns.get(task.lun)
+        if lu is not None and self.masked and not self.visible(lu, task.nexus):
+            lu = None  # a masked LUN is absent for this initiator
         cdb = task.cdb
         spec = None
         try:
