@@ -56,6 +56,9 @@ ALLOWED: dict[Phase, frozenset[int]] = {
     Phase.CLOSED: frozenset(),
 }
 DISCOVERY_ALLOWED = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
+# PDUs that carry a CmdSN and so pass through the command window (RFC 7143 §4.2.2).
+_SEQUENCED_OPS = frozenset(int(o) for o in (Op.SCSI_CMD, Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ))
+_ATTRS = tuple(TaskAttr(a) if a <= 4 else TaskAttr.SIMPLE for a in range(8))
 
 
 # -- events -----------------------------------------------------------------------------------------------------------
@@ -192,6 +195,7 @@ class Connection:
         self.nop_ttt: int | None = None
         self.nop_sent_at = 0.0
         self.mrdsl_out = 8192  # what the initiator can receive; 8192 until negotiated (RFC 7143 §13.12)
+        self.burst = 262144
         self.max_recv = 8192  # what we accept before negotiation completes
         self.counters_rejects = 0
 
@@ -286,7 +290,7 @@ class Connection:
             self._reject(bytes(bhs), e.reason, str(e))
             return
         try:
-            if op == Op.DATA_OUT:
+            if op == 0x05:  # Data-Out
                 assert isinstance(decoded, pdu.DataOut)
                 try:
                     self._data_out(decoded, data, bhs)
@@ -295,8 +299,7 @@ class Connection:
                     # ABORTED COMMAND (DATA PHASE ERROR) so the initiator is not left waiting, then Reject the PDU.
                     self._terminate_write(decoded.itt)
                     raise
-            elif op == Op.SCSI_CMD or op == Op.NOP_OUT or op == Op.TEXT_REQ or op == Op.TMF_REQ \
-                    or op == Op.LOGOUT_REQ:
+            elif op in _SEQUENCED_OPS:
                 self._sequenced(decoded, data, bhs)
             elif op == Op.LOGIN_REQ:
                 assert isinstance(decoded, pdu.LoginRequest)
@@ -377,6 +380,7 @@ class Connection:
             self.header_digest = p.header_digest
             self.data_digest = p.data_digest
             self.mrdsl_out = p.max_recv_data_segment_length
+            self.burst = p.max_burst_length
             self.max_recv = p.target_max_recv_data_segment_length
             target = result.target
             if target is not None:
@@ -392,9 +396,10 @@ class Connection:
         if sn_lt(self.max_cmd_sn, mx):
             self.max_cmd_sn = mx
 
-    def _sequenced(self, p: pdu.InitiatorPdu, data: memoryview, bhs: memoryview) -> None:
-        immediate = getattr(p, "immediate", False)
-        cmd_sn: int = getattr(p, "cmd_sn")
+    def _sequenced(self, p: pdu.ScsiCommand | pdu.NopOut | pdu.TextRequest | pdu.TaskMgmtRequest | pdu.LogoutRequest,
+                   data: memoryview, bhs: memoryview) -> None:
+        immediate = p.immediate
+        cmd_sn = p.cmd_sn
         if immediate:
             self._dispatch(p, data, bhs)
             return
@@ -452,7 +457,7 @@ class Connection:
             raise ProtocolError("immediate data beyond FirstBurstLength", RejectReason.PROTOCOL_ERROR)
         task = ScsiTask(
             nexus, c.lun, c.cdb, c.itt, None, edtl if c.read else 0, edtl if c.write else 0,
-            TaskAttr(c.attr) if c.attr <= 4 else TaskAttr.SIMPLE,
+            _ATTRS[c.attr],
         )
         self.inflight += 1
         if not c.write or edtl == 0:
@@ -564,6 +569,21 @@ class Connection:
         data = resp.data
         expected = task.expected_in
         status = int(resp.status)
+        if (data is not None and status == 0 and resp.sense is None and len(data) == expected
+                and expected <= self.mrdsl_out and expected <= self.burst):
+            # The common read: exactly what was asked for, in one Data-In PDU with the status folded in.
+            stat_sn = self.stat_sn
+            self.stat_sn = (stat_sn + 1) & MASK32
+            bhs = pdu.encode_data_in(task.tag, task.lun, 0, 0, expected, True, status=0, stat_sn=stat_sn,
+                                     exp_cmd_sn=self.exp_cmd_sn, max_cmd_sn=self.max_cmd_sn)
+            if self.header_digest or self.data_digest:
+                self.out.extend(pdu.frame(bhs, data, self.header_digest, self.data_digest))
+            else:
+                self.out.append(bhs)
+                self.out.append(data)
+                if expected & 3:
+                    self.out.append(pdu.padding(expected))
+            return
         over = under = False
         residual = 0
         n = len(data) if data is not None else 0

@@ -158,7 +158,7 @@ def _dlen_bytes(n: int) -> tuple[int, int, int]:
 # -- initiator PDUs (decoded) -----------------------------------------------------------------------------------------
 
 # Every initiator BHS shares: opcode+I, flags, 2 specific bytes, TotalAHSLength, DataSegmentLength, 8 bytes, ITT.
-_COMMON = struct.Struct(">BBBBB3sQI")  # 20 bytes
+_COMMON = struct.Struct(">BBBBIQI")  # 20 bytes; word 4 is TotalAHSLength<<24 | DataSegmentLength
 _SCSI_CMD = struct.Struct(">IIII16s")  # RFC 7143 §11.3, from byte 16: ITT, EDTL, CmdSN, ExpStatSN, CDB
 _TMF = struct.Struct(">IIIII")  # §11.5: RTT, CmdSN, ExpStatSN, RefCmdSN, ExpDataSN
 _DATA_OUT = struct.Struct(">IIIIII")  # §11.7: TTT, rsvd, ExpStatSN, rsvd, DataSN, BufferOffset
@@ -169,7 +169,9 @@ _NOP_OUT = struct.Struct(">III")  # §11.18: TTT, CmdSN, ExpStatSN
 _SNACK = struct.Struct(">I4xI8xII")  # §11.16, from byte 20: TTT, ExpStatSN, BegRun, RunLength
 
 
-@dataclass(frozen=True, slots=True)
+# ScsiCommand and DataOut arrive once per command (or more): they are slotted but not frozen, because a frozen
+# dataclass's __init__ costs about five times as much. Treat them as immutable all the same.
+@dataclass(slots=True)
 class ScsiCommand:
     """SCSI Command PDU (RFC 7143 §11.3)."""
 
@@ -188,7 +190,7 @@ class ScsiCommand:
     data_segment_length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataOut:
     """SCSI Data-Out PDU (RFC 7143 §11.7)."""
 
@@ -299,18 +301,20 @@ def decode(bhs: bytes | bytearray | memoryview) -> InitiatorPdu:
     """Decode a 48-byte initiator BHS. Raises :class:`DecodeError` for anything a target must not accept."""
     if len(bhs) < BHS_LEN:
         raise DecodeError("short basic header segment")
-    b0, flags, s2, s3, ahs, dl, word8, itt = _COMMON.unpack_from(bhs, 0)
+    b0, flags, s2, s3, word4, word8, itt = _COMMON.unpack_from(bhs, 0)
     op = b0 & 0x3F
     immediate = bool(b0 & 0x40)
-    dlen = (dl[0] << 16) | (dl[1] << 8) | dl[2]
-    if op == Op.SCSI_CMD:
+    ahs = word4 >> 24
+    dlen = word4 & 0xFFFFFF
+    if op == 0x01:  # SCSI Command: the hot path, so plain ints rather than enum comparisons
         # the struct starts at ITT (byte 16): ITT, EDTL, CmdSN, ExpStatSN, CDB
         _itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, 16)
+        lun = (word8 >> 48) & 0xFF if not word8 & 0xFF00_FFFF_FFFF_FFFF else decode_lun(word8)
         return ScsiCommand(
             immediate, bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20), flags & 0x07,
-            decode_lun(word8), itt, edtl, cmd_sn, exp_stat_sn, cdb, ahs * 4, dlen,
+            lun, itt, edtl, cmd_sn, exp_stat_sn, cdb, ahs * 4, dlen,
         )
-    if op == Op.DATA_OUT:
+    if op == 0x05:
         ttt, _, exp_stat_sn, _, data_sn, offset = _DATA_OUT.unpack_from(bhs, 20)
         return DataOut(bool(flags & 0x80), decode_lun(word8), itt, ttt, exp_stat_sn, data_sn, offset, dlen)
     if op == Op.NOP_OUT:
@@ -343,8 +347,8 @@ def decode(bhs: bytes | bytearray | memoryview) -> InitiatorPdu:
 
 # -- target PDUs (encoded) --------------------------------------------------------------------------------------------
 
-_SCSI_RSP = struct.Struct(">BBBBB3s8xIIIIIIII")  # §11.4
-_DATA_IN = struct.Struct(">BBxBB3sQIIIIIIII")  # §11.7
+_SCSI_RSP = struct.Struct(">BBBBI8xIIIIIIII")  # §11.4; word 4 is TotalAHSLength<<24 | DataSegmentLength
+_DATA_IN = struct.Struct(">BBxBIQIIIIIIII")  # §11.7; word 4 is TotalAHSLength<<24 | DataSegmentLength
 _R2T = struct.Struct(">BBxxB3sQIIIIIIII")  # §11.8
 _NOP_IN = struct.Struct(">BBxxB3sQIIIII12x")  # §11.19
 _TMF_RSP = struct.Struct(">BBBxB3s8xI4xIII12x")  # §11.6
@@ -356,7 +360,12 @@ _ASYNC = struct.Struct(">BBxxB3sQI4xIIIBBHHH4x")  # §11.9
 
 
 def _lun_word(lun: int) -> int:
-    return int.from_bytes(encode_lun(lun), "big") if lun >= 0 else 0
+    """The 8-byte LUN field as an integer, without building bytes (this runs once per Data-In PDU)."""
+    if 0 <= lun < 256:
+        return lun << 48
+    if lun < 0:
+        return 0
+    return ((0x40 | (lun >> 8)) << 56) | ((lun & 0xFF) << 48)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +387,7 @@ class ScsiResponse:
     def encode(self) -> bytes:
         flags = 0x80 | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0)
         return _SCSI_RSP.pack(
-            Op.SCSI_RSP, flags, self.response, self.status, 0, bytes(_dlen_bytes(self.data_segment_length)),
+            0x21, flags, self.response, self.status, self.data_segment_length,
             self.itt, 0, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn, self.exp_data_sn, 0, self.residual,
         )
 
@@ -398,7 +407,7 @@ def encode_data_in(
         stat_sn = 0
         residual = 0
     return _DATA_IN.pack(
-        Op.DATA_IN, flags, st, 0, bytes(_dlen_bytes(length)), _lun_word(lun), itt, RSVD_TAG, stat_sn,
+        0x25, flags, st, length, _lun_word(lun), itt, RSVD_TAG, stat_sn,
         exp_cmd_sn, max_cmd_sn, data_sn, offset, residual,
     )
 
