@@ -469,3 +469,42 @@ def test_qemu_io_verify_runs_through_a_storm_of_garbage(daemon: Daemon) -> None:
     assert "Pattern verification failed" not in out, out
     assert out.count("ops/sec") == 2, out
     time.sleep(0.1)
+
+
+DATASN_CASES = {  # the DataSN sequences libiscsi's iSCSIDataSnInvalid sends, for one- and two-PDU writes
+    "two-zeros": [0, 0],
+    "starts-at-27": [27],
+    "minus-one": [0xFFFFFFFF],
+    "reversed": [1, 0],
+}
+
+
+@pytest.mark.parametrize("solicited", [True, False], ids=["after-r2t", "unsolicited"])
+@pytest.mark.parametrize("case", DATASN_CASES)
+def test_wrong_data_sn_never_completes_good(daemon: Daemon, case: str, solicited: bool) -> None:
+    """RFC 7143 §11.7.5: DataSN counts the Data-Out PDUs of a sequence from 0. A write whose Data-Out carries any
+    other DataSN must not complete with GOOD status: Reject, CHECK CONDITION or a dropped connection are all fine."""
+    sns = DATASN_CASES[case]
+    keys = {"ImmediateData": "No", "InitialR2T": "Yes" if solicited else "No"}
+    with logged_in(daemon, extra=keys) as ini:
+        until_ready(ini)
+        if not solicited and ini.param("InitialR2T", "Yes") != "No":
+            pytest.skip("the target insists on InitialR2T=Yes")
+        itt = ini.next_itt()
+        size = 512 * len(sns)
+        # F=0 on the command announces that unsolicited Data-Out follows (RFC 7143 §11.3.1).
+        ini.send(ScsiCommand(flags=0xA1 if solicited else 0x21, itt=itt, lun=encode_lun(0),
+                             expected_data_transfer_length=size, cmd_sn=ini.cmd_sn, exp_stat_sn=ini.exp_stat_sn,
+                             cdb=cdb_write10(100, len(sns)).ljust(16, b"\0")))
+        ini.cmd_sn += 1
+        ttt = RESERVED_TAG
+        if solicited:
+            r2t = ini.recv_pdu()
+            assert r2t.opcode == 0x31 and r2t.itt == itt, summaries([r2t])
+            ttt = r2t.ttt
+        ini.send([DataOut(flags=0x80 if i == len(sns) - 1 else 0, lun=encode_lun(0), itt=itt, ttt=ttt,
+                          exp_stat_sn=ini.exp_stat_sn, data_sn=sn, buffer_offset=512 * i, data=b"\xa6" * 512)
+                  for i, sn in enumerate(sns)])
+        got = ini.drain(SILENCE_S)
+        good = [p for p in got if p.itt == itt and getattr(p, "status", None) == 0 and p.opcode in (0x21, 0x25)]
+        assert not good, f"DataSN {sns} accepted: {summaries(got)}"
