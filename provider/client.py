@@ -108,8 +108,9 @@ class Client:
             r = self.http.request(method, "/v1" + path, json=json, params=params)
         except httpx.TransportError as e:
             reason = str(e) or type(e).__name__
-            raise ClientError(f"cannot reach the API at {self.endpoint}: {reason} (is `lunsync serve` running? "
-                              "set --api or LUNSYNC_API)") from None
+            hint = ("trust its certificate with --cacert FILE or LUNSYNC_CACERT" if "CERTIFICATE" in reason.upper()
+                    else "is `lunsync serve` running? set --api or LUNSYNC_API")
+            raise ClientError(f"cannot reach the API at {self.endpoint}: {reason} ({hint})") from None
         if r.status_code == 204:
             return None
         try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,3 +241,21 @@ def test_api_on_a_unix_socket(api_daemon_factory: Callable[..., ApiDaemon], tmp_
     assert st["api"] == f"unix:{sock}" and st["luns"] == 1
     p = d.cli("status", env={"LUNSYNC_TOKEN": "wrong"})
     assert p.returncode == 1 and "bearer token" in p.stderr
+
+
+def test_api_over_tls(api_daemon_factory: Callable[..., ApiDaemon], tmp_path: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    d = api_daemon_factory(extra_args=["--api-tls-cert", str(cert), "--api-tls-key", str(key)])
+    https = f"https://127.0.0.1:{d.api_port}"
+    st = d.cli_json("status", "--api", https, "--cacert", str(cert))
+    assert st["api"] == https
+    p = d.cli("status", "--api", https)
+    assert p.returncode == 1 and "--cacert" in one_error_line(p.stderr)
+    p = d.cli("status", "--api", f"http://127.0.0.1:{d.api_port}")
+    assert p.returncode == 1, "plain HTTP must not reach a TLS API"
