@@ -799,7 +799,13 @@ class RecoveryManager:
     # -- one-shot forms --
 
     async def resync(self, pairs: Sequence[tuple[str, str | None]], options: Options | None = None) -> RecoverySet:
-        """Create, fill, pre-restore and recover a set in one call (ResyncLuns, ``lunsync resync``)."""
+        """Create, fill, pre-restore and recover a set in one call (ResyncLuns, ``lunsync resync``). A request
+        refused up front (unknown snapshot, destination busy) leaves no set behind."""
+        for ref, dest in pairs:
+            d = dest or self._snapshot(ref).origin
+            owner = self._busy.get(d)
+            if owner is not None:
+                raise VssError(VssCode.RESYNC_IN_PROGRESS, f"{d} is being resynced by recovery set {owner}")
         rs = self.create_set(options)
         try:
             for snap, dest in pairs:
@@ -807,7 +813,12 @@ class RecoveryManager:
         except VssError as e:
             self._move(rs, Event.FAIL, str(e))
             raise
-        await self.recover(rs.id)
+        try:
+            await self.recover(rs.id)
+        except VssError as e:
+            if rs.state not in TERMINAL:
+                self._move(rs, Event.FAIL, str(e))
+            raise
         return rs
 
     def dry_run(self, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
