@@ -160,7 +160,7 @@ def provider_router(ctx: ApiContext) -> APIRouter:
     @_vss
     async def list_sets() -> Any:
         m = manager()
-        return [m.status(rs.id) for rs in m.list()]
+        return [m.status(rs.id) for rs in m.list_sets()]
 
     @r.post("/recovery", status_code=201, summary="create an empty recovery set (step 1)")
     @_vss

@@ -96,7 +96,8 @@ class ArrayEngine:
             return None  # a filled clone no longer tracks its origin's changes
         if vol.chunk_size != snap.chunk_size_bytes:
             return None
-        return vol.changed_chunks(rec.epoch)
+        changed: set[int] = vol.changed_chunks(rec.epoch)
+        return changed
 
     # -- the device swap --
 
@@ -232,7 +233,7 @@ class ResyncCollector(Collector):
                                    labels=["recovery", "state"])
         from lunsync.provider.vss import RecoveryState
 
-        recent = self.manager.list()[-20:]  # bounded: the newest sets only
+        recent = self.manager.list_sets()[-20:]  # bounded: the newest sets only
         for rs in recent:
             for st in RecoveryState:
                 states.add_metric([rs.id, st.value], 1.0 if rs.state is st else 0.0)
@@ -277,8 +278,8 @@ async def attach(array: Array) -> tuple[RecoveryManager, HardwareProvider]:
     engine = ArrayEngine(array)
     manager = RecoveryManager(engine, CatalogRecoveryStore(array.catalog))
     provider = HardwareProvider(engine, manager)
-    array.recovery = manager  # type: ignore[attr-defined]
-    array.provider = provider  # type: ignore[attr-defined]
+    array.recovery = manager
+    array.provider = provider
     await manager.load()
     return manager, provider
 

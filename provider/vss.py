@@ -471,7 +471,7 @@ class RecoveryManager:
             raise VssError(VssCode.OBJECT_NOT_FOUND, f"no recovery set {set_id}")
         return rs
 
-    def list(self) -> list[RecoverySet]:
+    def list_sets(self) -> list[RecoverySet]:
         return sorted(self.sets.values(), key=lambda r: r.created_at)
 
     def bitmap_path(self, set_id: str, destination: str) -> str:
@@ -870,7 +870,7 @@ class RecoveryManager:
         """Rebuild from the store; resume every set that was resyncing when the daemon stopped (or was killed)."""
         for rs in self.store.load_all():
             self.sets[rs.id] = rs
-        for rs in self.list():
+        for rs in self.list_sets():
             if rs.state is RecoveryState.PRE_RESTORE:
                 self._move(rs, Event.FAIL, "the daemon restarted during pre-restore")
             elif rs.state is RecoveryState.RESYNCING:
@@ -975,7 +975,7 @@ class HardwareProvider:
 
     def are_luns_supported(self, luns: Sequence[LunInformation], context: int = 0) -> dict[str, Any]:
         """AreLunsSupported: true when every LUN is one of ours (so we can snapshot it)."""
-        results = []
+        results: list[str | None] = []
         for info in luns:
             try:
                 results.append(self.find_lun(info).name)

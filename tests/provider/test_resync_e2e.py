@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -63,7 +63,7 @@ def metric(d: Daemon, name: str) -> float:
     text = httpx.get(d.metrics_url, timeout=10).text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -85,7 +85,7 @@ class Reader:
             if p.returncode != 0 or "verification failed" in p.stdout + p.stderr or "read " not in p.stdout:
                 self.failures.append(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
 
-    def __enter__(self) -> Reader:
+    def __enter__(self) -> Self:
         self._t.start()
         return self
 
