@@ -212,8 +212,10 @@ class SnapshotService:
                             set_name or ",".join(f"{a}@{b}" for a, b in specs), self.hold_timeout_s)
                 raise HoldTimeout(f"in-flight writes did not drain within {self.hold_timeout_s:g} s; nothing was "
                                   "recorded") from None
+            drained = time.perf_counter()
             try:
                 recs = await asyncio.to_thread(self.cat.create_snapshots, list(specs), kind, pool, set_name)
+                committed = time.perf_counter()
                 for rec, vol in zip(recs, vols, strict=True):
                     p = self._pool_by_id(rec.pool_id)
                     if vol.pool is not p:
@@ -230,8 +232,9 @@ class SnapshotService:
             if set_name is not None:
                 self.counters.sets_created += 1
                 self.cat.set_hold_ms(set_name, hold_ms)
-            log.info("snapshot%s %s taken (%s, writes held %.2f ms)", " set " + set_name if set_name else "",
-                     ", ".join(r.full_name for r in recs), kind, hold_ms)
+            log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f, commit %.2f)",
+                     " set " + set_name if set_name else "", ", ".join(r.full_name for r in recs), kind, hold_ms,
+                     (drained - started) * 1000, (committed - drained) * 1000)
             for rec in recs:
                 if rec.kind == "clone":
                     self._start_fill(rec)

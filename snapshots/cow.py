@@ -470,9 +470,12 @@ class CowVolume:
                 out.append(c)
         return out
 
-    async def _enter(self) -> None:
+    async def _wait_gate(self) -> None:
         while self._gate is not None:
             await self._gate.wait()
+
+    async def _enter(self) -> None:
+        await self._wait_gate()
         self._active += 1
 
     def _leave(self) -> None:
@@ -482,33 +485,50 @@ class CowVolume:
 
     async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
         """Preserve the chunks this write is the first to change since the newest snapshot, then write. Durability
-        as the origin's ``write``; the preserved copies are durable before the origin is touched."""
-        await self._enter()
-        try:
-            if self._newest:
-                nbytes = memoryview(data).nbytes
-                if nbytes:
-                    start = lba * self.origin.block_size
-                    need = self._needs(start // self.chunk_size, (start + nbytes - 1) // self.chunk_size)
-                    if need:
-                        await self._preserve(need)
-            await self.origin.write(lba, data, fua)
-        finally:
-            self._leave()
+        as the origin's ``write``; the preserved copies are durable before the origin is touched.
+
+        The last check and the origin's ``pwritev`` run with no ``await`` between them, so a snapshot taken while
+        this write waits for its preservation is seen by the re-check (the chunk then needs a copy for the new epoch
+        too), and a hold never has to wait for preservations in flight: only for what has passed its check."""
+        if self._gate is not None:
+            await self._wait_gate()
+        nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if nbytes:
+            start = lba * self.origin.block_size
+            first = start // self.chunk_size
+            last = (start + nbytes - 1) // self.chunk_size
+            while newest := self._newest:
+                # The common case, one chunk already preserved for the newest epoch, is one dict lookup.
+                cl = self._copies.get(first) if first == last else None
+                if cl is not None and cl[-1][0] >= newest and first not in self._inflight:
+                    break
+                need = self._needs(first, last)
+                if not need:
+                    break
+                await self._preserve(need)
+        # From the last check to the page cache without yielding (FileBackend and BlockDevBackend write before their
+        # first await); a FUA write's flush comes after, and the data it waits for is already in the origin.
+        await self.origin.write(lba, data, False)
+        if fua:
+            await self.origin.flush()
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Preserve the chunks the ranges touch (a deallocation is a change), then unmap."""
-        await self._enter()
-        try:
+        """Preserve the chunks the ranges touch (a deallocation is a change), then unmap. The unmap runs in a thread,
+        so it counts as in flight from its last check until it lands, and a hold waits for it."""
+        bs = self.origin.block_size
+        while True:
+            await self._wait_gate()
+            need: set[int] = set()
             if self._newest:
-                bs = self.origin.block_size
-                need: set[int] = set()
                 for lba, blocks in ranges:
                     if blocks and 0 <= lba and lba + blocks <= self.origin.num_blocks:
                         need.update(self._needs(lba * bs // self.chunk_size,
                                                 ((lba + blocks) * bs - 1) // self.chunk_size))
-                if need:
-                    await self._preserve(sorted(need))
+            if not need:
+                break
+            await self._preserve(sorted(need))
+        self._active += 1  # no await since the last check and the gate: a hold now waits for this unmap
+        try:
             await self.origin.unmap(ranges)
         finally:
             self._leave()

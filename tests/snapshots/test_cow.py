@@ -339,3 +339,24 @@ def test_kill9_during_writes_leaves_every_snapshot_intact(tmp_path: Path, seed: 
 
     assert record, "the writer died before its first snapshot: the trial checks nothing"
     assert run(check()) == len(epochs)
+
+
+def test_snapshot_taken_while_a_write_waits_for_its_preservation_keeps_the_old_data(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0xA0))
+        await snap(vol, 1)
+        writer = asyncio.create_task(vol.write(0, pat(0xB0)))
+        while not vol._inflight:  # the write is now waiting for chunk 0's copy for epoch 1
+            await asyncio.sleep(0)
+        await vol.hold()  # returns at once: nothing has passed its last check
+        assert not writer.done()
+        vol.add_snapshot(2)
+        vol.release()
+        await writer
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA0)
+        assert bytes(await vol.view(2).read(0, CS // BS)) == pat(0xA0)
+        assert bytes(await vol.read(0, CS // BS)) == pat(0xB0)
+        await vol.close()
+
+    run(go())
