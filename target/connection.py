@@ -29,7 +29,7 @@ CMD_WINDOW = 128
 SERIAL_HALF = 1 << 31
 MASK32 = 0xFFFFFFFF
 MAX_PENDING_DATA = 64 * 1024 * 1024  # per connection: write data buffered waiting on Data-Out
-# ABORTED COMMAND, 4B/00 DATA PHASE ERROR (SPC-4 Annex D): how a task ends when its Data-Out sequence breaks.
+# ABORTED COMMAND, 4B/00 DATA PHASE ERROR (SPC-4 Annex D): how a write ends when its Data-Out sequence breaks.
 DATA_PHASE_ERROR_SENSE = CheckCondition(SenseKey.ABORTED_COMMAND, (0x4B, 0x00)).sense()
 
 
@@ -181,6 +181,7 @@ class Connection:
         self.inflight = 0
         self.ttt_counter = itertools.count(1)
         self.writes: dict[int, PendingWrite] = {}
+        self.dead_itts: dict[int, None] = {}  # writes ended for a broken Data-Out sequence (insertion-ordered)
         self.ttt_index: dict[int, int] = {}
         self.running: dict[int, ScsiTask] = {}  # ITT -> task handed out as Execute
         self.queued: dict[int, tuple[pdu.InitiatorPdu, bytes]] = {}  # CmdSN -> PDU waiting for its turn
@@ -294,11 +295,10 @@ class Connection:
                 assert isinstance(decoded, pdu.DataOut)
                 try:
                     self._data_out(decoded, data, bhs)
-                except ProtocolError:
-                    # At ErrorRecoveryLevel 0 a broken Data-Out sequence cannot be repaired: end the task with
-                    # ABORTED COMMAND (DATA PHASE ERROR) so the initiator is not left waiting, then Reject the PDU.
-                    self._terminate_write(decoded.itt)
-                    raise
+                except ProtocolError as e:
+                    if not e.fatal or decoded.itt not in self.writes:
+                        raise
+                    self._terminate_write(decoded.itt, str(e))
             elif op in _SEQUENCED_OPS:
                 self._sequenced(decoded, data, bhs)
             elif op == Op.LOGIN_REQ:
@@ -501,20 +501,25 @@ class Connection:
             w.next_offset += length
 
     def _data_out(self, d: pdu.DataOut, data: memoryview, bhs: memoryview) -> None:
+        # A Data-Out that does not fit its task's sequence (DataSN, offset, length) cannot be repaired at
+        # ErrorRecoveryLevel 0: the task ends with CHECK CONDITION (see _terminate_write) and the session goes on.
+        # One that names no task at all is answered with Reject and otherwise ignored.
         w = self.writes.get(d.itt)
         if w is None:
+            if d.itt in self.dead_itts:
+                return  # the rest of a write already ended for a broken sequence
             if d.itt in self.running:
                 raise ProtocolError("Data-Out after the command's data was complete", RejectReason.PROTOCOL_ERROR)
             raise ProtocolError(f"Data-Out for unknown ITT 0x{d.itt:08x}", RejectReason.INVALID_PDU_FIELD)
         n = len(data)
         end = d.buffer_offset + n
         if end > len(w.buffer):
-            raise ProtocolError("Data-Out beyond the expected transfer length", RejectReason.PROTOCOL_ERROR)
+            raise ProtocolError("Data-Out beyond the expected transfer length", fatal=True)
         if d.ttt == pdu.RSVD_TAG:
             if w.unsolicited_done or end > w.unsolicited_limit:
-                raise ProtocolError("unsolicited Data-Out not allowed here", RejectReason.PROTOCOL_ERROR)
+                raise ProtocolError("unsolicited Data-Out not allowed here", fatal=True)
             if d.data_sn != w.unsolicited_data_sn:
-                raise ProtocolError("unsolicited DataSN out of order", RejectReason.PROTOCOL_ERROR)
+                raise ProtocolError("unsolicited DataSN out of order", fatal=True)
             w.unsolicited_data_sn += 1
             w.buffer[d.buffer_offset:end] = data
             w.received += n
@@ -525,9 +530,9 @@ class Connection:
             if r is None:
                 raise ProtocolError(f"Data-Out with unknown TTT 0x{d.ttt:08x}", RejectReason.INVALID_PDU_FIELD)
             if d.buffer_offset < r.offset or end > r.offset + r.length:
-                raise ProtocolError("Data-Out outside its R2T", RejectReason.PROTOCOL_ERROR)
+                raise ProtocolError("Data-Out outside its R2T", fatal=True)
             if d.data_sn != r.next_data_sn:
-                raise ProtocolError("DataSN out of order", RejectReason.PROTOCOL_ERROR)
+                raise ProtocolError("DataSN out of order", fatal=True)
             r.next_data_sn += 1
             w.buffer[d.buffer_offset:end] = data
             w.received += n
@@ -544,13 +549,17 @@ class Connection:
         else:
             self._issue_r2ts(w)
 
-    def _terminate_write(self, itt: int) -> None:
-        w = self.writes.pop(itt, None)
-        if w is None:
-            return
+    def _terminate_write(self, itt: int, message: str) -> None:
+        """End a write whose Data-Out sequence broke: CHECK CONDITION, ABORTED COMMAND / DATA PHASE ERROR. Later
+        Data-Out PDUs of that task are dropped without an answer, since the initiator may have more in flight."""
+        log.info("ending task 0x%08x from %s: %s", itt, self.peer, message)
+        w = self.writes.pop(itt)
         self.pending_bytes -= len(w.buffer)
         for ttt in w.r2ts:
             self.ttt_index.pop(ttt, None)
+        self.dead_itts[itt] = None
+        while len(self.dead_itts) > 64:
+            del self.dead_itts[next(iter(self.dead_itts))]
         self.inflight -= 1
         self._window_update()
         self._respond(w.task, ScsiResponse(Status.CHECK_CONDITION, None, DATA_PHASE_ERROR_SENSE))

@@ -297,3 +297,17 @@ def test_completion_after_abort_sends_nothing() -> None:
     rig.conn.complete(ev.task, ScsiResponse(Status.GOOD))
     assert rig.conn.take_output() == []
     assert run(rig.dev.close()) is None
+
+
+def test_broken_data_sn_ends_the_write_with_aborted_command() -> None:
+    rig = Rig()
+    rig.login()
+    cdb = bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, 32, 0))
+    [(r2t, _)] = rig.feed(scsi_cmd(cdb, itt=11, cmd_sn=2, edtl=16384, write=True, data=b"\0" * 8192))
+    ttt = int.from_bytes(r2t[20:24], "big")
+    [(rsp, sense)] = rig.feed(data_out(b"\1" * 4096, itt=11, ttt=ttt, offset=8192, data_sn=5, final=False))
+    assert rsp[0] == 0x21 and rsp[3] == Status.CHECK_CONDITION
+    assert sense[2 + 2] & 0x0F == 0x0B and sense[2 + 12:2 + 14] == bytes((0x4B, 0x00))
+    assert rig.feed(data_out(b"\1" * 4096, itt=11, ttt=ttt, offset=12288, data_sn=1)) == []  # dropped silently
+    assert rig.conn.phase is Phase.FULL_FEATURE
+    assert bytes(rig.dev.data[0:16384]) == bytes(16384)  # nothing of the broken write reached the LUN
