@@ -1,0 +1,120 @@
+"""``make bench``: the shared tgt comparison against a fresh daemon, then lunsync's own benchmarks, as one table.
+
+Starts ``lunsync serve --demo`` (thin 1 GiB LUN, write cache on) in a temporary data dir on a free loopback port,
+runs ``SHARED/tools/bench`` against it (tgt started by that tool beside it, A B A B), then the snapshot and resync
+benchmarks in ``tests/snapshots`` and ``tests/provider``. Prints one table headed with the date and the machine, the
+form the README quotes. Figures are ratios from one run; absolute numbers depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+IQN = "iqn.2026-11.io.lunsync:demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
+    return f"{os.cpu_count()} cores ({cpu}), {mem} GiB, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def start_daemon(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    log = open(data_dir.parent / "daemon.log", "wb")
+    proc = subprocess.Popen([PY, "-m", "lunsync.provider.cli", "serve", "--demo", "--data-dir", str(data_dir),
+                             "--listen", f"127.0.0.1:{port}", "--api", "off", "--metrics", "off"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"lunsync serve did not start; see {data_dir.parent / 'daemon.log'}")
+
+
+def run(cmd: list[str], timeout: int) -> str:
+    print("+", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=REPO)
+    out = p.stdout + (f"\n[exit {p.returncode}] {p.stderr[-2000:]}" if p.returncode else "")
+    print(out, flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared/ folder with tools/bench")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=4)
+    a = ap.parse_args()
+    bench = Path(a.shared) / "tools" / "bench"
+    if not bench.exists():
+        print(f"bench: {bench} not found (pass --shared)", file=sys.stderr)
+        return 2
+    sections: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="lunsync-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+        data = Path(tmp) / "data"
+        port = free_port()
+        proc = start_daemon(data, port)
+        try:
+            url = f"iscsi://127.0.0.1:{port}/{IQN}/0"
+            sections.append((f"lunsync vs tgt: {bench} {url} --rounds {a.rounds} --seconds {a.seconds}",
+                             run([PY, str(bench), url, "--rounds", str(a.rounds), "--seconds", str(a.seconds)],
+                                 timeout=1800)))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    own = [
+        ("copy-on-write 4 KiB random-write IOPS: tests/snapshots/bench_cow.py iops",
+         [PY, "tests/snapshots/bench_cow.py", "iops"]),
+        ("snapshot set of 8 x 10 GiB LUNs under 4 KiB random writes: tests/snapshots/bench_cow.py set",
+         [PY, "tests/snapshots/bench_cow.py", "set"]),
+        ("resync: tests/provider/bench_resync.py", [PY, "tests/provider/bench_resync.py"]),
+    ]
+    for title, cmd in own:
+        if (REPO / cmd[1]).exists():
+            sections.append((title, run(cmd, timeout=1800)))
+    print()
+    print(f"lunsync benchmarks, {datetime.date.today().isoformat()}, {machine()}")
+    for title, out in sections:
+        print(f"\n## {title}")
+        keep = [line for line in out.splitlines() if line.strip() and not line.startswith("+")]
+        print("\n".join(keep[-20:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
