@@ -601,10 +601,14 @@ class ResyncVolume:
             bitmap = RegionBitmap(regions)
             bitmap.bits[:src_regions] = b"\x01" * src_regions
             bitmap.pending = src_regions
+            total = source.num_blocks * bs
         else:
             wanted = [r for r in pending_regions if r < src_regions]
             bitmap = RegionBitmap(regions, wanted)
-        total = sum(cls._region_len(r, rb, source.num_blocks) for r in cls._iter_pending(bitmap)) * bs
+            # Every pending region is whole except perhaps the last one of the source.
+            total = bitmap.pending * region_bytes
+            if src_regions and bitmap.is_pending(src_regions - 1):
+                total -= region_bytes - cls._region_len(src_regions - 1, rb, source.num_blocks) * bs
         vol = cls(source, dest, store, bitmap, region_bytes, total, 0, throttle=throttle, monitor=monitor,
                   batch_bytes=batch_bytes, commit_interval_s=commit_interval_s, clock=clock)
         await asyncio.to_thread(store.save, vol._image())
@@ -918,6 +922,7 @@ class ResyncVolume:
 
     async def _run(self) -> None:
         last_commit = self._clock()
+        background: asyncio.Task[None] | None = None
         try:
             while not self._stop and self.bitmap.pending:
                 batch = self._next_batch()
@@ -951,10 +956,17 @@ class ResyncVolume:
                 if seconds > 0 and moved:
                     inst = moved / seconds
                     self._rate_bps = inst if not self._rate_bps else 0.7 * self._rate_bps + 0.3 * inst
-                if self._clock() - last_commit >= self.commit_interval_s:
-                    await self.commit()
+                if self._clock() - last_commit >= self.commit_interval_s and (
+                        background is None or background.done()):
+                    if background is not None:
+                        background.result()  # a failed commit ends the job
+                    # The commit (fdatasync, then the bitmap) overlaps the next copies: its image is taken first,
+                    # so it only ever records regions whose data its fdatasync covers.
+                    background = asyncio.get_running_loop().create_task(self.commit())
                     last_commit = self._clock()
                 await self.throttle.pace(moved, seconds)
+            if background is not None:
+                await background
             if self._stop:
                 return
             await self.commit()
