@@ -4,13 +4,16 @@ A :class:`LogicalUnit` owns the state the command handlers share: the mode pages
 saved copies of caching 0x08, control 0x0A and informational exceptions 0x1C), the unit-attention queues of every
 I_T nexus that has talked to it (a new nexus first sees POWER ON, RESET), the write-cache setting (with WCE off every
 write is forced to FUA), the software write protect (SWP), the RESERVE(6/10) holder, the persistent-reservation
-state (:class:`lunsync.target.scsi.pr.PrState`, persisted when APTPL is set), the EXTENDED COPY results, and the
-lock that makes COMPARE AND WRITE atomic. It knows nothing of CDBs; the handlers in spc/sbc/pr/xcopy do.
+state (:class:`lunsync.target.scsi.pr.PrState`, persisted when APTPL is set), the EXTENDED COPY results, the
+:class:`WriteGate` that makes COMPARE AND WRITE atomic against every other write, and the state of a SANITIZE
+(:class:`SanitizeState`). It knows nothing of CDBs; the handlers in spc/sbc/pr/xcopy do.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from lunsync.snapshots.device import BlockDevice
@@ -74,6 +77,136 @@ class CopyResult:
     sense: bytes = b""
 
 
+class _Hold:
+    """One registered range in a :class:`WriteGate`: blocks ``start``..``end`` (exclusive), shared or exclusive."""
+
+    __slots__ = ("end", "exclusive", "start")
+
+    def __init__(self, start: int, end: int, exclusive: bool) -> None:
+        self.start = start
+        self.end = end
+        self.exclusive = exclusive
+
+
+class WriteGate:
+    """Makes COMPARE AND WRITE, ORWRITE and SANITIZE atomic against every other write to the blocks they touch
+    (SBC-3 §5.3: the read, compare and write happen as one uninterrupted operation).
+
+    The hot path pays one integer test: while no exclusive holder exists (``active == 0``) a plain write only bumps
+    ``untracked`` around its device call and is never queued. Once an exclusive holder registers, every new write
+    registers its range too, in arrival order, and a range may proceed when no earlier overlapping range blocks it
+    (two shared ranges never block each other). An exclusive holder additionally waits for the untracked writes that
+    began before it; none can begin after it, so that count only falls and cannot starve it.
+    """
+
+    __slots__ = ("_changed", "_queue", "active", "untracked")
+
+    def __init__(self) -> None:
+        self.active = 0  # exclusive holders registered (waiting or holding)
+        self.untracked = 0  # writes begun while ``active`` was 0, still in their device call
+        self._queue: list[_Hold] = []
+        self._changed: asyncio.Event | None = None
+
+    def _blocked(self, hold: _Hold) -> bool:
+        if hold.exclusive and self.untracked:
+            return True
+        for other in self._queue:
+            if other is hold:
+                return False
+            if other.start < hold.end and hold.start < other.end and (other.exclusive or hold.exclusive):
+                return True
+        return False  # pragma: no cover - a hold is always in the queue while it waits
+
+    def wake(self) -> None:
+        """Something was released: let every waiter look again."""
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
+
+    async def _enter(self, start: int, end: int, exclusive: bool) -> _Hold:
+        hold = _Hold(start, end, exclusive)
+        if exclusive:
+            self.active += 1
+        self._queue.append(hold)
+        try:
+            while self._blocked(hold):
+                if self._changed is None:
+                    self._changed = asyncio.Event()
+                await self._changed.wait()
+        except BaseException:
+            self._leave(hold)
+            raise
+        return hold
+
+    def _leave(self, hold: _Hold) -> None:
+        self._queue.remove(hold)
+        if hold.exclusive:
+            self.active -= 1
+        self.wake()
+
+    def done_untracked(self) -> None:
+        """An untracked write finished (the hot path calls this only when an exclusive holder may be waiting)."""
+        if not self.untracked:
+            self.wake()
+
+    @asynccontextmanager
+    async def write(self, lba: int, blocks: int) -> AsyncIterator[None]:
+        """Hold ``blocks`` blocks from ``lba`` for a plain write (shared with other plain writes)."""
+        if not self.active:
+            self.untracked += 1
+            try:
+                yield
+            finally:
+                self.untracked -= 1
+                if self.active:
+                    self.done_untracked()
+            return
+        hold = await self._enter(lba, lba + blocks, False)
+        try:
+            yield
+        finally:
+            self._leave(hold)
+
+    @asynccontextmanager
+    async def exclusive(self, lba: int, blocks: int) -> AsyncIterator[None]:
+        """Hold ``blocks`` blocks from ``lba`` alone: no other write to them starts or is in flight until release."""
+        hold = await self._enter(lba, lba + blocks, True)
+        try:
+            yield
+        finally:
+            self._leave(hold)
+
+
+@dataclass(slots=True)
+class SanitizeState:
+    """A SANITIZE in progress, or the failure mode a failed one left behind (SBC-3 §4.33, §5.27).
+
+    While ``task`` runs, every command but INQUIRY, REPORT LUNS and REQUEST SENSE ends in NOT READY, SANITIZE IN
+    PROGRESS with ``done``/``total`` as the progress indication. After a failure (``failed``) they end in MEDIUM
+    ERROR, SANITIZE COMMAND FAILED until a SANITIZE completes without error or, when the failed one had AUSE set,
+    EXIT FAILURE MODE is requested.
+    """
+
+    task: asyncio.Task[None] | None
+    ause: bool
+    total: int = 1
+    done: int = 0
+    failed: bool = False
+
+    def progress(self) -> int:
+        """PROGRESS INDICATION: the fraction done, as a numerator over 65536 (SPC-4 §4.5.2.4.4)."""
+        return min(0xFFFF, self.done * 0x10000 // max(1, self.total))
+
+    def check(self) -> S.CheckCondition:
+        """The condition a command other than the exempt ones meets."""
+        if self.failed:
+            return S.CheckCondition(S.SenseKey.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED)
+        p = self.progress()
+        return S.CheckCondition(S.SenseKey.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS,
+                                sks=bytes((0x80, p >> 8, p & 0xFF)))
+
+
 @dataclass(slots=True)
 class ModePages:
     """The four copies of every supported mode page (SPC-4 §6.11 PC field)."""
@@ -100,7 +233,8 @@ class LogicalUnit:
         # RESERVE(6/10) holder (SPC-2 §7.21), cleared by RELEASE, LUN RESET and target resets.
         self.legacy_holder: Nexus | None = None
         self.pr = PrState(aptpl_path)
-        self.caw_lock = asyncio.Lock()
+        self.gate = WriteGate()
+        self.sanitize: SanitizeState | None = None
         self.copy_results: dict[tuple[str, int], CopyResult] = {}
         self.prevent: set[Nexus] = set()
         self.stopped = False

@@ -80,6 +80,7 @@ class CommandSpec:
     allowed_without_lun: bool
     legacy_ok: bool  # allowed while another I_T nexus holds a RESERVE(6/10) reservation (SPC-2 §5.5.1)
     reports_ua: bool  # False for INQUIRY, REPORT LUNS, REQUEST SENSE (SAM-5 §5.14)
+    sanitize_ok: bool  # served while a SANITIZE runs or after one failed (SBC-3 §4.33): INQUIRY, REPORT LUNS, REQUEST SENSE
     cdb_len: int
     usage: bytes  # CDB USAGE DATA (SPC-4 §6.35.3)
     timeout_s: int  # nominal and recommended command timeout for the RCTD descriptor
@@ -92,7 +93,7 @@ def cdb_length(opcode: int) -> int:
 
 
 # Opcodes whose service action lives in the low five bits of CDB byte 1.
-_SA_OPCODES = frozenset({0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4})
+_SA_OPCODES = frozenset({0x48, 0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4})
 
 _TABLE: list[CommandSpec | dict[int, CommandSpec] | None] = [None] * 256
 
@@ -115,6 +116,7 @@ def command(
     allowed_without_lun: bool = False,
     legacy_ok: bool = False,
     reports_ua: bool = True,
+    sanitize_ok: bool = False,
     usage: bytes | None = None,
     timeout_s: int = 30,
     name: str | None = None,
@@ -133,6 +135,7 @@ def command(
             allowed_without_lun=allowed_without_lun,
             legacy_ok=bool(legacy_ok),
             reports_ua=reports_ua,
+            sanitize_ok=sanitize_ok,
             cdb_len=n,
             usage=usage if usage is not None else _default_usage(opcode, service_action, n),
             timeout_s=timeout_s,

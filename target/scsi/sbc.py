@@ -1,21 +1,30 @@
 """SBC-3 block commands: READ/WRITE (6/10/12/16), WRITE AND VERIFY, VERIFY, SYNCHRONIZE CACHE, WRITE SAME, UNMAP,
-GET LBA STATUS, COMPARE AND WRITE, ORWRITE, PRE-FETCH, READ CAPACITY (10/16), READ DEFECT DATA, START STOP UNIT and
-PREVENT ALLOW MEDIUM REMOVAL.
+GET LBA STATUS, COMPARE AND WRITE, ORWRITE, PRE-FETCH, READ CAPACITY (10/16), READ DEFECT DATA, START STOP UNIT,
+PREVENT ALLOW MEDIUM REMOVAL and SANITIZE.
 
 READ and WRITE are the hot path: each decodes its CDB with one precompiled :class:`struct.Struct`, checks the range
 and hands the device's buffer straight back (reads) or the task's Data-Out buffer straight down (writes), with no
 copy. With the caching page's WCE bit clear every write is FUA. A transfer shorter than the CDB asks for (iSCSI EDTL
 below the SCSI transfer length) writes only the whole blocks that arrived; the transport reports the residual.
 Protection information is not supported, so any non-zero RDPROTECT/WRPROTECT/VRPROTECT is INVALID FIELD IN CDB.
+Every write goes through the LU's :class:`~lunsync.target.scsi.lu.WriteGate`, which costs the hot path one integer
+test unless a COMPARE AND WRITE, ORWRITE or SANITIZE holds blocks exclusively.
+
+SANITIZE runs as a task owned by the logical unit, not by the command: an ABORT TASK, a reset or a lost connection
+ends the command but not the sanitize, which SBC-3 §4.33 requires to run to completion.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
+from collections.abc import Awaitable, Callable
 
 from lunsync.snapshots.device import Buffer
+from lunsync.snapshots.errors import StorageError
 from lunsync.target.scsi import sense as S
-from lunsync.target.scsi.lu import LogicalUnit
+from lunsync.target.scsi.lu import LogicalUnit, SanitizeState
 from lunsync.target.scsi.registry import Conflict, Dir, Request, command
 from lunsync.target.scsi.sense import CheckCondition, SenseKey, invalid_field, invalid_param, lba_out_of_range
 
@@ -25,7 +34,10 @@ _RW16 = struct.Struct(">xBQI")
 _CAW = struct.Struct(">xBQ3xB")
 _LBA16 = struct.Struct(">2xQI")
 _UNMAP_DESC = struct.Struct(">QI4x")
-_CHUNK = 1 << 20  # WRITE SAME/VERIFY work in pieces of this many bytes at most
+_CHUNK = 1 << 20  # WRITE SAME/VERIFY/SANITIZE work in pieces of this many bytes at most
+_INVERT = bytes(255 - i for i in range(256))
+
+log = logging.getLogger(__name__)
 
 
 def _check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
@@ -72,10 +84,21 @@ async def _write(req: Request, lu: LogicalUnit, lba: int, blocks: int, fua: bool
         return
     if blocks > lu.max_transfer_blocks:
         raise invalid_field(len_byte)
-    buf, _ = _payload(req, lu, blocks)
+    buf, n = _payload(req, lu, blocks)
     if buf is None:
         return
-    await dev.write(lba, buf, fua or not lu.wce)
+    gate = lu.gate
+    if gate.active:  # a COMPARE AND WRITE, ORWRITE or SANITIZE holds blocks: queue behind overlapping ones
+        async with gate.write(lba, n):
+            await dev.write(lba, buf, fua or not lu.wce)
+        return
+    gate.untracked += 1
+    try:
+        await dev.write(lba, buf, fua or not lu.wce)
+    finally:
+        gate.untracked -= 1
+        if gate.active:
+            gate.done_untracked()
 
 
 # -- READ ----------------------------------------------------------------------------------------------------------
@@ -307,25 +330,30 @@ async def _write_same(req: Request, flags: int, lba: int, blocks: int, len_byte:
     if not ndob and (data is None or len(data) != bs):
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
     if blocks == 0:
-        raise invalid_field(len_byte)  # WSNZ: zero means "to the end of the medium", which is refused
+        # WSNZ is 0 (VPD 0xB0): zero blocks means from ``lba`` to the end of the medium (SBC-3 §5.42), which must
+        # still fit within MAXIMUM WRITE SAME LENGTH.
+        if lba >= dev.num_blocks:
+            raise lba_out_of_range()
+        blocks = dev.num_blocks - lba
     if blocks > lu.max_write_same_blocks:
         raise invalid_field(len_byte)
     if lu.swp or dev.read_only:
         raise S.write_protected()
     _check_range(lu, lba, blocks)
-    if unmap and dev.thin:
-        # LBPRZ: deallocated blocks read as zeros, which is what libiscsi and initiators expect after UNMAP=1.
-        await dev.unmap(((lba, blocks),))
-        return
-    block = bytes(bs) if ndob or data is None else bytes(data)
-    per = max(1, min(blocks, _CHUNK // bs))
-    chunk = block * per
-    fua = not lu.wce
-    done = 0
-    while done < blocks:
-        n = min(per, blocks - done)
-        await dev.write(lba + done, chunk if n == per else chunk[: n * bs], fua)
-        done += n
+    async with lu.gate.write(lba, blocks):
+        if unmap and dev.thin:
+            # LBPRZ: deallocated blocks read as zeros, which is what libiscsi and initiators expect after UNMAP=1.
+            await dev.unmap(((lba, blocks),))
+            return
+        block = bytes(bs) if ndob or data is None else bytes(data)
+        per = max(1, min(blocks, _CHUNK // bs))
+        chunk = block * per
+        fua = not lu.wce
+        done = 0
+        while done < blocks:
+            n = min(per, blocks - done)
+            await dev.write(lba + done, chunk if n == per else chunk[: n * bs], fua)
+            done += n
 
 
 @command(0x41, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE SAME(10)",
@@ -383,7 +411,9 @@ async def unmap(req: Request) -> None:
         if blocks:
             ranges.append((lba, blocks))
     if ranges:
-        await dev.unmap(ranges)
+        first = min(r[0] for r in ranges)
+        async with lu.gate.write(first, max(a + n for a, n in ranges) - first):
+            await dev.unmap(ranges)
 
 
 @command(0x9E, 0x12, data=Dir.IN, conflicts=Conflict.READ, name="GET LBA STATUS",
@@ -438,7 +468,7 @@ async def compare_and_write(req: Request) -> None:
         return
     half = blocks * bs
     mv = memoryview(data)
-    async with lu.caw_lock:
+    async with lu.gate.exclusive(lba, blocks):
         current = await dev.read(lba, blocks)
         off = first_difference(current, mv[:half])
         if off >= 0:
@@ -465,7 +495,7 @@ async def orwrite_16(req: Request) -> None:
     if buf is None:
         return
     size = n * dev.block_size
-    async with lu.caw_lock:
+    async with lu.gate.exclusive(lba, n):
         current = await dev.read(lba, n)
         merged = (int.from_bytes(current, "little") | int.from_bytes(buf, "little")).to_bytes(size, "little")
         await dev.write(lba, merged, bool(flags & 0x08) or not lu.wce)
@@ -534,3 +564,164 @@ async def prevent_allow(req: Request) -> None:
         lu.prevent.add(req.task.nexus)
     else:
         lu.prevent.discard(req.task.nexus)
+
+
+# -- SANITIZE (SBC-3 §5.27) ----------------------------------------------------------------------------------------
+
+def _sanitize_usage(sa: int) -> bytes:
+    """CDB USAGE DATA: IMMED and AUSE settable; byte 1 bit 6 and bytes 2-6 reserved."""
+    return bytes((0x48, 0xA0 | sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
+
+
+def _sanitize_cdb(req: Request) -> tuple[bool, bool, int]:
+    """(IMMED, AUSE, PARAMETER LIST LENGTH) of a SANITIZE CDB whose reserved bits and bytes are clear."""
+    cdb = req.cdb
+    if cdb[1] & 0x40:
+        raise invalid_field(1, 6)
+    for i in range(2, 7):
+        if cdb[i]:
+            raise invalid_field(i)
+    return bool(cdb[1] & 0x80), bool(cdb[1] & 0x20), (cdb[7] << 8) | cdb[8]
+
+
+def _sanitize_admit(lu: LogicalUnit, ause: bool) -> None:
+    """The checks every sanitize operation passes before it may start."""
+    st = lu.sanitize
+    if st is not None and st.failed and not st.ause and ause:
+        # A failure in restricted completion mode is left only by a sanitize that again asks for restricted mode.
+        raise invalid_field(1, 5)
+    if lu.write_protected:
+        raise S.write_protected()
+
+
+async def _start_sanitize(lu: LogicalUnit, immed: bool, ause: bool, total: int,
+                          work: Callable[[SanitizeState], Awaitable[None]]) -> None:
+    """Run ``work`` as the LU's sanitize operation; wait for it unless ``immed``.
+
+    The operation holds the whole LU exclusively in the write gate, so it starts only after in-flight writes and
+    COMPARE AND WRITEs end; commands arriving meanwhile already see SANITIZE IN PROGRESS. It finishes with a flush,
+    so a sanitize reported complete is durable.
+    """
+    st = SanitizeState(None, ause, total=max(1, total))
+
+    async def run() -> None:
+        try:
+            async with lu.gate.exclusive(0, lu.num_blocks):
+                await work(st)
+                await lu.device.flush()
+        except BaseException as exc:
+            st.failed = True
+            st.task = None
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("SANITIZE of %s failed: %s", lu.name or "LU", exc)
+            raise
+        st.task = None
+        if lu.sanitize is st:
+            lu.sanitize = None
+
+    task = asyncio.get_running_loop().create_task(run(), name=f"sanitize {lu.name}")
+    # The result matters only to a waiting command; with IMMED nobody waits, so mark the outcome retrieved.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    st.task = task
+    lu.sanitize = st
+    if immed:
+        return
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise CheckCondition(SenseKey.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED) from None
+        raise  # this command was aborted; the sanitize goes on
+    except (StorageError, CheckCondition):
+        raise CheckCondition(SenseKey.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED) from None
+
+
+async def _fill(lu: LogicalUnit, st: SanitizeState, block: bytes) -> None:
+    """Write ``block`` to every logical block, a bounded chunk at a time, yielding to the loop between chunks."""
+    dev = lu.device
+    nb = dev.num_blocks
+    per = max(1, _CHUNK // len(block))
+    chunk = block * per
+    lba = 0
+    while lba < nb:
+        n = min(per, nb - lba)
+        await dev.write(lba, chunk if n == per else memoryview(chunk)[: n * len(block)])
+        lba += n
+        st.done += n
+        await asyncio.sleep(0)
+
+
+@command(0x48, 0x01, data=Dir.OUT, conflicts=Conflict.WRITE, name="SANITIZE/OVERWRITE",
+         usage=_sanitize_usage(0x01), timeout_s=3600)
+async def sanitize_overwrite(req: Request) -> None:
+    lu = req.unit
+    immed, ause, length = _sanitize_cdb(req)
+    bs = lu.block_size
+    if not 4 < length < bs + 5:
+        raise invalid_field(7)
+    _sanitize_admit(lu, ause)
+    data = bytes(req.task.data_out or b"")[:length]
+    if len(data) < length:
+        raise S.param_list_length_error()
+    invert, test, count = bool(data[0] & 0x80), (data[0] >> 5) & 0x03, data[0] & 0x1F
+    if test:
+        raise invalid_param(0, 6)
+    if not count:
+        raise invalid_param(0, 4)
+    if data[1]:
+        raise invalid_param(1)
+    plen = (data[2] << 8) | data[3]
+    if not 0 < plen <= bs:
+        raise invalid_param(2)
+    if 4 + plen > length:
+        raise S.param_list_length_error()
+    pattern = data[4 : 4 + plen]
+    block = (pattern * -(-bs // plen))[:bs]  # a pattern shorter than a block repeats to fill it
+
+    async def work(st: SanitizeState) -> None:
+        for p in range(count):
+            # With INVERT the passes alternate, and the last one writes the pattern itself (SBC-3 §5.27.3).
+            await _fill(lu, st, block.translate(_INVERT) if invert and (count - p) % 2 == 0 else block)
+
+    await _start_sanitize(lu, immed, ause, count * lu.num_blocks, work)
+
+
+@command(0x48, 0x02, data=Dir.OUT, conflicts=Conflict.WRITE, name="SANITIZE/BLOCK ERASE",
+         usage=_sanitize_usage(0x02), timeout_s=3600)
+async def sanitize_block_erase(req: Request) -> None:
+    lu = req.unit
+    immed, ause, length = _sanitize_cdb(req)
+    if length:
+        raise invalid_field(7)
+    _sanitize_admit(lu, ause)
+
+    async def work(st: SanitizeState) -> None:
+        dev = lu.device
+        if not dev.thin:
+            # A fully provisioned store has nothing to deallocate: erase means zeros (WABEREQ 01b, reads succeed).
+            await _fill(lu, st, bytes(dev.block_size))
+            return
+        nb, step, lba = dev.num_blocks, lu.max_unmap_blocks, 0
+        while lba < nb:
+            n = min(step, nb - lba)
+            await dev.unmap(((lba, n),))
+            lba += n
+            st.done = lba
+            await asyncio.sleep(0)
+
+    await _start_sanitize(lu, immed, ause, lu.num_blocks, work)
+
+
+@command(0x48, 0x1F, data=Dir.OUT, conflicts=Conflict.WRITE, name="SANITIZE/EXIT FAILURE MODE",
+         usage=_sanitize_usage(0x1F))
+async def sanitize_exit_failure_mode(req: Request) -> None:
+    lu = req.unit
+    _, _, length = _sanitize_cdb(req)
+    if length:
+        raise invalid_field(7)
+    st = lu.sanitize
+    if st is None or not st.failed:
+        return  # not in failure mode: nothing to leave
+    if not st.ause:
+        raise invalid_field(1, 4)  # restricted completion mode: only a successful sanitize ends it
+    lu.sanitize = None

@@ -4,9 +4,10 @@
 :meth:`ScsiTarget.execute` is the only place where sense bytes are built for a command: it looks the CDB up in the
 registry, reports pending unit attentions, applies the reservation-conflict rule, awaits the handler, and converts
 :class:`~lunsync.target.scsi.sense.CheckCondition`, :class:`~lunsync.target.scsi.sense.ReservationConflict` and
-storage errors into a :class:`ScsiResponse`. Absent LUNs answer INQUIRY with peripheral qualifier 011b, REQUEST SENSE
-with LOGICAL UNIT NOT SUPPORTED data, REPORT LUNS normally, and everything else with CHECK CONDITION 25/00. Task
-management resets and I_T nexus loss land in :meth:`reset` and :meth:`nexus_lost`.
+storage errors into a :class:`ScsiResponse`. While a SANITIZE runs (or after one failed) it answers every command but
+the few registered ``sanitize_ok`` with the LU's sanitize condition. Absent LUNs answer INQUIRY with peripheral
+qualifier 011b, REQUEST SENSE with LOGICAL UNIT NOT SUPPORTED data, REPORT LUNS normally, and everything else with
+CHECK CONDITION 25/00. Task management resets and I_T nexus loss land in :meth:`reset` and :meth:`nexus_lost`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _DATA_OUT: dict[int, Callable[[bytes, int], int]] = {
     0x55: lambda c, bs: _b10(c),
     0x5F: lambda c, bs: int.from_bytes(c[5:9], "big"),
     0x83: lambda c, bs: _b16(c),
+    0x48: lambda c, bs: _b10(c),
 }
 
 _GOOD = Status.GOOD
@@ -156,6 +158,9 @@ class ScsiTarget:
                     ua = lu.take_ua(task.nexus)
                     if ua is not None:
                         raise CheckCondition(SenseKey.UNIT_ATTENTION, ua)
+                sanitize = lu.sanitize
+                if sanitize is not None and not spec.sanitize_ok and not (sanitize.failed and cdb[0] == 0x48):
+                    raise sanitize.check()
                 if lu.legacy_holder is not None or lu.pr.res_type:
                     _pr.check_conflict(lu, spec, task.nexus)
             result = await spec.handler(Request(self, lu, task))

@@ -125,11 +125,12 @@ async def _copy_segment(src: LogicalUnit, dst: LogicalUnit, seg: _Segment) -> in
     per = max(1, _CHUNK_BYTES // bs)
     done = 0
     fua = not dst.wce
-    while done < seg.blocks:
-        n = min(per, seg.blocks - done)
-        buf = await src.device.read(seg.src_lba + done, n)
-        await dst.device.write(seg.dst_lba + done, buf, fua)
-        done += n
+    async with dst.gate.write(seg.dst_lba, seg.blocks):  # ordered against COMPARE AND WRITE like any other write
+        while done < seg.blocks:
+            n = min(per, seg.blocks - done)
+            buf = await src.device.read(seg.src_lba + done, n)
+            await dst.device.write(seg.dst_lba + done, buf, fua)
+            done += n
     return done
 
 

@@ -1,9 +1,12 @@
-"""Unit tests for lunsync.target.scsi.lu: unit attentions, mode state and resets."""
+"""Unit tests for lunsync.target.scsi.lu: unit attentions, mode state, resets and the write gate."""
 
 from __future__ import annotations
 
+import asyncio
+
 from lunsync.target.scsi import sense as S
-from lunsync.target.scsi.lu import PAGE_CACHING, PAGE_CONTROL, LogicalUnit
+from lunsync.target.scsi.lu import PAGE_CACHING, PAGE_CONTROL, LogicalUnit, WriteGate
+
 from tests.target.scsi.memdev import IDENTITY, NEXUS_A, NEXUS_B, MemDevice
 
 
@@ -69,3 +72,82 @@ def test_forget_nexus_keeps_reservations() -> None:
     lu.forget_nexus(NEXUS_A)
     assert lu.legacy_holder == NEXUS_A
     assert lu.take_ua(NEXUS_A) == S.POWER_ON_RESET
+
+
+# -- WriteGate --------------------------------------------------------------------------------------------------------
+
+
+async def _spin(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_write_gate_queues_only_overlapping_writes_behind_an_exclusive_hold() -> None:
+    async def main() -> list[object]:
+        gate = WriteGate()
+        order: list[object] = []
+
+        async def write(lba: int) -> None:
+            async with gate.write(lba, 1):
+                order.append(lba)
+
+        async with gate.exclusive(10, 5):
+            inside = asyncio.create_task(write(14))
+            outside = asyncio.create_task(write(15))
+            await _spin()
+            order.append("exclusive done")
+        await asyncio.gather(inside, outside)
+        assert gate.active == 0 and gate.untracked == 0 and not gate._queue
+        return order
+
+    assert asyncio.run(main()) == [15, "exclusive done", 14]
+
+
+def test_write_gate_exclusive_waits_for_writes_already_in_flight() -> None:
+    async def main() -> None:
+        gate = WriteGate()
+        release = asyncio.Event()
+        got: list[str] = []
+
+        async def slow_write() -> None:
+            async with gate.write(0, 1):  # untracked: no exclusive holder when it began
+                await release.wait()
+                got.append("write")
+
+        async def caw() -> None:
+            async with gate.exclusive(0, 1):
+                got.append("caw")
+
+        w = asyncio.create_task(slow_write())
+        await _spin()
+        assert gate.untracked == 1
+        c = asyncio.create_task(caw())
+        await _spin()
+        assert got == []  # the compare must not read around a write that is still landing
+        release.set()
+        await asyncio.gather(w, c)
+        assert got == ["write", "caw"]
+
+    asyncio.run(main())
+
+
+def test_write_gate_is_fifo_among_exclusives_and_clean_after_cancel() -> None:
+    async def main() -> None:
+        gate = WriteGate()
+        got: list[int] = []
+
+        async def caw(n: int) -> None:
+            async with gate.exclusive(0, 8):
+                got.append(n)
+                await asyncio.sleep(0)
+
+        async with gate.exclusive(0, 8):
+            waiters = [asyncio.create_task(caw(n)) for n in (1, 2, 3)]
+            doomed = asyncio.create_task(caw(4))
+            await _spin()
+            doomed.cancel()
+        await asyncio.gather(*waiters)
+        assert got == [1, 2, 3]
+        assert doomed.cancelled() and gate.active == 0 and not gate._queue
+
+    asyncio.run(main())

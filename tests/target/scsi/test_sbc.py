@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
-from lunsync.target.scsi.task import Status
-from tests.target.scsi.memdev import MemDevice, Session, cdb10, cdb16, make_target, sense_of
+import pytest
+from lunsync.snapshots.device import Buffer
+from lunsync.snapshots.errors import MediumError
+from lunsync.target.scsi.task import Nexus, ScsiTask, Status, TmfFunction
+
+from tests.target.scsi.memdev import (
+    IDENTITY,
+    NEXUS_A,
+    NEXUS_B,
+    MemDevice,
+    Session,
+    cdb10,
+    cdb16,
+    make_target,
+    sense_of,
+)
 
 
 def session(dev: MemDevice | None = None) -> tuple[Session, MemDevice]:
@@ -98,7 +113,7 @@ def test_write_same_unmap_and_plain() -> None:
     assert bytes(dev.data[:4096]) == bytes(4096) and not any(dev.mapped[:8])
     assert s.cmd(cdb16(0x93, 100, 3), b"q" * 512).status == Status.GOOD
     assert bytes(dev.data[100 * 512 : 103 * 512]) == b"q" * 1536
-    assert sense_of(s.cmd(cdb10(0x41, 0, 0), b"q" * 512)) == (5, 0x24, 0x00)  # WSNZ
+    assert sense_of(s.cmd(cdb10(0x41, 4096, 0), b"q" * 512)) == (5, 0x21, 0x00)  # zero blocks from past the end
     assert sense_of(s.cmd(cdb10(0x41, 0, 1), b"q" * 1024))[0] == 5
     assert sense_of(s.cmd(cdb10(0x41, 4095, 2), b"q" * 512)) == (5, 0x21, 0x00)
 
@@ -152,3 +167,274 @@ def test_orwrite_and_start_stop() -> None:
     assert sense_of(s.cmd(bytes([0x1B, 0, 0, 0, 0x02, 0]))) == (5, 0x24, 0x00)  # LOEJ: not removable
     assert s.cmd(bytes([0x1B, 0, 0, 0, 0x01, 0])).status == Status.GOOD
     assert s.cmd(cdb10(0x35, 0, 0)).status == Status.GOOD and dev.flushes == 1
+
+
+def test_write_same_zero_blocks_runs_to_the_end_within_the_maximum() -> None:
+    t, lu, dev = make_target()
+    s = Session(t)
+    assert s.cmd(cdb16(0x93, 4000, 0), b"z" * 512).status == Status.GOOD  # WSNZ 0: 96 blocks, to the end
+    assert bytes(dev.data[4000 * 512 :]) == b"z" * 96 * 512 and bytes(dev.data[3999 * 512 : 4000 * 512]) == bytes(512)
+    lu.max_write_same_blocks = 95
+    r = s.cmd(cdb16(0x93, 4000, 0), b"y" * 512)
+    assert sense_of(r) == (5, 0x24, 0x00) and r.sense is not None and r.sense[15:18] == b"\xc0\x00\x0a"
+    assert sense_of(s.cmd(cdb16(0x93, 4096, 0), b"y" * 512)) == (5, 0x21, 0x00)
+
+
+# -- COMPARE AND WRITE atomicity against other writes ------------------------------------------------------------
+
+
+class PausingDevice(MemDevice):
+    """Reads copy the data, then wait for ``resume``: a write can arrive between a CAW's read and its write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.resume = asyncio.Event()
+        self.pause_reads = True
+
+    async def read(self, lba: int, blocks: int) -> Buffer:
+        data = await super().read(lba, blocks)
+        if self.pause_reads:
+            self.pause_reads = False
+            self.reading.set()
+            await self.resume.wait()
+        return data
+
+
+def _task(cdb: bytes, data: bytes | None = None, tag: int = 1, nexus: Nexus = NEXUS_A) -> ScsiTask:
+    return ScsiTask(nexus, 0, cdb, tag, data_out=data, expected_in=65536)
+
+
+def _caw_cdb(lba: int, blocks: int) -> bytes:
+    return bytes((0x89, 0)) + lba.to_bytes(8, "big") + bytes((0, 0, 0, blocks, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        (cdb10(0x2A, 0, 1), b"c" * 512, b"c" * 512),  # WRITE(10)
+        (cdb10(0x41, 0, 1), b"c" * 512, b"c" * 512),  # WRITE SAME(10)
+        (bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0]), struct.pack(">HH4xQI4x", 22, 16, 0, 1), bytes(512)),  # UNMAP
+    ],
+    ids=["write", "write_same", "unmap"],
+)
+def test_writes_wait_for_an_overlapping_compare_and_write(other: tuple[bytes, bytes, bytes]) -> None:
+    cdb, payload, final = other
+
+    async def main() -> None:
+        dev = PausingDevice()
+        dev.data[:512] = b"a" * 512
+        t, _, _ = make_target(dev)
+        await t.execute(_task(bytes(6)))  # POWER ON UA
+        caw = asyncio.create_task(t.execute(_task(_caw_cdb(0, 1), b"a" * 512 + b"b" * 512, 2)))
+        await dev.reading.wait()  # the CAW has read and compared; a write now would be lost under its write
+        plain = asyncio.create_task(t.execute(_task(cdb, payload, 3)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not plain.done() and bytes(dev.data[:512]) == b"a" * 512
+        dev.resume.set()
+        assert (await caw).status == Status.GOOD
+        assert (await plain).status == Status.GOOD
+        assert bytes(dev.data[:512]) == final  # ordered after the CAW, not swallowed by it
+
+    asyncio.run(main())
+
+
+def test_non_overlapping_write_is_not_held_by_a_compare_and_write() -> None:
+    async def main() -> None:
+        dev = PausingDevice()
+        t, lu, _ = make_target(dev)
+        await t.execute(_task(bytes(6)))
+        caw = asyncio.create_task(t.execute(_task(_caw_cdb(0, 1), bytes(512) + b"b" * 512, 2)))
+        await dev.reading.wait()
+        assert lu.gate.active == 1
+        assert (await t.execute(_task(cdb10(0x2A, 1, 1), b"c" * 512, 3))).status == Status.GOOD
+        dev.resume.set()
+        assert (await caw).status == Status.GOOD and lu.gate.active == 0
+
+    asyncio.run(main())
+
+
+def test_extended_copy_destination_waits_for_a_compare_and_write() -> None:
+    async def main() -> None:
+        dev = PausingDevice()
+        dev.data[512:1024] = b"x" * 512
+        t, _, _ = make_target(dev)
+        await t.execute(_task(bytes(6)))
+        caw = asyncio.create_task(t.execute(_task(_caw_cdb(0, 1), bytes(512) + b"b" * 512, 2)))
+        await dev.reading.wait()
+        d = bytearray(32)
+        d[0], d[4], d[5], d[7] = 0xE4, 0x01, 0x03, 16
+        d[8:24] = IDENTITY.naa
+        seg = struct.pack(">BBHHH2xHQQ", 0x02, 0, 0x18, 0, 0, 1, 1, 0)  # copy block 1 over block 0
+        params = struct.pack(">BBH4xII", 1, 0, 32, len(seg), 0) + bytes(d) + seg
+        xcopy = asyncio.create_task(
+            t.execute(_task(bytes([0x83, 0] + [0] * 8) + len(params).to_bytes(4, "big") + b"\0\0", params, 3)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not xcopy.done()
+        dev.resume.set()
+        assert (await caw).status == Status.GOOD and (await xcopy).status == Status.GOOD
+        assert bytes(dev.data[:512]) == b"x" * 512
+
+    asyncio.run(main())
+
+
+# -- SANITIZE ------------------------------------------------------------------------------------------------------
+
+
+def sanitize_cdb(sa: int, length: int = 0, *, immed: bool = False, ause: bool = False) -> bytes:
+    return bytes((0x48, (0x80 if immed else 0) | (0x20 if ause else 0) | sa, 0, 0, 0, 0, 0)) + length.to_bytes(
+        2, "big") + b"\0"
+
+
+def overwrite_params(pattern: bytes, count: int = 1, invert: bool = False) -> bytes:
+    return bytes(((0x80 if invert else 0) | count, 0)) + len(pattern).to_bytes(2, "big") + pattern
+
+
+def test_sanitize_overwrite_repeats_the_pattern_and_ends_on_it_with_invert() -> None:
+    s, dev = session()
+    p = overwrite_params(b"\x0f\xf0", count=2, invert=True)
+    writes = dev.writes
+    assert s.cmd(sanitize_cdb(0x01, len(p)), p).status == Status.GOOD
+    assert bytes(dev.data) == b"\x0f\xf0" * (len(dev.data) // 2)
+    assert dev.writes - writes == 2 * 2 and dev.flushes == 1  # two passes of two 1 MiB chunks, then one flush
+
+
+def test_sanitize_overwrite_field_checks() -> None:
+    s, _ = session()
+    good = overwrite_params(b"\xaa" * 512)
+    for length in (0, 4, 517):
+        r = s.cmd(sanitize_cdb(0x01, length), good + bytes(8))
+        assert sense_of(r) == (5, 0x24, 0x00) and r.sense is not None and r.sense[15:18] == b"\xc0\x00\x07"
+    assert sense_of(s.cmd(sanitize_cdb(0x01, 516), overwrite_params(b"\xaa" * 512, count=0))) == (5, 0x26, 0x00)
+    assert sense_of(s.cmd(sanitize_cdb(0x01, 8), b"\x01\x00\x00\x00" + bytes(4))) == (5, 0x26, 0x00)  # empty pattern
+    assert sense_of(s.cmd(sanitize_cdb(0x01, 516), b"\x01\x00\x02\x04" + bytes(512))) == (5, 0x26, 0x00)
+    cdb = bytearray(sanitize_cdb(0x01, 516))
+    cdb[1] |= 0x40
+    r = s.cmd(cdb, good)
+    assert sense_of(r) == (5, 0x24, 0x00) and r.sense is not None and r.sense[15] == 0xCE  # byte 1, bit 6
+    for i in range(2, 7):
+        cdb = bytearray(sanitize_cdb(0x01, 516))
+        cdb[i] = i
+        assert sense_of(s.cmd(cdb, good)) == (5, 0x24, 0x00)
+
+
+def test_sanitize_block_erase_unmaps_a_thin_lun_and_zeroes_a_thick_one() -> None:
+    s, dev = session()
+    s.cmd(cdb10(0x2A, 0, 8), b"a" * 4096)
+    assert s.cmd(sanitize_cdb(0x02)).status == Status.GOOD
+    assert not any(dev.mapped) and not any(dev.data)
+    assert sense_of(s.cmd(sanitize_cdb(0x02, 8), bytes(8))) == (5, 0x24, 0x00)
+    s, dev = session(MemDevice(thin=False))
+    s.cmd(cdb10(0x2A, 4095, 1), b"a" * 512)
+    assert s.cmd(sanitize_cdb(0x02)).status == Status.GOOD
+    assert not any(dev.data)
+
+
+def test_sanitize_unsupported_and_refused() -> None:
+    s, _ = session()
+    r = s.cmd(sanitize_cdb(0x03))  # CRYPTO ERASE: nothing is encrypted
+    assert sense_of(r) == (5, 0x24, 0x00) and r.sense is not None and r.sense[15:18] == b"\xcc\x00\x01"
+    assert sense_of(s.cmd(sanitize_cdb(0x00))) == (5, 0x24, 0x00)
+    s, _ = session(MemDevice(read_only=True))
+    assert sense_of(s.cmd(sanitize_cdb(0x02))) == (7, 0x27, 0x00)
+    p = overwrite_params(b"\x00")
+    assert sense_of(s.cmd(sanitize_cdb(0x01, len(p)), p)) == (7, 0x27, 0x00)
+
+
+def test_sanitize_conflicts_with_another_nexus_reservation() -> None:
+    t, _, _ = make_target()
+    a, b = Session(t, NEXUS_A), Session(t, NEXUS_B)
+    assert b.cmd(bytes([0x16, 0, 0, 0, 0, 0])).status == Status.GOOD  # RESERVE(6)
+    assert a.cmd(sanitize_cdb(0x02)).status == Status.RESERVATION_CONFLICT
+    assert b.cmd(sanitize_cdb(0x02)).status == Status.GOOD
+
+
+class GatedWriteDevice(MemDevice):
+    """Each write waits for a token, so a test can hold a SANITIZE in progress and look at the LU meanwhile."""
+
+    def __init__(self, num_blocks: int = 4096, *, thin: bool = True) -> None:
+        super().__init__(num_blocks, thin=thin)
+        self.tokens = asyncio.Semaphore(0)
+
+    async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
+        await self.tokens.acquire()
+        await super().write(lba, data, fua)
+
+
+def test_sanitize_immed_reports_progress_and_survives_abort_and_reset() -> None:
+    async def main() -> None:
+        dev = GatedWriteDevice()
+        t, lu, _ = make_target(dev)
+        await t.execute(_task(bytes(6)))
+        await t.execute(_task(bytes(6), nexus=NEXUS_B))
+        p = overwrite_params(b"\x5a")
+        assert (await t.execute(_task(sanitize_cdb(0x01, len(p), immed=True), p, 2))).status == Status.GOOD
+        assert lu.sanitize is not None and lu.sanitize.task is not None
+        job = lu.sanitize.task
+        dev.tokens.release()  # one of the two 1 MiB chunks
+        for _ in range(5):
+            await asyncio.sleep(0)
+        r = await t.execute(_task(bytes(6), tag=3))
+        assert sense_of(r) == (2, 0x04, 0x1B) and r.sense is not None and r.sense[15:18] == b"\x80\x80\x00"  # 50 %
+        assert sense_of(await t.execute(_task(cdb10(0x28, 0, 1), tag=4))) == (2, 0x04, 0x1B)
+        assert (await t.execute(_task(bytes([0x12, 0, 0, 0, 96, 0]), tag=5))).status == Status.GOOD
+        rs = await t.execute(_task(bytes([0x03, 0, 0, 0, 18, 0]), tag=6))
+        assert rs.status == Status.GOOD and rs.data is not None and (rs.data[2], rs.data[12], rs.data[13]) == (2, 4, 0x1B)
+        # A waiting SANITIZE from another nexus is refused, and ending the command that started one does not stop it.
+        assert sense_of(await t.execute(_task(sanitize_cdb(0x02), tag=7, nexus=NEXUS_B))) == (2, 0x04, 0x1B)
+        t.reset(TmfFunction.LOGICAL_UNIT_RESET, NEXUS_B, 0)
+        t.nexus_lost(NEXUS_A)
+        dev.tokens.release()
+        await asyncio.wait_for(job, 1)
+        assert lu.sanitize is None and bytes(dev.data) == b"\x5a" * len(dev.data)
+        assert (await t.execute(_task(bytes(6), tag=8, nexus=NEXUS_B))).status == Status.GOOD
+        assert sense_of(await t.execute(_task(bytes(6), tag=9))) == (6, 0x29, 0x03)  # A still learns of B's reset
+
+    asyncio.run(main())
+
+
+def test_aborting_a_waiting_sanitize_command_leaves_the_operation_running() -> None:
+    async def main() -> None:
+        dev = GatedWriteDevice()
+        t, lu, _ = make_target(dev)
+        await t.execute(_task(bytes(6)))
+        cmd = asyncio.create_task(t.execute(_task(sanitize_cdb(0x01, 5), overwrite_params(b"\x11"), 2)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        cmd.cancel()  # ABORT TASK
+        with pytest.raises(asyncio.CancelledError):
+            await cmd
+        assert lu.sanitize is not None and lu.sanitize.task is not None
+        dev.tokens.release()
+        dev.tokens.release()
+        await lu.sanitize.task
+        assert lu.sanitize is None and bytes(dev.data) == b"\x11" * len(dev.data)
+
+    asyncio.run(main())
+
+
+def test_sanitize_failure_mode_and_its_exits() -> None:
+    async def main() -> None:
+        dev = MemDevice()
+        t, lu, _ = make_target(dev)
+        await t.execute(_task(bytes(6)))
+        p = overwrite_params(b"\x33")
+        dev.fail_next = MediumError("boom", lba=0, write=True)
+        assert sense_of(await t.execute(_task(sanitize_cdb(0x01, len(p)), p, 2))) == (3, 0x31, 0x03)
+        assert sense_of(await t.execute(_task(bytes(6), tag=3))) == (3, 0x31, 0x03)
+        # Restricted completion mode (AUSE 0): neither EXIT FAILURE MODE nor an unrestricted sanitize may leave it.
+        r = await t.execute(_task(sanitize_cdb(0x1F), tag=4))
+        assert sense_of(r) == (5, 0x24, 0x00)
+        assert sense_of(await t.execute(_task(sanitize_cdb(0x02, ause=True), tag=5))) == (5, 0x24, 0x00)
+        assert (await t.execute(_task(sanitize_cdb(0x02), tag=6))).status == Status.GOOD  # success ends it
+        assert (await t.execute(_task(bytes(6), tag=7))).status == Status.GOOD
+        # Unrestricted mode (AUSE 1): EXIT FAILURE MODE leaves it.
+        dev.fail_next = MediumError("boom", lba=0, write=True)
+        assert sense_of(await t.execute(_task(sanitize_cdb(0x01, len(p), ause=True), p, 8))) == (3, 0x31, 0x03)
+        assert sense_of(await t.execute(_task(sanitize_cdb(0x1F, 8), bytes(8), 9))) == (5, 0x24, 0x00)
+        assert (await t.execute(_task(sanitize_cdb(0x1F), tag=10))).status == Status.GOOD
+        assert lu.sanitize is None and (await t.execute(_task(bytes(6), tag=11))).status == Status.GOOD
+
+    asyncio.run(main())

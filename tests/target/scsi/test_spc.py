@@ -153,3 +153,15 @@ def test_unmap_granularity_is_reported_on_512_byte_luns_only() -> None:
         page = bytes(s.cmd(bytes((0x12, 1, 0xB0, 0, 0xFF, 0))).data or b"")
         assert struct.unpack_from(">I", page, 28)[0] == want
         assert struct.unpack_from(">I", page, 20)[0] > 0  # MAXIMUM UNMAP LBA COUNT stays non-zero (Windows)
+
+
+def test_sanitize_is_advertised_as_implemented() -> None:
+    s = Session(make_target()[0])
+    for sa, byte1 in ((0x01, 0xA1), (0x02, 0xA2), (0x1F, 0xBF)):
+        d = data(s.cmd(rsoc(2, 0x48, sa)))
+        assert d[1] & 0x07 == 3 and d[4:14] == bytes((0x48, byte1, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
+    assert data(s.cmd(rsoc(2, 0x48, 0x03)))[1] & 0x07 == 1  # CRYPTO ERASE: no encryption, not supported
+    b1 = data(s.cmd(bytes([0x12, 1, 0xB1, 0, 255, 0])))
+    assert b1[7] >> 6 == 1 and (b1[7] >> 4) & 0x03 == 0  # WABEREQ 01b (reads succeed after BLOCK ERASE), WACEREQ 0
+    b0 = data(s.cmd(bytes([0x12, 1, 0xB0, 0, 255, 0])))
+    assert b0[4] & 0x01 == 0 and struct.unpack_from(">Q", b0, 36)[0] == 0xFFFF  # WSNZ 0, MAXIMUM WRITE SAME LENGTH
