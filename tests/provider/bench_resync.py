@@ -27,15 +27,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from e2e.harness import DEMO_IQN, Daemon, lunsync_command  # noqa: E402
-from lunsync.snapshots.backend import FileBackend  # noqa: E402
-from lunsync.snapshots.resync import ResyncVolume, Unthrottled  # noqa: E402
+from e2e.harness import DEMO_IQN, Daemon, lunsync_command
+from lunsync.snapshots.backend import FileBackend
+from lunsync.snapshots.resync import ResyncVolume, Unthrottled
 
 MIB, GIB = 1 << 20, 1 << 30
 
 
 def sh(*cmd: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                       check=False)
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed: {p.stdout}\n{p.stderr}")
     return p.stdout
@@ -51,8 +52,7 @@ class Bench:
             block = bytes([prefill]) * (8 * MIB)
             size_b = int(size.rstrip("GiB")) * GIB
             with open(path, "wb") as f:
-                for _ in range(size_b // len(block)):
-                    f.write(block)
+                f.writelines(block for _ in range(size_b // len(block)))
         self.d.start()
         self.env = {"LUNSYNC_API": self.d.api_url, "LUNSYNC_DATA_DIR": str(self.d.data_dir)}
         self.http = httpx.Client(base_url=self.d.api_url + "/v1",
@@ -100,13 +100,16 @@ def first_read(tmp: Path, size: str, label: str) -> None:
         b.close()
 
 
+def _random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        chunk = os.urandom(8 * MIB)
+        f.writelines(chunk for _ in range(size // len(chunk)))
+        os.fsync(f.fileno())
+
+
 async def copy_rate(tmp: Path, size: int) -> None:
     src_path = tmp / "src.img"
-    with open(src_path, "wb") as f:
-        chunk = os.urandom(8 * MIB)
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
-        os.fsync(f.fileno())
+    _random_file(src_path, size)
     results: dict[str, list[float]] = {"copy_file_range": [], "resync": []}
     for _ in range(3):
         dst = tmp / "base.img"
@@ -164,7 +167,7 @@ def only_changed(tmp: Path) -> None:
 
 def perf(url: str, seconds: int) -> float:
     p = subprocess.run(["iscsi-perf", "-b", "8", "-m", "16", "-r", "-t", str(seconds), url], capture_output=True,
-                       text=True, timeout=seconds + 30)
+                       text=True, timeout=seconds + 30, check=False)
     m = re.findall(r"iops average (\d+)", p.stdout + p.stderr)
     return float(m[-1]) if m else 0.0
 
