@@ -579,7 +579,7 @@ class Connection:
         expected = task.expected_in
         status = int(resp.status)
         if (data is not None and status == 0 and resp.sense is None and len(data) == expected
-                and expected <= self.mrdsl_out and expected <= self.burst):
+                and 0 < expected <= self.mrdsl_out and expected <= self.burst):
             # The common read: exactly what was asked for, in one Data-In PDU with the status folded in.
             stat_sn = self.stat_sn
             self.stat_sn = (stat_sn + 1) & MASK32

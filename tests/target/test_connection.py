@@ -311,3 +311,13 @@ def test_broken_data_sn_ends_the_write_with_aborted_command() -> None:
     assert rig.feed(data_out(b"\1" * 4096, itt=11, ttt=ttt, offset=12288, data_sn=1)) == []  # dropped silently
     assert rig.conn.phase is Phase.FULL_FEATURE
     assert bytes(rig.dev.data[0:16384]) == bytes(16384)  # nothing of the broken write reached the LUN
+
+
+def test_empty_data_in_becomes_a_scsi_response() -> None:
+    """A zero-length transfer (e.g. READ CAPACITY(16) with ALLOCATION LENGTH 0) is answered with a SCSI Response,
+    never an empty Data-In, which libiscsi waits on forever."""
+    rig = Rig()
+    rig.login()
+    cdb = bytes((0x9E, 0x10)) + bytes(12) + bytes(2)
+    [(rsp, _)] = rig.feed(scsi_cmd(cdb, itt=12, cmd_sn=2, edtl=0, read=True))
+    assert rsp[0] == 0x21 and rsp[3] == Status.GOOD
