@@ -24,7 +24,7 @@ from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, Task
 
 log = logging.getLogger("lunsync.iscsi")
 
-RECV_BUFFER = 4 * 1024 * 1024
+RECV_BUFFER = 1024 * 1024  # at least two of the largest PDUs we accept; see Connection.__init__
 CMD_WINDOW = 128
 SERIAL_HALF = 1 << 31
 MASK32 = 0xFFFFFFFF
@@ -167,7 +167,10 @@ class Connection:
         self.params: keys.NegotiatedParams | None = None
         self.nexus: Nexus | None = None
         self._allocate_tsih = allocate_tsih or (lambda: 1)
-        self.buf = bytearray(RECV_BUFFER)
+        ours = int((target_limits or {}).get("MaxRecvDataSegmentLength", "262144"))
+        # Room for two whole PDUs of the largest data segment we declare, so one is always parsed in place; small
+        # enough that 16 sessions stay well inside the RSS budget.
+        self.buf = bytearray(max(RECV_BUFFER, 2 * (ours + 2048)))
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
