@@ -77,6 +77,9 @@ class SnapshotService:
         self._pools: dict[int, Pool] = {}
         self._fills: dict[int, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
+        # The (lun id, epoch) of a snapshot (set) whose record is committing, and a future set once it has or failed.
+        self._recording: tuple[set[tuple[int, int]], asyncio.Future[None]] | None = None
+        self._early_invalid: dict[tuple[int, int], str] = {}
         self.cat.ensure_default_pool()
 
     # --- pools -----------------------------------------------------------------------------------------------------
@@ -191,19 +194,29 @@ class SnapshotService:
 
     async def create(self, specs: Sequence[tuple[str, str]], kind: Kind = "differential", pool: str | None = None,
                      set_name: str | None = None) -> tuple[list[SnapshotRecord], float]:
-        """Take one point in time across every ``(lun, snap)``; returns the records and the hold time in ms."""
-        async with self._lock:
-            vols = []
-            for lun, _ in specs:
-                self.array.catalog.get_lun(lun)  # NotFound before anything is held
-                vols.append(self.volumes[lun])
-            if len({id(v) for v in vols}) != len(vols):
-                from lunsync.snapshots.catalog import Invalid
+        """Take one point in time across every ``(lun, snap)``; returns the records and the hold time in ms.
 
-                raise Invalid("a set takes each LUN once")
+        The point in time is fixed once in-flight writes have drained and each member's new epoch is set in memory:
+        writes are released right there, and the catalog commits after. That order is crash-safe because a snapshot
+        whose record never committed does not exist after a crash; the copies made for its epoch meanwhile either
+        serve older snapshots too (they hold those snapshots' contents) or are freed when the pool reopens, and no
+        later snapshot reuses the epoch (``epoch_floor``). If the commit fails, the epochs are abandoned in memory."""
+        async with self._lock:
+            requested = time.perf_counter()
+            plans = self.cat.plan_snapshots(list(specs), kind, pool, set_name)  # every refusal before anything is held
+            vols = [self.volumes[p.lun_name] for p in plans]
+            for plan, vol in zip(plans, vols, strict=True):
+                p = self.pool(plan.pool)
+                if vol.pool is not p:
+                    vol.detach_pool()
+                    vol.attach_pool(p)
+            epochs = [max(plan.last_epoch, vol.epoch_floor) + 1 for plan, vol in zip(plans, vols, strict=True)]
             started = time.perf_counter()
+            # Close every member's gate in one step; only unmaps and resizes in flight need waiting for.
+            busy = [v for v in vols if not v.hold_nowait()]
             try:
-                await asyncio.wait_for(asyncio.gather(*(v.hold() for v in vols)), self.hold_timeout_s)
+                if busy:
+                    await asyncio.wait_for(asyncio.gather(*(v.drain() for v in busy)), self.hold_timeout_s)
             except TimeoutError:
                 for v in vols:
                     v.release()
@@ -212,31 +225,75 @@ class SnapshotService:
                             set_name or ",".join(f"{a}@{b}" for a, b in specs), self.hold_timeout_s)
                 raise HoldTimeout(f"in-flight writes did not drain within {self.hold_timeout_s:g} s; nothing was "
                                   "recorded") from None
+            except BaseException:
+                for v in vols:
+                    v.release()
+                raise
             drained = time.perf_counter()
+            added: list[CowVolume] = []
             try:
-                recs = await asyncio.to_thread(self.cat.create_snapshots, list(specs), kind, pool, set_name)
-                committed = time.perf_counter()
-                for rec, vol in zip(recs, vols, strict=True):
-                    p = self._pool_by_id(rec.pool_id)
-                    if vol.pool is not p:
-                        vol.detach_pool()
-                        vol.attach_pool(p)
-                    vol.add_snapshot(rec.epoch)
+                for vol, epoch in zip(vols, epochs, strict=True):
+                    vol.add_snapshot(epoch)
+                    added.append(vol)
+            except BaseException:
+                for vol, epoch in zip(added, epochs, strict=False):
+                    vol.forget_epoch(epoch)  # still held: nothing was preserved for it
+                raise
             finally:
                 for v in vols:
                     v.release()
-                hold_ms = (time.perf_counter() - started) * 1000
+                released = time.perf_counter()
+            hold_ms = (released - started) * 1000
+            members = {(p.lun_id, e) for p, e in zip(plans, epochs, strict=True)}
+            recording = self._recording = (members, asyncio.get_running_loop().create_future())
+            try:
+                in_thread: list[float] = []
+
+                def commit() -> list[SnapshotRecord]:
+                    t0 = time.perf_counter()
+                    try:
+                        made: list[SnapshotRecord] = self.cat.create_snapshots(list(specs), kind, pool, set_name,
+                                                                                epochs)
+                        return made
+                    finally:
+                        in_thread.append((time.perf_counter() - t0) * 1000)
+
+                recs = await asyncio.to_thread(commit)
+            except BaseException:
+                self._recording = None
+                recording[1].set_result(None)  # before abandoning: a hold waits for writes that may wait for this
+                for vol, epoch in zip(vols, epochs, strict=True):
+                    await vol.abandon_snapshot(epoch)
+                for key in members:
+                    self._early_invalid.pop(key, None)
+                log.warning("snapshot%s %s not taken: the catalog refused it after writes resumed; its copies are "
+                            "freed", " set " + set_name if set_name else "",
+                            ", ".join(f"{a}@{b}" for a, b in specs))
+                raise
+            self._recording = None
+            recording[1].set_result(None)
+            committed = time.perf_counter()
+            # A preservation that failed while the record was committing could not mark it invalid yet.
+            for rec, vol in zip(recs, vols, strict=True):
+                if rec.epoch in vol.epochs:
+                    continue
+                reason = self._early_invalid.pop((rec.lun_id or 0, rec.epoch), "a chunk could not be preserved")
+                await asyncio.to_thread(self.cat.mark_invalid, rec.lun_id or 0, [rec.epoch], reason)
+                log.error("snapshot %s is now invalid: %s", rec.full_name, reason)
+            for key in members:
+                self._early_invalid.pop(key, None)
             self.counters.last_hold_ms = hold_ms
             self.counters.hold_ms = [*self.counters.hold_ms[-99:], hold_ms]
             self.counters.snapshots_created += len(recs)
             if set_name is not None:
                 self.counters.sets_created += 1
                 self.cat.set_hold_ms(set_name, hold_ms)
-            log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f, commit %.2f)",
-                     " set " + set_name if set_name else "", ", ".join(r.full_name for r in recs), kind, hold_ms,
-                     (drained - started) * 1000, (committed - drained) * 1000)
-            for rec in recs:
-                if rec.kind == "clone":
+            log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; recorded in the catalog %.2f ms after "
+                     "the request, the commit itself %.2f ms)", " set " + set_name if set_name else "",
+                     ", ".join(r.full_name for r in recs), kind, hold_ms, (drained - started) * 1000,
+                     (committed - requested) * 1000, in_thread[0])
+            for rec, vol in zip(recs, vols, strict=True):
+                if rec.kind == "clone" and rec.epoch in vol.epochs:
                     self._start_fill(rec)
             return [self.cat.get_snapshot(r.lun_name, r.name) for r in recs], hold_ms
 
@@ -288,7 +345,13 @@ class SnapshotService:
         return int(clone + vol.mapped_chunks(rec.epoch) * vol.chunk_size)
 
     async def _invalidate(self, lun_id: int, epochs: list[int], reason: str) -> None:
-        """Called by a volume whose preservation failed, before it overwrites the origin: durable first."""
+        """Called by a volume whose preservation failed, before it overwrites the origin: durable first. A snapshot
+        whose record is still committing is waited for, so that it is marked invalid before that write too."""
+        recording = self._recording
+        if recording is not None and any((lun_id, e) in recording[0] for e in epochs):
+            for e in epochs:
+                self._early_invalid[(lun_id, e)] = reason
+            await asyncio.shield(recording[1])
         await asyncio.to_thread(self.cat.mark_invalid, lun_id, epochs, reason)
         for rec in self.cat.list_snapshots():
             if rec.lun_id == lun_id and rec.epoch in epochs:

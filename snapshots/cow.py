@@ -251,6 +251,7 @@ class CowVolume:
         self.on_invalid = on_invalid
         self._epochs: list[int] = sorted(set(epochs))
         self._newest = self._epochs[-1] if self._epochs else 0
+        self._top = self._newest  # the highest epoch ever set here or carried by a copy (see epoch_floor)
         self._copies: dict[int, list[tuple[int, int]]] = {}  # chunk -> [(epoch, slot)], ascending epochs
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -284,6 +285,7 @@ class CowVolume:
         for chunk, epoch, slot in pool.load(self.lun_id):
             self._copies.setdefault(chunk, []).append((epoch, slot))
             used.add(slot)
+            self._top = max(self._top, epoch)
         self._next_slot = max(used) + 1 if used else 0
         self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
         self._account()
@@ -317,6 +319,14 @@ class CowVolume:
     @property
     def epochs(self) -> tuple[int, ...]:
         return tuple(self._epochs)
+
+    @property
+    def epoch_floor(self) -> int:
+        """A new snapshot's epoch must be above this: the newest epoch this volume was given, and the newest any copy
+        carries. A snapshot set releases writes before its catalog record commits, so copies may be tagged with an
+        epoch that never commits (a crash, a failed commit); such a copy legitimately serves older snapshots, and
+        must never be taken for a copy of a later snapshot that reused its epoch."""
+        return self._top
 
     @property
     def slots_used(self) -> int:
@@ -384,11 +394,23 @@ class CowVolume:
     # --- snapshots come and go ------------------------------------------------------------------------------------
 
     async def hold(self) -> None:
-        """Hold new writes and wait for in-flight ones (and their preservations) to finish. Pair with
-        :meth:`release`; a cancelled hold releases itself."""
+        """Hold new writes and wait for in-flight ones to finish. Pair with :meth:`release`; a cancelled hold
+        releases itself."""
+        if not self.hold_nowait():
+            await self.drain()
+
+    def hold_nowait(self) -> bool:
+        """Hold new writes at once, without yielding; True when nothing is in flight (the hold is complete), else
+        :meth:`drain` must be awaited. Holding several volumes in one step is what lets a snapshot set fix its
+        point in time without a trip through the event loop (writes never count as in flight: only unmaps and
+        resizes do, see :meth:`write`)."""
         if self._gate is not None:
             raise RuntimeError(f"lun {self.name} is already held")
         self._gate = asyncio.Event()
+        return not self._active
+
+    async def drain(self) -> None:
+        """Wait until what was in flight when :meth:`hold_nowait` closed the gate has finished."""
         try:
             while self._active:
                 self._drained = asyncio.get_running_loop().create_future()
@@ -409,13 +431,29 @@ class CowVolume:
         return self._gate is not None
 
     def add_snapshot(self, epoch: int) -> None:
-        """Start preserving for snapshot ``epoch`` (the newest). Call while held, after the epoch is committed."""
+        """Start preserving for snapshot ``epoch`` (above :attr:`epoch_floor`). Call while held: that instant is the
+        snapshot's point in time. Writes may be released before the catalog records it (a crash then leaves copies
+        tagged ``epoch`` that only older snapshots use, or nobody: :meth:`attach_pool` frees those); if recording
+        fails, call :meth:`abandon_snapshot`."""
         if self._pool is None:
             raise ValueError(f"lun {self.name} has no pool for its copies")
-        if self._epochs and epoch <= self._epochs[-1]:
-            raise ValueError(f"epoch {epoch} is not newer than {self._epochs[-1]}")
+        if epoch <= self._top:
+            raise ValueError(f"epoch {epoch} is not above {self._top}")
         self._epochs.append(epoch)
-        self._newest = epoch
+        self._newest = self._top = epoch
+
+    def forget_epoch(self, epoch: int) -> None:
+        """Undo :meth:`add_snapshot` while still held (no write has seen the epoch, so nothing was preserved)."""
+        self._drop(epoch)
+
+    async def abandon_snapshot(self, epoch: int) -> int:
+        """Undo :meth:`add_snapshot` when the snapshot could not be recorded: stop preserving for it and free the
+        copies only it needed (``epoch`` stays used: :attr:`epoch_floor` does not go back). Holds writes briefly."""
+        await self.hold()
+        try:
+            return await self.drop_snapshot(epoch)
+        finally:
+            self.release()
 
     async def drop_snapshot(self, epoch: int) -> int:
         """Stop preserving for ``epoch`` (deleted, invalid, or a filled clone) and free the copies no remaining

@@ -23,8 +23,8 @@ from lunsync.provider.config import MAX_LUN_NUMBER
 from lunsync.snapshots.catalog import AlreadyExists, Catalog, InUse, Invalid, NotFound, new_identity
 from lunsync.target.scsi.task import LunIdentity
 
-__all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotRecord", "parse_snapshot_name",
-           "validate_name"]
+__all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotPlan", "SnapshotRecord",
+           "parse_snapshot_name", "validate_name"]
 
 DEFAULT_POOL = "default"
 DEFAULT_POOL_PATH = "pool"  # inside the data dir
@@ -60,6 +60,17 @@ class PoolRecord:
     path: str  # absolute
     capacity_bytes: int | None
     created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPlan:
+    """A snapshot about to be taken: checked against the catalog, not yet recorded."""
+
+    lun_id: int
+    lun_name: str
+    name: str
+    pool: PoolRecord
+    last_epoch: int  # the LUN's newest committed epoch (0: none yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +197,9 @@ class SnapshotCatalog:
 
     # --- snapshots -------------------------------------------------------------------------------------------------
 
-    def create_snapshots(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
-                         set_name: str | None) -> list[SnapshotRecord]:
-        """Record one snapshot per ``(lun, snap)``, each with its LUN's next epoch, all in one transaction (the point
-        in time of a set). Raises NotFound, AlreadyExists, Invalid; nothing is recorded then."""
+    def _check_specs(self, db: sqlite3.Connection, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
+                     set_name: str | None) -> list[tuple[sqlite3.Row, sqlite3.Row, sqlite3.Row | None]]:
+        """Every rule a new snapshot (set) must pass, read-only: ``(lun, pool, cow_volume or None)`` per spec."""
         if kind not in ("differential", "clone"):
             raise Invalid(f"kind must be differential or clone, not {kind!r}")
         if not specs:
@@ -199,45 +209,72 @@ class SnapshotCatalog:
             raise Invalid("a set takes each LUN once")
         if set_name is not None:
             validate_name("set", set_name)
+            if db.execute("SELECT 1 FROM snapshot_sets WHERE name = ?", (set_name,)).fetchone():
+                raise AlreadyExists(f"snapshot set {set_name!r} already exists")
+        out = []
+        for lun_name, snap_name in specs:
+            validate_name("lun", lun_name)
+            validate_name("snapshot", snap_name)
+            lun = db.execute("SELECT * FROM luns WHERE name = ?", (lun_name,)).fetchone()
+            if lun is None:
+                raise NotFound(f"lun {lun_name!r} does not exist")
+            if db.execute("SELECT 1 FROM snapshots WHERE lun_name = ? AND name = ?",
+                          (lun_name, snap_name)).fetchone():
+                raise AlreadyExists(f"snapshot {lun_name}@{snap_name} already exists")
+            vol = db.execute("SELECT * FROM cow_volumes WHERE lun_id = ?", (lun["id"],)).fetchone()
+            if pool is not None:
+                prow = db.execute("SELECT * FROM pools WHERE name = ?", (pool,)).fetchone()
+                if prow is None:
+                    raise NotFound(f"pool {pool!r} does not exist")
+            elif vol is not None:
+                prow = db.execute("SELECT * FROM pools WHERE id = ?", (vol["pool_id"],)).fetchone()
+            else:
+                prow = db.execute("SELECT * FROM pools WHERE name = ?", (DEFAULT_POOL,)).fetchone()
+                if prow is None:
+                    raise NotFound(f"pool {DEFAULT_POOL!r} does not exist")
+            if vol is not None and vol["pool_id"] != prow["id"]:
+                live = db.execute("SELECT count(*) FROM snapshots WHERE lun_id = ?", (lun["id"],)).fetchone()[0]
+                if live:
+                    raise Invalid(f"lun {lun_name!r} keeps its copy-on-write area in another pool while it has "
+                                  "snapshots there; delete them or use that pool")
+            out.append((lun, prow, vol))
+        return out
+
+    def plan_snapshots(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
+                       set_name: str | None) -> list[SnapshotPlan]:
+        """What :meth:`create_snapshots` would record, checked without writing: each LUN, the pool its copies go to
+        and its newest committed epoch. Raises what create_snapshots raises."""
+        with self.catalog.transaction(write=False) as db:
+            return [SnapshotPlan(lun["id"], lun["name"], snap, self._pool(prow), vol["last_epoch"] if vol else 0)
+                    for (lun, prow, vol), (_, snap) in zip(self._check_specs(db, specs, kind, pool, set_name), specs,
+                                                           strict=True)]
+
+    def create_snapshots(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
+                         set_name: str | None, epochs: Sequence[int] | None = None) -> list[SnapshotRecord]:
+        """Record one snapshot per ``(lun, snap)`` in one transaction (the point in time of a set). Each takes its
+        LUN's next epoch, or the epoch given in ``epochs``, which must be newer than every committed one (the daemon
+        chooses epochs before it commits, and skips any a copy already carries). Raises NotFound, AlreadyExists,
+        Invalid; nothing is recorded then."""
+        if epochs is not None and len(epochs) != len(specs):
+            raise Invalid("one epoch per snapshot")
         with self.catalog.transaction() as db:
+            checked = self._check_specs(db, specs, kind, pool, set_name)
             set_id = None
             if set_name is not None:
-                if db.execute("SELECT 1 FROM snapshot_sets WHERE name = ?", (set_name,)).fetchone():
-                    raise AlreadyExists(f"snapshot set {set_name!r} already exists")
                 set_id = db.execute("INSERT INTO snapshot_sets (name, created_at) VALUES (?, ?)",
                                     (set_name, _now())).lastrowid
             ids = []
-            for lun_name, snap_name in specs:
-                validate_name("lun", lun_name)
-                validate_name("snapshot", snap_name)
-                lun = db.execute("SELECT * FROM luns WHERE name = ?", (lun_name,)).fetchone()
-                if lun is None:
-                    raise NotFound(f"lun {lun_name!r} does not exist")
-                if db.execute("SELECT 1 FROM snapshots WHERE lun_name = ? AND name = ?",
-                              (lun_name, snap_name)).fetchone():
-                    raise AlreadyExists(f"snapshot {lun_name}@{snap_name} already exists")
-                vol = db.execute("SELECT * FROM cow_volumes WHERE lun_id = ?", (lun["id"],)).fetchone()
-                if pool is not None:
-                    prow = db.execute("SELECT * FROM pools WHERE name = ?", (pool,)).fetchone()
-                    if prow is None:
-                        raise NotFound(f"pool {pool!r} does not exist")
-                elif vol is not None:
-                    prow = db.execute("SELECT * FROM pools WHERE id = ?", (vol["pool_id"],)).fetchone()
-                else:
-                    prow = db.execute("SELECT * FROM pools WHERE name = ?", (DEFAULT_POOL,)).fetchone()
-                    if prow is None:
-                        raise NotFound(f"pool {DEFAULT_POOL!r} does not exist")
+            for i, ((lun, prow, vol), (lun_name, snap_name)) in enumerate(zip(checked, specs, strict=True)):
                 if vol is not None and vol["pool_id"] != prow["id"]:
-                    live = db.execute("SELECT count(*) FROM snapshots WHERE lun_id = ?", (lun["id"],)).fetchone()[0]
-                    if live:
-                        raise Invalid(f"lun {lun_name!r} keeps its copy-on-write area in another pool while it has "
-                                      "snapshots there; delete them or use that pool")
                     db.execute("UPDATE cow_volumes SET pool_id = ? WHERE lun_id = ?", (prow["id"], lun["id"]))
                 if vol is None:
                     db.execute("INSERT INTO cow_volumes (lun_id, pool_id, last_epoch) VALUES (?, ?, 0)",
                                (lun["id"], prow["id"]))
-                db.execute("UPDATE cow_volumes SET last_epoch = last_epoch + 1 WHERE lun_id = ?", (lun["id"],))
-                epoch = db.execute("SELECT last_epoch FROM cow_volumes WHERE lun_id = ?", (lun["id"],)).fetchone()[0]
+                last = vol["last_epoch"] if vol is not None else 0
+                epoch = last + 1 if epochs is None else epochs[i]
+                if epoch <= last:
+                    raise Invalid(f"epoch {epoch} of lun {lun_name!r} is not newer than its last, {last}")
+                db.execute("UPDATE cow_volumes SET last_epoch = ? WHERE lun_id = ?", (epoch, lun["id"]))
                 naa, serial = new_identity()
                 ids.append(db.execute(
                     """INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, set_id, size_bytes,

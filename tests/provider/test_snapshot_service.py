@@ -1,0 +1,139 @@
+"""Tests for lunsync.provider.snapshot_service in process, on a real catalog and real files: a snapshot set releases
+writes before its catalog record commits, a refused commit rolls the in-memory epochs back and frees their copies,
+and a preservation that fails while the record commits still marks the snapshot invalid before the write lands."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lunsync.provider.daemon import Array
+from lunsync.snapshots.catalog import Catalog, CatalogError
+
+BS = 512
+CS = 64 << 10
+SIZE = 4 << 20
+
+
+def with_array(tmp: Path, luns: int, body: Callable[[Array], Awaitable[None]]) -> None:
+    async def go() -> None:
+        cat = Catalog(tmp / "data")
+        for i in range(luns):
+            cat.create_lun(f"l{i}", SIZE)
+        array = Array(str(tmp / "data"), cat)
+        await array.load()
+        assert array.snapshots is not None
+        try:
+            await body(array)
+        finally:
+            await array.snapshots.close()
+            cat.close()
+
+    asyncio.run(go())
+
+
+def slow_commit(array: Array, gate: threading.Event, fail: bool = False) -> list[float]:
+    """Make the catalog commit of a snapshot wait for ``gate`` (in its thread), then commit or raise."""
+    svc = array.snapshots
+    assert svc is not None
+    real = svc.cat.create_snapshots
+    calls: list[float] = []
+
+    def create(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1.0)
+        assert gate.wait(10)
+        if fail:
+            raise CatalogError("disk full (injected)")
+        return real(*args, **kwargs)
+
+    svc.cat.create_snapshots = create  # type: ignore[method-assign]
+    return calls
+
+
+def test_set_releases_writes_before_the_catalog_commits(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        vols = [svc.volumes["l0"], svc.volumes["l1"]]
+        for v in vols:
+            await v.write(0, b"\xaa" * CS)
+        gate = threading.Event()
+        slow_commit(array, gate)
+        task = asyncio.create_task(svc.create([("l0", "s"), ("l1", "s")], set_name="set"))
+        while not all(v.epochs for v in vols):
+            await asyncio.sleep(0.001)
+        # The point in time is fixed and writes flow while the record is still being committed.
+        for v in vols:
+            assert not v.held
+            await asyncio.wait_for(v.write(0, b"\xbb" * CS), 5)
+        assert not task.done()
+        gate.set()
+        recs, hold_ms = await task
+        assert [r.epoch for r in recs] == [v.epochs[-1] for v in vols]
+        assert hold_ms < 1000
+        for v, r in zip(vols, recs, strict=True):
+            assert bytes(await v.view(r.epoch).read(0, CS // BS)) == b"\xaa" * CS
+            assert bytes(await v.read(0, CS // BS)) == b"\xbb" * CS
+
+    with_array(tmp_path, 2, body)
+
+
+def test_refused_commit_rolls_the_epochs_back_and_frees_their_copies(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        vol = svc.volumes["l0"]
+        await vol.write(0, b"\x11" * CS)
+        gate = threading.Event()
+        slow_commit(array, gate, fail=True)
+        task = asyncio.create_task(svc.create([("l0", "s")]))
+        while not vol.epochs:
+            await asyncio.sleep(0.001)
+        failed_epoch = vol.epochs[-1]
+        await vol.write(0, b"\x22" * CS)  # preserves chunk 0 for an epoch that will never be recorded
+        assert vol.slots_used == 1
+        gate.set()
+        with pytest.raises(CatalogError):
+            await task
+        assert vol.epochs == () and vol.slots_used == 0
+        assert svc.cat.list_snapshots("l0") == []
+        # The next snapshot never reuses the abandoned epoch, and its contents are right.
+        del svc.cat.create_snapshots
+        (rec,), _ = await svc.create([("l0", "t")])
+        assert rec.epoch > failed_epoch
+        await vol.write(0, b"\x33" * CS)
+        assert bytes(await vol.view(rec.epoch).read(0, CS // BS)) == b"\x22" * CS
+
+    with_array(tmp_path, 1, body)
+
+
+def test_preservation_failing_while_the_record_commits_marks_the_snapshot_invalid(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        vol = svc.volumes["l0"]
+        await vol.write(0, b"\x11" * CS)
+        pool = vol.pool
+        gate = threading.Event()
+        slow_commit(array, gate)
+        task = asyncio.create_task(svc.create([("l0", "s")]))
+        while not vol.epochs:
+            await asyncio.sleep(0.001)
+        assert pool is not None or vol.pool is not None
+        p = vol.pool
+        assert p is not None
+        p.capacity_bytes = 1  # the pool is full from now on
+        write = asyncio.create_task(vol.write(0, b"\x22" * CS))
+        await asyncio.sleep(0.05)
+        assert not write.done()  # the write waits until the snapshot is durably invalid, i.e. after its record
+        gate.set()
+        (rec,), _ = await task
+        await write
+        assert svc.cat.get_snapshot("l0", "s").state == "invalid"
+        assert rec.epoch not in vol.epochs
+
+    with_array(tmp_path, 1, body)
