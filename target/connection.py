@@ -644,7 +644,8 @@ class Connection:
             want = self.result.target.scsi.data_out_length(task)
             if want is not None and want != task.expected_out:
                 over, under = want > task.expected_out, want < task.expected_out
-                residual = abs(want - task.expected_out)
+                # The field is 32 bits; a CDB may ask for up to 2**32 blocks, so saturate (found by tests/fuzz).
+                residual = min(abs(want - task.expected_out), 0xFFFFFFFF)
         rsp = pdu.ScsiResponse(
             task.tag, status, self._next_stat_sn(), self.exp_cmd_sn, self.max_cmd_sn, 0, over, under, residual,
             exp_data_sn, len(seg_data) if seg_data else 0,
