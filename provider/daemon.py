@@ -12,6 +12,8 @@ flushes every LUN and exits 0.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
@@ -544,9 +546,25 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     return 0
 
 
+def keep_io_buffers_on_the_heap() -> bool:
+    """Stop glibc from serving 128 KiB+ allocations with a fresh mmap each time.
+
+    Every READ allocates its Data-In buffer; at glibc's default threshold (128 KiB, just below a 128 KiB read plus
+    Python's header) each one was an mmap, a page fault per 4 KiB on first touch and an munmap on release: 40 % of
+    the daemon's time at 128 KiB reads. A fixed threshold well above the largest transfer keeps them in the heap.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+
+
 def run(opts: ServeOptions) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_io_buffers_on_the_heap()
     runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
