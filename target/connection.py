@@ -784,9 +784,13 @@ class Connection:
         if self.phase is not Phase.FULL_FEATURE or self.nop_interval_s <= 0:
             return
         if self.nop_ttt is not None:
-            if now - self.nop_sent_at >= self.nop_timeout_s and self.last_rx <= self.nop_sent_at:
-                self._fatal("NOP-In keepalive timed out")
-            return
+            if self.last_rx <= self.nop_sent_at:
+                if now - self.nop_sent_at >= self.nop_timeout_s:
+                    self._fatal("NOP-In keepalive timed out")
+                return
+            # The peer spoke after the ping, so it is alive even if it never answers pings. Re-arm: an unanswered
+            # ping must not disarm the keepalive for good, or a later stall would never end (found by tests/fuzz).
+            self.nop_ttt = None
         if now - self.last_rx >= self.nop_interval_s:
             self.nop_ttt = next(self.ttt_counter) & 0x7FFFFFFF
             self.nop_sent_at = now

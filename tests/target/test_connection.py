@@ -223,6 +223,24 @@ def test_nop_in_keepalive_then_timeout() -> None:
     assert rig.conn.phase is Phase.CLOSED
 
 
+def test_unanswered_ping_does_not_disarm_the_keepalive() -> None:
+    """An initiator that keeps talking but never answers a ping is alive; when it later goes silent, a new ping
+    and its timeout must still close the connection (a stalled connection otherwise stayed open for ever)."""
+    rig = Rig()
+    rig.login()
+    rig.conn.tick(10.0)
+    [(nop, _)] = split(rig.conn.take_output())
+    assert nop[0] == 0x20
+    ping = struct.pack(">BBxxB3s8sIIII16x", 0x40, 0x80, 0, bytes(3), bytes(8), 0x78, 0xFFFFFFFF, 2, 0)
+    rig.feed(ping, now=12.0)  # other traffic, not the ping's answer
+    rig.conn.tick(16.0)  # alive: no timeout though the ping's TTT was never echoed
+    assert rig.conn.phase is not Phase.CLOSED
+    rig.conn.tick(18.0)  # idle for nop_interval_s since 12.0: a new ping
+    assert [b[0] for b, _ in split(rig.conn.take_output())] == [0x20]
+    rig.conn.tick(24.0)
+    assert rig.conn.phase is Phase.CLOSED
+
+
 def test_send_targets_in_discovery_session() -> None:
     rig = Rig()
     rig.events = []
