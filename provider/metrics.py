@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from dataclasses import dataclass
 from typing import Any
 
+from lunsync.target import chap
 from lunsync.target.pdu import RejectReason
 from lunsync.target.portal import Server
+from lunsync.target.scsi import xcopy
 from lunsync.target.stats import OP_NAMES, CommandStats
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_asgi_app
 from prometheus_client.core import (
@@ -117,6 +119,20 @@ class LunsyncCollector(Collector):
         # CHAP is the only authentication method, so every AUTHENTICATION FAILURE login status is a CHAP failure.
         yield CounterMetricFamily("lunsync_chap_failures", "Logins refused because CHAP authentication failed.",
                                   value=counters.login_failures.get("authentication_failure", 0))
+        by_kind = CounterMetricFamily("lunsync_chap_failures_by_reason",
+                                      "Failed CHAP exchanges, by why they failed (reflection: the initiator sent back "
+                                      "the target's own challenge).", labels=["reason"])
+        chap_seen = dict.fromkeys(chap.FAILURE_KINDS, 0)
+        chap_seen.update(chap.COUNTERS.failures)
+        for reason, n in sorted(chap_seen.items()):
+            by_kind.add_metric([reason], n)
+        yield by_kind
+        yield CounterMetricFamily("lunsync_throttled_connections",
+                                  "Connections held in the failed-login tarpit before their login was read.",
+                                  value=counters.throttled_connections)
+        yield CounterMetricFamily("lunsync_xcopy_refusals",
+                                  "EXTENDED COPY commands refused because a copy target is not visible to the "
+                                  "initiator (another target's LUN, or none).", value=xcopy.COUNTERS.unreachable_cscd)
         yield CounterMetricFamily("lunsync_api_unauthorized",
                                   "Management API requests refused for a missing or wrong bearer token.",
                                   value=self.api.unauthorized)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import enum
 import hashlib
 import hmac
@@ -28,14 +29,31 @@ from lunsync.target.keys import parse_number
 
 
 class AuthError(Exception):
-    """Authentication failed: login status class 0x02, detail 0x01 (RFC 7143 §11.13.5)."""
+    """Authentication failed: login status class 0x02, detail 0x01 (RFC 7143 §11.13.5). ``kind`` is one of
+    :data:`FAILURE_KINDS`, a bounded label for the metrics; ``reason`` is the free text for the log."""
 
     status_class = 0x02
     status_detail = 0x01
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "protocol") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
+
+
+# Why CHAP exchanges fail, as metric labels: a wrong user name, a wrong response (a wrong secret), the initiator
+# reflecting the target's own challenge, or anything else that breaks the exchange.
+FAILURE_KINDS: tuple[str, ...] = ("unknown_user", "wrong_response", "reflection", "protocol")
+
+
+@dataclass(slots=True)
+class ChapCounters:
+    """Failed CHAP exchanges by kind, for the whole process; :mod:`lunsync.provider.metrics` reads them."""
+
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+COUNTERS = ChapCounters()
 
 
 # -- algorithms ---------------------------------------------------------------------------------------------------------
@@ -207,8 +225,9 @@ class ChapServer:
             if self.state is ChapState.AWAIT_ALGORITHMS:
                 return self._choose(received["CHAP_A"])
             return self._verify(received)
-        except AuthError:
+        except AuthError as e:
             self.state = ChapState.FAILED
+            COUNTERS.failures[e.kind] += 1
             raise
 
     def _check_keys(self, pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -256,9 +275,9 @@ class ChapServer:
         user_ok = hmac.compare_digest(received["CHAP_N"].encode(), creds.user.encode())
         response_ok = hmac.compare_digest(response, expected)
         if not user_ok:
-            raise AuthError(f"CHAP_N {_short(received['CHAP_N'])} is not the configured user")
+            raise AuthError(f"CHAP_N {_short(received['CHAP_N'])} is not the configured user", "unknown_user")
         if not response_ok:
-            raise AuthError(f"CHAP_R does not match for user {_short(creds.user)}")
+            raise AuthError(f"CHAP_R does not match for user {_short(creds.user)}", "wrong_response")
         self.state = ChapState.DONE
         if mutual is None:
             return []
@@ -286,5 +305,5 @@ class ChapServer:
             raise AuthError(f"CHAP_C of {len(challenge)} bytes")
         if hmac.compare_digest(challenge, self._challenge):
             # RFC 7143 §12.1.3: answering our own challenge would let an attacker reflect it back to us.
-            raise AuthError("initiator reflected the target's challenge")
+            raise AuthError("initiator reflected the target's challenge", "reflection")
         return ident, challenge

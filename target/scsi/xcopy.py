@@ -42,6 +42,17 @@ class _Segment:
     offset: int  # in the parameter list, for the segment pointer in sense
 
 
+@dataclass(slots=True)
+class XcopyCounters:
+    """EXTENDED COPY refusals for the whole process; :mod:`lunsync.provider.metrics` reads them."""
+
+    # A CSCD that names no logical unit this nexus may see: another target's LUN (CVE-2020-28374) or none at all.
+    unreachable_cscd: int = 0
+
+
+COUNTERS = XcopyCounters()
+
+
 def _copy_aborted(asc: S.Asc) -> CheckCondition:
     return CheckCondition(SenseKey.COPY_ABORTED, asc)
 
@@ -67,6 +78,7 @@ def _resolve(req: Request, data: bytes, off: int) -> LogicalUnit:
             if block_len not in (0, lu.block_size):
                 raise invalid_param(off + 29)
             return lu
+    COUNTERS.unreachable_cscd += 1
     raise _copy_aborted(S.COPY_TARGET_DEVICE_NOT_REACHABLE)
 
 
