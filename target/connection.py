@@ -472,8 +472,10 @@ class Connection:
             self.running[c.itt] = task
             self.events.append(Execute(task))
             return
-        if self.pending_bytes + edtl > MAX_PENDING_DATA and self.writes:
-            # Out of resources: answer BUSY rather than buffer without bound.
+        if edtl > MAX_PENDING_DATA or (self.pending_bytes + edtl > MAX_PENDING_DATA and self.writes):
+            # Out of resources: answer BUSY rather than buffer without bound. The first write of a connection is
+            # capped too: its EDTL is the initiator's word, and 4 GiB of it made the fuzzer's daemon 4 GiB large
+            # (no valid write exceeds the 8 MiB MAXIMUM TRANSFER LENGTH anyway).
             self.inflight -= 1
             self._respond(task, ScsiResponse(Status.BUSY))
             return
