@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
-from lunsync.snapshots.cow import CowVolume, Pool, SnapshotView, copy_range
+from lunsync.snapshots.resync import ResyncVolume
+from lunsync.snapshots.cow import ZERO, CowVolume, Pool, SnapshotView, copy_range, zero_range
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
 from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
@@ -204,6 +205,13 @@ class SnapshotService:
         async with self._lock:
             requested = time.perf_counter()
             plans = self.cat.plan_snapshots(list(specs), kind, pool, set_name)  # every refusal before anything is held
+            for plan in plans:
+                live = self.array.luns.get(plan.lun_name)
+                if live is not None and isinstance(live.lu.device, ResyncVolume):
+                    # Its origin file holds a mix of restored and not-yet-restored regions, which is not what the
+                    # initiators see; a snapshot of it would be silently wrong.
+                    raise InUse(f"lun {plan.lun_name!r} is being restored (resync in progress); snapshot it once "
+                                "the restore is done")
             vols = [self.volumes[p.lun_name] for p in plans]
             for plan, vol in zip(plans, vols, strict=True):
                 p = self.pool(plan.pool)
@@ -479,5 +487,7 @@ def _copy_chunks(vol: CowVolume, dst_fd: int, plan: list[tuple[int, int | None]]
         length = min(cs, size - c * cs)
         if slot is None:
             copy_range(src_origin, dst_fd, length, c * cs, c * cs)
+        elif slot == ZERO:
+            zero_range(dst_fd, c * cs, length)
         else:
             copy_range(vol._data_fd, dst_fd, length, slot * cs, c * cs)

@@ -192,6 +192,8 @@ def test_in_progress_cancel_and_swap(daemon: Daemon) -> None:
     rid = cli(d, "resync", "demo0@s1", "--to", "lab", "--rate", "1")["id"]
     err = cli(d, "resync", "demo0@s2", "--to", "lab", ok=False)
     assert "VSS_E_RESYNC_IN_PROGRESS" in err
+    # A LUN under restore cannot be snapshotted: its file is half old, half restored.
+    assert "being restored" in cli(d, "snapshot", "create", "lab@mid", ok=False)
     cancelled = cli(d, "recovery", "cancel", rid)
     assert cancelled["state"] == "cancelled" and cancelled["percent"] < 100
     assert "VSS_E_OBJECT_NOT_FOUND" in cli(d, "resync", "demo0@nope", ok=False)
