@@ -325,6 +325,9 @@ async def _write_same(req: Request, flags: int, lba: int, blocks: int, len_byte:
     if flags & 0x10:  # ANCHOR: anchored blocks are not supported (ANC_SUP 0)
         raise invalid_field(1, 4)
     unmap = bool(flags & 0x08)
+    if lu.swp or dev.read_only:
+        # Before the Data-Out check, as for WRITE: nothing is written to a protected LU, whatever came with the CDB.
+        raise S.write_protected()
     bs = dev.block_size
     data = req.task.data_out
     if not ndob and (data is None or len(data) != bs):
@@ -337,8 +340,6 @@ async def _write_same(req: Request, flags: int, lba: int, blocks: int, len_byte:
         blocks = dev.num_blocks - lba
     if blocks > lu.max_write_same_blocks:
         raise invalid_field(len_byte)
-    if lu.swp or dev.read_only:
-        raise S.write_protected()
     _check_range(lu, lba, blocks)
     async with lu.gate.write(lba, blocks):
         if unmap and dev.thin:

@@ -438,3 +438,9 @@ def test_sanitize_failure_mode_and_its_exits() -> None:
         assert lu.sanitize is None and (await t.execute(_task(bytes(6), tag=11))).status == Status.GOOD
 
     asyncio.run(main())
+
+
+def test_write_same_on_a_read_only_lun_is_write_protected_even_without_data_out() -> None:
+    s, _ = session(MemDevice(read_only=True))
+    assert sense_of(s.cmd(cdb10(0x41, 0, 1, flags=0x08))) == (7, 0x27, 0x00)  # UNMAP=1, no Data-Out sent
+    assert sense_of(s.cmd(cdb16(0x93, 0, 1), b"q" * 512)) == (7, 0x27, 0x00)
