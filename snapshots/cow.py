@@ -1,11 +1,15 @@
 """Differential (copy-on-write) snapshots: the pool, the snapshot-aware volume and the read-only snapshot view.
 
 This module owns the data path of snapshots. A :class:`Pool` is a directory (possibly on other, cheaper storage than
-the LUNs) holding one preserved-chunk file per origin LUN (``lun-<id>.cow``, fixed-size slots) and ``pool.db``, the
-chunk maps: ``copies(lun_id, chunk, epoch, slot)`` in SQLite, WAL, ``synchronous=FULL``. The maps live next to the
-data they describe, not in the catalog, so a hot-path commit never contends with management transactions, costs one
-WAL append plus one fsync, and is shared by every preservation that happened at the same time (group commit); and
-losing the pool's storage loses the snapshots coherently, never leaving maps that point at nothing.
+the LUNs) holding, per origin LUN, a preserved-chunk file (``lun-<id>.cow``, fixed-size slots) and a map log
+(``lun-<id>.map``), plus ``pool.db``, the checkpointed chunk maps: ``copies(lun_id, chunk, epoch, slot)`` and
+``zero_copies`` in SQLite, WAL, ``synchronous=FULL``. A preservation batch costs the slot file's fdatasync plus one
+small append and fdatasync of the map log (no SQLite commit on the hot path; the log is checkpointed into pool.db
+every few thousand records, before any copy is forgotten, and at close), shared by every preservation that happened
+at the same time (group commit). A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, no slot, and
+no slot-file sync. The maps live next to the data they describe, not in the catalog, so the hot path never contends
+with management transactions, and losing the pool's storage loses the snapshots coherently, never leaving maps that
+point at nothing.
 
 A :class:`CowVolume` wraps an origin backend and is the LUN's :class:`~lunsync.snapshots.device.BlockDevice`. Each
 snapshot of the LUN has an epoch, increasing per LUN. Before a chunk is first overwritten after the newest snapshot,
@@ -14,9 +18,9 @@ whose epoch lies in ``(epoch of the chunk's previous copy, e]``, so a first writ
 with 1. Reading snapshot ``s`` at chunk ``c`` gives the earliest copy with epoch >= ``s``, else the origin. Whether a
 write must preserve is one dict lookup (``latest copy epoch < newest epoch``), so once a chunk is preserved, writes
 go straight through. Ordering, which holds under kill -9 with any write-cache setting: the copy is written and
-fdatasync'ed, then its mapping is committed (FULL), and only then does the overwriting write reach the origin.
-Concurrent writes to one chunk share the one preservation (a per-chunk in-flight future), and preservations that
-arrive while a batch is being copied form the next batch (one fdatasync and one commit per batch). UNMAP and WRITE
+fdatasync'ed, then its mapping is appended to the map log and fdatasync'ed, and only then does the overwriting write
+reach the origin. Concurrent writes to one chunk share the one preservation (a per-chunk in-flight future), and
+preservations that arrive while a batch is being copied form the next batch (two fdatasyncs per batch). UNMAP and WRITE
 SAME preserve first like any write; a partial-chunk write preserves the whole chunk. A copy is freed only when no live
 snapshot maps to it, so snapshots can be deleted in any order. When a preservation fails (pool full, I/O error) the
 origin keeps serving: the snapshots that needed it are reported through ``on_invalid`` (which must make that durable)
@@ -47,8 +51,10 @@ import errno
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,11 +62,16 @@ from typing import Protocol
 from lunsync.snapshots.device import Buffer, LbaExtent
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
 
-__all__ = ["CowStats", "CowVolume", "Pool", "SnapshotView", "copy_range"]
+__all__ = ["ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView", "copy_range", "zero_range"]
 
 log = logging.getLogger("lunsync.cow")
 
 POOL_DB = "pool.db"
+ZERO = -1  # the slot of a copy of a chunk that was a hole: it reads as zeros
+LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.db (160 KiB of log)
+_LOG_MAGIC = b"LSM1"
+_LOG_BODY = struct.Struct("<Qqqq")  # generation, chunk, epoch, slot
+_LOG_REC = struct.Struct("<4sIQqqq")  # magic, CRC-32 of the body, then the body: 40 bytes
 # copy_file_range cannot cross filesystems on every kernel (EXDEV), nor work on every file (EINVAL, EOPNOTSUPP); then
 # the copy goes through a buffer.
 _NO_OFFLOAD = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP, errno.EBADF)
@@ -110,8 +121,69 @@ class CowStats:
 # --- the pool ----------------------------------------------------------------------------------------------------
 
 
+class _MapLog:
+    """One LUN's map log: ``lun-<id>.map``, fixed-size records appended and fdatasync'ed after the data they map.
+    ``rows`` are the records of the current generation not yet checkpointed into ``pool.db``."""
+
+    def __init__(self, path: str, gen: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.gen = gen
+        self.rows: list[tuple[int, int, int]] = []
+        self.end = 0
+        self.lock = threading.Lock()
+        raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        # A torn or stale tail ends the log: those records' origin writes never happened (they wait for the sync),
+        # and records of an older generation are already in pool.db.
+        for off in range(0, len(raw) - _LOG_REC.size + 1, _LOG_REC.size):
+            rec = raw[off:off + _LOG_REC.size]
+            magic, crc, rgen, chunk, epoch, slot = _LOG_REC.unpack(rec)
+            if magic != _LOG_MAGIC or crc != zlib.crc32(rec[8:]) or rgen != gen:
+                break
+            self.rows.append((chunk, epoch, slot))
+            self.end = off + _LOG_REC.size
+
+    def append(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """Write and fdatasync ``rows``: durable when this returns. Caller holds ``lock``."""
+        buf = bytearray()
+        for chunk, epoch, slot in rows:
+            body = _LOG_BODY.pack(self.gen, chunk, epoch, slot)
+            buf += _LOG_MAGIC + zlib.crc32(body).to_bytes(4, "little") + body
+        try:
+            view = memoryview(buf)
+            pos = self.end
+            while view:
+                n = os.pwrite(self.fd, view, pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, "write made no progress")
+                view, pos = view[n:], pos + n
+            os.fdatasync(self.fd)
+        except OSError:
+            try:  # the caller treats these rows as lost: never let a later open replay them
+                os.ftruncate(self.fd, self.end)
+            except OSError:
+                pass
+            raise
+        self.end += len(buf)
+        self.rows.extend(rows)
+
+    def reset(self, gen: int) -> None:
+        """After a checkpoint committed generation ``gen``: start an empty log (what is left on disk is stale)."""
+        self.gen, self.rows, self.end = gen, [], 0
+        os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Pool:
-    """A snapshot pool: a directory with the chunk maps (``pool.db``) and one slot file per origin LUN.
+    """A snapshot pool: a directory with the chunk maps (``pool.db``, plus one map log per origin LUN) and one slot
+    file per origin LUN.
+
+    A map entry is durable once its record is in the LUN's map log (``lun-<id>.map``): one small fdatasync, after
+    the slot file's, instead of a SQLite commit per batch. Records carry the log's generation and a CRC; a
+    checkpoint moves them into ``pool.db`` and bumps the generation in the same transaction, so a crash at any point
+    replays each record at most into rows that are already there (INSERT OR IGNORE) and never a stale one. Copies of
+    a chunk that was a hole have no slot (``ZERO``): nothing to copy and nothing in the slot file to sync.
 
     ``capacity_bytes`` caps what the pool may hold (None: the filesystem's free space is the limit). Accounting is in
     slots allocated by the volumes open on it."""
@@ -127,56 +199,114 @@ class Pool:
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise StorageError(f"pool {name}: cannot use WAL journaling in {self.path} (got {mode!r})")
-        # FULL: a commit that returned is on stable storage, so an origin write may follow it.
+        # FULL: a checkpoint that returned is on stable storage, so its log may be emptied.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT "
             "NULL, slot INTEGER NOT NULL, PRIMARY KEY (lun_id, chunk, epoch), UNIQUE (lun_id, slot)) WITHOUT ROWID"
         )
+        # Chunks that were holes when preserved: they read as zeros and take no slot.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS zero_copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER "
+            "NOT NULL, PRIMARY KEY (lun_id, chunk, epoch)) WITHOUT ROWID"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS map_logs (lun_id INTEGER PRIMARY KEY, gen INTEGER NOT NULL)")
         self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
+        self._logs: dict[int, _MapLog] = {}
 
     def data_path(self, lun_id: int) -> str:
         return os.path.join(self.path, f"lun-{lun_id}.cow")
 
+    def log_path(self, lun_id: int) -> str:
+        return os.path.join(self.path, f"lun-{lun_id}.map")
+
+    def _log(self, lun_id: int) -> _MapLog:
+        log_ = self._logs.get(lun_id)
+        if log_ is None:
+            with self._lock:
+                log_ = self._logs.get(lun_id)
+                if log_ is None:
+                    row = self._db.execute("SELECT gen FROM map_logs WHERE lun_id = ?", (lun_id,)).fetchone()
+                    log_ = self._logs[lun_id] = _MapLog(self.log_path(lun_id), row[0] if row else 0)
+        return log_
+
+    def _checkpoint(self, lun_id: int, log_: _MapLog) -> None:
+        """Move the log's records into pool.db and start the next generation. Caller holds ``log_.lock``."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO copies VALUES (?, ?, ?, ?)",
+                                     [(lun_id, c, e, s) for c, e, s in log_.rows if s != ZERO])
+                self._db.executemany("INSERT OR IGNORE INTO zero_copies VALUES (?, ?, ?)",
+                                     [(lun_id, c, e) for c, e, s in log_.rows if s == ZERO])
+                self._db.execute("INSERT INTO map_logs VALUES (?, ?) ON CONFLICT (lun_id) DO UPDATE SET gen = ?",
+                                 (lun_id, log_.gen + 1, log_.gen + 1))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        log_.reset(log_.gen + 1)
+
+    def checkpoint(self, lun_id: int) -> None:
+        """Fold ``lun_id``'s map log into pool.db now (it happens by itself every LOG_CHECKPOINT_RECORDS). Blocking."""
+        log_ = self._log(lun_id)
+        with log_.lock:
+            if log_.rows:
+                self._checkpoint(lun_id, log_)
+
     def load(self, lun_id: int) -> list[tuple[int, int, int]]:
-        """Every ``(chunk, epoch, slot)`` of ``lun_id``, by chunk then epoch."""
+        """Every ``(chunk, epoch, slot)`` of ``lun_id`` (slot ``ZERO`` for a hole), by chunk then epoch. Replays and
+        checkpoints the map log first."""
+        self.checkpoint(lun_id)
         with self._lock:
             return list(self._db.execute(
-                "SELECT chunk, epoch, slot FROM copies WHERE lun_id = ? ORDER BY chunk, epoch", (lun_id,)))
+                "SELECT chunk, epoch, slot FROM copies WHERE lun_id = ? UNION ALL "
+                f"SELECT chunk, epoch, {ZERO} FROM zero_copies WHERE lun_id = ? ORDER BY 1, 2", (lun_id, lun_id)))
 
     def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int]]) -> None:
-        """Record ``(chunk, epoch, slot)`` rows in one durable transaction. Blocking."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT INTO copies VALUES (?, ?, ?, ?)",
-                                     [(lun_id, c, e, s) for c, e, s in rows])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """Record ``(chunk, epoch, slot)`` rows durably (one append and fdatasync of the map log; the slots' data
+        must already be durable). Blocking."""
+        log_ = self._log(lun_id)
+        with log_.lock:
+            log_.append(rows)
+            if len(log_.rows) >= LOG_CHECKPOINT_RECORDS:
+                try:
+                    self._checkpoint(lun_id, log_)
+                except (OSError, sqlite3.Error) as exc:  # the rows are durable in the log; try again later
+                    log.warning("pool %s: checkpoint of lun %d's map log failed: %s", self.name, lun_id, exc)
 
     def forget(self, lun_id: int, rows: Sequence[tuple[int, int]]) -> None:
-        """Drop ``(chunk, epoch)`` rows in one durable transaction. Blocking."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("DELETE FROM copies WHERE lun_id = ? AND chunk = ? AND epoch = ?",
-                                     [(lun_id, c, e) for c, e in rows])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """Drop ``(chunk, epoch)`` rows in one durable transaction (after a checkpoint, so that no log record can
+        bring them back). Blocking."""
+        log_ = self._log(lun_id)
+        with log_.lock:
+            if log_.rows:
+                self._checkpoint(lun_id, log_)
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for table in ("copies", "zero_copies"):
+                        self._db.executemany(f"DELETE FROM {table} WHERE lun_id = ? AND chunk = ? AND epoch = ?",
+                                             [(lun_id, c, e) for c, e in rows])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
 
     def drop_lun(self, lun_id: int) -> None:
-        """Forget every copy of ``lun_id`` and remove its slot file (the LUN is gone). Blocking."""
+        """Forget every copy of ``lun_id`` and remove its slot file and map log (the LUN is gone). Blocking."""
         with self._lock:
-            self._db.execute("DELETE FROM copies WHERE lun_id = ?", (lun_id,))
+            log_ = self._logs.pop(lun_id, None)
+            for table in ("copies", "zero_copies", "map_logs"):
+                self._db.execute(f"DELETE FROM {table} WHERE lun_id = ?", (lun_id,))
             self._used.pop(lun_id, None)
-        try:
-            os.unlink(self.data_path(lun_id))
-        except FileNotFoundError:
-            pass
+        if log_ is not None:
+            log_.close()
+        for path in (self.data_path(lun_id), self.log_path(lun_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def set_used(self, lun_id: int, used_bytes: int) -> None:
         self._used[lun_id] = used_bytes
@@ -204,6 +334,14 @@ class Pool:
             raise OutOfSpace(f"pool {self.name} is full ({self.used_bytes} of {self.capacity_bytes} bytes used)")
 
     def close(self) -> None:
+        """Checkpoint every map log (a clean stop leaves them empty) and close. A failed checkpoint loses nothing:
+        the next open replays the log."""
+        for lun_id in list(self._logs):
+            try:
+                self.checkpoint(lun_id)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("pool %s: checkpoint of lun %d's map log at close failed: %s", self.name, lun_id, exc)
+            self._logs.pop(lun_id).close()
         with self._lock:
             self._db.close()
 
@@ -284,7 +422,8 @@ class CowVolume:
         used: set[int] = set()
         for chunk, epoch, slot in pool.load(self.lun_id):
             self._copies.setdefault(chunk, []).append((epoch, slot))
-            used.add(slot)
+            if slot != ZERO:
+                used.add(slot)
             self._top = max(self._top, epoch)
         self._next_slot = max(used) + 1 if used else 0
         self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
@@ -334,7 +473,7 @@ class CowVolume:
 
     def copy_for(self, chunk: int, epoch: int) -> int | None:
         """The slot holding snapshot ``epoch``'s contents of ``chunk``: the earliest copy with epoch >= ``epoch``;
-        None means the origin still holds them."""
+        None means the origin still holds them, and ``ZERO`` that they are zeros (the chunk was a hole)."""
         cl = self._copies.get(chunk)
         if not cl:
             return None
@@ -350,8 +489,9 @@ class CowVolume:
         return {c for c, cl in self._copies.items() if cl[-1][0] >= epoch}
 
     def mapped_chunks(self, epoch: int) -> int:
-        """How many preserved chunks snapshot ``epoch`` reads (its space in the pool, shared copies included)."""
-        return len(self.changed_chunks(epoch))
+        """How many preserved chunks snapshot ``epoch`` reads from slots (its space in the pool, shared copies
+        included; chunks that were holes take none)."""
+        return sum(1 for c in self.changed_chunks(epoch) if self.copy_for(c, epoch) != ZERO)
 
     def _unneeded(self) -> list[tuple[int, int, int]]:
         """Copies whose epoch range (previous copy's epoch, epoch] holds no live snapshot: (chunk, epoch, slot)."""
@@ -379,7 +519,8 @@ class CowVolume:
                 cl.remove((e, slot))
                 if not cl:
                     del self._copies[chunk]
-            self._free_slots.append(slot)
+            if slot != ZERO:
+                self._free_slots.append(slot)
         if not self._copies:
             # Nothing preserved any more: give the whole file back.
             self._free_slots.clear()
@@ -387,7 +528,8 @@ class CowVolume:
             os.ftruncate(self._data_fd, 0)
         else:
             for _, _, slot in garbage:
-                _punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+                if slot != ZERO:
+                    _punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
             self._free_slots.sort(reverse=True)
         self._account()
 
@@ -667,10 +809,13 @@ class CowVolume:
                 for c, slot in done:
                     self._copies.setdefault(c, []).append((epoch, slot))
                 self.stats.copies += len(done)
+                kept = {slot for _, slot in done}
                 for c, slot in items:
                     if c in errors:
                         failed[c] = errors[c]
+                    if slot not in kept:  # failed, or the chunk was a hole and needed no slot
                         self._free_slots.append(slot)
+                self._free_slots.sort(reverse=True)
                 self._account()
         if failed:
             await self._invalidate(failed)
@@ -686,24 +831,31 @@ class CowVolume:
 
     def _copy_and_commit(self, pool: Pool, items: list[tuple[int, int]], epoch: int
                          ) -> tuple[list[tuple[int, int]], dict[int, str]]:
-        """In a thread: copy each chunk to its slot, fdatasync the slot file, commit the maps. The order is the
-        crash-safety argument: data durable, then map durable, then (in the caller) the origin write."""
+        """In a thread: copy each chunk to its slot, fdatasync the slot file, then append the maps to the pool's map
+        log and fdatasync it. The order is the crash-safety argument: data durable, then map durable, then (in the
+        caller) the origin write. A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, and when
+        the whole batch is holes, no slot-file sync either (only the small map-log one)."""
         cs = self.chunk_size
         src = self.origin.fileno()
         size = self.origin.num_blocks * self.origin.block_size
         done: list[tuple[int, int]] = []
         errors: dict[int, str] = {}
+        copied = False
         for c, slot in items:
             try:
                 length = min(cs, size - c * cs)
-                if length > 0:
-                    copy_range(src, self._data_fd, length, c * cs, slot * cs)
+                if length <= 0 or _is_hole(src, c * cs, length):
+                    done.append((c, ZERO))
+                    continue
+                copy_range(src, self._data_fd, length, c * cs, slot * cs)
                 done.append((c, slot))
+                copied = True
             except OSError as exc:
                 errors[c] = f"copying chunk {c}: {exc.strerror or exc}"
         if done:
             try:
-                os.fdatasync(self._data_fd)
+                if copied:
+                    os.fdatasync(self._data_fd)
                 pool.commit(self.lun_id, [(c, epoch, slot) for c, slot in done])
             except (OSError, sqlite3.Error) as exc:
                 why = f"making copies durable: {getattr(exc, 'strerror', None) or exc}"
@@ -730,6 +882,34 @@ class CowVolume:
         for e in epochs:
             self._drop(e)
         self.stats.invalidated += len(epochs)
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset + length)`` of ``fd`` read as zeros: a punched hole, or written zeros where holes
+    cannot be punched. Blocking."""
+    from lunsync.snapshots.backend import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
+
+    try:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENODEV):
+            raise
+    zeros = bytes(min(length, 1 << 20))
+    while length > 0:
+        n = os.pwrite(fd, zeros[:length], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        offset, length = offset + n, length - n
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """Whether ``[offset, offset + length)`` of ``fd`` holds no data (reads as zeros), by SEEK_DATA; False where the
+    file system or device cannot tell. Data still in the page cache counts as data."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # no data at or after offset
 
 
 def _punch(fd: int, offset: int, length: int) -> None:
@@ -794,7 +974,10 @@ class SnapshotView:
             slot = vol.copy_for(c, self.epoch)
             if slot is not None:
                 lo, hi = max(start, c * cs), min(end, (c + 1) * cs)
-                segments.append((slot * cs + lo - c * cs, lo - start, hi - lo))
+                if slot == ZERO:
+                    buf[lo - start:hi - start] = bytes(hi - lo)
+                else:
+                    segments.append((slot * cs + lo - c * cs, lo - start, hi - lo))
         if segments:
             try:
                 await asyncio.to_thread(_read_segments, vol._data_fd, buf, segments)

@@ -249,7 +249,12 @@ def _snapshot_extents(source: BlockDevice, lba: int, blocks: int) -> list[tuple[
         c = pos // cs
         hi = min(end, (c + 1) * cs)
         slot = copy_for(c, epoch)
-        fd, off = (origin_fd, pos) if slot is None else (pool_fd, slot * cs + pos - c * cs)
+        if slot is None:
+            fd, off = origin_fd, pos
+        elif slot < 0:  # cow.ZERO: the chunk was a hole when preserved
+            fd, off = -1, pos
+        else:
+            fd, off = pool_fd, slot * cs + pos - c * cs
         if out and out[-1][0] == fd and out[-1][1] + out[-1][2] == off:
             out[-1] = (fd, out[-1][1], out[-1][2] + hi - pos)
         else:

@@ -186,7 +186,9 @@ def test_reopen_from_disk_reads_the_same_snapshots(tmp_path: Path) -> None:
         # Reopened with snapshot 2 gone (deleted just before a crash): its unshared copies are collected.
         await vol2.close()
         vol3, _ = make(tmp_path, epochs=(1, 3, 4), create=False)
-        assert vol3.slots_used == 6  # of 7: only chunk 0's copy for (1, 2] served snapshot 2 alone
+        # Of 6 slots (chunk 2 was a hole before snapshot 3: its copy is a ZERO record and takes none), only chunk
+        # 0's copy for (1, 2] served snapshot 2 alone.
+        assert vol3.slots_used == 5
         for e in (1, 3, 4):
             assert bytes(await vol3.view(e).read(0, 3 * CS // BS)) == _expected(e)
         await vol3.close()
@@ -203,7 +205,9 @@ def test_preservation_is_durable_before_the_origin_write(tmp_path: Path, monkeyp
         real_sync, real_commit, real_write = os.fdatasync, pool.commit, vol.origin.write
 
         def fdatasync(fd: int) -> None:
-            events.append("fdatasync-pool" if fd == vol._data_fd else "fdatasync")
+            maplog = pool._logs.get(1)
+            events.append("fdatasync-pool" if fd == vol._data_fd else
+                          "fdatasync-map" if maplog is not None and fd == maplog.fd else "fdatasync")
             real_sync(fd)
 
         def commit(lun_id: int, rows: list[tuple[int, int, int]]) -> None:
@@ -219,7 +223,8 @@ def test_preservation_is_durable_before_the_origin_write(tmp_path: Path, monkeyp
         monkeypatch.setattr(vol.origin, "write", crash)
         with pytest.raises(RuntimeError):
             await vol.write(0, pat(0xBB))
-        assert events == ["fdatasync-pool", "commit", "origin-write"]
+        # Data, then its map record (one small append to the map log), then the origin.
+        assert events == ["fdatasync-pool", "commit", "fdatasync-map", "origin-write"]
         monkeypatch.setattr(vol.origin, "write", real_write)
         # Reopen from disk without closing anything: the copy and its map are there.
         vol2, _ = make(tmp_path, epochs=(1,), create=False)
@@ -383,6 +388,66 @@ def test_a_copy_for_an_epoch_that_never_committed_is_never_taken_for_a_later_sna
         await vol.write(0, pat(0x04))
         assert bytes(await vol.view(3).read(0, CS // BS)) == pat(0x03)
         assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x01)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_hole_is_preserved_as_zero_without_a_slot_or_a_data_sync(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)  # thin: every chunk starts as a hole
+        await vol.write(CS // BS, pat(0x01))
+        await snap(vol, 1)
+        synced: list[int] = []
+        real_sync = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            synced.append(fd)
+            real_sync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        await vol.write(0, pat(0x02, 2 * CS))  # chunk 0 was a hole, chunk 1 was data
+        assert vol.slots_used == 1 and vol.changed_chunks(1) == {0, 1}
+        assert vol.mapped_chunks(1) == 1
+        await vol.write(3 * CS // BS, pat(0x03, BS))  # a hole alone: only the map log is synced
+        assert vol.slots_used == 1
+        assert synced.count(vol._data_fd) == 1 and synced[-1] == pool._logs[1].fd
+        want = bytes(CS) + pat(0x01) + bytes(2 * CS)
+        assert bytes(await vol.view(1).read(0, 4 * CS // BS)) == want
+        # Not closed (a crash): the map log alone brings the ZERO records back.
+        vol2, _ = make(tmp_path, epochs=(1,), create=False)
+        assert bytes(await vol2.view(1).read(0, 4 * CS // BS)) == want
+        await vol2.close()
+        await vol.close()
+
+    run(go())
+
+
+def test_map_log_replays_after_a_crash_and_never_resurrects_a_forgotten_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunsync.snapshots import cow
+
+    monkeypatch.setattr(cow, "LOG_CHECKPOINT_RECORDS", 3)
+
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0x0A, 8 * CS))
+        await snap(vol, 1)
+        for c in range(5):  # 5 records: one checkpoint after the 3rd, two left in the log
+            await vol.write(c * CS // BS, pat(0x0B))
+        log_path = pool.log_path(1)
+        assert os.path.getsize(log_path) == 2 * cow._LOG_REC.size
+        stale = Path(log_path).read_bytes()
+        rows = Pool("p", str(tmp_path / "pool")).load(1)  # another opener replays (and checkpoints) the log
+        assert [(c, e) for c, e, _ in rows] == [(c, 1) for c in range(5)]
+        # A torn record at the tail is ignored; so are records of an older generation.
+        Path(log_path).write_bytes(Path(log_path).read_bytes() + stale + b"\x00torn")
+        pool2 = Pool("p", str(tmp_path / "pool"))
+        assert [(c, e) for c, e, _ in pool2.load(1)] == [(c, 1) for c in range(5)]
+        pool2.forget(1, [(3, 1), (4, 1)])
+        Path(log_path).write_bytes(Path(log_path).read_bytes() + stale)
+        assert [(c, e) for c, e, _ in Pool("p", str(tmp_path / "pool")).load(1)] == [(c, 1) for c in range(3)]
         await vol.close()
 
     run(go())
