@@ -40,5 +40,14 @@ lint: venv
 bench: deps venv
 	$(PY) tests/bench/run.py --shared $(SHARED)
 
+# N inputs of scapy fuzz(), hypothesis PDU families and CDBs against a live daemon, with a verified qemu-io session.
+fuzz: deps venv
+	$(PY) tests/fuzz/run.py $(N)
+
+# 64 sessions at QD32 of pattern-verified I/O over 4 LUNs, a snapshot and a resync half-way (DURATION in seconds).
+DURATION ?= 300
+soak: deps venv
+	$(PY) tests/soak/run.py --duration $(DURATION)
+
 clean:
 	rm -rf $(VENV) lunsync-data build *.egg-info
