@@ -39,8 +39,8 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from e2e.harness import Daemon  # noqa: E402
-from fuzz.cases import (  # noqa: E402
+from e2e.harness import Daemon
+from fuzz.cases import (
     FUZZ_INITIATOR,
     Case,
     OpInfo,
@@ -50,10 +50,11 @@ from fuzz.cases import (  # noqa: E402
     nop_probe,
     parse_rsoc,
 )
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
-from hypothesis import Phase as HPhase  # noqa: E402
-from iscsi_scapy import (  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import Phase as HPhase
+from iscsi_scapy import (
     BHS,
+    R2T,
     RESERVED_TAG,
     ConnectionClosed,
     DataIn,
@@ -61,7 +62,6 @@ from iscsi_scapy import (  # noqa: E402
     LoginResponse,
     NopIn,
     ProtocolViolation,
-    R2T,
     RawInitiator,
     Reject,
     ScsiCommand,
@@ -154,7 +154,7 @@ class Worker(threading.Thread):
                 break
             try:
                 self.one(case)
-            except Exception as e:  # a bug in the fuzzer itself; counted, never silent
+            except Exception as e:  # noqa: BLE001  (a bug in the fuzzer itself: counted, never silent)
                 self.tally.record(case, "fuzzer-error", "fuzzer-error", repr(e))
         for s in self.sessions.values():
             s.close()
@@ -377,7 +377,7 @@ class Watch(threading.Thread):
             text = Path(f"/proc/{self.d.proc.pid}/status").read_text()
         except FileNotFoundError:
             return 0
-        m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+        m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
         return int(m.group(1)) if m else 0
 
     def run(self) -> None:

@@ -29,7 +29,7 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from e2e.harness import Daemon, lunsync_command  # noqa: E402
+from e2e.harness import Daemon, lunsync_command
 
 IQN = "iqn.2026-11.io.lunsync:soak"
 LUN_MIB = 64
@@ -58,6 +58,7 @@ class Session:
     rounds: int = 0
     ops: int = 0
     errors: list[str] = field(default_factory=list)
+    error_lines: int = 0  # every error line, though only the first 20 are kept
     last: list[int] = field(default_factory=list)
 
     def start(self) -> None:
@@ -103,6 +104,7 @@ class Session:
             if line.startswith(("qemu-io> wrote", "qemu-io> read", "wrote ", "read ")) and " bytes at offset " in line:
                 self.ops += 1
             elif re.search(r"(?i)fail|error|verification|cannot|could not", line):
+                self.error_lines += 1
                 if len(self.errors) < 20:
                     self.errors.append(f"session {self.index}: {line.strip()}")
 
@@ -129,7 +131,7 @@ def fds(pid: int) -> list[str]:
 
 
 def rss_kib(pid: int) -> int:
-    m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
     return int(m.group(1)) if m else 0
 
 
@@ -201,7 +203,7 @@ def soak(duration_s: float, *, workdir: Path, sessions: int = 64, qd: int = 32, 
             "duration_s": duration_s, "sessions": sessions, "qd": qd, "luns": luns,
             "ops": sum(s.ops for s in pool), "rounds": sum(s.rounds for s in pool),
             "mib_moved": round(sum(s.ops for s in pool) * SLOT / (1 << 20)),
-            "io_errors": len(errors), "daemon_died": died, "tracebacks": tracebacks,
+            "io_errors": sum(s.error_lines for s in pool) + len([e for e in errors if "qemu-io" in e]), "daemon_died": died, "tracebacks": tracebacks,
             "rss_start_mib": round(rss_start / 1024, 1), "rss_max_mib": round(rss_max / 1024, 1),
             "rss_bound_mib": round(rss_bound / 1024, 1), "fds_before": len(fds_before), "fds_after": len(fds_after),
             "extra_sockets": extra_sockets, "new_fds": new, "foreign_new_fds": foreign,
