@@ -335,15 +335,14 @@ class LogicalUnit:
         """The device was resized: every nexus sees CAPACITY DATA HAS CHANGED."""
         self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
 
-    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION, issuer: Nexus | None = None) -> None:
-        """LUN RESET or a target reset: drop RESERVE(6/10) and PREVENT, and tell every nexus but the one that asked
-        (SAM-5 §7.7: the issuer learns of the reset from the TMF response itself)."""
+    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION) -> None:
+        """LUN RESET or a target reset: drop RESERVE(6/10) and PREVENT, and establish the reset unit attention on
+        every I_T nexus, the issuer's included (SAM-5 §6.3.3). A multipath host sees it on each of its paths, which
+        is what lets it notice that other paths' commands were aborted."""
         self.legacy_holder = None
         self.prevent.clear()
         self.stopped = False
-        for nexus, q in self._ua.items():
-            if nexus == issuer:
-                continue
+        for q in self._ua.values():
             q.clear()  # a reset supersedes older attentions
             q.append(asc)
 

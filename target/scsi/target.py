@@ -199,17 +199,17 @@ class ScsiTarget:
         """Apply the SCSI side effects of a task management function (the transport aborts the tasks itself).
 
         LOGICAL UNIT RESET clears RESERVE(6/10) reservations and PREVENT on that LU and gives every nexus BUS DEVICE
-        RESET FUNCTION OCCURRED (all but the issuing nexus); TARGET WARM/COLD RESET does the same on every LU with
+        RESET FUNCTION OCCURRED (the issuing nexus too); TARGET WARM/COLD RESET does the same on every LU with
         POWER ON, RESET. CLEAR TASK SET
         tells the other nexuses COMMANDS CLEARED BY ANOTHER INITIATOR. Persistent reservations are never affected.
         """
         if function == TmfFunction.LOGICAL_UNIT_RESET:
             lu = self._luns.get(lun) if lun is not None else None
             if lu is not None:
-                lu.reset(asc=S.BUS_DEVICE_RESET_FUNCTION, issuer=nexus)
+                lu.reset(asc=S.BUS_DEVICE_RESET_FUNCTION)
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             for lu in self._luns.values():
-                lu.reset(asc=S.POWER_ON_RESET, issuer=nexus)
+                lu.reset(asc=S.POWER_ON_RESET)
         elif function == TmfFunction.CLEAR_TASK_SET:
             lu = self._luns.get(lun) if lun is not None else None
             if lu is not None:

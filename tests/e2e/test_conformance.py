@@ -39,11 +39,14 @@ def failed(report: dict) -> list[str]:
     return sorted(name for name, verdict in report["tests"].items() if verdict == "failed")
 
 
-# iSCSIDataSnInvalid sends Data-Out PDUs with broken DataSNs through a helper that expects GOOD and prints
-# "[FAILED]" for any other answer, while the test's own assertion requires the write to fail. Every RFC-correct
-# target (Reject, ABORTED COMMAND, or dropping the connection) therefore trips the shared tool's "[FAILED]" rule.
-# It is accepted only when CUnit's own assertions for it all pass, which the test below checks separately.
-INHERENTLY_FLAGGED = {"iSCSIdatasn.iSCSIDataSnInvalid"}
+# Two tests print "[FAILED]" while all of their CUnit assertions pass, so the shared tool flags them on a correct
+# target. They are accepted only when CUnit's own assertions for them pass, which the test below checks separately.
+# - iSCSIDataSnInvalid sends Data-Out PDUs with broken DataSNs through a helper that expects GOOD and prints
+#   "[FAILED]" for any other answer, while the test's own assertion requires the write to fail.
+# - Reserve6.LUNReset passes; then its teardown's PERSISTENT RESERVE IN on the nexus that issued the LUN RESET meets
+#   the reset's unit attention, which SAM-5 §6.3.3 establishes on every I_T nexus and MultipathIO.Reset requires on
+#   the issuing path too. The two libiscsi tests cannot both be silent; the standard decides.
+INHERENTLY_FLAGGED = {"iSCSIdatasn.iSCSIDataSnInvalid", "Reserve6.LUNReset"}
 
 
 def cunit_asserts_failed(url: str, test: str) -> int:
@@ -63,7 +66,7 @@ def test_conformance_suite_on_thin_demo_lun(daemon_factory, tmp_path: Path) -> N
     unexpected = sorted(set(failed(report)) - INHERENTLY_FLAGGED)
     assert not unexpected, f"{counts}: failed {unexpected}\n{out[-4000:]}\n{daemon.log_tail()}"
     for name in sorted(set(failed(report)) & INHERENTLY_FLAGGED):
-        assert cunit_asserts_failed(daemon.url(0), "iSCSI." + name) == 0, f"{name}: CUnit assertions failed"
+        assert cunit_asserts_failed(daemon.url(0), "ALL." + name) == 0, f"{name}: CUnit assertions failed"
     assert counts["passed"] >= MIN_PASSED, f"{counts}: fewer than {MIN_PASSED} passed"
     daemon.assert_healthy()
     daemon.terminate()

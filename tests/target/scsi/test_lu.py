@@ -33,15 +33,16 @@ def test_capacity_change_reaches_every_known_nexus_in_order() -> None:
     assert lu.take_ua(NEXUS_B) == S.CAPACITY_DATA_HAS_CHANGED
 
 
-def test_reset_spares_issuer_and_drops_legacy_reservation() -> None:
+def test_reset_warns_every_nexus_and_drops_legacy_reservation() -> None:
     lu = make()
     lu.take_ua(NEXUS_A)
     lu.take_ua(NEXUS_B)
     lu.legacy_holder = NEXUS_B
-    lu.reset(issuer=NEXUS_A)
+    lu.reset()
     assert lu.legacy_holder is None
-    assert lu.take_ua(NEXUS_A) is None
+    assert lu.take_ua(NEXUS_A) == S.BUS_DEVICE_RESET_FUNCTION
     assert lu.take_ua(NEXUS_B) == S.BUS_DEVICE_RESET_FUNCTION
+    assert lu.take_ua(NEXUS_A) is None
 
 
 def test_mode_page_drives_wce_and_swp() -> None:

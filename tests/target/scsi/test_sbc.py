@@ -389,7 +389,8 @@ def test_sanitize_immed_reports_progress_and_survives_abort_and_reset() -> None:
         dev.tokens.release()
         await asyncio.wait_for(job, 1)
         assert lu.sanitize is None and bytes(dev.data) == b"\x5a" * len(dev.data)
-        assert (await t.execute(_task(bytes(6), tag=8, nexus=NEXUS_B))).status == Status.GOOD
+        assert sense_of(await t.execute(_task(bytes(6), tag=8, nexus=NEXUS_B))) == (6, 0x29, 0x03)  # issuer too
+        assert (await t.execute(_task(bytes(6), tag=10, nexus=NEXUS_B))).status == Status.GOOD
         assert sense_of(await t.execute(_task(bytes(6), tag=9))) == (6, 0x29, 0x03)  # A still learns of B's reset
 
     asyncio.run(main())

@@ -54,8 +54,9 @@ def test_lun_reset_clears_reserve6_and_warns_others() -> None:
     assert b.cmd(cdb10(0x28, 0, 1)).status == Status.RESERVATION_CONFLICT
     t.reset(TmfFunction.LOGICAL_UNIT_RESET, NEXUS_A, 0)
     assert lu.legacy_holder is None
-    assert a.cmd(bytes(6)).status == Status.GOOD
+    assert sense_of(a.cmd(bytes(6))) == (6, 0x29, 0x03)  # the issuer too (SAM-5 §6.3.3)
     assert sense_of(b.cmd(bytes(6))) == (6, 0x29, 0x03)
+    assert b.cmd(cdb10(0x28, 0, 1)).status == Status.GOOD  # the reservation is gone
 
 
 def test_nexus_lost_releases_reserve6_only() -> None:
