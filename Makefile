@@ -49,5 +49,10 @@ DURATION ?= 300
 soak: deps venv
 	$(PY) tests/soak/run.py --duration $(DURATION)
 
+# N kill -9 trials during writes (FUA, SYNCHRONIZE CACHE) and snapshot sets; 50 unless N is given here (N's own
+# default is fuzz's). Fails on any lost acknowledged write or altered snapshot.
+crash-trials: venv
+	$(PY) tests/crash/run.py $(if $(filter command line,$(origin N)),$(N),50)
+
 clean:
 	rm -rf $(VENV) lunsync-data build *.egg-info

@@ -1,0 +1,385 @@
+"""Crash trials: kill -9 the daemon during heavy writes with snapshots active, restart it, and check what survived.
+
+This script owns the trial driver behind ``make crash-trials N=50`` (``tests/crash/test_crash.py`` runs a few of the
+same trials in CI). Each trial starts a fresh ``lunsync serve`` with two 8 MiB LUNs, half filled, and runs:
+
+- four writers, each its own iSCSI session and owning its own blocks, writing stamped 4 KiB blocks (see
+  :mod:`crash.stamps`) at random, one in five with FUA, with a SYNCHRONIZE CACHE every 16 writes; the client logs
+  every write as issued, acknowledged and durable (FUA acknowledged, or acknowledged before an acknowledged
+  SYNCHRONIZE CACHE);
+- a snapshotter that, every few hundred milliseconds, pauses the writers, reads both LUNs and records their
+  checksums, takes a snapshot set of both through the API, and lets the writers go again;
+
+and SIGKILLs the daemon at a random moment (during writes, during a snapshot's reads or its creation). Before the
+restart both SQLite files pass ``PRAGMA integrity_check``. After it:
+
+- every block of each origin holds a complete stamp (or zeros if never written), never older than its last durable
+  write: an older one is a *lost acknowledged write*;
+- every snapshot whose creation was answered exists, is valid and reads exactly the checksums recorded before it
+  was taken; one whose request was cut by the kill may be absent, but if present it must match too: a mismatch is an
+  *altered snapshot*.
+
+Usage: ``python tests/crash/run.py N [--seed S] [--keep DIR]``; exit status 1 if any trial found a problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import httpx
+from crash.stamps import UNIT, Stamp, StampClient, parse, stamp
+from e2e.harness import DEMO_IQN, Daemon
+from iscsi_scapy import ConnectionClosed, ProtocolViolation
+
+LUN_BYTES = 8 << 20
+BLOCKS = LUN_BYTES // UNIT
+LUNS = (0, 1)  # LUN numbers on the demo target: demo0 (the demo LUN) and c1
+NAMES = {0: "demo0", 1: "c1"}
+WRITERS = 4
+FILL_WRITER = WRITERS  # the stamp writer id of the initial fill
+FUA_ONE_IN = 5
+SYNC_EVERY = 16
+SNAP_INTERVAL_S = (0.2, 0.6)
+KILL_AFTER_S = (0.8, 4.0)
+
+
+@dataclass(slots=True)
+class Write:
+    seq: int
+    acked: bool = False
+    durable: bool = False
+
+
+@dataclass
+class Log:
+    """The client's record of every write, per (lun, block), in issue order (one writer per block)."""
+
+    writes: dict[tuple[int, int], list[Write]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def issue(self, lun: int, block: int, seq: int) -> Write:
+        w = Write(seq)
+        with self.lock:
+            self.writes.setdefault((lun, block), []).append(w)
+        return w
+
+
+@dataclass
+class Snap:
+    """What a snapshot must read, recorded with the writers paused just before its request: for each LUN and block,
+    the write it holds as an index into that block's history (-1: zeros). Nothing is in flight then, so the index is
+    exact (a writer whose session died leaves its last write unknown: both are allowed, ``(lo, hi)``)."""
+
+    name: str
+    expect: dict[int, list[tuple[int, int]]]
+    answered: bool = False
+
+
+@dataclass
+class Result:
+    trial: int
+    seed: int
+    ran_s: float = 0.0
+    writes_issued: int = 0
+    writes_acked: int = 0
+    writes_durable_checked: int = 0
+    snapshots_answered: int = 0
+    snapshots_checked: int = 0
+    lost_acked_writes: int = 0
+    damaged_blocks: int = 0
+    altered_snapshots: int = 0
+    lost_snapshots: int = 0
+    integrity_errors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost_acked_writes or self.damaged_blocks or self.altered_snapshots or self.lost_snapshots
+                    or self.integrity_errors)
+
+
+class Trial:
+    def __init__(self, workdir: Path, trial: int, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.res = Result(trial, seed)
+        self.d = Daemon(workdir, api=True, demo=True, demo_size="8MiB")
+        self.log = Log()
+        self.snaps: list[Snap] = []
+        self.go = threading.Event()
+        self.go.set()
+        self.stop = threading.Event()
+        self.busy = 0
+        self.busy_cond = threading.Condition()
+        self.api: httpx.Client | None = None
+
+    # -- running ------------------------------------------------------------------------------------------------
+
+    def client(self, tag: str, n: int) -> StampClient:
+        return StampClient("127.0.0.1", self.d.port, DEMO_IQN, f"iqn.2026-11.io.lunsync:crash-{tag}",
+                           0x400000D00000 + n)
+
+    def setup(self) -> None:
+        self.d.start()
+        self.api = httpx.Client(base_url=self.d.api_url + "/v1", timeout=30,
+                                headers={"Authorization": f"Bearer {self.d.api_token}"})
+        self.api.post("/luns", json={"name": "c1", "size": "8MiB"}).raise_for_status()
+        self.api.post(f"/targets/{DEMO_IQN}/luns", json={"name": "c1", "lun": 1}).raise_for_status()
+        # Fill the first half of each LUN, so first writes there copy data; the rest are holes (ZERO records).
+        c = self.client("fill", 0xFF)
+        try:
+            for lun in LUNS:
+                for base in range(0, BLOCKS // 2, 16):
+                    data = b"".join(stamp(Stamp(0, lun, b, FILL_WRITER)) for b in range(base, base + 16))
+                    for b in range(base, base + 16):
+                        self.log.issue(lun, b, 0)
+                    c.write(lun, base, data)
+                c.sync_cache(lun)
+                for b in range(BLOCKS // 2):
+                    w = self.log.writes[(lun, b)][-1]
+                    w.acked = w.durable = True
+        finally:
+            c.close()
+
+    def _enter(self) -> bool:
+        """Wait while the snapshotter has the writers paused; False once the trial is over."""
+        while not self.go.wait(0.1):
+            if self.stop.is_set():
+                return False
+        with self.busy_cond:
+            self.busy += 1
+        return not self.stop.is_set()
+
+    def _leave(self) -> None:
+        with self.busy_cond:
+            self.busy -= 1
+            self.busy_cond.notify_all()
+
+    def writer(self, wid: int) -> None:
+        rng = random.Random(self.res.seed * 100 + wid)
+        try:
+            c = self.client(f"w{wid}", wid)
+        except (OSError, AssertionError):
+            return
+        acked_since_sync: dict[int, list[Write]] = {lun: [] for lun in LUNS}
+        k = 0
+        try:
+            while not self.stop.is_set():
+                if not self._enter():
+                    break
+                try:
+                    k += 1
+                    if k % SYNC_EVERY == 0:
+                        for lun in LUNS:
+                            pending = acked_since_sync[lun]
+                            acked_since_sync[lun] = []
+                            c.sync_cache(lun)
+                            for w in pending:
+                                w.durable = True
+                        continue
+                    lun = rng.choice(LUNS)
+                    block = rng.randrange(0, BLOCKS // WRITERS) * WRITERS + wid
+                    seq = k
+                    fua = rng.randrange(FUA_ONE_IN) == 0
+                    w = self.log.issue(lun, block, seq)
+                    c.write(lun, block, stamp(Stamp(seq, lun, block, wid)), fua=fua)
+                    w.acked = True
+                    w.durable = fua
+                    acked_since_sync[lun].append(w)
+                finally:
+                    self._leave()
+        except (OSError, AssertionError, ConnectionError, ConnectionClosed, ProtocolViolation):
+            pass  # the daemon was killed
+        except Exception as e:  # noqa: BLE001 - anything else is the trial's problem, reported with the results
+            self.res.problems.append(f"writer {wid}: {e!r}")
+        finally:
+            c.close()
+
+    def snapshotter(self) -> None:
+        assert self.api is not None
+        n = 0
+        try:
+            while not self.stop.wait(self.rng.uniform(*SNAP_INTERVAL_S)):
+                self.go.clear()
+                with self.busy_cond:
+                    self.busy_cond.wait_for(lambda: self.busy == 0 or self.stop.is_set())
+                try:
+                    if self.stop.is_set():
+                        return
+                    snap = Snap(f"t{n}", {lun: [self._expect(lun, b) for b in range(BLOCKS)] for lun in LUNS})
+                    self.snaps.append(snap)
+                    r = self.api.post("/snapshots", json={"snapshots": [f"{NAMES[lun]}@{snap.name}" for lun in LUNS],
+                                                          "set": snap.name})
+                    r.raise_for_status()
+                    snap.answered = True
+                    n += 1
+                finally:
+                    self.go.set()
+        except (OSError, AssertionError, ConnectionError, httpx.HTTPError):
+            pass
+
+    def _expect(self, lun: int, block: int) -> tuple[int, int]:
+        history = self.log.writes.get((lun, block), [])
+        lo = max((i for i, w in enumerate(history) if w.acked), default=-1)
+        return lo, len(history) - 1
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self.writer, args=(w,), daemon=True) for w in range(WRITERS)]
+        threads.append(threading.Thread(target=self.snapshotter, daemon=True))
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(self.rng.uniform(*KILL_AFTER_S))
+        self.d.kill9()
+        self.res.ran_s = round(time.monotonic() - start, 2)
+        self.stop.set()
+        self.go.set()
+        for t in threads:
+            t.join(30)
+
+    # -- checking -----------------------------------------------------------------------------------------------
+
+    def integrity(self) -> None:
+        dbs = [self.d.data_dir / "catalog.db", *sorted(self.d.data_dir.glob("pool/*.db"))]
+        for db in dbs:
+            con = sqlite3.connect(db)
+            try:
+                got = con.execute("PRAGMA integrity_check").fetchone()[0]
+            finally:
+                con.close()
+            if got != "ok":
+                self.res.integrity_errors += 1
+                self.res.problems.append(f"{db.name}: integrity_check says {got}")
+
+    def check_origins(self, c: StampClient) -> None:
+        for lun in LUNS:
+            data = c.read(lun, 0, BLOCKS)
+            for b in range(BLOCKS):
+                block = data[b * UNIT:(b + 1) * UNIT]
+                history = self.log.writes.get((lun, b), [])
+                durable = max((i for i, w in enumerate(history) if w.durable), default=-1)
+                if durable >= 0:
+                    self.res.writes_durable_checked += 1
+                idx = self._which(lun, b, block)
+                if idx is None:
+                    self.res.damaged_blocks += 1
+                    self.res.problems.append(f"lun {lun} block {b}: neither zeros nor a whole stamp written there")
+                elif idx < durable:
+                    self.res.lost_acked_writes += 1
+                    self.res.problems.append(f"lun {lun} block {b}: holds write #{idx}, but #{durable} was durable")
+
+    def _which(self, lun: int, b: int, block: bytes) -> int | None:
+        """Which write of the block's history ``block`` is (-1: zeros); None if none of them."""
+        got = parse(block)
+        if got is None:
+            return -1
+        if not isinstance(got, Stamp) or (got.lun, got.block) != (lun, b):
+            return None
+        history = self.log.writes.get((lun, b), [])
+        return next((i for i in range(len(history) - 1, -1, -1) if history[i].seq == got.seq), None)
+
+    def check_snapshots(self, c: StampClient) -> None:
+        assert self.api is not None
+        for snap in self.snaps:
+            for lun in LUNS:
+                name = f"{NAMES[lun]}@{snap.name}"
+                r = self.api.get(f"/snapshots/{name}")
+                if r.status_code == 404:
+                    if snap.answered:
+                        self.res.lost_snapshots += 1
+                        self.res.problems.append(f"{name}: created (answered) but gone after the restart")
+                    continue
+                r.raise_for_status()
+                if r.json()["state"] != "valid":
+                    self.res.altered_snapshots += 1
+                    self.res.problems.append(f"{name}: {r.json()['state']} after the restart")
+                    continue
+                self.api.post(f"/snapshots/{name}/expose", json={"target": DEMO_IQN, "lun": 9}).raise_for_status()
+                try:
+                    data = c.read(9, 0, BLOCKS)
+                finally:
+                    self.api.delete(f"/snapshots/{name}/expose").raise_for_status()
+                self.res.snapshots_checked += 1
+                bad = []
+                for b, (lo, hi) in enumerate(snap.expect[lun]):
+                    idx = self._which(lun, b, data[b * UNIT:(b + 1) * UNIT])
+                    if idx is None or not lo <= idx <= hi:
+                        bad.append(b)
+                if bad:
+                    self.res.altered_snapshots += 1
+                    self.res.problems.append(f"{name}: {len(bad)} block(s) differ from when it was taken, e.g. "
+                                             f"{bad[:5]}")
+
+    def verify(self) -> None:
+        self.integrity()
+        self.d.start()
+        c = self.client("verify", 0xFD)
+        try:
+            self.check_origins(c)
+            self.check_snapshots(c)
+        finally:
+            c.close()
+        self.d.assert_healthy()
+        writes = [w for h in self.log.writes.values() for w in h if w.seq]
+        self.res.writes_issued = len(writes)
+        self.res.writes_acked = sum(w.acked for w in writes)
+        self.res.snapshots_answered = sum(s.answered for s in self.snaps)
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        self.d.close()
+
+
+def trial(workdir: Path, n: int, seed: int) -> Result:
+    t = Trial(workdir, n, seed)
+    try:
+        t.setup()
+        t.run()
+        t.verify()
+    finally:
+        t.close()
+    return t.res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("n", type=int, nargs="?", default=50, help="number of trials")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the first trial (random by default)")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each trial's data dir and log under DIR")
+    a = ap.parse_args(argv)
+    seed0 = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 30)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lunsync-crash-") as tmp:
+        base = a.keep or Path(tmp)
+        for i in range(a.n):
+            r = trial(base / f"trial-{i}", i, seed0 + i)
+            results.append(r)
+            print(f"trial {i:3d} seed {r.seed}: killed after {r.ran_s:.2f}s, {r.writes_acked}/{r.writes_issued} "
+                  f"writes acked, {r.writes_durable_checked} durable blocks checked, {r.snapshots_checked} "
+                  f"snapshot LUNs checked ({r.snapshots_answered} sets answered): "
+                  f"{'ok' if r.ok else 'FAILED: ' + '; '.join(r.problems[:5])}", flush=True)
+    total = {k: sum(getattr(r, k) for r in results) for k in (
+        "writes_acked", "writes_durable_checked", "snapshots_checked", "lost_acked_writes", "altered_snapshots",
+        "lost_snapshots", "damaged_blocks", "integrity_errors")}
+    print(json.dumps({"trials": len(results), "failed_trials": sum(not r.ok for r in results), "first_seed": seed0,
+                      **total}))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
