@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
-from lunsync.snapshots.resync import ResyncVolume
 from lunsync.snapshots.cow import ZERO, CowVolume, Pool, SnapshotView, copy_range, zero_range
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
+from lunsync.snapshots.resync import ResyncVolume
 from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
 from lunsync.target.scsi.lu import LogicalUnit
 
