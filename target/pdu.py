@@ -368,7 +368,7 @@ def _lun_word(lun: int) -> int:
     return ((0x40 | (lun >> 8)) << 56) | ((lun & 0xFF) << 48)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per write: not frozen, for the same reason as ScsiCommand
 class ScsiResponse:
     """SCSI Response (RFC 7143 §11.4). The data segment, if any, is SenseLength + sense data."""
 
