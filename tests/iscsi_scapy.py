@@ -711,8 +711,9 @@ class RawInitiator:
     """One iSCSI connection driven by hand. Sequence numbers are tracked for the happy path only; anything sent with
     :meth:`send` goes out exactly as given."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 5.0, source: str | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self.source = source  # a local address to connect from (any 127.0.0.0/8 address works on loopback)
         self.sock: socket.socket | None = None
         self._buf = bytearray()
         self.itt = 0x1000
@@ -731,7 +732,8 @@ class RawInitiator:
     # -- plumbing ----------------------------------------------------------------------------------------------------
 
     def connect(self) -> RawInitiator:
-        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout,
+                                             source_address=(self.source, 0) if self.source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
