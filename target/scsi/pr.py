@@ -297,6 +297,15 @@ def _prout_params(req: Request, *, variable: bool = False) -> tuple[bytes, int, 
     return data, key, sa_key, flags, scope_type
 
 
+def _holder_of_key(pr: PrState, nexus: Nexus, key: int) -> Registration:
+    """The registration of ``nexus`` if ``key`` is its reservation key; otherwise RESERVATION CONFLICT (SPC-4
+    §5.13.2: a PERSISTENT RESERVE OUT with a key the nexus is not registered with conflicts)."""
+    reg = pr.find(nexus)
+    if reg is None or reg.key != key:
+        raise ReservationConflict()
+    return reg
+
+
 def _check_type(cdb: bytes) -> int:
     scope, rtype = cdb[2] >> 4, cdb[2] & 0x0F
     if scope != 0:
@@ -417,9 +426,7 @@ async def prout_reserve(req: Request) -> None:
     _, key, _, _, _ = _prout_params(req)
     rtype = _check_type(req.cdb)
     pr = lu.pr
-    reg = pr.find(nexus)
-    if reg is None or reg.key != key:
-        raise ReservationConflict()
+    reg = _holder_of_key(pr, nexus, key)
     if pr.res_type:
         if pr.is_holder(nexus) and pr.res_type == rtype:
             return
@@ -436,9 +443,7 @@ async def prout_release(req: Request) -> None:
     _legacy_guard(lu, nexus)
     _, key, _, _, _ = _prout_params(req)
     pr = lu.pr
-    reg = pr.find(nexus)
-    if reg is None or reg.key != key:
-        raise ReservationConflict()
+    _holder_of_key(pr, nexus, key)
     if not pr.res_type or not pr.is_holder(nexus):
         return  # SPC-4 §5.13.11.2.1: nothing to release is not an error
     scope, rtype = req.cdb[2] >> 4, req.cdb[2] & 0x0F
@@ -455,9 +460,7 @@ async def prout_clear(req: Request) -> None:
     _legacy_guard(lu, nexus)
     _, key, _, _, _ = _prout_params(req)
     pr = lu.pr
-    reg = pr.find(nexus)
-    if reg is None or reg.key != key:
-        raise ReservationConflict()
+    _holder_of_key(pr, nexus, key)
     for other in pr.registrations:
         for n in lu.known_nexuses():
             if other.matches(n) and n != nexus:
@@ -488,9 +491,7 @@ async def _preempt(req: Request, *, abort: bool = False) -> None:
     _legacy_guard(lu, nexus)
     _, key, sa_key, _, _ = _prout_params(req)
     pr = lu.pr
-    reg = pr.find(nexus)
-    if reg is None or reg.key != key:
-        raise ReservationConflict()
+    reg = _holder_of_key(pr, nexus, key)
     new_type = req.cdb[2] & 0x0F
     scope = req.cdb[2] >> 4
     victims: list[Registration]
@@ -550,9 +551,7 @@ async def prout_register_and_move(req: Request) -> None:
     if 24 + tid_len > len(data):
         raise S.param_list_length_error()
     pr = lu.pr
-    reg = pr.find(nexus)
-    if reg is None or reg.key != key:
-        raise ReservationConflict()
+    reg = _holder_of_key(pr, nexus, key)
     if not pr.res_type or pr.res_type in _ALL_REGISTRANTS or pr.holder is not reg:
         raise ReservationConflict()
     if sa_key == 0:
