@@ -666,7 +666,7 @@ class Connection:
             raise ProtocolError("NOP-Out with ITT and TTT both set", RejectReason.PROTOCOL_ERROR)
         payload = bytes(data)
         self._send(pdu.encode_nop_in(n.itt, pdu.RSVD_TAG, self._next_stat_sn(), self.exp_cmd_sn, self.max_cmd_sn,
-                                     n.lun if n.lun >= 0 else 0, len(payload)), payload)
+                                     max(n.lun, 0), len(payload)), payload)
 
     def _text(self, t: pdu.TextRequest, data: memoryview) -> None:
         if t.ttt != pdu.RSVD_TAG:

@@ -13,15 +13,15 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, cast
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from lunsync.target import connection as cx
 from lunsync.target.directory import Directory, TargetEntry
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import ScsiResponse, ScsiTask, Status, TmfFunction
-from lunsync.target.throttle import LoginThrottle
 from lunsync.target.stats import CommandStats, IoCounts
+from lunsync.target.throttle import LoginThrottle
 
 log = logging.getLogger("lunsync.iscsi")
 
@@ -295,7 +295,7 @@ class _Resume:
         while True:
             try:
                 value = yield yielded
-            except BaseException as exc:  # CancelledError included: the command is aborted
+            except BaseException as exc:  # noqa: BLE001 - forwarded as-is, CancelledError included (an abort)
                 try:
                     yielded = coro.throw(exc)
                 except StopIteration:
@@ -461,7 +461,7 @@ class Server:
         if protos:
             try:
                 await asyncio.wait_for(asyncio.gather(*(p.drain() for p in protos)), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("shutdown: in-flight commands did not finish within %.0f s", timeout_s)
         for p in protos:
             p._close()

@@ -12,7 +12,6 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +45,7 @@ def machine() -> str:
 
 
 def start_daemon(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    log = open(data_dir.parent / "daemon.log", "wb")
+    log = open(data_dir.parent / "daemon.log", "wb")  # noqa: SIM115 - the daemon writes to it for its whole life
     proc = subprocess.Popen([PY, "-m", "lunsync.provider.cli", "serve", "--demo", "--data-dir", str(data_dir),
                              "--listen", f"127.0.0.1:{port}", "--api", "off", "--metrics", "off"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -65,7 +64,7 @@ def start_daemon(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
 
 def run(cmd: list[str], timeout: int) -> str:
     print("+", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=REPO)
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=REPO, check=False)
     out = p.stdout + (f"\n[exit {p.returncode}] {p.stderr[-2000:]}" if p.returncode else "")
     print(out, flush=True)
     return out

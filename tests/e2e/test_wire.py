@@ -66,7 +66,7 @@ def test_dissector_finds_no_malformed_pdu(daemon_factory, tmp_path: Path) -> Non
     ).stdout.splitlines() if "\t" in line)
     bad = []
     for line in flagged:
-        frame, opcode, request, length, message = (line.split("\t") + [""] * 5)[:5]
+        _frame, opcode, request, length, _message = (line.split("\t") + [""] * 5)[:5]
         # Wireshark's SCSI dissector raises an exception while decoding a VPD page or INQUIRY data cut short by the
         # initiator's ALLOCATION LENGTH (libiscsi asks for 64 or 255 bytes first, as SPC-4 allows). Such a Data-In
         # carries exactly the expected transfer length; that is a complete, well-formed iSCSI PDU and is allowed.

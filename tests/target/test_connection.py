@@ -9,6 +9,7 @@ from lunsync.target import chap, keys, pdu
 from lunsync.target.connection import Close, Connection, Execute, LoggedIn, LoginFailed, Phase, TaskManagement
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
 from lunsync.target.scsi.task import ScsiResponse, Status
+
 from tests.target.scsi.memdev import MemDevice, make_target, run
 
 IQN = "iqn.2026-11.io.lunsync:test"
@@ -58,6 +59,7 @@ class Rig:
         self.directory = Directory()
         self.directory.add(TargetEntry(IQN, scsi, alias="t", acl=acl, chap=chap_creds))
         self.directory.portals.append(PortalAddress("127.0.0.1", 3260, 1))
+        self.events: list[object] = []
         self.conn = Connection(self.directory, peer="test", now=0.0, nop_interval_s=5, nop_timeout_s=5,
                                target_limits={"MaxRecvDataSegmentLength": "65536"})
 
@@ -75,8 +77,6 @@ class Rig:
                 self.conn.complete(ev.task, resp)
             else:
                 self.events.append(ev)
-
-    events: list[object] = []
 
     def login(self, extra: list[tuple[str, str]] | None = None) -> list[tuple[bytes, bytes]]:
         self.events = []

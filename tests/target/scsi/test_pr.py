@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lunsync.target.scsi.pr import decode_transport_id, encode_transport_id
 from lunsync.target.scsi.task import Status
+
 from tests.target.scsi.memdev import NEXUS_A, NEXUS_B, Session, cdb10, make_target, sense_of
 
 K_A, K_B = 0xAAAA, 0xBBBB

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 from lunsync.target.scsi.task import Status
+
 from tests.target.scsi.memdev import IDENTITY, NEXUS_B, MemDevice, Session, cdb10, make_target, sense_of
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lunsync.snapshots.errors import MediumError, OutOfSpace
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.task import ScsiTask, Status, TmfFunction
+
 from tests.target.scsi.memdev import IDENTITY2, NEXUS_A, NEXUS_B, MemDevice, Session, cdb10, make_target, sense_of
 
 

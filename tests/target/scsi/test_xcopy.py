@@ -6,6 +6,7 @@ import struct
 
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.task import Status
+
 from tests.target.scsi.memdev import IDENTITY, IDENTITY2, NEXUS_A, NEXUS_B, MemDevice, Session, make_target, sense_of
 
 
