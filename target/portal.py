@@ -465,7 +465,5 @@ class Server:
                 log.warning("shutdown: in-flight commands did not finish within %.0f s", timeout_s)
         for p in protos:
             p._close()
-        for srv in self.servers:
-            await srv.wait_closed() if False else None
         if protos:
             await asyncio.wait([asyncio.ensure_future(p.done.wait()) for p in protos], timeout=2)
