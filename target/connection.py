@@ -185,13 +185,11 @@ class Connection:
         self.ttt_counter = itertools.count(1)
         self.writes: dict[int, PendingWrite] = {}
         self.dead_itts: dict[int, None] = {}  # writes ended for a broken Data-Out sequence (insertion-ordered)
-        self.ttt_index: dict[int, int] = {}
         self.running: dict[int, ScsiTask] = {}  # ITT -> task handed out as Execute
         self.queued: dict[int, tuple[pdu.InitiatorPdu, bytes]] = {}  # CmdSN -> PDU waiting for its turn
         self.pending_bytes = 0
         self.text_continuation: dict[int, bytes] = {}  # TTT -> rest of a long Text Response
         self.text_request_buf = bytearray()
-        self.now = now
         self.login_deadline = now + login_timeout_s if login_timeout_s > 0 else None
         self.nop_interval_s = nop_interval_s
         self.nop_timeout_s = nop_timeout_s
@@ -201,7 +199,6 @@ class Connection:
         self.mrdsl_out = 8192  # what the initiator can receive; 8192 until negotiated (RFC 7143 §13.12)
         self.burst = 262144
         self.max_recv = 8192  # what we accept before negotiation completes
-        self.counters_rejects = 0
 
     # -- input --------------------------------------------------------------------------------------------------------
 
@@ -220,7 +217,6 @@ class Connection:
     def buffer_updated(self, nbytes: int, now: float) -> None:
         """``nbytes`` arrived in the buffer returned by :meth:`get_buffer`. Parses every complete PDU."""
         self.end += nbytes
-        self.now = now
         self.last_rx = now
         view = self.view
         while self.phase not in (Phase.CLOSED, Phase.LOGGED_OUT):
@@ -326,7 +322,6 @@ class Connection:
         return sn
 
     def _reject(self, bhs: bytes, reason: RejectReason, message: str, data_sn: int = 0) -> None:
-        self.counters_rejects += 1
         log.info("reject %s from %s: %s", reason.name, self.peer, message)
         self.events.append(Rejected(reason, message))
         self._send(pdu.encode_reject(reason, self._next_stat_sn(), self.exp_cmd_sn, self.max_cmd_sn, data_sn), bhs)
@@ -499,7 +494,6 @@ class Connection:
             length = min(p.max_burst_length, edtl - w.next_offset)
             ttt = next(self.ttt_counter) & 0x7FFFFFFF
             w.r2ts[ttt] = R2TState(w.next_offset, length)
-            self.ttt_index[ttt] = w.task.tag
             self._send(pdu.encode_r2t(w.task.tag, w.task.lun, ttt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn,
                                       w.r2t_sn, w.next_offset, length))
             w.r2t_sn += 1
@@ -544,7 +538,6 @@ class Connection:
             r.received += n
             if d.final or r.received >= r.length:
                 del w.r2ts[d.ttt]
-                self.ttt_index.pop(d.ttt, None)
         if w.received >= len(w.buffer) and not w.r2ts and w.next_offset >= len(w.buffer):
             del self.writes[d.itt]
             self.pending_bytes -= len(w.buffer)
@@ -560,8 +553,6 @@ class Connection:
         log.info("ending task 0x%08x from %s: %s", itt, self.peer, message)
         w = self.writes.pop(itt)
         self.pending_bytes -= len(w.buffer)
-        for ttt in w.r2ts:
-            self.ttt_index.pop(ttt, None)
         self.dead_itts[itt] = None
         while len(self.dead_itts) > 64:
             del self.dead_itts[next(iter(self.dead_itts))]
@@ -759,8 +750,6 @@ class Connection:
         if w is not None:
             found = True
             self.pending_bytes -= len(w.buffer)
-            for ttt in w.r2ts:
-                self.ttt_index.pop(ttt, None)
         if found:
             self.inflight -= 1
             self._window_update()
@@ -779,7 +768,6 @@ class Connection:
 
     def tick(self, now: float) -> None:
         """Called periodically: login timeout, NOP-In keepalive and its timeout."""
-        self.now = now
         if self.phase is Phase.LOGIN and self.login_deadline is not None and now >= self.login_deadline:
             self._fatal("login timed out")
             return
