@@ -348,6 +348,11 @@ class Connection:
             self.max_cmd_sn = (req.cmd_sn + CMD_WINDOW - 1) & MASK32
         try:
             reply = self.login.handle(req, data)
+            tsih = 0
+            if reply.done:
+                tsih = self._allocate_tsih()
+                if not tsih:
+                    raise LoginError(LoginStatus.OUT_OF_RESOURCES, "the portal's session limit is reached")
         except LoginError as e:
             target = self.login.target.name if self.login.target else ""
             self.events.append(LoginFailed(self.login.initiator_name, target, e.status, e.reason))
@@ -360,9 +365,6 @@ class Connection:
             self.events.append(Close(f"login failed: {e.reason}"))
             self.phase = Phase.CLOSED
             return
-        tsih = 0
-        if reply.done:
-            tsih = self._allocate_tsih()
         text = keys.encode_text(reply.pairs)
         bhs = pdu.encode_login_response(
             transit=reply.transit, cont=False, csg=reply.csg, nsg=reply.nsg, isid=req.isid, tsih=tsih, itt=req.itt,

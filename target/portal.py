@@ -12,7 +12,7 @@ import collections
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -324,7 +324,6 @@ class Server:
         self.throttle = LoginThrottle()
         self.stats = CommandStats()
         self._tsih = 0
-        self.on_login: list[Callable[[IscsiProtocol], None]] = []
 
     def target_limits(self) -> dict[str, str]:
         s = self.settings
@@ -342,6 +341,9 @@ class Server:
         return addr[0], addr[1]
 
     def allocate_tsih(self) -> int:
+        """A free TSIH for a login about to complete, or 0 when ``max_sessions`` sessions already exist."""
+        if len(self.sessions) >= self.settings.max_sessions:
+            return 0
         for _ in range(0xFFFF):
             self._tsih = self._tsih % 0xFFFF + 1
             if self._tsih not in self.sessions:
@@ -367,8 +369,6 @@ class Server:
         log.info("login initiator=%s addr=%s target=%s tsih=%d auth=%s type=%s", result.initiator_name, proto.peer,
                  result.target.name if result.target else "(discovery)", result.tsih, result.auth,
                  "discovery" if result.discovery else "normal")
-        for cb in self.on_login:
-            cb(proto)
 
     def login_failed(self, proto: IscsiProtocol, ev: cx.LoginFailed) -> None:
         self.counters.login_failures[ev.status.name.lower()] += 1

@@ -339,3 +339,12 @@ def test_empty_data_in_becomes_a_scsi_response() -> None:
     cdb = bytes((0x9E, 0x10)) + bytes(12) + bytes(2)
     [(rsp, _)] = rig.feed(scsi_cmd(cdb, itt=12, cmd_sn=2, edtl=0, read=True))
     assert rsp[0] == 0x21 and rsp[3] == Status.GOOD
+
+
+def test_session_limit_refuses_the_login_with_out_of_resources() -> None:
+    rig = Rig()
+    rig.conn._allocate_tsih = lambda: 0  # what the portal answers once max_sessions sessions exist
+    [(bhs, _)] = rig.login()
+    assert bhs[36:38] == bytes((0x03, 0x02))
+    assert rig.conn.phase is Phase.CLOSED
+    assert any(isinstance(e, LoginFailed) and "session limit" in e.reason for e in rig.events)
