@@ -229,15 +229,12 @@ class LoginMachine:
                 continue
             offered = [m.strip() for m in v.split(",")]
             if self._chap_required():
-                choice = "CHAP" if "CHAP" in offered else "Reject"
-            elif "None" in offered:
-                choice = "None"
-            elif "CHAP" in offered and self.discovery:
-                choice = "Reject"
+                if "CHAP" not in offered:
+                    raise LoginError(LoginStatus.AUTHENTICATION_FAILURE, "initiator does not offer CHAP")
+                choice = "CHAP"
             else:
-                choice = "Reject"
-            if choice == "Reject" and self._chap_required():
-                raise LoginError(LoginStatus.AUTHENTICATION_FAILURE, "initiator does not offer CHAP")
+                # No credentials are configured for this target (or it is discovery): only None can be agreed.
+                choice = "None" if "None" in offered else "Reject"
             self.auth_method = choice
             out.append(("AuthMethod", choice))
             if choice == "None":
