@@ -439,9 +439,6 @@ class Connection:
         assert nexus is not None and self.params is not None
         if c.itt in self.running or c.itt in self.writes:
             raise ProtocolError(f"ITT 0x{c.itt:08x} already in use", RejectReason.TASK_IN_PROGRESS)
-        if c.ahs_length:
-            # Extended CDB AHS (type 1) carries CDB bytes beyond 16; lunsync supports no such command.
-            pass
         dlen = len(data)
         edtl = c.expected_length
         p = self.params
@@ -455,6 +452,8 @@ class Connection:
         first_burst = min(p.first_burst_length, edtl)
         if dlen > first_burst:
             raise ProtocolError("immediate data beyond FirstBurstLength", RejectReason.PROTOCOL_ERROR)
+        # An Extended CDB AHS only carries CDB bytes beyond the 16th, which only variable-length CDBs (opcode 0x7F)
+        # use; lunsync registers none, so the SCSI layer answers INVALID COMMAND OPERATION CODE from byte 0 alone.
         task = ScsiTask(
             nexus, c.lun, c.cdb, c.itt, None, edtl if c.read else 0, edtl if c.write else 0,
             _ATTRS[c.attr],
