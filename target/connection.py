@@ -683,12 +683,29 @@ class Connection:
         except keys.TextError as e:
             raise ProtocolError(f"malformed text: {e}", RejectReason.PROTOCOL_ERROR) from None
         out: list[tuple[str, str]] = []
+        offers: list[tuple[str, str]] = []
         for k, v in pairs:
             if k == "SendTargets":
                 out += self._send_targets(v)
             else:
-                out.append((k, "NotUnderstood" if k not in keys.KEYS else "Reject"))
+                offers.append((k, v))
+        if offers:
+            out += self._renegotiate(offers)
         self._text_reply(t, keys.encode_text(out))
+
+    def _renegotiate(self, offers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Full-feature text negotiation (RFC 7143 §6.1): the same rules as at login, for the keys the phase allows;
+        e.g. an initiator re-declaring its MaxRecvDataSegmentLength changes how Data-In is cut from now on."""
+        assert self.params is not None
+        negotiator = keys.Negotiator(self.login.target_limits, session_type=self.params.session_type,
+                                     phase=keys.Phase.FULL_FEATURE, baseline=self.params)
+        try:
+            answers = negotiator.respond(offers)
+        except keys.NegotiationError as e:
+            raise ProtocolError(f"text negotiation: {e}", RejectReason.PROTOCOL_ERROR) from None
+        self.params = negotiator.result()
+        self.mrdsl_out = self.params.max_recv_data_segment_length
+        return answers
 
     def _text_reply(self, t: pdu.TextRequest, payload: bytes) -> None:
         seg = self.mrdsl_out

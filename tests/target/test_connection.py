@@ -348,3 +348,15 @@ def test_session_limit_refuses_the_login_with_out_of_resources() -> None:
     assert bhs[36:38] == bytes((0x03, 0x02))
     assert rig.conn.phase is Phase.CLOSED
     assert any(isinstance(e, LoginFailed) and "session limit" in e.reason for e in rig.events)
+
+
+def test_text_renegotiation_of_max_recv_data_segment_length_cuts_data_in() -> None:
+    rig = Rig()
+    rig.login()
+    text = keys.encode_text([("MaxRecvDataSegmentLength", "4096"), ("X-com.example.Foo", "1")])
+    bhs = struct.pack(">BBxxB3s8sIIII16x", 0x04, 0x80, 0, len(text).to_bytes(3, "big"), bytes(8), 21, 0xFFFFFFFF,
+                      2, 0)
+    [(rsp, data)] = rig.feed(bhs + text + pdu.padding(len(text)))
+    assert rsp[0] == 0x24 and dict(keys.parse_text(data)).get("X-com.example.Foo") == "NotUnderstood"
+    out = rig.feed(scsi_cmd(bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 16, 0)), itt=22, cmd_sn=3, edtl=8192, read=True))
+    assert [len(d) for _, d in out] == [4096, 4096] and out[1][0][1] & 0x01  # status on the last of the two
