@@ -19,7 +19,11 @@ restart both SQLite files pass ``PRAGMA integrity_check``. After it:
   was taken; one whose request was cut by the kill may be absent, but if present it must match too: a mismatch is an
   *altered snapshot*.
 
-Usage: ``python tests/crash/run.py N [--seed S] [--keep DIR]``; exit status 1 if any trial found a problem.
+Two more kinds of trial kill the daemon during a clone's fill and during a resync (see :class:`LifecycleTrial`);
+``--kinds`` picks which kinds run, taken in turn (by default all three: writes, clone, resync).
+
+Usage: ``python tests/crash/run.py N [--seed S] [--keep DIR] [--kinds writes,clone,resync]``; exit status 1 if any
+trial found a problem.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ import json
 import os
 import random
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
@@ -42,7 +48,7 @@ if str(TESTS) not in sys.path:
 
 import httpx
 from crash.stamps import UNIT, Stamp, StampClient, parse, stamp
-from e2e.harness import DEMO_IQN, Daemon
+from e2e.harness import DEMO_IQN, Daemon, describe, lunsync_command, run
 from iscsi_scapy import ConnectionClosed, ProtocolViolation
 
 LUN_BYTES = 8 << 20
@@ -93,6 +99,7 @@ class Snap:
 class Result:
     trial: int
     seed: int
+    kind: str = "writes"
     ran_s: float = 0.0
     writes_issued: int = 0
     writes_acked: int = 0
@@ -104,12 +111,19 @@ class Result:
     altered_snapshots: int = 0
     lost_snapshots: int = 0
     integrity_errors: int = 0
+    clones_checked: int = 0
+    resyncs_checked: int = 0
+    killed_mid_fill: int = 0  # the clone was still filling when the kill came (else the kill was too late to test it)
+    killed_mid_resync: int = 0
+    altered_clones: int = 0
+    wrong_resyncs: int = 0
+    trial_errors: int = 0  # a CLI or qemu-io step failed before the checks
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.lost_acked_writes or self.damaged_blocks or self.altered_snapshots or self.lost_snapshots
-                    or self.integrity_errors)
+                    or self.integrity_errors or self.altered_clones or self.wrong_resyncs or self.trial_errors)
 
 
 class Trial:
@@ -344,7 +358,243 @@ class Trial:
         self.d.close()
 
 
-def trial(workdir: Path, n: int, seed: int) -> Result:
+# -- clone and resync trials ------------------------------------------------------------------------------------------
+#
+# Two more kinds of trial, driven the way an administrator would, through the ``lunsync`` CLI with qemu-io (libiscsi)
+# as the initiator. Each fills one LUN with a known pattern, one byte value per MiB region, so a ``read -P`` per
+# region tells which content it holds:
+#
+# - ``clone``: pattern A, ``snapshot create LUN@c --kind clone``, then a writer keeps overwriting the origin with
+#   other bytes while the clone fills, and the daemon is killed at a random moment of the fill. After the restart the
+#   fill must resume and complete, and the exposed clone must read A in every region: anything else is an *altered
+#   clone*.
+# - ``resync``: pattern A, snapshot, pattern B, ``resync LUN@SNAP --rate R``, killed at a random moment of the copy.
+#   After the restart ``recovery wait`` must end ``done``, the LUN must read A everywhere and the exposed snapshot
+#   too: anything else is a *wrong resync*.
+
+MIB = 1 << 20
+KINDS = ("writes", "clone", "resync")
+CLONE_LUN_MIB = 64
+RESYNC_LUN_MIB = 32
+RESYNC_RATE_MIB_S = 16  # 32 MiB changed: about 2 s of copying
+RESYNC_KILL_AFTER_S = (0.1, 1.8)
+CLONE_KILL_AFTER_S = (0.0, 0.3)  # after the clone is taken; its fill takes about 0.2 s and more with writes
+EXPOSE_LUN = 5
+
+
+def pattern(base: int, region: int) -> int:
+    """The byte of MiB region ``region`` in the pattern starting at ``base`` (never 0, so never a hole's zeros)."""
+    return (base + region) % 255 + 1
+
+
+class LifecycleTrial:
+    """One clone or resync trial on a fresh daemon with a single demo LUN (LUN 0, ``demo0``)."""
+
+    def __init__(self, workdir: Path, trial: int, seed: int, kind: str) -> None:
+        self.rng = random.Random(seed)
+        self.kind = kind
+        self.res = Result(trial, seed, kind=kind)
+        self.mib = CLONE_LUN_MIB if kind == "clone" else RESYNC_LUN_MIB
+        self.d = Daemon(workdir, api=True, demo=True, demo_size=f"{self.mib}MiB")
+
+    # -- clients ------------------------------------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 120) -> Any:
+        p = run([*lunsync_command(), *args, "--json"], timeout=timeout,
+                env={"LUNSYNC_API": self.d.api_url, "LUNSYNC_DATA_DIR": str(self.d.data_dir)})
+        if p.returncode != 0:
+            raise TrialError(describe(p))
+        return json.loads(p.stdout)
+
+    def qemu(self, commands: list[str], lun: int = 0, *, read_only: bool = False) -> str:
+        cmd = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
+        for c in commands:
+            cmd += ["-c", c]
+        p = run([*cmd, self.d.url(lun)], timeout=120)
+        if p.returncode != 0 and not read_only:
+            raise TrialError(describe(p))
+        return p.stdout + p.stderr if p.returncode == 0 else f"exit {p.returncode}: {p.stdout}{p.stderr}"
+
+    def fill(self, base: int, lun: int = 0) -> None:
+        self.qemu([f"write -P {pattern(base, r):#x} {r * MIB} {MIB}" for r in range(self.mib)], lun)
+
+    def wrong_regions(self, base: int, lun: int) -> list[int]:
+        """The MiB regions of ``lun`` that do not read pattern ``base`` (all of them if the read itself failed)."""
+        out = self.qemu([f"read -P {pattern(base, r):#x} {r * MIB} {MIB}" for r in range(self.mib)], lun,
+                        read_only=True)
+        bad = set()
+        for line in out.splitlines():  # qemu-io exits 1 when a pattern differs, but still reads every region
+            if "verification failed at offset" in line:
+                bad.add(int(line.split("offset")[1].split(",")[0].strip().split()[0]) // MIB)
+        if out.count("read ") < self.mib or (out.startswith("exit ") and not bad):
+            self.res.problems.append(f"lun {lun}: qemu-io read failed: {out[-300:]}")
+            return list(range(self.mib))
+        return sorted(bad)
+
+    # -- clone --------------------------------------------------------------------------------------------------
+
+    def clone(self) -> None:
+        a = self.rng.randrange(200)
+        self.fill(a)  # what the clone must hold, region by region
+        # A 64 MiB fill takes a fraction of a second, less than the CLI takes to exit: the kill is timed from the
+        # daemon's log line that the clone was taken, not from the CLI's answer.
+        mark = self.d.log_mark()
+        create = subprocess.Popen([*lunsync_command(), "snapshot", "create", "demo0@c", "--kind", "clone", "--json"],
+                                  env={**os.environ, "LUNSYNC_API": self.d.api_url,
+                                       "LUNSYNC_DATA_DIR": str(self.d.data_dir)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while "snapshot demo0@c taken" not in self.d.log_since(mark):
+                if time.monotonic() > deadline or create.poll() not in (None, 0):
+                    raise TrialError(f"the clone was not taken: {create.communicate(timeout=30)}")
+                time.sleep(0.005)
+            stop = threading.Event()
+            wrng = random.Random(self.res.seed + 1)
+            writing: list[subprocess.Popen[bytes]] = []
+
+            def overwrite() -> None:  # keep the origin changing under the fill: every such write preserves first
+                while not stop.is_set():
+                    r = wrng.randrange(self.mib)
+                    # Popen, not run(): libiscsi retries a dead portal for ever, so this one is killed after the daemon
+                    w = subprocess.Popen(["qemu-io", "-f", "raw", "-c",
+                                          f"write -P {pattern(a + 100, r):#x} {r * MIB} {MIB}", self.d.url(0)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    writing.append(w)
+                    w.wait()
+
+            t = threading.Thread(target=overwrite, daemon=True)
+            start = time.monotonic()
+            t.start()
+            time.sleep(self.rng.uniform(*CLONE_KILL_AFTER_S))
+            self.d.kill9()
+            self.res.ran_s = round(time.monotonic() - start, 2)
+            self.res.killed_mid_fill = int("clone demo0@c filled" not in self.d.log_since(mark))
+            stop.set()
+            for _ in range(60):  # until the writer thread has seen the stop (it may start one more qemu-io first)
+                for w in writing:
+                    if w.poll() is None:
+                        w.kill()
+                        w.wait(10)
+                t.join(0.5)
+                if not t.is_alive():
+                    break
+        finally:
+            try:
+                create.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                create.kill()
+                create.communicate(timeout=10)
+        self._restart()
+        deadline = time.monotonic() + 60
+        while True:
+            shown = self.cli("snapshot", "show", "demo0@c")
+            if shown["state"] != "valid":
+                self.res.altered_clones += 1
+                self.res.problems.append(f"clone demo0@c is {shown['state']} after the restart: "
+                                         f"{shown.get('invalid_reason')}")
+                return
+            if shown["fill"]["complete"]:
+                break
+            if time.monotonic() > deadline:
+                self.res.altered_clones += 1
+                self.res.problems.append(f"clone demo0@c still filling 60 s after the restart: {shown['fill']}")
+                return
+            time.sleep(0.2)
+        self.cli("snapshot", "expose", "demo0@c", "--target", DEMO_IQN, "--lun", str(EXPOSE_LUN))
+        bad = self.wrong_regions(a, EXPOSE_LUN)
+        self.res.clones_checked += 1
+        if bad:
+            self.res.altered_clones += 1
+            self.res.problems.append(f"clone demo0@c: {len(bad)} MiB region(s) differ from its snapshot, e.g. "
+                                     f"{bad[:5]}")
+
+    # -- resync -------------------------------------------------------------------------------------------------
+
+    def resync(self) -> None:
+        a = self.rng.randrange(200)
+        self.fill(a)
+        self.cli("snapshot", "create", "demo0@s")
+        self.fill(a + 50)  # B: every region changed
+        rid = self.cli("resync", "demo0@s", "--rate", str(RESYNC_RATE_MIB_S))["id"]
+        start = time.monotonic()
+        time.sleep(self.rng.uniform(*RESYNC_KILL_AFTER_S))
+        try:
+            with self.api as c:
+                self.res.killed_mid_resync = int(c.get(f"/recovery/{rid}").json()["state"] == "resyncing")
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        self.d.kill9()
+        self.res.ran_s = round(time.monotonic() - start, 2)
+        self._restart()
+        final = self.cli("recovery", "wait", rid, timeout=120)
+        self.res.resyncs_checked += 1
+        if final["state"] != "done":
+            self.res.wrong_resyncs += 1
+            self.res.problems.append(f"resync {rid} ended {final['state']} after the restart")
+        bad = self.wrong_regions(a, 0)
+        if bad:
+            self.res.wrong_resyncs += 1
+            self.res.problems.append(f"demo0 after the resync: {len(bad)} MiB region(s) do not read the snapshot, "
+                                     f"e.g. {bad[:5]}")
+        self.cli("snapshot", "expose", "demo0@s", "--target", DEMO_IQN, "--lun", str(EXPOSE_LUN))
+        bad = self.wrong_regions(a, EXPOSE_LUN)
+        if bad:
+            self.res.wrong_resyncs += 1
+            self.res.problems.append(f"demo0@s after the resync: {len(bad)} MiB region(s) altered, e.g. {bad[:5]}")
+
+    # -- common -------------------------------------------------------------------------------------------------
+
+    @property
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.d.api_url + "/v1", timeout=10,
+                            headers={"Authorization": f"Bearer {self.d.api_token}"})
+
+    def _show(self, name: str) -> Any:
+        with self.api as c:
+            r = c.get(f"/snapshots/{name}")
+            r.raise_for_status()
+            return r.json()
+
+    def _restart(self) -> None:
+        dbs = [self.d.data_dir / "catalog.db", *sorted(self.d.data_dir.glob("pool/*.db"))]
+        for db in dbs:
+            con = sqlite3.connect(db)
+            try:
+                got = con.execute("PRAGMA integrity_check").fetchone()[0]
+            finally:
+                con.close()
+            if got != "ok":
+                self.res.integrity_errors += 1
+                self.res.problems.append(f"{db.name}: integrity_check says {got}")
+        self.d.start()
+
+    def go(self) -> None:
+        self.d.start()
+        try:
+            self.clone() if self.kind == "clone" else self.resync()
+        except TrialError as e:
+            self.res.problems.append(str(e)[-1500:])
+            self.res.trial_errors += 1
+        if self.d.running:
+            self.d.assert_healthy()
+
+    def close(self) -> None:
+        self.d.close()
+
+
+class TrialError(AssertionError):
+    """A CLI or qemu-io step failed: the trial could not run to its checks."""
+
+
+def trial(workdir: Path, n: int, seed: int, kind: str = "writes") -> Result:
+    if kind in ("clone", "resync"):
+        lt = LifecycleTrial(workdir, n, seed, kind)
+        try:
+            lt.go()
+        finally:
+            lt.close()
+        return lt.res
     t = Trial(workdir, n, seed)
     try:
         t.setup()
@@ -360,21 +610,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("n", type=int, nargs="?", default=50, help="number of trials")
     ap.add_argument("--seed", type=int, default=None, help="seed of the first trial (random by default)")
     ap.add_argument("--keep", type=Path, default=None, help="keep each trial's data dir and log under DIR")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"comma-separated trial kinds, taken in turn (default {','.join(KINDS)})")
     a = ap.parse_args(argv)
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds: choose from {', '.join(KINDS)}")
     seed0 = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 30)
     results = []
     with tempfile.TemporaryDirectory(prefix="lunsync-crash-") as tmp:
         base = a.keep or Path(tmp)
         for i in range(a.n):
-            r = trial(base / f"trial-{i}", i, seed0 + i)
+            kind = kinds[i % len(kinds)]
+            r = trial(base / f"trial-{i}", i, seed0 + i, kind)
             results.append(r)
+            if kind != "writes":
+                what = "fill" if kind == "clone" else "resync"
+                mid = r.killed_mid_fill if kind == "clone" else r.killed_mid_resync
+                print(f"trial {i:3d} seed {r.seed}: {kind}, killed after {r.ran_s:.2f}s "
+                      f"({'mid-' + what if mid else 'after the ' + what}), "
+                      f"{r.clones_checked + r.resyncs_checked} checked: "
+                      f"{'ok' if r.ok else 'FAILED: ' + '; '.join(r.problems[:5])}", flush=True)
+                continue
             print(f"trial {i:3d} seed {r.seed}: killed after {r.ran_s:.2f}s, {r.writes_acked}/{r.writes_issued} "
                   f"writes acked, {r.writes_durable_checked} durable blocks checked, {r.snapshots_checked} "
                   f"snapshot LUNs checked ({r.snapshots_answered} sets answered): "
                   f"{'ok' if r.ok else 'FAILED: ' + '; '.join(r.problems[:5])}", flush=True)
     total = {k: sum(getattr(r, k) for r in results) for k in (
         "writes_acked", "writes_durable_checked", "snapshots_checked", "lost_acked_writes", "altered_snapshots",
-        "lost_snapshots", "damaged_blocks", "integrity_errors")}
+        "lost_snapshots", "damaged_blocks", "integrity_errors", "clones_checked", "resyncs_checked",
+        "killed_mid_fill", "killed_mid_resync", "altered_clones", "wrong_resyncs", "trial_errors")}
     print(json.dumps({"trials": len(results), "failed_trials": sum(not r.ok for r in results), "first_seed": seed0,
                       **total}))
     return 0 if all(r.ok for r in results) else 1
