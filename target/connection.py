@@ -55,6 +55,7 @@ ALLOWED: dict[Phase, frozenset[int]] = {
     Phase.LOGGED_OUT: frozenset(),
     Phase.CLOSED: frozenset(),
 }
+_FULL_FEATURE_OPS = ALLOWED[Phase.FULL_FEATURE]  # checked per PDU: an Enum key hashes in Python, so skip the dict
 DISCOVERY_ALLOWED = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
 # PDUs that carry a CmdSN and so pass through the command window (RFC 7143 §4.2.2).
 _SEQUENCED_OPS = frozenset(int(o) for o in (Op.SCSI_CMD, Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ))
@@ -261,8 +262,8 @@ class Connection:
                 self._reject(bytes(bhs), RejectReason.DATA_DIGEST_ERROR, "data digest error")
                 return
         op = bhs[0] & 0x3F
-        allowed = ALLOWED[self.phase]
-        if op not in allowed:
+        phase = self.phase
+        if op not in (_FULL_FEATURE_OPS if phase is Phase.FULL_FEATURE else ALLOWED[phase]):
             if self.phase == Phase.LOGIN:
                 if self.login.first is not None:
                     # A login is under way: answer "invalid during login" (RFC 7143 §11.13.5), then close.
@@ -580,8 +581,7 @@ class Connection:
             # The common read: exactly what was asked for, in one Data-In PDU with the status folded in.
             stat_sn = self.stat_sn
             self.stat_sn = (stat_sn + 1) & MASK32
-            bhs = pdu.encode_data_in(task.tag, task.lun, 0, 0, expected, True, status=0, stat_sn=stat_sn,
-                                     exp_cmd_sn=self.exp_cmd_sn, max_cmd_sn=self.max_cmd_sn)
+            bhs = pdu.encode_read_answer(task.tag, task.lun, expected, stat_sn, self.exp_cmd_sn, self.max_cmd_sn)
             if self.header_digest or self.data_digest:
                 self.out.extend(pdu.frame(bhs, data, self.header_digest, self.data_digest))
             else:
@@ -589,6 +589,15 @@ class Connection:
                 self.out.append(data)
                 if expected & 3:
                     self.out.append(pdu.padding(expected))
+            return
+        if data is None and status == 0 and task.out_length == task.expected_out and not expected:
+            # The common write: GOOD, nothing to return, and the CDB moved exactly what the initiator sent.
+            stat_sn = self.stat_sn
+            self.stat_sn = (stat_sn + 1) & MASK32
+            bhs = pdu.encode_scsi_response(task.tag, 0, stat_sn, self.exp_cmd_sn, self.max_cmd_sn)
+            self.out.append(bhs)
+            if self.header_digest:
+                self.out.append(pdu.digest_bytes(pdu.crc32c(bhs)))
             return
         over = under = False
         residual = 0
@@ -635,7 +644,7 @@ class Connection:
         if not task.expected_in and self.result is not None and self.result.target is not None:
             # A write's residual compares the expected transfer length with what the CDB asks to move (RFC 7143
             # §11.4.5.1); the SCSI layer knows the latter, so the transport never parses a CDB.
-            want = self.result.target.scsi.data_out_length(task)
+            want = task.out_length if task.out_length >= 0 else self.result.target.scsi.data_out_length(task)
             if want is not None and want != task.expected_out:
                 over, under = want > task.expected_out, want < task.expected_out
                 # The field is 32 bits; a CDB may ask for up to 2**32 blocks, so saturate (found by tests/fuzz).

@@ -392,6 +392,19 @@ class ScsiResponse:
         )
 
 
+def encode_scsi_response(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> bytes:
+    """A SCSI Response with no residual, no data segment and response COMMAND COMPLETED: the common write's answer,
+    without building a :class:`ScsiResponse` first."""
+    return _SCSI_RSP.pack(0x21, 0x80, 0, status, 0, itt, 0, stat_sn, exp_cmd_sn, max_cmd_sn, 0, 0, 0)
+
+
+def encode_read_answer(itt: int, lun: int, length: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> bytes:
+    """The common read's one Data-In: final, GOOD status folded in, no residual (what :func:`encode_data_in` gives
+    for ``data_sn=0, offset=0, final=True, status=0``), without the keyword handling of the general encoder."""
+    return _DATA_IN.pack(0x25, 0x81, 0, length, _lun_word(lun), itt, RSVD_TAG, stat_sn, exp_cmd_sn, max_cmd_sn, 0, 0,
+                         0)
+
+
 def encode_data_in(
     itt: int, lun: int, data_sn: int, offset: int, length: int, final: bool, *, status: int | None = None,
     stat_sn: int = 0, exp_cmd_sn: int = 0, max_cmd_sn: int = 0, overflow: bool = False, underflow: bool = False,

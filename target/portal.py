@@ -238,7 +238,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             log.exception("SCSI task failed unexpectedly (initiator %s)", self.initiator)
             resp = ScsiResponse(Status.BUSY)
         finally:
-            self.tasks.pop(task.tag, None)
+            if self.tasks:
+                self.tasks.pop(task.tag, None)
         self._count(conn.result.target, task, resp, time.perf_counter() - started)
         if self.closing:
             return
@@ -251,12 +252,15 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         lu = target.scsi.luns.get(task.lun)
         if lu is None:
             return
-        if task.data_out is not None:
-            nbytes = len(task.data_out)
+        data = task.data_out
+        if data is not None:
+            nbytes = len(data)
         else:
-            nbytes = min(len(resp.data), task.expected_in) if resp.data is not None else 0
-        self.server.stats.record(lu.name or str(task.lun), self.lun_io, task.lun, task.cdb[0] if task.cdb else 0,
-                                 resp.status == Status.GOOD, nbytes, seconds)
+            data = resp.data
+            nbytes = 0 if data is None else min(len(data), task.expected_in)
+        cdb = task.cdb
+        self.server.stats.record(lu.name or str(task.lun), self.lun_io, task.lun, cdb[0] if cdb else 0,
+                                 resp.status == 0, nbytes, seconds)
 
     def abort(self, tag: int) -> bool:
         assert self.conn is not None

@@ -58,9 +58,11 @@ async def _read(lu: LogicalUnit, lba: int, blocks: int, len_byte: int) -> Buffer
 
 def _payload(req: Request, lu: LogicalUnit, blocks: int) -> tuple[Buffer | None, int]:
     """The Data-Out for ``blocks`` blocks: exactly those bytes, or the whole blocks that arrived if fewer did."""
-    data = req.task.data_out
+    task = req.task
+    data = task.data_out
     bs = lu.device.block_size
     need = blocks * bs
+    task.out_length = need
     if data is None:
         return None, 0
     have = len(data)

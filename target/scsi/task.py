@@ -46,6 +46,15 @@ class Nexus:
     target_name: str
     tpgt: int = 1
     relative_port: int = 1
+    # Every command looks its nexus up in its LU's unit-attention table: hash the five fields once, not per lookup.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.initiator_name, self.isid, self.target_name, self.tpgt,
+                                                self.relative_port)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def initiator_port(self) -> str:
@@ -70,6 +79,9 @@ class ScsiTask:
     expected_in: int = 0
     expected_out: int = 0
     attr: TaskAttr = TaskAttr.SIMPLE
+    # The Data-Out length the CDB asks for, when the handler has already worked it out (-1: not known). The transport
+    # needs it for a write's residual; a READ/WRITE handler sets it so the CDB is not parsed twice per command.
+    out_length: int = -1
 
 
 @dataclass(slots=True)

@@ -171,6 +171,22 @@ def test_read_underflow_sets_residual() -> None:
     assert len(data) == 512 and bhs[1] & 0x02 and int.from_bytes(bhs[44:48], "big") == 512
 
 
+def test_write_residuals_compare_the_cdb_with_the_expected_length() -> None:
+    # Exact (the fast path: no flags, no residual), then the CDB moving less (underflow) and more (overflow) than
+    # the initiator's Expected Data Transfer Length (RFC 7143 §11.4.5.1).
+    rig = Rig()
+    rig.login()
+    cases = [(1, 512, 0x80, 0), (1, 1024, 0x82, 512), (2, 512, 0x84, 512)]
+    for n, (blocks, edtl, flags, residual) in enumerate(cases):
+        cdb = bytes((0x2A, 0, 0, 0, 0, 8, 0, 0, blocks, 0))
+        [(bhs, data)] = rig.feed(scsi_cmd(cdb, itt=20 + n, cmd_sn=2 + n, edtl=edtl, write=True,
+                                          data=b"\x5a" * edtl))
+        assert bhs[0] == 0x21 and bhs[3] == 0 and data == b""
+        assert bhs[1] == flags and int.from_bytes(bhs[44:48], "big") == residual
+        assert int.from_bytes(bhs[16:20], "big") == 20 + n
+    assert rig.dev.data[8 * 512:9 * 512] == b"\x5a" * 512
+
+
 def test_write_beyond_first_burst_gets_r2t_then_completes() -> None:
     rig = Rig()
     rig.login()

@@ -112,3 +112,17 @@ def test_garbage_decodes_or_raises_decode_error(raw: bytes) -> None:
 def test_target_opcode_is_refused() -> None:
     with pytest.raises(pdu.DecodeError):
         pdu.decode(bytes([0x21]) + bytes(47))
+
+
+def test_encode_scsi_response_matches_the_dataclass_encoding() -> None:
+    # The write fast path packs its answer directly; it must be byte for byte what the general encoder gives.
+    for status in (0x00, 0x02, 0x18):
+        want = pdu.ScsiResponse(0x1234ABCD, status, 7, 8, 40).encode()
+        assert pdu.encode_scsi_response(0x1234ABCD, status, 7, 8, 40) == want
+        assert len(want) == pdu.BHS_LEN
+
+
+def test_encode_read_answer_matches_the_general_data_in_encoder() -> None:
+    for lun in (0, 3, 300):
+        want = pdu.encode_data_in(0xABCD, lun, 0, 0, 4096, True, status=0, stat_sn=5, exp_cmd_sn=6, max_cmd_sn=70)
+        assert pdu.encode_read_answer(0xABCD, lun, 4096, 5, 6, 70) == want
