@@ -62,6 +62,23 @@ def start_daemon(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     raise SystemExit(f"lunsync serve did not start; see {data_dir.parent / 'daemon.log'}")
 
 
+def steer_pid_for_tgtadm() -> None:
+    """The shared bench tool gives tgtd the control port ``20000 + pid % 20000`` of its own PID, and tgtadm refuses
+    ports above 32767: with a PID whose remainder passes 12767 the tool dies before measuring anything. As root,
+    set the next PID (``ns_last_pid``) so the tool's lands in range; otherwise burn PIDs with short children."""
+    def next_ok() -> bool:
+        return (int(Path("/proc/sys/kernel/ns_last_pid").read_text()) + 1) % 20000 <= 12767
+    try:
+        if not next_ok():
+            last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str((last // 20000 + 1) * 20000 + 1000))
+    except OSError:
+        for _ in range(20000):
+            if next_ok():
+                break
+            subprocess.run(["true"], check=False)
+
+
 def run(cmd: list[str], timeout: int) -> str:
     print("+", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=REPO, check=False)
@@ -87,6 +104,7 @@ def main() -> int:
         proc = start_daemon(data, port)
         try:
             url = f"iscsi://127.0.0.1:{port}/{IQN}/0"
+            steer_pid_for_tgtadm()
             sections.append((f"lunsync vs tgt: {bench} {url} --rounds {a.rounds} --seconds {a.seconds}",
                              run([PY, str(bench), url, "--rounds", str(a.rounds), "--seconds", str(a.seconds)],
                                  timeout=1800)))
