@@ -249,7 +249,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     def _count(self, target: TargetEntry, task: ScsiTask, resp: ScsiResponse, seconds: float) -> None:
         # One plain-int update per command; lunsync.provider.metrics reads the totals at scrape time.
-        lu = target.scsi.luns.get(task.lun)
+        lu = target.scsi.lun_map.get(task.lun)
         if lu is None:
             return
         data = task.data_out

@@ -91,6 +91,8 @@ class ScsiTarget:
     ) -> None:
         self.name = name
         self._luns: dict[int, LogicalUnit] = dict(luns or {})
+        # The same live dict as ``luns``, as a plain attribute for the per-command lookup (no property call).
+        self.lun_map: Mapping[int, LogicalUnit] = self._luns
         # LUN masking (a restore's "maintenance mode"): an LU listed here is seen only by these initiator names.
         self.masked: dict[LogicalUnit, frozenset[str]] = {}
         self.port_groups: dict[int, tuple[int, ...]] = dict(port_groups or {1: (1,)})
