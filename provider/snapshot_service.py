@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeVar
 
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from lunsync.provider.daemon import Array
 
 log = logging.getLogger("lunsync.snapshots")
+T = TypeVar("T")
 
 HOLD_TIMEOUT_S = 10.0  # VSS's flush-and-hold bound
 FILL_BATCH_CHUNKS = 64
@@ -81,7 +84,16 @@ class SnapshotService:
         # The (lun id, epoch) of a snapshot (set) whose record is committing, and a future set once it has or failed.
         self._recording: tuple[set[tuple[int, int]], asyncio.Future[None]] | None = None
         self._early_invalid: dict[tuple[int, int], str] = {}
-        self.cat.ensure_default_pool()
+        # Catalog commits a snapshot operation waits for get a thread of their own: in the default executor they
+        # would queue behind the LUNs' fdatasyncs and the copy-on-write batches, for seconds under load.
+        self._catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot-catalog")
+        default = self.cat.ensure_default_pool()
+        # Open it now, before any I/O: creating its pool.db (a few durable SQLite commits) would otherwise fall on the
+        # first snapshot's path, on the event loop, while the LUNs' writes keep the disk busy.
+        try:
+            self.pool(default)
+        except (OSError, StorageError, sqlite3.Error) as e:  # serve anyway; the first snapshot reports it
+            log.error("pool %s at %s cannot be opened: %s", default.name, default.path, e)
 
     # --- pools -----------------------------------------------------------------------------------------------------
 
@@ -190,6 +202,11 @@ class SnapshotService:
             vol.close_pool()
         for p in self._pools.values():
             p.close()
+        self._catalog_executor.shutdown()
+
+    async def _catalog_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking catalog call on the service's own catalog thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._catalog_executor, fn, *args)
 
     # --- snapshots -------------------------------------------------------------------------------------------------
 
@@ -201,9 +218,12 @@ class SnapshotService:
         writes are released right there, and the catalog commits after. That order is crash-safe because a snapshot
         whose record never committed does not exist after a crash; the copies made for its epoch meanwhile either
         serve older snapshots too (they hold those snapshots' contents) or are freed when the pool reopens, and no
-        later snapshot reuses the epoch (``epoch_floor``). If the commit fails, the epochs are abandoned in memory."""
+        later snapshot reuses the epoch (``epoch_floor``). If the commit fails, the epochs are abandoned in memory.
+
+        The log line's times count from this call, waiting for another snapshot operation included, to the moment
+        the record is durable (the catalog's COMMIT returned in its thread) and to the moment this returns."""
+        requested = time.perf_counter()
         async with self._lock:
-            requested = time.perf_counter()
             plans = self.cat.plan_snapshots(list(specs), kind, pool, set_name)  # every refusal before anything is held
             for plan in plans:
                 live = self.array.luns.get(plan.lun_name)
@@ -255,18 +275,14 @@ class SnapshotService:
             members = {(p.lun_id, e) for p, e in zip(plans, epochs, strict=True)}
             recording = self._recording = (members, asyncio.get_running_loop().create_future())
             try:
-                in_thread: list[float] = []
+                times: list[float] = []
 
-                def commit() -> list[SnapshotRecord]:
-                    t0 = time.perf_counter()
-                    try:
-                        made: list[SnapshotRecord] = self.cat.create_snapshots(list(specs), kind, pool, set_name,
-                                                                                epochs)
-                        return made
-                    finally:
-                        in_thread.append((time.perf_counter() - t0) * 1000)
+                def commit() -> None:
+                    times.append(time.perf_counter())
+                    self.cat.record_snapshots(plans, kind, set_name, epochs, hold_ms if set_name is not None else None)
+                    times.append(time.perf_counter())  # durable: the COMMIT (synchronous=FULL) has returned
 
-                recs = await asyncio.to_thread(commit)
+                await self._catalog_thread(commit)
             except BaseException:
                 self._recording = None
                 recording[1].set_result(None)  # before abandoning: a hold waits for writes that may wait for this
@@ -280,13 +296,14 @@ class SnapshotService:
                 raise
             self._recording = None
             recording[1].set_result(None)
-            committed = time.perf_counter()
+            recs = self.cat.get_snapshots([(p.lun_name, p.name) for p in plans])
             # A preservation that failed while the record was committing could not mark it invalid yet.
-            for rec, vol in zip(recs, vols, strict=True):
+            for i, (rec, vol) in enumerate(zip(recs, vols, strict=True)):
                 if rec.epoch in vol.epochs:
                     continue
                 reason = self._early_invalid.pop((rec.lun_id or 0, rec.epoch), "a chunk could not be preserved")
-                await asyncio.to_thread(self.cat.mark_invalid, rec.lun_id or 0, [rec.epoch], reason)
+                await self._catalog_thread(self.cat.mark_invalid, rec.lun_id or 0, [rec.epoch], reason)
+                recs[i] = replace(rec, state="invalid", invalid_reason=reason[:500])
                 log.error("snapshot %s is now invalid: %s", rec.full_name, reason)
             for key in members:
                 self._early_invalid.pop(key, None)
@@ -295,15 +312,15 @@ class SnapshotService:
             self.counters.snapshots_created += len(recs)
             if set_name is not None:
                 self.counters.sets_created += 1
-                self.cat.set_hold_ms(set_name, hold_ms)
-            log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; recorded in the catalog %.2f ms after "
-                     "the request, the commit itself %.2f ms)", " set " + set_name if set_name else "",
-                     ", ".join(r.full_name for r in recs), kind, hold_ms, (drained - started) * 1000,
-                     (committed - requested) * 1000, in_thread[0])
             for rec, vol in zip(recs, vols, strict=True):
                 if rec.kind == "clone" and rec.epoch in vol.epochs:
                     self._start_fill(rec)
-            return [self.cat.get_snapshot(r.lun_name, r.name) for r in recs], hold_ms
+            log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; durable in the catalog %.2f ms after "
+                     "the request: waited %.2f ms for the commit thread, transaction %.2f ms; returned after %.2f ms)",
+                     " set " + set_name if set_name else "", ", ".join(r.full_name for r in recs), kind, hold_ms,
+                     (drained - started) * 1000, (times[1] - requested) * 1000, (times[0] - released) * 1000,
+                     (times[1] - times[0]) * 1000, (time.perf_counter() - requested) * 1000)
+            return recs, hold_ms
 
     async def delete(self, lun: str, name: str) -> SnapshotRecord:
         async with self._lock:
@@ -360,7 +377,7 @@ class SnapshotService:
             for e in epochs:
                 self._early_invalid[(lun_id, e)] = reason
             await asyncio.shield(recording[1])
-        await asyncio.to_thread(self.cat.mark_invalid, lun_id, epochs, reason)
+        await self._catalog_thread(self.cat.mark_invalid, lun_id, epochs, reason)
         for rec in self.cat.list_snapshots():
             if rec.lun_id == lun_id and rec.epoch in epochs:
                 view = self.views.get(rec.id)

@@ -124,6 +124,12 @@ _SNAP_SELECT = """
 """
 
 
+def _names(n: int) -> str:
+    """``n`` (LUN, snapshot) name pairs as parameters, joined to ``snapshots s`` through its unique index."""
+    return (f"(VALUES {', '.join(['(?, ?)'] * n)}) v "
+            "JOIN snapshots s ON s.lun_name = v.column1 AND s.name = v.column2")
+
+
 def _snap(row: sqlite3.Row) -> SnapshotRecord:
     return SnapshotRecord(
         id=row["id"], lun_id=row["lun_id"], lun_name=row["lun_name"], name=row["name"], kind=row["kind"],
@@ -198,8 +204,10 @@ class SnapshotCatalog:
     # --- snapshots -------------------------------------------------------------------------------------------------
 
     def _check_specs(self, db: sqlite3.Connection, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
-                     set_name: str | None) -> list[tuple[sqlite3.Row, sqlite3.Row, sqlite3.Row | None]]:
-        """Every rule a new snapshot (set) must pass, read-only: ``(lun, pool, cow_volume or None)`` per spec."""
+                     set_name: str | None) -> list[tuple[sqlite3.Row, sqlite3.Row]]:
+        """Every rule a new snapshot (set) must pass, read-only: ``(lun, pool)`` per spec, the LUN's row carrying its
+        copy-on-write record as ``cow_pool_id`` and ``last_epoch`` (NULL without one). A handful of queries for the
+        whole set, not a few per member: it runs on the daemon's event loop, before writes are held."""
         if kind not in ("differential", "clone"):
             raise Invalid(f"kind must be differential or clone, not {kind!r}")
         if not specs:
@@ -211,90 +219,99 @@ class SnapshotCatalog:
             validate_name("set", set_name)
             if db.execute("SELECT 1 FROM snapshot_sets WHERE name = ?", (set_name,)).fetchone():
                 raise AlreadyExists(f"snapshot set {set_name!r} already exists")
+        marks = ", ".join("?" * len(luns))
+        rows = {r["name"]: r for r in db.execute(
+            "SELECT l.*, v.pool_id AS cow_pool_id, v.last_epoch AS last_epoch FROM luns l "
+            f"LEFT JOIN cow_volumes v ON v.lun_id = l.id WHERE l.name IN ({marks})", luns)}
+        taken = {(r[0], r[1]) for r in db.execute(
+            "SELECT s.lun_name, s.name FROM " + _names(len(specs)), [x for spec in specs for x in spec])}
+        pools = db.execute("SELECT * FROM pools").fetchall()
+        by_id = {p["id"]: p for p in pools}
+        by_name = {p["name"]: p for p in pools}
         out = []
         for lun_name, snap_name in specs:
             validate_name("lun", lun_name)
             validate_name("snapshot", snap_name)
-            lun = db.execute("SELECT * FROM luns WHERE name = ?", (lun_name,)).fetchone()
+            lun = rows.get(lun_name)
             if lun is None:
                 raise NotFound(f"lun {lun_name!r} does not exist")
-            if db.execute("SELECT 1 FROM snapshots WHERE lun_name = ? AND name = ?",
-                          (lun_name, snap_name)).fetchone():
+            if (lun_name, snap_name) in taken:
                 raise AlreadyExists(f"snapshot {lun_name}@{snap_name} already exists")
-            vol = db.execute("SELECT * FROM cow_volumes WHERE lun_id = ?", (lun["id"],)).fetchone()
-            if pool is not None:
-                prow = db.execute("SELECT * FROM pools WHERE name = ?", (pool,)).fetchone()
-                if prow is None:
-                    raise NotFound(f"pool {pool!r} does not exist")
-            elif vol is not None:
-                prow = db.execute("SELECT * FROM pools WHERE id = ?", (vol["pool_id"],)).fetchone()
-            else:
-                prow = db.execute("SELECT * FROM pools WHERE name = ?", (DEFAULT_POOL,)).fetchone()
-                if prow is None:
-                    raise NotFound(f"pool {DEFAULT_POOL!r} does not exist")
-            if vol is not None and vol["pool_id"] != prow["id"]:
+            name = pool if pool is not None else None if lun["cow_pool_id"] is not None else DEFAULT_POOL
+            prow = by_id[lun["cow_pool_id"]] if name is None else by_name.get(name)
+            if prow is None:
+                raise NotFound(f"pool {name!r} does not exist")
+            if lun["cow_pool_id"] is not None and lun["cow_pool_id"] != prow["id"]:
                 live = db.execute("SELECT count(*) FROM snapshots WHERE lun_id = ?", (lun["id"],)).fetchone()[0]
                 if live:
                     raise Invalid(f"lun {lun_name!r} keeps its copy-on-write area in another pool while it has "
                                   "snapshots there; delete them or use that pool")
-            out.append((lun, prow, vol))
+            out.append((lun, prow))
         return out
 
     def plan_snapshots(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
                        set_name: str | None) -> list[SnapshotPlan]:
-        """What :meth:`create_snapshots` would record, checked without writing: each LUN, the pool its copies go to
-        and its newest committed epoch. Raises what create_snapshots raises."""
+        """What :meth:`record_snapshots` would record, checked without writing: each LUN, the pool its copies go to
+        and its newest committed epoch. Raises NotFound, AlreadyExists, Invalid."""
         with self.catalog.transaction(write=False) as db:
-            return [SnapshotPlan(lun["id"], lun["name"], snap, self._pool(prow), vol["last_epoch"] if vol else 0)
-                    for (lun, prow, vol), (_, snap) in zip(self._check_specs(db, specs, kind, pool, set_name), specs,
-                                                           strict=True)]
+            return [SnapshotPlan(lun["id"], lun["name"], snap, self._pool(prow), lun["last_epoch"] or 0)
+                    for (lun, prow), (_, snap) in zip(self._check_specs(db, specs, kind, pool, set_name), specs,
+                                                      strict=True)]
 
-    def create_snapshots(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
-                         set_name: str | None, epochs: Sequence[int] | None = None) -> list[SnapshotRecord]:
-        """Record one snapshot per ``(lun, snap)`` in one transaction (the point in time of a set). Each takes its
-        LUN's next epoch, or the epoch given in ``epochs``, which must be newer than every committed one (the daemon
-        chooses epochs before it commits, and skips any a copy already carries). Raises NotFound, AlreadyExists,
-        Invalid; nothing is recorded then."""
-        if epochs is not None and len(epochs) != len(specs):
+    def record_snapshots(self, plans: Sequence[SnapshotPlan], kind: Kind, set_name: str | None,
+                         epochs: Sequence[int], hold_ms: float | None = None) -> None:
+        """Record the snapshots :meth:`plan_snapshots` planned, with the epochs the daemon chose, in one
+        transaction (the point in time of a set), with the set's hold time when there is a set. Durable when this
+        returns. Raises AlreadyExists, NotFound, Invalid; nothing is recorded then.
+
+        Writes only, one statement per table: the daemon commits in a thread that must win the GIL back after every
+        SQLite call, and under I/O load each such wait can cost milliseconds. The rules the plan checked are not
+        read again (the daemon plans and records under its snapshot lock, so no other snapshot is taken or deleted
+        in between); what can still change underneath is caught here: a name taken meanwhile by the constraints
+        (AlreadyExists), a LUN deleted or renamed by the join on its id and name (NotFound), and an epoch that is
+        not newer than the LUN's last by the guarded upsert (Invalid)."""
+        if len(epochs) != len(plans):
             raise Invalid("one epoch per snapshot")
+        if not plans:
+            raise Invalid("name at least one LUN@SNAP")
+        n = len(plans)
+        now = _now()
         with self.catalog.transaction() as db:
-            checked = self._check_specs(db, specs, kind, pool, set_name)
             set_id = None
             if set_name is not None:
-                set_id = db.execute("INSERT INTO snapshot_sets (name, created_at) VALUES (?, ?)",
-                                    (set_name, _now())).lastrowid
-            ids = []
-            for i, ((lun, prow, vol), (lun_name, snap_name)) in enumerate(zip(checked, specs, strict=True)):
-                if vol is not None and vol["pool_id"] != prow["id"]:
-                    db.execute("UPDATE cow_volumes SET pool_id = ? WHERE lun_id = ?", (prow["id"], lun["id"]))
-                if vol is None:
-                    db.execute("INSERT INTO cow_volumes (lun_id, pool_id, last_epoch) VALUES (?, ?, 0)",
-                               (lun["id"], prow["id"]))
-                last = vol["last_epoch"] if vol is not None else 0
-                epoch = last + 1 if epochs is None else epochs[i]
-                if epoch <= last:
-                    raise Invalid(f"epoch {epoch} of lun {lun_name!r} is not newer than its last, {last}")
-                db.execute("UPDATE cow_volumes SET last_epoch = ? WHERE lun_id = ?", (epoch, lun["id"]))
-                naa, serial = new_identity()
-                ids.append(db.execute(
-                    """INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, set_id, size_bytes,
-                                              block_size, chunk_size_bytes, naa, serial, created_at)
-                       VALUES (?, ?, ?, ?, 'valid', ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (lun["id"], lun_name, snap_name, kind, epoch, prow["id"], set_id, lun["size_bytes"],
-                     lun["block_size"], lun["chunk_size_bytes"], naa, serial, _now())).lastrowid)
-            return [self._get_by_id(i) for i in ids]
+                set_id = db.execute("INSERT INTO snapshot_sets (name, hold_ms, created_at) VALUES (?, ?, ?)",
+                                    (set_name, hold_ms, now)).lastrowid
+            rows: list[object] = []
+            for plan, epoch in zip(plans, epochs, strict=True):
+                rows += [plan.lun_id, plan.lun_name, plan.name, epoch, plan.pool.id, *new_identity()]
+            made = db.execute(
+                """INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, set_id, size_bytes,
+                                          block_size, chunk_size_bytes, naa, serial, created_at)
+                   SELECT l.id, l.name, v.column3, ?, 'valid', v.column4, v.column5, ?, l.size_bytes, l.block_size,
+                          l.chunk_size_bytes, v.column6, v.column7, ?
+                   FROM (VALUES """ + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n) + """) v
+                   JOIN luns l ON l.id = v.column1 AND l.name = v.column2""", [kind, set_id, now, *rows]).rowcount
+            if made != n:
+                raise NotFound("a LUN of the set was deleted or renamed while the snapshots were being taken")
+            bumped = db.execute(
+                "INSERT INTO cow_volumes (lun_id, pool_id, last_epoch) VALUES " + ", ".join(["(?, ?, ?)"] * n)
+                + " ON CONFLICT (lun_id) DO UPDATE SET pool_id = excluded.pool_id, last_epoch = excluded.last_epoch "
+                  "WHERE last_epoch < excluded.last_epoch",
+                [x for plan, epoch in zip(plans, epochs, strict=True) for x in (plan.lun_id, plan.pool.id, epoch)],
+            ).rowcount
+            if bumped != n:
+                raise Invalid("an epoch of the set is not newer than its LUN's last snapshot")
 
-    def _get_by_id(self, snap_id: int) -> SnapshotRecord:
-        row = self.catalog.transaction(write=False)
-        with row as db:
-            r = db.execute(_SNAP_SELECT + " WHERE s.id = ?", (snap_id,)).fetchone()
-            if r is None:
-                raise NotFound(f"snapshot id {snap_id} does not exist")
-            return _snap(r)
-
-    def set_hold_ms(self, set_name: str, hold_ms: float) -> None:
-        with self.catalog.transaction() as db:
-            db.execute("UPDATE snapshot_sets SET hold_ms = ? WHERE name = ?", (hold_ms, set_name))
+    def get_snapshots(self, names: Sequence[tuple[str, str]]) -> list[SnapshotRecord]:
+        """The snapshots ``(lun, snap)``, in that order, in one query. Raises NotFound."""
+        with self.catalog.transaction(write=False) as db:
+            found = {(r.lun_name, r.name): r for r in map(_snap, db.execute(
+                _SNAP_SELECT + " WHERE s.id IN (SELECT s.id FROM " + _names(len(names)) + ")",
+                [x for pair in names for x in pair]))}
+        missing = [f"{a}@{b}" for a, b in names if (a, b) not in found]
+        if missing:
+            raise NotFound(f"snapshot {', '.join(missing)} does not exist")
+        return [found[pair] for pair in names]
 
     def get_snapshot(self, lun: str, name: str) -> SnapshotRecord:
         with self.catalog.transaction(write=False) as db:

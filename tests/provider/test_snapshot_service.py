@@ -40,7 +40,7 @@ def slow_commit(array: Array, gate: threading.Event, fail: bool = False) -> list
     """Make the catalog commit of a snapshot wait for ``gate`` (in its thread), then commit or raise."""
     svc = array.snapshots
     assert svc is not None
-    real = svc.cat.create_snapshots
+    real = svc.cat.record_snapshots
     calls: list[float] = []
 
     def create(*args: Any, **kwargs: Any) -> Any:
@@ -50,7 +50,7 @@ def slow_commit(array: Array, gate: threading.Event, fail: bool = False) -> list
             raise CatalogError("disk full (injected)")
         return real(*args, **kwargs)
 
-    svc.cat.create_snapshots = create  # type: ignore[method-assign]
+    svc.cat.record_snapshots = create  # type: ignore[method-assign]
     return calls
 
 
@@ -102,7 +102,7 @@ def test_refused_commit_rolls_the_epochs_back_and_frees_their_copies(tmp_path: P
         assert vol.epochs == () and vol.slots_used == 0
         assert svc.cat.list_snapshots("l0") == []
         # The next snapshot never reuses the abandoned epoch, and its contents are right.
-        del svc.cat.create_snapshots
+        del svc.cat.record_snapshots
         (rec,), _ = await svc.create([("l0", "t")])
         assert rec.epoch > failed_epoch
         await vol.write(0, b"\x33" * CS)
@@ -137,3 +137,23 @@ def test_preservation_failing_while_the_record_commits_marks_the_snapshot_invali
         assert rec.epoch not in vol.epochs
 
     with_array(tmp_path, 1, body)
+
+
+def test_a_set_commits_while_the_default_executor_is_busy_and_records_its_hold_time(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        # Every worker of the default executor stuck, as behind the LUNs' fdatasyncs under load.
+        stuck = threading.Event()
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(None, stuck.wait, 30) for _ in range(64)]
+        try:
+            recs, hold_ms = await asyncio.wait_for(svc.create([("l0", "s"), ("l1", "s")], set_name="set"), 10)
+        finally:
+            stuck.set()
+            await asyncio.gather(*jobs)
+        assert [r.set_name for r in recs] == ["set", "set"]
+        with array.catalog.transaction(write=False) as db:
+            assert db.execute("SELECT hold_ms FROM snapshot_sets WHERE name = 'set'").fetchone()[0] == hold_ms
+
+    with_array(tmp_path, 2, body)
