@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import os
 import secrets
@@ -62,6 +63,10 @@ __all__ = [
 ]
 
 CATALOG_FILENAME = "catalog.db"
+# Frames between automatic checkpoints (SQLite's default, stated so the WAL reserve below can be sized from it), and
+# how many such stretches of WAL are written as zeros when the catalog opens.
+WAL_AUTOCHECKPOINT_PAGES = 1000
+WAL_RESERVE_CHECKPOINTS = 2
 
 # The 24-bit IEEE company id in every NAA-6 designator lunsync generates. It is not an IEEE assignment: its first
 # octet (0x0A) has the local bit set and the group bit clear, the shape of the "CID" block the IEEE reserves for
@@ -442,7 +447,9 @@ class Catalog:
             # FULL: in WAL mode NORMAL may lose the last commits on power loss; an acknowledged change must not be.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             self._migrate()
+            self._reserve_wal()
         except BaseException:
             self.close()
             raise
@@ -501,6 +508,36 @@ class Catalog:
                 raise
             finally:
                 self._depth = 0
+
+    def _reserve_wal(self) -> None:
+        """Extend the WAL with written zeros to more than it grows to between checkpoints, once, at open.
+
+        A commit's fdatasync of a WAL that grows must also commit the file system's journal (the file's size
+        changed), and on ext4 (data=ordered) that journal commit waits for every other file's newly allocated data
+        to reach the disk: under write load on the LUNs, tens to hundreds of milliseconds. Over blocks that are
+        already written, the same fdatasync only writes the frames and flushes the disk's cache. SQLite writes each
+        frame at its place in the file and never truncates the WAL (journal_size_limit is left at -1), so commits
+        land in the reserve, and after each checkpoint the WAL starts again from its beginning, in the same blocks.
+        Zeros are no frames: recovery reads frames up to the first one whose salt and checksum do not match the
+        header's, and a zero header makes the whole file read as an empty WAL. The write lock (BEGIN IMMEDIATE) is
+        held meanwhile, so no frame is written concurrently; only blocks past the WAL's end are touched."""
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        want = 32 + WAL_RESERVE_CHECKPOINTS * WAL_AUTOCHECKPOINT_PAGES * (24 + page)  # header, frames
+        with self._tx():
+            fd = os.open(self.path + "-wal", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                have = os.fstat(fd).st_size
+                if have >= want:
+                    return
+                zeros = bytes(1 << 20)
+                while have < want:
+                    n = os.pwrite(fd, zeros[:want - have], have)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "write made no progress")
+                    have += n
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A read transaction: several queries see one consistent state."""

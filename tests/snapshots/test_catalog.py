@@ -26,6 +26,7 @@ from lunsync.provider.config import (
     dump_config,
     parse_config,
 )
+from lunsync.snapshots import catalog
 from lunsync.snapshots.catalog import (
     COMPANY_ID,
     SCHEMA_VERSION,
@@ -157,6 +158,44 @@ def test_acknowledged_change_survives_kill_9(data_dir: Path) -> None:
     assert proc.returncode == -9
     with Catalog(data_dir) as c:
         assert c.get_lun("db0").naa == proc.stdout.strip()
+        assert c.integrity_check() == []
+
+
+def test_the_wal_is_reserved_as_written_zeros_and_reused_not_grown(data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(catalog, "WAL_AUTOCHECKPOINT_PAGES", 10)  # a checkpoint every few commits
+    wal = data_dir / "catalog.db-wal"
+    with Catalog(data_dir) as c:
+        size = wal.stat().st_size
+        assert size >= catalog.WAL_RESERVE_CHECKPOINTS * 10 * 4096
+        assert wal.stat().st_blocks * 512 >= size  # written, not a sparse file
+        for i in range(60):  # far more frames than the reserve holds: only reuse keeps the size
+            c.create_lun(f"l{i}", GiB)
+        assert wal.stat().st_size == size
+    assert not wal.exists()  # a clean close checkpoints and removes it, as before
+    with Catalog(data_dir) as c:
+        assert wal.stat().st_size == size and len(c.list_luns()) == 60
+
+
+def test_acknowledged_changes_in_a_reused_wal_survive_kill_9(data_dir: Path) -> None:
+    # The WAL wraps several times within its reserve, so frames of earlier rounds lie past the live ones.
+    script = (
+        "import os, signal, sys\n"
+        "from lunsync.snapshots import catalog\n"
+        "catalog.WAL_AUTOCHECKPOINT_PAGES = 10\n"
+        "c = catalog.Catalog(sys.argv[1])\n"
+        "for i in range(45):\n"
+        "    c.create_lun(f'l{i}', 1 << 30)\n"
+        "print(c.get_lun('l44').naa, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == -9
+    with Catalog(data_dir) as c:
+        assert len(c.list_luns()) == 45
+        assert c.get_lun("l44").naa == proc.stdout.strip()
         assert c.integrity_check() == []
 
 
