@@ -72,6 +72,7 @@ LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.d
 _LOG_MAGIC = b"LSM1"
 _LOG_BODY = struct.Struct("<Qqqq")  # generation, chunk, epoch, slot
 _LOG_REC = struct.Struct("<4sIQqqq")  # magic, CRC-32 of the body, then the body: 40 bytes
+_LOG_GROW = 64 << 10  # the map log's size is a multiple of this
 # copy_file_range cannot cross filesystems on every kernel (EXDEV), nor work on every file (EINVAL, EOPNOTSUPP); then
 # the copy goes through a buffer.
 _NO_OFFLOAD = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP, errno.EBADF)
@@ -122,8 +123,20 @@ class CowStats:
 
 
 class _MapLog:
-    """One LUN's map log: ``lun-<id>.map``, fixed-size records appended and fdatasync'ed after the data they map.
-    ``rows`` are the records of the current generation not yet checkpointed into ``pool.db``."""
+    """One LUN's map log: ``lun-<id>.map``, fixed-size records written after the log's end and fdatasync'ed after
+    the data they map. ``rows`` are the records of the current generation not yet checkpointed into ``pool.db``.
+
+    The file is kept larger than its records: past the end lie written zeros and the records of older generations,
+    so an append overwrites blocks that already hold data and its fdatasync is a data flush. An append that made the
+    file longer would also commit the file system's journal (the size changed), which on ext4 waits for every other
+    file's newly allocated data, the LUNs' included. The log grows, a reserve at a time, only when an append would
+    pass its size.
+
+    A reader takes records from the start up to the first one that is not a valid record of the current generation
+    (a torn or zeroed record, or an older generation's): that is the end. So that the end found is never earlier
+    than a record that follows it, no record of the current generation may lie past the end. ``stale_tail`` says
+    one may (found past a torn record at open, or written by an append that failed): the pool then starts a new
+    generation, durably, before the next append."""
 
     def __init__(self, path: str, gen: int) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -132,6 +145,7 @@ class _MapLog:
         self.end = 0
         self.lock = threading.Lock()
         raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+        self.size = len(raw)
         # A torn or stale tail ends the log: those records' origin writes never happened (they wait for the sync),
         # and records of an older generation are already in pool.db.
         for off in range(0, len(raw) - _LOG_REC.size + 1, _LOG_REC.size):
@@ -141,38 +155,55 @@ class _MapLog:
                 break
             self.rows.append((chunk, epoch, slot))
             self.end = off + _LOG_REC.size
+        self.stale_tail = any(
+            raw[off:off + 4] == _LOG_MAGIC and _LOG_BODY.unpack_from(raw, off + 8)[0] == gen
+            for off in range(self.end + _LOG_REC.size, len(raw) - _LOG_REC.size + 1, _LOG_REC.size))
 
     def append(self, rows: Sequence[tuple[int, int, int]]) -> None:
-        """Write and fdatasync ``rows``: durable when this returns. Caller holds ``lock``."""
+        """Write and fdatasync ``rows``: durable when this returns. Caller holds ``lock`` and has started a new
+        generation if ``stale_tail``."""
         buf = bytearray()
         for chunk, epoch, slot in rows:
             body = _LOG_BODY.pack(self.gen, chunk, epoch, slot)
             buf += _LOG_MAGIC + zlib.crc32(body).to_bytes(4, "little") + body
+        need = self.end + len(buf)
+        size = self.size
+        if need > size:  # past the reserve: grow by another one, written as zeros in the same write
+            size = -(-(need + LOG_CHECKPOINT_RECORDS * _LOG_REC.size) // _LOG_GROW) * _LOG_GROW
+            buf += bytes(size - need)
         try:
-            view = memoryview(buf)
-            pos = self.end
-            while view:
-                n = os.pwrite(self.fd, view, pos)
-                if n <= 0:
-                    raise OSError(errno.EIO, "write made no progress")
-                view, pos = view[n:], pos + n
+            _pwrite_all(self.fd, buf, self.end)
             os.fdatasync(self.fd)
         except OSError:
-            try:  # the caller treats these rows as lost: never let a later open replay them
-                os.ftruncate(self.fd, self.end)
+            # The caller treats these rows as lost: never let a later open replay them. A reader would read on into
+            # them, so they are zeroed (as far as a failing disk allows), and the next append starts a new
+            # generation first, after which no record of this one is read again wherever it lies.
+            self.stale_tail = True
+            try:
+                _pwrite_all(self.fd, bytes(len(buf)), self.end)
             except OSError:
                 pass
             raise
-        self.end += len(buf)
+        self.size = size
+        self.end = need
         self.rows.extend(rows)
 
     def reset(self, gen: int) -> None:
-        """After a checkpoint committed generation ``gen``: start an empty log (what is left on disk is stale)."""
-        self.gen, self.rows, self.end = gen, [], 0
-        os.ftruncate(self.fd, 0)
+        """After a checkpoint committed generation ``gen``: start an empty log at the file's start. What is on disk
+        is of older generations now, so it ends the log wherever it is met; the file keeps its blocks."""
+        self.gen, self.rows, self.end, self.stale_tail = gen, [], 0, False
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view, offset = view[n:], offset + n
 
 
 class Pool:
@@ -251,7 +282,7 @@ class Pool:
         """Fold ``lun_id``'s map log into pool.db now (it happens by itself every LOG_CHECKPOINT_RECORDS). Blocking."""
         log_ = self._log(lun_id)
         with log_.lock:
-            if log_.rows:
+            if log_.rows or log_.stale_tail:
                 self._checkpoint(lun_id, log_)
 
     def load(self, lun_id: int) -> list[tuple[int, int, int]]:
@@ -268,6 +299,8 @@ class Pool:
         must already be durable). Blocking."""
         log_ = self._log(lun_id)
         with log_.lock:
+            if log_.stale_tail:
+                self._checkpoint(lun_id, log_)
             log_.append(rows)
             if len(log_.rows) >= LOG_CHECKPOINT_RECORDS:
                 try:
@@ -280,7 +313,7 @@ class Pool:
         bring them back). Blocking."""
         log_ = self._log(lun_id)
         with log_.lock:
-            if log_.rows:
+            if log_.rows or log_.stale_tail:
                 self._checkpoint(lun_id, log_)
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")

@@ -37,6 +37,26 @@ def make(tmp: Path, *, capacity: int | None = None, epochs: tuple[int, ...] = ()
     return CowVolume(origin, pool, 1, CS, epochs, name="lun"), pool
 
 
+def log_records(path: str) -> list[tuple[int, int, int, int]]:
+    """A map log's ``(generation, chunk, epoch, slot)`` records, up to the first place that holds none."""
+    from lunsync.snapshots import cow
+
+    raw = Path(path).read_bytes()
+    out = []
+    for off in range(0, len(raw) - cow._LOG_REC.size + 1, cow._LOG_REC.size):
+        magic, _, gen, chunk, epoch, slot = cow._LOG_REC.unpack_from(raw, off)
+        if magic != cow._LOG_MAGIC:
+            break
+        out.append((gen, chunk, epoch, slot))
+    return out
+
+
+def put(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 def pat(byte: int, n: int = CS) -> bytes:
     return bytes([byte]) * n
 
@@ -437,17 +457,92 @@ def test_map_log_replays_after_a_crash_and_never_resurrects_a_forgotten_copy(
         for c in range(5):  # 5 records: one checkpoint after the 3rd, two left in the log
             await vol.write(c * CS // BS, pat(0x0B))
         log_path = pool.log_path(1)
-        assert os.path.getsize(log_path) == 2 * cow._LOG_REC.size
-        stale = Path(log_path).read_bytes()
+        (gen, *_), *_ = recs = log_records(log_path)  # then the checkpointed generation's 3 records
+        assert [(c, e) for g, c, e, _ in recs if g == gen] == [(3, 1), (4, 1)]
+        stale = Path(log_path).read_bytes()[:2 * cow._LOG_REC.size]
         rows = Pool("p", str(tmp_path / "pool")).load(1)  # another opener replays (and checkpoints) the log
         assert [(c, e) for c, e, _ in rows] == [(c, 1) for c in range(5)]
-        # A torn record at the tail is ignored; so are records of an older generation.
-        Path(log_path).write_bytes(Path(log_path).read_bytes() + stale + b"\x00torn")
+        # A torn record at the log's end (its start: the checkpoint emptied it) is ignored; so are records of an
+        # older generation.
+        put(log_path, 0, stale + b"\x00torn")
         pool2 = Pool("p", str(tmp_path / "pool"))
         assert [(c, e) for c, e, _ in pool2.load(1)] == [(c, 1) for c in range(5)]
         pool2.forget(1, [(3, 1), (4, 1)])
-        Path(log_path).write_bytes(Path(log_path).read_bytes() + stale)
+        put(log_path, 0, stale)
         assert [(c, e) for c, e, _ in Pool("p", str(tmp_path / "pool")).load(1)] == [(c, 1) for c in range(3)]
         await vol.close()
 
     run(go())
+
+
+def test_map_log_appends_overwrite_its_reserve_and_reopen_stops_at_a_torn_record(tmp_path: Path) -> None:
+    from lunsync.snapshots import cow
+
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0x0A, 8 * CS))
+        await snap(vol, 1)
+        log_path = pool.log_path(1)
+        sizes = set()
+        for c in range(6):
+            await vol.write(c * CS // BS, pat(0x0B))
+            sizes.add(os.path.getsize(log_path))
+        rec = cow._LOG_REC.size
+        # The first append made the file a reserve long (written zeros); the others only overwrote it.
+        assert len(sizes) == 1 and sizes.pop() >= cow.LOG_CHECKPOINT_RECORDS * rec
+        raw = Path(log_path).read_bytes()
+        assert [c for _, c, _, _ in log_records(log_path)] == list(range(6)) and not any(raw[6 * rec:])
+        # A crash (no close) while records 0-5 were one append in flight: record 0 is torn, the rest reached the
+        # disk. Nothing is replayed, and a later append where record 0 was must not join records 1-5 to the log.
+        put(log_path, 8, bytes(rec - 8))  # its magic and CRC reached the disk, its body did not
+        pool2 = Pool("p", str(tmp_path / "pool"))
+        assert pool2.load(1) == []
+        pool2.commit(1, [(7, 1, cow.ZERO)])
+        assert [(c, e) for c, e, _ in Pool("p", str(tmp_path / "pool")).load(1)] == [(7, 1)]
+        await vol.close()
+
+    run(go())
+
+
+def test_a_map_log_append_that_failed_is_never_replayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunsync.snapshots import cow
+
+    pool = Pool("p", str(tmp_path / "pool"))
+    pool.commit(1, [(0, 1, 0)])
+    log_ = pool._logs[1]
+    gen, rec = log_.gen, cow._LOG_REC.size
+    real_sync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if fd == log_.fd:
+            raise OSError(5, "Input/output error (injected)")
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(OSError):
+        pool.commit(1, [(1, 1, 1), (2, 1, 2)])
+    monkeypatch.setattr(os, "fdatasync", real_sync)
+    assert not any(Path(pool.log_path(1)).read_bytes()[rec:3 * rec])  # zeroed after the failure
+    # As if the records had reached the disk anyway and the zeros had not.
+    lost = b"".join(cow._LOG_MAGIC + cow.zlib.crc32(body).to_bytes(4, "little") + body
+                    for body in (cow._LOG_BODY.pack(gen, 1, 1, 1), cow._LOG_BODY.pack(gen, 2, 1, 2)))
+    put(pool.log_path(1), rec, lost)
+    pool.commit(1, [(3, 1, 3)])  # in a new generation: what is left of the old one is read no more
+    assert log_.gen > gen
+    assert Pool("p", str(tmp_path / "pool")).load(1) == [(0, 1, 0), (3, 1, 3)]
+
+
+def test_map_log_is_reused_after_a_checkpoint_and_reopens_with_the_new_generation_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunsync.snapshots import cow
+
+    monkeypatch.setattr(cow, "LOG_CHECKPOINT_RECORDS", 3)
+    pool = Pool("p", str(tmp_path / "pool"))
+    pool.commit(1, [(0, 1, 0), (1, 1, 1)])
+    pool.commit(1, [(2, 1, 2)])  # the 3rd record: checkpointed into pool.db, the log starts again
+    size = os.path.getsize(pool.log_path(1))
+    pool.commit(1, [(3, 1, 3)])
+    assert os.path.getsize(pool.log_path(1)) == size  # neither truncated nor grown
+    (gen, *_), *older = log_records(pool.log_path(1))
+    assert len(older) == 2 and {g for g, *_ in older} == {gen - 1}  # the old generation's tail is still there
+    assert Pool("p", str(tmp_path / "pool")).load(1) == [(c, 1, c) for c in range(4)]
