@@ -71,7 +71,10 @@ def steer_pid_for_tgtadm() -> None:
     try:
         if not next_ok():
             last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
-            Path("/proc/sys/kernel/ns_last_pid").write_text(str((last // 20000 + 1) * 20000 + 1000))
+            want = (last // 20000 + 1) * 20000 + 1000
+            if want >= int(Path("/proc/sys/kernel/pid_max").read_text()):
+                want = 1000  # PIDs wrap: the next free one above 1000, whose remainder is small
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(want))
     except OSError:
         for _ in range(20000):
             if next_ok():
