@@ -85,7 +85,8 @@ def first_read(tmp: Path, size: str, label: str) -> None:
             r = b.http.post("/recovery/resync", json={"pairs": [{"snapshot": "demo0@s1", "destination": dest}],
                                                       "rate_mib_s": 1})
             post_ms = (time.perf_counter() - t0) * 1000
-            r.raise_for_status()
+            if r.is_error:
+                raise SystemExit(f"resync of {label} to {dest or 'origin'} refused: {r.status_code} {r.text}")
             t1 = time.perf_counter()
             if dest is None:  # the new LUN is not mapped; the origin is LUN 0
                 b.qemu("read -P 0xaa 0 4k")

@@ -83,11 +83,14 @@ def iops(seconds: float = 5.0, rounds: int = 3) -> None:
     runs: dict[str, list[float]] = {case: [] for case in cases}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         for n in range(rounds):
-            for case in cases:
+            # Each round starts one case later, so no case always follows the same one: deleting the previous
+            # case's gigabytes (with the discards that go with it) weighs on whatever runs next.
+            for case in cases[n % len(cases):] + cases[:n % len(cases)]:
                 run_dir = Path(d) / f"{case}-{n}"  # a fresh LUN and pool each time
                 run_dir.mkdir()
                 runs[case].append(asyncio.run(_iops(case, seconds, run_dir)))
                 shutil.rmtree(run_dir)
+                os.sync()
     rates = {case: statistics.median(r) for case, r in runs.items()}
     for case, r in rates.items():
         print(f"{case:10s} {r:10.0f} IOPS  (runs: {', '.join(f'{x:.0f}' for x in runs[case])})")
