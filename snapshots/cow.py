@@ -55,9 +55,9 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from lunsync.snapshots.device import Buffer, LbaExtent
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
@@ -670,8 +670,10 @@ class CowVolume:
     def fileno(self) -> int:
         return self.origin.fileno()
 
-    async def read(self, lba: int, blocks: int) -> Buffer:
-        return await self.origin.read(lba, blocks)
+    def read(self, lba: int, blocks: int) -> Coroutine[Any, Any, Buffer]:
+        # The origin's own coroutine, not one wrapped in another: a read never needs the volume (snapshots only
+        # change what a write must do first), and this runs once per READ command.
+        return self.origin.read(lba, blocks)
 
     def _needs(self, first: int, last: int) -> list[int]:
         newest = self._newest

@@ -51,7 +51,9 @@ async def _read(lu: LogicalUnit, lba: int, blocks: int, len_byte: int) -> Buffer
         raise lba_out_of_range()
     if not blocks:
         return None
-    if blocks > lu.max_transfer_blocks:
+    # 2048 blocks is never above MAXIMUM TRANSFER LENGTH (8 MiB at the 4096-byte block size, the largest), so the
+    # property is only consulted for large reads.
+    if blocks > 2048 and blocks > lu.max_transfer_blocks:
         raise invalid_field(len_byte)
     return await dev.read(lba, blocks)
 
