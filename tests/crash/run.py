@@ -126,6 +126,19 @@ class Result:
                     or self.integrity_errors or self.altered_clones or self.wrong_resyncs or self.trial_errors)
 
 
+def check_integrity(data_dir: Path, res: Result) -> None:
+    """SQLite's integrity_check on the catalog and every pool database of a stopped daemon's data dir."""
+    for db in [data_dir / "catalog.db", *sorted(data_dir.glob("pool/*.db"))]:
+        con = sqlite3.connect(db)
+        try:
+            got = con.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            con.close()
+        if got != "ok":
+            res.integrity_errors += 1
+            res.problems.append(f"{db.name}: integrity_check says {got}")
+
+
 class Trial:
     def __init__(self, workdir: Path, trial: int, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -267,16 +280,7 @@ class Trial:
     # -- checking -----------------------------------------------------------------------------------------------
 
     def integrity(self) -> None:
-        dbs = [self.d.data_dir / "catalog.db", *sorted(self.d.data_dir.glob("pool/*.db"))]
-        for db in dbs:
-            con = sqlite3.connect(db)
-            try:
-                got = con.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                con.close()
-            if got != "ok":
-                self.res.integrity_errors += 1
-                self.res.problems.append(f"{db.name}: integrity_check says {got}")
+        check_integrity(self.d.data_dir, self.res)
 
     def check_origins(self, c: StampClient) -> None:
         for lun in LUNS:
@@ -557,16 +561,7 @@ class LifecycleTrial:
             return r.json()
 
     def _restart(self) -> None:
-        dbs = [self.d.data_dir / "catalog.db", *sorted(self.d.data_dir.glob("pool/*.db"))]
-        for db in dbs:
-            con = sqlite3.connect(db)
-            try:
-                got = con.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                con.close()
-            if got != "ok":
-                self.res.integrity_errors += 1
-                self.res.problems.append(f"{db.name}: integrity_check says {got}")
+        check_integrity(self.d.data_dir, self.res)
         self.d.start()
 
     def go(self) -> None:
