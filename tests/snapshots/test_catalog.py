@@ -143,6 +143,15 @@ def test_state_survives_reopen(data_dir: Path) -> None:
         assert c.get_setting("api.token_sha256") == "ab" * 32
 
 
+def killed_after(script: str, data_dir: Path) -> str:
+    """Run ``script`` on ``data_dir`` in a child that ends by kill -9ing itself; return what it printed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == -9, proc.stderr
+    return proc.stdout.strip()
+
+
 def test_acknowledged_change_survives_kill_9(data_dir: Path) -> None:
     script = (
         "import os, signal, sys\n"
@@ -152,12 +161,9 @@ def test_acknowledged_change_survives_kill_9(data_dir: Path) -> None:
         "print(rec.naa, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(data_dir)], check=False, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == -9
+    naa = killed_after(script, data_dir)
     with Catalog(data_dir) as c:
-        assert c.get_lun("db0").naa == proc.stdout.strip()
+        assert c.get_lun("db0").naa == naa
         assert c.integrity_check() == []
 
 
@@ -189,13 +195,10 @@ def test_acknowledged_changes_in_a_reused_wal_survive_kill_9(data_dir: Path) -> 
         "print(c.get_lun('l44').naa, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(data_dir)], check=False, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == -9
+    naa = killed_after(script, data_dir)
     with Catalog(data_dir) as c:
         assert len(c.list_luns()) == 45
-        assert c.get_lun("l44").naa == proc.stdout.strip()
+        assert c.get_lun("l44").naa == naa
         assert c.integrity_check() == []
 
 
