@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from e2e.auth_targets import AuthTargets
 from e2e.harness import Daemon, describe, require_tools
 from iscsi_scapy import LoginRequest, LoginResponse, LoginStatus, RawInitiator, Stage, login_request, parse_kv, text_kv
 
@@ -28,43 +29,11 @@ ALLOWED = "iqn.2026-11.io.lunsync:allowed-host"
 INTRUDER = "iqn.2026-11.io.lunsync:intruder"
 INQ_DEFAULT_INITIATOR = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-inq"
 
-CONFIG = f"""
-[[lun]]
-name = "chap0"
-size = "16MiB"
-thin = true
+AUTH = AuthTargets(CHAP_IQN, MUTUAL_IQN, ACL_IQN, USER, SECRET, M_USER, M_SECRET, TARGET_USER, TARGET_SECRET,
+                   ALLOWED)
 
-[[lun]]
-name = "mutual0"
-size = "16MiB"
-thin = true
+CONFIG = AUTH.toml("16MiB")
 
-[[lun]]
-name = "acl0"
-size = "16MiB"
-thin = true
-
-[[target]]
-iqn = "{CHAP_IQN}"
-luns = [{{lun = 0, name = "chap0"}}]
-[target.chap]
-user = "{USER}"
-secret = "{SECRET}"
-
-[[target]]
-iqn = "{MUTUAL_IQN}"
-luns = [{{lun = 0, name = "mutual0"}}]
-[target.chap]
-user = "{M_USER}"
-secret = "{M_SECRET}"
-mutual_user = "{TARGET_USER}"
-mutual_secret = "{TARGET_SECRET}"
-
-[[target]]
-iqn = "{ACL_IQN}"
-luns = [{{lun = 0, name = "acl0"}}]
-acl = ["{ALLOWED}"]
-"""
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:

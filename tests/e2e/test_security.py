@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from e2e.auth_targets import AuthTargets
 from e2e.harness import Daemon
 from iscsi_scapy import LoginRequest, LoginResponse, LoginStatus, RawInitiator, Stage, login_request, text_kv
 
@@ -40,19 +41,10 @@ HOST_B = "iqn.2026-11.io.lunsync:sec-host-b"
 NAA_A = "6" + "0a5c51bd1b44b91a412d638c08ea6a1"
 NAA_B = "6" + "0a5c51bd1b44b91a412d638c08ea6b2"
 
-CONFIG = f"""
-[[lun]]
-name = "chap0"
-size = "4MiB"
+AUTH = AuthTargets(CHAP_IQN, MUTUAL_IQN, ACL_IQN, USER, SECRET, M_USER, M_SECRET, TARGET_USER, TARGET_SECRET,
+                   ALLOWED)
 
-[[lun]]
-name = "mutual0"
-size = "4MiB"
-
-[[lun]]
-name = "acl0"
-size = "4MiB"
-
+CONFIG = AUTH.toml("4MiB") + f"""
 [[lun]]
 name = "xa0"
 size = "4MiB"
@@ -62,27 +54,6 @@ naa = "{NAA_A}"
 name = "xb0"
 size = "4MiB"
 naa = "{NAA_B}"
-
-[[target]]
-iqn = "{CHAP_IQN}"
-luns = [{{lun = 0, name = "chap0"}}]
-[target.chap]
-user = "{USER}"
-secret = "{SECRET}"
-
-[[target]]
-iqn = "{MUTUAL_IQN}"
-luns = [{{lun = 0, name = "mutual0"}}]
-[target.chap]
-user = "{M_USER}"
-secret = "{M_SECRET}"
-mutual_user = "{TARGET_USER}"
-mutual_secret = "{TARGET_SECRET}"
-
-[[target]]
-iqn = "{ACL_IQN}"
-luns = [{{lun = 0, name = "acl0"}}]
-acl = ["{ALLOWED}"]
 
 [[target]]
 iqn = "{XA_IQN}"
