@@ -225,18 +225,14 @@ class Connection:
             if avail < pdu.BHS_LEN:
                 break
             s = self.start
-            dlen = (view[s + 5] << 16) | (view[s + 6] << 8) | view[s + 7]
-            ahs = view[s + 4] * 4
+            bhs = view[s:s + pdu.BHS_LEN]
+            dlen = pdu.data_segment_length(bhs)
+            ahs = bhs[4] * 4
             limit = self.max_recv
             if dlen > limit:
                 self._fatal(f"data segment of {dlen} bytes exceeds MaxRecvDataSegmentLength {limit}")
                 break
-            # pdu.frame_length, inlined: this runs once per PDU
-            total = pdu.BHS_LEN + ahs + (dlen + (-dlen & 3) if dlen else 0)
-            if self.header_digest:
-                total += pdu.DIGEST_LEN
-            if dlen and self.data_digest:
-                total += pdu.DIGEST_LEN
+            total = pdu.frame_length(bhs, self.header_digest, self.data_digest)
             if avail < total:
                 if total > len(self.buf):
                     self._fatal("PDU larger than the receive buffer")
@@ -573,10 +569,7 @@ class Connection:
         if self.running.pop(task.tag, None) is None or self.phase is not Phase.FULL_FEATURE:
             return  # aborted, or the connection is gone
         self.inflight -= 1
-        # _window_update, inlined (once per command): MaxCmdSN only moves forward
-        mx = (self.exp_cmd_sn + CMD_WINDOW - 1 - self.inflight) & MASK32
-        if mx != self.max_cmd_sn and sn_lt(self.max_cmd_sn, mx):
-            self.max_cmd_sn = mx
+        self._window_update()
         self._respond(task, resp)
 
     def _respond(self, task: ScsiTask, resp: ScsiResponse) -> None:
