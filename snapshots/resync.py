@@ -1007,40 +1007,49 @@ class ResyncVolume:
         return None
 
     async def _copy(self, lba: int, blocks: int) -> int:
-        """Copy blocks from the source to the destination; return the bytes actually moved (holes are punched)."""
+        """Copy blocks from the source to the destination; return the bytes actually moved (holes are punched).
+
+        The copy runs in a thread, so the source can move under it: a snapshot chunk still held by the origin is
+        preserved to the pool, and only then overwritten, by a write that lands meanwhile. After each copy the
+        extents are resolved again and what moved is copied again from where it now lives; a chunk that still maps
+        to the origin was not written during the copy (its preservation would have come first), so the copy holds."""
         extents = _extents_of(self.source, lba, blocks)
         dest_fd = getattr(self.dest, "fileno", None)
         prepare = getattr(self.dest, "preserve_range", None)
-        bs = self._bs
         if extents is None or dest_fd is None:
             data = await self.source.read(lba, blocks)
             await self.dest.write(lba, data)
-            return blocks * bs
+            return blocks * self._bs
         if prepare is not None:
             # A destination with copy-on-write (the origin of other snapshots) preserves what it is about to lose.
             await prepare(lba, blocks)
-        moved = 0
-        holes: list[tuple[int, int]] = []
-        copies: list[tuple[int, int, int, int]] = []
-        dst_off = lba * bs
-        for fd, off, length in extents:
-            if fd < 0:
-                holes.append((dst_off // bs, length // bs))
-            else:
-                copies.append((fd, off, dst_off, length))
-                moved += length
-            dst_off += length
+        base = lba * self._bs
+        moved = await self._place(_pieces(extents, base), dest_fd())
+        while True:
+            again = _extents_of(self.source, lba, blocks)
+            assert again is not None
+            changed = _moved_pieces(extents, again, base)
+            if not changed:
+                return moved
+            moved += await self._place(changed, dest_fd())
+            extents = again
+
+    async def _place(self, pieces: list[tuple[int, int, int, int]], dfd: int) -> int:
+        """Copy each (fd, source offset, length, destination offset) piece, punching those with fd -1."""
+        bs = self._bs
+        copies = [(fd, off, dst, length) for fd, off, length, dst in pieces if fd >= 0]
+        holes = [(dst // bs, length // bs) for fd, _, length, dst in pieces if fd < 0]
         if copies:
-            dfd = dest_fd()
             try:
                 await asyncio.to_thread(_copy_all, copies, dfd)
             except OSError as exc:
+                lba = copies[0][2] // bs
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise OutOfSpace(f"resync copy at block {lba}: {exc.strerror}") from exc
                 raise MediumError(f"resync copy at block {lba}: {exc.strerror or exc}", lba, write=True) from exc
         if holes:
             await self.dest.unmap(holes)
-        return moved
+        return sum(length for _, _, _, length in copies)
 
     # --- status -------------------------------------------------------------------------------------------------
 
@@ -1061,6 +1070,42 @@ class ResyncVolume:
             redirected_reads=self.redirected_reads, redirected_read_bytes=self.redirected_read_bytes,
             foreground_latency_s=self.monitor.ewma_s, throttle=self.throttle.describe(), error=self.error,
         )
+
+
+def _pieces(extents: list[tuple[int, int, int]], base: int) -> list[tuple[int, int, int, int]]:
+    """Extents laid end to end from destination offset ``base``, as (fd, source offset, length, destination offset)."""
+    out = []
+    for fd, off, length in extents:
+        out.append((fd, off, length, base))
+        base += length
+    return out
+
+
+def _moved_pieces(before: list[tuple[int, int, int]], after: list[tuple[int, int, int]], base: int
+                  ) -> list[tuple[int, int, int, int]]:
+    """The parts of ``after`` that map somewhere else than in ``before`` (both cover the same range from ``base``),
+    as :func:`_pieces`. Two runs reading as zeros (fd -1) are the same wherever they say they are."""
+    a, b = _pieces(before, base), _pieces(after, base)
+    out: list[tuple[int, int, int, int]] = []
+    i = j = 0
+    pos = base
+    while i < len(a) and j < len(b):
+        fd1, off1, len1, dst1 = a[i]
+        fd2, off2, len2, dst2 = b[j]
+        end = min(dst1 + len1, dst2 + len2)
+        src = off2 + pos - dst2
+        if fd1 != fd2 or (fd1 >= 0 and off1 + pos - dst1 != src):
+            last = out[-1] if out else None
+            if last is not None and last[0] == fd2 and last[3] + last[2] == pos and (fd2 < 0 or last[1] + last[2] == src):
+                out[-1] = (fd2, last[1], last[2] + end - pos, last[3])
+            else:
+                out.append((fd2, src, end - pos, pos))
+        pos = end
+        if dst1 + len1 == end:
+            i += 1
+        if dst2 + len2 == end:
+            j += 1
+    return out
 
 
 def _copy_all(copies: list[tuple[int, int, int, int]], dst_fd: int) -> None:

@@ -394,3 +394,58 @@ def test_concurrent_writes_and_copier_keep_the_newest_data(tmp_path: Path) -> No
         await dst.close()
 
     run(main())
+
+
+def test_origin_write_during_the_copy_of_a_snapshot_chunk_does_not_reach_the_destination(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copier hands a snapshot chunk still held by the origin to copy_file_range in a thread. A write to that
+    chunk can preserve it and land on the origin while the thread copies: the destination must still end up with
+    the snapshot's contents (the soak run of 2026-11-26 failed its --verify this way)."""
+    from lunsync.snapshots import resync
+    from lunsync.snapshots.cow import CowVolume, Pool
+
+    async def main() -> None:
+        size = 1 * MiB
+        origin = FileBackend.create(tmp_path / "origin.img", size, BS)
+        a = pattern(size, 3)
+        await origin.write(0, a)
+        vol = CowVolume(origin, Pool("p", str(tmp_path / "pool")), 1, REGION, name="lun")
+        await vol.hold()
+        vol.add_snapshot(1)
+        vol.release()
+        dst = FileBackend.create(tmp_path / "dst.img", size, BS)
+        loop = asyncio.get_running_loop()
+        real_copy_all = resync._copy_all
+        raced = []
+
+        def copy_all_under_a_write(copies: list[tuple[int, int, int, int]], dst_fd: int) -> None:
+            if not raced:  # the first batch: an initiator overwrites chunk 2 while the copy runs
+                raced.append(True)
+                asyncio.run_coroutine_threadsafe(vol.write(2 * RB, fill(REGION, 0xEE)), loop).result(10)
+            real_copy_all(copies, dst_fd)
+
+        monkeypatch.setattr(resync, "_copy_all", copy_all_under_a_write)
+        rv = await vol_of(tmp_path, vol.view(1), dst)
+        rv.start()
+        assert await asyncio.wait_for(rv.wait(), 10) is ResyncState.DONE
+        assert raced
+        assert bytes(await origin.read(2 * RB, RB)) == fill(REGION, 0xEE)
+        assert bytes(await vol.view(1).read(0, size // BS)) == a
+        assert bytes(await dst.read(0, size // BS)) == a
+        await vol.close()
+        await dst.close()
+
+    run(main())
+
+
+def test_moved_pieces_are_the_runs_that_map_elsewhere() -> None:
+    from lunsync.snapshots.resync import _moved_pieces
+
+    same = [(5, 4096, 8192)]
+    assert _moved_pieces(same, same, 4096) == []
+    # Origin fd 5 for 200 bytes; then a chunk moved to the pool (fd 7) and one stayed a hole (fd -1 either way).
+    before = [(5, 0, 100), (-1, 100, 50), (5, 150, 50)]
+    after = [(5, 0, 40), (7, 640, 60), (-1, 100, 50), (-1, 150, 20), (5, 170, 30)]
+    assert _moved_pieces(before, after, 0) == [(7, 640, 60, 40), (-1, 150, 20, 150)]
+    # The same fd at another offset moved too.
+    assert _moved_pieces([(7, 0, 64)], [(7, 64, 64)], 1024) == [(7, 64, 64, 1024)]

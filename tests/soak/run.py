@@ -163,10 +163,12 @@ def soak(duration_s: float, *, workdir: Path, sessions: int = 64, qd: int = 32, 
             time.sleep(duration_s / 2)
             t = time.monotonic()
             p = cli(d, "snapshot", "create", "soak0@mid")
-            events["snapshot"] = {"rc": p.returncode, "s": round(time.monotonic() - t, 2), "err": p.stderr[-300:]}
+            events["snapshot"] = {"rc": p.returncode, "s": round(time.monotonic() - t, 2), "out": p.stdout[-300:],
+                                "err": p.stderr[-300:]}
             t = time.monotonic()
             p = cli(d, "resync", "soak0@mid", "--to", "soakcopy", "--wait", "--verify")
-            events["resync"] = {"rc": p.returncode, "s": round(time.monotonic() - t, 2), "err": p.stderr[-300:]}
+            events["resync"] = {"rc": p.returncode, "s": round(time.monotonic() - t, 2), "out": p.stdout[-300:],
+                                "err": p.stderr[-300:]}
 
         mid = threading.Thread(target=middle, daemon=True)
         mid.start()
