@@ -975,8 +975,13 @@ class ResyncVolume:
             if self._stop:
                 return
             await self.commit()
+            # The bitmap goes before DONE is announced: whoever waits for the job then finds nothing left to resume.
+            # A bitmap that cannot be removed costs a needless resume check at most; the data is all there.
+            try:
+                await asyncio.to_thread(self.store.remove)
+            except OSError as exc:
+                log.warning("resync %s: done, but its bitmap could not be removed: %s", self.store.path, exc)
             self._finish(ResyncState.DONE)
-            await asyncio.to_thread(self.store.remove)
             log.info("resync %s: done, %d bytes copied", self.store.path, self.bytes_copied)
         except asyncio.CancelledError:
             raise
