@@ -485,17 +485,21 @@ class SnapshotService:
             os.close(fd)
             self._fills.pop(rec.id, None)
         log.info("clone %s filled (%d chunks); it no longer depends on %s", rec.full_name, total, rec.lun_name)
-        # Independent now: the origin stops preserving for it, and an exposure switches to the clone's own file.
+        # Independent now. First everything reading the clone switches to its own file: an exposure, and through the
+        # view's redirect whoever else holds the view (a restore started while it filled). Only then does the origin
+        # stop preserving for it and free the copies it alone needed.
+        filled = self.cat.get_snapshot(rec.lun_name, rec.name)
+        view = self.views.pop(rec.id, None)
+        if view is not None:
+            view.redirect = self.open_view(filled)
+        exp = self.exposures.get(rec.id)
+        if exp is not None:
+            exp.lu.device = self.open_view(filled)
         await vol.hold()
         try:
             await vol.drop_snapshot(rec.epoch)
         finally:
             vol.release()
-        self.views.pop(rec.id, None)
-        exp = self.exposures.get(rec.id)
-        if exp is not None:
-            filled = self.cat.get_snapshot(rec.lun_name, rec.name)
-            exp.lu.device = self.open_view(filled)
 
 
 def _copy_chunks(vol: CowVolume, dst_fd: int, plan: list[tuple[int, int | None]], cs: int, size: int) -> None:

@@ -59,7 +59,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lunsync.snapshots.device import Buffer, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
 
 __all__ = ["ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView", "copy_range", "zero_range"]
@@ -966,13 +966,19 @@ class SnapshotView:
 
     A read takes the range from the origin first and then overlays every chunk that has a copy for this snapshot.
     Checking the maps *after* the origin read is what makes it race-free without locks: an origin chunk only changes
-    after its copy is committed, so a read that saw new data also sees the copy."""
+    after its copy is committed, so a read that saw new data also sees the copy.
+
+    A clone reads through its view while it fills. Once filled, the origin stops preserving for it and frees the
+    copies only it needed, so whoever still holds the view (a restore started meanwhile) must read the clone's own
+    file instead: ``redirect`` is set to it *before* the epoch is dropped, and a read that finds it set afterwards
+    reads again from there, since the pool slots it read may have been freed and reused."""
 
     def __init__(self, volume: CowVolume, epoch: int, num_blocks: int) -> None:
         self.volume = volume
         self.epoch = epoch
         self._num_blocks = num_blocks
         self.valid = True  # cleared when the snapshot is invalidated or deleted
+        self.redirect: BlockDevice | None = None  # the filled clone's file, once the epoch is about to go
 
     @property
     def block_size(self) -> int:
@@ -998,6 +1004,8 @@ class SnapshotView:
 
     async def read(self, lba: int, blocks: int) -> bytearray:
         self._check(lba, blocks)
+        if self.redirect is not None:
+            return bytearray(await self.redirect.read(lba, blocks))
         vol = self.volume
         buf = await vol.origin.read(lba, blocks)
         if not isinstance(buf, bytearray):
@@ -1020,6 +1028,8 @@ class SnapshotView:
                 raise MediumError(f"read snapshot of {vol.name} from the pool: {exc.strerror or exc}", lba) from exc
         if not self.valid:  # invalidated while we read: never hand out data that may be wrong
             raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name} is invalid")
+        if self.redirect is not None:  # filled while we read: what we read may be gone, the clone's file is not
+            return bytearray(await self.redirect.read(lba, blocks))
         return buf
 
     async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:

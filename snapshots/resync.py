@@ -239,6 +239,9 @@ def _snapshot_extents(source: BlockDevice, lba: int, blocks: int) -> list[tuple[
         return None
     if not getattr(source, "valid", True):
         raise NotReady("the source snapshot is no longer valid")
+    redirect = getattr(source, "redirect", None)
+    if redirect is not None:  # a clone that filled: its own file holds it now
+        return _extents_of(redirect, lba, blocks)
     origin_fd: int = vol.fileno()
     bs: int = source.block_size
     cs: int = vol.chunk_size

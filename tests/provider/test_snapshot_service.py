@@ -157,3 +157,49 @@ def test_a_set_commits_while_the_default_executor_is_busy_and_records_its_hold_t
             assert db.execute("SELECT hold_ms FROM snapshot_sets WHERE name = 'set'").fetchone()[0] == hold_ms
 
     with_array(tmp_path, 2, body)
+
+
+def test_a_view_of_a_filling_clone_stays_right_after_the_fill_finishes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore (or anything else) that opened a clone while it filled keeps its view. When the fill finishes the
+    origin stops preserving for the clone and frees its copies; the view must then read the clone's file, not the
+    origin's newer data, and the resync copier must copy from it too."""
+    from lunsync.provider import snapshot_service
+    from lunsync.snapshots.backend import FileBackend
+    from lunsync.snapshots.resync import ResyncState, ResyncVolume, Unthrottled
+
+    gate = threading.Event()
+    real_copy = snapshot_service._copy_chunks
+
+    def gated_copy(*args: Any) -> None:
+        assert gate.wait(10)
+        real_copy(*args)
+
+    monkeypatch.setattr(snapshot_service, "_copy_chunks", gated_copy)
+
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        dev = array.luns["l0"].lu.device
+        a, b, c = (bytes([x]) * SIZE for x in (0xA1, 0xB2, 0xC3))
+        await dev.write(0, a)
+        (rec,), _ = await svc.create([("l0", "c")], kind="clone")
+        view = svc.open_view(rec)  # what a resync started now reads
+        await dev.write(0, b)  # preserved for the clone: the fill has not copied anything yet
+        vol = svc.volumes["l0"]
+        gate.set()
+        for _ in range(500):
+            if rec.epoch not in vol.epochs:
+                break
+            await asyncio.sleep(0.01)
+        assert rec.epoch not in vol.epochs, "the fill did not finish"
+        await dev.write(0, c)  # the origin no longer preserves for the filled clone
+        assert bytes(await view.read(0, SIZE // BS)) == a
+        dst = FileBackend.create(tmp_path / "dst.img", SIZE, BS)
+        rv = await ResyncVolume.open(view, dst, tmp_path / "job.bitmap", region_bytes=CS, throttle=Unthrottled())
+        rv.start()
+        assert await asyncio.wait_for(rv.wait(), 10) is ResyncState.DONE
+        assert bytes(await dst.read(0, SIZE // BS)) == a
+        await dst.close()
+
+    with_array(tmp_path, 1, body)
