@@ -77,6 +77,9 @@ class SnapshotService:
         self.volumes: dict[str, CowVolume] = {}
         self.exposures: dict[int, Exposure] = {}
         self.views: dict[int, SnapshotView] = {}  # snapshot id -> the differential view in use
+        # Snapshot id -> a filled clone's file, open once for every reader (exposure, restores, redirected views) and
+        # closed when the snapshot is deleted: a descriptor per reader would leak, and keep a deleted clone's space.
+        self.files: dict[int, FileBackend] = {}
         self.fill_progress: dict[int, tuple[int, int]] = {}  # clone id -> (chunks done, total)
         self._pools: dict[int, Pool] = {}
         self._fills: dict[int, asyncio.Task[None]] = {}
@@ -202,6 +205,9 @@ class SnapshotService:
             vol.close_pool()
         for p in self._pools.values():
             p.close()
+        for f in self.files.values():
+            await f.close()
+        self.files.clear()
         self._catalog_executor.shutdown()
 
     async def _catalog_thread(self, fn: Callable[..., T], *args: object) -> T:
@@ -343,6 +349,9 @@ class SnapshotService:
             view = self.views.pop(rec.id, None)
             if view is not None:
                 view.valid = False
+            file = self.files.pop(rec.id, None)
+            if file is not None:
+                await file.close()  # a restore still reading it fails cleanly (NotReady), as with a view
             self.fill_progress.pop(rec.id, None)
             if rec.kind == "clone":
                 try:
@@ -397,7 +406,11 @@ class SnapshotService:
 
             raise Invalid(f"snapshot {rec.full_name} is invalid ({rec.invalid_reason})")
         if rec.kind == "clone" and rec.filled:
-            return FileBackend.open(self._clone_path(rec), rec.block_size, thin=True, read_only=True)
+            file = self.files.get(rec.id)
+            if file is None:
+                file = self.files[rec.id] = FileBackend.open(self._clone_path(rec), rec.block_size, thin=True,
+                                                             read_only=True)
+            return file
         vol = self.volumes.get(rec.lun_name)
         if vol is None or vol.lun_id != rec.lun_id:
             raise NotFound(f"the origin of {rec.full_name} is not open")
@@ -427,11 +440,10 @@ class SnapshotService:
     async def unexpose(self, lun: str, name: str) -> SnapshotRecord:
         async with self._lock:
             rec = self.cat.unexpose(lun, name)
-            exp = self.exposures.pop(rec.id, None)
+            self.exposures.pop(rec.id, None)
             if rec.exposed_target is not None:
                 self.array.build_target(rec.exposed_target)
-            if exp is not None and isinstance(exp.lu.device, FileBackend):
-                await exp.lu.device.close()
+            # A filled clone's file stays open for other readers until the snapshot is deleted.
             log.info("snapshot %s unexposed from %s (was LUN %s)", rec.full_name, rec.exposed_target, rec.exposed_lun)
             return rec
 

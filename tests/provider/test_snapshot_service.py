@@ -203,3 +203,34 @@ def test_a_view_of_a_filling_clone_stays_right_after_the_fill_finishes(tmp_path:
         await dst.close()
 
     with_array(tmp_path, 1, body)
+
+
+def test_a_filled_clone_is_opened_once_and_closed_when_deleted(tmp_path: Path) -> None:
+    """Every reader of a filled clone (exposures, each restore and its verification) shares one descriptor, and
+    deleting the clone closes it, so its space really comes back."""
+    import os
+
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        await array.luns["l0"].lu.device.write(0, bytes([0x5C]) * SIZE)
+        await svc.create([("l0", "c")], kind="clone")
+        for _ in range(500):
+            if not svc._fills:
+                break
+            await asyncio.sleep(0.01)
+        filled = svc.cat.get_snapshot("l0", "c")
+        assert filled.filled
+        first, second = svc.open_view(filled), svc.open_view(filled)
+        assert first is second
+        assert bytes(await first.read(0, 8)) == bytes([0x5C]) * 8 * BS
+        path = svc._clone_path(filled)
+        opened = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert path in opened
+        await svc.delete("l0", "c")
+        opened = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert not any(p.startswith(path) for p in opened), "the deleted clone's file is still open"
+
+    with_array(tmp_path, 1, body)
