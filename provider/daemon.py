@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lunsync.provider import systemd
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
@@ -35,6 +35,9 @@ from lunsync.target.login import LoginResult
 from lunsync.target.portal import PortalSettings, Server
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.target import ScsiTarget
+
+if TYPE_CHECKING:
+    from lunsync.provider.vss import HardwareProvider, RecoveryManager
 
 log = logging.getLogger("lunsync.daemon")
 
@@ -87,6 +90,8 @@ class Array:
     luns: dict[str, LiveLun] = field(default_factory=dict)
     server: Server | None = None  # set once the portals exist; sessions are logged out through it
     snapshots: SnapshotService | None = None  # set by load(); every LUN opened after that has copy-on-write
+    recovery: RecoveryManager | None = None  # set by resync_array.attach, for the API
+    provider: HardwareProvider | None = None  # likewise
 
     async def load(self) -> None:
         if self.snapshots is None:
@@ -425,7 +430,7 @@ class ServeOptions:
     api_tls_key: str | None = None
 
 
-async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[object], str, str | None]:
+async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
     """Start the API and the metrics endpoint on this loop. A port that cannot be bound is logged and skipped: the
     LUNs are served regardless, because initiators matter more than the management plane."""
     from lunsync.provider.api import ApiContext, HttpServer, asgi_app, ensure_token
@@ -537,7 +542,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     systemd.stopping()
     log.info("shutting down: draining in-flight commands")
     for h in http:
-        await h.stop()  # type: ignore[attr-defined]
+        await h.stop()
     await server.stop()
     await resync_array.detach(array)  # copiers pause and commit; the next start resumes them
     await array.close()

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
-from lunsync.snapshots.cow import ZERO, CowVolume, Pool, SnapshotView, copy_range, zero_range
+from lunsync.snapshots.cow import ZERO, CowVolume, Origin, Pool, SnapshotView, copy_range, zero_range
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
 from lunsync.snapshots.resync import ResyncVolume
@@ -42,7 +42,7 @@ FILL_BATCH_CHUNKS = 64
 FILL_COMMIT_INTERVAL_S = 1.0
 
 
-class HoldTimeout(InUse):  # type: ignore[misc]
+class HoldTimeout(InUse):
     """Writes did not drain within the bound; the set was abandoned and nothing was recorded."""
 
 
@@ -143,9 +143,12 @@ class SnapshotService:
 
     def wrap(self, rec: LunRecord, backend: BlockDevice) -> CowVolume:
         """The LUN's device: its backend behind copy-on-write, with the snapshots that still need it."""
+        if not hasattr(backend, "fileno"):
+            raise TypeError(f"lun {rec.name}: copy-on-write needs a backend with a descriptor, not {backend!r}")
+        origin = cast(Origin, backend)  # FileBackend or BlockDevBackend, as open_backend gives
         old = self.volumes.get(rec.name)
         if old is not None and old.lun_id == rec.id:
-            old.origin = backend  # reopened with other flags: same maps, same state
+            old.origin = origin  # reopened with other flags: same maps, same state
             return old
         prec = self.cat.volume_pool(rec.id)
         epochs = [s.epoch for s in self.cat.list_snapshots(rec.name) if s.lun_id == rec.id and s.needs_cow]
@@ -154,7 +157,7 @@ class SnapshotService:
         async def on_invalid(epochs: list[int], reason: str) -> None:
             await self._invalidate(lun_id, epochs, reason)
 
-        vol = CowVolume(backend, self.pool(prec) if prec is not None else None,
+        vol = CowVolume(origin, self.pool(prec) if prec is not None else None,
                         rec.id, rec.chunk_size_bytes, epochs, on_invalid=on_invalid, name=rec.name)
         self.volumes[rec.name] = vol
         return vol
@@ -472,8 +475,8 @@ class SnapshotService:
                 await asyncio.to_thread(_copy_chunks, vol, fd, plan, cs, size)
                 # A chunk taken from the origin is right unless it was overwritten meanwhile, and then its copy
                 # exists now (preservation commits before the origin write): take that instead.
-                again = [(c, slot) for c, old in plan if old is None
-                         and (slot := vol.copy_for(c, rec.epoch)) is not None]
+                again: list[tuple[int, int | None]] = [
+                    (c, slot) for c, old in plan if old is None and (slot := vol.copy_for(c, rec.epoch)) is not None]
                 if again:
                     await asyncio.to_thread(_copy_chunks, vol, fd, again, cs, size)
                 done = chunks.stop
@@ -484,14 +487,14 @@ class SnapshotService:
                     last_commit = time.monotonic()
         except (StorageError, OSError, CatalogError) as e:
             log.error("clone %s: fill failed: %s", rec.full_name, e)
-            vol = self.volumes.get(rec.lun_name)
+            origin = self.volumes.get(rec.lun_name)
             await self._invalidate(rec.lun_id or 0, [rec.epoch], f"clone fill failed: {e}")
-            if vol is not None:
-                await vol.hold()
+            if origin is not None:
+                await origin.hold()
                 try:
-                    await vol.drop_snapshot(rec.epoch)
+                    await origin.drop_snapshot(rec.epoch)
                 finally:
-                    vol.release()
+                    origin.release()
             return
         finally:
             os.close(fd)

@@ -382,7 +382,7 @@ class Pool:
 # --- the copy-on-write volume ------------------------------------------------------------------------------------
 
 
-class _Origin(Protocol):
+class Origin(Protocol):
     """What the volume needs of its origin: a BlockDevice with a descriptor (FileBackend, BlockDevBackend)."""
 
     block_size: int
@@ -410,7 +410,7 @@ class CowVolume:
     filled). ``on_invalid(epochs, reason)`` is awaited when a preservation fails and must durably mark those
     snapshots invalid; the overwriting write waits for it."""
 
-    def __init__(self, origin: _Origin, pool: Pool | None, lun_id: int, chunk_size: int,
+    def __init__(self, origin: Origin, pool: Pool | None, lun_id: int, chunk_size: int,
                  epochs: Iterable[int] = (), on_invalid: InvalidHandler | None = None, name: str = "") -> None:
         if chunk_size <= 0 or chunk_size % origin.block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {origin.block_size}")

@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from lunsync.target import keys, pdu
 from lunsync.target.directory import Directory
@@ -59,6 +60,7 @@ _FULL_FEATURE_OPS = ALLOWED[Phase.FULL_FEATURE]  # checked per PDU: an Enum key 
 DISCOVERY_ALLOWED = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
 # PDUs that carry a CmdSN and so pass through the command window (RFC 7143 §4.2.2).
 _SEQUENCED_OPS = frozenset(int(o) for o in (Op.SCSI_CMD, Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ))
+_Sequenced = pdu.ScsiCommand | pdu.NopOut | pdu.TextRequest | pdu.TaskMgmtRequest | pdu.LogoutRequest
 _ATTRS = tuple(TaskAttr(a) if a <= 4 else TaskAttr.SIMPLE for a in range(8))
 
 
@@ -300,7 +302,7 @@ class Connection:
                         raise
                     self._terminate_write(decoded.itt, str(e))
             elif op in _SEQUENCED_OPS:
-                self._sequenced(decoded, data, bhs)
+                self._sequenced(cast("_Sequenced", decoded), data, bhs)
             elif op == Op.LOGIN_REQ:
                 assert isinstance(decoded, pdu.LoginRequest)
                 self._login(decoded, bytes(data))
@@ -355,8 +357,8 @@ class Connection:
                 if not tsih:
                     raise LoginError(LoginStatus.OUT_OF_RESOURCES, "the portal's session limit is reached")
         except LoginError as e:
-            target = self.login.target.name if self.login.target else ""
-            self.events.append(LoginFailed(self.login.initiator_name, target, e.status, e.reason))
+            target_name = self.login.target.name if self.login.target else ""
+            self.events.append(LoginFailed(self.login.initiator_name, target_name, e.status, e.reason))
             bhs = pdu.encode_login_response(
                 transit=False, cont=False, csg=req.csg, nsg=0, isid=req.isid, tsih=0, itt=req.itt,
                 stat_sn=self._next_stat_sn(), exp_cmd_sn=self.exp_cmd_sn, max_cmd_sn=self.max_cmd_sn,
@@ -397,8 +399,7 @@ class Connection:
         if sn_lt(self.max_cmd_sn, mx):
             self.max_cmd_sn = mx
 
-    def _sequenced(self, p: pdu.ScsiCommand | pdu.NopOut | pdu.TextRequest | pdu.TaskMgmtRequest | pdu.LogoutRequest,
-                   data: memoryview, bhs: memoryview) -> None:
+    def _sequenced(self, p: _Sequenced, data: memoryview, bhs: memoryview) -> None:
         immediate = p.immediate
         cmd_sn = p.cmd_sn
         if immediate:

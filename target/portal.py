@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from lunsync.target import connection as cx
 from lunsync.target.directory import Directory, TargetEntry
+from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import ScsiResponse, ScsiTask, Status, TmfFunction
 from lunsync.target.stats import CommandStats, IoCounts
@@ -356,7 +357,7 @@ class Server:
 
     # -- sessions -----------------------------------------------------------------------------------------------------
 
-    def logged_in(self, proto: IscsiProtocol, result: cx.LoginResult) -> None:
+    def logged_in(self, proto: IscsiProtocol, result: LoginResult) -> None:
         self.counters.logins += 1
         # Session reinstatement (RFC 7143 §6.3.5): a new leading login with the same ISID, initiator and target ends
         # the old session and its tasks.
