@@ -336,6 +336,11 @@ class SnapshotService:
             rec = self.cat.get_snapshot(lun, name)
             if rec.exposed_target is not None:
                 self.cat.delete_snapshot(lun, name)  # raises InUse with the catalog's wording
+            recovery = self.array.recovery.reading(rec.full_name) if self.array.recovery is not None else None
+            if recovery is not None:
+                # Its view (or clone file) serves the destination's uncopied regions and feeds the copier.
+                raise InUse(f"snapshot {rec.full_name} is the source of recovery {recovery.id} "
+                            f"({recovery.state.value}); cancel it or let it finish first")
             fill = self._fills.pop(rec.id, None)
             if fill is not None:
                 fill.cancel()

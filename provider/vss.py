@@ -465,6 +465,13 @@ class RecoveryManager:
         self._save(rs)
         log.info("recovery %s: %s", rs.id, rs.state.value)
 
+    def reading(self, snapshot: str) -> RecoverySet | None:
+        """The unfinished recovery set that restores from ``snapshot`` (``lun@name``), if any: it must stay."""
+        for rs in self.sets.values():
+            if rs.state not in TERMINAL and any(p.snapshot == snapshot for p in rs.pairs):
+                return rs
+        return None
+
     def get(self, set_id: str) -> RecoverySet:
         rs = self.sets.get(set_id)
         if rs is None:

@@ -194,6 +194,8 @@ def test_in_progress_cancel_and_swap(daemon: Daemon) -> None:
     assert "VSS_E_RESYNC_IN_PROGRESS" in err
     # A LUN under restore cannot be snapshotted: its file is half old, half restored.
     assert "being restored" in cli(d, "snapshot", "create", "lab@mid", ok=False)
+    # Nor can the snapshot a restore reads from be deleted under it.
+    assert "source of recovery" in cli(d, "snapshot", "delete", "demo0@s1", ok=False)
     cancelled = cli(d, "recovery", "cancel", rid)
     assert cancelled["state"] == "cancelled" and cancelled["percent"] < 100
     assert "VSS_E_OBJECT_NOT_FOUND" in cli(d, "resync", "demo0@nope", ok=False)
