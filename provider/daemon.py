@@ -27,7 +27,7 @@ from lunsync.provider import systemd
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
 from lunsync.provider.snapshot_service import SnapshotService
 from lunsync.snapshots.backend import FileBackend, open_backend
-from lunsync.snapshots.catalog import Catalog, LunRecord, NotFound, Plan, lun_identity
+from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import OutOfSpace, StorageError
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
@@ -219,6 +219,10 @@ class Array:
     async def delete_lun(self, name: str) -> LunRecord:
         """Forget a LUN (refused while mapped). A backing file inside the data dir goes with it; a file or device
         elsewhere was the user's before and stays."""
+        restoring = self.recovery.restoring(name) if self.recovery is not None else None
+        if restoring is not None:
+            raise InUse(f"lun {name!r} is being restored by recovery {restoring.id} ({restoring.state.value}); cancel "
+                        "it or let it finish first")
         if self.snapshots is not None:
             await self.snapshots.release_origin(name)  # refused while snapshots depend on it
         rec = self.catalog.delete_lun(name)

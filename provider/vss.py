@@ -467,8 +467,15 @@ class RecoveryManager:
 
     def reading(self, snapshot: str) -> RecoverySet | None:
         """The unfinished recovery set that restores from ``snapshot`` (``lun@name``), if any: it must stay."""
+        return self._unfinished(lambda p: p.snapshot == snapshot)
+
+    def restoring(self, lun: str) -> RecoverySet | None:
+        """The unfinished recovery set that restores into ``lun``, if any: the LUN must stay."""
+        return self._unfinished(lambda p: p.destination == lun)
+
+    def _unfinished(self, involves: Callable[[Pair], bool]) -> RecoverySet | None:
         for rs in self.sets.values():
-            if rs.state not in TERMINAL and any(p.snapshot == snapshot for p in rs.pairs):
+            if rs.state not in TERMINAL and any(involves(p) for p in rs.pairs):
                 return rs
         return None
 

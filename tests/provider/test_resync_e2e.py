@@ -196,6 +196,8 @@ def test_in_progress_cancel_and_swap(daemon: Daemon) -> None:
     assert "being restored" in cli(d, "snapshot", "create", "lab@mid", ok=False)
     # Nor can the snapshot a restore reads from be deleted under it.
     assert "source of recovery" in cli(d, "snapshot", "delete", "demo0@s1", ok=False)
+    # Nor the LUN it restores into.
+    assert "being restored by recovery" in cli(d, "lun", "delete", "lab", ok=False)
     cancelled = cli(d, "recovery", "cancel", rid)
     assert cancelled["state"] == "cancelled" and cancelled["percent"] < 100
     assert "VSS_E_OBJECT_NOT_FOUND" in cli(d, "resync", "demo0@nope", ok=False)
