@@ -219,10 +219,7 @@ class Array:
     async def delete_lun(self, name: str) -> LunRecord:
         """Forget a LUN (refused while mapped). A backing file inside the data dir goes with it; a file or device
         elsewhere was the user's before and stays."""
-        restoring = self.recovery.restoring(name) if self.recovery is not None else None
-        if restoring is not None:
-            raise InUse(f"lun {name!r} is being restored by recovery {restoring.id} ({restoring.state.value}); cancel "
-                        "it or let it finish first")
+        self._refuse_if_restoring([name], "deleted")
         if self.snapshots is not None:
             await self.snapshots.release_origin(name)  # refused while snapshots depend on it
         rec = self.catalog.delete_lun(name)
@@ -311,9 +308,23 @@ class Array:
         self.build_target(iqn)
         log.info("chap %s: cleared", iqn)
 
+    def _refuse_if_restoring(self, names: list[str], what: str) -> None:
+        """A LUN an unfinished restore writes into keeps its backing store: the copier and the destination's
+        initiators would meet it closed half-way."""
+        for name in names:
+            rs = self.recovery.restoring(name) if self.recovery is not None else None
+            if rs is not None:
+                raise InUse(f"lun {name!r} is being restored by recovery {rs.id} ({rs.state.value}) and cannot be "
+                            f"{what}; cancel it or let it finish first")
+
     async def apply(self, config: Config, *, dry_run: bool = False) -> Plan:
         """Make the catalog equal to ``config`` (one transaction), then the live array equal to the catalog."""
         before = {rec.name: rec for rec in self.catalog.list_luns()}
+        wanted = {lun.name: lun for lun in config.luns}
+        self._refuse_if_restoring([n for n in before if n not in wanted], "removed")
+        # A change of these flags reopens the backing store (reconcile).
+        self._refuse_if_restoring([n for n, w in wanted.items() if n in before
+                                   and (w.read_only, w.thin) != (before[n].read_only, before[n].thin)], "reopened")
         plan = self.catalog.apply(config, dry_run=dry_run)
         if not dry_run and plan:
             for step in plan.steps:

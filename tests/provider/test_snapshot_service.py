@@ -234,3 +234,31 @@ def test_a_filled_clone_is_opened_once_and_closed_when_deleted(tmp_path: Path) -
         assert not any(p.startswith(path) for p in opened), "the deleted clone's file is still open"
 
     with_array(tmp_path, 1, body)
+
+
+def test_a_lun_under_restore_can_be_neither_deleted_nor_applied_away(tmp_path: Path) -> None:
+    """The restore guard is the array's, so every way of removing a LUN meets it: delete, and an apply whose
+    configuration no longer names it (or reopens it with other flags). Refused before anything changes."""
+    from dataclasses import replace as dc_replace
+    from types import SimpleNamespace
+
+    from lunsync.snapshots.catalog import InUse
+
+    async def body(array: Array) -> None:
+        running = SimpleNamespace(id="r1", state=SimpleNamespace(value="resyncing"))
+        array.recovery = SimpleNamespace(  # type: ignore[assignment]
+            restoring=lambda lun: running if lun == "l0" else None)
+        config = array.catalog.export()
+        others = tuple(lun for lun in config.luns if lun.name != "l0")
+        for attempt in (array.delete_lun("l0"), array.apply(dc_replace(config, luns=others)),
+                        array.apply(dc_replace(config, luns=others), dry_run=True),
+                        array.apply(dc_replace(config, luns=tuple(
+                            dc_replace(lun, read_only=True) if lun.name == "l0" else lun for lun in config.luns)))):
+            with pytest.raises(InUse, match="being restored by recovery r1"):
+                await attempt
+        assert {rec.name for rec in array.catalog.list_luns()} == {"l0", "l1"}
+        assert not array.catalog.get_lun("l0").read_only
+        await array.delete_lun("l1")  # not under restore: goes as before
+        assert {rec.name for rec in array.catalog.list_luns()} == {"l0"}
+
+    with_array(tmp_path, 2, body)
