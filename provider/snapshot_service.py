@@ -508,13 +508,14 @@ class SnapshotService:
         # Independent now. First everything reading the clone switches to its own file: an exposure, and through the
         # view's redirect whoever else holds the view (a restore started while it filled). Only then does the origin
         # stop preserving for it and free the copies it alone needed.
-        filled = self.cat.get_snapshot(rec.lun_name, rec.name)
         view = self.views.pop(rec.id, None)
-        if view is not None:
-            view.redirect = self.open_view(filled)
         exp = self.exposures.get(rec.id)
-        if exp is not None:
-            exp.lu.device = self.open_view(filled)
+        if view is not None or exp is not None:  # opened only for a reader: the file stays open until a delete
+            file = self.open_view(self.cat.get_snapshot(rec.lun_name, rec.name))
+            if view is not None:
+                view.redirect = file
+            if exp is not None:
+                exp.lu.device = file
         await vol.hold()
         try:
             await vol.drop_snapshot(rec.epoch)
