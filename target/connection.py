@@ -189,6 +189,9 @@ class Connection:
         self.writes: dict[int, PendingWrite] = {}
         self.dead_itts: dict[int, None] = {}  # writes ended for a broken Data-Out sequence (insertion-ordered)
         self.running: dict[int, ScsiTask] = {}  # ITT -> task handed out as Execute
+        # ITT -> R2Ts sent for a write now running: its SCSI Response's ExpDataSN (RFC 7143 §11.4.8). Only writes that
+        # needed R2Ts have an entry, so the common write pays one truth test of an empty dict.
+        self.r2ts_sent: dict[int, int] = {}
         self.queued: dict[int, tuple[pdu.InitiatorPdu, bytes]] = {}  # CmdSN -> PDU waiting for its turn
         self.pending_bytes = 0
         self.text_continuation: dict[int, bytes] = {}  # TTT -> rest of a long Text Response
@@ -546,6 +549,8 @@ class Connection:
             self.pending_bytes -= len(w.buffer)
             w.task.data_out = w.buffer
             self.running[d.itt] = w.task
+            if w.r2t_sn:
+                self.r2ts_sent[d.itt] = w.r2t_sn
             self.events.append(Execute(w.task))
         else:
             self._issue_r2ts(w)
@@ -561,6 +566,8 @@ class Connection:
             del self.dead_itts[next(iter(self.dead_itts))]
         self.inflight -= 1
         self._window_update()
+        if w.r2t_sn:
+            self.r2ts_sent[itt] = w.r2t_sn
         self._respond(w.task, ScsiResponse(Status.CHECK_CONDITION, None, DATA_PHASE_ERROR_SENSE))
 
     # -- completion ---------------------------------------------------------------------------------------------------
@@ -595,7 +602,8 @@ class Connection:
             # The common write: GOOD, nothing to return, and the CDB moved exactly what the initiator sent.
             stat_sn = self.stat_sn
             self.stat_sn = (stat_sn + 1) & MASK32
-            bhs = pdu.encode_scsi_response(task.tag, 0, stat_sn, self.exp_cmd_sn, self.max_cmd_sn)
+            r2ts = self.r2ts_sent.pop(task.tag, 0) if self.r2ts_sent else 0
+            bhs = pdu.encode_scsi_response(task.tag, 0, stat_sn, self.exp_cmd_sn, self.max_cmd_sn, r2ts)
             self.out.append(bhs)
             if self.header_digest:
                 self.out.append(pdu.digest_bytes(pdu.crc32c(bhs)))
@@ -637,7 +645,8 @@ class Connection:
                 return
             exp_data_sn = data_sn
         else:
-            exp_data_sn = 0
+            # A write's ExpDataSN is the number of R2Ts it was sent; any other command without Data-In has 0.
+            exp_data_sn = self.r2ts_sent.pop(task.tag, 0) if self.r2ts_sent else 0
         sense = resp.sense
         seg_data: bytes | None = None
         if sense:
@@ -774,6 +783,7 @@ class Connection:
         found = False
         if self.running.pop(tag, None) is not None:
             found = True
+            self.r2ts_sent.pop(tag, None)
         w = self.writes.pop(tag, None)
         if w is not None:
             found = True

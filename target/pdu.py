@@ -392,10 +392,11 @@ class ScsiResponse:
         )
 
 
-def encode_scsi_response(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> bytes:
+def encode_scsi_response(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int,
+                         exp_data_sn: int = 0) -> bytes:
     """A SCSI Response with no residual, no data segment and response COMMAND COMPLETED: the common write's answer,
-    without building a :class:`ScsiResponse` first."""
-    return _SCSI_RSP.pack(0x21, 0x80, 0, status, 0, itt, 0, stat_sn, exp_cmd_sn, max_cmd_sn, 0, 0, 0)
+    without building a :class:`ScsiResponse` first. ``exp_data_sn`` counts the R2Ts sent for the write (§11.4.8)."""
+    return _SCSI_RSP.pack(0x21, 0x80, 0, status, 0, itt, 0, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn, 0, 0)
 
 
 def encode_read_answer(itt: int, lun: int, length: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> bytes:

@@ -199,6 +199,8 @@ def test_write_beyond_first_burst_gets_r2t_then_completes() -> None:
     assert int.from_bytes(r2t[40:44], "big") == 8192 and int.from_bytes(r2t[44:48], "big") == 8192
     [(rsp, _)] = rig.feed(data_out(payload[8192:], itt=7, ttt=ttt, offset=8192))
     assert rsp[0] == 0x21 and rsp[3] == Status.GOOD
+    # ExpDataSN of a write's SCSI Response is the number of R2Ts the target sent for it (RFC 7143 §11.4.8).
+    assert int.from_bytes(rsp[36:40], "big") == 1
     assert bytes(rig.dev.data[8 * 512:8 * 512 + len(payload)]) == payload
 
 
@@ -342,6 +344,7 @@ def test_broken_data_sn_ends_the_write_with_aborted_command() -> None:
     [(rsp, sense)] = rig.feed(data_out(b"\1" * 4096, itt=11, ttt=ttt, offset=8192, data_sn=5, final=False))
     assert rsp[0] == 0x21 and rsp[3] == Status.CHECK_CONDITION
     assert sense[2 + 2] & 0x0F == 0x0B and sense[2 + 12:2 + 14] == bytes((0x4B, 0x00))
+    assert int.from_bytes(rsp[36:40], "big") == 1  # the one R2T it was sent (RFC 7143 §11.4.8)
     assert rig.feed(data_out(b"\1" * 4096, itt=11, ttt=ttt, offset=12288, data_sn=1)) == []  # dropped silently
     assert rig.conn.phase is Phase.FULL_FEATURE
     assert bytes(rig.dev.data[0:16384]) == bytes(16384)  # nothing of the broken write reached the LUN
