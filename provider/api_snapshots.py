@@ -8,6 +8,7 @@ catalog first; errors are the API's usual 4xx ``{"error": ...}`` (the catalog's 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
@@ -98,6 +99,24 @@ class ExposeIn(_In):
     lun: int | None = Field(None, ge=0, le=MAX_LUN_NUMBER, description="LUN number; the lowest free one if absent")
 
 
+class BackupIn(_In):
+    dir: str = Field(min_length=2, max_length=4096, pattern=r"^/",
+                     description="absolute directory on the array's host; created, and must be absent or empty")
+
+
+class BackupPoolOut(BaseModel):
+    name: str
+    path: str
+    files: list[str]
+
+
+class BackupOut(BaseModel):
+    dir: str
+    created_at: str
+    schema_version: int
+    pools: list[BackupPoolOut]
+
+
 def _snapshot_out(svc: SnapshotService, rec: SnapshotRecord) -> SnapshotOut:
     fill = None
     if rec.kind == "clone":
@@ -149,6 +168,16 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
     async def get_pool(name: Annotated[str, Path(min_length=1, max_length=64)]) -> PoolOut:
         s = svc()
         return _pool_out(s, s.cat.get_pool(validate_name("pool", name)))
+
+    @r.post("/backup", response_model=BackupOut, status_code=201, tags=["backup"],
+            summary="write a consistent backup of the catalog and the pools' chunk maps",
+            description="SQLite's online backup of the catalog, then each pool's map logs and pool.db, while LUN I/O "
+                        "goes on; snapshot operations wait meanwhile. LUN and pool data files are not copied. "
+                        "`backup.json` is written last. 409 if the directory exists and is not empty.")
+    async def backup(body: BackupIn) -> BackupOut:
+        m = await svc().backup(body.dir)
+        return BackupOut(dir=os.path.abspath(body.dir), created_at=m.created_at, schema_version=m.schema_version,
+                         pools=[BackupPoolOut(name=p.name, path=p.path, files=list(p.files)) for p in m.pools])
 
     @r.get("/snapshots", response_model=list[SnapshotOut], summary="list snapshots (of one LUN, or all)")
     async def list_snapshots(lun: Annotated[str | None, Query(min_length=1, max_length=64)] = None

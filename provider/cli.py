@@ -153,6 +153,10 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(handler=_apply)
     p = sub.add_parser("export", parents=[common], help="print the array as TOML (CHAP secrets included)")
     p.set_defaults(handler=_export)
+    p = sub.add_parser("backup", parents=[common],
+                       help="write a consistent copy of the catalog and the pools' chunk maps into DIR")
+    p.add_argument("dir", metavar="DIR", help="a directory on the array's host that is absent or empty")
+    p.set_defaults(handler=_backup)
     from lunsync.provider.cli_snapshots import add_snapshot_commands  # imports this module: not at the top
 
     add_snapshot_commands(noun, leaf)
@@ -460,6 +464,12 @@ def _export(c: Any, a: argparse.Namespace) -> int:
     else:
         sys.stdout.write(r["config"])
     return 0
+
+
+def _backup(c: Any, a: argparse.Namespace) -> int:
+    r = c.post("/backup", {"dir": os.path.abspath(a.dir)})
+    pools = ", ".join(p["name"] for p in r["pools"]) or "none"
+    return _done(a, r, f"backup written to {r['dir']} (catalog schema {r['schema_version']}; pools: {pools})")
 
 
 def _run_client(args: argparse.Namespace) -> int:

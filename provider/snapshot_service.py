@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from lunsync.snapshots.backend import FileBackend
+from lunsync.snapshots.backup import BackupManifest
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
 from lunsync.snapshots.cow import ZERO, CowVolume, Origin, Pool, SnapshotView, copy_range, zero_range
 from lunsync.snapshots.device import BlockDevice
@@ -216,6 +217,14 @@ class SnapshotService:
     async def _catalog_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking catalog call on the service's own catalog thread."""
         return await asyncio.get_running_loop().run_in_executor(self._catalog_executor, fn, *args)
+
+    async def backup(self, dest_dir: str) -> BackupManifest:
+        """Write the array's metadata backup (:mod:`lunsync.snapshots.backup`) into ``dest_dir`` while LUN I/O goes
+        on. Snapshot operations wait meanwhile, so the catalog's copy and the pools' maps copied after it name the
+        same snapshots."""
+        async with self._lock:
+            pools = [(p.name, p.path) for p in self.cat.list_pools()]
+            return await self._catalog_thread(self.array.catalog.backup_metadata, pools, dest_dir)
 
     # --- snapshots -------------------------------------------------------------------------------------------------
 

@@ -40,9 +40,11 @@ from lunsync.provider.config import (
     format_size,
     normalize_iscsi_name,
 )
+from lunsync.snapshots.backup import BackupManifest, backup_database, backup_metadata
 from lunsync.target.scsi.task import LunIdentity
 
 __all__ = [
+    "BACKUPS_DIRNAME",
     "CATALOG_FILENAME",
     "COMPANY_ID",
     "MIGRATIONS",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 CATALOG_FILENAME = "catalog.db"
+BACKUPS_DIRNAME = "backups"  # in the data dir: the copy of the catalog written before each schema migration
 # Frames between automatic checkpoints (SQLite's default, stated so the WAL reserve below can be sized from it), and
 # how many such stretches of WAL are written as zeros when the catalog opens.
 WAL_AUTOCHECKPOINT_PAGES = 1000
@@ -554,10 +557,28 @@ class Catalog:
             raise CatalogError(
                 f"{self.path} has schema version {version}, newer than this lunsync understands ({SCHEMA_VERSION})"
             )
+        if 0 < version < SCHEMA_VERSION:
+            # An upgrade is undone by putting this copy back (with the older lunsync): written before any migration.
+            stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+            os.makedirs(os.path.join(self.data_dir, BACKUPS_DIRNAME), mode=0o700, exist_ok=True)
+            self.backup_to(os.path.join(self.data_dir, BACKUPS_DIRNAME, f"catalog-v{version}-{stamp}.db"))
         for v in range(version, SCHEMA_VERSION):
             with self._tx() as db:
                 MIGRATIONS[v](db)
                 db.execute(f"PRAGMA user_version = {v + 1}")
+
+    def backup_to(self, dest: str) -> int:
+        """A consistent copy of the catalog as a new file ``dest`` (SQLite's online backup API; see
+        :func:`lunsync.snapshots.backup.backup_database`); returns the copy's schema version. Other threads' calls
+        wait meanwhile; other processes may keep writing."""
+        with self._lock:
+            backup_database(self._db, dest)
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def backup_metadata(self, pools: Sequence[tuple[str, str]], dest_dir: str) -> BackupManifest:
+        """The array's metadata backup into ``dest_dir``: this catalog and the maps of ``pools`` (``(name, path)``);
+        see :func:`lunsync.snapshots.backup.backup_metadata` for what the caller must keep still meanwhile."""
+        return backup_metadata(self.backup_to, self.data_dir, pools, dest_dir)
 
     @property
     def schema_version(self) -> int:
