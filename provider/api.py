@@ -29,10 +29,12 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
+from lunsync.provider.api_guard import DEFAULT_MAX_BODY_BYTES, BodyLimit, auth_throttle, client_source
 from lunsync.provider.config import MAX_LUN_NUMBER, ChapConfig, ConfigError, format_size, parse_config, parse_size
 from lunsync.provider.metrics import ApiCounters
 from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
+from lunsync.target.throttle import LoginThrottle
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -268,6 +270,8 @@ class ApiContext:
     started: float = field(default_factory=time.monotonic)
     api_address: str = ""
     metrics_address: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    auth_throttle: LoginThrottle = field(default_factory=auth_throttle)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -343,6 +347,13 @@ class TokenAuth:
             await self.app(scope, receive, send)
             return
         self.ctx.counters.requests += 1
+        source = client_source(scope)
+        loop = asyncio.get_running_loop()
+        hold = self.ctx.auth_throttle.delay(source, loop.time())
+        if hold > 0:
+            # This address keeps presenting wrong tokens: answer nothing for a while (see lunsync.provider.api_guard).
+            self.ctx.counters.auth_throttled += 1
+            await asyncio.sleep(hold)
         given = b""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
@@ -350,6 +361,7 @@ class TokenAuth:
                 break
         if not secrets.compare_digest(given, self.expected):
             self.ctx.counters.unauthorized += 1
+            self.ctx.auth_throttle.record_failure(source, loop.time())
             client = scope.get("client")
             who = f"{client[0]}:{client[1]}" if client else "unix socket"
             # Never log the presented value: a mistyped token is often a real one for another system.
@@ -621,8 +633,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
 
 def asgi_app(ctx: ApiContext) -> AsgiApp:
-    """The API as served: the FastAPI app behind the token check."""
-    return TokenAuth(create_app(ctx), ctx)
+    """The API as served: the FastAPI app behind the body limit, behind the token check (an unauthenticated client
+    learns nothing, not even the limit). ``apply`` carries a whole configuration, so its limit is the configuration's
+    plus room for JSON escaping."""
+    limited = BodyLimit(create_app(ctx), ctx.max_body_bytes,
+                        {"/v1/apply": max(ctx.max_body_bytes, 2 * MAX_CONFIG_BYTES + 4096)})
+    return TokenAuth(limited, ctx)
 
 
 # --- serving inside the daemon's loop --------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus /metrics address (default 127.0.0.1:9100; 'off' disables it)")
     s.add_argument("--api-tls-cert", metavar="FILE", help="serve the API over TLS with this certificate (PEM)")
     s.add_argument("--api-tls-key", metavar="FILE", help="the private key of --api-tls-cert (PEM)")
+    s.add_argument("--api-max-body", type=_size, default=1 << 20, metavar="SIZE",
+                   help="largest API request body; larger ones get 413 unread (default 1MiB)")
     _client_commands(sub)
     return ap
 
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = daemon.ServeOptions(data_dir=args.data_dir, listen=args.listen, config=args.config, demo=args.demo,
                                    demo_size=args.demo_size, api=args.api or daemon.DEFAULT_API,
                                    metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
-                                   api_tls_key=args.api_tls_key)
+                                   api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body)
         from lunsync.snapshots.catalog import CatalogError
 
         try:

@@ -443,6 +443,7 @@ class ServeOptions:
     metrics: str = DEFAULT_METRICS  # HOST:PORT or "off"
     api_tls_cert: str | None = None
     api_tls_key: str | None = None
+    api_max_body_bytes: int = 1 << 20
 
 
 async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
@@ -455,7 +456,7 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
     if (opts.api_tls_cert is None) != (opts.api_tls_key is None):
         raise ValueError("--api-tls-cert and --api-tls-key go together")
     counters = ApiCounters()
-    ctx = ApiContext(array, server, ensure_token(array.data_dir), counters)
+    ctx = ApiContext(array, server, ensure_token(array.data_dir), counters, max_body_bytes=opts.api_max_body_bytes)
     running: list[object] = []
     status_api, status_metrics = "off", None
     if opts.api != "off":

@@ -43,6 +43,7 @@ class ApiCounters:
 
     unauthorized: int = 0
     requests: int = 0
+    auth_throttled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,9 @@ class LunsyncCollector(Collector):
                                   value=self.api.unauthorized)
         yield CounterMetricFamily("lunsync_api_requests", "Management API requests answered.",
                                   value=self.api.requests)
+        yield CounterMetricFamily("lunsync_api_auth_throttled",
+                                  "Management API requests held because their address kept failing authentication.",
+                                  value=self.api.auth_throttled)
 
 
 def build_registry(server: Server, api: ApiCounters, luns: Callable[[], Iterable[LunInfo]]) -> CollectorRegistry:
