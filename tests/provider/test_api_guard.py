@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 from api_harness import ApiDaemon, sample
@@ -19,16 +18,6 @@ from api_harness import ApiDaemon, sample
 pytestmark = pytest.mark.e2e
 
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiDaemon]:
-    d = ApiDaemon(tmp_path_factory.mktemp("lunsync-guard"))
-    try:
-        d.start()
-        yield d
-    finally:
-        d.close()
 
 
 def _rss_kib(pid: int) -> int:
@@ -59,12 +48,12 @@ def _raw_response(sock: socket.socket) -> tuple[int, bytes]:
     return status, rest
 
 
-def test_a_declared_100mb_body_gets_413_unread(guarded: ApiDaemon) -> None:
-    assert guarded.proc is not None
-    rss_before = _rss_kib(guarded.proc.pid)
-    with socket.create_connection(("127.0.0.1", guarded.api_port)) as s:
+def test_a_declared_100mb_body_gets_413_unread(api_daemon: ApiDaemon) -> None:
+    assert api_daemon.proc is not None
+    rss_before = _rss_kib(api_daemon.proc.pid)
+    with socket.create_connection(("127.0.0.1", api_daemon.api_port)) as s:
         s.sendall(b"POST /v1/luns HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + guarded.token.encode() + b"\r\n"
+                  b"Authorization: Bearer " + api_daemon.token.encode() + b"\r\n"
                   b"Content-Length: 100000000\r\n\r\n" + b'{"name": "' + b"a" * 4096)
         t0 = time.monotonic()
         status, body = _raw_response(s)
@@ -72,14 +61,14 @@ def test_a_declared_100mb_body_gets_413_unread(guarded: ApiDaemon) -> None:
     assert status == 413, body
     assert "larger than 1048576 bytes" in json.loads(body)["error"]
     assert took < 2.0, f"413 took {took:.2f}s: the body was waited for"
-    assert _rss_kib(guarded.proc.pid) - rss_before < 20 * 1024
+    assert _rss_kib(api_daemon.proc.pid) - rss_before < 20 * 1024
 
 
-def test_a_chunked_body_is_cut_off_at_the_limit(guarded: ApiDaemon) -> None:
-    assert guarded.proc is not None
-    with socket.create_connection(("127.0.0.1", guarded.api_port)) as s:
+def test_a_chunked_body_is_cut_off_at_the_limit(api_daemon: ApiDaemon) -> None:
+    assert api_daemon.proc is not None
+    with socket.create_connection(("127.0.0.1", api_daemon.api_port)) as s:
         s.sendall(b"POST /v1/luns HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + guarded.token.encode() + b"\r\n"
+                  b"Authorization: Bearer " + api_daemon.token.encode() + b"\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         piece = b"a" * (256 << 10)
         sent = 0
@@ -92,11 +81,11 @@ def test_a_chunked_body_is_cut_off_at_the_limit(guarded: ApiDaemon) -> None:
             pass
         status, body = _raw_response(s)
     assert status == 413, body
-    assert guarded.proc.poll() is None
+    assert api_daemon.proc.poll() is None
 
 
-def test_a_json_body_over_the_limit_gets_413_and_small_ones_still_work(guarded: ApiDaemon) -> None:
-    with guarded.http() as c:
+def test_a_json_body_over_the_limit_gets_413_and_small_ones_still_work(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
         r = c.post("/v1/luns", json={"name": "big", "size": "1MiB", "path": "x" * (MIB + 10)})
         assert r.status_code == 413, r.text
         r = c.post("/v1/luns", json={"name": "guard-small", "size": "1MiB"})
@@ -108,9 +97,9 @@ def test_a_json_body_over_the_limit_gets_413_and_small_ones_still_work(guarded: 
         assert r.status_code == 200, r.text[:300]
 
 
-def test_wrong_tokens_are_tarpitted_per_address_and_the_holder_still_gets_in(guarded: ApiDaemon) -> None:
-    before = sample(guarded.scrape(), "lunsync_api_auth_throttled_total")
-    with guarded.http(token="wrong-token") as wrong, guarded.http() as good:
+def test_wrong_tokens_are_tarpitted_per_address_and_the_holder_still_gets_in(api_daemon: ApiDaemon) -> None:
+    before = sample(api_daemon.scrape(), "lunsync_api_auth_throttled_total")
+    with api_daemon.http(token="wrong-token") as wrong, api_daemon.http() as good:
         for _ in range(10):
             assert wrong.get("/v1/status").status_code == 401
         held = []
@@ -123,4 +112,4 @@ def test_wrong_tokens_are_tarpitted_per_address_and_the_holder_still_gets_in(gua
         t0 = time.monotonic()
         assert good.get("/v1/status").status_code == 200
         assert time.monotonic() - t0 < 5.5
-    assert sample(guarded.scrape(), "lunsync_api_auth_throttled_total") >= before + 3
+    assert sample(api_daemon.scrape(), "lunsync_api_auth_throttled_total") >= before + 3
