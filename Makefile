@@ -33,13 +33,15 @@ test: deps venv
 test-unit: venv
 	$(PY) -m pytest -q -m 'not e2e'
 
-# mypy checks the package as it is imported (lunsync.target, ...): the source directories are mapped onto those names
-# by pyproject's package-dir, which mypy cannot follow, so build/mypy holds a lunsync/ of symlinks to them.
+# mypy and lint-imports check the package as it is imported (lunsync.target, ...): the source directories are mapped
+# onto those names by pyproject's package-dir, which neither tool can follow, so build/mypy holds a lunsync/ of
+# symlinks to them. lint-imports enforces the layer contracts in pyproject's [tool.importlinter].
 lint: venv
 	$(VENV)/bin/ruff check target snapshots provider tests
 	@mkdir -p build/mypy/lunsync && touch build/mypy/lunsync/__init__.py
 	@for d in target snapshots provider; do ln -sfn ../../../$$d build/mypy/lunsync/$$d; done
 	MYPYPATH=build/mypy $(VENV)/bin/mypy -p lunsync
+	PYTHONPATH=build/mypy $(VENV)/bin/lint-imports --no-cache
 
 bench: deps venv
 	$(PY) tests/bench/run.py --shared $(SHARED)

@@ -20,8 +20,8 @@ from lunsync.provider.recovery_store import CatalogRecoveryStore
 from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, SnapshotRef
 from lunsync.snapshots.catalog import LunRecord, NotFound
 from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.model import LunIdentity
 from lunsync.target.scsi import sense as S
-from lunsync.target.scsi.task import LunIdentity
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 

@@ -5,11 +5,12 @@ secrets), with ``synchronous=FULL`` so that whatever a public method has returne
 It holds the portal, targets, LUNs and their identities, LUN mappings, ACLs, CHAP credentials and generic settings;
 snapshot, pool and recovery tables are added by appending to :data:`MIGRATIONS`. Every public mutating method is one
 transaction: it happens entirely or not at all. :meth:`Catalog.apply` reconciles the catalog with a declarative
-:class:`~lunsync.provider.config.Config` and :meth:`Catalog.export` produces one. Creating, growing and deleting the
+:class:`~lunsync.snapshots.model.Config` and :meth:`Catalog.export` produces one. Creating, growing and deleting the
 LUNs' backing files is the daemon's job, not this module's; it only says where they are (:meth:`Catalog.lun_path`).
 
-Layering note: the catalog speaks the configuration model of :mod:`lunsync.provider.config` and hands out
-:class:`~lunsync.target.scsi.task.LunIdentity`, so that there is one typed model of a LUN, not three.
+Layering note: the catalog speaks the model of :mod:`lunsync.snapshots.model` (configuration types and
+:class:`~lunsync.snapshots.model.LunIdentity`), the bottom layer every package shares, so that there is one typed
+model of a LUN, not three, and nothing in ``snapshots/`` imports ``provider/`` or ``target/``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Self
 
-from lunsync.provider.config import (
+from lunsync.snapshots.backup import BackupManifest, backup_database, backup_metadata
+from lunsync.snapshots.model import (
     MAX_LUN_NUMBER,
     ChapConfig,
     Config,
     ConfigError,
     LunConfig,
+    LunIdentity,
     LunMapping,
     PortalConfig,
     TargetConfig,
@@ -40,8 +43,6 @@ from lunsync.provider.config import (
     format_size,
     normalize_iscsi_name,
 )
-from lunsync.snapshots.backup import BackupManifest, backup_database, backup_metadata
-from lunsync.target.scsi.task import LunIdentity
 
 __all__ = [
     "BACKUPS_DIRNAME",

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from lunsync.provider.config import MAX_LUN_NUMBER
 from lunsync.snapshots.catalog import AlreadyExists, Catalog, InUse, Invalid, NotFound, new_identity
-from lunsync.target.scsi.task import LunIdentity
+from lunsync.snapshots.model import MAX_LUN_NUMBER, LunIdentity
 
 __all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotPlan", "SnapshotRecord",
            "parse_snapshot_name", "validate_name"]

@@ -17,9 +17,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.model import LunIdentity
 from lunsync.target.scsi import sense as S
 from lunsync.target.scsi.pr import PrState
-from lunsync.target.scsi.task import LunIdentity, Nexus
+from lunsync.target.scsi.task import Nexus
 
 # Mode page codes (SPC-4 §7.5, SBC-3 §6.4).
 PAGE_CACHING = 0x08

@@ -94,18 +94,6 @@ class ScsiResponse:
     sense: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class LunIdentity:
-    """What makes a logical unit itself across restarts: VPD 0x80 serial and the 0x83 NAA designator."""
-
-    naa: bytes  # 16 bytes, NAA IEEE Registered Extended (type 6)
-    serial: str
-    vendor: str = "LUNSYNC"
-    product: str = "VIRTUAL-DISK"
-    revision: str = "0001"
-    extra: dict[str, str] = field(default_factory=dict)
-
-
 class TmfFunction(enum.IntEnum):
     """Task management functions (RFC 7143 §11.5.1)."""
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.cow import CowVolume
+from lunsync.snapshots.model import LunIdentity
 from lunsync.target import keys, pdu
 from lunsync.target.directory import Directory, PortalAddress, TargetEntry
 from lunsync.target.portal import IscsiProtocol, Server
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.target import ScsiTarget
-from lunsync.target.scsi.task import LunIdentity
 
 IQN = "iqn.2026-11.io.lunsync:hotpath"
 ISID = 0x23D000000001

@@ -41,7 +41,7 @@ from lunsync.snapshots.catalog import (
     lun_identity,
     serial_from_naa,
 )
-from lunsync.target.scsi.task import LunIdentity
+from lunsync.snapshots.model import LunIdentity
 
 IQN = "iqn.2026-11.io.lunsync:demo"
 IQN_B = "iqn.2026-11.io.lunsync:b"

@@ -13,9 +13,10 @@ from typing import Any, TypeVar
 
 from lunsync.snapshots.device import Buffer, LbaExtent
 from lunsync.snapshots.errors import OutOfRange, ReadOnly, StorageError
+from lunsync.snapshots.model import LunIdentity
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.target import ScsiTarget
-from lunsync.target.scsi.task import LunIdentity, Nexus, ScsiResponse, ScsiTask
+from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask
 
 T = TypeVar("T")
 
