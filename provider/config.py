@@ -8,6 +8,8 @@ bottom layer the catalog and the SCSI layer share; they are re-exported here for
 
     [portal]                                   # optional; every key has a default
     listen = ["127.0.0.1:3260", "[::1]:3260"]  # HOST:PORT, IPv4 or [IPv6] literal; default ["127.0.0.1:3260"]
+    advertise = ["array.example.net:3260"]     # optional: what discovery answers instead of the listen addresses
+                                               #   (NAT, containers); HOST:PORT, a name or an IP literal
     nop_interval_s = 30                        # NOP-In keepalive interval; 0 = off
     nop_timeout_s = 15                         # drop the connection when a NOP-In goes unanswered this long
     login_timeout_s = 15                       # a login must reach full feature phase within this
@@ -73,6 +75,7 @@ from lunsync.snapshots.model import (
     LunMapping,
     PortalConfig,
     TargetConfig,
+    check_advertise_list,
     check_alias,
     check_block_size,
     check_bool,
@@ -328,7 +331,7 @@ class _KeyLines:
 
 # --- parsing ---------------------------------------------------------------------------------------------------------
 
-_PORTAL_KEYS = ("listen", "nop_interval_s", "nop_timeout_s", "login_timeout_s", "max_sessions")
+_PORTAL_KEYS = ("listen", "advertise", "nop_interval_s", "nop_timeout_s", "login_timeout_s", "max_sessions")
 _LUN_KEYS = ("name", "path", "size", "block_size", "thin", "read_only", "chunk_size", "naa", "serial")
 _TARGET_KEYS = ("iqn", "alias", "acl", "luns", "chap")
 _MAPPING_KEYS = ("lun", "name")
@@ -398,6 +401,8 @@ class _Parser:
         kw: dict[str, Any] = {}
         if "listen" in t:
             kw["listen"] = self.get(t, path, "listen", check_listen_list)
+        if "advertise" in t:
+            kw["advertise"] = self.get(t, path, "advertise", check_advertise_list)
         for key, lo in (("nop_interval_s", 0), ("nop_timeout_s", 1), ("login_timeout_s", 1)):
             if key in t:
                 kw[key] = self.get(t, path, key, functools.partial(check_int, lo=lo, hi=3600))
@@ -534,6 +539,7 @@ def dump_config(cfg: Config) -> str:
         "",
         "[portal]",
         f"listen = {_str_array(p.listen)}",
+        *([f"advertise = {_str_array(p.advertise)}"] if p.advertise else []),
         f"nop_interval_s = {p.nop_interval_s}",
         f"nop_timeout_s = {p.nop_timeout_s}",
         f"login_timeout_s = {p.login_timeout_s}",

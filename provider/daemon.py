@@ -538,6 +538,11 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         bound.append((host, p_))
         array.directory.portals.append(PortalAddress(host, p_, 1))
         log.info("iSCSI portal listening on %s:%d", host, p_)
+    for spec in p.advertise:
+        host, _, port_text = spec.rpartition(":")
+        array.directory.advertise.append(PortalAddress(host.strip("[]"), int(port_text), 1))
+    if p.advertise:
+        log.info("discovery advertises %s", ", ".join(p.advertise))
     if opts.demo:
         host, port = bound[0]
         print(f"lunsync: serving {DEMO_IQN} (data dir {data_dir})", flush=True)

@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import json
 import os
 import secrets
 import sqlite3
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 CATALOG_FILENAME = "catalog.db"
+_ADVERTISE_KEY = "portal.advertise"  # settings row: the JSON list of PortalConfig.advertise
 BACKUPS_DIRNAME = "backups"  # in the data dir: the copy of the catalog written before each schema migration
 # Frames between automatic checkpoints (SQLite's default, stated so the WAL reserve below can be sized from it), and
 # how many such stretches of WAL are written as zeros when the catalog opens.
@@ -606,8 +608,10 @@ class Catalog:
         with self._read() as db:
             row = db.execute("SELECT * FROM portal WHERE id = 1").fetchone()
             listen = tuple(r[0] for r in db.execute("SELECT address FROM portals ORDER BY position"))
+            advertised = db.execute("SELECT value FROM settings WHERE key = ?", (_ADVERTISE_KEY,)).fetchone()
             return PortalConfig(
                 listen=listen,
+                advertise=tuple(json.loads(advertised[0])) if advertised else (),
                 nop_interval_s=row["nop_interval_s"],
                 nop_timeout_s=row["nop_timeout_s"],
                 login_timeout_s=row["login_timeout_s"],
@@ -622,6 +626,11 @@ class Catalog:
                 (portal.nop_interval_s, portal.nop_timeout_s, portal.login_timeout_s, portal.max_sessions),
             )
             self._write_portals(portal.listen)
+            # A setting, not a column: the portal table's schema stays as it is.
+            db.execute("DELETE FROM settings WHERE key = ?", (_ADVERTISE_KEY,))
+            if portal.advertise:
+                db.execute("INSERT INTO settings (key, value) VALUES (?, ?)",
+                           (_ADVERTISE_KEY, json.dumps(list(portal.advertise))))
 
     def list_portals(self) -> tuple[str, ...]:
         """The listen addresses, ``HOST:PORT`` / ``[V6]:PORT``, in order."""
@@ -1030,10 +1039,10 @@ class Catalog:
 
         portal = self.get_portal()
         if portal != config.portal:
-            for attr in ("listen", "nop_interval_s", "nop_timeout_s", "login_timeout_s", "max_sessions"):
+            for attr in ("listen", "advertise", "nop_interval_s", "nop_timeout_s", "login_timeout_s", "max_sessions"):
                 old, new = getattr(portal, attr), getattr(config.portal, attr)
                 if old != new:
-                    shown = (lambda v: "[" + ", ".join(v) + "]") if attr == "listen" else str
+                    shown = (lambda v: "[" + ", ".join(v) + "]") if attr in ("listen", "advertise") else str
                     steps.append(PlanStep("~", "portal", attr, f"{shown(old)} -> {shown(new)}"))
             self.set_portal(config.portal)
 

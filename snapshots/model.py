@@ -360,6 +360,37 @@ def check_listen_list(v: object) -> tuple[str, ...]:
     return out
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+                       r"[A-Za-z0-9])?)*$")
+
+
+def check_advertised(v: object) -> str:
+    """One advertised portal: ``[IPV6]:PORT``, ``IPV4:PORT`` or ``NAME:PORT`` (RFC 7143 §13.8 allows a domain
+    name), never a wildcard: initiators must be able to connect to it."""
+    text = check_str(v)
+    host, sep, port = text.rpartition(":")
+    if text.startswith("[") or ":" in host or re.fullmatch(r"[0-9.]+", host):  # an IP literal (or a bad one)
+        ip, num = parse_listen(text)
+        if ipaddress.ip_address(ip).is_unspecified:
+            raise ValueError(f"{text} is a wildcard: advertise an address initiators can connect to")
+        return f"[{ip}]:{num}" if ":" in ip else f"{ip}:{num}"
+    if not sep or not _HOSTNAME.match(host):
+        raise ValueError(f"invalid advertised address {text!r}: expected NAME:PORT, IPV4:PORT or [IPV6]:PORT")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"invalid port in {text!r}: expected 1-65535")
+    return f"{host.lower()}:{int(port)}"
+
+
+def check_advertise_list(v: object) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"must be an array of HOST:PORT strings, not {type_name(v)}")
+    out = tuple(check_advertised(x) for x in v)
+    for i, addr in enumerate(out):
+        if addr in out[:i]:
+            raise ValueError(f"{addr} is listed twice")
+    return out
+
+
 def _freeze(obj: object, name: str, check: Callable[[object], T], ctx: KeyPath) -> T:
     """Validate and normalize one field of a frozen dataclass in ``__post_init__``."""
     try:
@@ -391,10 +422,12 @@ class PortalConfig:
     nop_timeout_s: int = 15
     login_timeout_s: int = 15
     max_sessions: int = 256
+    advertise: tuple[str, ...] = ()  # empty: discovery answers the listen addresses (a wildcard's as reached)
 
     def __post_init__(self) -> None:
         ctx: KeyPath = ("portal",)
         _freeze(self, "listen", check_listen_list, ctx)
+        _freeze(self, "advertise", check_advertise_list, ctx)
         _freeze(self, "nop_interval_s", lambda v: check_int(v, 0, 3600), ctx)
         _freeze(self, "nop_timeout_s", lambda v: check_int(v, 1, 3600), ctx)
         _freeze(self, "login_timeout_s", lambda v: check_int(v, 1, 3600), ctx)

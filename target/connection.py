@@ -153,6 +153,7 @@ class Connection:
         directory: Directory,
         *,
         peer: str = "?",
+        local: tuple[str, int] | None = None,
         tpgt: int = 1,
         now: float = 0.0,
         nop_interval_s: float = 30.0,
@@ -163,6 +164,7 @@ class Connection:
     ) -> None:
         self.directory = directory
         self.peer = peer
+        self.local = local  # the socket's own address: what a wildcard portal answers discovery with
         self.tpgt = tpgt
         self.phase = Phase.LOGIN
         self.login = LoginMachine(directory, tpgt=tpgt, target_limits=target_limits)
@@ -750,10 +752,10 @@ class Connection:
             t = self.directory.lookup(value)
             targets = [t] if t is not None and t.allows(initiator) else []
         out: list[tuple[str, str]] = []
+        addresses = self.directory.target_addresses(self.local)
         for t in targets:
             out.append(("TargetName", t.name))
-            for portal in self.directory.portals:
-                out.append(("TargetAddress", portal.text()))
+            out += [("TargetAddress", a) for a in addresses]
         return out
 
     def _logout(self, lo: pdu.LogoutRequest) -> None:

@@ -78,6 +78,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        name = transport.get_extra_info("sockname")
+        local = (str(name[0]), int(name[1])) if isinstance(name, tuple) and len(name) >= 2 else None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -86,8 +88,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 pass
         s = self.server.settings
         self.conn = cx.Connection(
-            self.server.directory, peer=self.peer, tpgt=1, now=self.loop.time(), nop_interval_s=s.nop_interval_s,
-            nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
+            self.server.directory, peer=self.peer, local=local, tpgt=1, now=self.loop.time(),
+            nop_interval_s=s.nop_interval_s, nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
             target_limits=self.server.target_limits(), allocate_tsih=self.server.allocate_tsih,
         )
         self.server.protocols.add(self)

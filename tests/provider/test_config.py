@@ -238,6 +238,12 @@ def test_parse_listen_rejects(text: str) -> None:
         parse_listen(text)
 
 
+def test_advertised_addresses_are_normalized_and_may_be_names() -> None:
+    portal = PortalConfig(advertise=("Array.Example.NET:03260", "[0:0::1]:3260", "192.0.2.1:3260"))
+    assert portal.advertise == ("array.example.net:3260", "[::1]:3260", "192.0.2.1:3260")
+    assert PortalConfig().advertise == ()
+
+
 def test_listen_addresses_are_normalized() -> None:
     portal = PortalConfig(listen=("[0:0::1]:3260",))
     assert portal.listen == ("[::1]:3260",)
@@ -417,6 +423,13 @@ size = "1GiB"
         ('[portal]\nlisten = []\n', 2, "portal.listen", "at least one"),
         ('[portal]\nlisten = ["0.0.0.0:3260", "127.0.0.1:3260"]\n', 2, "portal.listen", "overlaps"),
         ('[portal]\nlisten = ["127.0.0.1:3260", "127.0.0.1:3260"]\n', 2, "portal.listen", "twice"),
+        ('[portal]\nadvertise = ["0.0.0.0:3260"]\n', 2, "portal.advertise", "wildcard"),
+        ('[portal]\nadvertise = ["[::]:3260"]\n', 2, "portal.advertise", "wildcard"),
+        ('[portal]\nadvertise = ["::1:3260"]\n', 2, "portal.advertise", "brackets"),
+        ('[portal]\nadvertise = ["nas_1.lan:3260"]\n', 2, "portal.advertise", "NAME:PORT"),
+        ('[portal]\nadvertise = ["nas.lan:0"]\n', 2, "portal.advertise", "1-65535"),
+        ('[portal]\nadvertise = ["nas.lan:3260", "NAS.lan:3260"]\n', 2, "portal.advertise", "twice"),
+        ('[portal]\nadvertise = "nas.lan:3260"\n', 2, "portal.advertise", "array"),
         ("[portal]\nnop_timeout_s = 0\n", 2, "portal.nop_timeout_s", "between 1 and 3600"),
         ("[portal]\nmax_sessions = true\n", 2, "portal.max_sessions", "integer"),
         ('[[target]]\niqn = "iqn.2026-11"\n', 2, "target[0].iqn", "invalid iqn"),
@@ -546,7 +559,8 @@ def test_secrets_are_masked_in_repr() -> None:
 
 def full_config() -> Config:
     return Config(
-        portal=PortalConfig(listen=("127.0.0.1:3260", "[::1]:3261"), nop_interval_s=0, max_sessions=8),
+        portal=PortalConfig(listen=("127.0.0.1:3260", "[::1]:3261"), nop_interval_s=0, max_sessions=8,
+                            advertise=("array.example.net:3260", "192.0.2.10:3260", "[2001:db8::a]:3260")),
         luns=(
             LunConfig("db0", 10 << 30, naa="60a5c51bd1b44b91a412d638c08ea6aa", serial="XUNUJOI2IEWWHDAI5JVK"),
             LunConfig("db1", 3 * 4096, path="/dev/sdb", block_size=4096, thin=False, read_only=True,
@@ -611,6 +625,11 @@ def configs(draw: st.DrawFn) -> Config:
         nop_timeout_s=draw(st.integers(1, 3600)),
         login_timeout_s=draw(st.integers(1, 3600)),
         max_sessions=draw(st.integers(1, 65535)),
+        advertise=tuple(draw(st.lists(st.one_of(_listen, st.builds(lambda n, p: f"{n}.example:{p}",
+                                                                      st.from_regex(r"[a-z][a-z0-9]{0,8}",
+                                                                                    fullmatch=True),
+                                                                      st.integers(1, 65535))),
+                                      max_size=2, unique=True))),
     )
     luns = []
     for name in draw(st.lists(_names, max_size=4, unique=True)):

@@ -424,6 +424,19 @@ def test_portals(cat: Catalog, data_dir: Path) -> None:
         assert (p.nop_interval_s, p.max_sessions) == (0, 4)
 
 
+def test_advertised_portals_persist_apply_with_a_plan_step_and_export(cat: Catalog, data_dir: Path) -> None:
+    want = replace(cat.export(), portal=replace(cat.get_portal(), advertise=("nas.example:3260", "[2001:db8::1]:3260")))
+    plan = cat.apply(want)
+    assert [str(s) for s in plan.steps if s.kind == "portal"] == [
+        "~ portal advertise [] -> [nas.example:3260, [2001:db8::1]:3260]"]
+    cat.close()
+    with Catalog(data_dir) as again:
+        assert again.get_portal().advertise == ("nas.example:3260", "[2001:db8::1]:3260")
+        assert again.export() == want
+        again.apply(replace(want, portal=replace(want.portal, advertise=())))
+        assert again.get_portal().advertise == ()
+
+
 def test_settings(cat: Catalog) -> None:
     assert cat.get_setting("k") is None and cat.get_setting("k", "d") == "d"
     cat.set_setting("k", "v1")
