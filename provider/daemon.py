@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lunsync.provider import systemd
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
+from lunsync.provider.name_locks import NameLocks, by_name
 from lunsync.provider.snapshot_service import SnapshotService
 from lunsync.snapshots.backend import FileBackend, open_backend
 from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
@@ -91,6 +92,8 @@ class Array:
     server: Server | None = None  # set once the portals exist; sessions are logged out through it
     snapshots: SnapshotService | None = None  # set by load(); every LUN opened after that has copy-on-write
     recovery: RecoveryManager | None = None  # set by resync_array.attach, for the API
+    # create/delete/resize/apply of one LUN name run one at a time (see lunsync.provider.name_locks)
+    name_locks: NameLocks = field(default_factory=NameLocks)
     provider: HardwareProvider | None = None  # likewise
 
     async def load(self) -> None:
@@ -191,6 +194,7 @@ class Array:
         n = self._logout(lambda r: r.target is not None and r.target.name == iqn)
         log.info("target %s deleted (%d session(s) logged out)", iqn, n)
 
+    @by_name(lambda _, name, *__, **___: (name,))
     async def create_lun(self, name: str, size_bytes: int, *, path: str | None = None, block_size: int = 512,
                          thin: bool = True, read_only: bool = False) -> LunRecord:
         """Record the LUN, then create (or adopt) its backing store. An existing file or device is served as it is
@@ -216,6 +220,7 @@ class Array:
                  self.catalog.lun_path(rec))
         return rec
 
+    @by_name(lambda _, name, *__, **___: (name,))
     async def delete_lun(self, name: str) -> LunRecord:
         """Forget a LUN (refused while mapped). A backing file inside the data dir goes with it; a file or device
         elsewhere was the user's before and stays."""
@@ -235,6 +240,7 @@ class Array:
         log.info("lun %s deleted%s", rec.name, "" if os.path.isabs(rec.path) else f" with {path}")
         return rec
 
+    @by_name(lambda _, name, *__, **___: (name,))
     async def resize_lun(self, name: str, size_bytes: int) -> LunRecord:
         """Grow a LUN live and tell its sessions (CAPACITY DATA HAS CHANGED). Shrinking is refused.
 
@@ -317,6 +323,7 @@ class Array:
                 raise InUse(f"lun {name!r} is being restored by recovery {rs.id} ({rs.state.value}) and cannot be "
                             f"{what}; cancel it or let it finish first")
 
+    @by_name(lambda self, config, **_: [*(r.name for r in self.catalog.list_luns()), *(c.name for c in config.luns)])
     async def apply(self, config: Config, *, dry_run: bool = False) -> Plan:
         """Make the catalog equal to ``config`` (one transaction), then the live array equal to the catalog."""
         before = {rec.name: rec for rec in self.catalog.list_luns()}
