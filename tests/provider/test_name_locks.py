@@ -13,7 +13,6 @@ import os
 import httpx
 import pytest
 from api_harness import ApiDaemon
-
 from lunsync.provider.name_locks import NameLocks
 
 
