@@ -158,8 +158,15 @@ class SnapshotService:
         async def on_invalid(epochs: list[int], reason: str) -> None:
             await self._invalidate(lun_id, epochs, reason)
 
-        vol = CowVolume(origin, self.pool(prec) if prec is not None else None,
-                        rec.id, rec.chunk_size_bytes, epochs, on_invalid=on_invalid, name=rec.name)
+        vol = CowVolume(origin, None, rec.id, rec.chunk_size_bytes, epochs, on_invalid=on_invalid, name=rec.name)
+        if prec is not None:
+            try:
+                vol.attach_pool(self.pool(prec))
+            except (OSError, StorageError, sqlite3.Error) as e:
+                # The origin serves anyway: its snapshots there cannot be read, and lose their copies (invalid) at
+                # the first write that needs one.
+                vol.pool_unavailable = f"pool {prec.name} at {prec.path} cannot be opened: {e}"
+                log.error("lun %s: %s", rec.name, vol.pool_unavailable)
         self.volumes[rec.name] = vol
         return vol
 
@@ -431,6 +438,10 @@ class SnapshotService:
         vol = self.volumes.get(rec.lun_name)
         if vol is None or vol.lun_id != rec.lun_id:
             raise NotFound(f"the origin of {rec.full_name} is not open")
+        if vol.pool_unavailable is not None:
+            from lunsync.snapshots.catalog import Invalid
+
+            raise Invalid(f"snapshot {rec.full_name} cannot be read: {vol.pool_unavailable}")
         view = self.views.get(rec.id)
         if view is None:
             view = self.views[rec.id] = vol.view(rec.epoch, rec.size_bytes // rec.block_size)

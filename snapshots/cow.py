@@ -24,7 +24,9 @@ preservations that arrive while a batch is being copied form the next batch (two
 SAME preserve first like any write; a partial-chunk write preserves the whole chunk. A copy is freed only when no live
 snapshot maps to it, so snapshots can be deleted in any order. When a preservation fails (pool full, I/O error) the
 origin keeps serving: the snapshots that needed it are reported through ``on_invalid`` (which must make that durable)
-before the write proceeds, and stop counting, so they are never silently wrong.
+before the write proceeds, and stop counting, so they are never silently wrong. Any error of the pool's storage counts
+(ENOSPC, EROFS, EIO, a pool that cannot be opened at all): the pool's failure is the snapshots' loss, never the
+origin's.
 
 A :class:`SnapshotView` is a read-only BlockDevice of one snapshot; writes are refused with :class:`ReadOnly` (DATA
 PROTECT), and reads of an invalidated snapshot fail with :class:`NotReady`.
@@ -227,11 +229,20 @@ class Pool:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(os.path.join(self.path, POOL_DB), isolation_level=None, check_same_thread=False,
                                    timeout=30.0)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise StorageError(f"pool {name}: cannot use WAL journaling in {self.path} (got {mode!r})")
-        # FULL: a checkpoint that returned is on stable storage, so its log may be emptied.
-        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StorageError(f"pool {name}: cannot use WAL journaling in {self.path} (got {mode!r})")
+            # FULL: a checkpoint that returned is on stable storage, so its log may be emptied.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._create_tables()
+        except BaseException:
+            self._db.close()
+            raise
+        self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
+        self._logs: dict[int, _MapLog] = {}
+
+    def _create_tables(self) -> None:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT "
             "NULL, slot INTEGER NOT NULL, PRIMARY KEY (lun_id, chunk, epoch), UNIQUE (lun_id, slot)) WITHOUT ROWID"
@@ -242,8 +253,6 @@ class Pool:
             "NOT NULL, PRIMARY KEY (lun_id, chunk, epoch)) WITHOUT ROWID"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS map_logs (lun_id INTEGER PRIMARY KEY, gen INTEGER NOT NULL)")
-        self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
-        self._logs: dict[int, _MapLog] = {}
 
     def data_path(self, lun_id: int) -> str:
         return os.path.join(self.path, f"lun-{lun_id}.cow")
@@ -435,6 +444,10 @@ class CowVolume:
         self._gate: asyncio.Event | None = None
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
+        # Why the pool holding this LUN's copies could not be opened (None: it was, or there is none). Until it is,
+        # the maps are unknown: every snapshot view refuses to read, and the first write that needs a copy
+        # invalidates the snapshots instead, so the origin keeps serving.
+        self.pool_unavailable: str | None = None
         if pool is not None:
             self.attach_pool(pool)
 
@@ -450,10 +463,17 @@ class CowVolume:
             if self._pool is pool:
                 return
             raise ValueError(f"lun {self.name} already keeps its copies in pool {self._pool.name}")
-        self._data_fd = os.open(pool.data_path(self.lun_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(pool.data_path(self.lun_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            rows = pool.load(self.lun_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._data_fd = fd
         self._pool = pool
+        self.pool_unavailable = None
         used: set[int] = set()
-        for chunk, epoch, slot in pool.load(self.lun_id):
+        for chunk, epoch, slot in rows:
             self._copies.setdefault(chunk, []).append((epoch, slot))
             if slot != ZERO:
                 used.add(slot)
@@ -825,7 +845,7 @@ class CowVolume:
         failed: dict[int, str] = {}
         items: list[tuple[int, int]] = []
         if pool is None:
-            failed = {c: "no pool" for c, _ in batch}
+            failed = {c: self.pool_unavailable or "no pool" for c, _ in batch}
         else:
             for c, _ in batch:
                 cl = self._copies.get(c)
@@ -999,6 +1019,8 @@ class SnapshotView:
     def _check(self, lba: int, blocks: int) -> None:
         if not self.valid:
             raise NotReady(f"snapshot epoch {self.epoch} of lun {self.volume.name} is invalid")
+        if self.volume.pool_unavailable is not None and self.redirect is None:
+            raise NotReady(f"snapshot epoch {self.epoch} of lun {self.volume.name}: {self.volume.pool_unavailable}")
         if lba < 0 or blocks < 0 or lba + blocks > self._num_blocks:
             raise OutOfRange(f"blocks {lba}+{blocks} outside 0..{self._num_blocks}")
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from e2e.harness import DEMO_IQN, Daemon, describe, free_port, lunsync_command, require_tools, run
+from fusefs import FuseMount, fuse_available
 
 pytestmark = pytest.mark.e2e
 MIB = 1 << 20
@@ -181,3 +183,81 @@ def test_names_are_validated(daemon_factory: Callable[..., Daemon]) -> None:
         cli(env, "snapshot", "create", bad, ok=False)
     assert "1-64 characters" in cli(env, "pool", "create", "../p", "--path", "/tmp/x", ok=False)
     assert cli(env, "snapshot", "list") == []
+
+
+
+# A failing pool is the pool's problem: the pool sits on the suite's FUSE passthrough (fusefs), told to answer
+# EROFS or EIO to the pool's writes and syncs; the data directory (catalog, LUN) stays on the real file system.
+@pytest.fixture
+def faulty_pool(tmp_path: Path) -> Iterator[FuseMount]:
+    why = fuse_available()
+    if why:
+        pytest.skip(why)
+    with FuseMount(tmp_path / "pool-src", tmp_path / "pool") as m:
+        yield m
+
+
+@pytest.mark.parametrize("errname", ["EROFS", "EIO"])
+def test_pool_error_invalidates_the_snapshot_and_the_origin_keeps_serving(
+        daemon_factory: Callable[..., Daemon], faulty_pool: FuseMount, errname: str) -> None:
+    metrics = free_port()
+    d, env = start(daemon_factory, metrics)
+    cli(env, "pool", "create", "flaky", "--path", str(faulty_pool.mountpoint))
+    write(d, 0, 0x0A)
+    cli(env, "snapshot", "create", "demo0@kept", "--pool", "flaky")
+    write(d, 0, 0x0B, 0, 128 << 10)  # two chunks preserved while the pool still works
+    faulty_pool.fail(errname)
+    write(d, 0, 0x0C, MIB // 2, MIB // 2)  # every chunk here needs a copy the pool cannot take
+    assert_reads(d, 0, 0x0C, MIB // 2, MIB // 2)
+    assert_reads(d, 0, 0x0B, 0, 128 << 10)
+    s = cli(env, "snapshot", "show", "demo0@kept")
+    assert s["state"] == "invalid", s
+    strerror = {"EROFS": "Read-only file system", "EIO": "Input/output error"}[errname]
+    assert strerror in s["invalid_reason"], s
+    d.wait_for_log(rf"snapshot demo0@kept is now invalid: .*{strerror}")
+    scrape: Any = httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
+    assert 'lunsync_snapshots{state="invalid"} 1.0' in scrape
+    assert re.search(r'lunsync_cow_copy_failures_total\{lun="demo0"\} [1-9]', scrape), scrape
+    # Later writes to chunks nobody needs preserved any more go straight through, and the LUN survives a restart.
+    write(d, 0, 0x0D, MIB // 2, 64 << 10)
+    faulty_pool.heal()
+    d.restart()
+    assert_reads(d, 0, 0x0D, MIB // 2, 64 << 10)
+    assert cli(env, "snapshot", "show", "demo0@kept")["state"] == "invalid"
+    d.assert_healthy()
+
+
+@pytest.fixture
+def bind_mount(tmp_path: Path) -> Iterator[Path]:
+    """A bind mount of a fresh directory, which the test may remount read-only (a real EROFS file system)."""
+    src, mnt = tmp_path / "bind-src", tmp_path / "bind"
+    src.mkdir()
+    mnt.mkdir()
+    p = run(["mount", "--bind", str(src), str(mnt)])
+    if p.returncode:
+        pytest.skip(f"cannot bind-mount here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        run(["umount", "-l", str(mnt)])
+
+
+def test_pool_read_only_at_start_up_the_origin_still_serves(daemon_factory: Callable[..., Daemon],
+                                                            bind_mount: Path) -> None:
+    d, env = start(daemon_factory)
+    cli(env, "pool", "create", "ro", "--path", str(bind_mount))
+    write(d, 0, 0x1A)
+    cli(env, "snapshot", "create", "demo0@s", "--pool", "ro")
+    write(d, 0, 0x1B, 0, 64 << 10)
+    d.terminate()
+    # The whole pool is read-only now (a file system remounted after errors, say): the daemon must still start.
+    run(["mount", "-o", "remount,bind,ro", str(bind_mount)], check=True)
+    d.start()
+    d.wait_for_log(r"lun demo0: pool ro at .* cannot be opened")
+    assert "cannot be opened" in cli(env, "snapshot", "expose", "demo0@s", "--target", DEMO_IQN, "--lun", "1",
+                                     ok=False)
+    write(d, 0, 0x1C, 0, MIB)
+    assert_reads(d, 0, 0x1C)
+    s = cli(env, "snapshot", "show", "demo0@s")
+    assert s["state"] == "invalid" and "cannot be opened" in s["invalid_reason"], s
+    d.assert_healthy()
