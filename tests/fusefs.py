@@ -286,26 +286,21 @@ def _serve(source: str, mountpoint: str, control: str, record: str | None) -> No
             return self._attr(st)
 
         async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-            path = self._child(parent_inode, name)
-            self._fault("unlink", path)
-            try:
-                ino = os.lstat(path).st_ino
-                os.rmdir(path)
-            except OSError as e:
-                raise self._wrap(e) from None
-            if rec:
-                rec.add("rmdir", ino, 0, f"{self._rid(parent_inode)}/{os.fsdecode(name)}".encode())
+            self._remove("rmdir", parent_inode, name, os.rmdir)
 
         async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+            self._remove("unlink", parent_inode, name, os.unlink)
+
+        def _remove(self, kind: str, parent_inode: int, name: bytes, remove: Any) -> None:
             path = self._child(parent_inode, name)
             self._fault("unlink", path)
             try:
                 ino = os.lstat(path).st_ino
-                os.unlink(path)
+                remove(path)
             except OSError as e:
                 raise self._wrap(e) from None
             if rec:
-                rec.add("unlink", ino, 0, f"{self._rid(parent_inode)}/{os.fsdecode(name)}".encode())
+                rec.add(kind, ino, 0, f"{self._rid(parent_inode)}/{os.fsdecode(name)}".encode())
 
         async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes, flags: int,
                          ctx: Any) -> None:
