@@ -34,6 +34,7 @@ from lunsync.provider.config import MAX_LUN_NUMBER, ChapConfig, ConfigError, for
 from lunsync.provider.metrics import ApiCounters
 from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
+from lunsync.snapshots.fsutil import atomic_write
 from lunsync.target.throttle import LoginThrottle
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -62,8 +63,10 @@ AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 def ensure_token(data_dir: str) -> str:
     """The API token in ``<data_dir>/api-token``, generated (256 random bits, mode 0600) on first start."""
     path = os.path.join(data_dir, TOKEN_FILENAME)
+    token = secrets.token_urlsafe(32)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Written whole or not at all: a crash while creating it must not leave an empty token file behind.
+        atomic_write(path, token + "\n", exclusive=True)
     except FileExistsError:
         st = os.stat(path)
         if stat.S_IMODE(st.st_mode) & 0o077:
@@ -75,11 +78,6 @@ def ensure_token(data_dir: str) -> str:
         if len(token) < 16:
             raise ValueError(f"{path} holds no usable token (delete it to generate a new one)")
         return token
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(token + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     log.info("generated a new API token in %s", path)
     return token
 

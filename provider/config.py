@@ -56,12 +56,12 @@ import difflib
 import functools
 import os
 import re
-import tempfile
 import tomllib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from lunsync.snapshots.fsutil import atomic_write
 from lunsync.snapshots.model import (
     CHAP_SECRET_MAX_WINDOWS,
     CHAP_SECRET_MIN_ADVISED,
@@ -580,25 +580,6 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    """Write ``cfg`` to ``path`` atomically (temp file, fsync, rename, fsync the directory) with mode 0600, since it
+    """Write ``cfg`` to ``path`` atomically (:func:`~lunsync.snapshots.fsutil.atomic_write`) with mode 0600, since it
     may hold CHAP secrets. When this returns the file is durable."""
-    name = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(name))
-    fd, tmp = tempfile.mkstemp(prefix=".lunsync-config.", dir=directory)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dump_config(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, dump_config(cfg))

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.backup import BackupManifest
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
-from lunsync.snapshots.cow import ZERO, CowVolume, Origin, Pool, SnapshotView, copy_range, zero_range
+from lunsync.snapshots.cow import ZERO, CowVolume, Origin, Pool, SnapshotView
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
+from lunsync.snapshots.fsutil import copy_range, zero_range
 from lunsync.snapshots.resync import ResyncVolume
 from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
 from lunsync.target.scsi.lu import LogicalUnit

@@ -2,8 +2,8 @@
 
 This module owns the two concrete :class:`~lunsync.snapshots.device.BlockDevice` implementations, a LUN kept in a
 regular (sparse or fully allocated) file and a LUN on a raw block device, plus :func:`open_backend`, which picks one
-by the kind of path. It is the only place in lunsync that turns an ``OSError`` into the storage error family. The hot
-path stays on the event loop while the page cache can serve it: reads try ``preadv(RWF_NOWAIT)`` inline and only go
+by the kind of path. Its OSErrors become the storage error family through :mod:`lunsync.snapshots.fsutil`, the one
+mapping. The hot path stays on the event loop while the page cache can serve it: reads try ``preadv(RWF_NOWAIT)`` inline and only go
 to a thread on a cache miss, writes are ``pwritev`` into the page cache, and everything that waits for a disk
 (fdatasync, hole punching, allocation, resize) runs in the default executor. Each backend keeps plain integer
 counters that a metrics collector samples; nothing here talks to Prometheus.
@@ -19,8 +19,6 @@ PDU writer) would have to honour, and a use-after-release bug would serve one in
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -29,8 +27,10 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from lunsync.snapshots import fsutil
 from lunsync.snapshots.device import Buffer, LbaExtent
-from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
+from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
+from lunsync.snapshots.fsutil import open_error, pread_full, pwrite_full, storage_error
 
 __all__ = ["BlockDevBackend", "FileBackend", "Unsupported", "open_backend"]
 
@@ -38,63 +38,12 @@ _T = TypeVar("_T")
 
 BLOCK_SIZES = (512, 4096)
 
-# <linux/falloc.h>
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-
 # <linux/fs.h>: BLKZEROOUT = _IO(0x12, 127), argument is uint64_t[2] = {start, length} in bytes.
 _BLKZEROOUT = 0x127F
-
-# Zeros for the last-resort "write zeros" path; one shared immutable buffer, written repeatedly.
-_ZERO_CHUNK = bytes(1 << 20)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-# fallocate64 takes a 64-bit off_t even on 32-bit builds; on 64-bit glibc it is the same symbol as fallocate.
-_fallocate_c = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate_c.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate_c.restype = ctypes.c_int
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode; ``os.posix_fallocate`` cannot pass flags such as PUNCH_HOLE."""
-    if _fallocate_c(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class Unsupported(StorageError):
     """The backing store cannot do this at all (resizing a raw block device)."""
-
-
-def _storage_error(exc: OSError, what: str, lba: int | None, *, write: bool) -> StorageError:
-    """Map one OSError from the data path to the storage family.
-
-    EBADF never means "read-only" here: a read-only device is opened O_RDONLY and its writes are refused before any
-    syscall, so EBADF can only mean the descriptor was closed under us.
-    """
-    code = exc.errno
-    message = f"{what}: {exc.strerror or exc}"
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return OutOfSpace(message)
-    if write and code in (errno.EROFS, errno.EPERM):
-        # The filesystem went read-only (errors=remount-ro) or the file became immutable/sealed: the data is intact
-        # but no write can land, which is DATA PROTECT rather than a medium error.
-        return ReadOnly(message)
-    if code in (errno.EBADF, errno.ENODEV, errno.ENXIO, errno.ESTALE):
-        return NotReady(message)
-    return MediumError(message, lba, write=write)
-
-
-def _open_error(exc: OSError, path: str) -> StorageError:
-    """Map an OSError from opening or creating a backing store."""
-    if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
-        return NotReady(f"{path}: backing store is gone ({exc.strerror})")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutOfSpace(f"{path}: {exc.strerror}")
-    if exc.errno == errno.EROFS:
-        return ReadOnly(f"{path}: {exc.strerror}")
-    return StorageError(f"{path}: {exc.strerror or exc}")
 
 
 def _check_geometry(size_bytes: int, block_size: int) -> None:
@@ -102,49 +51,6 @@ def _check_geometry(size_bytes: int, block_size: int) -> None:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, not {block_size}")
     if size_bytes <= 0 or size_bytes % block_size:
         raise ValueError(f"size {size_bytes} is not a positive multiple of the block size {block_size}")
-
-
-def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``offset`` with blocking reads; past EOF it keeps the zeros it already holds."""
-    while buf:
-        got = os.preadv(fd, [buf], offset)
-        if got == 0:
-            return
-        buf = buf[got:]
-        offset += got
-
-
-def _pwrite_full(fd: int, data: memoryview, offset: int) -> None:
-    # pwritev may write short (a signal, a quota edge, the 2 GiB per-call cap); the rest must still land or fail.
-    while data:
-        done = os.pwritev(fd, [data], offset)
-        if done == 0:  # no progress would spin the event loop forever; the kernel should have said why
-            raise OSError(errno.EIO, "write made no progress")
-        data = data[done:]
-        offset += done
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    while length:
-        n = min(length, len(_ZERO_CHUNK))
-        _pwrite_full(fd, memoryview(_ZERO_CHUNK)[:n], offset)
-        offset += n
-        length -= n
-
-
-def _zero_range(fd: int, offset: int, length: int, modes: Sequence[int]) -> None:
-    """Make ``length`` bytes at ``offset`` read as zeros, trying each fallocate mode before writing zeros.
-
-    EOPNOTSUPP means this filesystem (or device) lacks that mode, so the next one is tried; any other error is real.
-    """
-    for mode in modes:
-        try:
-            _fallocate(fd, mode, offset, length)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise
-    _write_zeros(fd, offset, length)
 
 
 class _FdBackend:
@@ -260,12 +166,12 @@ class _FdBackend:
                         raise
                     self._nowait = 0
             else:
-                _pread_full(fd, memoryview(buf), offset)
+                pread_full(fd, memoryview(buf), offset)
                 got = size
             if got < size:
-                await self._in_thread(_pread_full, fd, memoryview(buf)[got:], offset + got)
+                await self._in_thread(pread_full, fd, memoryview(buf)[got:], offset + got)
         except OSError as exc:
-            raise _storage_error(exc, f"read {self.path} at block {lba}", lba, write=False) from exc
+            raise storage_error(exc, f"read {self.path} at block {lba}", lba, write=False) from exc
         self.reads += 1
         self.read_bytes += size
         return buf
@@ -285,9 +191,9 @@ class _FdBackend:
             raise ValueError(f"write of {view.nbytes} bytes is not a whole number of {self._block_size}-byte blocks")
         self._check_range(lba, view.nbytes // self._block_size)
         try:
-            _pwrite_full(fd, view, lba * self._block_size)
+            pwrite_full(fd, view, lba * self._block_size)
         except OSError as exc:
-            raise _storage_error(exc, f"write {self.path} at block {lba}", lba, write=True) from exc
+            raise storage_error(exc, f"write {self.path} at block {lba}", lba, write=True) from exc
         self.writes += 1
         self.write_bytes += view.nbytes
         if fua:
@@ -311,7 +217,7 @@ class _FdBackend:
 
     def _flush_failure(self) -> StorageError:
         assert self._flush_error is not None
-        return _storage_error(
+        return storage_error(
             self._flush_error, f"fdatasync {self.path} (sticky: writes before it may be lost)", None, write=True
         )
 
@@ -355,7 +261,7 @@ class _FdBackend:
         try:
             await self._in_thread(self._unmap_spans, fd, spans)
         except OSError as exc:
-            raise _storage_error(exc, f"unmap {self.path} from block {first}", first, write=True) from exc
+            raise storage_error(exc, f"unmap {self.path} from block {first}", first, write=True) from exc
 
     def _unmap_spans(self, fd: int, spans: list[tuple[int, int]]) -> None:
         raise NotImplementedError
@@ -429,7 +335,7 @@ class FileBackend(_FdBackend):
         except FileExistsError as exc:
             raise StorageError(f"{name} already exists; pass overwrite=True to replace it") from exc
         except OSError as exc:
-            raise _open_error(exc, name) from exc
+            raise open_error(exc, name) from exc
         try:
             try:
                 os.ftruncate(fd, size_bytes)
@@ -438,17 +344,13 @@ class FileBackend(_FdBackend):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            dir_fd = os.open(os.path.dirname(os.path.abspath(name)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsutil.fsync_dir(os.path.dirname(os.path.abspath(name)))
         except OSError as exc:
             try:
                 os.unlink(name)
             except OSError:
                 pass  # the original error is the one worth reporting
-            raise _open_error(exc, name) from exc
+            raise open_error(exc, name) from exc
         return cls.open(name, block_size, thin, read_only)
 
     @classmethod
@@ -460,7 +362,7 @@ class FileBackend(_FdBackend):
         try:
             fd = os.open(name, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as exc:
-            raise _open_error(exc, name) from exc
+            raise open_error(exc, name) from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -474,11 +376,8 @@ class FileBackend(_FdBackend):
     def _unmap_spans(self, fd: int, spans: list[tuple[int, int]]) -> None:
         # A thin file punches holes (blocks return to the filesystem); a thick one converts the range to allocated
         # zeros so that it never needs space again. Both read back as zeros, which is what LBPRZ promises.
-        modes: tuple[int, ...] = (_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE,)
-        if self._thin:
-            modes = (_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, *modes)
         for offset, length in spans:
-            _zero_range(fd, offset, length, modes)
+            fsutil.zero_range(fd, offset, length, deallocate=self._thin)
 
     def _extents(self, fd: int, lba: int, max_extents: int) -> list[LbaExtent]:
         # SEEK_DATA/SEEK_HOLE on a thin file. A block only partly backed by data counts as mapped, so "deallocated"
@@ -517,7 +416,7 @@ class FileBackend(_FdBackend):
                 add(cur, stop, True)
                 cur = stop
         except OSError as exc:
-            raise _storage_error(exc, f"lba status {self.path} at block {cur}", cur, write=False) from exc
+            raise storage_error(exc, f"lba status {self.path} at block {cur}", cur, write=False) from exc
         return extents
 
     async def resize(self, num_blocks: int) -> None:
@@ -539,7 +438,7 @@ class FileBackend(_FdBackend):
                 self._num_blocks = min(old, os.fstat(fd).st_size // self._block_size)
             except OSError:
                 self._num_blocks = min(old, num_blocks)
-            raise _storage_error(exc, f"resize {self.path} to {num_blocks} blocks", None, write=True) from exc
+            raise storage_error(exc, f"resize {self.path} to {num_blocks} blocks", None, write=True) from exc
         self._num_blocks = num_blocks
 
     def _resize_file(self, fd: int, old_size: int, new_size: int) -> None:
@@ -570,7 +469,7 @@ class BlockDevBackend(_FdBackend):
         try:
             fd = os.open(name, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
-            raise _open_error(exc, name) from exc
+            raise open_error(exc, name) from exc
         try:
             if not stat.S_ISBLK(os.fstat(fd).st_mode):
                 raise ValueError(f"{name} is not a block device")
@@ -588,11 +487,7 @@ class BlockDevBackend(_FdBackend):
         # zeros after a discard, and the protocol promises LBPRZ. Where the device cannot unmap-and-zero, BLKZEROOUT
         # writes zeros so the data contract still holds, at the cost of keeping the blocks allocated.
         for offset, length in spans:
-            try:
-                _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                    raise
+            if not fsutil.punch(fd, offset, length):
                 fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
 
     async def resize(self, num_blocks: int) -> None:
@@ -609,7 +504,7 @@ def open_backend(
     try:
         mode = os.stat(name).st_mode
     except OSError as exc:
-        raise _open_error(exc, name) from exc
+        raise open_error(exc, name) from exc
     if stat.S_ISBLK(mode):
         return BlockDevBackend.open(name, block_size, thin, read_only)
     return FileBackend.open(name, block_size, thin, read_only)

@@ -25,6 +25,8 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from lunsync.snapshots import fsutil
+
 __all__ = ["BACKUP_MANIFEST", "BackupManifest", "BackupPool", "backup_database", "backup_metadata"]
 
 BACKUP_MANIFEST = "backup.json"
@@ -55,14 +57,6 @@ class BackupManifest:
         return asdict(self)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def backup_database(src: sqlite3.Connection, dest: str) -> None:
     """Copy the database open on ``src`` into a new file ``dest`` (mode 0600: a catalog holds CHAP secrets) with
     SQLite's online backup API, then make it durable and give it its name in one rename, so ``dest`` is either absent
@@ -79,17 +73,11 @@ def backup_database(src: sqlite3.Connection, dest: str) -> None:
             dst.execute("PRAGMA journal_mode=DELETE")  # a copy in WAL mode would need its -wal file beside it
         finally:
             dst.close()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    fsutil.commit_file(tmp, dest)
 
 
 def _copy_file(src: str, dest: str) -> None:
@@ -99,9 +87,7 @@ def _copy_file(src: str, dest: str) -> None:
         data = f.read()
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        fsutil.pwrite_full(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -145,16 +131,10 @@ def backup_metadata(copy_catalog: Callable[[str], int], data_dir: str, pools: Se
             finally:
                 src.close()
             files.append(_POOL_DB)
-        _fsync_dir(out)
+        fsutil.fsync_dir(out)
         copied.append(BackupPool(name, path, tuple(files)))
     manifest = BackupManifest(dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                               os.path.abspath(data_dir), schema, tuple(copied))
-    tmp = os.path.join(dest_dir, BACKUP_MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest.to_json(), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, os.path.join(dest_dir, BACKUP_MANIFEST))  # last: a backup.json means the backup is complete
-    _fsync_dir(dest_dir)
+    # Last: a backup.json means the backup is complete.
+    fsutil.atomic_write(os.path.join(dest_dir, BACKUP_MANIFEST), json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest

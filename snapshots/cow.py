@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import logging
 import os
 import sqlite3
@@ -62,9 +61,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
-from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
+from lunsync.snapshots.errors import NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
+from lunsync.snapshots.fsutil import copy_range, is_hole, punch, pwrite_full, storage_error
 
-__all__ = ["ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView", "copy_range", "zero_range"]
+__all__ = ["ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView"]
 
 log = logging.getLogger("lunsync.cow")
 
@@ -75,41 +75,6 @@ _LOG_MAGIC = b"LSM1"
 _LOG_BODY = struct.Struct("<Qqqq")  # generation, chunk, epoch, slot
 _LOG_REC = struct.Struct("<4sIQqqq")  # magic, CRC-32 of the body, then the body: 40 bytes
 _LOG_GROW = 64 << 10  # the map log's size is a multiple of this
-# copy_file_range cannot cross filesystems on every kernel (EXDEV), nor work on every file (EINVAL, EOPNOTSUPP); then
-# the copy goes through a buffer.
-_NO_OFFLOAD = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP, errno.EBADF)
-
-
-def copy_range(src_fd: int, dst_fd: int, length: int, src_off: int, dst_off: int) -> None:
-    """Copy ``length`` bytes with ``os.copy_file_range`` (a reflink on XFS/btrfs), or through a buffer where the
-    kernel cannot offload it. Blocking: call from a thread. Bytes past the source's EOF read as zeros."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
-            if n == 0:
-                break  # source EOF: the rest is zeros, which a sparse destination already reads as
-            done += n
-        return
-    except OSError as exc:
-        if exc.errno not in _NO_OFFLOAD:
-            raise
-    buf = bytearray(min(length - done, 1 << 20))
-    view = memoryview(buf)
-    while done < length:
-        n = min(len(buf), length - done)
-        got = os.preadv(src_fd, [view[:n]], src_off + done)
-        if got < n:
-            view[got:n] = bytes(n - got)
-        data = view[:n]
-        while data:
-            w = os.pwritev(dst_fd, [data], dst_off + done + (n - len(data)))
-            if w <= 0:
-                raise OSError(errno.EIO, "write made no progress")
-            data = data[w:]
-        done += n
-
-
 @dataclass(slots=True)
 class CowStats:
     """Plain integers the metrics collector samples; the hot path never calls Prometheus."""
@@ -174,7 +139,7 @@ class _MapLog:
             size = -(-(need + LOG_CHECKPOINT_RECORDS * _LOG_REC.size) // _LOG_GROW) * _LOG_GROW
             buf += bytes(size - need)
         try:
-            _pwrite_all(self.fd, buf, self.end)
+            pwrite_full(self.fd, buf, self.end)
             os.fdatasync(self.fd)
         except OSError:
             # The caller treats these rows as lost: never let a later open replay them. A reader would read on into
@@ -182,7 +147,7 @@ class _MapLog:
             # generation first, after which no record of this one is read again wherever it lies.
             self.stale_tail = True
             try:
-                _pwrite_all(self.fd, bytes(len(buf)), self.end)
+                pwrite_full(self.fd, bytes(len(buf)), self.end)
             except OSError:
                 pass
             raise
@@ -197,15 +162,6 @@ class _MapLog:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view, offset = view[n:], offset + n
 
 
 class Pool:
@@ -582,7 +538,7 @@ class CowVolume:
         else:
             for _, _, slot in garbage:
                 if slot != ZERO:
-                    _punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+                    punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
             self._free_slots.sort(reverse=True)
         self._account()
 
@@ -899,7 +855,7 @@ class CowVolume:
         for c, slot in items:
             try:
                 length = min(cs, size - c * cs)
-                if length <= 0 or _is_hole(src, c * cs, length):
+                if length <= 0 or is_hole(src, c * cs, length):
                     done.append((c, ZERO))
                     continue
                 copy_range(src, self._data_fd, length, c * cs, slot * cs)
@@ -937,45 +893,6 @@ class CowVolume:
         for e in epochs:
             self._drop(e)
         self.stats.invalidated += len(epochs)
-
-
-def zero_range(fd: int, offset: int, length: int) -> None:
-    """Make ``[offset, offset + length)`` of ``fd`` read as zeros: a punched hole, or written zeros where holes
-    cannot be punched. Blocking."""
-    from lunsync.snapshots.backend import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
-
-    try:
-        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENODEV):
-            raise
-    zeros = bytes(min(length, 1 << 20))
-    while length > 0:
-        n = os.pwrite(fd, zeros[:length], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        offset, length = offset + n, length - n
-
-
-def _is_hole(fd: int, offset: int, length: int) -> bool:
-    """Whether ``[offset, offset + length)`` of ``fd`` holds no data (reads as zeros), by SEEK_DATA; False where the
-    file system or device cannot tell. Data still in the page cache counts as data."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
-    except OSError as exc:
-        return exc.errno == errno.ENXIO  # no data at or after offset
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    """Give a freed slot's blocks back to the filesystem; where holes cannot be punched the slot is just reused."""
-    from lunsync.snapshots.backend import _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _fallocate
-
-    try:
-        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-            raise
 
 
 # --- the snapshot view -------------------------------------------------------------------------------------------
@@ -1047,7 +964,7 @@ class SnapshotView:
             try:
                 await asyncio.to_thread(_read_segments, vol._data_fd, buf, segments)
             except OSError as exc:
-                raise MediumError(f"read snapshot of {vol.name} from the pool: {exc.strerror or exc}", lba) from exc
+                raise storage_error(exc, f"read snapshot of {vol.name} from the pool", lba, write=False) from exc
         if not self.valid:  # invalidated while we read: never hand out data that may be wrong
             raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name} is invalid")
         if self.redirect is not None:  # filled while we read: what we read may be gone, the clone's file is not

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno
 import logging
 import os
 import struct
@@ -29,8 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from lunsync.snapshots import fsutil
 from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
-from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
+from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
 
 __all__ = [
     "AdaptiveThrottle",
@@ -132,7 +132,8 @@ class BitmapImage:
 
 
 class BitmapFile:
-    """A bitmap committed the rtslib way: write ``PATH.tmp``, fsync it, rename over ``PATH``, fsync the directory.
+    """A bitmap committed the rtslib way (:func:`lunsync.snapshots.fsutil.atomic_write`): a temporary file beside
+    ``PATH``, fsync'ed, renamed over ``PATH``, then the directory fsync'ed.
 
     A reader sees either the previous commit or this one, never a torn one; a CRC catches a file damaged otherwise.
     """
@@ -163,26 +164,11 @@ class BitmapFile:
         payload = zlib.compress(image.bits, 1)
         header = _HEADER.pack(_MAGIC, _VERSION, image.region_bytes, len(image.bits), image.source_blocks,
                               image.bytes_total, image.bytes_copied, zlib.crc32(payload), len(payload))
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, header + payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        fsutil.atomic_write(self.path, header + payload)
 
     def remove(self) -> None:
-        for p in (self.path, self.path + ".tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+        fsutil.remove_file(self.path)
 
 
 # --- sources that can be copied without passing through Python ----------------------------------------------------
@@ -284,46 +270,6 @@ def _snapshot_extents(source: BlockDevice, lba: int, blocks: int) -> list[tuple[
                         break
         out = split
     return out
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    zeros = bytes(min(length, 1 << 20))
-    while length > 0:
-        n = os.pwrite(fd, zeros[: min(length, len(zeros))], offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        offset += n
-        length -= n
-
-
-def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> None:
-    """Copy with copy_file_range (reflink or in-kernel copy); fall back to pread/pwrite where it is refused."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
-            if n == 0:  # the source ended early (a never-written pool slot): the rest reads as zeros
-                _write_zeros(dst_fd, dst_off + done, length - done)
-                return
-            done += n
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
-            raise
-    buf = bytearray(min(length - done, 8 * MiB))
-    while done < length:
-        view = memoryview(buf)[: min(len(buf), length - done)]
-        got = os.preadv(src_fd, [view], src_off + done)
-        if got == 0:
-            _write_zeros(dst_fd, dst_off + done, length - done)
-            return
-        view = view[:got]
-        while view:
-            w = os.pwritev(dst_fd, [view], dst_off + done)
-            if w == 0:
-                raise OSError(errno.EIO, "write made no progress")
-            view = view[w:]
-            done += w
 
 
 # --- throttles --------------------------------------------------------------------------------------------------
@@ -1052,9 +998,7 @@ class ResyncVolume:
                 await asyncio.to_thread(_copy_all, copies, dfd)
             except OSError as exc:
                 lba = copies[0][2] // bs
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise OutOfSpace(f"resync copy at block {lba}: {exc.strerror}") from exc
-                raise MediumError(f"resync copy at block {lba}: {exc.strerror or exc}", lba, write=True) from exc
+                raise fsutil.storage_error(exc, f"resync copy at block {lba}", lba, write=True) from exc
         if holes:
             await self.dest.unmap(holes)
         return sum(length for _, _, _, length in copies)
@@ -1118,7 +1062,7 @@ def _moved_pieces(before: list[tuple[int, int, int]], after: list[tuple[int, int
 
 def _copy_all(copies: list[tuple[int, int, int, int]], dst_fd: int) -> None:
     for src_fd, src_off, dst_off, length in copies:
-        _copy_range(src_fd, src_off, dst_fd, dst_off, length)
+        fsutil.copy_range(src_fd, dst_fd, length, src_off, dst_off)
 
 
 def _done_run_end(bm: RegionBitmap, start: int, limit: int) -> int:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from lunsync.snapshots import fsutil
 from lunsync.target.scsi import sense as S
 from lunsync.target.scsi.registry import Conflict, Dir, Request, command
 from lunsync.target.scsi.sense import CheckCondition, ReservationConflict, SenseKey, invalid_field, invalid_param
@@ -138,7 +138,7 @@ class PrState:
         if not self.aptpl:
             if os.path.exists(path):
                 os.unlink(path)
-                _fsync_dir(os.path.dirname(path) or ".")
+                fsutil.fsync_dir(os.path.dirname(path) or ".")
             return
         doc = {
             "generation": self.generation,
@@ -146,21 +146,7 @@ class PrState:
             "res_type": self.res_type,
             "holder": self.registrations.index(self.holder) if self.holder in self.registrations else None,
         }
-        directory = os.path.dirname(path) or "."
-        fd, tmp = tempfile.mkstemp(prefix=".pr-", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(directory)
+        fsutil.atomic_write(path, json.dumps(doc))
 
     def _load(self, path: str) -> None:
         with open(path) as f:
@@ -173,14 +159,6 @@ class PrState:
         if self.res_type and self.res_type not in _ALL_REGISTRANTS and self.holder is None:
             self.res_type = 0
         self.aptpl = True
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_conflict(lu: LogicalUnit, spec: CommandSpec, nexus: Nexus) -> None:

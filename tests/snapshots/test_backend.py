@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from lunsync.snapshots import backend
+from lunsync.snapshots import fsutil
 from lunsync.snapshots.backend import BlockDevBackend, FileBackend, Unsupported, open_backend
 from lunsync.snapshots.device import BlockDevice, LbaExtent
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
@@ -684,7 +684,7 @@ def test_unmap_writes_zeros_where_fallocate_is_unsupported(tmp_path: Path, monke
     async def main() -> None:
         dev = make(tmp_path, MiB)
         await dev.write(0, pattern(MiB))
-        monkeypatch.setattr(backend, "_fallocate", unsupported)
+        monkeypatch.setattr(fsutil, "fallocate", unsupported)
         await dev.unmap([(100, 1000)])
         assert await dev.read(100, 1000) == bytes(1000 * 512)
         assert await dev.read(0, 100) == pattern(MiB)[: 100 * 512]
@@ -701,7 +701,7 @@ def test_unmap_reports_real_fallocate_errors(tmp_path: Path, monkeypatch: pytest
 
     async def main() -> None:
         dev = make(tmp_path, MiB)
-        monkeypatch.setattr(backend, "_fallocate", eio)
+        monkeypatch.setattr(fsutil, "fallocate", eio)
         with pytest.raises(MediumError) as info:
             await dev.unmap([(40, 8)])
         assert info.value.lba == 40 and info.value.write
@@ -967,7 +967,7 @@ def test_block_device_unmap_falls_back_to_zeroout(
     async def main() -> None:
         dev = BlockDevBackend.open(device)
         await dev.write(0, pattern(MiB))
-        monkeypatch.setattr(backend, "_fallocate", no_punch)
+        monkeypatch.setattr(fsutil, "fallocate", no_punch)
         monkeypatch.setattr(fcntl, "ioctl", ioctl)
         await dev.unmap([(8, 16)])
         monkeypatch.undo()

@@ -140,7 +140,7 @@ def test_aptpl_persists_atomically(tmp_path: Path) -> None:
     do(a, 1, key=K_A, rtype=1)
     doc = json.loads(Path(path).read_text())
     assert doc["res_type"] == 1 and doc["registrations"][0]["key"] == K_A
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".pr-")]
+    assert os.listdir(tmp_path) == ["pr.json"]  # no temporary file left beside it
     t2, lu2, _ = make_target(dev, aptpl_path=path)
     assert lu2.pr.res_type == 1 and lu2.pr.is_holder(NEXUS_A)
     do(Session(t2, NEXUS_A), 0, key=K_A, sa_key=K_A)  # APTPL cleared by the next REGISTER
