@@ -575,7 +575,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return _lun_out(array, array.catalog.get_lun(name))
 
     @v1.delete("/luns/{name}", status_code=204, response_class=Response,
-               summary="delete a LUN (refused while mapped); a backing file inside the data dir is removed")
+               summary="delete a LUN (refused while mapped); a backing file lunsync created in the data dir is removed")
     async def delete_lun(name: LunPath) -> Response:
         await array.delete_lun(name)
         ctx.server.stats.forget(name)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lunsync.provider import systemd
+from lunsync.provider.backing_paths import BackingIndex, real_lun_path, removable
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
 from lunsync.provider.name_locks import NameLocks, by_name
 from lunsync.provider.snapshot_service import SnapshotService
@@ -31,6 +32,7 @@ from lunsync.snapshots.backend import FileBackend, open_backend
 from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import OutOfSpace, StorageError
+from lunsync.snapshots.model import default_lun_path
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
 from lunsync.target.login import LoginResult
 from lunsync.target.portal import PortalSettings, Server
@@ -94,6 +96,7 @@ class Array:
     recovery: RecoveryManager | None = None  # set by resync_array.attach, for the API
     # create/delete/resize/apply of one LUN name run one at a time (see lunsync.provider.name_locks)
     name_locks: NameLocks = field(default_factory=NameLocks)
+    backing: BackingIndex = field(default_factory=BackingIndex)  # which live LUN serves which file
     provider: HardwareProvider | None = None  # likewise
 
     async def load(self) -> None:
@@ -142,7 +145,15 @@ class Array:
         lu = LogicalUnit(self._cow(rec, device), lun_identity(rec), aptpl_path=os.path.join(pr_dir, f"{rec.name}.json"), name=name)
         live = LiveLun(name, device, lu)
         self.luns[name] = live
+        self.backing.add(name, path)
         return live
+
+    def check_backing_path(self, name: str, path: str | None) -> None:
+        """Refuse a new LUN's path by the rules of :mod:`lunsync.provider.backing_paths`, on the real file."""
+        where = os.path.normpath(os.path.join(self.catalog.data_dir, path or default_lun_path(name)))
+        pools = [(p.name, p.path) for p in self.snapshots.cat.list_pools()] if self.snapshots is not None else []
+        real = real_lun_path(name, where, self.data_dir, pools)
+        self.backing.refuse_alias(name, real, self.luns)
 
     def build_target(self, iqn: str) -> TargetEntry:
         t = self.catalog.get_target(iqn)
@@ -199,6 +210,7 @@ class Array:
                          thin: bool = True, read_only: bool = False) -> LunRecord:
         """Record the LUN, then create (or adopt) its backing store. An existing file or device is served as it is
         only when its size is the requested one; otherwise nothing is left behind."""
+        self.check_backing_path(name, path)
         rec = self.catalog.create_lun(name, size_bytes, path=path, block_size=block_size, thin=thin,
                                       read_only=read_only)
         try:
@@ -232,12 +244,16 @@ class Array:
         if live is not None:
             await live.device.close()
         path = self.catalog.lun_path(rec)
-        if not os.path.isabs(rec.path) and os.path.isfile(path):
+        removed = removable(rec, path)
+        if removed:
             os.unlink(path)
         pr = os.path.join(self.data_dir, "pr", f"{rec.name}.json")
         if os.path.exists(pr):
             os.unlink(pr)
-        log.info("lun %s deleted%s", rec.name, "" if os.path.isabs(rec.path) else f" with {path}")
+        if removed:
+            log.info("lun %s deleted with %s", rec.name, path)
+        else:
+            log.info("lun %s deleted; kept %s (lunsync did not create it there)", rec.name, path)
         return rec
 
     @by_name(lambda _, name, *__, **___: (name,))
@@ -332,6 +348,9 @@ class Array:
         # A change of these flags reopens the backing store (reconcile).
         self._refuse_if_restoring([n for n, w in wanted.items() if n in before
                                    and (w.read_only, w.thin) != (before[n].read_only, before[n].thin)], "reopened")
+        for name, lun in wanted.items():
+            if name not in before:
+                self.check_backing_path(name, lun.path)
         plan = self.catalog.apply(config, dry_run=dry_run)
         if not dry_run and plan:
             for step in plan.steps:
@@ -372,9 +391,9 @@ class Array:
             live = self.luns.pop(name)
             await live.device.close()
             old = (before or {}).get(name)
-            if old is not None and not os.path.isabs(old.path):
+            if old is not None:
                 path = self.catalog.lun_path(old)
-                if path not in in_use and os.path.isfile(path):
+                if path not in in_use and removable(old, path):
                     os.unlink(path)
             log.info("lun %s removed", name)
 

@@ -148,6 +148,8 @@ class LunRecord:
     serial: str
     created_at: dt.datetime = field(compare=False)
     id: int = field(compare=False)
+    # lunsync created the backing file (it did not exist when the LUN was recorded), so deleting the LUN removes it
+    owns_file: bool = field(default=False, compare=False)
 
     @property
     def num_blocks(self) -> int:
@@ -371,10 +373,19 @@ def _schema_v3_recovery(db: sqlite3.Connection) -> None:
         db.execute(sql)
 
 
+def _schema_v4_file_ownership(db: sqlite3.Connection) -> None:
+    # Whether lunsync created the LUN's backing file (it did not exist when the LUN was recorded): only such a file
+    # is removed with the LUN. Before this column, a relative path's file was removed and an absolute one kept; the
+    # existing rows keep that rule.
+    db.execute("ALTER TABLE luns ADD COLUMN owns_file INTEGER NOT NULL DEFAULT 0 CHECK (owns_file IN (0, 1))")
+    db.execute("UPDATE luns SET owns_file = 1 WHERE substr(path, 1, 1) != '/'")
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
-MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery)
+MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery,
+                                     _schema_v4_file_ownership)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -754,9 +765,13 @@ class Catalog:
         where = self.lun_path(cfg)
         if where in (self.path, self.path + "-wal", self.path + "-shm"):
             raise Invalid(f"lun {cfg.name!r}: path {cfg.path!r} is the catalog itself")
-        for other in db.execute("SELECT name, path FROM luns"):
-            if self._resolve(other["path"]) == where:
-                raise AlreadyExists(f"lun {cfg.name!r}: path {where} is already used by lun {other['name']!r}")
+        # The path as written, as resolved, and relative to the data dir: the forms a stored path can take. An index
+        # lookup, not a scan: creating the 10 000th LUN must cost what the 10th did.
+        forms = {cfg.path, where, os.path.relpath(where, self.data_dir)}
+        marks = ", ".join("?" * len(forms))
+        other = db.execute(f"SELECT name FROM luns WHERE path IN ({marks})", tuple(forms)).fetchone()
+        if other is not None:
+            raise AlreadyExists(f"lun {cfg.name!r}: path {where} is already used by lun {other['name']!r}")
         naa = cfg.naa
         serial = cfg.serial
         if naa is None:
@@ -770,8 +785,8 @@ class Catalog:
                 raise AlreadyExists(f"lun {cfg.name!r}: {column} {value} already belongs to lun {row[0]!r}")
         db.execute(
             """INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa, serial,
-                                 created_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                 created_at, owns_file)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 cfg.name,
                 cfg.path,
@@ -783,6 +798,7 @@ class Catalog:
                 naa,
                 serial,
                 _now_iso(self._clock()),
+                int(not os.path.lexists(where)),
             ),
         )
         return _lun(self._lun_row(cfg.name))
@@ -1143,6 +1159,7 @@ def _lun(row: sqlite3.Row) -> LunRecord:
         serial=row["serial"],
         created_at=dt.datetime.fromisoformat(row["created_at"]),
         id=row["id"],
+        owns_file=bool(row["owns_file"]),
     )
 
 

@@ -169,8 +169,14 @@ class SnapshotCatalog:
             raise Invalid("a pool needs a directory path")
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise Invalid("pool capacity must be positive")
+        if not os.path.isabs(path) and ".." in path.replace("\\", "/").split("/"):
+            # A relative path is inside the data dir by contract; '..' would let it reach anywhere.
+            raise Invalid(f"a relative pool path may not contain '..': {path!r} (use an absolute path)")
         where = self._resolve(path)
-        if where == self.catalog.data_dir or where == os.path.join(self.catalog.data_dir, "luns"):
+        data = os.path.realpath(self.catalog.data_dir)
+        real = os.path.realpath(where)
+        luns = os.path.join(data, "luns")
+        if real == data or real == luns or real.startswith(luns + os.sep):
             raise Invalid(f"pool path {where} would mix pool files with the data dir's own files")
         with self.catalog.transaction() as db:
             if db.execute("SELECT 1 FROM pools WHERE name = ?", (name,)).fetchone():
