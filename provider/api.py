@@ -388,7 +388,7 @@ def _target_out(ctx: ApiContext, t: Any) -> TargetOut:
         iqn=t.iqn, alias=t.alias, acl=list(t.acl), luns=[MappingOut(lun=m.lun, name=m.name) for m in t.luns],
         chap=ChapOut(enabled=chap is not None, user=chap.user if chap else None, mutual=bool(chap and chap.mutual),
                      mutual_user=chap.mutual_user if chap else None),
-        sessions=len(ctx.server.sessions_of(t.iqn)),
+        sessions=len(ctx.server.sessions.of_target(t.iqn)),
     )
 
 

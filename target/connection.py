@@ -3,7 +3,8 @@
 A :class:`Connection` knows nothing of sockets. The portal hands it received bytes (into the buffer it lends) and the
 time; it returns events (a SCSI task ready to run, a task-management request, a finished login, a close) and the
 buffers to send. The portal runs SCSI tasks and hands their outcomes back through :meth:`Connection.complete`.
-Which opcode is legal in which phase is the one table :data:`ALLOWED`.
+Which opcode is legal in which phase is the one table :data:`ALLOWED`; how phases change is the one table
+:data:`TRANSITIONS`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lunsync.target.errors import LoginError, LoginStatus, ProtocolError
 from lunsync.target.login import LoginMachine, LoginResult
 from lunsync.target.pdu import Op, RejectReason
 from lunsync.target.scsi.sense import CheckCondition, SenseKey
-from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TaskAttr
+from lunsync.target.scsi.task import Nexus, ScsiPort, ScsiResponse, ScsiTask, Status, TaskAttr
 
 log = logging.getLogger("lunsync.iscsi")
 
@@ -55,6 +56,24 @@ ALLOWED: dict[Phase, frozenset[int]] = {
     Phase.FULL_FEATURE: frozenset(pdu.INITIATOR_OPS - {Op.LOGIN_REQ}),
     Phase.LOGGED_OUT: frozenset(),
     Phase.CLOSED: frozenset(),
+}
+
+
+class Transition(enum.Enum):
+    """What moves a connection from one phase to another (RFC 7143 §8.1's connection states, as lunsync has them)."""
+
+    LOGIN_DONE = "login-done"  # the final Login Response went out with status 0
+    LOGIN_FAILED = "login-failed"  # a Login Response with an error status went out
+    LOGGED_OUT = "logged-out"  # a Logout Response went out
+    FATAL = "fatal"  # a protocol error or timeout: close without a response
+
+
+# Every phase change; a pair that is missing is a bug in this module, not the peer's doing.
+TRANSITIONS: dict[tuple[Phase, Transition], Phase] = {
+    (Phase.LOGIN, Transition.LOGIN_DONE): Phase.FULL_FEATURE,
+    (Phase.LOGIN, Transition.LOGIN_FAILED): Phase.CLOSED,
+    (Phase.FULL_FEATURE, Transition.LOGGED_OUT): Phase.LOGGED_OUT,
+    **{(phase, Transition.FATAL): Phase.CLOSED for phase in Phase},
 }
 _FULL_FEATURE_OPS = ALLOWED[Phase.FULL_FEATURE]  # checked per PDU: an Enum key hashes in Python, so skip the dict
 DISCOVERY_ALLOWED = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
@@ -171,6 +190,7 @@ class Connection:
         self.result: LoginResult | None = None
         self.params: keys.NegotiatedParams | None = None
         self.nexus: Nexus | None = None
+        self.scsi: ScsiPort | None = None  # the logged-in target's SCSI side; None in login and discovery
         self._allocate_tsih = allocate_tsih or (lambda: 1)
         ours = int((target_limits or {}).get("MaxRecvDataSegmentLength", "262144"))
         # Room for two whole PDUs of the largest data segment we declare, so one is always parsed in place; small
@@ -337,7 +357,10 @@ class Connection:
     def _fatal(self, message: str) -> None:
         log.info("closing connection from %s: %s", self.peer, message)
         self.events.append(Close(message))
-        self.phase = Phase.CLOSED
+        self._enter(Transition.FATAL)
+
+    def _enter(self, transition: Transition) -> None:
+        self.phase = TRANSITIONS[self.phase, transition]
 
     def take_output(self) -> list[Out]:
         out, self.out = self.out, []
@@ -371,7 +394,7 @@ class Connection:
             )
             self._send(bhs)
             self.events.append(Close(f"login failed: {e.reason}"))
-            self.phase = Phase.CLOSED
+            self._enter(Transition.LOGIN_FAILED)
             return
         text = keys.encode_text(reply.pairs)
         bhs = pdu.encode_login_response(
@@ -393,7 +416,8 @@ class Connection:
             target = result.target
             if target is not None:
                 self.nexus = Nexus(result.initiator_name, result.isid, target.name, self.tpgt, self.tpgt)
-            self.phase = Phase.FULL_FEATURE
+                self.scsi = target.scsi
+            self._enter(Transition.LOGIN_DONE)
             self.login_deadline = None
             self.events.append(LoggedIn(result))
 
@@ -653,10 +677,10 @@ class Connection:
         seg_data: bytes | None = None
         if sense:
             seg_data = len(sense).to_bytes(2, "big") + sense
-        if not task.expected_in and self.result is not None and self.result.target is not None:
+        if not task.expected_in and self.scsi is not None:
             # A write's residual compares the expected transfer length with what the CDB asks to move (RFC 7143
             # §11.4.5.1); the SCSI layer knows the latter, so the transport never parses a CDB.
-            want = task.out_length if task.out_length >= 0 else self.result.target.scsi.data_out_length(task)
+            want = task.out_length if task.out_length >= 0 else self.scsi.data_out_length(task)
             if want is not None and want != task.expected_out:
                 over, under = want > task.expected_out, want < task.expected_out
                 # The field is 32 bits; a CDB may ask for up to 2**32 blocks, so saturate (found by tests/fuzz).
@@ -770,7 +794,7 @@ class Connection:
                                               self.max_cmd_sn, 0, 0))
         if response == 0:
             self.events.append(LoggedOut(lo.reason))
-            self.phase = Phase.LOGGED_OUT
+            self._enter(Transition.LOGGED_OUT)
             self.events.append(Close("logout"))
 
     def tmf_done(self, req: pdu.TaskMgmtRequest, response: int) -> None:

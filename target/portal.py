@@ -1,8 +1,9 @@
 """The asyncio edge of the data path: listening sockets, one BufferedProtocol per connection, task execution.
 
-Everything protocol-shaped happens in :class:`~lunsync.target.connection.Connection`; this module owns the sockets,
-timers and asyncio tasks, carries out task management across sessions, keeps the session table (TSIH assignment and
-session reinstatement), and drains everything on shutdown. Counters are plain integers read at scrape time.
+Everything protocol-shaped happens in :class:`~lunsync.target.connection.Connection`, and the session table and
+task management in :mod:`lunsync.target.session`; this module owns the sockets, timers and asyncio tasks, plugs its
+connections into the session table, and drains everything on shutdown. Counters are plain integers read at scrape
+time.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from lunsync.target import connection as cx
-from lunsync.target.directory import Directory, TargetEntry
+from lunsync.target.directory import Directory
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
-from lunsync.target.scsi.task import ScsiResponse, ScsiTask, Status, TmfFunction
+from lunsync.target.scsi.task import ScsiPort, ScsiResponse, ScsiTask, Status
+from lunsync.target.session import SessionTable
 from lunsync.target.stats import CommandStats, IoCounts
 from lunsync.target.throttle import LoginThrottle
 
@@ -53,7 +55,7 @@ class Counters:
 
 
 class IscsiProtocol(asyncio.BufferedProtocol):
-    """One TCP connection."""
+    """One TCP connection; once logged in, a :class:`lunsync.target.session.Session` of the session table."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -90,7 +92,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.conn = cx.Connection(
             self.server.directory, peer=self.peer, local=local, tpgt=1, now=self.loop.time(),
             nop_interval_s=s.nop_interval_s, nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
-            target_limits=self.server.target_limits(), allocate_tsih=self.server.allocate_tsih,
+            target_limits=self.server.target_limits(), allocate_tsih=self.server.sessions.allocate_tsih,
         )
         self.server.protocols.add(self)
         self.server.counters.connections += 1
@@ -121,7 +123,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             conn.buffer_updated(nbytes, self.loop.time())
         except Exception:  # a bug must cost one connection, never the daemon
             log.exception("internal error on connection from %s", self.peer)
-            self._close()
+            self.close()
             return
         self._pump()
 
@@ -167,7 +169,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
         if self.close_reason is not None:
-            self._close()
+            self.close()
 
     def _pump_events(self, conn: cx.Connection) -> None:
         while conn.events:
@@ -190,6 +192,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                     self.close_reason = ev.reason
 
     @property
+    def login_result(self) -> LoginResult | None:
+        return self.conn.result if self.conn is not None else None
+
+    @property
     def initiator(self) -> str:
         r = self.conn.result if self.conn else None
         return r.initiator_name if r else (self.conn.login.initiator_name if self.conn else "")
@@ -201,7 +207,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return r.target.name
         return "(discovery)" if r is not None else ""
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -230,11 +236,12 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     async def _run(self, task: ScsiTask) -> None:
         conn = self.conn
-        assert conn is not None and conn.result is not None and conn.result.target is not None
+        assert conn is not None and conn.scsi is not None
+        scsi = conn.scsi
         # perf_counter, not loop.time(): uvloop's clock is cached per loop iteration at millisecond resolution.
         started = time.perf_counter()
         try:
-            resp = await conn.result.target.scsi.execute(task)
+            resp = await scsi.execute(task)
         except asyncio.CancelledError:
             return
         except Exception:
@@ -243,17 +250,17 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         finally:
             if self.tasks:
                 self.tasks.pop(task.tag, None)
-        self._count(conn.result.target, task, resp, time.perf_counter() - started)
+        self._count(scsi, task, resp, time.perf_counter() - started)
         if self.closing:
             return
         conn.complete(task, resp)
         if not self.pumping:
             self._pump()
 
-    def _count(self, target: TargetEntry, task: ScsiTask, resp: ScsiResponse, seconds: float) -> None:
+    def _count(self, scsi: ScsiPort, task: ScsiTask, resp: ScsiResponse, seconds: float) -> None:
         # One plain-int update per command; lunsync.provider.metrics reads the totals at scrape time.
-        lu = target.scsi.lun_map.get(task.lun)
-        if lu is None:
+        name = scsi.lun_name(task.lun)
+        if name is None:
             return
         data = task.data_out
         if data is not None:
@@ -262,7 +269,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             data = resp.data
             nbytes = 0 if data is None else min(len(data), task.expected_in)
         cdb = task.cdb
-        self.server.stats.record(lu.name or str(task.lun), self.lun_io, task.lun, cdb[0] if cdb else 0,
+        self.server.stats.record(name, self.lun_io, task.lun, cdb[0] if cdb else 0,
                                  resp.status == 0, nbytes, seconds)
 
     def abort(self, tag: int) -> bool:
@@ -325,12 +332,11 @@ class Server:
         self.directory = directory
         self.settings = settings or PortalSettings()
         self.protocols: set[IscsiProtocol] = set()
-        self.sessions: dict[int, IscsiProtocol] = {}
+        self.sessions: SessionTable[IscsiProtocol] = SessionTable(self.settings.max_sessions)
         self.servers: list[asyncio.base_events.Server] = []
         self.counters = Counters()
         self.throttle = LoginThrottle()
         self.stats = CommandStats()
-        self._tsih = 0
 
     def target_limits(self) -> dict[str, str]:
         s = self.settings
@@ -347,32 +353,13 @@ class Server:
         addr = srv.sockets[0].getsockname()
         return addr[0], addr[1]
 
-    def allocate_tsih(self) -> int:
-        """A free TSIH for a login about to complete, or 0 when ``max_sessions`` sessions already exist."""
-        if len(self.sessions) >= self.settings.max_sessions:
-            return 0
-        for _ in range(0xFFFF):
-            self._tsih = self._tsih % 0xFFFF + 1
-            if self._tsih not in self.sessions:
-                return self._tsih
-        raise RuntimeError("no free TSIH")
-
     # -- sessions -----------------------------------------------------------------------------------------------------
 
     def logged_in(self, proto: IscsiProtocol, result: LoginResult) -> None:
         self.counters.logins += 1
-        # Session reinstatement (RFC 7143 §6.3.5): a new leading login with the same ISID, initiator and target ends
-        # the old session and its tasks.
-        for old in list(self.sessions.values()):
-            r = old.conn.result if old.conn else None
-            if r is not None and r.isid == result.isid and r.initiator_name == result.initiator_name \
-                    and (r.target.name if r.target else None) == (result.target.name if result.target else None):
-                log.info("session reinstatement initiator=%s isid=0x%012x tsih=%d", r.initiator_name, r.isid,
-                         r.tsih)
-                old.abort_lun(None)
-                old._close()
-                self.sessions.pop(r.tsih, None)
-        self.sessions[result.tsih] = proto
+        for old in self.sessions.register(proto, result, proto.loop.time()):
+            old.abort_lun(None)
+            old.close()
         log.info("login initiator=%s addr=%s target=%s tsih=%d auth=%s type=%s", result.initiator_name, proto.peer,
                  result.target.name if result.target else "(discovery)", result.tsih, result.auth,
                  "discovery" if result.discovery else "normal")
@@ -386,11 +373,11 @@ class Server:
     def session_closed(self, proto: IscsiProtocol) -> None:
         conn = proto.conn
         r = conn.result if conn else None
-        if r is not None and self.sessions.get(r.tsih) is proto:
-            del self.sessions[r.tsih]
+        if r is not None:
+            self.sessions.remove(r.tsih, proto)
         # The I_T nexus is gone: RESERVE/RELEASE reservations and PREVENT it held end with it (SPC-2 §5.5.1).
-        if conn is not None and r is not None and r.target is not None and conn.nexus is not None:
-            r.target.scsi.nexus_lost(conn.nexus)
+        if conn is not None and conn.scsi is not None and conn.nexus is not None:
+            conn.scsi.nexus_lost(conn.nexus)
 
     def force_logout(self, tsih: int) -> bool:
         """End session ``tsih`` now (the management API's logout): abort its tasks and close the connection. The
@@ -399,64 +386,21 @@ class Server:
         if proto is None:
             return False
         proto.abort_lun(None)
-        proto._close()
-        self.sessions.pop(tsih, None)
+        proto.close()
+        self.sessions.remove(tsih, proto)
         return True
-
-    def sessions_of(self, target_name: str) -> list[IscsiProtocol]:
-        out = []
-        for p in self.sessions.values():
-            r = p.conn.result if p.conn else None
-            if r is not None and r.target is not None and r.target.name == target_name:
-                out.append(p)
-        return out
 
     # -- task management (RFC 7143 §11.5) -----------------------------------------------------------------------------
 
     def task_management(self, proto: IscsiProtocol, req: TaskMgmtRequest) -> None:
         conn = proto.conn
-        assert conn is not None and conn.result is not None
-        target = conn.result.target
-        f = req.function
-        response = 0
-        cold = False
-        if target is None:
-            response = 255
-        elif f == TmfFunction.ABORT_TASK:
-            if proto.abort(req.rtt):
-                response = 0
-            elif cx.sn_le(conn.exp_cmd_sn, req.ref_cmd_sn) and cx.sn_lt(req.ref_cmd_sn, req.cmd_sn):
-                response = 0  # not yet received: consider it received and aborted (RFC 7143 §11.5.1)
-            else:
-                response = 1
-        elif f in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
-            if req.lun not in target.scsi.luns:
-                response = 2 if f == TmfFunction.LOGICAL_UNIT_RESET else 0
-            else:
-                victims = [proto] if f == TmfFunction.ABORT_TASK_SET else self.sessions_of(target.name)
-                for p in victims:
-                    p.abort_lun(req.lun)
-                if f != TmfFunction.ABORT_TASK_SET:
-                    assert conn.nexus is not None
-                    target.scsi.reset(TmfFunction(f), conn.nexus, req.lun)
-        elif f in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            for p in self.sessions_of(target.name):
-                p.abort_lun(None)
-            assert conn.nexus is not None
-            target.scsi.reset(TmfFunction(f), conn.nexus, None)
-            cold = f == TmfFunction.TARGET_COLD_RESET
-        elif f == TmfFunction.CLEAR_ACA:
-            response = 5
-        elif f == TmfFunction.TASK_REASSIGN:
-            response = 4  # ErrorRecoveryLevel 0 has no task reassignment (RFC 7143 §11.6.1)
-        else:
-            response = 255
-        conn.tmf_done(req, response)
+        assert conn is not None
+        outcome = self.sessions.task_management(proto, req, target=conn.scsi, nexus=conn.nexus,
+                                                exp_cmd_sn=conn.exp_cmd_sn)
+        conn.tmf_done(req, outcome.response)
         proto._pump()
-        if cold:
-            # A cold reset ends every session of the target after the response is on its way.
-            for p in self.sessions_of(target.name if target else ""):
-                p._close()
+        for p in outcome.close_after:
+            p.close()
 
     # -- shutdown -----------------------------------------------------------------------------------------------------
 
@@ -471,6 +415,6 @@ class Server:
             except TimeoutError:
                 log.warning("shutdown: in-flight commands did not finish within %.0f s", timeout_s)
         for p in protos:
-            p._close()
+            p.close()
         if protos:
             await asyncio.wait([asyncio.ensure_future(p.done.wait()) for p in protos], timeout=2)

@@ -91,8 +91,6 @@ class ScsiTarget:
     ) -> None:
         self.name = name
         self._luns: dict[int, LogicalUnit] = dict(luns or {})
-        # The same live dict as ``luns``, as a plain attribute for the per-command lookup (no property call).
-        self.lun_map: Mapping[int, LogicalUnit] = self._luns
         # LUN masking (a restore's "maintenance mode"): an LU listed here is seen only by these initiator names.
         self.masked: dict[LogicalUnit, frozenset[str]] = {}
         self.port_groups: dict[int, tuple[int, ...]] = dict(port_groups or {1: (1,)})
@@ -117,6 +115,16 @@ class ScsiTarget:
 
     def lun(self, n: int) -> LogicalUnit | None:
         return self._luns.get(n)
+
+    def has_lun(self, lun: int) -> bool:
+        return lun in self._luns
+
+    def lun_name(self, lun: int) -> str | None:
+        """The LU's name (its LUN number as text when it has none), or ``None`` when LUN ``lun`` does not exist."""
+        lu = self._luns.get(lun)
+        if lu is None:
+            return None
+        return lu.name or str(lun)
 
     def add_lun(self, n: int, lu: LogicalUnit) -> None:
         """Expose ``lu`` as LUN ``n``; the other LUNs' nexuses see REPORTED LUNS DATA HAS CHANGED."""

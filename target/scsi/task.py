@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lunsync.snapshots.device import Buffer
 
@@ -105,3 +106,30 @@ class TmfFunction(enum.IntEnum):
     TARGET_WARM_RESET = 6
     TARGET_COLD_RESET = 7
     TASK_REASSIGN = 8
+
+
+class ScsiPort(Protocol):
+    """What the iSCSI layer asks of a SCSI target, and all it may ask: the connection, the portal and task
+    management see a target only through this (:class:`lunsync.target.scsi.target.ScsiTarget` provides it)."""
+
+    async def execute(self, task: ScsiTask) -> ScsiResponse:
+        """Run one command to completion; never raises for a SCSI error (those are CHECK CONDITION responses)."""
+        ...
+
+    def data_out_length(self, task: ScsiTask) -> int | None:
+        """The Data-Out bytes the CDB asks for, for a write's residual; ``None`` when it moves none."""
+        ...
+
+    def has_lun(self, lun: int) -> bool: ...
+
+    def lun_name(self, lun: int) -> str | None:
+        """The LU's name for statistics; ``None`` when the LUN does not exist."""
+        ...
+
+    def reset(self, function: TmfFunction, nexus: Nexus, lun: int | None = None) -> None:
+        """The SCSI side effects of a task management function (the transport aborts the tasks)."""
+        ...
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """The I_T nexus ended: release what it held that does not outlive it."""
+        ...

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from lunsync.target import chap, keys, pdu
-from lunsync.target.connection import Close, Connection, Execute, LoggedIn, LoginFailed, Phase, TaskManagement
+from lunsync.target.connection import (
+    TRANSITIONS,
+    Close,
+    Connection,
+    Execute,
+    LoggedIn,
+    LoginFailed,
+    Phase,
+    TaskManagement,
+    Transition,
+)
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
 from lunsync.target.scsi.task import ScsiResponse, Status
 
@@ -379,3 +390,13 @@ def test_text_renegotiation_of_max_recv_data_segment_length_cuts_data_in() -> No
     assert rsp[0] == 0x24 and dict(keys.parse_text(data)).get("X-com.example.Foo") == "NotUnderstood"
     out = rig.feed(scsi_cmd(bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 16, 0)), itt=22, cmd_sn=3, edtl=8192, read=True))
     assert [len(d) for _, d in out] == [4096, 4096] and out[1][0][1] & 0x01  # status on the last of the two
+
+
+def test_phase_table_closes_from_every_phase_and_leaves_closed_only_by_nothing() -> None:
+    assert all(TRANSITIONS[p, Transition.FATAL] is Phase.CLOSED for p in Phase)
+    assert {t for (p, t) in TRANSITIONS if p is Phase.CLOSED} == {Transition.FATAL}
+    rig = Rig()
+    rig.login()
+    assert rig.conn.phase is Phase.FULL_FEATURE
+    with pytest.raises(KeyError):
+        rig.conn._enter(Transition.LOGIN_DONE)  # a second login completion is a bug, never a silent phase change
