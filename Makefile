@@ -6,7 +6,7 @@ DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark fuse3
 SHARED ?= ../shared
 N ?= 100000
 
-.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials soak clean
+.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ soak: deps venv
 # default is fuzz's). Fails on any lost acknowledged write or altered snapshot.
 crash-trials: venv
 	$(PY) tests/crash/run.py $(if $(filter command line,$(origin N)),$(N),50)
+
+# A power-loss harness: the daemon's data dir on a recording FUSE file system during writes, snapshot sets, a clone
+# fill and a resync; N cuts (50 unless N is given here) replay only what was synced, each checked on a restarted
+# daemon, plus two negative controls that must be caught. Fails on any lost durable write or altered snapshot.
+powerloss: deps venv
+	$(PY) tests/powerloss/run.py $(if $(filter command line,$(origin N)),$(N),50)
 
 clean:
 	rm -rf $(VENV) lunsync-data build *.egg-info
