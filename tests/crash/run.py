@@ -38,9 +38,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
@@ -124,6 +125,21 @@ class Result:
     def ok(self) -> bool:
         return not (self.lost_acked_writes or self.damaged_blocks or self.altered_snapshots or self.lost_snapshots
                     or self.integrity_errors or self.altered_clones or self.wrong_resyncs or self.trial_errors)
+
+
+class Seq(Protocol):
+    seq: int
+
+
+def which(history: Sequence[Seq], lun: int, b: int, block: bytes) -> int | None:
+    """Which write of block ``b``'s history ``block`` holds (-1: zeros); None if none of them (damaged, or another
+    block's stamp)."""
+    got = parse(block)
+    if got is None:
+        return -1
+    if not isinstance(got, Stamp) or (got.lun, got.block) != (lun, b):
+        return None
+    return next((i for i in range(len(history) - 1, -1, -1) if history[i].seq == got.seq), None)
 
 
 def check_integrity(data_dir: Path, res: Result) -> None:
@@ -300,14 +316,7 @@ class Trial:
                     self.res.problems.append(f"lun {lun} block {b}: holds write #{idx}, but #{durable} was durable")
 
     def _which(self, lun: int, b: int, block: bytes) -> int | None:
-        """Which write of the block's history ``block`` is (-1: zeros); None if none of them."""
-        got = parse(block)
-        if got is None:
-            return -1
-        if not isinstance(got, Stamp) or (got.lun, got.block) != (lun, b):
-            return None
-        history = self.log.writes.get((lun, b), [])
-        return next((i for i in range(len(history) - 1, -1, -1) if history[i].seq == got.seq), None)
+        return which(self.log.writes.get((lun, b), []), lun, b, block)
 
     def check_snapshots(self, c: StampClient) -> None:
         assert self.api is not None

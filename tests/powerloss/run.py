@@ -36,7 +36,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +46,8 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import httpx
-from crash.run import check_integrity
-from crash.stamps import UNIT, Stamp, StampClient, parse, stamp
+from crash.run import Result, check_integrity, which
+from crash.stamps import UNIT, Stamp, StampClient, stamp
 from e2e.harness import DEMO_IQN, Daemon
 from fusefs import FuseMount, LogOp, read_log
 from powerloss.replay import replay
@@ -94,33 +95,37 @@ class Recording:
 
 
 @dataclass
-class Result:
-    cut: int
+class Cut:
+    """One checked cut: where, which model, which negative control (if any), and what the checks found (the crash
+    trials' counters: ``trial_errors`` counts a check that could not run)."""
+
+    at: int
     phase: str
     mode: str
-    control: str = ""
-    durable_checked: int = 0
-    snapshots_checked: int = 0
-    lost_acked_writes: int = 0
-    damaged_blocks: int = 0
-    altered_snapshots: int = 0
-    lost_snapshots: int = 0
-    integrity_errors: int = 0
-    wrong_resyncs: int = 0
-    problems: list[str] = field(default_factory=list)
+    control: str
+    res: Result
 
     @property
     def ok(self) -> bool:
-        return not (self.lost_acked_writes or self.damaged_blocks or self.altered_snapshots or self.lost_snapshots
-                    or self.integrity_errors or self.wrong_resyncs or self.problems)
+        return self.res.ok
 
 
-def api_client(d: Daemon) -> httpx.Client:
-    return httpx.Client(base_url=d.api_url + "/v1", timeout=60, headers={"Authorization": f"Bearer {d.api_token}"})
-
-
-def stamp_client(d: Daemon, tag: str, n: int) -> StampClient:
-    return StampClient("127.0.0.1", d.port, DEMO_IQN, f"iqn.2026-11.io.lunsync:powerloss-{tag}", 0x400000E00000 + n)
+@contextmanager
+def session(workdir: Path, tag: str, n: int) -> Iterator[tuple[Daemon, httpx.Client, StampClient]]:
+    """A daemon on ``workdir/data`` (two 8 MiB LUNs once set up), its API and one iSCSI session; stopped after."""
+    d = Daemon(workdir, api=True, demo=True, demo_size="8MiB")
+    try:
+        d.start()
+        with httpx.Client(base_url=d.api_url + "/v1", timeout=60,
+                          headers={"Authorization": f"Bearer {d.api_token}"}) as api:
+            c = StampClient("127.0.0.1", d.port, DEMO_IQN, f"iqn.2026-11.io.lunsync:powerloss-{tag}",
+                            0x400000E00000 + n)
+            try:
+                yield d, api, c
+            finally:
+                c.close()
+    finally:
+        d.close()
 
 
 # --- recording ------------------------------------------------------------------------------------------------------
@@ -167,20 +172,14 @@ class Recorder:
         rec = self.rec
         fs = FuseMount(self.workdir / "src", self.workdir / "data", record=self.workdir / "fs.log")
         fs.start()
-        d = Daemon(self.workdir, api=True, demo=True, demo_size="8MiB")
         try:
-            d.start()
-            with api_client(d) as api:
+            with session(self.workdir, "rec", 1) as (d, api, c):
                 api.post("/luns", json={"name": "c1", "size": "8MiB"}).raise_for_status()
                 api.post(f"/targets/{DEMO_IQN}/luns", json={"name": "c1", "lun": 1}).raise_for_status()
-                c = stamp_client(d, "rec", 1)
-                try:
-                    self._phases(api, c)
-                finally:
-                    c.close()
-            d.terminate()
+                self._phases(api, c)
+                c.close()
+                d.terminate()
         finally:
-            d.close()
             fs.stop()
         rec.ops = read_log(self.workdir / "fs.log")
         rec.root_ino = os.stat(self.workdir / "src").st_ino
@@ -250,14 +249,7 @@ class Check:
         self.rec, self.workdir, self.res, self.cut_t = rec, workdir, res, cut_t
 
     def which(self, lun: int, b: int, block: bytes) -> int | None:
-        """The index in the block's history of the write ``block`` holds (-1: zeros); None if none of them."""
-        got = parse(block)
-        if got is None:
-            return -1
-        if not isinstance(got, Stamp) or (got.lun, got.block) != (lun, b):
-            return None
-        history = self.rec.writes.get((lun, b), [])
-        return next((i for i in range(len(history) - 1, -1, -1) if history[i].seq == got.seq), None)
+        return which(self.rec.writes.get((lun, b), []), lun, b, block)
 
     def durable(self, lun: int, b: int) -> int:
         history = self.rec.writes.get((lun, b), [])
@@ -265,19 +257,10 @@ class Check:
 
     def run(self) -> None:
         data_dir = self.workdir / "data"
-        check_integrity(data_dir, self.res)  # type: ignore[arg-type]
-        d = Daemon(self.workdir, api=True, demo=True, demo_size="8MiB")
-        try:
-            d.start()
-            with api_client(d) as api:
-                c = stamp_client(d, "check", 2)
-                try:
-                    self._check(api, c)
-                finally:
-                    c.close()
+        check_integrity(data_dir, self.res)
+        with session(self.workdir, "check", 2) as (d, api, c):
+            self._check(api, c)
             d.assert_healthy()
-        finally:
-            d.close()
 
     def _check(self, api: httpx.Client, c: StampClient) -> None:
         rec, res = self.rec, self.res
@@ -306,7 +289,7 @@ class Check:
             for b in range(BLOCKS):
                 durable = self.durable(lun, b)
                 if durable >= 0:
-                    res.durable_checked += 1
+                    res.writes_durable_checked += 1
                 idx = self.which(lun, b, data[b * UNIT:(b + 1) * UNIT])
                 if idx is None:
                     res.damaged_blocks += 1
@@ -382,8 +365,8 @@ def choose_cuts(rec: Recording, n: int, rng: random.Random) -> list[tuple[int, s
 
 
 def check_cut(rec: Recording, base: Path, cut: int, phase: str, mode: str, seed: int, control: str = "",
-              keep: bool = False) -> Result:
-    res = Result(cut, phase, mode, control)
+              keep: bool = False) -> Cut:
+    res = Result(cut, seed, kind=phase)
     lose: Callable[[int, LogOp], bool] | None = None
     if control == "lun":
         lo, hi = rec.phases["writes"]
@@ -397,18 +380,19 @@ def check_cut(rec: Recording, base: Path, cut: int, phase: str, mode: str, seed:
     try:
         Check(rec, workdir, res, cut_t).run()
     except Exception as e:  # noqa: BLE001 - a check that could not run is a problem of this cut, reported
+        res.trial_errors += 1
         res.problems.append(f"the check could not run: {e!r}"[:1500])
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    return res
+    return Cut(cut, phase, mode, control, res)
 
 
 @dataclass
 class Summary:
     seed: int
     operations: int
-    results: list[Result]
+    results: list[Cut]
     controls: dict[str, bool]
 
     @property
@@ -428,14 +412,14 @@ def trials(base: Path, n: int, seed: int, keep: bool = False) -> Summary:
     for i, (cut, phase, mode) in enumerate(choose_cuts(rec, n, rng)):
         r = check_cut(rec, base, cut, phase, mode, seed + i, keep=keep)
         results.append(r)
-        print(f"cut {i:3d} at op {cut:6d} ({phase}, {mode}): {r.durable_checked} durable blocks, "
-              f"{r.snapshots_checked} snapshot LUNs checked: "
-              f"{'ok' if r.ok else 'FAILED: ' + '; '.join(r.problems[:5])}", flush=True)
+        print(f"cut {i:3d} at op {cut:6d} ({phase}, {mode}): {r.res.writes_durable_checked} durable blocks, "
+              f"{r.res.snapshots_checked} snapshot LUNs checked: "
+              f"{'ok' if r.ok else 'FAILED: ' + '; '.join(r.res.problems[:5])}", flush=True)
     # The end of the snapshot phase, with synced writes dropped: the checks must see it.
     end = max(k for k, op in enumerate(rec.ops) if op.t <= rec.phases["snapshots"][1]) + 1
     controls = {}
     for control in ("lun", "pool"):
-        r = check_cut(rec, base, end, "snapshots", "synced", seed, control=control, keep=keep)
+        r = check_cut(rec, base, end, "snapshots", "synced", seed, control=control, keep=keep).res
         controls[control] = r.lost_acked_writes > 0 if control == "lun" else r.altered_snapshots > 0
         print(f"negative control ({control}: synced writes dropped): "
               f"{'detected' if controls[control] else 'NOT DETECTED'}: {'; '.join(r.problems[:3])}", flush=True)
@@ -452,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lunsync-powerloss-") as tmp:
         s = trials(a.keep or Path(tmp), a.n, seed, keep=a.keep is not None)
-    total = {k: sum(getattr(r, k) for r in s.results) for k in (
-        "durable_checked", "snapshots_checked", "lost_acked_writes", "altered_snapshots", "lost_snapshots",
-        "damaged_blocks", "integrity_errors", "wrong_resyncs")}
+    total = {k: sum(getattr(r.res, k) for r in s.results) for k in (
+        "writes_durable_checked", "snapshots_checked", "lost_acked_writes", "altered_snapshots", "lost_snapshots",
+        "damaged_blocks", "integrity_errors", "wrong_resyncs", "trial_errors")}
     print(json.dumps({"cuts": len(s.results), "failed_cuts": sum(not r.ok for r in s.results), "seed": seed,
                       "operations": s.operations, **total, "controls_detected": s.controls,
                       "seconds": round(time.monotonic() - started, 1)}))

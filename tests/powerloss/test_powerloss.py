@@ -24,8 +24,8 @@ def test_power_cuts_lose_no_durable_write_and_alter_no_snapshot(tmp_path: Path) 
     s = trials(tmp_path, CI_CUTS, seed)
     rerun = f"seed {seed} (rerun: python tests/powerloss/run.py {CI_CUTS} --seed {seed})"
     assert {r.phase for r in s.results} == set(PHASES), rerun  # every phase was cut
-    assert sum(r.durable_checked for r in s.results) > 1000, rerun  # the checks really read durable blocks
-    assert sum(r.snapshots_checked for r in s.results) >= 6, rerun
+    assert sum(r.res.writes_durable_checked for r in s.results) > 1000, rerun  # the checks really read durable blocks
+    assert sum(r.res.snapshots_checked for r in s.results) >= 6, rerun
     for r in s.results:
-        assert r.ok, f"{rerun}: cut at op {r.cut} ({r.phase}, {r.mode}): {r.problems[:10]}"
+        assert r.ok, f"{rerun}: cut at op {r.at} ({r.phase}, {r.mode}): {r.res.problems[:10]}"
     assert s.controls == {"lun": True, "pool": True}, f"{rerun}: a negative control went unnoticed: {s.controls}"
