@@ -10,7 +10,7 @@ at the end. Two uses:
   under an optional prefix; :meth:`FuseMount.heal` ends that. The rule travels in a small JSON control file beside
   the mount, which the file system rereads whenever its mtime changes.
 - **Recording.** With ``record=PATH`` every change that reaches the file system (a write with its bytes, a size
-  change, a create, unlink, rename, mkdir or rmdir) and every fsync/fdatasync/fsyncdir is appended, in the order the
+  change, a create, link, unlink, rename, mkdir or rmdir) and every fsync/fdatasync/fsyncdir is appended, in the order the
   file system answered them, to a log with the monotonic time it was received (CLOCK_MONOTONIC is system-wide, so a
   client can compare its own acknowledgement times). Files are named in the log by the source's inode number,
   which a rename keeps. :func:`read_log` reads it back. Nothing is cached above this layer for writes: the mount
@@ -38,7 +38,8 @@ __all__ = ["FuseMount", "LogOp", "fuse_available", "read_log"]
 # length; the payload follows (a write's bytes, or a name: "parent_ino/name" for namespace changes, NUL-separated
 # pairs for a rename).
 _REC = struct.Struct("<BdQQI")
-KINDS = ("write", "truncate", "create", "unlink", "rename", "mkdir", "rmdir", "fsync", "fdatasync", "fsyncdir")
+KINDS = ("write", "truncate", "create", "unlink", "rename", "mkdir", "rmdir", "fsync", "fdatasync", "fsyncdir",
+         "link")
 _KIND_NO = {k: i for i, k in enumerate(KINDS)}
 
 
@@ -319,6 +320,19 @@ def _serve(source: str, mountpoint: str, control: str, record: str | None) -> No
             if rec:
                 rec.add("rename", ino, 0, f"{self._rid(parent_old)}/{os.fsdecode(name_old)}\0"
                                           f"{self._rid(parent_new)}/{os.fsdecode(name_new)}".encode())
+
+        async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+            old, new = self._path(inode), self._child(new_parent_inode, new_name)
+            self._fault("create", new)
+            try:
+                os.link(old, new)
+                st = os.lstat(new)
+            except OSError as e:
+                raise self._wrap(e) from None
+            self.paths[inode] = new  # the old name may go next (a link-then-unlink commit)
+            if rec:
+                rec.add("link", st.st_ino, 0, f"{self._rid(new_parent_inode)}/{os.fsdecode(new_name)}".encode())
+            return self._attr(st)
 
         # -- directories --------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ This module owns the replay (pure apart from writing the image out). The model, 
 operation ``k`` the disk holds exactly what had been made durable by a sync among the first ``k`` operations.
 
 - A file's data (its writes and size changes) becomes durable when that file is fsync'ed or fdatasync'ed.
-- The name space (create, unlink, rename, mkdir, rmdir) becomes durable at the next sync of anything, file or
+- The name space (create, link, unlink, rename, mkdir, rmdir) becomes durable at the next sync of anything, file or
   directory, as on ext4, whose journal commits every earlier name change with any sync.
 - Writes not yet synced are lost (``mode="synced"``), or (``mode="reorder"``) each one independently reached the disk
   or not, as page writeback may do in any order, and a prefix of the unsynced name changes was committed.
@@ -29,7 +29,6 @@ __all__ = ["Image", "replay"]
 
 _DATA = ("write", "truncate")
 _SYNC = ("fsync", "fdatasync")
-_NAMES = ("create", "mkdir", "unlink", "rmdir", "rename")
 
 
 @dataclass
@@ -111,6 +110,8 @@ def replay(ops: Sequence[LogOp], root_ino: int, cut: int, *, mode: str = "synced
             nodes[node_id] = _Node(op.kind == "mkdir")
             current[op.ino] = node_id
             pending_names.append(("link", entry(op.payload.decode()), None, node_id))
+        elif op.kind == "link":
+            pending_names.append(("link", entry(op.payload.decode()), None, current.get(op.ino, -1)))
         elif op.kind in ("unlink", "rmdir"):
             pending_names.append(("unlink", entry(op.payload.decode()), None, current.get(op.ino, -1)))
         elif op.kind == "rename":

@@ -63,3 +63,10 @@ def test_the_negative_control_drops_synced_writes(tmp_path: Path) -> None:
     ops = [op("create", 1, payload=b"100/a"), op("write", 1, 0, b"keep"), op("write", 1, 0, b"lost"),
            op("fsync", 1)]
     assert files(tmp_path, ops, lose=lambda j, o: o.payload == b"lost") == {"a": b"keep"}
+
+
+def test_a_hard_link_then_unlink_keeps_the_file_under_its_new_name(tmp_path: Path) -> None:
+    ops = [op("create", 1, payload=b"100/.tmp"), op("write", 1, 0, b"token"), op("fsync", 1),
+           op("link", 1, payload=b"100/token"), op("unlink", 1, payload=b"100/.tmp"), op("fsyncdir", ROOT)]
+    assert files(tmp_path, ops) == {"token": b"token"}
+    assert files(tmp_path, ops, cut=5) == {".tmp": b"token"}
