@@ -43,6 +43,9 @@ LunInfo = Annotated[dict[str, Any], Field(description="VDS_LUN_INFORMATION as JS
                                                       "device_id_descriptor.identifiers (VPD 0x83)")]
 
 
+HookName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,8 +53,12 @@ class _In(BaseModel):
 class OptionsIn(_In):
     rate_mib_s: float | None = Field(None, gt=0, description="fixed copy rate; absent: adaptive throttle")
     verify: bool = False
-    pre_restore: list[str] = Field(default_factory=list, max_length=16, description="hook commands, run in order")
-    post_restore: list[str] = Field(default_factory=list, max_length=16)
+    pre_restore: list[HookName] = Field(default_factory=list, max_length=16,
+                                        description="names of hooks the server's hook file defines (lunsync serve "
+                                                    "--hooks), run in order before the restore; an unknown name is "
+                                                    "a 400")
+    post_restore: list[HookName] = Field(default_factory=list, max_length=16,
+                                         description="names of hooks run in order once the restore is done")
     mask_except: list[str] | None = Field(None, max_length=64, description="during the restore, show the "
                                           "destinations only to these initiator IQNs ([] hides them from all)")
     create_missing: bool = True

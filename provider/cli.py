@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
                    help="iSCSI portal (repeatable; IPv6 as [::1]:3260); default 127.0.0.1:3260")
     s.add_argument("--config", metavar="FILE", help="TOML file applied to the catalog at start")
+    s.add_argument("--hooks", metavar="FILE",
+                   help="TOML file of named restore hooks ([hook.NAME] command = [...]); the only commands a restore "
+                        "can run")
     s.add_argument("--demo", action="store_true", help="create the demo target and LUN 0 when missing")
     s.add_argument("--demo-size", type=_size, default=1 << 30, metavar="SIZE", help="demo LUN size (default 1GiB)")
     # Defaults live in daemon.ServeOptions; importing the daemon here would slow every client command by 0.4 s.
@@ -502,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = daemon.ServeOptions(data_dir=args.data_dir, listen=args.listen, config=args.config, demo=args.demo,
                                    demo_size=args.demo_size, api=args.api or daemon.DEFAULT_API,
                                    metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
-                                   api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body)
+                                   api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body,
+                                   hooks=args.hooks)
         from lunsync.snapshots.catalog import CatalogError
 
         try:

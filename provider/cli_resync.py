@@ -59,8 +59,10 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, metavar="MiB/s", help="fixed copy rate (default: adaptive, slows down "
                                                                "while initiators' latency rises)")
     p.add_argument("--verify", action="store_true", help="checksum each destination against its snapshot at the end")
-    p.add_argument("--pre-restore", action="append", default=[], metavar="CMD", help="hook run before (repeatable)")
-    p.add_argument("--post-restore", action="append", default=[], metavar="CMD", help="hook run after (repeatable)")
+    p.add_argument("--pre-restore", action="append", default=[], metavar="HOOK",
+                   help="a hook the server's hook file names, run before (repeatable)")
+    p.add_argument("--post-restore", action="append", default=[], metavar="HOOK",
+                   help="a hook the server's hook file names, run after (repeatable)")
     p.add_argument("--mask-except", action="append", metavar="IQN",
                    help="during the restore, hide the destinations from every initiator but this one (repeatable)")
     p.add_argument("--mask", action="store_true", help="during the restore, hide the destinations from everyone")

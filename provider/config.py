@@ -59,6 +59,7 @@ import re
 import tomllib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from lunsync.snapshots.fsutil import atomic_write
@@ -108,6 +109,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigWarning",
+    "HookConfig",
     "LunConfig",
     "LunMapping",
     "PortalConfig",
@@ -117,8 +119,10 @@ __all__ = [
     "dump_config",
     "format_size",
     "load_config",
+    "load_hooks",
     "normalize_iscsi_name",
     "parse_config",
+    "parse_hooks",
     "parse_listen",
     "parse_size",
     "save_config",
@@ -470,6 +474,73 @@ class _Parser:
         if "mutual_secret" in kw and kw["mutual_secret"] == kw["secret"]:
             self.fail((*path, "mutual_secret"), "mutual_secret must differ from secret")
         return self.built(path, lambda: ChapConfig(**kw))
+
+
+# --- restore hooks ---------------------------------------------------------------------------------------------------
+
+_HOOK_KEYS = ("command", "timeout_s")
+_HOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HOOK_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """A restore hook the server's hook file defines: an argv run without a shell, by name only. The API can name a
+    hook; it can never say what runs."""
+
+    name: str
+    command: tuple[str, ...]
+    timeout_s: int = HOOK_TIMEOUT_S
+
+
+def _hook_command(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and "\0" not in x for x in v):
+        raise TypeError("must be a non-empty array of strings: the program and its arguments (no shell)")
+    if not os.path.isabs(v[0]):
+        raise ValueError(f"the program must be an absolute path, not {v[0]!r}")
+    return tuple(v)
+
+
+def parse_hooks(text: str, *, source: str = "<hooks>") -> dict[str, HookConfig]:
+    """Parse a hook file (``[hook.NAME]`` tables with ``command`` and ``timeout_s``). Raises :class:`ConfigError`
+    naming the file, line and key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"at line (\d+)", str(e))
+        raise ConfigError(f"invalid TOML: {e}", line=int(m[1]) if m else None, source=source) from None
+    parser = _Parser(source, text)
+    parser.table(raw, (), ("hook",))
+    hooks = parser.table(raw.get("hook", {}), ("hook",), tuple(raw.get("hook", {})))
+    out: dict[str, HookConfig] = {}
+    for name, value in hooks.items():
+        path: KeyPath = ("hook", name)
+        if not _HOOK_NAME.match(name):
+            parser.fail(path, f"hook name {name!r} must be 1-64 characters from A-Z a-z 0-9 . _ -, starting with a "
+                              "letter or digit")
+        t = parser.table(value, path, _HOOK_KEYS, required=("command",))
+        timeout = parser.get(t, path, "timeout_s", lambda v: check_int(v, 1, 86400)) if "timeout_s" in t else None
+        out[name] = HookConfig(name, parser.get(t, path, "command", _hook_command),
+                               HOOK_TIMEOUT_S if timeout is None else timeout)
+    return out
+
+
+def load_hooks(path: str | os.PathLike[str]) -> dict[str, HookConfig]:
+    """Read a hook file. It says what the daemon runs, so like sudoers it must not be writable by anyone but its
+    owner, and its owner must be root or the daemon's own user."""
+    name = os.fspath(path)
+    st = os.stat(name)
+    if st.st_mode & 0o022:
+        raise ConfigError(f"is writable by group or others (mode {st.st_mode & 0o777:04o}); chmod go-w it",
+                          source=name)
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"is owned by uid {st.st_uid}, neither root nor this daemon's user", source=name)
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text: {e}", source=name) from None
+    return parse_hooks(text, source=name)
 
 
 def parse_config(text: str, *, source: str = "<config>") -> Config:

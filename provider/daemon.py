@@ -470,6 +470,7 @@ class ServeOptions:
     api_tls_cert: str | None = None
     api_tls_key: str | None = None
     api_max_body_bytes: int = 1 << 20
+    hooks: str | None = None  # the hook file: named restore hooks, the only commands a restore can run
 
 
 async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
@@ -523,6 +524,11 @@ def _stop_on(sig: signal.Signals, stop: asyncio.Event) -> None:
 async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     data_dir = os.path.abspath(opts.data_dir)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    from lunsync.provider.config import load_hooks
+
+    hooks = load_hooks(opts.hooks) if opts.hooks else {}
+    if hooks:
+        log.info("restore hooks: %s", ", ".join(sorted(hooks)))
     # exclusive: a second daemon on the same data dir would write the same LUN files behind this one's back.
     catalog = Catalog.open(data_dir, exclusive=True)
     settings = PortalSettings()
@@ -554,7 +560,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     array.server = server
     from lunsync.provider import resync_array
 
-    await resync_array.attach(array)  # resumes the resyncs a stop or a crash interrupted, before any initiator is in
+    await resync_array.attach(array, hooks)  # resumes the resyncs a stop or a crash interrupted, before any initiator is in
     # The management plane first: once the iSCSI port accepts, the API answers too (tests and scripts rely on it).
     http, api_at, metrics_at = await _start_http(array, server, opts)
     bound: list[tuple[str, int]] = []

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lunsync.provider.config import HookConfig
 from lunsync.provider.recovery_store import CatalogRecoveryStore
 from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, SnapshotRef
 from lunsync.snapshots.catalog import LunRecord, NotFound
@@ -272,11 +273,12 @@ class ResyncCollector(Collector):
         yield from (total, copied, done, rate, redirected, fg, fg_base)
 
 
-async def attach(array: Array) -> tuple[RecoveryManager, HardwareProvider]:
+async def attach(array: Array, hooks: Mapping[str, HookConfig] | None = None
+                 ) -> tuple[RecoveryManager, HardwareProvider]:
     """Build the provider on a loaded array, resume the resyncs a stop or crash interrupted, and hang both on the
-    array (``array.recovery``, ``array.provider``) for the API."""
+    array (``array.recovery``, ``array.provider``) for the API. ``hooks`` are the server's named restore hooks."""
     engine = ArrayEngine(array)
-    manager = RecoveryManager(engine, CatalogRecoveryStore(array.catalog))
+    manager = RecoveryManager(engine, CatalogRecoveryStore(array.catalog), hooks=hooks)
     provider = HardwareProvider(engine, manager)
     array.recovery = manager
     array.provider = provider

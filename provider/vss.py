@@ -3,7 +3,7 @@ methods as operations.
 
 This module owns the recovery-set state machine (one table, :data:`TRANSITIONS`; a missing entry is a
 ``VSS_E_BAD_STATE``), the requester workflow that diskshadow and vshadow drive (create a set, add pairs, pre-restore,
-RecoverSet, status, post-restore, cancel), the pre/post-restore hook commands, masking the destinations during the
+RecoverSet, status, post-restore, cancel), the named pre/post-restore hooks of the server's hook file, masking the destinations during the
 restore, the rule of one resync per destination (``VSS_E_RESYNC_IN_PROGRESS``), the VSS error names, and the JSON form
 of ``VDS_LUN_INFORMATION`` by which VSS names LUNs. It drives :class:`~lunsync.snapshots.resync.ResyncVolume` through
 an :class:`Engine`: the daemon's adapter over the live array and the snapshot engine (``provider/resync_array.py``),
@@ -20,10 +20,11 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lunsync.provider.config import HookConfig
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import OutOfSpace
 from lunsync.snapshots.resync import (
@@ -39,7 +40,6 @@ from lunsync.snapshots.resync import (
 log = logging.getLogger("lunsync.vss")
 
 MiB = 1 << 20
-HOOK_TIMEOUT_S = 300.0
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ class Options:
 
     rate_bps: float | None = None  # None: adaptive throttle
     verify: bool = False
-    pre_restore: tuple[str, ...] = ()
+    pre_restore: tuple[str, ...] = ()  # names of hooks the server's hook file defines, run in order
     post_restore: tuple[str, ...] = ()
     mask_except: tuple[str, ...] | None = None  # mask destinations from every initiator but these during the restore
     create_missing: bool = True  # a destination that does not exist is created at the snapshot's size
@@ -431,9 +431,11 @@ class RecoveryManager:
     """Runs recovery sets against an :class:`Engine`. All methods run on the daemon's loop."""
 
     def __init__(self, engine: Engine, store: RecoveryStore, *, clock: Callable[[], float] = time.time,
-                 batch_bytes: int | None = None, commit_interval_s: float | None = None) -> None:
+                 batch_bytes: int | None = None, commit_interval_s: float | None = None,
+                 hooks: Mapping[str, HookConfig] | None = None) -> None:
         self.engine = engine
         self.store = store
+        self.hooks: Mapping[str, HookConfig] = hooks or {}  # from the server's hook file (serve --hooks), never the API
         self._clock = clock
         self.sets: dict[str, RecoverySet] = {}
         self._jobs: dict[str, list[_Job]] = {}
@@ -493,7 +495,15 @@ class RecoveryManager:
 
     # -- the requester workflow --
 
+    def check_hooks(self, options: Options) -> None:
+        """Refuse a restore that names a hook the server does not define, before anything is created."""
+        for name in (*options.pre_restore, *options.post_restore):
+            if name not in self.hooks:
+                defined = ", ".join(sorted(self.hooks)) or "none (see lunsync serve --hooks)"
+                raise VssError(VssCode.INVALID_ARG, f"unknown hook {name!r}: the server defines {defined}")
+
     def create_set(self, options: Options | None = None) -> RecoverySet:
+        self.check_hooks(options or Options())
         rs = RecoverySet(id=uuid.uuid4().hex[:12], options=options or Options(), created_at=self._clock())
         self.sets[rs.id] = rs
         self._save(rs)
@@ -527,28 +537,39 @@ class RecoveryManager:
         self._move(rs, Event.ADD_PAIR)
         return pair
 
-    async def _run_hooks(self, rs: RecoverySet, phase: str, commands: Iterable[str]) -> None:
+    async def _run_hooks(self, rs: RecoverySet, phase: str, names: Iterable[str]) -> None:
+        """Run the named hooks in order, each its argv with no shell, the recovery set in its environment."""
         env = {**os.environ, "LUNSYNC_RECOVERY_ID": rs.id, "LUNSYNC_RECOVERY_PHASE": phase,
                "LUNSYNC_RECOVERY_STATE": rs.state.value,
                "LUNSYNC_DESTINATIONS": " ".join(p.destination for p in rs.pairs),
                "LUNSYNC_SNAPSHOTS": " ".join(p.snapshot for p in rs.pairs)}
-        for cmd in commands:
+        for name in names:
             started = self._clock()
-            proc = await asyncio.create_subprocess_shell(cmd, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                         stdout=asyncio.subprocess.PIPE,
-                                                         stderr=asyncio.subprocess.STDOUT)
-            try:
-                out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT_S)
-                rc = proc.returncode
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                out, rc = b"timed out", -1
-            rs.hooks_run.append({"phase": phase, "command": cmd, "exit": rc, "started_at": started,
+            hook = self.hooks.get(name)
+            if hook is None:  # a set recorded before the hook file changed
+                out, rc = b"not defined in the server's hook file", -1
+            else:
+                try:
+                    proc = await asyncio.create_subprocess_exec(*hook.command, env=env,
+                                                                stdin=asyncio.subprocess.DEVNULL,
+                                                                stdout=asyncio.subprocess.PIPE,
+                                                                stderr=asyncio.subprocess.STDOUT)
+                except OSError as e:
+                    out, rc = str(e).encode(), -1
+                else:
+                    try:
+                        out, _ = await asyncio.wait_for(proc.communicate(), hook.timeout_s)
+                        rc = -1 if proc.returncode is None else proc.returncode
+                    except TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+                        out, rc = f"timed out after {hook.timeout_s} s".encode(), -1
+            rs.hooks_run.append({"phase": phase, "hook": name, "exit": rc, "started_at": started,
                                  "output": out.decode(errors="replace")[-2000:]})
             self._save(rs)
             if rc != 0:
-                raise VssError(VssCode.PROVIDER_VETO, f"{phase} hook {cmd!r} exited {rc}")
+                raise VssError(VssCode.PROVIDER_VETO, f"{phase} hook {name!r} exited {rc}: "
+                                                      f"{out.decode(errors='replace').strip()[-200:]}")
 
     async def pre_restore(self, set_id: str) -> RecoverySet:
         """PreRestore: check every pair can be restored, run the pre-restore hooks in order, mask destinations."""

@@ -19,6 +19,7 @@ from lunsync.provider.config import (
     Config,
     ConfigError,
     ConfigWarning,
+    HookConfig,
     LunConfig,
     LunMapping,
     PortalConfig,
@@ -27,8 +28,10 @@ from lunsync.provider.config import (
     dump_config,
     format_size,
     load_config,
+    load_hooks,
     normalize_iscsi_name,
     parse_config,
+    parse_hooks,
     parse_listen,
     parse_size,
     save_config,
@@ -697,3 +700,43 @@ def test_an_unknown_key_anywhere_is_reported_at_its_line(cfg: Config, data: st.D
             parse_config("\n".join(lines))
     assert info.value.line == at + 1
     assert "unknown key 'zz unknown'" in str(info.value)
+
+
+# --- restore hooks ---------------------------------------------------------------------------------------------------
+
+
+def test_hook_file_parses_named_argv_hooks() -> None:
+    hooks = parse_hooks('[hook.quiesce]\ncommand = ["/usr/local/sbin/quiesce", "--db", "sales"]\ntimeout_s = 60\n'
+                        '[hook."notify.ops"]\ncommand = ["/usr/bin/logger", "restored"]\n')
+    assert hooks == {"quiesce": HookConfig("quiesce", ("/usr/local/sbin/quiesce", "--db", "sales"), 60),
+                     "notify.ops": HookConfig("notify.ops", ("/usr/bin/logger", "restored"), 300)}
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "where", "words"),
+    [
+        ('[hook.q]\ncommand = "rm -rf /"\n', 2, "hook.q.command", "array of strings"),
+        ('[hook.q]\ncommand = ["quiesce"]\n', 2, "hook.q.command", "absolute path"),
+        ('[hook.q]\ncommand = []\n', 2, "hook.q.command", "non-empty"),
+        ('[hook.q]\ncomand = ["/bin/true"]\n', 2, "hook.q.comand", "did you mean 'command'"),
+        ('[hook.q]\ntimeout_s = 5\n', 1, "hook.q", "missing required key 'command'"),
+        ('[hook.q]\ncommand = ["/bin/true"]\ntimeout_s = 0\n', 3, "hook.q.timeout_s", "between 1 and 86400"),
+        ('[hook."a b"]\ncommand = ["/bin/true"]\n', 1, "hook.a b", "1-64 characters"),
+        ('[hooks.q]\ncommand = ["/bin/true"]\n', 1, "hooks", "did you mean 'hook'"),
+    ],
+)
+def test_hook_file_errors_name_the_key_and_line(text: str, line: int, where: str, words: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_hooks(text, source="hooks.toml")
+    assert ei.value.line == line and ei.value.key == where and words in ei.value.message, str(ei.value)
+
+
+def test_a_hook_file_others_may_write_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "hooks.toml"
+    path.write_text('[hook.q]\ncommand = ["/bin/true"]\n')
+    path.chmod(0o644)
+    assert set(load_hooks(path)) == {"q"}
+    for mode in (0o664, 0o646):
+        path.chmod(mode)
+        with pytest.raises(ConfigError, match="writable by group or others"):
+            load_hooks(path)

@@ -160,17 +160,28 @@ def test_kill9_during_a_resync_then_restart_completes_it(daemon: Daemon) -> None
     assert "resumed with" in d.log_text()
 
 
-def test_new_lun_smaller_lun_grown_and_masking(daemon: Daemon, tmp_path: Path) -> None:
-    d = daemon
+def test_new_lun_smaller_lun_grown_and_masking(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    require_tools("qemu-io")
+    hooks = tmp_path / "hooks.log"
+    hook_file = tmp_path / "hooks.toml"
+    hook_file.write_text("".join(
+        f'[hook.{name}]\ncommand = ["/bin/sh", "-c", "echo {words} >> {hooks}"]\n'
+        for name, words in (("pre1", "pre1"), ("pre2", "pre2"), ("post", "post $LUNSYNC_RECOVERY_STATE"))))
+    hook_file.chmod(0o600)
+    d = daemon_factory(api=True, metrics=True, extra_args=["--hooks", str(hook_file)])
     write(d, 0xAA, 0, 256 * MIB)
     cli(d, "snapshot", "create", "demo0@s1")
+    # Only names reach the array: a command, or a name the hook file lacks, is refused before anything starts.
+    for refused in (f"echo pwned >> {hooks}", "nope"):
+        err = cli(d, "resync", "demo0@s1", "--pre-restore", refused, ok=False)
+        assert "unknown hook" in err or "pre_restore" in err, err
+    assert not hooks.exists()
+    assert cli(d, "recovery", "list") == []
     cli(d, "lun", "create", "small", "--size", "64MiB")
     cli(d, "lun", "map", "small", "--target", DEMO_IQN, "--lun", "1")
     write(d, 0x11, 0, 64 * MIB, lun=1)
-    hooks = tmp_path / "hooks.log"
     rid = cli(d, "resync", "demo0@s1", "demo0@s1", "--to", "small", "--to", "lab", "--rate", "64", "--mask",
-              "--pre-restore", f"echo pre1 >> {hooks}", "--pre-restore", f"echo pre2 >> {hooks}",
-              "--post-restore", f"echo post $LUNSYNC_RECOVERY_STATE >> {hooks}")["id"]
+              "--pre-restore", "pre1", "--pre-restore", "pre2", "--post-restore", "post")["id"]
     # Masked from every initiator during the restore: qemu-io cannot use LUN 1.
     assert not reads(d, 0xAA, 0, MIB, lun=1)
     final = cli(d, "recovery", "wait", rid, timeout=90)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from lunsync.provider.config import HookConfig
 from lunsync.provider.vss import (
     CAPABILITIES,
     TRANSITIONS,
@@ -204,8 +205,10 @@ def test_requester_workflow_with_hooks_in_order_and_masking(tmp_path: Path) -> N
     async def main() -> None:
         eng, mgr, store = setup(tmp_path)
         log = tmp_path / "hooks.log"
-        opts = Options(pre_restore=(f"echo pre1 $LUNSYNC_RECOVERY_ID >> {log}", f"echo pre2 >> {log}"),
-                       post_restore=(f"echo post1 $LUNSYNC_RECOVERY_STATE >> {log}",),
+        mgr.hooks = {name: HookConfig(name, ("/bin/sh", "-c", cmd)) for name, cmd in (
+            ("pre1", f"echo pre1 $LUNSYNC_RECOVERY_ID >> {log}"), ("pre2", f"echo pre2 >> {log}"),
+            ("post1", f"echo post1 $LUNSYNC_RECOVERY_STATE >> {log}"))}
+        opts = Options(pre_restore=("pre1", "pre2"), post_restore=("post1",),
                        mask_except=("iqn.2026-11.io.example:backup",))
         rs = mgr.create_set(opts)
         assert rs.state is RecoveryState.PENDING
@@ -230,6 +233,7 @@ def test_requester_workflow_with_hooks_in_order_and_masking(tmp_path: Path) -> N
         assert st["percent"] == 100.0 and st["bytes_copied"] == 3 * CHUNK and st["redirected_reads"] >= 1
         assert store.sets[rs.id]["state"] == "done"
         assert [h["phase"] for h in st["hooks"]] == ["pre-restore", "pre-restore", "post-restore"]
+        assert [h["hook"] for h in st["hooks"]] == ["pre1", "pre2", "post1"]
 
     run(main())
 
@@ -274,14 +278,51 @@ def test_unknown_objects_are_vss_e_object_not_found(tmp_path: Path) -> None:
 def test_failing_pre_restore_hook_vetoes(tmp_path: Path) -> None:
     async def main() -> None:
         eng, mgr, _ = setup(tmp_path)
-        rs = mgr.create_set(Options(pre_restore=("exit 3",)))
+        mgr.hooks = {"veto": HookConfig("veto", ("/bin/sh", "-c", "echo not now; exit 3"))}
+        rs = mgr.create_set(Options(pre_restore=("veto",)))
         mgr.add_pair(rs.id, "db0@s1")
         with pytest.raises(VssError) as ei:
             await mgr.recover(rs.id)
         assert ei.value.code is VssCode.PROVIDER_VETO
         assert rs.state is RecoveryState.FAILED and "exited 3" in (rs.error or "")
+        assert "not now" in (rs.error or "")  # the hook's own words reach whoever asked
         assert "db0" not in eng.installed  # nothing was started
         assert eng.lun_bytes("db0")[: 3 * CHUNK] == B[: 3 * CHUNK]
+
+    run(main())
+
+
+def test_a_restore_can_only_name_hooks_the_server_defines(tmp_path: Path) -> None:
+    async def main() -> None:
+        _, mgr, _ = setup(tmp_path)
+        marker = tmp_path / "ran"
+        mgr.hooks = {"quiesce": HookConfig("quiesce", ("/bin/touch", str(marker)), timeout_s=5)}
+        for bad in (Options(pre_restore=(f"touch {marker}",)), Options(post_restore=("quiesce", "nope"))):
+            with pytest.raises(VssError) as ei:
+                mgr.create_set(bad)
+            assert ei.value.code is VssCode.INVALID_ARG and "unknown hook" in str(ei.value)
+            assert "quiesce" in str(ei.value)  # the message names what is defined
+        with pytest.raises(VssError) as ei:
+            await mgr.resync([("db0@s1", None)], Options(pre_restore=("rm -rf /",)))
+        assert ei.value.code is VssCode.INVALID_ARG and not mgr.sets  # refused before any set exists
+        assert not marker.exists()
+        rs = await mgr.resync([("db0@s1", None)], Options(pre_restore=("quiesce",)))
+        assert marker.exists()  # argv, no shell
+        await asyncio.wait_for(mgr.wait(rs.id), 10)
+        assert rs.state is RecoveryState.DONE
+
+    run(main())
+
+
+def test_a_hook_that_outlives_its_timeout_vetoes(tmp_path: Path) -> None:
+    async def main() -> None:
+        _, mgr, _ = setup(tmp_path)
+        mgr.hooks = {"slow": HookConfig("slow", ("/bin/sleep", "30"), timeout_s=1)}
+        rs = mgr.create_set(Options(pre_restore=("slow",)))
+        mgr.add_pair(rs.id, "db0@s1")
+        with pytest.raises(VssError) as ei:
+            await mgr.pre_restore(rs.id)
+        assert ei.value.code is VssCode.PROVIDER_VETO and "timed out after 1 s" in str(ei.value)
 
     run(main())
 
