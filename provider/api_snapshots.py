@@ -65,6 +65,9 @@ class FillOut(BaseModel):
     total_chunks: int
     percent: float
     complete: bool
+    rate_bps: float | None = Field(None, description="bytes filled per second of wall-clock time, recent seconds; "
+                                                     "null until measured or when not filling")
+    eta_s: float | None = Field(None, description="seconds until filled at that rate; 0 when complete")
 
 
 class SnapshotOut(BaseModel):
@@ -123,8 +126,10 @@ def _snapshot_out(svc: SnapshotService, rec: SnapshotRecord) -> SnapshotOut:
         done, total = svc.fill_progress.get(rec.id, (rec.filled_chunks, rec.total_chunks))
         if rec.filled:
             done = total
+        rate, eta = svc.fill_rate(rec)
         fill = FillOut(done_chunks=done, total_chunks=total, percent=round(100.0 * done / max(total, 1), 2),
-                       complete=rec.filled)
+                       complete=rec.filled, rate_bps=None if rate is None else round(rate, 1),
+                       eta_s=None if eta is None else round(eta, 1))
     exposed = None
     if rec.exposed_target is not None and rec.exposed_lun is not None:
         exposed = ExposureOut(target=rec.exposed_target, lun=rec.exposed_lun)

@@ -8,7 +8,6 @@ and owns the connection options, ``--json`` and error reporting. ``resync`` prin
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,32 +114,19 @@ def _started(c: Any, a: argparse.Namespace, r: dict[str, Any]) -> int:
 
 
 def _follow(c: Any, a: argparse.Namespace, set_id: str, timeout: float | None) -> int:
+    from lunsync.provider.cli_progress import ProgressDisplay, Step
+
     deadline = None if timeout is None else time.monotonic() + timeout
     path = f"/recovery/{_q(set_id)}"
     status = c.get(path)
-    bar = None
-    if not _json(a) and sys.stderr.isatty():
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                       DownloadColumn(binary_units=True), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                       transient=False)
-        bar.start()
-        task = bar.add_task(set_id, total=max(1, status["bytes_total"]), rate="")
-    try:
-        while status["state"] not in _FINAL:
-            if deadline is not None and time.monotonic() >= deadline:
+    with ProgressDisplay(f"recovery {set_id}", enabled=not _json(a)) as shown:
+        while True:
+            shown.update(Step(status["bytes_done"], status["bytes_total"], status["rate_bps"] or None,
+                              status["eta_s"], status["state"]))
+            if status["state"] in _FINAL or (deadline is not None and time.monotonic() >= deadline):
                 break
             wait_s = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             status = c.post(f"{path}/wait?timeout_s={wait_s:.2f}")
-            if bar is not None:
-                bar.update(task, total=max(1, status["bytes_total"]), completed=status["bytes_done"],
-                           rate=f"{human_size(int(status['rate_bps']))}/s")
-        if bar is not None:
-            bar.update(task, completed=status["bytes_done"] if status["state"] != "done" else status["bytes_total"])
-    finally:
-        if bar is not None:
-            bar.stop()
     if _json(a):
         _print_json(status)
     else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +27,7 @@ def add_snapshot_commands(noun: Noun, leaf: Leaf) -> None:
                    help="differential (copy-on-write, the default) or clone (a full copy filled in the background)")
     p.add_argument("--pool", metavar="NAME", help="pool for the preserved data (default: the LUN's, else 'default')")
     p.add_argument("--set", metavar="NAME", help="name the snapshot set")
+    p.add_argument("--wait", action="store_true", help="with --kind clone: wait until every clone is filled")
     p = leaf(snap, "list", _list, "list snapshots (of one LUN, or all)")
     p.add_argument("lun", nargs="?", metavar="LUN")
     p = leaf(snap, "show", _show, "show one snapshot")
@@ -77,7 +80,39 @@ def _create(c: Any, a: argparse.Namespace) -> int:
     r = c.post("/snapshots", body)
     names = ", ".join(s["name"] for s in r["snapshots"])
     what = f"snapshot set {r['set']}: " if r["set"] else ""
-    return _ok(a, r, f"{what}{names} ({a.kind}), writes held {r['hold_ms']:.2f} ms")
+    if not a.wait or a.kind != "clone":
+        return _ok(a, r, f"{what}{names} ({a.kind}), writes held {r['hold_ms']:.2f} ms")
+    as_json = bool(getattr(a, "json", False))
+    if not as_json:
+        print(f"{what}{names} ({a.kind}), writes held {r['hold_ms']:.2f} ms", flush=True)
+    r["snapshots"] = [_fill_wait(c, as_json, s) for s in r["snapshots"]]
+    if as_json:
+        _print_json(r)
+    bad = [s["name"] for s in r["snapshots"] if not (s["fill"] and s["fill"]["complete"])]
+    if bad:
+        print(f"lunsync: not filled: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    if not as_json:
+        print(f"filled: {names}")
+    return 0
+
+
+def _fill_wait(c: Any, as_json: bool, s: dict[str, Any]) -> dict[str, Any]:
+    """Follow one clone's fill until it is complete (or the snapshot turns invalid), showing its progress."""
+    from lunsync.provider.cli_progress import ProgressDisplay, Step
+
+    path = f"/snapshots/{_q(s['name'])}"
+    with ProgressDisplay(f"clone {s['name']}", enabled=not as_json) as shown:
+        while True:
+            fill = s["fill"] or {"done_chunks": 0, "complete": False, "rate_bps": None, "eta_s": None}
+            done = s["size_bytes"] if fill["complete"] else min(s["size_bytes"],
+                                                                 fill["done_chunks"] * s["chunk_size_bytes"])
+            state = "filled" if fill["complete"] else ("filling" if s["state"] == "valid" else s["state"])
+            shown.update(Step(done, s["size_bytes"], fill["rate_bps"], fill["eta_s"], state))
+            if fill["complete"] or s["state"] != "valid":
+                return s
+            time.sleep(0.5)
+            s = c.get(path)
 
 
 def _list(c: Any, a: argparse.Namespace) -> int:

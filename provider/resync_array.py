@@ -239,15 +239,19 @@ class ResyncCollector(Collector):
             for st in RecoveryState:
                 states.add_metric([rs.id, st.value], 1.0 if rs.state is st else 0.0)
         yield states
-        total = GaugeMetricFamily("lunsync_recovery_bytes_total", "Bytes a recovery set has to bring over.",
+        total = GaugeMetricFamily("lunsync_recovery_size_bytes", "Bytes a restore of one LUN has to bring over.",
                                   labels=["recovery", "lun"])
         copied = CounterMetricFamily("lunsync_recovery_bytes_copied", "Bytes the copier has moved to the destination.",
                                      labels=["recovery", "lun"])
         done = GaugeMetricFamily("lunsync_recovery_bytes_done",
                                  "Bytes of the destination that hold the snapshot's data (copied, overwritten or "
                                  "unmapped).", labels=["recovery", "lun"])
-        rate = GaugeMetricFamily("lunsync_recovery_copy_rate_bytes_per_second", "Copier throughput, smoothed.",
-                                 labels=["recovery", "lun"])
+        rate = GaugeMetricFamily("lunsync_recovery_copy_rate_bytes_per_second",
+                                 "Bytes done per second of wall-clock time over the last seconds (throttle included); "
+                                 "what recovery show reports.", labels=["recovery", "lun"])
+        eta = GaugeMetricFamily("lunsync_recovery_eta_seconds",
+                                "Seconds until the restore of one LUN is done at that rate (absent until measured).",
+                                labels=["recovery", "lun"])
         redirected = CounterMetricFamily("lunsync_recovery_redirected_reads",
                                          "Reads served from the snapshot because their region was not copied yet.",
                                          labels=["recovery", "lun"])
@@ -264,13 +268,15 @@ class ResyncCollector(Collector):
                 copied.add_metric(labels, prog.bytes_copied if prog else p.bytes_copied)
                 done.add_metric(labels, prog.bytes_done if prog else p.bytes_done)
                 rate.add_metric(labels, prog.rate_bps if prog else 0.0)
+                if prog is not None and prog.eta_s is not None:
+                    eta.add_metric(labels, prog.eta_s)
                 redirected.add_metric(labels, prog.redirected_reads if prog else p.redirected_reads)
                 if prog is not None and prog.foreground_latency_s is not None:
                     fg.add_metric([p.destination], prog.foreground_latency_s)
                     base = prog.throttle.get("baseline_latency_s")
                     if base is not None:
                         fg_base.add_metric([p.destination], base)
-        yield from (total, copied, done, rate, redirected, fg, fg_base)
+        yield from (total, copied, done, rate, eta, redirected, fg, fg_base)
 
 
 async def attach(array: Array, hooks: Mapping[str, HookConfig] | None = None

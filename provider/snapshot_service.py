@@ -29,6 +29,7 @@ from lunsync.snapshots.cow import ZERO, CowVolume, Origin, Pool, SnapshotView
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
 from lunsync.snapshots.fsutil import copy_range, zero_range
+from lunsync.snapshots.progress import RateWindow
 from lunsync.snapshots.resync import ResyncVolume
 from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
 from lunsync.target.scsi.lu import LogicalUnit
@@ -83,6 +84,7 @@ class SnapshotService:
         # closed when the snapshot is deleted: a descriptor per reader would leak, and keep a deleted clone's space.
         self.files: dict[int, FileBackend] = {}
         self.fill_progress: dict[int, tuple[int, int]] = {}  # clone id -> (chunks done, total)
+        self.fill_rates: dict[int, RateWindow] = {}  # clone id -> its fill's rate over wall-clock time
         self._pools: dict[int, Pool] = {}
         self._fills: dict[int, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
@@ -478,11 +480,22 @@ class SnapshotService:
 
     # --- clones ----------------------------------------------------------------------------------------------------
 
+    def fill_rate(self, rec: SnapshotRecord) -> tuple[float | None, float | None]:
+        """A filling clone's rate (bytes per second of wall-clock time) and ETA in seconds, as far as measured."""
+        window = self.fill_rates.get(rec.id)
+        if window is None:
+            return None, (0.0 if rec.filled else None)
+        done_chunks, _ = self.fill_progress.get(rec.id, (rec.filled_chunks, rec.total_chunks))
+        done, now = min(rec.size_bytes, done_chunks * rec.chunk_size_bytes), time.monotonic()
+        return window.rate_bps(now, done), window.eta_s(now, done, rec.size_bytes)
+
     def _clone_path(self, rec: SnapshotRecord) -> str:
         return os.path.join(self._pool_by_id(rec.pool_id).path, f"clone-{rec.id}.img")
 
     def _start_fill(self, rec: SnapshotRecord) -> None:
         self.fill_progress[rec.id] = (rec.filled_chunks, rec.total_chunks)
+        window = self.fill_rates[rec.id] = RateWindow()
+        window.add(time.monotonic(), rec.filled_chunks * rec.chunk_size_bytes)
         self._fills[rec.id] = asyncio.get_running_loop().create_task(self._fill(rec), name=f"fill-{rec.full_name}")
 
     async def _fill(self, rec: SnapshotRecord) -> None:
@@ -507,6 +520,7 @@ class SnapshotService:
                     await asyncio.to_thread(_copy_chunks, vol, fd, again, cs, size)
                 done = chunks.stop
                 self.fill_progress[rec.id] = (done, total)
+                self.fill_rates[rec.id].add(time.monotonic(), done * cs)
                 if time.monotonic() - last_commit >= FILL_COMMIT_INTERVAL_S or done == total:
                     await asyncio.to_thread(os.fdatasync, fd)
                     await asyncio.to_thread(self.cat.set_fill, rec.id, done, done == total)
@@ -525,6 +539,7 @@ class SnapshotService:
         finally:
             os.close(fd)
             self._fills.pop(rec.id, None)
+            self.fill_rates.pop(rec.id, None)
         log.info("clone %s filled (%d chunks); it no longer depends on %s", rec.full_name, total, rec.lun_name)
         # Independent now. First everything reading the clone switches to its own file: an exposure, and through the
         # view's redirect whoever else holds the view (a restore started while it filled). Only then does the origin

@@ -814,11 +814,13 @@ class RecoveryManager:
         pairs = []
         total = done = copied = redirected = 0
         rate = 0.0
+        etas: list[float | None] = []  # the pairs copy side by side: the set ends with its slowest
         for p in rs.pairs:
             prog = live.get(p.destination)
             if prog is not None:
                 self._apply_progress(p, prog)
                 rate += prog.rate_bps
+                etas.append(prog.eta_s)
             d = p.as_dict()
             if prog is not None:
                 d.update(rate_bps=round(prog.rate_bps, 1), eta_s=prog.eta_s, throttle=prog.throttle,
@@ -830,7 +832,9 @@ class RecoveryManager:
             copied += p.bytes_copied
             redirected += p.redirected_reads
         percent = 100.0 if rs.state is RecoveryState.DONE or total == 0 else round(100.0 * done / total, 2)
-        eta = round((total - done) / rate, 1) if rate > 0 else None
+        eta = None if not etas or None in etas else max(e for e in etas if e is not None)
+        if rs.state is RecoveryState.DONE:
+            eta = 0.0
         return {"id": rs.id, "state": rs.state.value, "percent": percent, "bytes_total": total, "bytes_done": done,
                 "bytes_copied": copied, "rate_bps": round(rate, 1), "eta_s": eta, "redirected_reads": redirected,
                 "pairs": pairs, "options": rs.options.as_dict(), "error": rs.error, "hooks": rs.hooks_run,

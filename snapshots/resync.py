@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 from lunsync.snapshots import fsutil
 from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
+from lunsync.snapshots.progress import RateWindow
 
 __all__ = [
     "AdaptiveThrottle",
@@ -433,7 +434,7 @@ class ResyncProgress:
     bytes_copied: int  # bytes the copier (and partial writes) moved
     regions_pending: int
     region_bytes: int
-    rate_bps: float  # copier throughput, smoothed
+    rate_bps: float  # bytes done per second of wall-clock time, over the last seconds (0 until measured)
     eta_s: float | None
     redirected_reads: int
     redirected_read_bytes: int
@@ -495,7 +496,9 @@ class ResyncVolume:
         self.redirected_reads = 0
         self.redirected_read_bytes = 0
         self.commits = 0
-        self._rate_bps = 0.0
+        # Rate and ETA from bytes done over wall-clock time: the throttle's sleeps count (see lunsync.snapshots.progress).
+        self._window = RateWindow()
+        self._window.add(clock(), max(0, bytes_total - min(bytes_total, bitmap.pending * region_bytes)))
         self.on_commit: Callable[[ResyncProgress], None] | None = None
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -907,9 +910,7 @@ class ResyncVolume:
                     self._release(mine, ok)
                 self.bytes_copied += moved
                 seconds = time.perf_counter() - t0
-                if seconds > 0 and moved:
-                    inst = moved / seconds
-                    self._rate_bps = inst if not self._rate_bps else 0.7 * self._rate_bps + 0.3 * inst
+                self._window.add(self._clock(), self._bytes_done())
                 if self._clock() - last_commit >= self.commit_interval_s and (
                         background is None or background.done()):
                     if background is not None:
@@ -1011,11 +1012,18 @@ class ResyncVolume:
             total += self._region_len(r, self._rb, self._src_blocks)
         return total * self._bs
 
-    def progress(self) -> ResyncProgress:
+    def _bytes_done(self) -> int:
         pending_bytes = min(self.bytes_total, self.bitmap.pending * self.region_bytes) if self.bitmap.pending else 0
-        done = max(0, self.bytes_total - pending_bytes)
-        rate = self._rate_bps if self.state is ResyncState.COPYING else 0.0
-        eta = round(pending_bytes / rate, 1) if rate > 0 else (0.0 if not pending_bytes else None)
+        return max(0, self.bytes_total - pending_bytes)
+
+    def progress(self) -> ResyncProgress:
+        done = self._bytes_done()
+        rate, eta = 0.0, (0.0 if done >= self.bytes_total else None)
+        if self.state is ResyncState.COPYING:
+            now = self._clock()
+            rate = self._window.rate_bps(now, done) or 0.0
+            left = self._window.eta_s(now, done, self.bytes_total)
+            eta = None if left is None else round(left, 1)
         return ResyncProgress(
             state=self.state, bytes_total=self.bytes_total, bytes_done=done, bytes_copied=self.bytes_copied,
             regions_pending=self.bitmap.pending, region_bytes=self.region_bytes, rate_bps=rate, eta_s=eta,
