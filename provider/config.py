@@ -476,6 +476,22 @@ class _Parser:
         return self.built(path, lambda: ChapConfig(**kw))
 
 
+def _toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"at line (\d+)", str(e))
+        raise ConfigError(f"invalid TOML: {e}", line=int(m[1]) if m else None, source=source) from None
+
+
+def _read_text(name: str) -> str:
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text: {e}", source=name) from None
+
+
 # --- restore hooks ---------------------------------------------------------------------------------------------------
 
 _HOOK_KEYS = ("command", "timeout_s")
@@ -504,11 +520,7 @@ def _hook_command(v: object) -> tuple[str, ...]:
 def parse_hooks(text: str, *, source: str = "<hooks>") -> dict[str, HookConfig]:
     """Parse a hook file (``[hook.NAME]`` tables with ``command`` and ``timeout_s``). Raises :class:`ConfigError`
     naming the file, line and key."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"at line (\d+)", str(e))
-        raise ConfigError(f"invalid TOML: {e}", line=int(m[1]) if m else None, source=source) from None
+    raw = _toml(text, source)
     parser = _Parser(source, text)
     parser.table(raw, (), ("hook",))
     hooks = parser.table(raw.get("hook", {}), ("hook",), tuple(raw.get("hook", {})))
@@ -535,22 +547,14 @@ def load_hooks(path: str | os.PathLike[str]) -> dict[str, HookConfig]:
                           source=name)
     if st.st_uid not in (0, os.geteuid()):
         raise ConfigError(f"is owned by uid {st.st_uid}, neither root nor this daemon's user", source=name)
-    try:
-        with open(name, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not UTF-8 text: {e}", source=name) from None
+    text = _read_text(name)
     return parse_hooks(text, source=name)
 
 
 def parse_config(text: str, *, source: str = "<config>") -> Config:
     """Parse the TOML text of a configuration. Raises :class:`ConfigError` naming the file, line and key; warns
     (:class:`ConfigWarning`) about legal but unwise settings."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"at line (\d+)", str(e))
-        raise ConfigError(f"invalid TOML: {e}", line=int(m[1]) if m else None, source=source) from None
+    raw = _toml(text, source)
     parser = _Parser(source, text)
     cfg = parser.config(raw)
     for path, msg in _warnings(cfg):
@@ -562,11 +566,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and parse a configuration file."""
     name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not UTF-8 text: {e}", source=name) from None
+    text = _read_text(name)
     return parse_config(text, source=name)
 
 

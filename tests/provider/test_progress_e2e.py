@@ -22,12 +22,18 @@ def metric(text: str, name: str, recovery: str) -> float | None:
     return None if m is None else float(m[1])
 
 
-def test_rate_and_eta_under_rate_are_measured_truths(api_daemon_factory: Callable[..., ApiDaemon]) -> None:
+def written_and_snapshotted(factory: Callable[..., ApiDaemon], size: int) -> ApiDaemon:
+    """A daemon whose demo LUN of ``size`` bytes is written through (every chunk real data) and snapshotted as s."""
     require_tools("qemu-io")
-    d = api_daemon_factory(demo_size="64MiB")
-    p = run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {64 * MIB}", d.url(0)])
+    d = factory(demo_size=str(size))
+    p = run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {size}", d.url(0)])
     assert p.returncode == 0, describe(p)
     d.cli("snapshot", "create", "demo0@s", check=True)
+    return d
+
+
+def test_rate_and_eta_under_rate_are_measured_truths(api_daemon_factory: Callable[..., ApiDaemon]) -> None:
+    d = written_and_snapshotted(api_daemon_factory, 64 * MIB)
     rid = d.cli_json("resync", "demo0@s", "--to", "lab", "--rate", str(RATE_MIB_S))["id"]
     http = d.http()
 
@@ -66,11 +72,7 @@ def test_rate_and_eta_under_rate_are_measured_truths(api_daemon_factory: Callabl
 
 
 def test_wait_forms_print_plain_progress_lines_off_a_terminal(api_daemon_factory: Callable[..., ApiDaemon]) -> None:
-    require_tools("qemu-io")
-    d = api_daemon_factory(demo_size="32MiB")
-    p = run(["qemu-io", "-f", "raw", "-c", f"write -P 0x6b 0 {32 * MIB}", d.url(0)])
-    assert p.returncode == 0, describe(p)
-    d.cli("snapshot", "create", "demo0@s", check=True)
+    d = written_and_snapshotted(api_daemon_factory, 32 * MIB)
     p = d.cli("resync", "demo0@s", "--to", "lab", "--rate", "8", "--wait", check=True)
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("recovery ")]
     assert len(lines) >= 2, p.stderr
