@@ -118,7 +118,13 @@ class _In(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    error: str
+    """The one error body of every route. ``code`` is a stable word for programs; the VSS provider routes
+    (``/v1/provider``) put the VSS error there and add its HRESULT."""
+
+    error: str = Field(description="what went wrong, in words, naming the object or argument")
+    code: str = Field(description="not_found, conflict, invalid, unauthorized, forbidden, too_large, unavailable, "
+                                  "internal; or, from /v1/provider, the VSS error (VSS_E_OBJECT_NOT_FOUND, ...)")
+    hresult: Annotated[str | None, Field(description="the VSS HRESULT, as 0x%08X (VSS provider routes only)")] = None
 
 
 class TargetIn(_In):
@@ -275,9 +281,18 @@ class ApiContext:
 # --- errors ----------------------------------------------------------------------------------------------------------
 
 
+# errno values that mean the storage under the daemon's state failed, not the request: 503, try again later.
+_STORAGE_FAULT_ERRNOS = (errno.EROFS, errno.EIO)
+
+
 def _status_of(exc: BaseException) -> int:
-    """The one place an exception becomes an HTTP status. Requests that cannot be carried out get a 4xx: a 5xx is
-    reserved for lunsync's own bugs."""
+    """The one place an exception becomes an HTTP status. Requests that cannot be carried out get a 4xx; a storage
+    fault under the data dir (read-only, full or failing) is a 503, since the same request succeeds once the file
+    system does; a 500 is reserved for lunsync's own bugs."""
+    if isinstance(exc, cat.CatalogUnavailable):
+        return 503
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_FAULT_ERRNOS:
+        return 503
     if isinstance(exc, cat.NotFound):
         return 404
     if isinstance(exc, (cat.AlreadyExists, cat.InUse, cat.CatalogLocked)):
@@ -289,8 +304,18 @@ def _status_of(exc: BaseException) -> int:
     return 400
 
 
+_CODES = {400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
+          413: "too_large", 422: "invalid", 429: "too_many_requests", 503: "unavailable"}
+# How long a client should wait before retrying a 503: a remount or a freed disk takes a person some seconds.
+RETRY_AFTER_S = 5
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """The :class:`ErrorOut` body with the status's code word."""
+    body = ErrorOut(error=message, code=_CODES.get(status, "internal" if status >= 500 else "invalid"))
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 # Union members appear in pydantic's error locations ("size.constrained-int"); they are not fields.
@@ -424,6 +449,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "no such object"},
     409: {"model": ErrorOut, "description": "conflicts with the current state (exists, in use, read-only, full)"},
     422: {"model": ErrorOut, "description": "the body or a parameter does not match the schema"},
+    503: {"model": ErrorOut, "description": "the data dir cannot be written now (read-only, full, failing); the "
+                                            "message carries the OS error and nothing was changed; retry later"},
 }
 
 TargetPath = Annotated[str, Path(max_length=223, pattern=ISCSI_NAME_PATTERN, description="target IQN")]
@@ -459,9 +486,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
             status = _status_of(exc)
             if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
                 message = f"{exc.filename}: {exc.strerror}"  # no "[Errno 2]": the words are the message
+                if status == 503:
+                    message += f" ({errno.errorcode.get(exc.errno or 0, '?')}); nothing was changed, retry later"
             else:
                 message = str(exc) or type(exc).__name__
-            log.info("API: %s %s -> %d: %s", request.method, request.url.path, status, message)
+            # A storage fault is the operator's to fix, and worth a warning; a refused request is the client's.
+            log.log(logging.WARNING if status == 503 else logging.INFO, "API: %s %s -> %d: %s", request.method,
+                    request.url.path, status, message)
             return _error(status, message)
 
     # -- status and portals --

@@ -477,6 +477,40 @@ def _backup(c: Any, a: argparse.Namespace) -> int:
     return _done(a, r, f"backup written to {r['dir']} (catalog schema {r['schema_version']}; pools: {pools})")
 
 
+# Exit statuses by class of failure, so scripts can tell "already gone" from "try again" (documented in the README).
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the request is invalid (400, 422), or a local file could not be read
+EXIT_USAGE = 2  # the command line is wrong (argparse's own status)
+EXIT_NOT_FOUND = 3  # 404: the object does not exist
+EXIT_CONFLICT = 4  # 409: it exists already, is in use, or its state forbids it
+EXIT_SERVER = 5  # 5xx: the daemon failed, or its storage did (503); retrying later may succeed
+EXIT_UNREACHABLE = 6  # no daemon answered, or it refused the token (401, 403)
+
+
+def exit_status(status: int | None, code: str) -> int:
+    """The exit status of a failed request, from its HTTP status (None: no answer) and code word."""
+    if status is None:
+        return EXIT_USAGE if code == "usage" else EXIT_UNREACHABLE
+    if status in (401, 403):
+        return EXIT_UNREACHABLE
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status == 409:
+        return EXIT_CONFLICT
+    if status >= 500:
+        return EXIT_SERVER
+    return EXIT_REFUSED
+
+
+def _fail(args: argparse.Namespace, message: str, rc: int, body: dict[str, Any] | None = None) -> int:
+    """Report a failure: one line on stderr, or under ``--json`` the error body on stdout (what a program parses)."""
+    if getattr(args, "json", False):
+        _print_json(body if body is not None else {"error": message, "code": "invalid"})
+    else:
+        print(f"lunsync: {message}", file=sys.stderr)
+    return rc
+
+
 def _run_client(args: argparse.Namespace) -> int:
     from lunsync.provider.client import Client, ClientError, Endpoint, find_token
 
@@ -487,11 +521,9 @@ def _run_client(args: argparse.Namespace) -> int:
             rc: int = args.handler(c, args)
             return rc
     except ClientError as e:
-        print(f"lunsync: {e}", file=sys.stderr)
-        return 1
+        return _fail(args, str(e), exit_status(e.status, e.code), e.as_dict())
     except (ValueError, OSError) as e:
-        print(f"lunsync: {e}", file=sys.stderr)
-        return 1
+        return _fail(args, str(e), EXIT_REFUSED)
     except KeyboardInterrupt:
         return 130
 

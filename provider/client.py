@@ -21,11 +21,25 @@ TOKEN_FILENAME = "api-token"
 
 
 class ClientError(Exception):
-    """A request that did not succeed. ``status`` is the HTTP status, or None when the API was not reached."""
+    """A request that did not succeed. ``status`` is the HTTP status, or None when the API was not reached; ``code``
+    is the error body's code word (``not_found``, ``conflict``, a VSS error, ...), or for failures before any answer
+    ``unreachable`` (no daemon there), ``auth`` (no usable token) or ``usage`` (a malformed address); ``body`` is the
+    API's error body as it came."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *, code: str | None = None,
+                 body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code or ("unreachable" if status is None else "error")
+        self.body = body
+
+    def as_dict(self) -> dict[str, Any]:
+        """The error as the CLI prints it under ``--json``: the API's body when there was one."""
+        out: dict[str, Any] = dict(self.body or {})
+        out.update(error=str(self), code=self.code)
+        if self.status is not None:
+            out["status"] = self.status
+        return out
 
 
 def find_token(token_file: str | None = None, data_dir: str | None = None) -> str:
@@ -44,11 +58,12 @@ def find_token(token_file: str | None = None, data_dir: str | None = None) -> st
         with open(token_file, encoding="ascii") as f:
             token = f.read().strip()
     except FileNotFoundError:
-        raise ClientError(f"no API token at {token_file}: {hint}") from None
+        raise ClientError(f"no API token at {token_file}: {hint}", code="auth") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ClientError(f"cannot read the API token {token_file}: {getattr(e, 'strerror', None) or e}") from None
+        raise ClientError(f"cannot read the API token {token_file}: {getattr(e, 'strerror', None) or e}",
+                          code="auth") from None
     if not token:
-        raise ClientError(f"{token_file} is empty: {hint}")
+        raise ClientError(f"{token_file} is empty: {hint}", code="auth")
     return token
 
 
@@ -66,12 +81,13 @@ class Endpoint:
             path = text[5:]
             path = path.removeprefix("//")
             if not path:
-                raise ClientError(f"bad API address {text!r}: unix: needs a socket path")
+                raise ClientError(f"bad API address {text!r}: unix: needs a socket path", code="usage")
             return cls("http://lunsync", path)
         if "://" not in text:
             text = "http://" + text  # "127.0.0.1:8080", as `serve --api` spells it
         if not text.startswith(("http://", "https://")):
-            raise ClientError(f"bad API address {text!r}: use http://HOST:PORT, https://HOST:PORT or unix:PATH")
+            raise ClientError(f"bad API address {text!r}: use http://HOST:PORT, https://HOST:PORT or unix:PATH",
+                              code="usage")
         return cls(text.rstrip("/"))
 
     def __str__(self) -> str:
@@ -88,7 +104,7 @@ class Client:
             try:
                 verify = ssl.create_default_context(cafile=cacert)
             except (OSError, ssl.SSLError) as e:
-                raise ClientError(f"cannot load CA certificate {cacert}: {e}") from None
+                raise ClientError(f"cannot load CA certificate {cacert}: {e}", code="usage") from None
         transport = httpx.HTTPTransport(uds=endpoint.uds, verify=verify) if endpoint.uds else None
         self.http = httpx.Client(base_url=endpoint.url, headers={"Authorization": f"Bearer {token}"},
                                  timeout=timeout_s, verify=verify, transport=transport)
@@ -119,12 +135,14 @@ class Client:
             body = None
         if r.is_success:
             return body
-        message = body.get("error") if isinstance(body, dict) else None
+        error_body = body if isinstance(body, dict) else None
+        message = error_body.get("error") if error_body else None
         if not isinstance(message, str):
             message = r.text.strip()[:200] or r.reason_phrase
         if r.status_code == 401:
             message += " (the token is in the daemon's <data-dir>/api-token)"
-        raise ClientError(message, r.status_code)
+        code = error_body.get("code") if error_body else None
+        raise ClientError(message, r.status_code, code=code if isinstance(code, str) else "error", body=error_body)
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None)

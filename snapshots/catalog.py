@@ -55,6 +55,7 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "CatalogLocked",
+    "CatalogUnavailable",
     "InUse",
     "Invalid",
     "LunRecord",
@@ -109,6 +110,16 @@ class Invalid(CatalogError, ValueError):
 
 class CatalogLocked(CatalogError):
     """Another process holds the data dir (only with ``exclusive=True``)."""
+
+
+class CatalogUnavailable(CatalogError):
+    """The storage under the catalog failed the transaction: the data dir is read-only, full, or failing (EROFS,
+    ENOSPC, EIO). Nothing was committed. The file system's own error is in ``os_error`` when a probe could find it;
+    the next transaction tries again, so the catalog works again once the file system does."""
+
+    def __init__(self, message: str, os_error: OSError | None = None) -> None:
+        super().__init__(message)
+        self.os_error = os_error
 
 
 # --- identity --------------------------------------------------------------------------------------------------------
@@ -519,12 +530,27 @@ class Catalog:
                 self._db.execute("COMMIT")
             except BaseException as e:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                    # A ROLLBACK on a failing disk may fail too; the error worth reporting is the first one.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.IntegrityError):
                     raise _translate(e) from e
+                if isinstance(e, sqlite3.OperationalError) and _is_storage_fault(e):
+                    raise self._unavailable(e) from e
                 raise
             finally:
                 self._depth = 0
+
+    def _unavailable(self, e: sqlite3.OperationalError) -> CatalogUnavailable:
+        """SQLite says only "disk I/O error" or "attempt to write a readonly database": ask the file system what is
+        wrong, so the message carries the OS error an operator can act on."""
+        os_error = probe_writable(self.data_dir, self.path)
+        if os_error is not None:
+            why = f"{os_error.filename}: {os_error.strerror} ({errno.errorcode.get(os_error.errno or 0, '?')})"
+        else:
+            why = str(e)
+        return CatalogUnavailable(f"the catalog cannot be written: {why}; nothing was changed, retry when the data "
+                                  f"dir is writable again", os_error)
 
     def _reserve_wal(self) -> None:
         """Extend the WAL with written zeros to more than it grows to between checkpoints, once, at open.
@@ -1161,6 +1187,45 @@ def _lun(row: sqlite3.Row) -> LunRecord:
         id=row["id"],
         owns_file=bool(row["owns_file"]),
     )
+
+
+# SQLite's primary result codes that mean the file system under the database failed, not the request.
+_STORAGE_FAULTS = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_FULL", "SQLITE_CANTOPEN")
+
+
+def _is_storage_fault(e: sqlite3.OperationalError) -> bool:
+    name = getattr(e, "sqlite_errorname", "") or ""
+    return name.startswith(_STORAGE_FAULTS)
+
+
+def probe_writable(directory: str, existing: str) -> OSError | None:
+    """The OS error that keeps ``directory`` from taking a durable write, or None when it takes one now.
+
+    Three probes, in the order a failure explains the others: reopen ``existing`` for writing (EROFS, EACCES),
+    write and fsync a new page-sized file (ENOSPC, EDQUOT, EIO), and read the first page of ``existing`` (EIO)."""
+    probe = os.path.join(directory, f".probe-{os.getpid()}")
+    where = existing
+    try:
+        os.close(os.open(existing, os.O_RDWR | os.O_CLOEXEC))
+        where = directory
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        where = existing
+        fd = os.open(existing, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        e.filename = where  # the probe file's own name would only confuse
+        return e
+    return None
 
 
 def _translate(e: sqlite3.IntegrityError) -> CatalogError:

@@ -361,8 +361,8 @@ def test_errors_are_json_objects_naming_the_problem(api_daemon: ApiDaemon) -> No
         assert broken.status_code == 422 and "json" in broken.json()["error"].lower()
         method = c.put("/v1/luns")
         assert method.status_code == 405 and "error" in method.json()
-        for r in (nowhere, broken, method):
-            assert set(r.json()) == {"error"}
+        for r, code in ((nowhere, "not_found"), (broken, "invalid"), (method, "invalid")):
+            assert set(r.json()) == {"error", "code"} and r.json()["code"] == code
 
 
 def test_apply_and_export_through_the_api(api_daemon: ApiDaemon) -> None:

@@ -57,7 +57,7 @@ def test_target_and_lun_lifecycle(api_daemon: ApiDaemon) -> None:
     assert (d.data_dir / "luns" / "flow0.img").stat().st_size == 128 * MIB
 
     p = d.cli("lun", "delete", "flow0")
-    assert p.returncode == 1 and "still mapped" in one_error_line(p.stderr)
+    assert p.returncode == 4 and "still mapped" in one_error_line(p.stderr)  # conflict
     d.cli("lun", "unmap", "flow0", "--target", t, check=True)
     d.cli("lun", "delete", "flow0", check=True)
     d.cli("target", "delete", t, check=True)
@@ -65,16 +65,17 @@ def test_target_and_lun_lifecycle(api_daemon: ApiDaemon) -> None:
     assert t not in names(d.cli_json("target", "list"), "iqn")
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (("lun", "delete", "nosuch"), "nosuch"),
-    (("lun", "resize", "demo0", "--size", "1MiB"), "cannot shrink"),
-    (("lun", "map", "demo0", "--target", "iqn.2026-11.io.lunsync:nosuch"), "does not exist"),
-    (("target", "create", "not-an-iqn"), "iqn"),
-    (("acl", "add", "--target", DEMO, "bad name"), "initiator"),
+@pytest.mark.parametrize(("args", "words", "rc"), [
+    (("lun", "delete", "nosuch"), "nosuch", 3),
+    (("lun", "resize", "demo0", "--size", "1MiB"), "cannot shrink", 1),
+    (("lun", "map", "demo0", "--target", "iqn.2026-11.io.lunsync:nosuch"), "does not exist", 3),
+    (("target", "create", "not-an-iqn"), "iqn", 1),
+    (("acl", "add", "--target", DEMO, "bad name"), "initiator", 1),
 ])
-def test_errors_are_one_clear_line_and_exit_1(api_daemon: ApiDaemon, args: tuple[str, ...], words: str) -> None:
+def test_errors_are_one_clear_line_and_exit_by_class(api_daemon: ApiDaemon, args: tuple[str, ...], words: str,
+                                                     rc: int) -> None:
     p = api_daemon.cli(*args)
-    assert p.returncode == 1, p
+    assert p.returncode == rc, p
     assert words in one_error_line(p.stderr).lower() or words in p.stderr
     assert p.stdout == ""
 
@@ -90,13 +91,13 @@ def test_size_syntax_is_checked_before_anything_is_sent(api_daemon: ApiDaemon) -
 
 def test_unreachable_api_and_missing_or_wrong_token(api_daemon: ApiDaemon, tmp_path: Path) -> None:
     p = api_daemon.cli("status", "--api", "http://127.0.0.1:1")
-    assert p.returncode == 1 and "cannot reach the API at http://127.0.0.1:1" in one_error_line(p.stderr)
+    assert p.returncode == 6 and "cannot reach the API at http://127.0.0.1:1" in one_error_line(p.stderr)
     p = api_daemon.cli("status", env={"LUNSYNC_DATA_DIR": str(tmp_path)})
-    assert p.returncode == 1 and "no API token" in one_error_line(p.stderr) and str(tmp_path) in p.stderr
+    assert p.returncode == 6 and "no API token" in one_error_line(p.stderr) and str(tmp_path) in p.stderr
     bad = tmp_path / "bad-token"
     bad.write_text("wrong\n")
     p = api_daemon.cli("status", "--token-file", str(bad))
-    assert p.returncode == 1 and "bearer token" in one_error_line(p.stderr)
+    assert p.returncode == 6 and "bearer token" in one_error_line(p.stderr)
 
 
 def test_token_sources(api_daemon: ApiDaemon, tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_session_list_and_logout(api_daemon: ApiDaemon) -> None:
         assert f"session {tsih} logged out" in api_daemon.cli("session", "logout", str(tsih), check=True).stdout
         assert ri.is_closed(timeout=3)
     p = api_daemon.cli("session", "logout", str(tsih))
-    assert p.returncode == 1 and f"no session with TSIH {tsih}" in one_error_line(p.stderr)
+    assert p.returncode == 3 and f"no session with TSIH {tsih}" in one_error_line(p.stderr)
 
 
 CONFIG = """
@@ -240,7 +241,7 @@ def test_api_on_a_unix_socket(api_daemon_factory: Callable[..., ApiDaemon], tmp_
     st = d.cli_json("status")
     assert st["api"] == f"unix:{sock}" and st["luns"] == 1
     p = d.cli("status", env={"LUNSYNC_TOKEN": "wrong"})
-    assert p.returncode == 1 and "bearer token" in p.stderr
+    assert p.returncode == 6 and "bearer token" in p.stderr
 
 
 def test_api_over_tls(api_daemon_factory: Callable[..., ApiDaemon], tmp_path: Path) -> None:
@@ -256,6 +257,15 @@ def test_api_over_tls(api_daemon_factory: Callable[..., ApiDaemon], tmp_path: Pa
     st = d.cli_json("status", "--api", https, "--cacert", str(cert))
     assert st["api"] == https
     p = d.cli("status", "--api", https)
-    assert p.returncode == 1 and "--cacert" in one_error_line(p.stderr)
+    assert p.returncode == 6 and "--cacert" in one_error_line(p.stderr)
     p = d.cli("status", "--api", f"http://127.0.0.1:{d.api_port}")
-    assert p.returncode == 1, "plain HTTP must not reach a TLS API"
+    assert p.returncode == 6, "plain HTTP must not reach a TLS API"
+
+
+def test_under_json_errors_are_json_too(api_daemon: ApiDaemon) -> None:
+    p = api_daemon.cli("lun", "delete", "nosuch", "--json")
+    assert p.returncode == 3, p
+    err = json.loads(p.stdout)
+    assert err["code"] == "not_found" and err["status"] == 404 and "nosuch" in err["error"]
+    p = api_daemon.cli("status", "--json", "--api", "http://127.0.0.1:1")
+    assert p.returncode == 6 and json.loads(p.stdout)["code"] == "unreachable"
