@@ -503,9 +503,11 @@ def exit_status(status: int | None, code: str) -> int:
 
 
 def _fail(args: argparse.Namespace, message: str, rc: int, body: dict[str, Any] | None = None) -> int:
-    """Report a failure: one line on stderr, or under ``--json`` the error body on stdout (what a program parses)."""
+    """Report a failure on stderr: one line, or under ``--json`` the error body as one JSON line, so stdout holds only
+    results and a program can parse either stream."""
     if getattr(args, "json", False):
-        _print_json(body if body is not None else {"error": message, "code": "invalid"})
+        print(json.dumps(body if body is not None else {"error": message, "code": "invalid"}, sort_keys=True),
+              file=sys.stderr)
     else:
         print(f"lunsync: {message}", file=sys.stderr)
     return rc

@@ -264,8 +264,8 @@ def test_api_over_tls(api_daemon_factory: Callable[..., ApiDaemon], tmp_path: Pa
 
 def test_under_json_errors_are_json_too(api_daemon: ApiDaemon) -> None:
     p = api_daemon.cli("lun", "delete", "nosuch", "--json")
-    assert p.returncode == 3, p
-    err = json.loads(p.stdout)
+    assert p.returncode == 3 and p.stdout == "", p
+    err = json.loads(p.stderr)
     assert err["code"] == "not_found" and err["status"] == 404 and "nosuch" in err["error"]
     p = api_daemon.cli("status", "--json", "--api", "http://127.0.0.1:1")
-    assert p.returncode == 6 and json.loads(p.stdout)["code"] == "unreachable"
+    assert p.returncode == 6 and json.loads(p.stderr)["code"] == "unreachable"
