@@ -158,6 +158,8 @@ class TargetOut(BaseModel):
 class LunIn(_In):
     name: LunName
     size: Size
+    backend: Literal["file", "block"] | None = Field(
+        None, description="where the LUN lives: a regular file, or a raw block device (default: block for a /dev/ path)")
     path: str | None = Field(None, min_length=1, max_length=4096,
                              description="backing file or block device; relative paths are inside the data dir")
     block_size: Literal[512, 4096] = 512
@@ -172,6 +174,7 @@ class LunMappingOut(BaseModel):
 
 class LunOut(BaseModel):
     name: str
+    backend: str
     path: str
     size_bytes: int
     size: str
@@ -402,7 +405,7 @@ class TokenAuth:
 
 def _lun_out(array: Array, rec: cat.LunRecord) -> LunOut:
     maps = array.catalog.lun_mappings(rec.name)
-    return LunOut(name=rec.name, path=rec.path, size_bytes=rec.size_bytes, size=format_size(rec.size_bytes),
+    return LunOut(name=rec.name, backend=rec.backend, path=rec.path, size_bytes=rec.size_bytes, size=format_size(rec.size_bytes),
                   block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only, naa=rec.naa, serial=rec.serial,
                   mappings=[LunMappingOut(target=iqn, lun=n) for iqn, n in maps])
 
@@ -598,7 +601,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @v1.post("/luns", response_model=LunOut, status_code=201, summary="create a LUN and its backing file")
     async def create_lun(body: LunIn) -> LunOut:
         rec = await array.create_lun(body.name, _size(body.size), path=body.path, block_size=body.block_size,
-                                     thin=body.thin, read_only=body.read_only)
+                                     thin=body.thin, read_only=body.read_only, backend=body.backend or "")
         return _lun_out(array, rec)
 
     @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN")

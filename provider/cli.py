@@ -100,6 +100,8 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p = leaf(lun, "create", _lun_create, "create a LUN and its backing file")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", required=True, type=_size, metavar="SIZE", help="e.g. 256MiB, 10GiB, 1TiB, 512M or bytes")
+    p.add_argument("--backend", choices=("file", "block"),
+                   help="a regular file or a raw block device (default: block for a /dev/ path, else file)")
     p.add_argument("--path", help="backing file or block device (default <data-dir>/luns/NAME.img)")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--thick", action="store_true", help="allocate every block now instead of a sparse file")
@@ -277,7 +279,7 @@ def _target_delete(c: Any, a: argparse.Namespace) -> int:
 def _lun_rows(luns: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for lun in luns:
-        flags = ["thin" if lun["thin"] else "thick"] + (["ro"] if lun["read_only"] else [])
+        flags = [lun["backend"], "thin" if lun["thin"] else "thick"] + (["ro"] if lun["read_only"] else [])
         maps = ", ".join(f"{m['target']} lun {m['lun']}" for m in lun["mappings"]) or "-"
         rows.append([lun["name"], human_size(lun["size_bytes"]), str(lun["block_size"]), ",".join(flags), maps,
                      lun["serial"], lun["path"]])
@@ -290,6 +292,8 @@ _LUN_COLUMNS = ["Name", "Size", "Block", "Type", "Mapped on", "Serial", "Path"]
 def _lun_create(c: Any, a: argparse.Namespace) -> int:
     body = {"name": a.name, "size": a.size, "block_size": a.block_size, "thin": not a.thick,
             "read_only": a.read_only}
+    if a.backend:
+        body["backend"] = a.backend
     if a.path:
         # Relative paths on the command line are the user's working dir, not the daemon's data dir.
         body["path"] = os.path.abspath(a.path)

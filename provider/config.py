@@ -17,8 +17,10 @@ bottom layer the catalog and the SCSI layer share; they are re-exported here for
 
     [[lun]]                                    # one table per LUN
     name = "db0"                               # [A-Za-z0-9][A-Za-z0-9._-]{0,63}, no ".."; unique
+    backend = "file"                           # optional: "file" (a regular file) or "block" (a raw block
+                                               #   device); default "block" for a /dev/... path, else "file"
     path = "luns/db0.img"                      # optional; relative to the data dir (no ".."); default
-                                               #   luns/<name>.img; an absolute /dev/... path is a block device
+                                               #   luns/<name>.img; a block device by its absolute path
     size = "10GiB"                             # required; integer bytes or "<number><unit>", see parse_size();
                                                #   a multiple of block_size
     block_size = 512                           # 512 or 4096
@@ -78,6 +80,7 @@ from lunsync.snapshots.model import (
     TargetConfig,
     check_advertise_list,
     check_alias,
+    check_backend,
     check_block_size,
     check_bool,
     check_chap_secret,
@@ -336,7 +339,7 @@ class _KeyLines:
 # --- parsing ---------------------------------------------------------------------------------------------------------
 
 _PORTAL_KEYS = ("listen", "advertise", "nop_interval_s", "nop_timeout_s", "login_timeout_s", "max_sessions")
-_LUN_KEYS = ("name", "path", "size", "block_size", "thin", "read_only", "chunk_size", "naa", "serial")
+_LUN_KEYS = ("name", "backend", "path", "size", "block_size", "thin", "read_only", "chunk_size", "naa", "serial")
 _TARGET_KEYS = ("iqn", "alias", "acl", "luns", "chap")
 _MAPPING_KEYS = ("lun", "name")
 _CHAP_KEYS = ("user", "secret", "mutual_user", "mutual_secret")
@@ -421,6 +424,7 @@ class _Parser:
             "size_bytes": self.get(t, path, "size", check_size),
         }
         for key, attr, check in (
+            ("backend", "backend", check_backend),
             ("path", "path", check_lun_path),
             ("block_size", "block_size", check_block_size),
             ("thin", "thin", check_bool),
@@ -621,6 +625,7 @@ def dump_config(cfg: Config) -> str:
             "",
             "[[lun]]",
             f"name = {_q(lun.name)}",
+            f"backend = {_q(lun.backend)}",
             f"path = {_q(lun.path)}",
             f"size = {_size_value(lun.size_bytes)}",
             f"block_size = {lun.block_size}",

@@ -28,7 +28,7 @@ from lunsync.provider.backing_paths import BackingIndex, real_lun_path, removabl
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
 from lunsync.provider.name_locks import NameLocks, by_name
 from lunsync.provider.snapshot_service import SnapshotService
-from lunsync.snapshots.backend import FileBackend, open_backend
+from lunsync.snapshots.backend import FileBackend, StoreSpec, open_store
 from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import OutOfSpace, StorageError
@@ -129,23 +129,21 @@ class Array:
                         format_size(have), format_size(rec.size_bytes))
             self.catalog.resize_lun(rec.name, have)
 
+    def _store(self, rec: LunRecord) -> StoreSpec:
+        return StoreSpec(self.catalog.lun_path(rec), rec.size_bytes, rec.block_size, rec.thin, rec.read_only)
+
     async def open_lun(self, name: str) -> LiveLun:
         rec = self.catalog.get_lun(name)
-        path = self.catalog.lun_path(rec)
-        device: BlockDevice
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            # Creating a thick LUN allocates every block: never on the loop.
-            device = await asyncio.to_thread(FileBackend.create, path, rec.size_bytes, rec.block_size, rec.thin,
-                                             rec.read_only)
-        else:
-            device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
+        store = self._store(rec)
+        # The backend the LUN's configuration names; opening may create (a thick file allocates every block) or
+        # reach a cluster: never on the loop.
+        device = await asyncio.to_thread(open_store, rec.backend, store)
         pr_dir = os.path.join(self.data_dir, "pr")
         os.makedirs(pr_dir, mode=0o700, exist_ok=True)
         lu = LogicalUnit(self._cow(rec, device), lun_identity(rec), aptpl_path=os.path.join(pr_dir, f"{rec.name}.json"), name=name)
         live = LiveLun(name, device, lu)
         self.luns[name] = live
-        self.backing.add(name, path)
+        self.backing.add(name, store.path)
         return live
 
     def check_backing_path(self, name: str, path: str | None) -> None:
@@ -207,14 +205,14 @@ class Array:
 
     @by_name(lambda _, name, *__, **___: (name,))
     async def create_lun(self, name: str, size_bytes: int, *, path: str | None = None, block_size: int = 512,
-                         thin: bool = True, read_only: bool = False) -> LunRecord:
+                         thin: bool = True, read_only: bool = False, backend: str = "") -> LunRecord:
         """Record the LUN, then create (or adopt) its backing store. An existing file or device is served as it is
         only when its size is the requested one; otherwise nothing is left behind."""
         self.check_backing_path(name, path)
         rec = self.catalog.create_lun(name, size_bytes, path=path, block_size=block_size, thin=thin,
-                                      read_only=read_only)
+                                      read_only=read_only, backend=backend)
         try:
-            if not thin and not os.path.exists(self.catalog.lun_path(rec)):
+            if rec.backend == "file" and not thin and not os.path.exists(self.catalog.lun_path(rec)):
                 _check_space(self.catalog.lun_path(rec), size_bytes)
             live = await self.open_lun(rec.name)
             have = live.device.num_blocks * live.device.block_size
@@ -227,9 +225,9 @@ class Array:
                 await dropped.device.close()
             self.catalog.delete_lun(rec.name)
             raise
-        log.info("lun %s created: %s, block size %d, %s%s at %s", rec.name, format_size(rec.size_bytes),
+        log.info("lun %s created: %s, block size %d, %s%s, %s backend at %s", rec.name, format_size(rec.size_bytes),
                  rec.block_size, "thin" if rec.thin else "thick", ", read-only" if rec.read_only else "",
-                 self.catalog.lun_path(rec))
+                 rec.backend, self.catalog.lun_path(rec))
         return rec
 
     @by_name(lambda _, name, *__, **___: (name,))
@@ -371,8 +369,7 @@ class Array:
                 continue
             dev = live.device
             if dev.read_only != rec.read_only or dev.thin != rec.thin:
-                path = self.catalog.lun_path(rec)
-                live.device = open_backend(path, block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only)
+                live.device = await asyncio.to_thread(open_store, rec.backend, self._store(rec))
                 live.lu.device = self._cow(rec, live.device)
                 await dev.close()
             if live.device.num_blocks < rec.num_blocks:

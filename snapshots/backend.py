@@ -1,11 +1,12 @@
 """The backing stores: where a LUN's bytes live on the host.
 
 This module owns the two concrete :class:`~lunsync.snapshots.device.BlockDevice` implementations, a LUN kept in a
-regular (sparse or fully allocated) file and a LUN on a raw block device, plus :func:`open_backend`, which picks one
-by the kind of path. Its OSErrors become the storage error family through :mod:`lunsync.snapshots.fsutil`, the one
-mapping. The hot path stays on the event loop while the page cache can serve it: reads try ``preadv(RWF_NOWAIT)`` inline and only go
-to a thread on a cache miss, writes are ``pwritev`` into the page cache, and everything that waits for a disk
-(fdatasync, hole punching, allocation, resize) runs in the default executor. Each backend keeps plain integer
+regular (sparse or fully allocated) file and a LUN on a raw block device, and the registry of backends by name
+(``file``, ``block``; :func:`register_backend`), through which :func:`open_store` opens the store a LUN's
+configuration names. Its OSErrors become the storage error family through :mod:`lunsync.snapshots.fsutil`, the one
+mapping. The hot path stays on the event loop while the page cache can serve it: reads try ``preadv(RWF_NOWAIT)``
+inline and only go to a thread on a cache miss, writes are ``pwritev`` into the page cache, and everything that
+waits for a disk (fdatasync, hole punching, allocation, resize) runs in the default executor. Each backend keeps plain integer
 counters that a metrics collector samples; nothing here talks to Prometheus.
 
 Read buffers: every :meth:`read` returns a fresh ``bytearray`` that the caller owns outright. The backend keeps no
@@ -25,14 +26,24 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lunsync.snapshots import fsutil
-from lunsync.snapshots.device import Buffer, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import open_error, pread_full, pwrite_full, storage_error
 
-__all__ = ["BlockDevBackend", "FileBackend", "Unsupported", "open_backend"]
+__all__ = [
+    "BlockDevBackend",
+    "FileBackend",
+    "Opener",
+    "StoreSpec",
+    "Unsupported",
+    "open_store",
+    "register_backend",
+    "registered_backends",
+]
 
 _T = TypeVar("_T")
 
@@ -366,7 +377,7 @@ class FileBackend(_FdBackend):
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{name} is not a regular file; use open_backend for block devices")
+                raise ValueError(f"{name} is not a regular file (a block device is a LUN with backend 'block')")
             _check_geometry(st.st_size, block_size)
         except BaseException:
             os.close(fd)
@@ -496,15 +507,59 @@ class BlockDevBackend(_FdBackend):
         raise Unsupported(f"{self.path} is a block device; resize it at its source and reopen")
 
 
-def open_backend(
-    path: str | os.PathLike[str], block_size: int = 512, thin: bool = True, read_only: bool = False
-) -> FileBackend | BlockDevBackend:
-    """Open ``path`` as a block-device backend if it is one, else as a file backend."""
-    name = os.fspath(path)
+# --- the registry: backends by the name a LUN's configuration gives ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """What a backend needs to open (or create) one LUN's store: the catalog's record, resolved. ``path`` is
+    absolute for the ``file`` and ``block`` backends."""
+
+    path: str
+    size_bytes: int
+    block_size: int = 512
+    thin: bool = True
+    read_only: bool = False
+
+
+# Opens the store a spec describes, creating it when the backend owns creation (a missing LUN file). Blocking (it may
+# allocate a thick file, or talk to a cluster): the daemon calls it from a thread.
+Opener = Callable[[StoreSpec], BlockDevice]
+_BACKENDS: dict[str, Opener] = {}
+
+
+def register_backend(name: str, opener: Opener) -> None:
+    """Make ``name`` (a name in :data:`lunsync.snapshots.model.BACKENDS`) open stores with ``opener``."""
+    if name in _BACKENDS:
+        raise ValueError(f"backend {name!r} is already registered")
+    _BACKENDS[name] = opener
+
+
+def registered_backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def open_store(backend: str, spec: StoreSpec) -> BlockDevice:
+    """Open ``spec`` with the backend its LUN's configuration names. A store that is not of that kind (a directory
+    or a device given to ``file``, a regular file given to ``block``) is refused, never reinterpreted. Blocking."""
     try:
-        mode = os.stat(name).st_mode
-    except OSError as exc:
-        raise open_error(exc, name) from exc
-    if stat.S_ISBLK(mode):
-        return BlockDevBackend.open(name, block_size, thin, read_only)
-    return FileBackend.open(name, block_size, thin, read_only)
+        opener = _BACKENDS[backend]
+    except KeyError:
+        raise StorageError(f"no backend {backend!r} in this lunsync (known: {', '.join(_BACKENDS)})") from None
+    return opener(spec)
+
+
+def _open_file(spec: StoreSpec) -> BlockDevice:
+    # A missing file is created (that is what ``lun create`` asks for); an existing one is adopted as it is.
+    if not os.path.lexists(spec.path):
+        os.makedirs(os.path.dirname(spec.path), mode=0o700, exist_ok=True)
+        return FileBackend.create(spec.path, spec.size_bytes, spec.block_size, spec.thin, spec.read_only)
+    return FileBackend.open(spec.path, spec.block_size, spec.thin, spec.read_only)
+
+
+def _open_block(spec: StoreSpec) -> BlockDevice:
+    return BlockDevBackend.open(spec.path, spec.block_size, spec.thin, spec.read_only)
+
+
+register_backend("file", _open_file)
+register_backend("block", _open_block)

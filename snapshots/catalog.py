@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -159,6 +160,7 @@ class LunRecord:
     serial: str
     created_at: dt.datetime = field(compare=False)
     id: int = field(compare=False)
+    backend: str = "file"  # a name in lunsync.snapshots.model.BACKENDS
     # lunsync created the backing file (it did not exist when the LUN was recorded), so deleting the LUN removes it
     owns_file: bool = field(default=False, compare=False)
 
@@ -182,6 +184,7 @@ class LunRecord:
             chunk_size_bytes=self.chunk_size_bytes,
             naa=self.naa,
             serial=self.serial,
+            backend=self.backend,
         )
 
 
@@ -392,11 +395,28 @@ def _schema_v4_file_ownership(db: sqlite3.Connection) -> None:
     db.execute("UPDATE luns SET owns_file = 1 WHERE substr(path, 1, 1) != '/'")
 
 
+def _schema_v5_backends(db: sqlite3.Connection) -> None:
+    # Each LUN names its backend (lunsync.snapshots.model.BACKENDS) instead of the daemon guessing it with stat at
+    # every open. Existing LUNs are classified once, here: a path that is a block device now is "block", everything
+    # else (a file, or a path that is gone: it is recreated as a file) is "file". Relative paths are inside the data
+    # dir, which is where this database lives.
+    db.execute("ALTER TABLE luns ADD COLUMN backend TEXT NOT NULL DEFAULT 'file' CHECK (backend != '')")
+    main = next(r for r in db.execute("PRAGMA database_list") if r[1] == "main")
+    data_dir = os.path.dirname(main[2])
+    for lun_id, path in db.execute("SELECT id, path FROM luns").fetchall():
+        try:
+            is_block = stat.S_ISBLK(os.stat(os.path.join(data_dir, path)).st_mode)
+        except OSError:
+            is_block = False
+        if is_block:
+            db.execute("UPDATE luns SET backend = 'block' WHERE id = ?", (lun_id,))
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
 MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery,
-                                     _schema_v4_file_ownership)
+                                     _schema_v4_file_ownership, _schema_v5_backends)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -763,10 +783,11 @@ class Catalog:
         chunk_size_bytes: int = 64 << 10,
         naa: str | None = None,
         serial: str | None = None,
+        backend: str = "",
     ) -> LunRecord:
         """Record a new LUN and give it its identity, generated here once and never changed (unless ``naa``/``serial``
-        pin it, as an export does). ``path`` defaults to ``luns/<name>.img`` in the data dir. The backing file is the
-        caller's to create. Raises :class:`AlreadyExists` (name, path or identity taken), :class:`Invalid`."""
+        pin it, as an export does). ``path`` defaults to ``luns/<name>.img`` in the data dir; ``backend`` to
+        :func:`~lunsync.snapshots.model.default_backend` of the path. The backing store is the caller's to create. Raises :class:`AlreadyExists` (name, path or identity taken), :class:`Invalid`."""
         try:
             cfg = LunConfig(
                 name=name,
@@ -778,6 +799,7 @@ class Catalog:
                 chunk_size_bytes=chunk_size_bytes,
                 naa=naa,
                 serial=serial,
+                backend=backend,
             )
         except ConfigError as e:
             raise Invalid(f"lun {name!r}: {_why(e)}") from None
@@ -811,8 +833,8 @@ class Catalog:
                 raise AlreadyExists(f"lun {cfg.name!r}: {column} {value} already belongs to lun {row[0]!r}")
         db.execute(
             """INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa, serial,
-                                 created_at, owns_file)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                 created_at, owns_file, backend)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 cfg.name,
                 cfg.path,
@@ -825,6 +847,7 @@ class Catalog:
                 serial,
                 _now_iso(self._clock()),
                 int(not os.path.lexists(where)),
+                cfg.backend,
             ),
         )
         return _lun(self._lun_row(cfg.name))
@@ -1051,7 +1074,8 @@ class Catalog:
         """Make the catalog equal to ``config``: create, change and remove (this is declarative: what the config does
         not name is removed) portals, LUNs, targets, mappings, ACLs and CHAP, in one transaction. Applying the same
         config twice gives an empty plan the second time. With ``dry_run`` nothing is changed and the plan says what
-        would be. Raises :class:`Invalid` (shrinking a LUN, changing its path, block size, chunk size or identity)
+        would be. Raises :class:`Invalid` (shrinking a LUN, changing its backend, path, block size, chunk size or
+        identity)
         and the other catalog errors, having changed nothing."""
         steps: list[PlanStep] = []
         try:
@@ -1070,7 +1094,7 @@ class Catalog:
             have = current_luns.get(want.name)
             if have is None:
                 continue
-            for attr in ("path", "block_size", "chunk_size_bytes", "naa", "serial"):
+            for attr in ("backend", "path", "block_size", "chunk_size_bytes", "naa", "serial"):
                 wanted, held = getattr(want, attr), getattr(have, attr)
                 if wanted is not None and wanted != held:
                     raise Invalid(
@@ -1183,6 +1207,7 @@ def _lun(row: sqlite3.Row) -> LunRecord:
         chunk_size_bytes=row["chunk_size_bytes"],
         naa=row["naa"],
         serial=row["serial"],
+        backend=row["backend"],
         created_at=dt.datetime.fromisoformat(row["created_at"]),
         id=row["id"],
         owns_file=bool(row["owns_file"]),
@@ -1244,6 +1269,8 @@ def _b(value: bool) -> str:
 
 def _describe_lun(lun: LunConfig) -> str:
     extras = []
+    if lun.backend != "file":
+        extras.append(f"{lun.backend} backend")
     if not lun.thin:
         extras.append("thick")
     if lun.read_only:

@@ -201,6 +201,25 @@ def check_lun_path(v: object) -> str:
     return norm
 
 
+# The backing stores a LUN may live on, by the name its configuration gives (lunsync.snapshots.backend registers an
+# implementation under each). "file": a regular file, sparse when thin; "block": a raw block device, named by its
+# absolute path.
+BACKENDS = ("file", "block")
+
+
+def default_backend(path: str) -> str:
+    """The backend of a LUN whose configuration names none: ``block`` for a path under ``/dev/``, else ``file``.
+    A rule on the configured text, so the choice is the configuration's and never a guess from what is on disk."""
+    return "block" if path.startswith("/dev/") else "file"
+
+
+def check_backend(v: object) -> str:
+    s = check_str(v)
+    if s not in BACKENDS:
+        raise ValueError(f"unknown backend {s!r}: expected one of {', '.join(BACKENDS)}")
+    return s
+
+
 def check_block_size(v: object) -> int:
     if isinstance(v, bool) or v not in (512, 4096):
         raise ValueError(f"must be 512 or 4096, not {v!r}")
@@ -440,9 +459,10 @@ class PortalConfig:
 
 @dataclass(frozen=True, slots=True)
 class LunConfig:
-    """One logical unit and its backing store. ``path`` is relative to the data dir unless absolute; an empty
-    ``path`` means :func:`default_lun_path`. ``naa``/``serial`` pin the identity (export writes them); absent, the
-    catalog generates one when it creates the LUN."""
+    """One logical unit and its backing store. ``backend`` names the kind of store (:data:`BACKENDS`; empty means
+    :func:`default_backend` of the path). ``path`` is relative to the data dir unless absolute; an empty ``path``
+    means :func:`default_lun_path`. ``naa``/``serial`` pin the identity (export writes them); absent, the catalog
+    generates one when it creates the LUN."""
 
     name: str
     size_bytes: int
@@ -453,13 +473,19 @@ class LunConfig:
     chunk_size_bytes: int = 64 << 10
     naa: str | None = None
     serial: str | None = None
+    backend: str = ""
 
     def __post_init__(self) -> None:
         name = _freeze(self, "name", check_lun_name, ("lun",))
         ctx: KeyPath = (f"lun[{name!r}]",)
         if self.path == "":
             object.__setattr__(self, "path", default_lun_path(name))
-        _freeze(self, "path", check_lun_path, ctx)
+        path = _freeze(self, "path", check_lun_path, ctx)
+        if self.backend == "":
+            object.__setattr__(self, "backend", default_backend(path))
+        backend = _freeze(self, "backend", check_backend, ctx)
+        if backend == "block" and not os.path.isabs(path):
+            raise ConfigError(f"a block device is named by its absolute path, not {path!r}", path=(*ctx, "path"))
         _freeze(self, "size_bytes", check_size, ctx)
         _freeze(self, "block_size", check_block_size, ctx)
         _freeze(self, "thin", check_bool, ctx)

@@ -187,6 +187,21 @@ def test_bad_lun_requests_name_the_problem(api_daemon: ApiDaemon, body: dict[str
     assert not (api_daemon.data_dir / "luns" / "bad0.img").exists()
 
 
+def test_a_lun_is_served_only_by_the_backend_it_names(api_daemon: ApiDaemon, tmp_path: os.PathLike[str]) -> None:
+    plain = os.path.join(tmp_path, "plain.img")
+    with open(plain, "wb") as f:
+        f.truncate(8 * MIB)
+    with api_daemon.http() as c:
+        r = c.post("/v1/luns", json={"name": "blk0", "size": "8MiB", "backend": "block", "path": plain})
+        assert r.status_code == 400 and "not a block device" in r.json()["error"], r.text
+        assert c.get("/v1/luns/blk0").status_code == 404, "a refused create leaves nothing behind"
+        r = c.post("/v1/luns", json={"name": "blk0", "size": "8MiB", "backend": "tape"})
+        assert r.status_code == 422 and "backend" in r.json()["error"], r.text
+        r = c.post("/v1/luns", json={"name": "file0", "size": "8MiB", "path": plain})
+        assert r.status_code == 201 and r.json()["backend"] == "file", r.text
+        assert c.delete("/v1/luns/file0").status_code == 204
+
+
 def test_duplicate_lun_is_a_conflict(api_daemon: ApiDaemon) -> None:
     with api_daemon.http() as c:
         assert c.post("/v1/luns", json={"name": "dup0", "size": "8MiB"}).status_code == 201

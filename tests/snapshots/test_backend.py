@@ -16,9 +16,17 @@ from typing import Any, TypeVar
 
 import pytest
 from lunsync.snapshots import fsutil
-from lunsync.snapshots.backend import BlockDevBackend, FileBackend, Unsupported, open_backend
+from lunsync.snapshots.backend import (
+    BlockDevBackend,
+    FileBackend,
+    StoreSpec,
+    Unsupported,
+    open_store,
+    registered_backends,
+)
 from lunsync.snapshots.device import BlockDevice, LbaExtent
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
+from lunsync.snapshots.model import BACKENDS
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -868,13 +876,26 @@ def test_close_flushes_and_then_refuses_io(tmp_path: Path, monkeypatch: pytest.M
 # --- block devices ----------------------------------------------------------------------------------------------
 
 
-def test_open_backend_picks_the_file_backend(tmp_path: Path) -> None:
-    run(make(tmp_path).close())
-    dev = open_backend(tmp_path / "lun.img", 512, True, False)
+def test_open_store_opens_what_the_configuration_names(tmp_path: Path) -> None:
+    assert set(registered_backends()) >= set(BACKENDS)
+    spec = StoreSpec(str(tmp_path / "luns" / "lun.img"), MiB)
+    dev = open_store("file", spec)  # missing: the file backend creates it
+    assert type(dev) is FileBackend and dev.num_blocks == MiB // 512
+    run(dev.close())
+    dev = open_store("file", spec)  # present: adopted as it is
     assert type(dev) is FileBackend
     run(dev.close())
-    with pytest.raises(NotReady):
-        open_backend(tmp_path / "missing.img")
+    with pytest.raises(StorageError, match="no backend 'tape'"):
+        open_store("tape", spec)
+
+
+def test_a_backend_refuses_a_store_of_another_kind(tmp_path: Path) -> None:
+    # No guessing from what is on disk: a regular file is not a block device, and a directory is not a LUN file.
+    run(make(tmp_path).close())
+    with pytest.raises(ValueError, match="not a block device"):
+        open_store("block", StoreSpec(str(tmp_path / "lun.img"), MiB))
+    with pytest.raises(StorageError, match="Is a directory"):
+        open_store("file", StoreSpec(str(tmp_path), MiB))
 
 
 @pytest.fixture
@@ -900,7 +921,7 @@ def test_block_device_round_trip(loop_device: tuple[Path, str], block_size: int)
     image, device = loop_device
 
     async def main() -> None:
-        dev = open_backend(device, block_size, True, False)
+        dev = open_store("block", StoreSpec(device, 8 * MiB, block_size))
         assert type(dev) is BlockDevBackend and isinstance(dev, BlockDevice)
         assert dev.num_blocks == 8 * MiB // block_size
         await dev.write(3, pattern(4 * block_size), fua=True)
@@ -917,6 +938,12 @@ def test_block_device_round_trip(loop_device: tuple[Path, str], block_size: int)
     with open(image, "rb") as f:  # FUA reached the backing file, not just the device's page cache
         f.seek(3 * block_size)
         assert f.read(4 * block_size) == pattern(4 * block_size)
+
+
+def test_a_block_device_is_not_served_as_a_file(loop_device: tuple[Path, str]) -> None:
+    _, device = loop_device
+    with pytest.raises(ValueError, match="backend 'block'"):
+        open_store("file", StoreSpec(device, 8 * MiB))
 
 
 def test_block_device_is_opened_exclusively(loop_device: tuple[Path, str]) -> None:

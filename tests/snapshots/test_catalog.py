@@ -682,3 +682,44 @@ def test_creating_the_nth_lun_costs_what_the_tenth_did(cat: Catalog) -> None:
     # still refused: the same file under another spelling
     with pytest.raises(AlreadyExists, match="already used by lun 'tenth'"):
         cat.create_lun("again", 1 << 20, path="luns/tenth.img")
+
+
+# --- backends ------------------------------------------------------------------------------------------------------
+
+
+def test_a_lun_keeps_the_backend_its_configuration_names(cat: Catalog) -> None:
+    assert cat.create_lun("f", GiB).backend == "file"
+    assert cat.create_lun("b", GiB, path="/dev/disk/by-id/x").backend == "block"  # the default for /dev/ paths
+    with pytest.raises(Invalid, match="absolute path"):
+        cat.create_lun("rel", GiB, path="disks/x", backend="block")
+    with pytest.raises(Invalid, match="unknown backend"):
+        cat.create_lun("bad", GiB, backend="tape")
+    cfg = cat.export()
+    assert [lun.backend for lun in cfg.luns] == ["file", "block"]
+    with pytest.raises(Invalid, match="backend is fixed"):
+        cat.apply(replace(cfg, luns=(replace(cfg.luns[0], backend="block", path="/dev/sdz"), cfg.luns[1])))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a block device node needs root")
+def test_the_migration_classifies_existing_luns_once(data_dir: Path, tmp_path: Path) -> None:
+    # A catalog from before LUNs named their backend: a file LUN, a LUN on a block device (a device node made here;
+    # nothing opens it) and a LUN whose file is gone.
+    node = tmp_path / "blockdev"
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(7, 200))
+    data_dir.mkdir()
+    (data_dir / "luns").mkdir()
+    (data_dir / "luns" / "a.img").write_bytes(b"")
+    before = catalog.MIGRATIONS.index(catalog._schema_v5_backends)
+    db = sqlite3.connect(data_dir / "catalog.db", isolation_level=None)
+    db.execute("PRAGMA foreign_keys = ON")
+    for migration in catalog.MIGRATIONS[:before]:
+        migration(db)
+    for i, (name, path) in enumerate((("a", "luns/a.img"), ("b", str(node)), ("gone", "luns/gone.img"))):
+        db.execute("INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa, "
+                   "serial, created_at) VALUES (?, ?, ?, 512, 1, 0, 65536, ?, ?, '2026-11-01T00:00:00Z')",
+                   (name, path, GiB, f"6{i:031x}", f"SERIAL{i}"))
+    db.execute(f"PRAGMA user_version = {before}")
+    db.close()
+    with Catalog(data_dir) as c:
+        assert {r.name: r.backend for r in c.list_luns()} == {"a": "file", "b": "block", "gone": "file"}
+        assert c.integrity_check() == []
