@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
@@ -245,6 +246,8 @@ class StatusOut(BaseModel):
     portals: list[str]
     api: str
     metrics: str | None
+    attention: list[str] = Field(default_factory=list,
+                                 description="problems an operator must look at (a read-only pool, with its error)")
 
 
 class ApplyIn(_In):
@@ -304,6 +307,9 @@ def _status_of(exc: BaseException) -> int:
         return 409
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EBUSY, errno.EEXIST):
         return 409
+    if isinstance(exc, sqlite3.Error):
+        # Not lunsync's bug but the storage under its metadata: 507 when SQLite says it is full, else 503.
+        return 507 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL else 503
     return 400
 
 
@@ -483,7 +489,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> Response:
         return _error(exc.status, str(exc))
 
-    for family in (cat.CatalogError, ConfigError, StorageError, ValueError, TypeError, OSError):
+    for family in (cat.CatalogError, ConfigError, StorageError, ValueError, TypeError, OSError, sqlite3.Error):
         @app.exception_handler(family)
         async def refused(request: Request, exc: Exception) -> Response:
             status = _status_of(exc)
@@ -507,6 +513,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             targets=len(array.catalog.list_targets()), luns=len(array.luns), sessions=len(ctx.server.sessions),
             connections=ctx.server.counters.connections, portals=[p.text() for p in array.directory.portals],
             api=ctx.api_address, metrics=ctx.metrics_address,
+            attention=array.snapshots.attention() if array.snapshots is not None else [],
         )
 
     @v1.get("/portals", response_model=list[PortalOut], summary="the iSCSI portals the daemon listens on")

@@ -435,6 +435,7 @@ def _status(c: Any, a: argparse.Namespace) -> int:
             ["data dir", st["data_dir"]], ["portals", ", ".join(st["portals"]) or "-"], ["api", st["api"]],
             ["metrics", st["metrics"] or "off"], ["targets", str(st["targets"])], ["luns", str(st["luns"])],
             ["sessions", str(st["sessions"])], ["connections", str(st["connections"])]]
+    rows += [["attention", line] for line in st.get("attention", [])]
     _table(None, ["", ""], rows)
     return 0
 

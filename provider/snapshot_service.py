@@ -143,6 +143,30 @@ class SnapshotService:
         return {"capacity_bytes": capacity, "used_bytes": used, "free_bytes": p.free_bytes,
                 "copy_bytes": p.used_bytes}
 
+    async def _retry_degraded(self, which: Sequence[int | None]) -> None:
+        """Let read-only pools among ``which`` (pool ids) try their checkpoints again, so a snapshot taken once
+        space is back is valid (on the catalog thread: the checkpoints are durable SQLite commits)."""
+        for p_id, p in list(self._pools.items()):
+            if p.degraded is not None and p_id in which:
+                await self._catalog_thread(p.retry_checkpoints)
+
+    def attention(self) -> list[str]:
+        """What an operator must look at: pools that take no new copies and LUNs whose pool could not be opened,
+        each with the snapshots concerned and the error as it was met."""
+        out = []
+        by_pool: dict[int, list[str]] = {}
+        for rec in self.cat.list_snapshots():
+            if rec.pool_id is not None:
+                by_pool.setdefault(rec.pool_id, []).append(rec.full_name)
+        for pool_id, p in sorted(self._pools.items()):
+            if p.degraded is not None:
+                snaps = ", ".join(by_pool.get(pool_id, [])) or "none"
+                out.append(f"pool {p.name} is read-only ({p.degraded}); free space there. Snapshots in it: {snaps}")
+        for name, vol in sorted(self.volumes.items()):
+            if vol.pool_unavailable is not None:
+                out.append(f"lun {name}: {vol.pool_unavailable}; its snapshots cannot be read")
+        return out
+
     # --- LUNs come and go ------------------------------------------------------------------------------------------
 
     def wrap(self, rec: LunRecord, backend: BlockDevice) -> CowVolume:
@@ -261,6 +285,7 @@ class SnapshotService:
                     raise InUse(f"lun {plan.lun_name!r} is being restored (resync in progress); snapshot it once "
                                 "the restore is done")
             vols = [self.volumes[p.lun_name] for p in plans]
+            await self._retry_degraded([plan.pool.id for plan in plans])
             for plan, vol in zip(plans, vols, strict=True):
                 p = self.pool(plan.pool)
                 if vol.pool is not p:
@@ -387,6 +412,7 @@ class SnapshotService:
                     pass
             self.counters.snapshots_deleted += 1
             log.info("snapshot %s deleted (%d preserved chunk(s) freed)", rec.full_name, freed)
+            await self._retry_degraded([rec.pool_id])
             return rec
 
     def space_bytes(self, rec: SnapshotRecord) -> int:

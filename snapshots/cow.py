@@ -197,6 +197,8 @@ class Pool:
             raise
         self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
         self._logs: dict[int, _MapLog] = {}
+        # Why the pool takes no new copies (its map log cannot be checkpointed); None once a checkpoint succeeds.
+        self.degraded: str | None = None
 
     def _create_tables(self) -> None:
         self._db.execute(
@@ -239,9 +241,16 @@ class Pool:
                                  (lun_id, log_.gen + 1, log_.gen + 1))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         log_.reset(log_.gen + 1)
+        self.degraded = None
+
+    def _rollback(self) -> None:
+        # SQLite rolls a transaction back by itself on SQLITE_FULL and SQLITE_IOERR; a ROLLBACK then fails with "no
+        # transaction is active", and that error would hide the real one.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def checkpoint(self, lun_id: int) -> None:
         """Fold ``lun_id``'s map log into pool.db now (it happens by itself every LOG_CHECKPOINT_RECORDS). Blocking."""
@@ -250,14 +259,38 @@ class Pool:
             if log_.rows or log_.stale_tail:
                 self._checkpoint(lun_id, log_)
 
+    def retry_checkpoints(self) -> bool:
+        """A read-only pool tries its checkpoints again (space may have come back); True once it takes copies again.
+        Blocking."""
+        for lun_id in list(self._logs):
+            try:
+                self.checkpoint(lun_id)
+            except (OSError, sqlite3.Error) as exc:
+                self.degraded = f"cannot checkpoint lun {lun_id}'s map log into {POOL_DB}: {exc}"
+                return False
+        self.degraded = None
+        log.info("pool %s takes copies again: its map logs are checkpointed", self.name)
+        return True
+
     def load(self, lun_id: int) -> list[tuple[int, int, int]]:
         """Every ``(chunk, epoch, slot)`` of ``lun_id`` (slot ``ZERO`` for a hole), by chunk then epoch. Replays and
         checkpoints the map log first."""
-        self.checkpoint(lun_id)
+        pending: list[tuple[int, int, int]] = []
+        try:
+            self.checkpoint(lun_id)
+        except (OSError, sqlite3.Error) as exc:
+            # A full pool (or a failing one) cannot fold the log in; the log is intact and its records are read from
+            # memory instead. The pool takes no new copies until a checkpoint succeeds (see reserve).
+            self.degraded = f"cannot checkpoint lun {lun_id}'s map log into {POOL_DB}: {exc}"
+            log.error("pool %s is read-only: %s", self.name, self.degraded)
+            pending = list(self._log(lun_id).rows)
         with self._lock:
-            return list(self._db.execute(
+            rows = list(self._db.execute(
                 "SELECT chunk, epoch, slot FROM copies WHERE lun_id = ? UNION ALL "
                 f"SELECT chunk, epoch, {ZERO} FROM zero_copies WHERE lun_id = ? ORDER BY 1, 2", (lun_id, lun_id)))
+        if pending:
+            rows = sorted(set(rows) | set(pending), key=lambda r: (r[0], r[1]))
+        return rows
 
     def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int]]) -> None:
         """Record ``(chunk, epoch, slot)`` rows durably (one append and fdatasync of the map log; the slots' data
@@ -288,7 +321,7 @@ class Pool:
                                              [(lun_id, c, e) for c, e in rows])
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
 
     def drop_lun(self, lun_id: int) -> None:
@@ -328,6 +361,8 @@ class Pool:
 
     def reserve(self, need: int) -> None:
         """Refuse a new slot that would take the pool past its cap (ENOSPC from the filesystem is caught later)."""
+        if self.degraded is not None:
+            raise OutOfSpace(f"pool {self.name} is read-only: {self.degraded}")
         if self.capacity_bytes is not None and self.used_bytes + need > self.capacity_bytes:
             raise OutOfSpace(f"pool {self.name} is full ({self.used_bytes} of {self.capacity_bytes} bytes used)")
 
@@ -518,8 +553,27 @@ class CowVolume:
     def _free_now(self, garbage: list[tuple[int, int, int]]) -> None:
         """Forget copies (durably first), then make their slots reusable and give the space back. Blocking."""
         assert self._pool is not None
-        self._pool.forget(self.lun_id, [(c, e) for c, e, _ in garbage])
+        try:
+            self._pool.forget(self.lun_id, [(c, e) for c, e, _ in garbage])
+        except (OSError, sqlite3.Error) as exc:
+            self._give_back_unrecorded(garbage, exc)
+            return
         self._release_slots(garbage)
+
+    def _give_back_unrecorded(self, garbage: list[tuple[int, int, int]], exc: BaseException) -> None:
+        """The pool could not record that these copies are gone (it is full, typically): give their space back
+        anyway, since no live snapshot reads them, but never reuse their slots, whose old map rows may still be in
+        pool.db (a new copy there would be shadowed by them); the next open frees them for good."""
+        for chunk, e, slot in garbage:
+            cl = self._copies.get(chunk)
+            if cl is not None:
+                cl.remove((e, slot))
+                if not cl:
+                    del self._copies[chunk]
+            if slot != ZERO:
+                punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+        log.warning("lun %s: %d unneeded copies freed, but pool %s could not record it (%s); their slots stay unused "
+                    "until it reopens", self.name, len(garbage), self._pool.name if self._pool else "?", exc)
 
     def _release_slots(self, garbage: list[tuple[int, int, int]]) -> None:
         for chunk, e, slot in garbage:
@@ -612,7 +666,11 @@ class CowVolume:
         self._drop(epoch)
         garbage = self._unneeded()
         if garbage and self._pool is not None:
-            await asyncio.to_thread(self._pool.forget, self.lun_id, [(c, e) for c, e, _ in garbage])
+            try:
+                await asyncio.to_thread(self._pool.forget, self.lun_id, [(c, e) for c, e, _ in garbage])
+            except (OSError, sqlite3.Error) as exc:
+                self._give_back_unrecorded(garbage, exc)
+                return len(garbage)
             self._release_slots(garbage)
         return len(garbage)
 
@@ -826,6 +884,11 @@ class CowVolume:
                         failed[c] = errors[c]
                     if slot not in kept:  # failed, or the chunk was a hole and needed no slot
                         self._free_slots.append(slot)
+                        if c in errors:  # what a failed copy wrote is mapped by nothing: give the space back
+                            try:
+                                punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+                            except OSError:
+                                pass  # a failing pool keeps the blocks; the slot is reused all the same
                 self._free_slots.sort(reverse=True)
                 self._account()
         if failed:
