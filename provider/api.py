@@ -308,8 +308,7 @@ def _status_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EBUSY, errno.EEXIST):
         return 409
     if isinstance(exc, sqlite3.Error):
-        # Not lunsync's bug but the storage under its metadata: 507 when SQLite says it is full, else 503.
-        return 507 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL else 503
+        return 503  # the storage under a pool's metadata (full, failing), not lunsync's bug
     return 400
 
 

@@ -564,26 +564,24 @@ class CowVolume:
         """The pool could not record that these copies are gone (it is full, typically): give their space back
         anyway, since no live snapshot reads them, but never reuse their slots, whose old map rows may still be in
         pool.db (a new copy there would be shadowed by them); the next open frees them for good."""
-        for chunk, e, slot in garbage:
-            cl = self._copies.get(chunk)
-            if cl is not None:
-                cl.remove((e, slot))
-                if not cl:
-                    del self._copies[chunk]
+        self._drop_copies(garbage)
+        for _, _, slot in garbage:
             if slot != ZERO:
                 punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
         log.warning("lun %s: %d unneeded copies freed, but pool %s could not record it (%s); their slots stay unused "
                     "until it reopens", self.name, len(garbage), self._pool.name if self._pool else "?", exc)
 
-    def _release_slots(self, garbage: list[tuple[int, int, int]]) -> None:
+    def _drop_copies(self, garbage: list[tuple[int, int, int]]) -> None:
         for chunk, e, slot in garbage:
             cl = self._copies.get(chunk)
             if cl is not None:
                 cl.remove((e, slot))
                 if not cl:
                     del self._copies[chunk]
-            if slot != ZERO:
-                self._free_slots.append(slot)
+
+    def _release_slots(self, garbage: list[tuple[int, int, int]]) -> None:
+        self._drop_copies(garbage)
+        self._free_slots.extend(slot for _, _, slot in garbage if slot != ZERO)
         if not self._copies:
             # Nothing preserved any more: give the whole file back.
             self._free_slots.clear()
