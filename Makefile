@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark fuse3
+DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus systemd fuse3
 SHARED ?= ../shared
 N ?= 100000
 

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api", metavar="HOST:PORT|unix:PATH",
                    help="management API address (default 127.0.0.1:8080; 'off' disables it)")
     s.add_argument("--metrics", metavar="HOST:PORT",
-                   help="Prometheus /metrics address (default 127.0.0.1:9100; 'off' disables it)")
+                   help="Prometheus /metrics address (default 127.0.0.1:9476; 'off' disables it)")
     s.add_argument("--api-tls-cert", metavar="FILE", help="serve the API over TLS with this certificate (PEM)")
     s.add_argument("--api-tls-key", metavar="FILE", help="the private key of --api-tls-cert (PEM)")
     s.add_argument("--api-max-body", type=_size, default=1 << 20, metavar="SIZE",

@@ -48,7 +48,10 @@ DEMO_IQN = "iqn.2026-11.io.lunsync:demo"
 DEMO_LUN = "demo0"
 DEFAULT_LISTEN = "127.0.0.1:3260"
 DEFAULT_API = "127.0.0.1:8080"
-DEFAULT_METRICS = "127.0.0.1:9100"
+# Not 9100, node_exporter's, which most hosts already run; Prometheus' exporter range 9100-9999 is fully allocated
+# on paper, and 9476 is not a port any exporter commonly found beside a storage array uses.
+METRICS_PORT = 9476
+DEFAULT_METRICS = f"127.0.0.1:{METRICS_PORT}"
 
 
 def parse_hostport(text: str, default_port: int = 3260) -> tuple[str, int]:
@@ -495,7 +498,8 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
     if opts.metrics != "off":
 
         def luns() -> list[LunInfo]:
-            return [LunInfo(n, live.device.num_blocks * live.device.block_size) for n, live in array.luns.items()]
+            return [LunInfo(n, live.device.num_blocks * live.device.block_size,
+                             bool(getattr(live.device, "flush_failed", False))) for n, live in array.luns.items()]
 
         try:
             if opts.metrics.startswith("unix:"):
@@ -503,8 +507,7 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
             registry = build_registry(server, counters, luns)
             registry.register(SnapshotCollector(lambda: array.snapshots))
             register_metrics(registry, array)  # restores (recovery sets) in progress
-            m = await HttpServer.start("metrics", metrics_app(registry), opts.metrics,
-                                       9100)
+            m = await HttpServer.start("metrics", metrics_app(registry), opts.metrics, METRICS_PORT)
             running.append(m)
             ctx.metrics_address = status_metrics = m.address + "/metrics"
         except OSError as e:

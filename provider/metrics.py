@@ -52,6 +52,7 @@ class LunInfo:
 
     name: str
     size_bytes: int
+    flush_failed: bool = False  # the backend's fdatasync failed: sticky, every later flush fails (until reopened)
 
 
 class LunsyncCollector(Collector):
@@ -82,6 +83,9 @@ class LunsyncCollector(Collector):
                                         "SCSI command service time inside the target, per LUN and operation.",
                                         labels=["lun", "op"])
         capacity = GaugeMetricFamily("lunsync_lun_capacity_bytes", "Capacity of each LUN.", labels=["lun"])
+        flush_failed = GaugeMetricFamily("lunsync_lun_flush_failed",
+                                         "1 once a LUN's fdatasync has failed: every later flush fails too, and "
+                                         "writes acknowledged before it may be lost.", labels=["lun"])
         for lun in live:
             s = stats.lun(lun.name)
             reads.add_metric([lun.name], s.io.reads)
@@ -89,10 +93,11 @@ class LunsyncCollector(Collector):
             read_bytes.add_metric([lun.name], s.io.read_bytes)
             write_bytes.add_metric([lun.name], s.io.write_bytes)
             capacity.add_metric([lun.name], lun.size_bytes)
+            flush_failed.add_metric([lun.name], 1.0 if lun.flush_failed else 0.0)
             for op, op_name in enumerate(OP_NAMES):
                 buckets, _count, total_s = s.histogram(op)
                 latency.add_metric([lun.name, op_name], [(_le(b), n) for b, n in buckets], total_s)
-        yield from (reads, writes, read_bytes, write_bytes, latency, capacity)
+        yield from (reads, writes, read_bytes, write_bytes, latency, capacity, flush_failed)
 
         sessions = GaugeMetricFamily("lunsync_sessions", "iSCSI sessions in full feature phase (normal and discovery).")
         sessions.add_metric([], len(self.server.sessions))

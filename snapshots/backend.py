@@ -226,6 +226,11 @@ class _FdBackend:
         # Shielded so that one cancelled waiter does not cancel the sync the others are waiting for.
         await asyncio.shield(waiting)
 
+    @property
+    def flush_failed(self) -> bool:
+        """Whether an fdatasync has failed: then every later flush fails too (sticky), until the LUN is reopened."""
+        return self._flush_error is not None
+
     def _flush_failure(self) -> StorageError:
         assert self._flush_error is not None
         return storage_error(

@@ -78,7 +78,7 @@ def test_unit_is_type_notify_and_its_command_line_parses() -> None:
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve" and args.data_dir == "/var/lib/lunsync"
     assert args.config is None, "a declarative config applied at every start would undo API changes"
-    assert args.listen == ["0.0.0.0:3260"] and args.api == "127.0.0.1:8080" and args.metrics == "127.0.0.1:9100"
+    assert args.listen == ["0.0.0.0:3260"] and args.api == "127.0.0.1:8080" and args.metrics == "127.0.0.1:9476"
     assert int(u["Service"]["TimeoutStopSec"]) >= 30
 
 
@@ -103,7 +103,7 @@ def test_container_entrypoint_parses() -> None:
     args = build_parser().parse_args([*entry, *cmd][1:])
     assert args.command == "serve" and args.listen == ["0.0.0.0:3260"]
     exposed = set(re.findall(r"(\d+)/tcp", text))
-    assert {"3260", "8080", "9100"} <= exposed
+    assert {"3260", "8080", "9476"} <= exposed
     assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE), "the container must not run as root"
 
 
@@ -138,4 +138,4 @@ def test_dashboard_and_scrape_config_match_the_daemon(api_daemon: ApiDaemon) -> 
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "lunsync")
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9100"]  # the daemon's default --metrics
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9476"]  # the daemon's default --metrics

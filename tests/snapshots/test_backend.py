@@ -547,9 +547,12 @@ def test_failed_sync_stays_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     async def main() -> None:
         dev = make(tmp_path)
         await dev.write(0, bytes(512))
+        await dev.flush()
+        assert not dev.flush_failed
         monkeypatch.setattr(os, "fdatasync", eio)
         results = await asyncio.gather(dev.flush(), dev.flush(), return_exceptions=True)
         assert all(isinstance(r, MediumError) and r.write for r in results)
+        assert dev.flush_failed  # what lunsync_lun_flush_failed reports
         monkeypatch.undo()
         # The kernel would now report success for pages it may have dropped; the device must not.
         with pytest.raises(MediumError):
