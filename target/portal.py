@@ -172,7 +172,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.close()
 
     def _pump_events(self, conn: cx.Connection) -> None:
-        while conn.events:
+        box = conn.box
+        while box.events:
             for ev in conn.take_events():
                 if isinstance(ev, cx.Execute):
                     self._execute(ev.task)

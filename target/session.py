@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from lunsync.target.connection import sn_le, sn_lt
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import Nexus, TmfFunction
+from lunsync.target.sequencing import sn_le, sn_lt
 
 log = logging.getLogger("lunsync.iscsi")
 
