@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
                    help="iSCSI portal (repeatable; IPv6 as [::1]:3260); default 127.0.0.1:3260")
     s.add_argument("--config", metavar="FILE", help="TOML file applied to the catalog at start")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="least severe log records written (default info)")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines, or one JSON object per line: time, level, logger, message (default text)")
     s.add_argument("--hooks", metavar="FILE",
                    help="TOML file of named restore hooks ([hook.NAME] command = [...]); the only commands a restore "
                         "can run")
@@ -545,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                                    demo_size=args.demo_size, api=args.api or daemon.DEFAULT_API,
                                    metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
                                    api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body,
-                                   hooks=args.hooks)
+                                   hooks=args.hooks, log_level=args.log_level, log_format=args.log_format)
         from lunsync.snapshots.catalog import CatalogError
 
         try:

@@ -470,6 +470,8 @@ class ServeOptions:
     api_tls_cert: str | None = None
     api_tls_key: str | None = None
     api_max_body_bytes: int = 1 << 20
+    log_level: str = "info"  # debug, info, warning, error
+    log_format: str = "text"  # text, or json: one object per line
     hooks: str | None = None  # the hook file: named restore hooks, the only commands a restore can run
 
 
@@ -623,8 +625,9 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 def run(opts: ServeOptions) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lunsync.provider import logs
+
+    logs.configure(opts.log_level, opts.log_format)
     keep_io_buffers_on_the_heap()
     # The event loop holds the GIL while initiators keep it busy; a thread that finished its fdatasync, copy or
     # catalog statement then waits for the interpreter's switch interval (5 ms by default) before it may go on, once
