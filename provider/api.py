@@ -103,7 +103,13 @@ _PATTERN_MEANS: dict[str, str] = {
                         "iqn.2026-11.io.lunsync:demo), eui. + 16 hex digits, or naa. + 16 or 32 hex digits",
     SIZE_PATTERN: "not a size: write bytes or a number with a binary unit, e.g. 512MiB, 10GiB, 1TiB, 512M "
                   "(KB/MB/GB are ambiguous)",
-    LUN_NAME_PATTERN: "not a LUN name: 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+    LUN_NAME_PATTERN: "not a valid name: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or "
+                      "digit",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@[A-Za-z0-9][A-Za-z0-9._-]{0,63}$":
+        "not a snapshot name: write LUN@SNAP, each side 1-64 characters from A-Z a-z 0-9 . _ -, starting with a "
+        "letter or digit",
+    r"^[A-Za-z0-9_-]+$": "not an id: use letters, digits, _ and -",
+    r"^/": "not an absolute path: start it with /",
 }
 Size = Annotated[
     Annotated[StrictInt, Field(ge=512, le=MAX_SIZE_BYTES, multiple_of=512)]
@@ -334,7 +340,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
     """One line naming each offending field once, in words."""
     parts: dict[str, str] = {}
     for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "path", "query")]
         tag = loc[-1] if loc and loc[-1] in _UNION_TAGS else None
         if tag is not None:
             loc = loc[:-1]
@@ -342,11 +348,16 @@ def _describe_validation(exc: RequestValidationError) -> str:
             # Report the union member the client was aiming at: a number's multiple-of error, a string's syntax.
             if (isinstance(value, str) and tag.endswith("int")) or (isinstance(value, int) and tag.endswith("str")):
                 continue
-        field_name = ".".join(loc) or "body"
+        # snapshots[0], not snapshots.0: the argument as a person would point at it.
+        field_name = "".join(f"[{x}]" if x.isdigit() and i else (f".{x}" if i else x) for i, x in enumerate(loc)) \
+            or "body"
         msg = str(err.get("msg", "invalid"))
         if err.get("type") == "string_pattern_mismatch":
             pattern = str((err.get("ctx") or {}).get("pattern", ""))
-            msg = _PATTERN_MEANS.get(pattern, "has the wrong syntax")
+            msg = _PATTERN_MEANS.get(pattern, f"does not match {pattern}")
+            value = err.get("input")
+            if isinstance(value, str):  # a name, never a secret: secrets have no pattern
+                field_name += f" {value[:80]!r}"
         parts.setdefault(field_name, f"{field_name}: {msg}")
         if len(parts) == 5:
             break

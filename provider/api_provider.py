@@ -2,8 +2,8 @@
 sets under ``/v1/recovery``.
 
 This module owns those routes and their request models, and the translation of a
-:class:`~lunsync.provider.vss.VssError` into a 4xx whose body names the VSS error (``{"error", "code",
-"hresult"}``). LUNs travel as the JSON form of VDS_LUN_INFORMATION. It is mounted by
+:class:`~lunsync.provider.vss.VssError` into a 4xx: under ``/v1/provider`` its body names the VSS error
+(``{"error", "code", "hresult"}``), under ``/v1/recovery`` it is the API's plain ``{"error", "code"}``. LUNs travel as the JSON form of VDS_LUN_INFORMATION. It is mounted by
 :func:`lunsync.provider.api.create_app`; everything it does goes through the array's
 :class:`~lunsync.provider.vss.RecoveryManager` and :class:`~lunsync.provider.vss.HardwareProvider` (built by
 :func:`lunsync.provider.resync_array.attach`).
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from lunsync.provider.api import _ERRORS, ApiError
+from lunsync.provider.api import _ERRORS, ApiError, _error
 from lunsync.provider.vss import (
     HardwareProvider,
     LunInformation,
@@ -130,7 +130,8 @@ def _infos(items: list[dict[str, Any]]) -> list[LunInformation]:
 
 
 def _vss(fn: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[Any]]:
-    """Answer a VssError with its HTTP status and a body naming the VSS error."""
+    """The VSS provider routes: answer a VssError with its HTTP status and a body naming the VSS error and HRESULT,
+    which the Windows provider DLL hands back to VSS."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -138,6 +139,20 @@ def _vss(fn: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[Any]]:
             return await fn(*args, **kwargs)
         except VssError as e:
             return JSONResponse(e.as_dict(), status_code=e.code.http_status)
+
+    return wrapper
+
+
+def _plain(fn: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[Any]]:
+    """The recovery routes, which people and scripts use: the same refusal in plain words and the API's usual code
+    (``conflict``, ``not_found``); VSS's names belong to the provider routes only."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except VssError as e:
+            return _error(e.code.http_status, e.message)
 
     return wrapper
 
@@ -164,13 +179,13 @@ def provider_router(ctx: ApiContext) -> APIRouter:
     # -- recovery sets: the requester workflow --
 
     @r.get("/recovery", summary="list recovery sets")
-    @_vss
+    @_plain
     async def list_sets() -> Any:
         m = manager()
         return [m.status(rs.id) for rs in m.list_sets()]
 
     @r.post("/recovery", status_code=201, summary="create an empty recovery set (step 1)")
-    @_vss
+    @_plain
     async def create_set(body: OptionsIn) -> Any:
         m = manager()
         return m.status(m.create_set(body.options()).id)
@@ -178,7 +193,7 @@ def provider_router(ctx: ApiContext) -> APIRouter:
     @r.post("/recovery/resync", status_code=201, summary="resync snapshots onto LUNs in one call",
             description="Creates a set, adds the pairs, runs pre-restore and RecoverSet. Returns at once; the "
                         "destinations serve the snapshots from then on. `dry_run` only counts the bytes.")
-    @_vss
+    @_plain
     async def resync(body: ResyncIn) -> Any:
         m = manager()
         pairs = [(p.snapshot, p.destination) for p in body.pairs]
@@ -190,54 +205,54 @@ def provider_router(ctx: ApiContext) -> APIRouter:
     @r.post("/recovery/swap", status_code=201, summary="BreakSnapshotSetEx: the snapshot becomes the LUN",
             description="Irreversible: the LUN serves the snapshot at once, the changed chunks are copied back, and "
                         "the snapshot is deleted. `identity: snapshot` gives the LUN the snapshot's identity.")
-    @_vss
+    @_plain
     async def swap(body: SwapIn) -> Any:
         m = manager()
         rs = await m.swap(body.snapshot, body.identity, body.options())
         return {**m.status(rs.id), "handle": async_handle(rs)}
 
     @r.get("/recovery/{set_id}", summary="status: state, percent, bytes, rate, ETA, redirected reads")
-    @_vss
+    @_plain
     async def show(set_id: SetId) -> Any:
         return manager().status(set_id)
 
     @r.post("/recovery/{set_id}/pairs", status_code=201, summary="add a (snapshot, destination) pair (step 2)")
-    @_vss
+    @_plain
     async def add_pair(set_id: SetId, body: PairIn) -> Any:
         m = manager()
         m.add_pair(set_id, body.snapshot, body.destination)
         return m.status(set_id)
 
     @r.post("/recovery/{set_id}/pre-restore", summary="PreRestore: checks and pre-restore hooks (step 3)")
-    @_vss
+    @_plain
     async def pre_restore(set_id: SetId) -> Any:
         m = manager()
         await m.pre_restore(set_id)
         return m.status(set_id)
 
     @r.post("/recovery/{set_id}/recover", summary="RecoverSet: start the resyncs (step 4)")
-    @_vss
+    @_plain
     async def recover(set_id: SetId) -> Any:
         m = manager()
         rs = await m.recover(set_id)
         return {**m.status(set_id), "handle": async_handle(rs)}
 
     @r.post("/recovery/{set_id}/post-restore", summary="PostRestore: wait for the end; post-restore hooks run then")
-    @_vss
+    @_plain
     async def post_restore(set_id: SetId, timeout_s: float = Query(60.0, ge=0, le=3600)) -> Any:
         m = manager()
         await m.post_restore(set_id, timeout_s)
         return m.status(set_id)
 
     @r.post("/recovery/{set_id}/wait", summary="wait until the set is done, failed or cancelled (or the timeout)")
-    @_vss
+    @_plain
     async def wait(set_id: SetId, timeout_s: float = Query(60.0, ge=0, le=3600)) -> Any:
         m = manager()
         await m.wait(set_id, timeout_s)
         return m.status(set_id)
 
     @r.post("/recovery/{set_id}/cancel", summary="cancel: stop copying; the destination keeps what was done")
-    @_vss
+    @_plain
     async def cancel(set_id: SetId) -> Any:
         m = manager()
         await m.cancel(set_id)

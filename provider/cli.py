@@ -28,6 +28,7 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lunsync", description="iSCSI target with snapshots and live LUN resync",
                                  parents=[_common()])
+    ap.add_argument("--version", action="version", version=f"lunsync {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the daemon")
     s.add_argument("--data-dir", default="./lunsync-data", help="where the catalog and LUN files live")
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 # --- client commands -------------------------------------------------------------------------------------------------
 
 Handler = Callable[[Any, argparse.Namespace], int]
+
+# The CHAP secret lengths the Microsoft iSCSI Initiator accepts (it refuses the rest with a dialog, not at login).
+CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 16
+
+
+class UsageError(ValueError):
+    """A command line the CLI refuses before sending anything (exit status 2, like argparse's own)."""
 
 
 def _common() -> argparse.ArgumentParser:
@@ -144,6 +152,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--mutual-user", help="mutual CHAP: the name the target answers with")
     p.add_argument("--mutual-secret", help="mutual CHAP: the target's secret")
     p.add_argument("--mutual-secret-file", metavar="FILE")
+    p.add_argument("--force", action="store_true",
+                   help=f"accept secrets outside {CHAP_SECRET_MIN}-{CHAP_SECRET_MAX} characters, which Windows' "
+                        "initiator refuses (Linux's accepts them)")
     p = leaf(chap, "clear", _chap_clear, "stop requiring CHAP")
     p.add_argument("--target", required=True, metavar="IQN")
     p = leaf(chap, "show", _chap_show, "show CHAP settings (never the secrets)")
@@ -180,16 +191,15 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def human_size(n: int) -> str:
-    """Exact when a binary unit divides it (10GiB), else one decimal (953.7MiB)."""
-    from lunsync.provider.config import format_size
-
-    exact: str = format_size(n)
-    if exact.endswith("iB") or n < 1024:
-        return exact
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    """A size for people, in the largest binary unit it reaches: exact when the unit divides it (10GiB), else three
+    significant digits (252GiB, 95.4MiB, 1.5KiB), never a count of thousands of a small unit."""
+    for unit, scale in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return exact
+            if n % scale == 0:
+                return f"{n // scale}{unit}"
+            value = n / scale
+            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.1f}{unit}"
+    return f"{n}B"
 
 
 def _table(title: str | None, columns: list[str], rows: list[list[str]]) -> None:
@@ -201,8 +211,12 @@ def _table(title: str | None, columns: list[str], rows: list[list[str]]) -> None
         table.add_column(c, overflow="fold")
     for row in rows:
         table.add_row(*row)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError  # main() answers a closed pipe, the same way for every kind of output
+
     # Piped output gets a wide console: rich would otherwise fold IQNs at 80 columns.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    _Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def _print_json(value: Any) -> None:
@@ -388,6 +402,12 @@ def _chap_set(c: Any, a: argparse.Namespace) -> int:
         body.update(mutual_user=a.mutual_user, mutual_secret=mutual_secret)
     elif mutual_secret is not None:
         raise ValueError("--mutual-secret needs --mutual-user")
+    if not a.force:
+        for what, value in (("--secret", secret), ("--mutual-secret", body.get("mutual_secret"))):
+            if value is not None and not CHAP_SECRET_MIN <= len(value) <= CHAP_SECRET_MAX:
+                raise UsageError(f"{what} has {len(value)} characters: the Microsoft iSCSI Initiator accepts only "
+                                 f"{CHAP_SECRET_MIN} to {CHAP_SECRET_MAX}; choose another, or pass --force to use "
+                                 "it anyway")
     r = c.put(f"/targets/{_q(a.target)}/chap", body)
     return _done(a, r, f"CHAP required on {a.target} for user {a.user}" + (" (mutual)" if a.mutual_user else ""))
 
@@ -533,6 +553,10 @@ def _run_client(args: argparse.Namespace) -> int:
             return rc
     except ClientError as e:
         return _fail(args, str(e), exit_status(e.status, e.code), e.as_dict())
+    except UsageError as e:
+        return _fail(args, str(e), EXIT_USAGE, {"error": str(e), "code": "usage"})
+    except BrokenPipeError:
+        raise  # not a failure of the request: main() ends quietly
     except (ValueError, OSError) as e:
         return _fail(args, str(e), EXIT_REFUSED)
     except KeyboardInterrupt:
@@ -540,6 +564,28 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`lunsync lun list | head -1`): what it wanted it has. Point stdout at /dev/null so
+        # the interpreter's final flush does not fail again, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lunsync")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from lunsync.provider.api import VERSION
+
+        return VERSION
+
+
+def _main(argv: list[str] | None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "serve":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from api_harness import ApiDaemon, names
+from e2e.harness import lunsync_command
 from iscsi_scapy import RawInitiator
 from lunsync.provider.config import parse_config
 
@@ -128,7 +130,10 @@ def test_acl_chap_and_status_commands(api_daemon: ApiDaemon, tmp_path: Path) -> 
     d.cli("chap", "set", "--target", t, "--user", "alice", "--secret-file", str(secret_file), check=True)
     shown = d.cli("chap", "show", "--target", t, check=True).stdout
     assert "alice" in shown and "file-secret-1234" not in shown
-    p = d.cli("chap", "set", "--target", t, "--user", "bob", "--json", input_text="stdin-secret-5678\n", check=True)
+    p = d.cli("chap", "set", "--target", t, "--user", "bob", "--json", input_text="stdin-secret-5678\n")
+    assert p.returncode == 2 and "17 characters" in p.stderr and "--force" in p.stderr, p  # Windows would refuse it
+    p = d.cli("chap", "set", "--target", t, "--user", "bob", "--json", "--force", input_text="stdin-secret-5678\n",
+              check=True)
     assert json.loads(p.stdout) == {"enabled": True, "user": "bob", "mutual": False, "mutual_user": None}
     assert "stdin-secret-5678" not in d.cli("target", "list", "--json", check=True).stdout
     d.cli("chap", "clear", "--target", t, check=True)
@@ -269,3 +274,46 @@ def test_under_json_errors_are_json_too(api_daemon: ApiDaemon) -> None:
     assert err["code"] == "not_found" and err["status"] == 404 and "nosuch" in err["error"]
     p = api_daemon.cli("status", "--json", "--api", "http://127.0.0.1:1")
     assert p.returncode == 6 and json.loads(p.stderr)["code"] == "unreachable"
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(api_daemon: ApiDaemon) -> None:
+    d = api_daemon
+    with d.http() as c:
+        for i in range(60):
+            assert c.post("/v1/luns", json={"name": f"pipe{i:02d}", "size": "1MiB"}).status_code == 201
+    env = {**os.environ, "LUNSYNC_API": d.api_url, "LUNSYNC_DATA_DIR": str(d.data_dir)}
+    # `head -1` exits after one line; the CLI then writes into a closed pipe.
+    lunsync = " ".join(lunsync_command())
+    for extra in ("", " --json"):
+        script = f"{lunsync} lun list{extra} | head -1; echo status=${{PIPESTATUS[0]}} >&2"
+        p = subprocess.run(["bash", "-c", script],
+                           capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert len(p.stdout.splitlines()) == 1, p.stdout
+        assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+        assert int(p.stderr.rsplit("status=", 1)[1]) in (0, 141), p.stderr  # 0: it all fit in the pipe first
+        # A reader that is gone before the first write: the closed pipe is certain, not a race with head.
+        p = subprocess.run(["bash", "-c", f"{lunsync} lun list{extra} | true; echo status=${{PIPESTATUS[0]}} >&2"],
+                           capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert p.stderr.strip() == "status=141", p.stderr
+    with d.http() as c:
+        for i in range(60):
+            c.delete(f"/v1/luns/pipe{i:02d}")
+
+
+def test_validation_errors_name_the_argument_in_words(api_daemon: ApiDaemon) -> None:
+    p = api_daemon.cli("snapshot", "create", "demo0")
+    assert p.returncode == 1, p
+    line = one_error_line(p.stderr)
+    assert "snapshots[0] 'demo0': not a snapshot name: write LUN@SNAP" in line, line
+    assert "wrong syntax" not in line and "snapshots.0" not in line
+    with api_daemon.http() as c:
+        r = c.post("/v1/pools", json={"name": "bad name", "path": "/tmp"})
+        assert r.status_code == 422 and r.json()["error"].startswith("name 'bad name': not a valid name"), r.text
+
+
+def test_every_table_shows_sizes_for_people(api_daemon: ApiDaemon) -> None:
+    d = api_daemon
+    out = d.cli("pool", "list", check=True).stdout + d.cli("lun", "list", check=True).stdout
+    # No size is a five-digit-plus count of a small unit (264212084KiB).
+    assert not re.search(r"\d{5,}(?:\.\d+)?[KMGT]iB", out), out
+    assert re.search(r"\d+(?:\.\d)?[KMGTP]iB", out), out

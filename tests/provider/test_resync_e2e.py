@@ -202,7 +202,8 @@ def test_in_progress_cancel_and_swap(daemon: Daemon) -> None:
     write(d, 0xBB, 0, 64 * MIB)
     rid = cli(d, "resync", "demo0@s1", "--to", "lab", "--rate", "1")["id"]
     err = cli(d, "resync", "demo0@s2", "--to", "lab", ok=False)
-    assert "VSS_E_RESYNC_IN_PROGRESS" in err
+    # In plain words: VSS's error names belong to the provider API, not to the command line.
+    assert "lab is being resynced by recovery set" in err and "VSS_E" not in err, err
     # A LUN under restore cannot be snapshotted: its file is half old, half restored.
     assert "being restored" in cli(d, "snapshot", "create", "lab@mid", ok=False)
     # Nor can the snapshot a restore reads from be deleted under it.
@@ -211,7 +212,8 @@ def test_in_progress_cancel_and_swap(daemon: Daemon) -> None:
     assert "being restored by recovery" in cli(d, "lun", "delete", "lab", ok=False)
     cancelled = cli(d, "recovery", "cancel", rid)
     assert cancelled["state"] == "cancelled" and cancelled["percent"] < 100
-    assert "VSS_E_OBJECT_NOT_FOUND" in cli(d, "resync", "demo0@nope", ok=False)
+    err = cli(d, "resync", "demo0@nope", ok=False)
+    assert "no snapshot demo0@nope" in err and "VSS_E" not in err, err
     # swap --identity keep: the LUN serves the snapshot and keeps its serial; the snapshot is used up.
     serial = cli(d, "lun", "show", "demo0")["serial"]
     out = cli(d, "swap", "demo0@s1", "--identity", "keep", "--wait", timeout=60)
