@@ -121,6 +121,7 @@ class BackupOut(BaseModel):
 
 
 def _snapshot_out(svc: SnapshotService, rec: SnapshotRecord) -> SnapshotOut:
+    rec = svc.as_known(rec)
     fill = None
     if rec.kind == "clone":
         done, total = svc.fill_progress.get(rec.id, (rec.filled_chunks, rec.total_chunks))

@@ -91,6 +91,9 @@ class SnapshotService:
         # The (lun id, epoch) of a snapshot (set) whose record is committing, and a future set once it has or failed.
         self._recording: tuple[set[tuple[int, int]], asyncio.Future[None]] | None = None
         self._early_invalid: dict[tuple[int, int], str] = {}
+        # Invalidations the catalog could not take (noted in the pool's map log meanwhile), retried by _recorder.
+        self._unrecorded_invalid: dict[tuple[int, int], str] = {}
+        self._recorder: asyncio.Task[None] | None = None
         # Catalog commits a snapshot operation waits for get a thread of their own: in the default executor they
         # would queue behind the LUNs' fdatasyncs and the copy-on-write batches, for seconds under load.
         self._catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot-catalog")
@@ -143,6 +146,45 @@ class SnapshotService:
         return {"capacity_bytes": capacity, "used_bytes": used, "free_bytes": p.free_bytes,
                 "copy_bytes": p.used_bytes}
 
+    async def _keep_invalid(self, lun_id: int, epochs: list[int], reason: str, exc: BaseException) -> None:
+        """The catalog cannot record an invalidation: note it durably in the LUN's pool (its map log) instead, so the
+        origin write may proceed, and keep trying the catalog. Raises when the pool cannot note it either: then
+        nothing durable would say the snapshot lost a chunk, and the write must not proceed."""
+        vol = next((v for v in self.volumes.values() if v.lun_id == lun_id), None)
+        pool = vol.pool if vol is not None else None
+        if pool is None:
+            raise StorageError(f"cannot record that snapshot epoch(s) {epochs} are invalid: {exc}") from exc
+        await asyncio.to_thread(pool.record_invalid, lun_id, epochs)
+        log.error("catalog cannot record that lun id %d's snapshot epoch(s) %s are invalid (%s): kept in pool %s's "
+                  "map log, the catalog is retried", lun_id, epochs, exc, pool.name)
+        self._remember_invalid(lun_id, epochs, reason)
+
+    def _remember_invalid(self, lun_id: int, epochs: Sequence[int], reason: str) -> None:
+        for e in epochs:
+            self._unrecorded_invalid[(lun_id, e)] = reason
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.get_running_loop().create_task(self._record_invalid_later(),
+                                                                    name="snapshot-invalid-recorder")
+
+    async def _record_invalid_later(self) -> None:
+        """Bring the invalidations the catalog missed into it, as soon as it takes writes again."""
+        delay = 0.5
+        while self._unrecorded_invalid:
+            await asyncio.sleep(delay)
+            for (lun_id, e), reason in list(self._unrecorded_invalid.items()):
+                try:
+                    await self._catalog_thread(self.cat.mark_invalid, lun_id, [e], reason)
+                except (CatalogError, sqlite3.Error, OSError):
+                    delay = min(delay * 2, 10.0)
+                    break
+                self._unrecorded_invalid.pop((lun_id, e), None)
+                log.info("catalog now records lun id %d's snapshot epoch %d as invalid", lun_id, e)
+
+    def as_known(self, rec: SnapshotRecord) -> SnapshotRecord:
+        """``rec`` with what the daemon knows and the catalog has not recorded yet (an invalidation it missed)."""
+        reason = self._unrecorded_invalid.get((rec.lun_id or 0, rec.epoch)) if rec.state == "valid" else None
+        return rec if reason is None else replace(rec, state="invalid", invalid_reason=reason[:500])
+
     async def _retry_degraded(self, which: Sequence[int | None]) -> None:
         """Let read-only pools among ``which`` (pool ids) try their checkpoints again, so a snapshot taken once
         space is back is valid (on the catalog thread: the checkpoints are durable SQLite commits)."""
@@ -189,6 +231,14 @@ class SnapshotService:
         if prec is not None:
             try:
                 vol.attach_pool(self.pool(prec))
+                # Invalidations only the pool recorded (the catalog could not, and then the daemon stopped).
+                lost = sorted(self.pool(prec).invalid_epochs(rec.id) & set(vol.epochs))
+                for e in lost:
+                    vol.forget_epoch(e)
+                if lost:
+                    log.error("lun %s: snapshot epoch(s) %s are invalid by pool %s's record; telling the catalog",
+                              rec.name, lost, prec.name)
+                    self._remember_invalid(rec.id, lost, "a chunk could not be preserved (recorded by the pool)")
             except (OSError, StorageError, sqlite3.Error) as e:
                 # The origin serves anyway: its snapshots there cannot be read, and lose their copies (invalid) at
                 # the first write that needs one.
@@ -235,6 +285,8 @@ class SnapshotService:
         return {e.lun: e.lu for e in self.exposures.values() if e.target == iqn}
 
     async def close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.cancel()
         for task in self._fills.values():
             task.cancel()
         if self._fills:
@@ -439,7 +491,10 @@ class SnapshotService:
             for e in epochs:
                 self._early_invalid[(lun_id, e)] = reason
             await asyncio.shield(recording[1])
-        await self._catalog_thread(self.cat.mark_invalid, lun_id, epochs, reason)
+        try:
+            await self._catalog_thread(self.cat.mark_invalid, lun_id, epochs, reason)
+        except (CatalogError, sqlite3.Error, OSError) as exc:
+            await self._keep_invalid(lun_id, epochs, reason, exc)
         for rec in self.cat.list_snapshots():
             if rec.lun_id == lun_id and rec.epoch in epochs:
                 view = self.views.get(rec.id)
@@ -454,6 +509,7 @@ class SnapshotService:
 
     def open_view(self, rec: SnapshotRecord) -> BlockDevice:
         """A read-only BlockDevice of a snapshot: the filled clone's file, or the differential view."""
+        rec = self.as_known(rec)
         if rec.state != "valid":
             from lunsync.snapshots.catalog import Invalid
 

@@ -70,6 +70,9 @@ log = logging.getLogger("lunsync.cow")
 
 POOL_DB = "pool.db"
 ZERO = -1  # the slot of a copy of a chunk that was a hole: it reads as zeros
+# The slot of a map-log record that is no copy but says "snapshot epoch E lost a chunk": kept there when the catalog
+# cannot record the invalidation, so that a crash before it can never bring the snapshot back as valid.
+INVALIDATED = -2
 LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.db (160 KiB of log)
 _LOG_MAGIC = b"LSM1"
 _LOG_BODY = struct.Struct("<Qqqq")  # generation, chunk, epoch, slot
@@ -211,6 +214,8 @@ class Pool:
             "NOT NULL, PRIMARY KEY (lun_id, chunk, epoch)) WITHOUT ROWID"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS map_logs (lun_id INTEGER PRIMARY KEY, gen INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS invalid_epochs (lun_id INTEGER NOT NULL, epoch INTEGER NOT NULL, "
+                         "PRIMARY KEY (lun_id, epoch)) WITHOUT ROWID")
 
     def data_path(self, lun_id: int) -> str:
         return os.path.join(self.path, f"lun-{lun_id}.cow")
@@ -234,7 +239,9 @@ class Pool:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT OR IGNORE INTO copies VALUES (?, ?, ?, ?)",
-                                     [(lun_id, c, e, s) for c, e, s in log_.rows if s != ZERO])
+                                     [(lun_id, c, e, s) for c, e, s in log_.rows if s >= 0])
+                self._db.executemany("INSERT OR IGNORE INTO invalid_epochs VALUES (?, ?)",
+                                     [(lun_id, e) for _, e, s in log_.rows if s == INVALIDATED])
                 self._db.executemany("INSERT OR IGNORE INTO zero_copies VALUES (?, ?, ?)",
                                      [(lun_id, c, e) for c, e, s in log_.rows if s == ZERO])
                 self._db.execute("INSERT INTO map_logs VALUES (?, ?) ON CONFLICT (lun_id) DO UPDATE SET gen = ?",
@@ -283,7 +290,7 @@ class Pool:
             # memory instead. The pool takes no new copies until a checkpoint succeeds (see reserve).
             self.degraded = f"cannot checkpoint lun {lun_id}'s map log into {POOL_DB}: {exc}"
             log.error("pool %s is read-only: %s", self.name, self.degraded)
-            pending = list(self._log(lun_id).rows)
+            pending = [r for r in self._log(lun_id).rows if r[2] != INVALIDATED]
         with self._lock:
             rows = list(self._db.execute(
                 "SELECT chunk, epoch, slot FROM copies WHERE lun_id = ? UNION ALL "
@@ -291,6 +298,18 @@ class Pool:
         if pending:
             rows = sorted(set(rows) | set(pending), key=lambda r: (r[0], r[1]))
         return rows
+
+    def record_invalid(self, lun_id: int, epochs: Sequence[int]) -> None:
+        """Durably note that snapshots ``epochs`` of ``lun_id`` lost a chunk (one map-log append and fdatasync), for
+        when the catalog cannot take it. Blocking."""
+        self.commit(lun_id, [(-1, e, INVALIDATED) for e in epochs])
+
+    def invalid_epochs(self, lun_id: int) -> set[int]:
+        """The epochs :meth:`record_invalid` noted, checkpointed or still in the log."""
+        with self._lock:
+            out = {int(r[0]) for r in self._db.execute("SELECT epoch FROM invalid_epochs WHERE lun_id = ?",
+                                                         (lun_id,))}
+        return out | {e for _, e, s in self._log(lun_id).rows if s == INVALIDATED}
 
     def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int]]) -> None:
         """Record ``(chunk, epoch, slot)`` rows durably (one append and fdatasync of the map log; the slots' data
@@ -328,7 +347,7 @@ class Pool:
         """Forget every copy of ``lun_id`` and remove its slot file and map log (the LUN is gone). Blocking."""
         with self._lock:
             log_ = self._logs.pop(lun_id, None)
-            for table in ("copies", "zero_copies", "map_logs"):
+            for table in ("copies", "zero_copies", "map_logs", "invalid_epochs"):
                 self._db.execute(f"DELETE FROM {table} WHERE lun_id = ?", (lun_id,))
             self._used.pop(lun_id, None)
         if log_ is not None:

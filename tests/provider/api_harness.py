@@ -135,3 +135,17 @@ def sample(metrics_text: str, name: str, **labels: str) -> float:
 
 def names(items: Sequence[dict[str, Any]], key: str = "name") -> list[Any]:
     return [x[key] for x in items]
+
+
+def qemu_io(url: str, *commands: str, timeout: float = 120) -> str:
+    """Run qemu-io's ``commands`` against ``url`` and return what it printed; any failure (a refused command, a
+    pattern that did not verify) fails the test."""
+    from e2e.harness import describe, run
+
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    p = run([*args, url], timeout=timeout)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "failed" not in out.lower(), describe(p)
+    return out

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from api_harness import ApiDaemon
-from e2e.harness import describe, require_tools, run
+from api_harness import ApiDaemon, qemu_io
+from e2e.harness import require_tools
 
 pytestmark = pytest.mark.e2e
 
@@ -38,14 +38,6 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def qemu_io(url: str, *commands: str) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    p = run([*args, url], timeout=120)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0 and "failed" not in out.lower(), describe(p)
-    return out
 
 
 def _free(path: Path) -> int:
