@@ -563,6 +563,24 @@ def _run_client(args: argparse.Namespace) -> int:
         return 130
 
 
+# What `serve` imports that the client does not; pyproject gives each the marker sys_platform == 'linux'.
+SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client", "aiofiles", "crc32c")
+
+
+def serve_unavailable() -> str | None:
+    """Why the daemon cannot run here, or None. It needs Linux (preadv with RWF_NOWAIT, copy_file_range, fcntl
+    locks); elsewhere pip installs only the client. uvloop is optional: without it the daemon uses asyncio's loop."""
+    if not sys.platform.startswith("linux"):
+        return (f"lunsync serve runs on Linux only (this is {sys.platform}); the other commands are clients and work "
+                "here against a daemon's --api URL")
+    import importlib.util
+
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"lunsync serve needs {', '.join(missing)}, which are not installed (pip install lunsync on Linux)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -589,6 +607,10 @@ def _main(argv: list[str] | None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "serve":
+        refusal = serve_unavailable()
+        if refusal:
+            print(f"lunsync: {refusal}", file=sys.stderr)
+            return 2
         from lunsync.provider import daemon
 
         opts = daemon.ServeOptions(data_dir=args.data_dir, listen=args.listen, config=args.config, demo=args.demo,
