@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus systemd fuse3
+DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus systemd fuse3 g++-mingw-w64-x86-64 \
+           binutils-mingw-w64-x86-64 wine wine64
 SHARED ?= ../shared
 N ?= 100000
 
-.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak clean
+.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak clean windows
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,7 @@ deps:
 serve: venv
 	$(VENV)/bin/lunsync serve --demo
 
-test: deps venv
+test: deps venv windows
 	$(PY) -m pytest -q
 
 test-unit: venv
@@ -65,6 +66,31 @@ crash-trials: venv
 # daemon, plus two negative controls that must be caught. Fails on any lost durable write or altered snapshot.
 powerloss: deps venv
 	$(PY) tests/powerloss/run.py $(if $(filter command line,$(origin N)),$(N),50)
+
+# The Windows VSS hardware provider (provider/windows/), cross-compiled and statically linked so the host needs no
+# MinGW runtime: the DLL, its installer and the VSS-order harness the tests run under Wine.
+WIN_SRC  = provider/windows
+WIN_OUT  = build/windows
+WIN_CXX ?= x86_64-w64-mingw32-g++
+WIN_FLAGS = -std=c++17 -O2 -Wall -Wextra -Werror -municode -static -static-libgcc -static-libstdc++ -s
+WIN_LIBS  = -lwinhttp -lole32 -loleaut32 -luuid -ladvapi32
+WIN_HDRS = $(wildcard $(WIN_SRC)/*.h)
+WIN_COMMON = $(WIN_OUT)/client.o $(WIN_OUT)/json.o $(WIN_OUT)/guids.o
+
+windows: $(WIN_OUT)/lunsync-vss.dll $(WIN_OUT)/lunsync-vss.exe $(WIN_OUT)/lunsync-vss-harness.exe
+
+$(WIN_OUT)/%.o: $(WIN_SRC)/%.cpp $(WIN_HDRS)
+	@mkdir -p $(WIN_OUT)
+	$(WIN_CXX) $(WIN_FLAGS) -c -o $@ $<
+
+$(WIN_OUT)/lunsync-vss.dll: $(WIN_OUT)/provider.o $(WIN_COMMON) $(WIN_SRC)/lunsync-vss.def
+	$(WIN_CXX) $(WIN_FLAGS) -shared -o $@ $^ $(WIN_LIBS)
+
+$(WIN_OUT)/lunsync-vss.exe: $(WIN_OUT)/install.o $(WIN_COMMON)
+	$(WIN_CXX) $(WIN_FLAGS) -o $@ $^ $(WIN_LIBS)
+
+$(WIN_OUT)/lunsync-vss-harness.exe: $(WIN_OUT)/harness.o $(WIN_COMMON)
+	$(WIN_CXX) $(WIN_FLAGS) -o $@ $^ $(WIN_LIBS)
 
 clean:
 	rm -rf $(VENV) lunsync-data build *.egg-info
