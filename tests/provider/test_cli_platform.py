@@ -18,8 +18,8 @@ from lunsync.provider import cli
 # ImportError, as they would there.
 _PRETEND = textwrap.dedent("""
     import importlib.abc, os, sys
-    BLOCKED = {"uvloop", "fcntl", "resource", "fastapi", "uvicorn", "prometheus_client", "aiofiles", "crc32c",
-               "lunsync.target", "lunsync.snapshots"}
+    BLOCKED = {"uvloop", "fcntl", "resource", "termios", "fastapi", "uvicorn", "prometheus_client", "aiofiles",
+               "crc32c"}
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if any(name == b or name.startswith(b + ".") for b in BLOCKED):
