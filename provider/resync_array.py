@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from lunsync.provider.config import HookConfig
 from lunsync.provider.recovery_store import CatalogRecoveryStore
 from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, SnapshotRef
-from lunsync.snapshots.catalog import LunRecord, NotFound
-from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.catalog import Invalid, LunRecord, NotFound
+from lunsync.snapshots.device import BlockDevice, ChangedRegions
 from lunsync.snapshots.model import LunIdentity
 from lunsync.target.scsi import sense as S
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -95,10 +95,13 @@ class ArrayEngine:
         vol = self.snaps.volumes.get(rec.lun_name)
         if vol is None or rec.lun_id is None or vol.lun_id != rec.lun_id or not rec.needs_cow:
             return None  # a filled clone no longer tracks its origin's changes
-        if vol.chunk_size != snap.chunk_size_bytes:
+        try:
+            view = self.snaps.open_view(rec)
+        except (NotFound, Invalid):
             return None
-        changed: set[int] = vol.changed_chunks(rec.epoch)
-        return changed
+        if not isinstance(view, ChangedRegions):
+            return None
+        return view.changed_regions(snap.chunk_size_bytes)
 
     # -- the device swap --
 

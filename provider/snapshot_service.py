@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.backup import BackupManifest
 from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
-from lunsync.snapshots.cow import ZERO, CowVolume, Origin, Pool, SnapshotView
+from lunsync.snapshots.cow import CowVolume, Origin, Pool, SnapshotView
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
 from lunsync.snapshots.fsutil import copy_range, zero_range
 from lunsync.snapshots.progress import RateWindow
-from lunsync.snapshots.resync import ResyncVolume
+from lunsync.snapshots.resync import ResyncVolume, extent_pieces, moved_pieces
 from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
 from lunsync.target.scsi.lu import LogicalUnit
 
@@ -590,17 +590,22 @@ class SnapshotService:
             cs, total, size = rec.chunk_size_bytes, rec.total_chunks, rec.size_bytes
             done = rec.filled_chunks
             last_commit = time.monotonic()
+            # The fill reads the snapshot through its view's FileExtents: pool slots, holes, or what the origin
+            # still holds.
+            source = vol.view(rec.epoch, size // rec.block_size)
+            bs = rec.block_size
             while done < total:
-                chunks = range(done, min(total, done + FILL_BATCH_CHUNKS))
-                plan = [(c, vol.copy_for(c, rec.epoch)) for c in chunks]
-                await asyncio.to_thread(_copy_chunks, vol, fd, plan, cs, size)
-                # A chunk taken from the origin is right unless it was overwritten meanwhile, and then its copy
-                # exists now (preservation commits before the origin write): take that instead.
-                again: list[tuple[int, int | None]] = [
-                    (c, slot) for c, old in plan if old is None and (slot := vol.copy_for(c, rec.epoch)) is not None]
-                if again:
-                    await asyncio.to_thread(_copy_chunks, vol, fd, again, cs, size)
-                done = chunks.stop
+                stop = min(total, done + FILL_BATCH_CHUNKS)
+                base = done * cs
+                lba, blocks = base // bs, (min(stop * cs, size) - base) // bs
+                extents = source.file_extents(lba, blocks)
+                await asyncio.to_thread(_fill_pieces, extent_pieces(extents, base), fd)
+                # A run taken from the origin is right unless it was overwritten meanwhile, and then its copy
+                # exists now (preservation commits before the origin write): copy again what moved there.
+                moved = moved_pieces(extents, source.file_extents(lba, blocks), base)
+                if moved:
+                    await asyncio.to_thread(_fill_pieces, moved, fd)
+                done = stop
                 self.fill_progress[rec.id] = (done, total)
                 self.fill_rates[rec.id].add(time.monotonic(), done * cs)
                 if time.monotonic() - last_commit >= FILL_COMMIT_INTERVAL_S or done == total:
@@ -641,13 +646,10 @@ class SnapshotService:
             vol.release()
 
 
-def _copy_chunks(vol: CowVolume, dst_fd: int, plan: list[tuple[int, int | None]], cs: int, size: int) -> None:
-    src_origin = vol.fileno()
-    for c, slot in plan:
-        length = min(cs, size - c * cs)
-        if slot is None:
-            copy_range(src_origin, dst_fd, length, c * cs, c * cs)
-        elif slot == ZERO:
-            zero_range(dst_fd, c * cs, length)
+def _fill_pieces(pieces: list[tuple[int, int, int, int]], dst_fd: int) -> None:
+    """Copy each (fd, source offset, length, clone offset) piece into the clone file; fd -1 pieces read as zeros."""
+    for fd, off, length, dst in pieces:
+        if fd < 0:
+            zero_range(dst_fd, dst, length)
         else:
-            copy_range(vol._data_fd, dst_fd, length, slot * cs, c * cs)
+            copy_range(fd, dst_fd, length, off, dst)

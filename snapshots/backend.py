@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lunsync.snapshots import fsutil
-from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import open_error, pread_full, pwrite_full, storage_error
 
@@ -119,8 +119,37 @@ class _FdBackend:
         return self._thin
 
     def fileno(self) -> int:
-        """The open descriptor, for offloaded copies (``os.copy_file_range``). Owned by the backend: do not close."""
+        """The open descriptor, for the copy-on-write engine that keeps this store's snapshots. Owned by the
+        backend: do not close."""
         return self._live_fd()
+
+    # --- capabilities (lunsync.snapshots.device) ------------------------------------------------------------------
+
+    def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
+        """:class:`~lunsync.snapshots.device.FileExtents`: one run in this store's file, split where a thin store
+        has holes (they read as zeros, and a copier punches them rather than copying zeros)."""
+        fd = self._live_fd()
+        self._check_range(lba, blocks)
+        bs = self._block_size
+        if not self._thin or not blocks:
+            return [(fd, lba * bs, blocks * bs)]
+        out: list[FileExtent] = []
+        cur, end = lba, lba + blocks
+        while cur < end:
+            for ext in self.lba_status(cur, 64):
+                stop = min(ext.lba + ext.blocks, end)
+                out.append((fd if ext.mapped else -1, cur * bs, (stop - cur) * bs))
+                cur = stop
+                if cur >= end:
+                    break
+        return out
+
+    async def begin_copy(self, lba: int, blocks: int) -> int:
+        """:class:`~lunsync.snapshots.device.CopyTarget`: this store's descriptor, after the checks a write makes."""
+        fd = self._live_fd()
+        self._check_writable()
+        self._check_range(lba, blocks)
+        return fd
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

@@ -38,9 +38,12 @@ API for resync (live restore) built on top of this module:
   chunk with a copy of epoch >= ``epoch``): copying only these back makes the origin equal to the snapshot again.
   ``volume.chunk_size`` converts chunks to bytes.
 - Copy-on-write stays active on a destination as long as everything that changes it goes through the volume's
-  ``write``/``unmap``. A copier that writes the origin's descriptor directly (``os.copy_file_range`` into
-  ``volume.origin.fileno()``) must first ``await volume.preserve_range(lba, blocks)`` and keep that range from being
-  written concurrently; other snapshots of the destination then stay intact.
+  ``write``/``unmap``. A copier that writes the origin's file directly (``os.copy_file_range``) gets the descriptor
+  from ``await volume.begin_copy(lba, blocks)`` (:class:`~lunsync.snapshots.device.CopyTarget`), which preserves the
+  range first, and keeps that range from being written concurrently; other snapshots of the destination then stay
+  intact. Views and volumes say where their bytes lie through ``file_extents``
+  (:class:`~lunsync.snapshots.device.FileExtents`), and a view which chunks its origin changed through
+  ``changed_regions`` (:class:`~lunsync.snapshots.device.ChangedRegions`).
 - ``volume.hold()`` / ``volume.release()`` pause new writes and drain in-flight ones (a point in time), the primitive
   snapshot sets and a resync switch-over need.
 """
@@ -60,7 +63,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, FileExtents, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import copy_range, is_hole, punch, pwrite_full, storage_error
 
@@ -410,6 +413,8 @@ class Origin(Protocol):
     thin: bool
 
     def fileno(self) -> int: ...
+    def file_extents(self, lba: int, blocks: int) -> list[FileExtent]: ...
+    async def begin_copy(self, lba: int, blocks: int) -> int: ...
     async def read(self, lba: int, blocks: int) -> bytearray: ...
     async def write(self, lba: int, data: Buffer, fua: bool = False) -> None: ...
     async def flush(self) -> None: ...
@@ -799,6 +804,16 @@ class CowVolume:
         finally:
             self._leave()
 
+    def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
+        """:class:`~lunsync.snapshots.device.FileExtents`: the origin's."""
+        return self.origin.file_extents(lba, blocks)
+
+    async def begin_copy(self, lba: int, blocks: int) -> int:
+        """:class:`~lunsync.snapshots.device.CopyTarget`: preserve what the snapshots need of the range, then hand
+        out the origin's descriptor."""
+        await self.preserve_range(lba, blocks)
+        return await self.origin.begin_copy(lba, blocks)
+
     async def preserve_range(self, lba: int, blocks: int) -> None:
         """Preserve the chunks of a range before something writes the origin's descriptor directly."""
         if self._newest and blocks:
@@ -1064,6 +1079,54 @@ class SnapshotView:
         if not 0 <= lba < self._num_blocks:
             raise OutOfRange(f"block {lba} outside 0..{self._num_blocks}")
         return [LbaExtent(lba, self._num_blocks - lba, True)]
+
+    # --- capabilities (lunsync.snapshots.device) --------------------------------------------------------------
+
+    def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
+        """:class:`~lunsync.snapshots.device.FileExtents`: each chunk is a slot of the pool file, a run of zeros
+        (preserved as a hole), or still the origin's (split where a thin origin has holes). A filled clone's view
+        answers from the clone's own file."""
+        self._check(lba, blocks)
+        if self.redirect is not None:
+            if not isinstance(self.redirect, FileExtents):
+                raise NotReady(f"snapshot epoch {self.epoch} of lun {self.volume.name}: its clone file has no extents")
+            return self.redirect.file_extents(lba, blocks)
+        vol = self.volume
+        bs, cs = vol.block_size, vol.chunk_size
+        out: list[FileExtent] = []
+        pos, end = lba * bs, (lba + blocks) * bs
+        while pos < end:
+            c = pos // cs
+            hi = min(end, (c + 1) * cs)
+            slot = vol.copy_for(c, self.epoch)
+            runs: list[FileExtent]
+            if slot is None:
+                runs = vol.origin.file_extents(pos // bs, (hi - pos) // bs)
+            elif slot == ZERO:
+                runs = [(-1, pos, hi - pos)]
+            elif vol._data_fd < 0:
+                raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name}: the pool file is closed")
+            else:
+                runs = [(vol._data_fd, slot * cs + pos - c * cs, hi - pos)]
+            for fd, off, length in runs:
+                if out and out[-1][0] == fd and (fd < 0 or out[-1][1] + out[-1][2] == off):
+                    out[-1] = (fd, out[-1][1], out[-1][2] + length)
+                else:
+                    out.append((fd, off, length))
+            pos = hi
+        return out
+
+    def changed_regions(self, region_bytes: int) -> set[int] | None:
+        """:class:`~lunsync.snapshots.device.ChangedRegions`: the regions overlapping a chunk that has a copy for
+        this snapshot, i.e. one the origin has written since. None once the snapshot no longer follows its origin
+        (a filled clone) or is invalid."""
+        if not self.valid or self.redirect is not None or region_bytes <= 0:
+            return None
+        cs = self.volume.chunk_size
+        out: set[int] = set()
+        for c in self.volume.changed_chunks(self.epoch):
+            out.update(range(c * cs // region_bytes, ((c + 1) * cs - 1) // region_bytes + 1))
+        return out
 
     async def resize(self, num_blocks: int) -> None:
         raise ReadOnly("a snapshot cannot be resized")

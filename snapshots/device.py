@@ -1,8 +1,16 @@
-"""The block-device protocol: the one interface between the SCSI layer and the storage engine.
+"""The block-device protocol: the one interface between the SCSI layer and the storage engine, and the optional
+capabilities a device may declare on top of it.
 
-A plain volume, a volume with snapshots and a volume under resync all implement it, and the SCSI layer cannot tell
-them apart. Addresses and lengths are in logical blocks of ``block_size`` bytes. Each method says what is durable when
-it returns. Methods raise only the family in :mod:`lunsync.snapshots.errors`.
+A plain volume, a volume with snapshots and a volume under resync all implement :class:`BlockDevice`, and the SCSI
+layer cannot tell them apart. Addresses and lengths are in logical blocks of ``block_size`` bytes. Each method says
+what is durable when it returns and whether it may yield to the event loop (suspend at an ``await``): a method that
+"does not yield before X" lets a caller rely on X having happened, in order, with no other task run in between.
+Methods raise only the family in :mod:`lunsync.snapshots.errors`.
+
+Capabilities (:class:`FileExtents`, :class:`CopyTarget`, :class:`ChangedRegions`) are separate protocols that a
+device implements when it can: the resync copier and the clone fill ask for one with ``isinstance`` and fall back to
+``read``/``write`` when it is absent. Nothing above a backend touches its file descriptors except through
+:class:`FileExtents` and :class:`CopyTarget`, which hand them out for the length of one copy.
 """
 
 from __future__ import annotations
@@ -12,6 +20,10 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 Buffer = bytes | bytearray | memoryview
+
+# One run of a device's bytes in a file: (descriptor, byte offset, byte length); descriptor -1 means the run reads as
+# zeros and lies nowhere. The descriptor stays owned by the device that handed it out.
+FileExtent = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,33 +60,85 @@ class BlockDevice(Protocol):
         ...
 
     async def read(self, lba: int, blocks: int) -> Buffer:
-        """Return ``blocks * block_size`` bytes from ``lba``. Holes read as zeros."""
+        """Return ``blocks * block_size`` bytes from ``lba``, a buffer the caller owns. Holes read as zeros.
+
+        May yield (a page-cache miss, a network store). Sees every write that returned before it was called.
+        """
         ...
 
     async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
         """Write ``data`` (a whole number of blocks) at ``lba``.
 
-        Without ``fua`` the data is in the page cache (write-back) when this returns; with ``fua`` it is on stable
-        storage (fdatasync) before this returns.
+        Durable on return only with ``fua``; without it the data is written back (a later :meth:`flush` makes it
+        durable) but visible to every read that starts after this returns. May yield: a copy-on-write volume first
+        preserves what its snapshots need, and ``fua`` waits for the store. A device whose writes land without
+        waiting (the file and block backends' ``pwritev`` into the page cache) does not yield before the data is in
+        place, so two writes issued in order land in that order.
         """
         ...
 
     async def flush(self) -> None:
-        """Make every completed write durable (fdatasync). SYNCHRONIZE CACHE lands here."""
+        """Make every write that completed before this call durable (fdatasync, a cluster flush). SYNCHRONIZE CACHE
+        lands here. Yields. A failed flush is reported by every later flush too: the lost writes stay lost."""
         ...
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Deallocate each (lba, blocks) range. Deallocated blocks read as zeros (LBPRZ). Not durable until flush."""
+        """Deallocate each (lba, blocks) range; they read as zeros afterwards (LBPRZ). Not durable until
+        :meth:`flush`. Every range is checked before any is touched. Yields."""
         ...
 
     def lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]:
-        """Describe the mapping from ``lba`` onwards (SEEK_DATA/SEEK_HOLE on a sparse file). Pure reads, no I/O wait."""
+        """Describe the mapping from ``lba`` onwards (SEEK_DATA/SEEK_HOLE on a sparse file). Synchronous: no I/O
+        wait, never yields; a store that can only answer over the network reports everything mapped."""
         ...
 
     async def resize(self, num_blocks: int) -> None:
-        """Grow (or shrink) the device to ``num_blocks``. Durable on return."""
+        """Grow (or shrink) the device to ``num_blocks``. Durable on return. Yields."""
         ...
 
     async def close(self) -> None:
-        """Flush and release the backing store."""
+        """Flush and release the backing store; idempotent. Yields until in-flight work on the store has ended."""
+        ...
+
+
+@runtime_checkable
+class FileExtents(Protocol):
+    """Capability: the device can say where its bytes lie in files, so a copier can hand them to
+    ``os.copy_file_range`` (a reflink on XFS/btrfs) instead of reading them through Python.
+
+    Declared by the file and block backends, copy-on-write volumes and snapshot views."""
+
+    def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
+        """The runs covering ``blocks`` blocks from ``lba``, in order, summing to exactly that many bytes; a run with
+        descriptor -1 reads as zeros. Synchronous (SEEK_DATA at most), never yields. The descriptors stay the
+        device's and are valid until it closes; what they hold may change as the device is written, so a copier that
+        raced writes resolves the extents again afterwards and copies again what moved."""
+        ...
+
+
+@runtime_checkable
+class CopyTarget(Protocol):
+    """Capability: the device accepts offloaded copies written straight into its file.
+
+    Declared by the file and block backends, and by copy-on-write volumes (which preserve first)."""
+
+    async def begin_copy(self, lba: int, blocks: int) -> int:
+        """Prepare ``blocks`` blocks from ``lba`` to be overwritten by an offloaded copy and return the descriptor to
+        write them into (byte offset = ``lba * block_size``). A copy-on-write volume preserves what its snapshots need
+        of the range before returning. The caller keeps other writers off the range until its copy ends, and the
+        copy is durable only after :meth:`BlockDevice.flush`. Yields."""
+        ...
+
+
+@runtime_checkable
+class ChangedRegions(Protocol):
+    """Capability of a snapshot: which regions its origin has changed since it was taken, so that a restore onto
+    that origin copies only those ("only what changed").
+
+    Declared by copy-on-write snapshot views (their chunk maps)."""
+
+    def changed_regions(self, region_bytes: int) -> set[int] | None:
+        """The regions (of ``region_bytes`` from the start) where the origin's current contents may differ from the
+        snapshot's; None when this snapshot cannot tell at that granularity (then everything must be copied).
+        Synchronous, never yields."""
         ...

@@ -6,8 +6,9 @@ copier and the copier's throttles (:class:`FixedRate`, :class:`AdaptiveThrottle`
 regions (the snapshot chunk size). A region is *done* when its data is on the destination and *pending* when it must
 still be read from the source (a read-only snapshot view). Reads of pending regions are redirected to the source;
 a write covering whole regions marks them done without a copy; a partial write first brings its region over; UNMAP
-marks its regions done. The copier walks the pending regions with ``os.copy_file_range`` when the source exposes its
-bytes as file extents (and ``preadv``/``pwritev`` through the device otherwise), and commits the bitmap only after the
+marks its regions done. The copier walks the pending regions with ``os.copy_file_range`` when the source declares
+:class:`~lunsync.snapshots.device.FileExtents` and the destination :class:`~lunsync.snapshots.device.CopyTarget`
+(and with ``read``/``write`` through the devices otherwise; it never looks inside either), and commits the bitmap only after the
 destination data is durable: fdatasync the destination, then write the bitmap atomically (temp file, fsync, rename,
 directory fsync). A crash (kill -9) therefore resumes from the last commit and never marks a region done whose data
 could still be lost. A SYNCHRONIZE CACHE or a FUA write commits too, so an acknowledged flush covers the regions that
@@ -26,17 +27,16 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from lunsync.snapshots import fsutil
-from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, CopyTarget, FileExtents, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
 from lunsync.snapshots.progress import RateWindow
 
 __all__ = [
     "AdaptiveThrottle",
     "BitmapFile",
-    "ExtentSource",
     "FixedRate",
     "RegionBitmap",
     "ResyncProgress",
@@ -44,6 +44,8 @@ __all__ = [
     "ResyncVolume",
     "Throttle",
     "Unthrottled",
+    "extent_pieces",
+    "moved_pieces",
 ]
 
 log = logging.getLogger("lunsync.resync")
@@ -170,107 +172,6 @@ class BitmapFile:
 
     def remove(self) -> None:
         fsutil.remove_file(self.path)
-
-
-# --- sources that can be copied without passing through Python ----------------------------------------------------
-
-
-@runtime_checkable
-class ExtentSource(Protocol):
-    """A source that can say where its bytes live, so the copier can hand them to ``os.copy_file_range``.
-
-    ``file_extents(lba, blocks)`` returns (fd, byte offset, byte length) runs covering the range in order, with
-    fd -1 for a run that reads as zeros. A plain file backend is its own single extent; a snapshot view maps each
-    chunk to the pool file or to the origin. Descriptors stay owned by the source.
-    """
-
-    def file_extents(self, lba: int, blocks: int) -> list[tuple[int, int, int]]: ...
-
-
-def _extents_of(source: BlockDevice, lba: int, blocks: int) -> list[tuple[int, int, int]] | None:
-    """Where ``blocks`` blocks from ``lba`` of ``source`` live, or None when only ``source.read`` can tell."""
-    bs = source.block_size
-    if isinstance(source, ExtentSource):
-        return source.file_extents(lba, blocks)
-    snap = _snapshot_extents(source, lba, blocks)
-    if snap is not None:
-        return snap
-    fileno = getattr(source, "fileno", None)
-    if fileno is None:
-        return None
-    fd = fileno()
-    out: list[tuple[int, int, int]] = []
-    if source.thin:
-        # Runs the source does not map read as zeros: punch them on the destination instead of copying zeros.
-        cur, end = lba, lba + blocks
-        while cur < end:
-            for ext in source.lba_status(cur, 64):
-                stop = min(ext.lba + ext.blocks, end)
-                out.append((fd if ext.mapped else -1, cur * bs, (stop - cur) * bs))
-                cur = stop
-                if cur >= end:
-                    break
-        return out
-    return [(fd, lba * bs, blocks * bs)]
-
-
-def _snapshot_extents(source: BlockDevice, lba: int, blocks: int) -> list[tuple[int, int, int]] | None:
-    """Extents of a copy-on-write snapshot view (:class:`lunsync.snapshots.cow.SnapshotView`): each chunk is either
-    a slot of the pool file, or still the origin's. Only the pool side matters for a restore to the origin (its
-    pending regions are exactly the changed chunks), but a restore elsewhere needs both."""
-    vol = getattr(source, "volume", None)
-    epoch = getattr(source, "epoch", None)
-    copy_for = getattr(vol, "copy_for", None)
-    pool_fd = getattr(vol, "_data_fd", None)
-    if vol is None or epoch is None or copy_for is None or not isinstance(pool_fd, int) or pool_fd < 0:
-        return None
-    if not getattr(source, "valid", True):
-        raise NotReady("the source snapshot is no longer valid")
-    redirect = getattr(source, "redirect", None)
-    if redirect is not None:  # a clone that filled: its own file holds it now
-        return _extents_of(redirect, lba, blocks)
-    origin_fd: int = vol.fileno()
-    bs: int = source.block_size
-    cs: int = vol.chunk_size
-    start, end = lba * bs, (lba + blocks) * bs
-    out: list[tuple[int, int, int]] = []
-    pos = start
-    while pos < end:
-        c = pos // cs
-        hi = min(end, (c + 1) * cs)
-        slot = copy_for(c, epoch)
-        if slot is None:
-            fd, off = origin_fd, pos
-        elif slot < 0:  # cow.ZERO: the chunk was a hole when preserved
-            fd, off = -1, pos
-        else:
-            fd, off = pool_fd, slot * cs + pos - c * cs
-        if out and out[-1][0] == fd and out[-1][1] + out[-1][2] == off:
-            out[-1] = (fd, out[-1][1], out[-1][2] + hi - pos)
-        else:
-            out.append((fd, off, hi - pos))
-        pos = hi
-    if getattr(vol, "thin", False):
-        # The origin's unmapped runs read as zeros: punch them on the destination rather than copy zeros.
-        split: list[tuple[int, int, int]] = []
-        for fd, off, length in out:
-            if fd != origin_fd:
-                split.append((fd, off, length))
-                continue
-            cur, stop = off // bs, (off + length) // bs
-            while cur < stop:
-                exts = vol.lba_status(cur, 64)
-                if not exts:
-                    split.append((fd, cur * bs, (stop - cur) * bs))
-                    break
-                for ext in exts:
-                    e_end = min(ext.lba + ext.blocks, stop)
-                    split.append((fd if ext.mapped else -1, cur * bs, (e_end - cur) * bs))
-                    cur = e_end
-                    if cur >= stop:
-                        break
-        out = split
-    return out
 
 
 # --- throttles --------------------------------------------------------------------------------------------------
@@ -968,25 +869,22 @@ class ResyncVolume:
         preserved to the pool, and only then overwritten, by a write that lands meanwhile. After each copy the
         extents are resolved again and what moved is copied again from where it now lives; a chunk that still maps
         to the origin was not written during the copy (its preservation would have come first), so the copy holds."""
-        extents = _extents_of(self.source, lba, blocks)
-        dest_fd = getattr(self.dest, "fileno", None)
-        prepare = getattr(self.dest, "preserve_range", None)
-        if extents is None or dest_fd is None:
-            data = await self.source.read(lba, blocks)
-            await self.dest.write(lba, data)
+        source, dest = self.source, self.dest
+        if not isinstance(source, FileExtents) or not isinstance(dest, CopyTarget):
+            data = await source.read(lba, blocks)
+            await dest.write(lba, data)
             return blocks * self._bs
-        if prepare is not None:
-            # A destination with copy-on-write (the origin of other snapshots) preserves what it is about to lose.
-            await prepare(lba, blocks)
+        extents = source.file_extents(lba, blocks)
+        # A destination with copy-on-write (the origin of other snapshots) preserves what it is about to lose.
+        dfd = await dest.begin_copy(lba, blocks)
         base = lba * self._bs
-        moved = await self._place(_pieces(extents, base), dest_fd())
+        moved = await self._place(extent_pieces(extents, base), dfd)
         while True:
-            again = _extents_of(self.source, lba, blocks)
-            assert again is not None
-            changed = _moved_pieces(extents, again, base)
+            again = source.file_extents(lba, blocks)
+            changed = moved_pieces(extents, again, base)
             if not changed:
                 return moved
-            moved += await self._place(changed, dest_fd())
+            moved += await self._place(changed, await dest.begin_copy(lba, blocks))
             extents = again
 
     async def _place(self, pieces: list[tuple[int, int, int, int]], dfd: int) -> int:
@@ -1032,8 +930,9 @@ class ResyncVolume:
         )
 
 
-def _pieces(extents: list[tuple[int, int, int]], base: int) -> list[tuple[int, int, int, int]]:
-    """Extents laid end to end from destination offset ``base``, as (fd, source offset, length, destination offset)."""
+def extent_pieces(extents: list[tuple[int, int, int]], base: int) -> list[tuple[int, int, int, int]]:
+    """Extents laid end to end from destination offset ``base``, as (fd, source offset, length, destination offset):
+    what an offloaded copy of :meth:`~lunsync.snapshots.device.FileExtents.file_extents` to ``base`` does."""
     out = []
     for fd, off, length in extents:
         out.append((fd, off, length, base))
@@ -1041,11 +940,11 @@ def _pieces(extents: list[tuple[int, int, int]], base: int) -> list[tuple[int, i
     return out
 
 
-def _moved_pieces(before: list[tuple[int, int, int]], after: list[tuple[int, int, int]], base: int
+def moved_pieces(before: list[tuple[int, int, int]], after: list[tuple[int, int, int]], base: int
                   ) -> list[tuple[int, int, int, int]]:
     """The parts of ``after`` that map somewhere else than in ``before`` (both cover the same range from ``base``),
-    as :func:`_pieces`. Two runs reading as zeros (fd -1) are the same wherever they say they are."""
-    a, b = _pieces(before, base), _pieces(after, base)
+    as :func:`extent_pieces`. Two runs reading as zeros (fd -1) are the same wherever they say they are."""
+    a, b = extent_pieces(before, base), extent_pieces(after, base)
     out: list[tuple[int, int, int, int]] = []
     i = j = 0
     pos = base

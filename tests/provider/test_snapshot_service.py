@@ -169,13 +169,13 @@ def test_a_view_of_a_filling_clone_stays_right_after_the_fill_finishes(tmp_path:
     from lunsync.snapshots.resync import ResyncState, ResyncVolume, Unthrottled
 
     gate = threading.Event()
-    real_copy = snapshot_service._copy_chunks
+    real_copy = snapshot_service._fill_pieces
 
     def gated_copy(*args: Any) -> None:
         assert gate.wait(10)
         real_copy(*args)
 
-    monkeypatch.setattr(snapshot_service, "_copy_chunks", gated_copy)
+    monkeypatch.setattr(snapshot_service, "_fill_pieces", gated_copy)
 
     async def body(array: Array) -> None:
         svc = array.snapshots

@@ -546,3 +546,34 @@ def test_map_log_is_reused_after_a_checkpoint_and_reopens_with_the_new_generatio
     (gen, *_), *older = log_records(pool.log_path(1))
     assert len(older) == 2 and {g for g, *_ in older} == {gen - 1}  # the old generation's tail is still there
     assert Pool("p", str(tmp_path / "pool")).load(1) == [(c, 1, c) for c in range(4)]
+
+
+def test_views_and_volumes_declare_their_copy_capabilities(tmp_path: Path) -> None:
+    """The resync copier and the clone fill find where a snapshot's bytes lie through the view's FileExtents, and
+    where to write through the volume's CopyTarget, never by looking inside either."""
+    from lunsync.snapshots.device import ChangedRegions, CopyTarget, FileExtents
+
+    async def main() -> None:
+        vol, _ = make(tmp_path, epochs=(1,))
+        await vol.write(0, pat(0x11, 2 * CS))  # chunks 0 and 1 preserved (as holes: the origin was empty)
+        view = vol.view(1)
+        assert isinstance(vol, CopyTarget) and isinstance(vol, FileExtents)
+        assert isinstance(view, FileExtents) and isinstance(view, ChangedRegions)
+        assert not isinstance(view, CopyTarget), "a snapshot is never a copy's destination"
+        await vol.write(3 * CS // BS, pat(0x22, 512))  # chunk 3: also a hole when preserved
+        await vol.hold()
+        vol.add_snapshot(2)
+        vol.release()
+        await vol.write(0, pat(0x33, 512))  # chunk 0 now has data, preserved for snapshot 2 in a pool slot
+        ext = vol.view(2).file_extents(0, 2 * CS // BS)
+        assert ext[0][0] not in (-1, vol.origin.fileno()) and ext[0][2] == CS  # chunk 0 from the pool file
+        assert ext[1] == (vol.origin.fileno(), CS, CS)  # chunk 1 still the origin's (data written there)
+        assert [e[0] for e in view.file_extents(0, 4 * CS // BS)] == [-1]  # epoch 1 saw only holes (thin)
+        assert view.changed_regions(CS) == {0, 1, 3}
+        assert view.changed_regions(2 * CS) == {0, 1}  # regions of two chunks
+        assert view.changed_regions(CS // 2) == {0, 1, 2, 3, 6, 7}  # half chunks
+        dfd = await vol.begin_copy(4 * CS // BS, CS // BS)  # preserves chunk 4 for the snapshots first
+        assert dfd == vol.origin.fileno() and vol.copy_for(4, 1) is not None
+        await vol.close()
+
+    run(main())

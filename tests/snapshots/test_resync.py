@@ -439,13 +439,13 @@ def test_origin_write_during_the_copy_of_a_snapshot_chunk_does_not_reach_the_des
 
 
 def test_moved_pieces_are_the_runs_that_map_elsewhere() -> None:
-    from lunsync.snapshots.resync import _moved_pieces
+    from lunsync.snapshots.resync import moved_pieces
 
     same = [(5, 4096, 8192)]
-    assert _moved_pieces(same, same, 4096) == []
+    assert moved_pieces(same, same, 4096) == []
     # Origin fd 5 for 200 bytes; then a chunk moved to the pool (fd 7) and one stayed a hole (fd -1 either way).
     before = [(5, 0, 100), (-1, 100, 50), (5, 150, 50)]
     after = [(5, 0, 40), (7, 640, 60), (-1, 100, 50), (-1, 150, 20), (5, 170, 30)]
-    assert _moved_pieces(before, after, 0) == [(7, 640, 60, 40), (-1, 150, 20, 150)]
+    assert moved_pieces(before, after, 0) == [(7, 640, 60, 40), (-1, 150, 20, 150)]
     # The same fd at another offset moved too.
-    assert _moved_pieces([(7, 0, 64)], [(7, 64, 64)], 1024) == [(7, 64, 64, 1024)]
+    assert moved_pieces([(7, 0, 64)], [(7, 64, 64)], 1024) == [(7, 64, 64, 1024)]
