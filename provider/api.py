@@ -364,6 +364,25 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts.values()) or "invalid request"
 
 
+def differences(asked: dict[str, Any], have: dict[str, Any]) -> list[str]:
+    """``field asked X, exists with Y`` for each field whose asked value differs (None in ``asked``: not asked)."""
+    return [f"{k} {v!r} asked, it has {have[k]!r}" for k, v in asked.items() if v is not None and have[k] != v]
+
+
+def existing_response(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a create's 200: the object already existed with the asked spec."""
+    return {200: {"model": model, "description": "it already exists with this spec (an idempotent retry): the "
+                                                 "existing object, unchanged"}}
+
+
+def existing_or_conflict(what: str, diffs: list[str], response: Response) -> None:
+    """The rule of idempotent creates, for CSI-style drivers that retry: the object exists with the asked spec, so
+    answer 200 with it; or it exists with another spec, which is a 409 naming every difference."""
+    if diffs:
+        raise ApiError(409, f"{what} already exists with a different spec: {'; '.join(diffs)}")
+    response.status_code = 200
+
+
 class ApiError(Exception):
     """A request the API refuses on its own account (the catalog and storage raise their own families)."""
 
@@ -537,9 +556,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def list_targets() -> list[TargetOut]:
         return [_target_out(ctx, t) for t in array.catalog.list_targets()]
 
-    @v1.post("/targets", response_model=TargetOut, status_code=201, summary="create a target")
-    async def create_target(body: TargetIn) -> TargetOut:
-        t = await array.create_target(body.iqn, body.alias)
+    @v1.post("/targets", response_model=TargetOut, status_code=201, responses=existing_response(TargetOut),
+             summary="create a target")
+    async def create_target(body: TargetIn, response: Response) -> TargetOut:
+        try:
+            t = await array.create_target(body.iqn, body.alias)
+        except cat.AlreadyExists:
+            t = array.catalog.get_target(body.iqn)
+            existing_or_conflict(f"target {t.iqn}", differences({"alias": body.alias}, {"alias": t.alias}), response)
         return _target_out(ctx, t)
 
     @v1.get("/targets/{iqn}", response_model=TargetOut, summary="show a target")
@@ -559,9 +583,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def list_mappings(iqn: TargetPath) -> list[MappingOut]:
         return [MappingOut(lun=m.lun, name=m.name) for m in array.catalog.list_mappings(iqn)]
 
-    @v1.post("/targets/{iqn}/luns", response_model=MappingOut, status_code=201, summary="map a LUN into a target")
-    async def map_lun(iqn: TargetPath, body: MapIn) -> MappingOut:
-        m = await array.map_lun(iqn, body.name, body.lun)
+    @v1.post("/targets/{iqn}/luns", response_model=MappingOut, status_code=201, responses=existing_response(MappingOut),
+             summary="map a LUN into a target")
+    async def map_lun(iqn: TargetPath, body: MapIn, response: Response) -> MappingOut:
+        try:
+            m = await array.map_lun(iqn, body.name, body.lun)
+        except cat.AlreadyExists:
+            # Already shown on this target: the same mapping again (any number, or the one it has) is done.
+            have = next((x for x in array.catalog.list_mappings(iqn) if x.name == body.name), None)
+            if have is None:
+                raise
+            existing_or_conflict(f"mapping of lun {body.name!r} on {iqn}",
+                                 differences({"lun": body.lun}, {"lun": have.lun}), response)
+            m = have
         return MappingOut(lun=m.lun, name=m.name)
 
     @v1.delete("/targets/{iqn}/luns/{name}", status_code=204, response_class=Response,
@@ -615,10 +649,25 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def list_luns() -> list[LunOut]:
         return [_lun_out(array, rec) for rec in array.catalog.list_luns()]
 
-    @v1.post("/luns", response_model=LunOut, status_code=201, summary="create a LUN and its backing file")
-    async def create_lun(body: LunIn) -> LunOut:
-        rec = await array.create_lun(body.name, _size(body.size), path=body.path, block_size=body.block_size,
-                                     thin=body.thin, read_only=body.read_only, backend=body.backend or "")
+    @v1.post("/luns", response_model=LunOut, status_code=201, responses=existing_response(LunOut),
+             summary="create a LUN and its backing file")
+    async def create_lun(body: LunIn, response: Response) -> LunOut:
+        size = _size(body.size)
+        try:
+            rec = await array.create_lun(body.name, size, path=body.path, block_size=body.block_size,
+                                         thin=body.thin, read_only=body.read_only, backend=body.backend or "")
+        except cat.AlreadyExists as clash:
+            try:
+                rec = array.catalog.get_lun(body.name)
+            except cat.NotFound:
+                raise clash from None  # it was another LUN's path or identity that clashed: that error stands
+            where = os.path.realpath(os.path.join(array.catalog.data_dir, body.path)) if body.path else None
+            asked = {"size_bytes": size, "block_size": body.block_size, "thin": body.thin,
+                     "read_only": body.read_only, "backend": body.backend, "path": where}
+            have = {"size_bytes": rec.size_bytes, "block_size": rec.block_size, "thin": rec.thin,
+                    "read_only": rec.read_only, "backend": rec.backend,
+                    "path": os.path.realpath(array.catalog.lun_path(rec))}
+            existing_or_conflict(f"lun {rec.name!r}", differences(asked, have), response)
         return _lun_out(array, rec)
 
     @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN")

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.security import HTTPBearer
-from lunsync.provider.api import _ERRORS, ApiError, Size, _size
+from lunsync.provider.api import _ERRORS, ApiError, Size, _size, differences, existing_or_conflict, existing_response
 from lunsync.provider.config import MAX_LUN_NUMBER
+from lunsync.snapshots.catalog import AlreadyExists
 from lunsync.snapshots.snapcat import PoolRecord, SnapshotRecord, parse_snapshot_name, validate_name
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -191,15 +192,27 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
         s = svc()
         return [_snapshot_out(s, rec) for rec in s.cat.list_snapshots(lun)]
 
-    @r.post("/snapshots", response_model=SnapshotsOut, status_code=201,
+    @r.post("/snapshots", response_model=SnapshotsOut, status_code=201, responses=existing_response(SnapshotsOut),
             summary="take snapshots: one point in time across every LUN named",
             description="New writes on every member are held, in-flight writes drain, the epochs are committed in "
                         "one transaction and writes are released. If writes do not drain within the bound (10 s) "
                         "nothing is recorded and the answer is 409.")
-    async def create_snapshots(body: SnapshotsIn) -> SnapshotsOut:
+    async def create_snapshots(body: SnapshotsIn, response: Response) -> SnapshotsOut:
         s = svc()
         specs = [parse_snapshot_name(n) for n in body.snapshots]
-        recs, hold_ms = await s.create(specs, body.kind, body.pool, body.set)
+        try:
+            recs, hold_ms = await s.create(specs, body.kind, body.pool, body.set)
+        except AlreadyExists as clash:
+            # A retried request: every snapshot it names is there already, taken as asked (no new point in time).
+            existing = {(x.lun_name, x.name): x for x in s.cat.list_snapshots()}
+            if not all(spec in existing for spec in specs):
+                raise clash from None
+            recs = [existing[spec] for spec in specs]
+            diffs = [d for rec in recs for d in differences(
+                {"kind": body.kind, "pool": body.pool, "set": body.set},
+                {"kind": rec.kind, "pool": rec.pool, "set": rec.set_name})]
+            existing_or_conflict("snapshot " + ", ".join(rec.full_name for rec in recs), diffs, response)
+            hold_ms = 0.0
         return SnapshotsOut(snapshots=[_snapshot_out(s, rec) for rec in recs], set=body.set,
                             hold_ms=round(hold_ms, 3))
 

@@ -389,3 +389,44 @@ def test_apply_and_export_through_the_api(api_daemon: ApiDaemon) -> None:
         bad = c.post("/v1/apply", json={"config": '[[lun]]\nname = "x"\nsize = "1GiB"\nread_onyl = true\n',
                                         "source": "mine.toml"})
         assert bad.status_code == 400 and "read_onyl" in bad.json()["error"] and "mine.toml:" in bad.json()["error"]
+
+
+def test_creates_are_idempotent_for_drivers_that_retry(api_daemon: ApiDaemon) -> None:
+    t = iqn("idem")
+    with api_daemon.http() as c:
+        # The same spec twice: 201, then 200 with the same object.
+        first = c.post("/v1/targets", json={"iqn": t, "alias": "a"})
+        again = c.post("/v1/targets", json={"iqn": t, "alias": "a"})
+        assert (first.status_code, again.status_code) == (201, 200) and first.json() == again.json(), again.text
+        other = c.post("/v1/targets", json={"iqn": t, "alias": "b"})
+        assert other.status_code == 409 and "different spec" in other.json()["error"] and "alias" in other.json()["error"]
+
+        spec = {"name": "idem0", "size": "8MiB", "block_size": 4096}
+        first = c.post("/v1/luns", json=spec)
+        again = c.post("/v1/luns", json={**spec, "size": 8 * MIB})  # the same size, spelled in bytes
+        assert (first.status_code, again.status_code) == (201, 200), again.text
+        assert again.json()["serial"] == first.json()["serial"]
+        for change in ({"size": "16MiB"}, {"block_size": 512}, {"thin": False}, {"read_only": True}):
+            r = c.post("/v1/luns", json={**spec, **change})
+            assert r.status_code == 409 and "different spec" in r.json()["error"], (change, r.text)
+        assert c.get("/v1/luns/idem0").json()["size_bytes"] == 8 * MIB
+
+        m1 = c.post(f"/v1/targets/{t}/luns", json={"name": "idem0", "lun": 2})
+        m2 = c.post(f"/v1/targets/{t}/luns", json={"name": "idem0", "lun": 2})
+        m3 = c.post(f"/v1/targets/{t}/luns", json={"name": "idem0"})
+        assert (m1.status_code, m2.status_code, m3.status_code) == (201, 200, 200), (m2.text, m3.text)
+        assert m3.json() == {"lun": 2, "name": "idem0"}
+        assert c.post(f"/v1/targets/{t}/luns", json={"name": "idem0", "lun": 3}).status_code == 409
+
+        s1 = c.post("/v1/snapshots", json={"snapshots": ["idem0@s"]})
+        s2 = c.post("/v1/snapshots", json={"snapshots": ["idem0@s"]})
+        assert (s1.status_code, s2.status_code) == (201, 200), s2.text
+        assert s2.json()["snapshots"][0]["serial"] == s1.json()["snapshots"][0]["serial"]
+        s3 = c.post("/v1/snapshots", json={"snapshots": ["idem0@s"], "kind": "clone"})
+        assert s3.status_code == 409 and "kind" in s3.json()["error"], s3.text
+
+        # Deletes: done once, then a distinct 404 a driver can take as "already gone".
+        for path in ("/v1/snapshots/idem0@s", f"/v1/targets/{t}/luns/idem0", "/v1/luns/idem0", f"/v1/targets/{t}"):
+            assert c.delete(path).status_code == 204, path
+            gone = c.delete(path)
+            assert gone.status_code == 404 and gone.json()["code"] == "not_found", (path, gone.text)
