@@ -593,8 +593,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
             have = next((x for x in array.catalog.list_mappings(iqn) if x.name == body.name), None)
             if have is None:
                 raise
-            existing_or_conflict(f"mapping of lun {body.name!r} on {iqn}",
-                                 differences({"lun": body.lun}, {"lun": have.lun}), response)
+            if body.lun is not None and body.lun != have.lun:
+                raise ApiError(409, f"lun {body.name!r} is already mapped on {iqn} as LUN {have.lun}, not "
+                                    f"{body.lun}: unmap it first")
+            existing_or_conflict(f"mapping of lun {body.name!r} on {iqn}", [], response)
             m = have
         return MappingOut(lun=m.lun, name=m.name)
 
