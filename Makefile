@@ -7,7 +7,8 @@ DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus system
 SHARED ?= ../shared
 N ?= 100000
 
-.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak clean windows
+.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak clean windows wheel wheels install \
+        uninstall
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,56 @@ deps:
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# --- installing on a host -------------------------------------------------------------------------------------------
+# make install [PREFIX=/usr/local] [LUNSYNC_HOME=/opt/lunsync] [DESTDIR=] [PIP_ARGS=]: a venv in LUNSYNC_HOME with the
+# wheel built from this tree, PREFIX/bin/lunsync linked to it, the systemd unit, and the sysusers.d and tmpfiles.d
+# entries under PREFIX/lib (systemd reads /usr/local/lib/...). DESTDIR stages it all under another root (packaging,
+# tests); the venv's scripts then name their final paths. PIP_ARGS go to pip (e.g. --no-index --find-links
+# dist/wheels for a host without network).
+PREFIX       ?= /usr/local
+LUNSYNC_HOME ?= /opt/lunsync
+DESTDIR      ?=
+PIP_ARGS     ?=
+VERSION       = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+WHEEL         = dist/lunsync-$(VERSION)-py3-none-any.whl
+
+# The project's own wheel, built from this tree (pip fetches the build backend, setuptools, like any PEP 517 build).
+wheel: venv
+	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+
+# Every wheel the container (or an offline host) needs, into dist/wheels: this needs network, the image build does not.
+wheels: wheel
+	$(PY) -m pip wheel -q --wheel-dir dist/wheels $(WHEEL)
+
+install: wheel
+	$(PYTHON) -m venv $(DESTDIR)$(LUNSYNC_HOME)
+	$(DESTDIR)$(LUNSYNC_HOME)/bin/python -m pip install -q --upgrade $(PIP_ARGS) $(WHEEL)
+	@# A staged venv's scripts and activate files name the staging path; make them name the final one.
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -rlI --null -F "$(DESTDIR)$(LUNSYNC_HOME)" $(DESTDIR)$(LUNSYNC_HOME)/bin | \
+	    xargs -0 -r sed -i "s|$(DESTDIR)$(LUNSYNC_HOME)|$(LUNSYNC_HOME)|g"; \
+	fi
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)$(PREFIX)/lib/sysusers.d \
+	  $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(PREFIX)/share/doc/lunsync
+	ln -sfn $(LUNSYNC_HOME)/bin/lunsync $(DESTDIR)$(PREFIX)/bin/lunsync
+	sed -e 's|/usr/local/bin/lunsync|$(PREFIX)/bin/lunsync|' -e 's|/usr/local/share/doc/lunsync|$(PREFIX)/share/doc/lunsync|' \
+	  deploy/lunsync.service > $(DESTDIR)$(PREFIX)/lib/systemd/system/lunsync.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/lunsync.service
+	install -m 0644 deploy/lunsync.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/lunsync.conf
+	install -m 0644 deploy/lunsync.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/lunsync.conf
+	install -m 0644 README.md deploy/lunsync.example.toml deploy/prometheus.yml deploy/lunsync.rules.yml \
+	  deploy/grafana-dashboard.json $(DESTDIR)$(PREFIX)/share/doc/lunsync/
+	@if [ -z "$(DESTDIR)" ]; then \
+	  echo "installed; now: systemd-sysusers && systemd-tmpfiles --create lunsync.conf && systemctl daemon-reload" \
+	       "&& systemctl enable --now lunsync"; \
+	fi
+
+uninstall:
+	rm -rf $(DESTDIR)$(LUNSYNC_HOME)
+	rm -f $(DESTDIR)$(PREFIX)/bin/lunsync $(DESTDIR)$(PREFIX)/lib/systemd/system/lunsync.service \
+	  $(DESTDIR)$(PREFIX)/lib/sysusers.d/lunsync.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/lunsync.conf
+	rm -rf $(DESTDIR)$(PREFIX)/share/doc/lunsync
 
 serve: venv
 	$(VENV)/bin/lunsync serve --demo
@@ -93,4 +144,4 @@ $(WIN_OUT)/lunsync-vss-harness.exe: $(WIN_OUT)/harness.o $(WIN_COMMON)
 	$(WIN_CXX) $(WIN_FLAGS) -o $@ $^ $(WIN_LIBS)
 
 clean:
-	rm -rf $(VENV) lunsync-data build *.egg-info
+	rm -rf $(VENV) lunsync-data build dist *.egg-info
