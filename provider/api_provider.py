@@ -211,10 +211,31 @@ def provider_router(ctx: ApiContext) -> APIRouter:
         rs = await m.swap(body.snapshot, body.identity, body.options())
         return {**m.status(rs.id), "handle": async_handle(rs)}
 
-    @r.get("/recovery/{set_id}", summary="status: state, percent, bytes, rate, ETA, redirected reads")
-    @_plain
+    # Status, wait and cancel serve two callers: people and scripts under /v1/recovery (plain refusals), and the
+    # provider DLL's IVssAsync under /v1/provider/async (VSS names and HRESULTs, e.g. VSS_E_BAD_STATE for a cancel
+    # after the end, which IVssAsync::Cancel turns into VSS_S_ASYNC_FINISHED).
     async def show(set_id: SetId) -> Any:
         return manager().status(set_id)
+
+    async def wait(set_id: SetId, timeout_s: float = Query(60.0, ge=0, le=3600)) -> Any:
+        m = manager()
+        await m.wait(set_id, timeout_s)
+        return m.status(set_id)
+
+    async def cancel(set_id: SetId) -> Any:
+        m = manager()
+        await m.cancel(set_id)
+        return m.status(set_id)
+
+    summary_show = "status: state, percent, bytes, rate, ETA, redirected reads"
+    summary_wait = "wait until the set is done, failed or cancelled (or the timeout)"
+    summary_cancel = "cancel: stop copying; the destination keeps what was done"
+    r.get("/recovery/{set_id}", summary=summary_show)(_plain(show))
+    r.post("/recovery/{set_id}/wait", summary=summary_wait)(_plain(wait))
+    r.post("/recovery/{set_id}/cancel", summary=summary_cancel)(_plain(cancel))
+    r.get("/provider/async/{set_id}", summary=f"IVssAsync::QueryStatus of a ResyncLuns: {summary_show}")(_vss(show))
+    r.post("/provider/async/{set_id}/wait", summary=f"IVssAsync::Wait: {summary_wait}")(_vss(wait))
+    r.post("/provider/async/{set_id}/cancel", summary=f"IVssAsync::Cancel: {summary_cancel}")(_vss(cancel))
 
     @r.post("/recovery/{set_id}/pairs", status_code=201, summary="add a (snapshot, destination) pair (step 2)")
     @_plain
@@ -242,20 +263,6 @@ def provider_router(ctx: ApiContext) -> APIRouter:
     async def post_restore(set_id: SetId, timeout_s: float = Query(60.0, ge=0, le=3600)) -> Any:
         m = manager()
         await m.post_restore(set_id, timeout_s)
-        return m.status(set_id)
-
-    @r.post("/recovery/{set_id}/wait", summary="wait until the set is done, failed or cancelled (or the timeout)")
-    @_plain
-    async def wait(set_id: SetId, timeout_s: float = Query(60.0, ge=0, le=3600)) -> Any:
-        m = manager()
-        await m.wait(set_id, timeout_s)
-        return m.status(set_id)
-
-    @r.post("/recovery/{set_id}/cancel", summary="cancel: stop copying; the destination keeps what was done")
-    @_plain
-    async def cancel(set_id: SetId) -> Any:
-        m = manager()
-        await m.cancel(set_id)
         return m.status(set_id)
 
     # -- IVssHardwareSnapshotProvider(Ex) --

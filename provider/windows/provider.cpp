@@ -50,7 +50,8 @@ HRESULT unexpected(const std::wstring& why) {
     return VSS_E_UNEXPECTED_PROVIDER_ERROR;
 }
 
-// IVssAsync over a recovery set: QueryStatus is GET /v1/recovery/{id}, Wait is its /wait, Cancel its /cancel.
+// IVssAsync over a recovery set: QueryStatus is GET /v1/provider/async/{id}, Wait is its /wait, Cancel its
+// /cancel (the provider's forms of /v1/recovery/{id}, which answer refusals with VSS names).
 class RecoveryAsync final : public IVssAsync {
 public:
     explicit RecoveryAsync(std::string id) : id_(std::move(id)) { ++g_objects; }
@@ -124,7 +125,7 @@ private:
     std::atomic<long> refs_{1};
     std::string id_;
 
-    std::string base() const { return "/v1/recovery/" + id_; }
+    std::string base() const { return "/v1/provider/async/" + id_; }
     static bool terminal(const std::string& s) { return s == "done" || s == "failed" || s == "cancelled"; }
 };
 

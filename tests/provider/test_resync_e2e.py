@@ -272,6 +272,16 @@ def test_provider_methods_one_by_one(daemon: Daemon) -> None:
     done = httpx.post(f"{d.api_url}{handle.json()['wait']}", params={"timeout_s": 60}, headers=h, timeout=90).json()
     assert done["state"] == "done" and done["bytes_total"] == 16 * MIB, done
     assert httpx.get(f"{d.api_url}/v1/recovery/{hid}", headers=h).json()["state"] == "done"
+    # The provider DLL's IVssAsync: the same set under /v1/provider/async, refusals with their VSS names.
+    queried = api.get(f"/async/{hid}").json()
+    assert queried["state"] == "done" and queried["percent"] == 100, queried
+    assert api.post(f"/async/{hid}/wait", params={"timeout_s": 1}).json()["state"] == "done"
+    late = api.post(f"/async/{hid}/cancel")
+    assert late.status_code == 409 and late.json()["code"] == "VSS_E_BAD_STATE", late.text
+    plain = httpx.post(f"{d.api_url}/v1/recovery/{hid}/cancel", headers=h)
+    assert plain.status_code == 409 and plain.json().get("code") != "VSS_E_BAD_STATE", plain.text
+    unknown = api.get("/async/no-such-set")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "VSS_E_OBJECT_NOT_FOUND", unknown.text
     assert_reads(d, 0xAA, 0, 16 * MIB)
     missing = api.post("/on-lun-empty", json={"lun": {"serial_number": "NOPE"}})
     assert missing.status_code == 404 and missing.json()["code"] == "VSS_E_OBJECT_NOT_FOUND"
