@@ -39,9 +39,9 @@ PIP_ARGS     ?=
 VERSION       = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 WHEEL         = dist/lunsync-$(VERSION)-py3-none-any.whl
 
-# The project's own wheel, built from this tree (pip fetches the build backend, setuptools, like any PEP 517 build).
+# The project's own wheel, built from this tree with the venv's setuptools and wheel (no index needed).
 wheel: venv
-	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation --wheel-dir dist .
 
 # Every wheel the container (or an offline host) needs, into dist/wheels: this needs network, the image build does not.
 wheels: wheel
