@@ -209,9 +209,7 @@ class ArrayEngine:
     async def swap_identity(self, ref: str) -> None:
         rec = self._snap_rec(ref)
         lun = self.array.catalog.get_lun(rec.lun_name)
-        with self.array.catalog.transaction() as db:
-            db.execute("UPDATE luns SET naa = ?, serial = ? WHERE id = ?", (rec.naa, rec.serial, lun.id))
-            db.execute("UPDATE snapshots SET naa = ?, serial = ? WHERE id = ?", (lun.naa, lun.serial, rec.id))
+        self.snaps.cat.swap_identity(lun.name, rec.id)
         live = self.array.luns[lun.name].lu
         live.identity = LunIdentity(naa=bytes.fromhex(rec.naa), serial=rec.serial)
         live.add_ua_all(INQUIRY_DATA_HAS_CHANGED)

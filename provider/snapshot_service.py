@@ -126,8 +126,7 @@ class SnapshotService:
         try:
             self.pool(rec)  # creates the directory; a path that cannot be used is refused now, not at first write
         except BaseException:
-            with self.array.catalog.transaction() as db:
-                db.execute("DELETE FROM pools WHERE id = ?", (rec.id,))
+            self.cat.forget_pool(rec.id)
             raise
         log.info("pool %s created at %s%s", rec.name, rec.path,
                  f", capacity {rec.capacity_bytes} bytes" if rec.capacity_bytes else "")

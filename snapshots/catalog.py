@@ -63,6 +63,8 @@ __all__ = [
     "NotFound",
     "Plan",
     "PlanStep",
+    "RecoveryPairRow",
+    "RecoverySetRow",
     "lun_identity",
     "new_identity",
     "serial_from_naa",
@@ -142,6 +144,38 @@ def new_identity() -> tuple[str, str]:
 
 
 # --- records ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySetRow:
+    """One recovery set as the catalog stores it (``options`` and ``hooks`` are JSON text); its meaning is
+    :class:`lunsync.provider.vss.RecoverySet`'s."""
+
+    id: str
+    state: str
+    options: str
+    error: str | None
+    hooks: str
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPairRow:
+    """One (snapshot, destination) pair of a recovery set and its resync progress, as the catalog stores it."""
+
+    snapshot: str
+    destination: str
+    new_lun: bool
+    state: str
+    bytes_total: int
+    bytes_done: int
+    bytes_copied: int
+    redirected_reads: int
+    verified: bool | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1178,6 +1212,49 @@ class Catalog:
                 if m not in have_maps:
                     steps.append(PlanStep("+", "map", want_t.iqn, f"lun {m.lun} -> {m.name}"))
                     self.map_lun(want_t.iqn, m.name, m.lun)
+
+    # --- recovery sets -------------------------------------------------------------------------------------------
+
+    def save_recovery_set(self, row: RecoverySetRow, pairs: Sequence[RecoveryPairRow]) -> None:
+        """Write a recovery set and all its pairs in one transaction, replacing what was stored for it. Raises
+        :class:`AlreadyExists` when a pair would make a second resync of one destination (the partial unique index
+        holds that rule even if the caller's own check were bypassed)."""
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO recovery_sets (id, state, options, error, hooks, created_at, updated_at, started_at,
+                                              finished_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(id) DO UPDATE SET state = excluded.state, options = excluded.options,
+                       error = excluded.error, hooks = excluded.hooks, updated_at = excluded.updated_at,
+                       started_at = excluded.started_at, finished_at = excluded.finished_at""",
+                (row.id, row.state, row.options, row.error, row.hooks, row.created_at, row.updated_at,
+                 row.started_at, row.finished_at),
+            )
+            db.execute("DELETE FROM recovery_pairs WHERE set_id = ?", (row.id,))
+            db.executemany(
+                """INSERT INTO recovery_pairs (set_id, position, snapshot, destination, new_lun, state, bytes_total,
+                                               bytes_done, bytes_copied, redirected_reads, verified, error)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [(row.id, i, p.snapshot, p.destination, int(p.new_lun), p.state, p.bytes_total, p.bytes_done,
+                  p.bytes_copied, p.redirected_reads, None if p.verified is None else int(p.verified), p.error)
+                 for i, p in enumerate(pairs)],
+            )
+
+    def recovery_sets(self) -> list[tuple[RecoverySetRow, list[RecoveryPairRow]]]:
+        """Every recovery set with its pairs in order, oldest set first."""
+        with self._read() as db:
+            sets = db.execute("SELECT * FROM recovery_sets ORDER BY created_at").fetchall()
+            pairs: dict[str, list[RecoveryPairRow]] = {}
+            for r in db.execute("SELECT * FROM recovery_pairs ORDER BY set_id, position"):
+                pairs.setdefault(r["set_id"], []).append(RecoveryPairRow(
+                    snapshot=r["snapshot"], destination=r["destination"], new_lun=bool(r["new_lun"]),
+                    state=r["state"], bytes_total=r["bytes_total"], bytes_done=r["bytes_done"],
+                    bytes_copied=r["bytes_copied"], redirected_reads=r["redirected_reads"],
+                    verified=None if r["verified"] is None else bool(r["verified"]), error=r["error"]))
+        return [(RecoverySetRow(
+            id=r["id"], state=r["state"], options=r["options"], error=r["error"], hooks=r["hooks"],
+            created_at=r["created_at"], updated_at=r["updated_at"], started_at=r["started_at"],
+            finished_at=r["finished_at"]), pairs.get(r["id"], [])) for r in sets]
 
     # --- health ----------------------------------------------------------------------------------------------------
 

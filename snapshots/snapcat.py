@@ -188,6 +188,23 @@ class SnapshotCatalog:
                        (name, path, capacity_bytes, _now()))
             return self.get_pool(name)
 
+    def forget_pool(self, pool_id: int) -> None:
+        """Drop a pool's record that nothing uses yet (a pool whose directory turned out unusable just after
+        :meth:`create_pool`). Raises InUse while a LUN keeps snapshots in it."""
+        with self.catalog.transaction() as db:
+            db.execute("DELETE FROM pools WHERE id = ?", (pool_id,))
+
+    def swap_identity(self, lun_name: str, snap_id: int) -> None:
+        """Exchange the NAA designator and serial of a LUN and one of its snapshots, in one transaction (a LUN swap
+        that keeps the host's view of which disk is which). Raises NotFound."""
+        with self.catalog.transaction() as db:
+            lun = db.execute("SELECT id, naa, serial FROM luns WHERE name = ?", (lun_name,)).fetchone()
+            snap = db.execute("SELECT naa, serial FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+            if lun is None or snap is None:
+                raise NotFound(f"lun {lun_name!r} or snapshot {snap_id} does not exist")
+            db.execute("UPDATE luns SET naa = ?, serial = ? WHERE id = ?", (snap["naa"], snap["serial"], lun["id"]))
+            db.execute("UPDATE snapshots SET naa = ?, serial = ? WHERE id = ?", (lun["naa"], lun["serial"], snap_id))
+
     def get_pool(self, name: str) -> PoolRecord:
         with self.catalog.transaction(write=False) as db:
             row = db.execute("SELECT * FROM pools WHERE name = ?", (name,)).fetchone()

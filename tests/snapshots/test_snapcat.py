@@ -92,3 +92,21 @@ def test_get_snapshots_keeps_the_order_asked_and_names_what_is_missing(sc: Snaps
     assert [r.full_name for r in sc.get_snapshots(specs)] == ["l2@a", "l0@a", "l1@a"]
     with pytest.raises(NotFound, match="l0@zz"):
         sc.get_snapshots([("l0", "a"), ("l0", "zz")])
+
+
+def test_swap_identity_exchanges_a_lun_and_its_snapshot_identity(sc: SnapshotCatalog) -> None:
+    sc.record_snapshots(sc.plan_snapshots([("l0", "s")], "differential", None, None), "differential", None, [1])
+    snap = sc.get_snapshot("l0", "s")
+    lun = sc.catalog.get_lun("l0")
+    sc.swap_identity("l0", snap.id)
+    after, moved = sc.catalog.get_lun("l0"), sc.get_snapshot("l0", "s")
+    assert (after.naa, after.serial) == (snap.naa, snap.serial)
+    assert (moved.naa, moved.serial) == (lun.naa, lun.serial)
+    with pytest.raises(NotFound):
+        sc.swap_identity("nope", snap.id)
+
+
+def test_forget_pool_drops_an_unused_pool(sc: SnapshotCatalog, tmp_path: Path) -> None:
+    rec = sc.create_pool("spare", str(tmp_path / "spare"))
+    sc.forget_pool(rec.id)
+    assert "spare" not in [p.name for p in sc.list_pools()]
