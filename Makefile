@@ -7,7 +7,7 @@ DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus system
 SHARED ?= ../shared
 N ?= 100000
 
-.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak clean windows wheel wheels install \
+.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak faults clean windows wheel wheels install \
         uninstall
 
 $(VENV)/.stamp: pyproject.toml
@@ -142,6 +142,13 @@ $(WIN_OUT)/lunsync-vss.exe: $(WIN_OUT)/install.o $(WIN_COMMON)
 
 $(WIN_OUT)/lunsync-vss-harness.exe: $(WIN_OUT)/harness.o $(WIN_COMMON)
 	$(WIN_CXX) $(WIN_FLAGS) -o $@ $^ $(WIN_LIBS)
+
+# The fault suite: storage faults injected by the FUSE layer (tests/fusefs.py: EIO, ENOSPC, EROFS, latency, a hang, per
+# file and byte range) under the data dir, a pool and a LUN, small tmpfs pools, unbounded API input, racing API calls
+# and catalog scale. Needs root and /dev/fuse. `make test` runs the same tests with a 6 s hang instead of 20 s.
+FAULTS_HANG_S ?= 20
+faults: deps venv
+	FAULTS_HANG_S=$(FAULTS_HANG_S) $(PY) -m pytest -q -m faults
 
 clean:
 	rm -rf $(VENV) lunsync-data build dist *.egg-info

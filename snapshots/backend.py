@@ -6,7 +6,16 @@ regular (sparse or fully allocated) file and a LUN on a raw block device, and th
 configuration names. Its OSErrors become the storage error family through :mod:`lunsync.snapshots.fsutil`, the one
 mapping. The hot path stays on the event loop while the page cache can serve it: reads try ``preadv(RWF_NOWAIT)``
 inline and only go to a thread on a cache miss, writes are ``pwritev`` into the page cache, and everything that
-waits for a disk (fdatasync, hole punching, allocation, resize) runs in the default executor. Each backend keeps plain integer
+waits for a disk (fdatasync, hole punching, allocation, resize) runs on the backend's own I/O threads.
+
+A stuck store stays its LUN's problem. Each backend owns a small pool of I/O threads (tgt's backing-store threads),
+so a LUN whose storage hangs holds its own threads and never the ones other LUNs flush on. Its writes go to those
+threads too when its file system is one whose page-cache writes may wait on a server or a user-space process
+(FUSE, NFS, SMB, Ceph: :func:`~lunsync.snapshots.fsutil.may_hang`), and for a while after an inline write stalled
+the loop (more than ``STALL_S``); elsewhere they stay inline, where they cost no thread hop. Reads of stores without
+RWF_NOWAIT go to the threads as well. When ``IO_QUEUE_LIMIT`` commands wait on one backend's threads, the next is
+refused with :class:`~lunsync.snapshots.errors.Saturated` (TASK SET FULL), so a stuck LUN's queue cannot grow without
+bound. This state belongs to the backend, so it moves with the LUN. Each backend keeps plain integer
 counters that a metrics collector samples; nothing here talks to Prometheus.
 
 Read buffers: every :meth:`read` returns a fresh ``bytearray`` that the caller owns outright. The backend keeps no
@@ -22,17 +31,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lunsync.snapshots import fsutil
 from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, LbaExtent
-from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
-from lunsync.snapshots.fsutil import open_error, pread_full, pwrite_full, storage_error
+from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, Saturated, StorageError
+from lunsync.snapshots.fsutil import may_hang, open_error, pread_full, pwrite_full, storage_error
 
 __all__ = [
     "BlockDevBackend",
@@ -48,6 +60,13 @@ __all__ = [
 _T = TypeVar("_T")
 
 BLOCK_SIZES = (512, 4096)
+
+log = logging.getLogger("lunsync.backend")
+
+IO_THREADS = 4  # per backend, started on first use
+IO_QUEUE_LIMIT = 64  # commands waiting on one backend's threads before the next is refused (TASK SET FULL)
+STALL_S = 0.05  # an inline write this slow held the event loop: the LUN's writes go to its threads for a while
+STALL_HOLD_S = 30.0
 
 # <linux/fs.h>: BLKZEROOUT = _IO(0x12, 127), argument is uint64_t[2] = {start, length} in bytes.
 _BLKZEROOUT = 0x127F
@@ -78,6 +97,11 @@ class _FdBackend:
         # RWF_NOWAIT lets a page-cache hit stay on the loop and turns a miss into EAGAIN instead of a stall. A file
         # or device that does not support it answers EOPNOTSUPP once, and reads then block inline as before.
         self._nowait = os.RWF_NOWAIT
+        # The LUN's own I/O threads (see the module docstring), and whether its writes go there.
+        self._executor: ThreadPoolExecutor | None = None
+        self._queued = 0
+        self._offload_writes = may_hang(fd)
+        self._inline_after = 0.0  # monotonic time after which a stalled LUN writes inline again
         # Flush coalescing: ``_flush_waiting`` is the future of the next fdatasync, which has not started yet; every
         # flush requested now joins it. The runner detaches it just before calling fdatasync, so whoever asks later
         # gets a fresh one and is never satisfied by a sync that began before their request.
@@ -172,10 +196,22 @@ class _FdBackend:
         The executor future is shielded and tracked: a cancelled caller stops waiting, but the job runs to the end
         and close() still waits for it before the descriptor is released.
         """
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"io-{os.path.basename(self.path)}")
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         self._jobs.add(fut)
         fut.add_done_callback(self._job_done)
         return await asyncio.shield(fut)
+
+    async def _queued_io(self, fn: Callable[..., _T], *args: object) -> _T:
+        """A read or write on the LUN's threads, refused while as many already wait there (the store is stuck)."""
+        if self._queued >= IO_QUEUE_LIMIT:
+            raise Saturated(f"{self.path}: {self._queued} commands wait on its storage")
+        self._queued += 1
+        try:
+            return await self._in_thread(fn, *args)
+        finally:
+            self._queued -= 1
 
     def _job_done(self, fut: asyncio.Future[Any]) -> None:
         self._jobs.discard(fut)
@@ -205,11 +241,8 @@ class _FdBackend:
                     if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
                         raise
                     self._nowait = 0
-            else:
-                pread_full(fd, memoryview(buf), offset)
-                got = size
-            if got < size:
-                await self._in_thread(pread_full, fd, memoryview(buf)[got:], offset + got)
+            if got < size:  # a miss, or a store that cannot say whether it would block: never on the loop
+                await self._queued_io(pread_full, fd, memoryview(buf)[got:], offset + got)
         except OSError as exc:
             raise storage_error(exc, f"read {self.path} at block {lba}", lba, write=False) from exc
         self.reads += 1
@@ -231,13 +264,28 @@ class _FdBackend:
             raise ValueError(f"write of {view.nbytes} bytes is not a whole number of {self._block_size}-byte blocks")
         self._check_range(lba, view.nbytes // self._block_size)
         try:
-            pwrite_full(fd, view, lba * self._block_size)
+            if self._offload_writes or self._inline_after:
+                await self._offloaded_write(fd, view, lba)
+            else:
+                started = time.monotonic()
+                pwrite_full(fd, view, lba * self._block_size)
+                stalled = time.monotonic() - started
+                if stalled > STALL_S:
+                    self._inline_after = time.monotonic() + STALL_HOLD_S
+                    log.warning("%s: a write held the event loop %.0f ms; its writes go to its own threads for %g s",
+                                self.path, stalled * 1e3, STALL_HOLD_S)
         except OSError as exc:
             raise storage_error(exc, f"write {self.path} at block {lba}", lba, write=True) from exc
         self.writes += 1
         self.write_bytes += view.nbytes
         if fua:
             await self._flush()
+
+    async def _offloaded_write(self, fd: int, view: memoryview, lba: int) -> None:
+        if self._inline_after and time.monotonic() > self._inline_after:
+            self._inline_after = 0.0
+        # A copy: an aborted command's buffer goes back to the connection while the thread may still be writing.
+        await self._queued_io(pwrite_full, fd, bytes(view), lba * self._block_size)
 
     async def flush(self) -> None:
         """Make every write completed before this call durable (fdatasync); concurrent flushes share one sync."""
@@ -350,6 +398,8 @@ class _FdBackend:
             while self._jobs:
                 await asyncio.wait(list(self._jobs))
             os.close(self._fd)
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
 
 
 class FileBackend(_FdBackend):

@@ -34,3 +34,8 @@ class OutOfRange(StorageError):
 
 class NotReady(StorageError):
     """The device is being torn down, or its backing file is gone."""
+
+
+class Saturated(StorageError):
+    """The device's own I/O queue is full (its storage is slow or stuck): the command is refused now, and the SCSI
+    layer answers TASK SET FULL, instead of queueing without bound behind what does not complete."""

@@ -33,6 +33,7 @@ __all__ = [
     "fallocate",
     "fsync_dir",
     "is_hole",
+    "may_hang",
     "open_error",
     "pread_full",
     "punch",
@@ -76,6 +77,23 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 # --- whole-range reads and writes --------------------------------------------------------------------------------
+
+
+_fstatfs_c = _libc.fstatfs
+_fstatfs_c.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_fstatfs_c.restype = ctypes.c_int
+# statfs f_type of file systems whose page-cache writes can wait on a server or a user-space process for as long as
+# it pleases (<linux/magic.h>): FUSE, NFS, CIFS/SMB2, Ceph, 9p, AFS.
+_MAY_HANG = frozenset({0x65735546, 0x6969, 0xFF534D42, 0xFE534D42, 0x00C36400, 0x01021997, 0x5346414F, 0x6B414653})
+
+
+def may_hang(fd: int) -> bool:
+    """Whether even a buffered write to ``fd`` may block for as long as something outside this host decides (its file
+    system is remote or in user space). False when it cannot be told."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first member, a long
+    if _fstatfs_c(fd, buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little", signed=True) & 0xFFFFFFFF in _MAY_HANG
 
 
 def pread_full(fd: int, buf: memoryview, offset: int) -> None:

@@ -9,6 +9,10 @@ at the end. Two uses:
   ``mkdir``, ``unlink``, ``rename``) answer an errno (``EIO``, ``EROFS``, ``ENOSPC``...) from then on, for paths
   under an optional prefix; :meth:`FuseMount.heal` ends that. The rule travels in a small JSON control file beside
   the mount, which the file system rereads whenever its mtime changes.
+- **Slow, stuck and partial faults.** :meth:`FuseMount.inject` adds a rule for one file (or everything under a
+  prefix) and optionally one byte range of it: the ``read``, ``write`` or ``fsync`` calls it covers answer an errno,
+  wait ``delay_s`` first, or hang until :meth:`FuseMount.heal`. A hang waits without holding the file system, so
+  other files keep their speed (the mount serves requests concurrently).
 - **Recording.** With ``record=PATH`` every change that reaches the file system (a write with its bytes, a size
   change, a create, link, unlink, rename, mkdir or rmdir) and every fsync/fdatasync/fsyncdir is appended, in the order the
   file system answered them, to a log with the monotonic time it was received (CLOCK_MONOTONIC is system-wide, so a
@@ -87,6 +91,7 @@ class FuseMount:
         self.mountpoint = Path(mountpoint)
         self.record = record
         self.control = self.mountpoint.with_name(self.mountpoint.name + ".ctl.json")
+        self._rules: list[dict[str, Any]] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> FuseMount:
@@ -111,7 +116,17 @@ class FuseMount:
         """From now on the ``ops`` on paths under ``under`` (relative to the mount) answer ``errno.<errname>``."""
         self._control({"errno": errname, "ops": list(ops), "under": under})
 
+    def inject(self, ops: tuple[str, ...], *, file: str = "", under: str = "", start: int = 0, end: int | None = None,
+               errname: str | None = None, delay_s: float = 0.0, hang: bool = False) -> None:
+        """Add a rule: ``ops`` (``read``, ``write``, ``fsync``) on ``file`` (relative to the mount; or every path under
+        ``under``) touching bytes ``[start, end)`` wait ``delay_s``, hang until :meth:`heal` (``hang``), and/or then
+        answer ``errno.<errname>``. Rules add up until :meth:`heal`."""
+        self._rules.append({"ops": list(ops), "file": file, "under": under, "start": start, "end": end,
+                            "errno": errname, "delay_s": delay_s, "hang": hang})
+        self._control({"rules": self._rules})
+
     def heal(self) -> None:
+        self._rules = []
         self._control({})
 
     def _control(self, rule: dict[str, Any]) -> None:
@@ -228,6 +243,30 @@ def _serve(source: str, mountpoint: str, control: str, record: str | None) -> No
             if rule and op in rule.get("ops", ()):
                 under = os.path.join(source, rule.get("under", ""))
                 if path == under.rstrip("/") or path.startswith(under.rstrip("/") + "/") or not rule.get("under"):
+                    raise pyfuse3.FUSEError(getattr(errno, rule["errno"]))
+
+        async def _io_rules(self, op: str, path: str, off: int, size: int) -> None:
+            """Apply the byte-range rules of :meth:`FuseMount.inject` to one read, write or fsync."""
+            self._fault(op, path)  # also rereads the control file
+            for rule in self.rule.get("rules", ()):
+                if op not in rule["ops"]:
+                    continue
+                if rule["file"]:
+                    if path != os.path.join(source, rule["file"]):
+                        continue
+                elif rule["under"] and not path.startswith(os.path.join(source, rule["under"]).rstrip("/") + "/"):
+                    continue
+                end = rule["end"]
+                if op != "fsync" and (off + size <= rule["start"] or (end is not None and off >= end)):
+                    continue
+                if rule["delay_s"]:
+                    await trio.sleep(rule["delay_s"])
+                if rule["hang"]:
+                    while rule in self.rule.get("rules", ()):
+                        await trio.sleep(0.05)
+                        self._fault("", path)  # reread: heal() removes the rule
+                    continue
+                if rule["errno"]:
                     raise pyfuse3.FUSEError(getattr(errno, rule["errno"]))
 
         def _wrap(self, exc: OSError) -> Exception:
@@ -410,6 +449,7 @@ def _serve(source: str, mountpoint: str, control: str, record: str | None) -> No
             return pyfuse3.FileInfo(fh=self._new_fh(fd, inode)), self._attr(st)
 
         async def read(self, fh: int, off: int, size: int) -> bytes:
+            await self._io_rules("read", self.paths.get(self.fds[fh][1], ""), off, size)
             try:
                 return os.pread(self.fds[fh][0], size, off)
             except OSError as e:
@@ -417,7 +457,7 @@ def _serve(source: str, mountpoint: str, control: str, record: str | None) -> No
 
         async def write(self, fh: int, off: int, buf: bytes) -> int:
             fd, inode = self.fds[fh]
-            self._fault("write", self.paths.get(inode, ""))
+            await self._io_rules("write", self.paths.get(inode, ""), off, len(buf))
             t = time.monotonic()
             try:
                 n = os.pwrite(fd, buf, off)
@@ -429,7 +469,7 @@ def _serve(source: str, mountpoint: str, control: str, record: str | None) -> No
 
         async def fsync(self, fh: int, datasync: bool) -> None:
             fd, inode = self.fds[fh]
-            self._fault("fsync", self.paths.get(inode, ""))
+            await self._io_rules("fsync", self.paths.get(inode, ""), 0, 0)
             try:
                 (os.fdatasync if datasync else os.fsync)(fd)
             except OSError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from lunsync.snapshots.errors import StorageError
+from lunsync.snapshots.errors import Saturated, StorageError
 
 # Importing the command modules registers their handlers in the registry.
 from lunsync.target.scsi import pr as _pr
@@ -178,6 +178,8 @@ class ScsiTarget:
             return ScsiResponse(_CHECK, None, cc.sense())
         except ReservationConflict:
             return ScsiResponse(Status.RESERVATION_CONFLICT)
+        except Saturated:
+            return ScsiResponse(Status.TASK_SET_FULL)  # SAM-5 §5.3: the LUN's queue is full; retry later
         except StorageError as exc:
             write = spec is not None and spec.data is Dir.OUT
             return ScsiResponse(_CHECK, None, S.storage_error_to_check(exc, write=write).sense())

@@ -15,7 +15,7 @@ import time
 import pytest
 from api_harness import ApiDaemon, sample
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 MIB = 1 << 20
 

@@ -15,7 +15,7 @@ from api_harness import ApiDaemon
 from lunsync.provider.backing_paths import inside, removable
 from lunsync.snapshots.catalog import LunRecord
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 MIB = 1 << 20
 

@@ -19,7 +19,7 @@ from api_harness import ApiDaemon, qemu_io
 from e2e.harness import require_tools
 from fusefs import FuseMount, fuse_available
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 DEMO = "iqn.2026-11.io.lunsync:demo"
 MIB = 1 << 20

@@ -39,6 +39,7 @@ def test_one_name_runs_one_at_a_time_and_other_names_do_not_wait() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.faults
 def test_racing_create_and_delete_of_one_name_leave_catalog_and_array_agreeing(api_daemon: ApiDaemon) -> None:
     assert api_daemon.proc is not None
     headers = {"Authorization": f"Bearer {api_daemon.token}"}

@@ -16,7 +16,7 @@ from api_harness import ApiDaemon
 from e2e.harness import require_tools, run
 from fusefs import FuseMount, fuse_available
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 DEMO = "iqn.2026-11.io.lunsync:demo"
 MIB = 1 << 20

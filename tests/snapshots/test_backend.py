@@ -1008,3 +1008,43 @@ def test_block_device_unmap_falls_back_to_zeroout(
 
     run(main())
     assert ioctls == [0x127F]  # BLKZEROOUT
+
+
+# --- a stuck store ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.faults
+def test_a_hung_store_writes_on_its_own_threads_and_refuses_past_its_queue(tmp_path: Path) -> None:
+    """On FUSE (a store that may hang) writes leave the loop; once IO_QUEUE_LIMIT wait there, the next is Saturated
+    (TASK SET FULL); when the store returns every queued write completes with its data."""
+    from fusefs import FuseMount, fuse_available
+    from lunsync.snapshots.backend import IO_QUEUE_LIMIT
+    from lunsync.snapshots.errors import Saturated
+
+    why = fuse_available()
+    if why is not None:
+        pytest.skip(why)
+    with FuseMount(tmp_path / "src", tmp_path / "mnt") as fs:
+        path = tmp_path / "mnt" / "lun.img"
+
+        async def main() -> None:
+            dev = FileBackend.create(str(path), 1 << 20, 512, thin=True)
+            try:
+                fs.inject(("write",), file="lun.img", hang=True)
+                writes = [asyncio.ensure_future(dev.write(i, bytes([i + 1]) * 512)) for i in range(IO_QUEUE_LIMIT)]
+                ticks = 0
+                for _ in range(10):  # the loop keeps running while they hang
+                    await asyncio.sleep(0.02)
+                    ticks += 1
+                assert ticks == 10 and not any(w.done() for w in writes)
+                with pytest.raises(Saturated):
+                    await dev.write(IO_QUEUE_LIMIT, bytes(512))
+                fs.heal()
+                await asyncio.wait_for(asyncio.gather(*writes), 30)
+                for i in (0, IO_QUEUE_LIMIT - 1):
+                    assert bytes(await dev.read(i, 1)) == bytes([i + 1]) * 512
+            finally:
+                fs.heal()
+                await dev.close()
+
+        asyncio.run(main())

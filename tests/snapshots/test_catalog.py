@@ -668,6 +668,7 @@ def _vm_steps(cat: Catalog, op: Any) -> int:
     return steps
 
 
+@pytest.mark.faults
 def test_creating_the_nth_lun_costs_what_the_tenth_did(cat: Catalog) -> None:
     """No create scans every LUN (it did, to compare paths: 10 000 LUNs went from 226 to 41 creates a second)."""
     with cat.transaction():  # one commit for the filler rows: only the measured creates matter

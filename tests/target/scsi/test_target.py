@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lunsync.snapshots.errors import MediumError, OutOfSpace
+from lunsync.snapshots.errors import MediumError, OutOfSpace, Saturated
 from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.task import ScsiTask, Status, TmfFunction
 
@@ -46,6 +46,16 @@ def test_storage_errors_become_sense() -> None:
     assert sense_of(s.cmd(cdb10(0x2A, 0, 1), bytes(512))) == (7, 0x27, 0x07)
     dev.fail_next = MediumError("eio", 9)
     assert sense_of(s.cmd(cdb10(0x2A, 9, 1), bytes(512))) == (3, 0x0C, 0x00)
+
+
+def test_a_saturated_lun_answers_task_set_full_without_sense() -> None:
+    t, _, dev = make_target()
+    s = Session(t)
+    s.cmd(cdb10(0x28, 0, 1))  # the POWER ON unit attention
+    dev.fail_next = Saturated("64 commands wait on its storage")
+    r = s.cmd(cdb10(0x2A, 0, 1), bytes(512))
+    assert r.status == Status.TASK_SET_FULL and not r.sense
+    assert s.cmd(cdb10(0x2A, 0, 1), bytes(512)).status == Status.GOOD
 
 
 def test_lun_reset_clears_reserve6_and_warns_others() -> None:
