@@ -166,20 +166,15 @@ class ArrayEngine:
         return st.f_bavail * st.f_frsize
 
     def baseline_latency_s(self, name: str) -> float | None:
-        """Mean read/write service time of the LUN so far: what initiators saw before the resync."""
+        """Median read/write service time of the LUN so far: what initiators saw before the resync. The median, not
+        the mean: one command that waited out a stalled disk would otherwise raise the baseline so far that the
+        throttle never backs off."""
         server = self.array.server
         if server is None:
             return None
-        from lunsync.target.stats import OP_NAMES
+        from lunsync.target.stats import Op
 
-        s = server.stats.lun(name)
-        count, total = 0, 0.0
-        for op, op_name in enumerate(OP_NAMES):
-            if op_name in ("read", "write"):
-                _, n, t = s.histogram(op)
-                count += n
-                total += t
-        return total / count if count >= 100 else None
+        return server.stats.lun(name).median_s((int(Op.READ), int(Op.WRITE)))
 
     # -- snapshots --
 

@@ -84,6 +84,24 @@ class LunStats:
         self.buckets[op][bisect_left(LATENCY_BOUNDS_S, seconds)] += 1
         self.latency_sum_s[op] += seconds
 
+    def median_s(self, ops: tuple[int, ...], min_count: int = 100) -> float | None:
+        """The median latency of ``ops`` together, interpolated inside its bucket; None below ``min_count``
+        commands. Unlike the mean, one command stuck for seconds moves it by at most one command's rank."""
+        cells = [sum(self.buckets[op][i] for op in ops) for i in range(len(LATENCY_BOUNDS_S) + 1)]
+        total = sum(cells)
+        if total < min_count:
+            return None
+        half = total / 2
+        acc = 0
+        lower = 0.0
+        for i, n in enumerate(cells):
+            if n and acc + n >= half:
+                upper = LATENCY_BOUNDS_S[i] if i < len(LATENCY_BOUNDS_S) else lower * 2
+                return lower + (upper - lower) * (half - acc) / n
+            acc += n
+            lower = LATENCY_BOUNDS_S[i] if i < len(LATENCY_BOUNDS_S) else lower
+        return lower
+
     def histogram(self, op: int) -> tuple[list[tuple[float, int]], int, float]:
         """``([(upper_bound, cumulative_count), ...], count, sum_s)`` for ``op``; the last bound is +Inf."""
         acc = 0

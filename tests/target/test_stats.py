@@ -53,3 +53,17 @@ def test_forget_drops_a_deleted_lun() -> None:
     stats.forget("gone")
     assert "gone" not in stats.luns
     assert OP_NAMES == ("read", "write", "flush", "unmap", "other")
+
+
+def test_a_stall_does_not_move_the_median_baseline() -> None:
+    """The resync throttle's baseline: 1000 commands of ~80 us and one stuck 20 s leave it near 80 us (the mean
+    would be 20 ms, and the throttle would never back off)."""
+    from lunsync.target.stats import LunStats, Op
+
+    s = LunStats()
+    assert s.median_s((int(Op.READ), int(Op.WRITE))) is None  # too few commands to say
+    for _ in range(1000):
+        s.observe(int(Op.READ), 0.00008)
+    s.observe(int(Op.WRITE), 20.0)
+    m = s.median_s((int(Op.READ), int(Op.WRITE)))
+    assert m is not None and 0.00005 <= m <= 0.0001, m
