@@ -2,8 +2,9 @@
 
 LUN 1 lives on the suite's FUSE layer, whose writes to its file hang; a qemu-io write to it is left waiting. For the
 hang's duration (``FAULTS_HANG_S``, 6 s in ``make test``, 20 s in ``make faults``) another session reads 4 KiB blocks
-of LUN 0 (p99 under 50 ms), an idle session receives the target's NOP-In keepalives at their interval (1 s idle, 1 s tick), and the API
-answers. When the storage returns, the hung write completes and its data reads back; a later write to the LUN is
+of LUN 0 (p99 under 50 ms), an idle session receives the target's NOP-In keepalives at their interval (1 s idle, 1 s
+tick), and the API answers; a command stuck behind the hang is aborted at once by ABORT TASK and never answered.
+When the storage returns, the hung write completes and its data reads back; a later write to the LUN is
 acknowledged and survives a kill -9.
 """
 
@@ -22,7 +23,19 @@ import pytest
 from api_harness import ApiDaemon, qemu_io
 from e2e.harness import require_tools
 from fusefs import FuseMount, fuse_available
-from iscsi_scapy import RESERVED_TAG, NopIn, NopOut, RawInitiator, cdb_read10
+from iscsi_scapy import (
+    RESERVED_TAG,
+    NopIn,
+    NopOut,
+    RawInitiator,
+    ScsiCommand,
+    ScsiResponse,
+    TaskMgmtRequest,
+    TaskMgmtResponse,
+    cdb_read10,
+    cdb_write10,
+    encode_lun,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -122,7 +135,28 @@ def test_a_hung_lun_leaves_other_luns_keepalives_and_the_api_on_time(
         assert len(nops) >= HANG_S / 2 - 1 and max(gaps) < 2.5, (len(nops), gaps)
         assert max(api_times) < 1.0, api_times
 
+        # a command stuck behind the hung storage is aborted at once (ABORT TASK: function complete), and never
+        # answered afterwards, even once the storage returns
+        reader.test_unit_ready(1)  # the new LUN's unit attention
+        reader.test_unit_ready(1)
+        itt, cmd_sn = reader.next_itt(), reader.cmd_sn
+        reader.send(ScsiCommand(flags=0xA1, lun=encode_lun(1), itt=itt, expected_data_transfer_length=4096,
+                                cmd_sn=cmd_sn, exp_stat_sn=reader.exp_stat_sn, cdb=cdb_write10(256, 8).ljust(16, b"\0"),
+                                data=b"\x77" * 4096))
+        reader.cmd_sn += 1
+        time.sleep(0.3)
+        tmf_itt = reader.next_itt()
+        t0 = time.monotonic()
+        reader.send(TaskMgmtRequest(function=1, lun=encode_lun(1), itt=tmf_itt, referenced_task_tag=itt,
+                                    cmd_sn=reader.cmd_sn, exp_stat_sn=reader.exp_stat_sn, ref_cmd_sn=cmd_sn))
+        tmf = reader._wait_for(tmf_itt, timeout=5)
+        assert isinstance(tmf, TaskMgmtResponse) and tmf.response == 0, tmf.summary()
+        assert time.monotonic() - t0 < 1.0
+        reader.exp_stat_sn = tmf.stat_sn + 1
+
         fs.heal()
+        late = reader.drain(timeout=1.0)
+        assert not any(isinstance(p, ScsiResponse) and p.itt == itt for p in late), [p.summary() for p in late]
         out, _ = writer.communicate(timeout=60)
         assert writer.returncode == 0 and b"wrote 65536" in out, out
     finally:
