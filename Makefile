@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus systemd fuse3 g++-mingw-w64-x86-64 \
-           binutils-mingw-w64-x86-64 wine wine64
+           binutils-mingw-w64-x86-64 wine wine64 ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd
 SHARED ?= ../shared
 N ?= 100000
 
-.PHONY: serve test test-unit test-e2e deps venv lint bench fuzz crash-trials powerloss soak faults clean windows wheel wheels install \
+.PHONY: serve test test-unit test-e2e deps venv ceph-bindings lint bench fuzz crash-trials powerloss soak faults clean windows wheel wheels install \
         uninstall
 
 $(VENV)/.stamp: pyproject.toml
@@ -17,6 +17,23 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.stamp
+
+# python3-rados and python3-rbd are built for Debian's /usr/bin/python3; the venv runs another CPython 3.11 build.
+# An extension module loads in any CPython with the same ABI tag (EXT_SUFFIX), so the venv gets exactly these two,
+# through a .pth naming a directory of links to them, once the tag is checked; never the whole dist-packages, whose
+# other packages would shadow the venv's own.
+CEPH_BINDINGS = $(abspath $(VENV))/ceph-bindings
+ceph-bindings: venv deps
+	@suffix=$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
+	mkdir -p $(CEPH_BINDINGS); \
+	for m in rados rbd; do \
+	  so=/usr/lib/python3/dist-packages/$$m$$suffix; \
+	  if [ ! -f $$so ]; then echo "$$so is missing: python3-$$m is not built for this venv's ABI ($$suffix)"; exit 1; fi; \
+	  ln -sfn $$so $(CEPH_BINDINGS)/$$m$$suffix; \
+	done; \
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "$(CEPH_BINDINGS)" > $$site/debian-ceph-bindings.pth; \
+	$(PY) -c 'import rados, rbd'
 
 # Debian packages the end-to-end tests drive (real initiators and the peer target).
 deps:
@@ -79,7 +96,7 @@ uninstall:
 serve: venv
 	$(VENV)/bin/lunsync serve --demo
 
-test: deps venv windows
+test: deps venv windows ceph-bindings
 	$(PY) -m pytest -q
 
 test-unit: venv

@@ -16,8 +16,21 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
+from ceph_cluster import CephCluster, start_cluster
 from e2e.harness import Daemon
 from e2e.harness import free_port as _free_port
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """One single-node Ceph cluster (mon, mgr, memstore OSD on loopback) for the whole session, started on first use
+    and torn down at the end. Its start time is printed, to keep an eye on the suite's budget."""
+    cluster = start_cluster()
+    print(f"\nceph cluster up in {cluster.start_seconds:.1f} s", file=sys.stderr)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
