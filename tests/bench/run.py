@@ -120,6 +120,8 @@ def main() -> int:
     own = [
         ("copy-on-write 4 KiB random-write IOPS: tests/snapshots/bench_cow.py iops",
          [PY, "tests/snapshots/bench_cow.py", "iops"]),
+        ("copy-on-write through iSCSI, with the A/A noise: tests/snapshots/bench_cow.py iscsi",
+         [PY, "tests/snapshots/bench_cow.py", "iscsi"]),
         ("snapshot set of 8 x 10 GiB LUNs under 4 KiB random writes: tests/snapshots/bench_cow.py set",
          [PY, "tests/snapshots/bench_cow.py", "set"]),
         ("resync: tests/provider/bench_resync.py", [PY, "tests/provider/bench_resync.py"]),

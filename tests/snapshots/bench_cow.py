@@ -7,6 +7,16 @@ a fresh LUN filled with data, so first writes really preserve; a last case takes
 (thin), where every first write lands on a hole. The cases alternate for ROUNDS rounds (3) and each figure is the
 median of its runs.
 
+``python tests/snapshots/bench_cow.py iscsi [SIZE_MIB [ROUNDS]]`` measures the same through iSCSI, as an initiator
+sees it: ``lunsync serve`` on loopback, and ``qemu-img bench`` (QEMU's libiscsi driver, 32 in flight) writing 4 KiB
+at a 68 KiB stride, so that each write of a pass lands in a chunk of its own: on a filled LUN after a snapshot,
+every one is a first write that must preserve. Each case gets a fresh LUN of SIZE_MIB (1024), filled through iSCSI
+with 128 KiB writes and flushed: ``none`` (twice: ``none`` against ``none-again`` is the A/A noise of the bench),
+``one`` and ``eight`` snapshots, ``preserved`` (1 snapshot, every chunk already preserved), and 128 KiB sequential
+writes with no snapshot and with one. Each 4 KiB case reports its burst (the first eighth of a pass) and its
+sustained rate (the whole pass, which is also more than 4x any in-memory staging: there is none). The cases
+alternate for ROUNDS rounds (3) and each figure is the median.
+
 ``python tests/snapshots/bench_cow.py set`` starts ``lunsync serve``, creates 8 thin LUNs of 10 GiB, runs 4 KiB
 random writes on them through the daemon's own volumes via qemu-io, and creates a snapshot set of all 8 through the
 API several times; it prints what the daemon measured: how long writes were held, and how long after the request the
@@ -28,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BS = 512
 SIZE = 1 << 30
@@ -100,6 +111,93 @@ def iops(seconds: float = 5.0, rounds: int = 3) -> None:
     print(f"1 snapshot, thin LUN (first writes to holes) / none = {rates['thin'] / rates['none']:.2f}")
 
 
+STRIDE = 68 << 10  # 4 KiB writes 68 KiB apart: each in a 64 KiB chunk of its own, for a whole pass of the LUN
+ISCSI_CASES = ("none", "one", "eight", "preserved", "none-again", "seq-none", "seq-one")
+
+
+def _qemu_bench(url: str, count: int, size: int, step: int, depth: int = 32) -> float:
+    """Writes per second of one ``qemu-img bench`` run (its own timing of the run)."""
+    p = subprocess.run(["qemu-img", "bench", "-w", "-f", "raw", "-t", "none", "-d", str(depth), "-c", str(count),
+                        "-s", str(size), "-S", str(step), url], capture_output=True, text=True, timeout=900,
+                       check=False)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", p.stdout)
+    if p.returncode or not m:
+        raise RuntimeError(f"qemu-img bench failed: {p.stdout[-500:]} {p.stderr[-500:]}")
+    return count / float(m[1])
+
+
+def _iscsi_case(c: Any, daemon: Any, case: str, n: int, size_mib: int) -> dict[str, float]:
+    """One case on a fresh LUN ``b<n>`` (the API client ``c`` of the harness's ``daemon``), deleted after."""
+    from e2e.harness import DEMO_IQN
+
+    name = f"b{n}"
+    c.post("/luns", json={"name": name, "size": f"{size_mib}MiB"}).raise_for_status()
+    c.post(f"/targets/{DEMO_IQN}/luns", json={"name": name, "lun": 1}).raise_for_status()
+    url = daemon.url(1)
+    size = size_mib << 20
+    try:
+        _qemu_bench(url, size // (128 << 10), 128 << 10, 128 << 10, depth=16)  # fill: first writes copy data
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "flush", url], capture_output=True, timeout=300, check=True)
+        snaps = {"one": 1, "eight": 8, "preserved": 1, "seq-one": 1}.get(case, 0)
+        for i in range(snaps):
+            c.post("/snapshots", json={"snapshots": [f"{name}@s{i}"]}).raise_for_status()
+        passes = size // STRIDE
+        if case == "preserved":
+            _qemu_bench(url, passes, 4096, STRIDE)
+            subprocess.run(["qemu-io", "-f", "raw", "-c", "flush", url], capture_output=True, timeout=300,
+                           check=True)
+        if case.startswith("seq"):
+            return {"sustained": _qemu_bench(url, min(size, 256 << 20) // (128 << 10), 128 << 10, 128 << 10)}
+        # The burst: the first eighth of a pass; then the rest of it, every write still a first write.
+        burst = _qemu_bench(url, passes // 8, 4096, STRIDE)
+        rest = _qemu_bench(url, passes - passes // 8, 4096, STRIDE)
+        return {"burst": burst, "sustained": rest}
+    finally:
+        for i in range(8):
+            c.delete(f"/snapshots/{name}@s{i}")
+        c.delete(f"/targets/{DEMO_IQN}/luns/{name}").raise_for_status()
+        c.delete(f"/luns/{name}").raise_for_status()
+
+
+def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
+    """Every case ``rounds`` times, alternating, through the daemon; the medians and their ratios to ``none``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import httpx
+    from e2e.harness import Daemon
+
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in ISCSI_CASES}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        daemon = Daemon(Path(d), api=True, demo_size="64MiB")
+        daemon.start()
+        try:
+            with httpx.Client(base_url=daemon.api_url + "/v1", timeout=300,
+                              headers={"Authorization": f"Bearer {daemon.api_token}"}) as c:
+                n = 0
+                for r in range(rounds):
+                    for case in ISCSI_CASES:
+                        n += 1
+                        got = _iscsi_case(c, daemon, case, n, size_mib)
+                        runs[case].append(got)
+                        print(f"round {r + 1} {case}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in got.items()),
+                              flush=True)
+        finally:
+            daemon.close()
+    med = {case: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for case, rs in runs.items()}
+    none, noise = med["none"], med["none-again"]
+    print(f"through iSCSI (qemu-img bench, QD32, 4 KiB at a {STRIDE >> 10} KiB stride; {size_mib} MiB filled LUN, "
+          f"median of {rounds}); no in-memory staging, so burst and sustained take the same path")
+    for kind in ("burst", "sustained"):
+        aa = noise[kind] / none[kind]
+        print(f"  {kind}: none {none[kind]:,.0f}/s; A/A noise (none again / none) {aa:.2f}")
+        print(f"    1 snapshot / none        = {med['one'][kind] / none[kind]:.2f}")
+        print(f"    8 snapshots / 1          = {med['eight'][kind] / med['one'][kind]:.2f}")
+        print(f"    all preserved / none     = {med['preserved'][kind] / none[kind]:.2f}")
+    print(f"  128 KiB sequential, 1 snapshot / none = {med['seq-one']['sustained'] / med['seq-none']['sustained']:.2f} "
+          f"({med['seq-one']['sustained'] * 128 / 1024:,.0f} vs {med['seq-none']['sustained'] * 128 / 1024:,.0f} "
+          f"MiB/s)")
+    print(json.dumps({"size_mib": size_mib, "rounds": rounds, "medians": med}))
+
+
 def set_hold(rounds: int = 5) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import httpx
@@ -152,7 +250,9 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "iops"
     if what == "iops":
         iops(float(sys.argv[2]) if len(sys.argv) > 2 else 5.0, int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+    elif what == "iscsi":
+        iscsi(int(sys.argv[2]) if len(sys.argv) > 2 else 1024, int(sys.argv[3]) if len(sys.argv) > 3 else 3)
     elif what == "set":
         set_hold()
     else:
-        sys.exit(f"usage: {sys.argv[0]} iops [SECONDS [ROUNDS]] | set")
+        sys.exit(f"usage: {sys.argv[0]} iops [SECONDS [ROUNDS]] | iscsi [SIZE_MIB [ROUNDS]] | set")
