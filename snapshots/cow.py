@@ -3,7 +3,7 @@
 This module owns the data path of snapshots. A :class:`Pool` is a directory (possibly on other, cheaper storage than
 the LUNs) holding, per origin LUN, a preserved-chunk file (``lun-<id>.cow``, fixed-size slots) and a map log
 (``lun-<id>.map``), plus ``pool.db``, the checkpointed chunk maps: ``copies(lun_id, chunk, epoch, slot)`` and
-``zero_copies`` in SQLite, WAL, ``synchronous=FULL``. A preservation batch costs the slot file's fdatasync plus one
+``zero_copies`` in SQLite (a copy's ``mask`` says which units of its chunk its slot holds), WAL, ``synchronous=FULL``. A preservation batch costs the slot file's fdatasync plus one
 small append and fdatasync of the map log (no SQLite commit on the hot path; the log is checkpointed into pool.db
 every few thousand records, before any copy is forgotten, and at close), shared by every preservation that happened
 at the same time (group commit). A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, no slot, and
@@ -12,16 +12,19 @@ with management transactions, and losing the pool's storage loses the snapshots 
 point at nothing.
 
 A :class:`CowVolume` wraps an origin backend and is the LUN's :class:`~lunsync.snapshots.device.BlockDevice`. Each
-snapshot of the LUN has an epoch, increasing per LUN. Before a chunk is first overwritten after the newest snapshot,
-its old contents are copied into a slot and tagged with the newest epoch ``e``; that one copy serves every snapshot
-whose epoch lies in ``(epoch of the chunk's previous copy, e]``, so a first write costs the same with 8 snapshots as
-with 1. Reading snapshot ``s`` at chunk ``c`` gives the earliest copy with epoch >= ``s``, else the origin. Whether a
-write must preserve is one dict lookup (``latest copy epoch < newest epoch``), so once a chunk is preserved, writes
-go straight through. Ordering, which holds under kill -9 with any write-cache setting: the copy is written and
+snapshot of the LUN has an epoch, increasing per LUN. The maps are kept per chunk, but copies are made per unit
+(4 KiB, or a 64th of a chunk larger than 256 KiB): before a unit is first overwritten after the newest snapshot, its
+old contents are copied into the chunk's slot for the newest epoch ``e`` and the copy's mask gains it, so a 4 KiB first
+write copies 4 KiB and a later first write to another unit of the chunk copies that unit into the same slot. That one
+copy serves every snapshot whose epoch lies in ``(epoch of the chunk's previous copy, e]``, so a first write costs
+the same with 8 snapshots as with 1. Reading unit ``u`` of snapshot ``s`` gives the earliest copy with epoch >= ``s``
+that holds ``u``, else the origin (a unit never overwritten while an older epoch was the newest is held by a later
+copy, if any). Whether a write must preserve is a dict lookup or two (``latest copy epoch < newest epoch``, then its
+mask when it is not whole), so once a unit is preserved, writes go straight through. Ordering, which holds under kill -9 with any write-cache setting: the copy is written and
 fdatasync'ed, then its mapping is appended to the map log and fdatasync'ed, and only then does the overwriting write
 reach the origin. Concurrent writes to one chunk share the one preservation (a per-chunk in-flight future), and
 preservations that arrive while a batch is being copied form the next batch (two fdatasyncs per batch). UNMAP and WRITE
-SAME preserve first like any write; a partial-chunk write preserves the whole chunk. A copy is freed only when no live
+SAME preserve first like any write, unit by unit; ``preserve_range`` (for copiers) preserves whole chunks. A copy is freed only when no live
 snapshot maps to it, so snapshots can be deleted in any order. When a preservation fails (pool full, I/O error) the
 origin keeps serving: the snapshots that needed it are reported through ``on_invalid`` (which must make that durable)
 before the write proceeds, and stop counting, so they are never silently wrong. Any error of the pool's storage counts
@@ -76,10 +79,15 @@ ZERO = -1  # the slot of a copy of a chunk that was a hole: it reads as zeros
 # The slot of a map-log record that is no copy but says "snapshot epoch E lost a chunk": kept there when the catalog
 # cannot record the invalidation, so that a crash before it can never bring the snapshot back as valid.
 INVALIDATED = -2
-LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.db (160 KiB of log)
-_LOG_MAGIC = b"LSM1"
-_LOG_BODY = struct.Struct("<Qqqq")  # generation, chunk, epoch, slot
-_LOG_REC = struct.Struct("<4sIQqqq")  # magic, CRC-32 of the body, then the body: 40 bytes
+FULL = -1  # the mask of a copy that holds every unit of its chunk (all bits set, whatever the chunk's size)
+LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.db (192 KiB of log)
+_LOG_MAGIC = b"LSM2"
+_LOG_BODY = struct.Struct("<Qqqqq")  # generation, chunk, epoch, slot, mask of the units copied
+_LOG_REC = struct.Struct("<4sIQqqqq")  # magic, CRC-32 of the body, then the body: 48 bytes
+# The records of the first format (no mask: every copy was of the whole chunk), still read at open.
+_LOG1_MAGIC = b"LSM1"
+_LOG1_BODY = struct.Struct("<Qqqq")
+_LOG1_REC = struct.Struct("<4sIQqqq")
 _LOG_GROW = 64 << 10  # the map log's size is a multiple of this
 @dataclass(slots=True)
 class CowStats:
@@ -114,30 +122,42 @@ class _MapLog:
     def __init__(self, path: str, gen: int) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.gen = gen
-        self.rows: list[tuple[int, int, int]] = []
+        self.rows: list[tuple[int, int, int, int]] = []
         self.end = 0
         self.lock = threading.Lock()
         raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
         self.size = len(raw)
         # A torn or stale tail ends the log: those records' origin writes never happened (they wait for the sync),
         # and records of an older generation are already in pool.db.
+        first = raw[:4]
+        if first == _LOG1_MAGIC:
+            # Written before copies had masks: read it, and start a new generation (in the new format) before the
+            # next append, since the two formats' records cannot share one generation.
+            for off in range(0, len(raw) - _LOG1_REC.size + 1, _LOG1_REC.size):
+                rec = raw[off:off + _LOG1_REC.size]
+                magic, crc, rgen, chunk, epoch, slot = _LOG1_REC.unpack(rec)
+                if magic != _LOG1_MAGIC or crc != zlib.crc32(rec[8:]) or rgen != gen:
+                    break
+                self.rows.append((chunk, epoch, slot, FULL))
+            self.stale_tail = bool(self.rows)
+            return
         for off in range(0, len(raw) - _LOG_REC.size + 1, _LOG_REC.size):
             rec = raw[off:off + _LOG_REC.size]
-            magic, crc, rgen, chunk, epoch, slot = _LOG_REC.unpack(rec)
+            magic, crc, rgen, chunk, epoch, slot, mask = _LOG_REC.unpack(rec)
             if magic != _LOG_MAGIC or crc != zlib.crc32(rec[8:]) or rgen != gen:
                 break
-            self.rows.append((chunk, epoch, slot))
+            self.rows.append((chunk, epoch, slot, mask))
             self.end = off + _LOG_REC.size
         self.stale_tail = any(
             raw[off:off + 4] == _LOG_MAGIC and _LOG_BODY.unpack_from(raw, off + 8)[0] == gen
             for off in range(self.end + _LOG_REC.size, len(raw) - _LOG_REC.size + 1, _LOG_REC.size))
 
-    def append(self, rows: Sequence[tuple[int, int, int]]) -> None:
+    def append(self, rows: Sequence[tuple[int, int, int, int]]) -> None:
         """Write and fdatasync ``rows``: durable when this returns. Caller holds ``lock`` and has started a new
         generation if ``stale_tail``."""
         buf = bytearray()
-        for chunk, epoch, slot in rows:
-            body = _LOG_BODY.pack(self.gen, chunk, epoch, slot)
+        for chunk, epoch, slot, mask in rows:
+            body = _LOG_BODY.pack(self.gen, chunk, epoch, slot, mask)
             buf += _LOG_MAGIC + zlib.crc32(body).to_bytes(4, "little") + body
         need = self.end + len(buf)
         size = self.size
@@ -211,6 +231,9 @@ class Pool:
             "CREATE TABLE IF NOT EXISTS copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT "
             "NULL, slot INTEGER NOT NULL, PRIMARY KEY (lun_id, chunk, epoch), UNIQUE (lun_id, slot)) WITHOUT ROWID"
         )
+        # Which units of the chunk the slot holds (FULL: all); a pool made before masks gets the column, all FULL.
+        if "mask" not in {row[1] for row in self._db.execute("PRAGMA table_info(copies)")}:
+            self._db.execute(f"ALTER TABLE copies ADD COLUMN mask INTEGER NOT NULL DEFAULT {FULL}")
         # Chunks that were holes when preserved: they read as zeros and take no slot.
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS zero_copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER "
@@ -241,12 +264,15 @@ class Pool:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR IGNORE INTO copies VALUES (?, ?, ?, ?)",
-                                     [(lun_id, c, e, s) for c, e, s in log_.rows if s >= 0])
+                # A copy's mask only grows (a later record of the same copy adds units), so replaying a record
+                # twice, or an older one after a newer, leaves the union.
+                self._db.executemany("INSERT INTO copies VALUES (?, ?, ?, ?, ?) ON CONFLICT (lun_id, chunk, epoch) "
+                                     "DO UPDATE SET mask = mask | excluded.mask",
+                                     [(lun_id, c, e, s, m) for c, e, s, m in log_.rows if s >= 0])
                 self._db.executemany("INSERT OR IGNORE INTO invalid_epochs VALUES (?, ?)",
-                                     [(lun_id, e) for _, e, s in log_.rows if s == INVALIDATED])
+                                     [(lun_id, e) for _, e, s, _ in log_.rows if s == INVALIDATED])
                 self._db.executemany("INSERT OR IGNORE INTO zero_copies VALUES (?, ?, ?)",
-                                     [(lun_id, c, e) for c, e, s in log_.rows if s == ZERO])
+                                     [(lun_id, c, e) for c, e, s, _ in log_.rows if s == ZERO])
                 self._db.execute("INSERT INTO map_logs VALUES (?, ?) ON CONFLICT (lun_id) DO UPDATE SET gen = ?",
                                  (lun_id, log_.gen + 1, log_.gen + 1))
                 self._db.execute("COMMIT")
@@ -282,10 +308,10 @@ class Pool:
         log.info("pool %s takes copies again: its map logs are checkpointed", self.name)
         return True
 
-    def load(self, lun_id: int) -> list[tuple[int, int, int]]:
-        """Every ``(chunk, epoch, slot)`` of ``lun_id`` (slot ``ZERO`` for a hole), by chunk then epoch. Replays and
-        checkpoints the map log first."""
-        pending: list[tuple[int, int, int]] = []
+    def load(self, lun_id: int) -> list[tuple[int, int, int, int]]:
+        """Every ``(chunk, epoch, slot, mask)`` of ``lun_id`` (slot ``ZERO`` for a hole, whose mask is FULL), by
+        chunk then epoch. Replays and checkpoints the map log first."""
+        pending: list[tuple[int, int, int, int]] = []
         try:
             self.checkpoint(lun_id)
         except (OSError, sqlite3.Error) as exc:
@@ -296,27 +322,33 @@ class Pool:
             pending = [r for r in self._log(lun_id).rows if r[2] != INVALIDATED]
         with self._lock:
             rows = list(self._db.execute(
-                "SELECT chunk, epoch, slot FROM copies WHERE lun_id = ? UNION ALL "
-                f"SELECT chunk, epoch, {ZERO} FROM zero_copies WHERE lun_id = ? ORDER BY 1, 2", (lun_id, lun_id)))
+                "SELECT chunk, epoch, slot, mask FROM copies WHERE lun_id = ? UNION ALL "
+                f"SELECT chunk, epoch, {ZERO}, {FULL} FROM zero_copies WHERE lun_id = ? ORDER BY 1, 2",
+                (lun_id, lun_id)))
         if pending:
-            rows = sorted(set(rows) | set(pending), key=lambda r: (r[0], r[1]))
+            # As a checkpoint would: one row per copy, its mask the union of its records'.
+            merged: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+            for c, e, slot, mask in rows + pending:
+                had = merged.get((c, e))
+                merged[(c, e)] = (c, e, slot, mask if had is None else had[3] | mask)
+            rows = sorted(merged.values(), key=lambda r: (r[0], r[1]))
         return rows
 
     def record_invalid(self, lun_id: int, epochs: Sequence[int]) -> None:
         """Durably note that snapshots ``epochs`` of ``lun_id`` lost a chunk (one map-log append and fdatasync), for
         when the catalog cannot take it. Blocking."""
-        self.commit(lun_id, [(-1, e, INVALIDATED) for e in epochs])
+        self.commit(lun_id, [(-1, e, INVALIDATED, FULL) for e in epochs])
 
     def invalid_epochs(self, lun_id: int) -> set[int]:
         """The epochs :meth:`record_invalid` noted, checkpointed or still in the log."""
         with self._lock:
             out = {int(r[0]) for r in self._db.execute("SELECT epoch FROM invalid_epochs WHERE lun_id = ?",
                                                          (lun_id,))}
-        return out | {e for _, e, s in self._log(lun_id).rows if s == INVALIDATED}
+        return out | {e for _, e, s, _ in self._log(lun_id).rows if s == INVALIDATED}
 
-    def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int]]) -> None:
-        """Record ``(chunk, epoch, slot)`` rows durably (one append and fdatasync of the map log; the slots' data
-        must already be durable). Blocking."""
+    def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int, int]]) -> None:
+        """Record ``(chunk, epoch, slot, mask)`` rows durably (one append and fdatasync of the map log; the slots'
+        data must already be durable). A row for a copy already recorded adds its units. Blocking."""
         log_ = self._log(lun_id)
         with log_.lock:
             if log_.stale_tail:
@@ -427,6 +459,18 @@ class Origin(Protocol):
 InvalidHandler = Callable[[list[int], str], Awaitable[None]]
 
 
+@dataclass(slots=True)
+class _Item:
+    """One chunk of a preservation batch: its slot, the units to copy now, and the copy's mask once they are."""
+
+    chunk: int
+    slot: int
+    copy: int
+    mask: int
+    new: bool  # a new copy (a new slot), else more units for this epoch's copy
+    hole_ok: bool = True  # a new copy may be a ZERO record if the chunk is a hole (no later copy to hide)
+
+
 class CowVolume:
     """A LUN with differential snapshots: the origin, plus the preserved chunks of its snapshots in a pool.
 
@@ -448,12 +492,18 @@ class CowVolume:
         self._newest = self._epochs[-1] if self._epochs else 0
         self._top = self._newest  # the highest epoch ever set here or carried by a copy (see epoch_floor)
         self._copies: dict[int, list[tuple[int, int]]] = {}  # chunk -> [(epoch, slot)], ascending epochs
+        # Copies are made per unit of the chunk (4 KiB, or a 64th of a larger chunk): a copy's mask says which units
+        # its slot holds. Only masks other than FULL are kept here, so a chunk copied whole costs no entry.
+        unit = max(4096, chunk_size // 64)
+        self.unit = unit if chunk_size % unit == 0 and unit % origin.block_size == 0 else chunk_size
+        self._full = (1 << (chunk_size // self.unit)) - 1
+        self._masks: dict[tuple[int, int], int] = {}  # (chunk, epoch) -> mask, when not FULL
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._pool: Pool | None = None
         self._data_fd = -1
         self._inflight: dict[int, asyncio.Future[None]] = {}
-        self._pending: list[tuple[int, asyncio.Future[None]]] = []
+        self._pending: dict[int, tuple[int, asyncio.Future[None]]] = {}  # chunk -> (units wanted, future)
         self._runner: asyncio.Task[None] | None = None
         self._active = 0
         self._gate: asyncio.Event | None = None
@@ -488,8 +538,10 @@ class CowVolume:
         self._pool = pool
         self.pool_unavailable = None
         used: set[int] = set()
-        for chunk, epoch, slot in rows:
+        for chunk, epoch, slot, mask in rows:
             self._copies.setdefault(chunk, []).append((epoch, slot))
+            if mask & self._full != self._full:
+                self._masks[(chunk, epoch)] = mask
             if slot != ZERO:
                 used.add(slot)
             self._top = max(self._top, epoch)
@@ -539,18 +591,27 @@ class CowVolume:
     def slots_used(self) -> int:
         return self._next_slot - len(self._free_slots)
 
-    def copy_for(self, chunk: int, epoch: int) -> int | None:
-        """The slot holding snapshot ``epoch``'s contents of ``chunk``: the earliest copy with epoch >= ``epoch``;
-        None means the origin still holds them, and ``ZERO`` that they are zeros (the chunk was a hole)."""
+    def pieces(self, chunk: int, epoch: int) -> list[tuple[int, int, int | None]]:
+        """Where snapshot ``epoch``'s contents of ``chunk`` are: ``(offset in the chunk, length, source)`` pieces
+        covering the whole chunk, the source being a slot of the pool file, ``ZERO`` (it was a hole: zeros) or None
+        (the origin still holds it). Each unit comes from the earliest copy with epoch >= ``epoch`` that holds it."""
+        cs = self.chunk_size
         cl = self._copies.get(chunk)
-        if not cl:
-            return None
-        if cl[-1][0] < epoch:
-            return None
-        for e, slot in cl:
-            if e >= epoch:
-                return slot
-        return None
+        if not cl or cl[-1][0] < epoch:
+            return [(0, cs, None)]
+        masks = self._masks
+        found = [(slot, masks.get((chunk, e), FULL)) for e, slot in cl if e >= epoch]
+        if found[0][1] == FULL:
+            return [(0, cs, found[0][0])]
+        unit = self.unit
+        out: list[tuple[int, int, int | None]] = []
+        for u in range(cs // unit):
+            src = next((slot for slot, mask in found if mask >> u & 1), None)
+            if out and out[-1][2] == src:
+                out[-1] = (out[-1][0], out[-1][1] + unit, src)
+            else:
+                out.append((u * unit, unit, src))
+        return out
 
     def changed_chunks(self, epoch: int) -> set[int]:
         """Chunks changed on the origin since snapshot ``epoch`` (for "copy only what changed")."""
@@ -559,13 +620,31 @@ class CowVolume:
     def mapped_chunks(self, epoch: int) -> int:
         """How many preserved chunks snapshot ``epoch`` reads from slots (its space in the pool, shared copies
         included; chunks that were holes take none)."""
-        return sum(1 for c in self.changed_chunks(epoch) if self.copy_for(c, epoch) != ZERO)
+        return sum(1 for c in self.changed_chunks(epoch)
+                   if any(src is not None and src != ZERO for _, _, src in self.pieces(c, epoch)))
 
     def _unneeded(self) -> list[tuple[int, int, int]]:
-        """Copies whose epoch range (previous copy's epoch, epoch] holds no live snapshot: (chunk, epoch, slot)."""
+        """Copies no live snapshot reads: (chunk, epoch, slot). A whole-chunk copy serves the snapshots in
+        (previous copy's epoch, epoch]; where a chunk has partial copies, a snapshot may read a unit from any later
+        copy, so each live snapshot's units are followed through the copies."""
         live = self._epochs
-        out = []
+        masks = self._masks
+        out: list[tuple[int, int, int]] = []
         for chunk, cl in self._copies.items():
+            if any((chunk, e) in masks for e, _ in cl):
+                needed: set[int] = set()
+                for s in live:
+                    covered = 0
+                    for e, _ in cl:
+                        if e >= s:
+                            mask = masks.get((chunk, e), FULL)
+                            if mask & ~covered & self._full:
+                                needed.add(e)
+                            covered |= mask
+                            if covered & self._full == self._full:
+                                break
+                out.extend((chunk, e, slot) for e, slot in cl if e not in needed)
+                continue
             prev = 0
             for e, slot in cl:
                 i = bisect.bisect_right(live, prev)
@@ -602,6 +681,7 @@ class CowVolume:
                 cl.remove((e, slot))
                 if not cl:
                     del self._copies[chunk]
+            self._masks.pop((chunk, e), None)
 
     def _release_slots(self, garbage: list[tuple[int, int, int]]) -> None:
         self._drop_copies(garbage)
@@ -731,14 +811,34 @@ class CowVolume:
         # change what a write must do first), and this runs once per READ command.
         return self.origin.read(lba, blocks)
 
-    def _needs(self, first: int, last: int) -> list[int]:
+    def _units(self, chunk: int, start: int, end: int) -> int:
+        """The mask of the units of ``chunk`` that the byte range ``[start, end)`` touches."""
+        base = chunk * self.chunk_size
+        lo = (max(start, base) - base) // self.unit
+        hi = (min(end, base + self.chunk_size) - 1 - base) // self.unit
+        return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
+
+    def _covered(self, chunk: int, epoch: int) -> int:
+        """The units of ``chunk`` that snapshot ``epoch`` reads from a copy (any copy with epoch >= ``epoch``): an
+        overwrite of the others would change it. Copies above the newest epoch exist when their snapshots went away
+        (deleted, or a clone that filled) while older ones stayed."""
+        covered = 0
+        for e, _ in reversed(self._copies.get(chunk, ())):
+            if e < epoch:
+                break
+            covered |= self._masks.get((chunk, e), FULL)
+        return covered
+
+    def _needs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ``(chunk, units)`` that the byte range ``[start, end)`` must preserve first for the newest epoch."""
         newest = self._newest
         copies = self._copies
         out = []
-        for c in range(first, last + 1):
+        for c in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+            want = self._units(c, start, end)
             cl = copies.get(c)
-            if (cl is None or cl[-1][0] < newest) or c in self._inflight:
-                out.append(c)
+            if cl is None or cl[-1][0] < newest or c in self._inflight or self._covered(c, newest) & want != want:
+                out.append((c, want))
         return out
 
     async def _wait_gate(self) -> None:
@@ -769,11 +869,16 @@ class CowVolume:
             first = start // self.chunk_size
             last = (start + nbytes - 1) // self.chunk_size
             while newest := self._newest:
-                # The common case, one chunk already preserved for the newest epoch, is one dict lookup.
+                # The common case, one chunk already copied whole for the newest epoch, is two dict lookups.
                 cl = self._copies.get(first) if first == last else None
                 if cl is not None and cl[-1][0] >= newest and first not in self._inflight:
-                    break
-                need = self._needs(first, last)
+                    mask = self._masks.get((first, cl[-1][0]))
+                    if mask is None:
+                        break
+                    want = self._units(first, start, start + nbytes)
+                    if mask & want == want:
+                        break
+                need = self._needs(start, start + nbytes)
                 if not need:
                     break
                 await self._preserve(need)
@@ -789,15 +894,14 @@ class CowVolume:
         bs = self.origin.block_size
         while True:
             await self._wait_gate()
-            need: set[int] = set()
+            need: list[tuple[int, int]] = []
             if self._newest:
                 for lba, blocks in ranges:
                     if blocks and 0 <= lba and lba + blocks <= self.origin.num_blocks:
-                        need.update(self._needs(lba * bs // self.chunk_size,
-                                                ((lba + blocks) * bs - 1) // self.chunk_size))
+                        need += self._needs(lba * bs, (lba + blocks) * bs)
             if not need:
                 break
-            await self._preserve(sorted(need))
+            await self._preserve(need)
         self._active += 1  # no await since the last check and the gate: a hold now waits for this unmap
         try:
             await self.origin.unmap(ranges)
@@ -815,13 +919,16 @@ class CowVolume:
         return await self.origin.begin_copy(lba, blocks)
 
     async def preserve_range(self, lba: int, blocks: int) -> None:
-        """Preserve the chunks of a range before something writes the origin's descriptor directly."""
-        if self._newest and blocks:
-            start = lba * self.origin.block_size
-            need = self._needs(start // self.chunk_size, (start + blocks * self.origin.block_size - 1)
-                               // self.chunk_size)
-            if need:
-                await self._preserve(need)
+        """Preserve the whole chunks a range touches before something writes the origin's descriptor directly
+        (a copier writes in chunks or more, and may write past the range within its chunks)."""
+        cs = self.chunk_size
+        start = lba * self.origin.block_size // cs * cs
+        end = -(-(lba + blocks) * self.origin.block_size // cs) * cs
+        while self._newest and blocks:
+            need = self._needs(start, end)
+            if not need:
+                break
+            await self._preserve(need)
 
     async def flush(self) -> None:
         await self.origin.flush()
@@ -848,19 +955,23 @@ class CowVolume:
 
     # --- preservation ---------------------------------------------------------------------------------------------
 
-    async def _preserve(self, chunks: list[int]) -> None:
-        """Make sure each chunk is preserved for the newest epoch (or its snapshots are invalidated)."""
+    async def _preserve(self, chunks: list[tuple[int, int]]) -> None:
+        """Preserve these ``(chunk, units)`` for the newest epoch (or invalidate their snapshots). A chunk whose
+        preservation is already running is only waited for: the caller checks again, and preserves what that one
+        did not cover."""
         waits: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
-        for c in chunks:
+        for c, want in chunks:
+            queued = self._pending.get(c)
+            if queued is not None:  # not started yet: it takes these units too
+                self._pending[c] = (queued[0] | want, queued[1])
+                waits.append(queued[1])
+                continue
             fut = self._inflight.get(c)
             if fut is None:
-                cl = self._copies.get(c)
-                if cl is not None and cl[-1][0] >= self._newest:
-                    continue
                 fut = loop.create_future()
                 self._inflight[c] = fut
-                self._pending.append((c, fut))
+                self._pending[c] = (want, fut)
             waits.append(fut)
         if self._pending and (self._runner is None or self._runner.done()):
             self._runner = loop.create_task(self._run_batches(), name=f"cow-{self.name}")
@@ -870,12 +981,13 @@ class CowVolume:
 
     async def _run_batches(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
+            batch = [(c, want, fut) for c, (want, fut) in self._pending.items()]
+            self._pending = {}
             started = time.perf_counter()
             try:
                 await self._copy_batch(batch)
             except BaseException as exc:  # never leave a writer waiting on a future nobody completes
-                for c, fut in batch:
+                for c, _, fut in batch:
                     self._inflight.pop(c, None)
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else StorageError(str(exc)))
@@ -885,47 +997,60 @@ class CowVolume:
             self.stats.copy_batches += 1
             self.stats.copy_seconds += time.perf_counter() - started
 
-    async def _copy_batch(self, batch: list[tuple[int, asyncio.Future[None]]]) -> None:
+    async def _copy_batch(self, batch: list[tuple[int, int, asyncio.Future[None]]]) -> None:
         pool = self._pool
         epoch = self._newest
-        failed: dict[int, str] = {}
-        items: list[tuple[int, int]] = []
+        failed: dict[int, tuple[str, int]] = {}  # chunk -> (why, the units it needed)
+        items: list[_Item] = []
         if pool is None:
-            failed = {c: self.pool_unavailable or "no pool" for c, _ in batch}
+            failed = {c: (self.pool_unavailable or "no pool", want) for c, want, _ in batch}
         else:
-            for c, _ in batch:
-                cl = self._copies.get(c)
-                if epoch == 0 or (cl is not None and cl[-1][0] >= epoch):
-                    continue  # preserved by an earlier batch, or the snapshot went away meanwhile
+            for c, want, _ in batch:
+                if epoch == 0:
+                    continue  # the snapshots went away meanwhile
+                covered = self._covered(c, epoch)
+                missing = want & ~covered
+                if not missing:
+                    continue  # preserved by an earlier batch
+                mine = next((slot for e, slot in self._copies.get(c, ()) if e == epoch), None)
+                if mine is not None:  # this epoch's copy lacks some units: add them to its slot
+                    items.append(_Item(c, mine, missing, self._masks.get((c, epoch), FULL) | missing, False))
+                    continue
                 try:
                     pool.reserve(self.chunk_size)
                 except OutOfSpace as exc:
-                    failed[c] = str(exc)
+                    failed[c] = (str(exc), want)
                     continue
                 slot = self._free_slots.pop() if self._free_slots else self._take_slot()
-                items.append((c, slot))
+                # Only a chunk no later copy serves may be recorded as a whole hole (ZERO): it would hide them.
+                items.append(_Item(c, slot, missing, missing, True, hole_ok=not covered))
                 self._account()
             if items:
                 done, errors = await asyncio.to_thread(self._copy_and_commit, pool, items, epoch)
-                for c, slot in done:
-                    self._copies.setdefault(c, []).append((epoch, slot))
+                for it in done:
+                    if it.new:
+                        bisect.insort(self._copies.setdefault(it.chunk, []), (epoch, it.slot))
+                    if it.mask & self._full == self._full:
+                        self._masks.pop((it.chunk, epoch), None)
+                    else:
+                        self._masks[(it.chunk, epoch)] = it.mask
                 self.stats.copies += len(done)
-                kept = {slot for _, slot in done}
-                for c, slot in items:
-                    if c in errors:
-                        failed[c] = errors[c]
-                    if slot not in kept:  # failed, or the chunk was a hole and needed no slot
-                        self._free_slots.append(slot)
-                        if c in errors:  # what a failed copy wrote is mapped by nothing: give the space back
+                kept = {it.slot for it in done}
+                for it in items:
+                    if it.chunk in errors:
+                        failed[it.chunk] = (errors[it.chunk], it.copy)
+                    if it.new and it.slot not in kept:  # failed, or the chunk was a hole and needed no slot
+                        self._free_slots.append(it.slot)
+                        if it.chunk in errors:  # what a failed copy wrote is mapped by nothing: give the space back
                             try:
-                                punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+                                punch(self._data_fd, it.slot * self.chunk_size, self.chunk_size)
                             except OSError:
                                 pass  # a failing pool keeps the blocks; the slot is reused all the same
                 self._free_slots.sort(reverse=True)
                 self._account()
         if failed:
             await self._invalidate(failed)
-        for c, fut in batch:
+        for c, _, fut in batch:
             self._inflight.pop(c, None)
             if not fut.done():
                 fut.set_result(None)
@@ -935,26 +1060,37 @@ class CowVolume:
         self._next_slot += 1
         return slot
 
-    def _copy_and_commit(self, pool: Pool, items: list[tuple[int, int]], epoch: int
-                         ) -> tuple[list[tuple[int, int]], dict[int, str]]:
-        """In a thread: copy each chunk to its slot, fdatasync the slot file, then append the maps to the pool's map
-        log and fdatasync it. The order is the crash-safety argument: data durable, then map durable, then (in the
-        caller) the origin write. A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, and when
-        the whole batch is holes, no slot-file sync either (only the small map-log one)."""
-        cs = self.chunk_size
+    def _copy_and_commit(self, pool: Pool, items: list[_Item], epoch: int) -> tuple[list[_Item], dict[int, str]]:
+        """In a thread: copy the wanted units of each chunk to its slot, fdatasync the slot file, then append the
+        maps to the pool's map log and fdatasync it. The order is the crash-safety argument: data durable, then map
+        durable, then (in the caller) the origin write. A new copy of a chunk that is a hole on the origin is
+        recorded as ``ZERO`` (whole: every unit reads zeros): no copy, and when the whole batch is holes, no
+        slot-file sync either (only the small map-log one)."""
+        cs, unit = self.chunk_size, self.unit
         src = self.origin.fileno()
         size = self.origin.num_blocks * self.origin.block_size
-        done: list[tuple[int, int]] = []
+        done: list[_Item] = []
         errors: dict[int, str] = {}
         copied = False
-        for c, slot in items:
+        for it in items:
+            c = it.chunk
             try:
                 length = min(cs, size - c * cs)
-                if length <= 0 or is_hole(src, c * cs, length):
-                    done.append((c, ZERO))
+                if it.new and it.hole_ok and (length <= 0 or is_hole(src, c * cs, length)):
+                    done.append(_Item(c, ZERO, FULL, FULL, True))
                     continue
-                copy_range(src, self._data_fd, length, c * cs, slot * cs)
-                done.append((c, slot))
+                u = 0
+                while it.copy >> u and u * unit < length:
+                    if not it.copy >> u & 1:
+                        u += 1
+                        continue
+                    run = u
+                    while it.copy >> run & 1 and run * unit < length:
+                        run += 1
+                    off = u * unit
+                    copy_range(src, self._data_fd, min(run * unit, length) - off, c * cs + off, it.slot * cs + off)
+                    u = run
+                done.append(it)
                 copied = True
             except OSError as exc:
                 errors[c] = f"copying chunk {c}: {exc.strerror or exc}"
@@ -962,24 +1098,24 @@ class CowVolume:
             try:
                 if copied:
                     os.fdatasync(self._data_fd)
-                pool.commit(self.lun_id, [(c, epoch, slot) for c, slot in done])
+                pool.commit(self.lun_id, [(it.chunk, epoch, it.slot, FULL if it.mask & self._full == self._full
+                                           else it.mask) for it in done])
             except (OSError, sqlite3.Error) as exc:
                 why = f"making copies durable: {getattr(exc, 'strerror', None) or exc}"
-                errors.update({c: why for c, _ in done})
+                errors.update({it.chunk: why for it in done})
                 done = []
         return done, errors
 
-    async def _invalidate(self, failed: dict[int, str]) -> None:
-        """The snapshots that needed a failed preservation lose it: every live epoch above the chunk's latest copy."""
+    async def _invalidate(self, failed: dict[int, tuple[str, int]]) -> None:
+        """The snapshots that needed a failed preservation lose it: every live one that would read one of the units
+        from the origin."""
         victims: set[int] = set()
-        for c in failed:
-            cl = self._copies.get(c)
-            latest = cl[-1][0] if cl else 0
-            victims.update(e for e in self._epochs if e > latest)
+        for c, (_, want) in failed.items():
+            victims.update(e for e in self._epochs if self._covered(c, e) & want != want)
         self.stats.copy_failures += len(failed)
         if not victims:
             return
-        reason = next(iter(failed.values()))
+        reason = next(iter(failed.values()))[0]
         epochs = sorted(victims)
         log.error("lun %s: cannot preserve %d chunk(s) (%s): snapshot epoch(s) %s are now invalid", self.name,
                   len(failed), reason, epochs)
@@ -1048,9 +1184,10 @@ class SnapshotView:
         start, end = lba * bs, (lba + blocks) * bs
         segments = []
         for c in range(start // cs, (end - 1) // cs + 1) if blocks else ():
-            slot = vol.copy_for(c, self.epoch)
-            if slot is not None:
-                lo, hi = max(start, c * cs), min(end, (c + 1) * cs)
+            for off, length, slot in vol.pieces(c, self.epoch):
+                lo, hi = max(start, c * cs + off), min(end, c * cs + off + length)
+                if slot is None or lo >= hi:
+                    continue
                 if slot == ZERO:
                     buf[lo - start:hi - start] = bytes(hi - lo)
                 else:
@@ -1083,8 +1220,8 @@ class SnapshotView:
     # --- capabilities (lunsync.snapshots.device) --------------------------------------------------------------
 
     def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
-        """:class:`~lunsync.snapshots.device.FileExtents`: each chunk is a slot of the pool file, a run of zeros
-        (preserved as a hole), or still the origin's (split where a thin origin has holes). A filled clone's view
+        """:class:`~lunsync.snapshots.device.FileExtents`: each piece of a chunk (see :meth:`CowVolume.pieces`) is
+        in a slot of the pool file, a run of zeros (preserved as a hole), or still the origin's (split where a thin origin has holes). A filled clone's view
         answers from the clone's own file."""
         self._check(lba, blocks)
         if self.redirect is not None:
@@ -1097,23 +1234,25 @@ class SnapshotView:
         pos, end = lba * bs, (lba + blocks) * bs
         while pos < end:
             c = pos // cs
-            hi = min(end, (c + 1) * cs)
-            slot = vol.copy_for(c, self.epoch)
-            runs: list[FileExtent]
-            if slot is None:
-                runs = vol.origin.file_extents(pos // bs, (hi - pos) // bs)
-            elif slot == ZERO:
-                runs = [(-1, pos, hi - pos)]
-            elif vol._data_fd < 0:
-                raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name}: the pool file is closed")
-            else:
-                runs = [(vol._data_fd, slot * cs + pos - c * cs, hi - pos)]
-            for fd, off, length in runs:
-                if out and out[-1][0] == fd and (fd < 0 or out[-1][1] + out[-1][2] == off):
-                    out[-1] = (fd, out[-1][1], out[-1][2] + length)
+            for p_off, p_len, slot in vol.pieces(c, self.epoch):
+                lo, hi = max(pos, c * cs + p_off), min(end, c * cs + p_off + p_len)
+                if lo >= hi:
+                    continue
+                runs: list[FileExtent]
+                if slot is None:
+                    runs = vol.origin.file_extents(lo // bs, (hi - lo) // bs)
+                elif slot == ZERO:
+                    runs = [(-1, lo, hi - lo)]
+                elif vol._data_fd < 0:
+                    raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name}: the pool file is closed")
                 else:
-                    out.append((fd, off, length))
-            pos = hi
+                    runs = [(vol._data_fd, slot * cs + lo - c * cs, hi - lo)]
+                for fd, off, length in runs:
+                    if out and out[-1][0] == fd and (fd < 0 or out[-1][1] + out[-1][2] == off):
+                        out[-1] = (fd, out[-1][1], out[-1][2] + length)
+                    else:
+                        out.append((fd, off, length))
+            pos = min(end, (c + 1) * cs)
         return out
 
     def changed_regions(self, region_bytes: int) -> set[int] | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lunsync.snapshots.backup import BACKUP_MANIFEST, backup_database, backup_metadata
 from lunsync.snapshots.catalog import BACKUPS_DIRNAME, MIGRATIONS, SCHEMA_VERSION, Catalog
-from lunsync.snapshots.cow import Pool
+from lunsync.snapshots.cow import FULL, Pool
 
 
 def test_backup_database_is_one_committed_state_while_another_connection_writes(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_backup_metadata_copies_catalog_then_maps_and_a_restored_pool_loads_ever
     cat = Catalog(data)
     cat.create_target("iqn.2026-11.io.lunsync:t")
     pool = Pool("default", str(data / "pool"))
-    rows = [(c, 1, c) for c in range(3000)]
+    rows = [(c, 1, c, FULL) for c in range(3000)]
     pool.commit(7, rows[:1000])
     pool.checkpoint(7)  # some rows in pool.db, the rest in the map log (and across a checkpoint meanwhile)
     done = threading.Event()

@@ -44,11 +44,14 @@ def log_records(path: str) -> list[tuple[int, int, int, int]]:
     raw = Path(path).read_bytes()
     out = []
     for off in range(0, len(raw) - cow._LOG_REC.size + 1, cow._LOG_REC.size):
-        magic, _, gen, chunk, epoch, slot = cow._LOG_REC.unpack_from(raw, off)
+        magic, _, gen, chunk, epoch, slot, _mask = cow._LOG_REC.unpack_from(raw, off)
         if magic != cow._LOG_MAGIC:
             break
         out.append((gen, chunk, epoch, slot))
     return out
+
+
+F = -1  # cow.FULL: the mask of a copy of a whole chunk
 
 
 def put(path: str, offset: int, data: bytes) -> None:
@@ -230,7 +233,7 @@ def test_preservation_is_durable_before_the_origin_write(tmp_path: Path, monkeyp
                           "fdatasync-map" if maplog is not None and fd == maplog.fd else "fdatasync")
             real_sync(fd)
 
-        def commit(lun_id: int, rows: list[tuple[int, int, int]]) -> None:
+        def commit(lun_id: int, rows: list[tuple[int, int, int, int]]) -> None:
             events.append("commit")
             real_commit(lun_id, rows)
 
@@ -461,15 +464,15 @@ def test_map_log_replays_after_a_crash_and_never_resurrects_a_forgotten_copy(
         assert [(c, e) for g, c, e, _ in recs if g == gen] == [(3, 1), (4, 1)]
         stale = Path(log_path).read_bytes()[:2 * cow._LOG_REC.size]
         rows = Pool("p", str(tmp_path / "pool")).load(1)  # another opener replays (and checkpoints) the log
-        assert [(c, e) for c, e, _ in rows] == [(c, 1) for c in range(5)]
+        assert [(c, e) for c, e, *_ in rows] == [(c, 1) for c in range(5)]
         # A torn record at the log's end (its start: the checkpoint emptied it) is ignored; so are records of an
         # older generation.
         put(log_path, 0, stale + b"\x00torn")
         pool2 = Pool("p", str(tmp_path / "pool"))
-        assert [(c, e) for c, e, _ in pool2.load(1)] == [(c, 1) for c in range(5)]
+        assert [(c, e) for c, e, *_ in pool2.load(1)] == [(c, 1) for c in range(5)]
         pool2.forget(1, [(3, 1), (4, 1)])
         put(log_path, 0, stale)
-        assert [(c, e) for c, e, _ in Pool("p", str(tmp_path / "pool")).load(1)] == [(c, 1) for c in range(3)]
+        assert [(c, e) for c, e, *_ in Pool("p", str(tmp_path / "pool")).load(1)] == [(c, 1) for c in range(3)]
         await vol.close()
 
     run(go())
@@ -497,8 +500,8 @@ def test_map_log_appends_overwrite_its_reserve_and_reopen_stops_at_a_torn_record
         put(log_path, 8, bytes(rec - 8))  # its magic and CRC reached the disk, its body did not
         pool2 = Pool("p", str(tmp_path / "pool"))
         assert pool2.load(1) == []
-        pool2.commit(1, [(7, 1, cow.ZERO)])
-        assert [(c, e) for c, e, _ in Pool("p", str(tmp_path / "pool")).load(1)] == [(7, 1)]
+        pool2.commit(1, [(7, 1, cow.ZERO, cow.FULL)])
+        assert [(c, e) for c, e, *_ in Pool("p", str(tmp_path / "pool")).load(1)] == [(7, 1)]
         await vol.close()
 
     run(go())
@@ -508,7 +511,7 @@ def test_a_map_log_append_that_failed_is_never_replayed(tmp_path: Path, monkeypa
     from lunsync.snapshots import cow
 
     pool = Pool("p", str(tmp_path / "pool"))
-    pool.commit(1, [(0, 1, 0)])
+    pool.commit(1, [(0, 1, 0, F)])
     log_ = pool._logs[1]
     gen, rec = log_.gen, cow._LOG_REC.size
     real_sync = os.fdatasync
@@ -520,16 +523,16 @@ def test_a_map_log_append_that_failed_is_never_replayed(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     with pytest.raises(OSError):
-        pool.commit(1, [(1, 1, 1), (2, 1, 2)])
+        pool.commit(1, [(1, 1, 1, F), (2, 1, 2, F)])
     monkeypatch.setattr(os, "fdatasync", real_sync)
     assert not any(Path(pool.log_path(1)).read_bytes()[rec:3 * rec])  # zeroed after the failure
     # As if the records had reached the disk anyway and the zeros had not.
     lost = b"".join(cow._LOG_MAGIC + cow.zlib.crc32(body).to_bytes(4, "little") + body
-                    for body in (cow._LOG_BODY.pack(gen, 1, 1, 1), cow._LOG_BODY.pack(gen, 2, 1, 2)))
+                    for body in (cow._LOG_BODY.pack(gen, 1, 1, 1, F), cow._LOG_BODY.pack(gen, 2, 1, 2, F)))
     put(pool.log_path(1), rec, lost)
-    pool.commit(1, [(3, 1, 3)])  # in a new generation: what is left of the old one is read no more
+    pool.commit(1, [(3, 1, 3, F)])  # in a new generation: what is left of the old one is read no more
     assert log_.gen > gen
-    assert Pool("p", str(tmp_path / "pool")).load(1) == [(0, 1, 0), (3, 1, 3)]
+    assert Pool("p", str(tmp_path / "pool")).load(1) == [(0, 1, 0, F), (3, 1, 3, F)]
 
 
 def test_map_log_is_reused_after_a_checkpoint_and_reopens_with_the_new_generation_only(
@@ -538,14 +541,14 @@ def test_map_log_is_reused_after_a_checkpoint_and_reopens_with_the_new_generatio
 
     monkeypatch.setattr(cow, "LOG_CHECKPOINT_RECORDS", 3)
     pool = Pool("p", str(tmp_path / "pool"))
-    pool.commit(1, [(0, 1, 0), (1, 1, 1)])
-    pool.commit(1, [(2, 1, 2)])  # the 3rd record: checkpointed into pool.db, the log starts again
+    pool.commit(1, [(0, 1, 0, F), (1, 1, 1, F)])
+    pool.commit(1, [(2, 1, 2, F)])  # the 3rd record: checkpointed into pool.db, the log starts again
     size = os.path.getsize(pool.log_path(1))
-    pool.commit(1, [(3, 1, 3)])
+    pool.commit(1, [(3, 1, 3, F)])
     assert os.path.getsize(pool.log_path(1)) == size  # neither truncated nor grown
     (gen, *_), *older = log_records(pool.log_path(1))
     assert len(older) == 2 and {g for g, *_ in older} == {gen - 1}  # the old generation's tail is still there
-    assert Pool("p", str(tmp_path / "pool")).load(1) == [(c, 1, c) for c in range(4)]
+    assert Pool("p", str(tmp_path / "pool")).load(1) == [(c, 1, c, F) for c in range(4)]
 
 
 def test_views_and_volumes_declare_their_copy_capabilities(tmp_path: Path) -> None:
@@ -566,14 +569,162 @@ def test_views_and_volumes_declare_their_copy_capabilities(tmp_path: Path) -> No
         vol.release()
         await vol.write(0, pat(0x33, 512))  # chunk 0 now has data, preserved for snapshot 2 in a pool slot
         ext = vol.view(2).file_extents(0, 2 * CS // BS)
-        assert ext[0][0] not in (-1, vol.origin.fileno()) and ext[0][2] == CS  # chunk 0 from the pool file
-        assert ext[1] == (vol.origin.fileno(), CS, CS)  # chunk 1 still the origin's (data written there)
+        # Chunk 0's first unit from the pool file (a 4 KiB unit is what the write needed), the rest of it and chunk
+        # 1 still the origin's (data written there).
+        assert ext[0][0] not in (-1, vol.origin.fileno()) and ext[0][2] == 4096
+        assert ext[1] == (vol.origin.fileno(), 4096, 2 * CS - 4096)
         assert [e[0] for e in view.file_extents(0, 4 * CS // BS)] == [-1]  # epoch 1 saw only holes (thin)
         assert view.changed_regions(CS) == {0, 1, 3}
         assert view.changed_regions(2 * CS) == {0, 1}  # regions of two chunks
         assert view.changed_regions(CS // 2) == {0, 1, 2, 3, 6, 7}  # half chunks
         dfd = await vol.begin_copy(4 * CS // BS, CS // BS)  # preserves chunk 4 for the snapshots first
-        assert dfd == vol.origin.fileno() and vol.copy_for(4, 1) is not None
+        assert dfd == vol.origin.fileno() and vol.pieces(4, 1) != [(0, CS, None)]
         await vol.close()
 
     run(main())
+
+
+# --- copies per 4 KiB unit of a chunk --------------------------------------------------------------------------
+
+
+U = 4096  # the copy unit of a 64 KiB chunk
+
+
+def test_a_4k_first_write_copies_4k_and_a_later_one_in_the_chunk_copies_its_own_block(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        assert vol.unit == U
+        await vol.write(0, pat(0x0A, 2 * CS))
+        await snap(vol, 1)
+        await vol.write(U // BS, pat(0x0B, U))  # unit 1 of chunk 0
+        slot_file = pool.data_path(1)
+        assert os.stat(slot_file).st_blocks * 512 == U  # one unit copied, not the chunk
+        assert vol.pieces(0, 1) == [(0, U, None), (U, U, 0), (2 * U, CS - 2 * U, None)]
+        await vol.write(5 * U // BS, pat(0x0C, 2 * U))  # units 5-6 of the same chunk: the same slot grows
+        assert os.stat(slot_file).st_blocks * 512 == 3 * U
+        await vol.write(U // BS, pat(0x0D, U))  # unit 1 again: preserved already, nothing copied
+        assert os.stat(slot_file).st_blocks * 512 == 3 * U and vol.slots_used == 1
+        assert bytes(await vol.view(1).read(0, 2 * CS // BS)) == pat(0x0A, 2 * CS)
+        want = pat(0x0A, U) + pat(0x0D, U) + pat(0x0A, 3 * U) + pat(0x0C, 2 * U) + pat(0x0A, CS - 7 * U)
+        assert bytes(await vol.origin.read(0, CS // BS)) == want
+        await vol.close()
+        pool.close()
+        vol2, pool2 = make(tmp_path, epochs=(1,), create=False)  # the masks are durable
+        assert bytes(await vol2.view(1).read(0, 2 * CS // BS)) == pat(0x0A, 2 * CS)
+        await vol2.write(9 * U // BS, pat(0x0E, U))
+        assert bytes(await vol2.view(1).read(0, CS // BS)) == pat(0x0A, CS)
+        await vol2.close()
+        pool2.close()
+
+    run(go())
+
+
+def test_a_snapshot_reads_a_unit_from_a_later_copy_and_keeps_it_when_that_snapshot_goes(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0x01, CS))
+        await snap(vol, 1)
+        await vol.write(0, pat(0x02, U))  # unit 0: copy for epoch 1 holds it
+        await snap(vol, 2)
+        await vol.write(U // BS, pat(0x03, U))  # unit 1, untouched since snapshot 1: copy for epoch 2 holds it
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x01, CS)
+        assert bytes(await vol.view(2).read(0, CS // BS)) == pat(0x02, U) + pat(0x01, CS - U)
+        await vol.hold()
+        try:
+            await vol.drop_snapshot(2)  # snapshot 1 still reads unit 1 from epoch 2's copy: it must stay
+        finally:
+            vol.release()
+        assert vol.slots_used == 2
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x01, CS)
+        await vol.close()
+        pool.close()
+        vol2, pool2 = make(tmp_path, epochs=(1,), create=False)  # reopening frees nothing snapshot 1 reads
+        assert vol2.slots_used == 2 and bytes(await vol2.view(1).read(0, CS // BS)) == pat(0x01, CS)
+        await vol2.hold()
+        try:
+            assert await vol2.drop_snapshot(1) == 2
+        finally:
+            vol2.release()
+        await vol2.close()
+        pool2.close()
+
+    run(go())
+
+
+def test_concurrent_first_writes_to_units_of_one_chunk_share_a_batch(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0x21, CS))
+        await snap(vol, 1)
+        await asyncio.gather(*(vol.write(u * U // BS, pat(0x30 + u, U)) for u in range(16)))
+        assert vol.slots_used == 1 and vol.pieces(0, 1) == [(0, CS, 0)]  # every unit: a whole-chunk copy now
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x21, CS)
+        assert bytes(await vol.origin.read(0, CS // BS)) == b"".join(pat(0x30 + u, U) for u in range(16))
+        await vol.close()
+        pool.close()
+
+    run(go())
+
+
+def test_a_map_log_of_the_first_format_is_replayed_as_whole_chunk_copies(tmp_path: Path) -> None:
+    from lunsync.snapshots import cow
+
+    pool = Pool("p", str(tmp_path / "pool"))
+    pool.checkpoint(1)
+    pool.close()
+    gen = 0
+    old = b"".join(cow._LOG1_MAGIC + cow.zlib.crc32(body).to_bytes(4, "little") + body
+                   for body in (cow._LOG1_BODY.pack(gen, 3, 1, 0), cow._LOG1_BODY.pack(gen, 4, 1, cow.ZERO)))
+    Path(pool.log_path(1)).write_bytes(old + bytes(4096))
+    pool2 = Pool("p", str(tmp_path / "pool"))
+    assert pool2.load(1) == [(3, 1, 0, F), (4, 1, cow.ZERO, F)]
+    pool2.commit(1, [(5, 1, 1, 0b10)])  # in the new format, in a new generation
+    pool2.close()
+    assert Pool("p", str(tmp_path / "pool")).load(1) == [(3, 1, 0, F), (4, 1, cow.ZERO, F), (5, 1, 1, 0b10)]
+
+
+def test_a_pool_db_made_before_masks_gets_the_column_and_its_copies_are_whole(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "pool").mkdir()
+    db = sqlite3.connect(tmp_path / "pool" / "pool.db")
+    db.execute("CREATE TABLE copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT NULL, slot "
+               "INTEGER NOT NULL, PRIMARY KEY (lun_id, chunk, epoch), UNIQUE (lun_id, slot)) WITHOUT ROWID")
+    db.execute("INSERT INTO copies VALUES (1, 2, 1, 0)")
+    db.commit()
+    db.close()
+    pool = Pool("p", str(tmp_path / "pool"))
+    assert pool.load(1) == [(2, 1, 0, F)]
+    pool.commit(1, [(2, 1, 0, 0b1), (6, 1, 1, 0b1)])  # a record of a whole copy's units leaves it whole
+    pool.checkpoint(1)
+    assert pool.load(1) == [(2, 1, 0, F), (6, 1, 1, 0b1)]
+    pool.close()
+
+
+def test_units_still_preserve_for_an_older_snapshot_after_a_newer_one_with_partial_copies_goes(
+        tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0x41, CS))  # chunk 0 holds data; chunk 1 stays a hole
+        await snap(vol, 1)
+        await snap(vol, 2)
+        await vol.write(0, pat(0x42, U))  # unit 0 of each chunk: copies for epoch 2
+        await vol.write(CS // BS, pat(0x43, U))
+        await vol.hold()
+        try:
+            await vol.drop_snapshot(2)  # the copies stay: snapshot 1 reads unit 0 from them
+        finally:
+            vol.release()
+        # Epoch 1 is the newest again and its units 1.. were never preserved: these writes must copy them (into a
+        # copy for epoch 1, before epoch 2's), not loop for ever nor skip it.
+        await asyncio.wait_for(vol.write(U // BS, pat(0x44, U)), 10)
+        await asyncio.wait_for(vol.write((CS + U) // BS, pat(0x45, U)), 10)
+        assert bytes(await vol.view(1).read(0, 2 * CS // BS)) == pat(0x41, CS) + bytes(CS)
+        await vol.close()
+        pool.close()
+        vol2, pool2 = make(tmp_path, epochs=(1,), create=False)
+        assert bytes(await vol2.view(1).read(0, 2 * CS // BS)) == pat(0x41, CS) + bytes(CS)
+        await vol2.close()
+        pool2.close()
+
+    run(go())
