@@ -149,3 +149,18 @@ def qemu_io(url: str, *commands: str, timeout: float = 120) -> str:
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "failed" not in out.lower(), describe(p)
     return out
+
+
+def raw_session(d: Daemon, isid: int, luns: Sequence[int] = (0,),
+                target: str = "iqn.2026-11.io.lunsync:demo") -> Any:
+    """A logged-in :class:`iscsi_scapy.RawInitiator` on ``target`` with its own ISID (the same ISID would reinstate,
+    that is close, another session of the test), past the unit attentions of ``luns``."""
+    from iscsi_scapy import RawInitiator
+
+    ri = RawInitiator("127.0.0.1", d.port, timeout=10)
+    ri.login(target=target, isid=isid)
+    for lun in luns:
+        for _ in range(8):  # POWER ON, REPORTED LUNS DATA HAS CHANGED...
+            if ri.test_unit_ready(lun).status == 0:
+                break
+    return ri

@@ -1,4 +1,4 @@
-"""One LUN's storage hangs (FUSE: its writes block until healed) while the rest of the array keeps its timing.
+"""One LUN's storage hangs, slows down or fails (FUSE) while the rest of the array keeps its timing.
 
 LUN 1 lives on the suite's FUSE layer, whose writes to its file hang; a qemu-io write to it is left waiting. For the
 hang's duration (``FAULTS_HANG_S``, 6 s in ``make test``, 20 s in ``make faults``) another session reads 4 KiB blocks
@@ -6,6 +6,13 @@ of LUN 0 (p99 under 50 ms), an idle session receives the target's NOP-In keepali
 tick), and the API answers; a command stuck behind the hang is aborted at once by ABORT TASK and never answered.
 When the storage returns, the hung write completes and its data reads back; a later write to the LUN is
 acknowledged and survives a kill -9.
+
+A second test injects faults per byte range, seen by a real initiator session.
+
+Writes into one 1 MiB range of the LUN's file answer EIO, ENOSPC or EROFS in turn: the initiator gets MEDIUM ERROR /
+WRITE ERROR (03/0C/00), DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07) and DATA PROTECT / WRITE
+PROTECTED (07/27/00), while writes outside the range succeed. Then every write of that LUN takes 200 ms more: another
+LUN's 4 KiB reads keep a p99 under 50 ms. After healing, the data is what was acknowledged and nothing else.
 """
 
 from __future__ import annotations
@@ -20,14 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_harness import ApiDaemon, qemu_io
+from api_harness import ApiDaemon, qemu_io, raw_session
 from e2e.harness import require_tools
 from fusefs import FuseMount, fuse_available
 from iscsi_scapy import (
     RESERVED_TAG,
     NopIn,
     NopOut,
-    RawInitiator,
     ScsiCommand,
     ScsiResponse,
     TaskMgmtRequest,
@@ -40,6 +46,8 @@ from iscsi_scapy import (
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 DEMO = "iqn.2026-11.io.lunsync:demo"
+MIB = 1 << 20
+BLOCKS_PER_MIB = MIB // 512
 HANG_S = float(os.environ.get("FAULTS_HANG_S", "6"))
 CONFIG = """\
 [portal]
@@ -63,15 +71,6 @@ def stuck(tmp_path: Path) -> Iterator[tuple[ApiDaemon, FuseMount, Path]]:
             d.close()
 
 
-def _login(d: ApiDaemon, isid: int) -> RawInitiator:
-    ri = RawInitiator("127.0.0.1", d.port, timeout=10)
-    ri.login(target=DEMO, isid=isid)  # its own ISID: the same one would reinstate (close) the other session
-    for _ in range(8):  # POWER ON, REPORTED LUNS DATA HAS CHANGED...
-        if ri.test_unit_ready(0).status == 0:
-            break
-    return ri
-
-
 def test_a_hung_lun_leaves_other_luns_keepalives_and_the_api_on_time(
         stuck: tuple[ApiDaemon, FuseMount, Path]) -> None:
     require_tools("qemu-io")
@@ -81,7 +80,7 @@ def test_a_hung_lun_leaves_other_luns_keepalives_and_the_api_on_time(
         assert r.status_code == 201, r.text
         assert c.post(f"/v1/targets/{DEMO}/luns", json={"name": "hung", "lun": 1}).status_code == 201
     qemu_io(d.url(0), "write -P 0x5a 0 4M")
-    reader, idle = _login(d, 0x400001), _login(d, 0x400002)
+    reader, idle = raw_session(d, 0x400001), raw_session(d, 0x400002)
     try:
         fs.inject(("write",), file="hung.img", hang=True)
         writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0xcd 0 64k", d.url(1)],
@@ -170,3 +169,54 @@ def test_a_hung_lun_leaves_other_luns_keepalives_and_the_api_on_time(
     d.config_path = None  # the configuration was applied (declaratively: it names no LUN); start from the catalog
     d.start()
     qemu_io(d.url(1), "read -P 0xcd 0 64k", "read -P 0xef 64k 64k")
+
+
+def test_byte_range_faults_give_their_sense_and_latency_stays_on_its_lun(
+        stuck: tuple[ApiDaemon, FuseMount, Path]) -> None:
+    require_tools("qemu-io")
+    d, fs, mnt = stuck
+    with d.http() as c:
+        assert c.post("/v1/luns", json={"name": "f", "size": "4MiB", "path": str(mnt / "f.img")}).status_code == 201
+        assert c.post(f"/v1/targets/{DEMO}/luns", json={"name": "f", "lun": 1}).status_code == 201
+    qemu_io(d.url(1), "write -P 0x11 0 4M", "flush")
+    qemu_io(d.url(0), "write -P 0x22 0 4M")
+    ri = raw_session(d, 0x500001, (0, 1))
+    try:
+        for errname, want in (("EIO", (3, 0x0C, 0x00)), ("ENOSPC", (7, 0x27, 0x07)), ("EROFS", (7, 0x27, 0x00))):
+            fs.inject(("write",), file="f.img", start=MIB, end=2 * MIB, errname=errname)
+            r = ri.write10(BLOCKS_PER_MIB + 8, b"\x99" * 4096, lun=1)
+            assert r.status == 0x02, (errname, r.status)
+            assert r.sense_key == want[0] and r.sense[12:14] == bytes(want[1:]), (errname, r.sense.hex())
+            assert ri.write10(8, b"\x33" * 4096, lun=1).status == 0  # outside the range
+            fs.heal()
+
+        fs.inject(("write",), file="f.img", delay_s=0.2)
+        reader = raw_session(d, 0x500002, (0, 1))
+        stop = time.monotonic() + 3
+        lat: list[float] = []
+
+        def slow_writes() -> None:
+            while time.monotonic() < stop:
+                assert ri.write10(16, b"\x44" * 4096, lun=1).status == 0
+
+        t = threading.Thread(target=slow_writes)
+        t.start()
+        try:
+            while time.monotonic() < stop:
+                t0 = time.monotonic()
+                res = reader.scsi(cdb_read10(0, 8), lun=0, read_length=4096)
+                lat.append(time.monotonic() - t0)
+                assert res.status == 0 and res.data == b"\x22" * 4096
+                time.sleep(0.002)
+        finally:
+            t.join(10)
+            reader.close()
+        fs.heal()
+        p99 = statistics.quantiles(lat, n=100)[98]
+        assert p99 < 0.050, f"p99 {p99 * 1e3:.1f} ms over {len(lat)} reads while the other LUN's writes took 200 ms"
+    finally:
+        fs.heal()
+        ri.close()
+    # what was acknowledged is there; the refused range kept its old data
+    qemu_io(d.url(1), "read -P 0x33 4k 4k", "read -P 0x44 8k 4k", "read -P 0x11 1M 1M", "read -P 0x11 2M 2M")
+    d.assert_healthy()
