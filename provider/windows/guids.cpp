@@ -4,6 +4,7 @@
 #include <initguid.h>
 
 #include <windows.h>
+#include <comadmin.h>
 #include <vdslun.h>
 #include <vsadmin.h>
 #include <vsprov.h>

@@ -3,9 +3,12 @@
 //   uninstall | status | test
 // install checks that the API answers with this token before it changes anything, then stores the settings (the
 // token in a key only SYSTEM and Administrators can open), registers the COM class (DllRegisterServer) and the event
-// source, and registers the provider with VSS (IVssAdmin::RegisterProvider). Exit codes: 0 done, 1 usage,
-// 2 failed, 3 installed but the system has no VSS service to register with.
+// source, installs the DLL into a COM+ server application running as LocalSystem (as VSS hosts hardware providers),
+// and registers the provider with VSS (IVssAdmin::RegisterProvider). Exit codes: 0 done, 1 usage, 2 failed,
+// 3 installed but the system has no VSS service (nor COM+ catalog) to register with.
 #include <windows.h>
+#include <comadmin.h>
+#include <oleauto.h>
 #include <sddl.h>
 #include <vsadmin.h>
 #include <vss.h>
@@ -58,6 +61,121 @@ HRESULT call_dll(const std::wstring& dll, const char* entry) {
     auto fn = reinterpret_cast<Fn>(reinterpret_cast<void*>(GetProcAddress(m, entry)));
     HRESULT hr = fn ? fn() : HRESULT_FROM_WIN32(ERROR_PROC_NOT_FOUND);
     FreeLibrary(m);
+    return hr;
+}
+
+constexpr wchar_t kComPlusApp[] = L"lunsync VSS provider";
+
+struct Bstr {
+    BSTR b;
+    explicit Bstr(const wchar_t* s) : b(SysAllocString(s)) {}
+    ~Bstr() { SysFreeString(b); }
+    Bstr(const Bstr&) = delete;
+    Bstr& operator=(const Bstr&) = delete;
+};
+
+template <class T>
+void release(T*& p) {
+    if (p) p->Release();
+    p = nullptr;
+}
+
+// The COM+ catalog's Applications collection, populated; REGDB_E_CLASSNOTREG where there is no COM+ (Wine).
+HRESULT applications(ICOMAdminCatalog** catalog, ICatalogCollection** apps) {
+    HRESULT hr = CoCreateInstance(CLSID_COMAdminCatalog, nullptr, CLSCTX_INPROC_SERVER, IID_ICOMAdminCatalog,
+                                  reinterpret_cast<void**>(catalog));
+    if (FAILED(hr)) return hr;
+    IDispatch* d = nullptr;
+    Bstr name(L"Applications");
+    hr = (*catalog)->GetCollection(name.b, &d);
+    if (SUCCEEDED(hr)) hr = d->QueryInterface(IID_ICatalogCollection, reinterpret_cast<void**>(apps));
+    release(d);
+    if (SUCCEEDED(hr)) hr = (*apps)->Populate();
+    if (FAILED(hr)) {
+        release(*apps);
+        release(*catalog);
+    }
+    return hr;
+}
+
+// Remove our application if it is there (a reinstall replaces it; uninstall removes it).
+HRESULT remove_app(ICatalogCollection* apps) {
+    LONG n = 0;
+    HRESULT hr = apps->get_Count(&n);
+    for (LONG i = n - 1; SUCCEEDED(hr) && i >= 0; --i) {
+        IDispatch* d = nullptr;
+        ICatalogObject* app = nullptr;
+        VARIANT v;
+        VariantInit(&v);
+        hr = apps->get_Item(i, &d);
+        if (SUCCEEDED(hr)) hr = d->QueryInterface(IID_ICatalogObject, reinterpret_cast<void**>(&app));
+        if (SUCCEEDED(hr)) hr = app->get_Name(&v);
+        if (SUCCEEDED(hr) && v.vt == VT_BSTR && v.bstrVal && wcscmp(v.bstrVal, kComPlusApp) == 0) hr = apps->Remove(i);
+        VariantClear(&v);
+        release(app);
+        release(d);
+    }
+    LONG changes = 0;
+    return SUCCEEDED(hr) ? apps->SaveChanges(&changes) : hr;
+}
+
+HRESULT put(ICatalogObject* obj, const wchar_t* prop, VARIANT v) {
+    Bstr name(prop);
+    return obj->put_Value(name.b, v);
+}
+
+// A COM+ server application running as LocalSystem with the DLL's class installed in it: VSS creates the provider
+// in that application's dllhost, the way the SDK's sample provider is installed.
+HRESULT register_complus(const std::wstring& dll) {
+    ICOMAdminCatalog* catalog = nullptr;
+    ICatalogCollection* apps = nullptr;
+    HRESULT hr = applications(&catalog, &apps);
+    if (FAILED(hr)) return hr;
+    hr = remove_app(apps);
+    IDispatch* d = nullptr;
+    ICatalogObject* app = nullptr;
+    if (SUCCEEDED(hr)) hr = apps->Add(&d);
+    if (SUCCEEDED(hr)) hr = d->QueryInterface(IID_ICatalogObject, reinterpret_cast<void**>(&app));
+    VARIANT v;
+    VariantInit(&v);
+    if (SUCCEEDED(hr)) {
+        v.vt = VT_BSTR;
+        v.bstrVal = SysAllocString(kComPlusApp);
+        hr = put(app, L"Name", v);
+        VariantClear(&v);
+    }
+    if (SUCCEEDED(hr)) {
+        v.vt = VT_BSTR;
+        v.bstrVal = SysAllocString(L"NT AUTHORITY\\LocalSystem");
+        hr = put(app, L"Identity", v);
+        VariantClear(&v);
+    }
+    if (SUCCEEDED(hr)) {
+        v.vt = VT_BOOL;
+        v.boolVal = VARIANT_FALSE;  // VSS calls as SYSTEM; COM+ role checks would only get in its way
+        hr = put(app, L"ApplicationAccessChecksEnabled", v);
+    }
+    LONG changes = 0;
+    if (SUCCEEDED(hr)) hr = apps->SaveChanges(&changes);
+    if (SUCCEEDED(hr)) {
+        Bstr name(kComPlusApp), path(dll.c_str()), none(L"");
+        hr = catalog->InstallComponent(name.b, path.b, none.b, none.b);
+    }
+    release(app);
+    release(d);
+    release(apps);
+    release(catalog);
+    return hr;
+}
+
+HRESULT unregister_complus() {
+    ICOMAdminCatalog* catalog = nullptr;
+    ICatalogCollection* apps = nullptr;
+    HRESULT hr = applications(&catalog, &apps);
+    if (FAILED(hr)) return hr;
+    hr = remove_app(apps);
+    release(apps);
+    release(catalog);
     return hr;
 }
 
@@ -168,6 +286,16 @@ int install(const std::wstring& api, const std::wstring& token_file, DWORD timeo
         return 2;
     }
     wprintf(L"com: %ls registered as %ls\n", dll.c_str(), lunsync::guid_wtext(lunsync::kProviderClsid).c_str());
+    hr = register_complus(dll);
+    if (hr == REGDB_E_CLASSNOTREG) {
+        wprintf(L"com+: this system has no COM+ catalog [%ls]; the class stays an in-process server\n",
+                hr_text(hr).c_str());
+    } else if (FAILED(hr)) {
+        fwprintf(stderr, L"lunsync-vss: installing the COM+ application failed [%ls]\n", hr_text(hr).c_str());
+        return 2;
+    } else {
+        wprintf(L"com+: application \"%ls\" (LocalSystem) hosts the provider\n", kComPlusApp);
+    }
 
     IVssAdmin* admin = nullptr;
     hr = vss_admin(&admin);
@@ -205,6 +333,11 @@ int uninstall(const std::wstring& dll) {
             fwprintf(stderr, L"lunsync-vss: IVssAdmin::UnregisterProvider failed [%ls]\n", hr_text(hr).c_str());
             rc = 2;
         }
+    }
+    hr = unregister_complus();
+    if (FAILED(hr) && hr != REGDB_E_CLASSNOTREG) {
+        fwprintf(stderr, L"lunsync-vss: removing the COM+ application failed [%ls]\n", hr_text(hr).c_str());
+        rc = 2;
     }
     hr = call_dll(dll, "DllUnregisterServer");
     if (FAILED(hr)) {

@@ -187,6 +187,7 @@ def installed(wine: Wine, api_daemon: ApiDaemon, tmp_path_factory: pytest.TempPa
     # 3: settings and COM class installed; Wine has no VSS service for IVssAdmin::RegisterProvider.
     assert p.returncode == 3, p.stdout + p.stderr
     assert "capabilities 0x10c" in p.stdout and "no VSS service" in p.stdout, p.stdout
+    assert "no COM+ catalog [0x80040154]" in p.stdout, p.stdout  # Wine has no COMAdminCatalog either
     # The installer reads the token key's DACL back after setting it. (A later process under Wine may see the
     # inherited default instead: Wine does not keep a key's security descriptor reliably across processes.)
     assert f"token in HKLM\\SOFTWARE\\lunsync\\VssProvider\\Secret, {SECRET_SDDL})" in p.stdout, p.stdout
