@@ -214,7 +214,7 @@ class SnapshotService:
         """The LUN's device: its backend behind copy-on-write, with the snapshots that still need it."""
         if not hasattr(backend, "fileno"):
             raise TypeError(f"lun {rec.name}: copy-on-write needs a backend with a descriptor, not {backend!r}")
-        origin = cast(Origin, backend)  # FileBackend or BlockDevBackend, as open_backend gives
+        origin = cast(Origin, backend)  # the file or block backend: the copy-on-write engine works on their descriptor
         old = self.volumes.get(rec.name)
         if old is not None and old.lun_id == rec.id:
             old.origin = origin  # reopened with other flags: same maps, same state
