@@ -535,7 +535,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     # -- status and portals --
 
-    @v1.get("/status", response_model=StatusOut, summary="daemon status")
+    @v1.get("/status", response_model=StatusOut, summary="daemon status",
+            description="Version, uptime, data dir, counts of targets, LUNs, sessions and connections, and where the "
+                        "portals, API and metrics listen.")
     async def status() -> StatusOut:
         return StatusOut(
             version=VERSION, uptime_s=round(time.monotonic() - ctx.started, 3), data_dir=array.data_dir,
@@ -545,19 +547,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
             attention=array.snapshots.attention() if array.snapshots is not None else [],
         )
 
-    @v1.get("/portals", response_model=list[PortalOut], summary="the iSCSI portals the daemon listens on")
+    @v1.get("/portals", response_model=list[PortalOut], summary="the iSCSI portals the daemon listens on",
+            description="Each listening address with its target portal group tag, as SendTargets reports them.")
     async def portals() -> list[PortalOut]:
         return [PortalOut(address=p.text().rsplit(",", 1)[0], host=p.host, port=p.port, tpgt=p.tpgt)
                 for p in array.directory.portals]
 
     # -- targets --
 
-    @v1.get("/targets", response_model=list[TargetOut], summary="list targets")
+    @v1.get("/targets", response_model=list[TargetOut], summary="list targets",
+            description="Every target with its ACL, mapped LUNs, CHAP settings (never secrets) and session count.")
     async def list_targets() -> list[TargetOut]:
         return [_target_out(ctx, t) for t in array.catalog.list_targets()]
 
     @v1.post("/targets", response_model=TargetOut, status_code=201, responses=existing_response(TargetOut),
-             summary="create a target")
+             summary="create a target",
+             description="An idempotent create: the same IQN and alias again answers 200 with the target; another alias is "
+                         "409.")
     async def create_target(body: TargetIn, response: Response) -> TargetOut:
         try:
             t = await array.create_target(body.iqn, body.alias)
@@ -566,7 +572,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             existing_or_conflict(f"target {t.iqn}", differences({"alias": body.alias}, {"alias": t.alias}), response)
         return _target_out(ctx, t)
 
-    @v1.get("/targets/{iqn}", response_model=TargetOut, summary="show a target")
+    @v1.get("/targets/{iqn}", response_model=TargetOut, summary="show a target",
+            description="One target by IQN (compared in lowercase).")
     async def get_target(iqn: TargetPath) -> TargetOut:
         return _target_out(ctx, array.catalog.get_target(iqn))
 
@@ -579,12 +586,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     # -- mappings --
 
-    @v1.get("/targets/{iqn}/luns", response_model=list[MappingOut], summary="LUNs a target shows")
+    @v1.get("/targets/{iqn}/luns", response_model=list[MappingOut], summary="LUNs a target shows",
+            description="The target's LUN numbers and the LUN each shows.")
     async def list_mappings(iqn: TargetPath) -> list[MappingOut]:
         return [MappingOut(lun=m.lun, name=m.name) for m in array.catalog.list_mappings(iqn)]
 
     @v1.post("/targets/{iqn}/luns", response_model=MappingOut, status_code=201, responses=existing_response(MappingOut),
-             summary="map a LUN into a target")
+             summary="map a LUN into a target",
+             description="Shows a LUN on a target, at the number asked or the lowest free one. The LUN already shown there "
+                         "(at any number, or the number asked) answers 200; another number is 409.")
     async def map_lun(iqn: TargetPath, body: MapIn, response: Response) -> MappingOut:
         try:
             m = await array.map_lun(iqn, body.name, body.lun)
@@ -601,24 +611,28 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return MappingOut(lun=m.lun, name=m.name)
 
     @v1.delete("/targets/{iqn}/luns/{name}", status_code=204, response_class=Response,
-               summary="unmap a LUN (by name) from a target")
+               summary="unmap a LUN (by name) from a target",
+               description="Sessions see REPORTED LUNS DATA HAS CHANGED. 404 when the LUN is not mapped there.")
     async def unmap_lun(iqn: TargetPath, name: LunPath) -> Response:
         await array.unmap_lun(iqn, name)
         return Response(status_code=204)
 
     # -- ACLs --
 
-    @v1.get("/targets/{iqn}/acls", response_model=list[str], summary="initiators allowed on a target (empty: any)")
+    @v1.get("/targets/{iqn}/acls", response_model=list[str], summary="initiators allowed on a target (empty: any)",
+            description="The initiator IQNs allowed to log in; an empty list admits any initiator.")
     async def list_acls(iqn: TargetPath) -> list[str]:
         return list(array.catalog.list_acls(iqn))
 
-    @v1.post("/targets/{iqn}/acls", response_model=list[str], status_code=201, summary="allow an initiator")
+    @v1.post("/targets/{iqn}/acls", response_model=list[str], status_code=201, summary="allow an initiator",
+             description="Adds an initiator IQN to the target's ACL and answers the whole ACL.")
     async def add_acl(iqn: TargetPath, body: AclIn) -> list[str]:
         await array.add_acl(iqn, body.initiator)
         return list(array.catalog.list_acls(iqn))
 
     @v1.delete("/targets/{iqn}/acls/{initiator}", status_code=204, response_class=Response,
-               summary="disallow an initiator; its sessions on the target are logged out")
+               summary="disallow an initiator; its sessions on the target are logged out",
+               description="Removes an initiator from the ACL; its open sessions on the target end at once.")
     async def remove_acl(iqn: TargetPath, initiator: Annotated[str, Path(max_length=223,
                                                                           pattern=ISCSI_NAME_PATTERN)]) -> Response:
         await array.remove_acl(iqn, initiator)
@@ -626,11 +640,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     # -- CHAP --
 
-    @v1.get("/targets/{iqn}/chap", response_model=ChapOut, summary="CHAP settings (never the secrets)")
+    @v1.get("/targets/{iqn}/chap", response_model=ChapOut, summary="CHAP settings (never the secrets)",
+            description="Whether CHAP is required, the user name, and the mutual user name.")
     async def get_chap(iqn: TargetPath) -> ChapOut:
         return _target_out(ctx, array.catalog.get_target(iqn)).chap
 
-    @v1.put("/targets/{iqn}/chap", response_model=ChapOut, summary="require CHAP (mutual when mutual_* are given)")
+    @v1.put("/targets/{iqn}/chap", response_model=ChapOut, summary="require CHAP (mutual when mutual_* are given)",
+            description="Sets CHAP credentials; new logins must authenticate. Secrets are stored with mode 0600 and "
+                        "never returned.")
     async def set_chap(iqn: TargetPath, body: ChapIn) -> ChapOut:
         try:
             chap = ChapConfig(body.user, body.secret, body.mutual_user, body.mutual_secret)
@@ -640,19 +657,24 @@ def create_app(ctx: ApiContext) -> FastAPI:
         await array.set_chap(iqn, chap)
         return _target_out(ctx, array.catalog.get_target(iqn)).chap
 
-    @v1.delete("/targets/{iqn}/chap", status_code=204, response_class=Response, summary="stop requiring CHAP")
+    @v1.delete("/targets/{iqn}/chap", status_code=204, response_class=Response, summary="stop requiring CHAP",
+               description="Removes the target's CHAP credentials; sessions already logged in stay.")
     async def clear_chap(iqn: TargetPath) -> Response:
         await array.clear_chap(iqn)
         return Response(status_code=204)
 
     # -- LUNs --
 
-    @v1.get("/luns", response_model=list[LunOut], summary="list LUNs")
+    @v1.get("/luns", response_model=list[LunOut], summary="list LUNs",
+            description="Every LUN with its size, block size, backend, identity (NAA, serial) and where it is mapped.")
     async def list_luns() -> list[LunOut]:
         return [_lun_out(array, rec) for rec in array.catalog.list_luns()]
 
     @v1.post("/luns", response_model=LunOut, status_code=201, responses=existing_response(LunOut),
-             summary="create a LUN and its backing file")
+             summary="create a LUN and its backing file",
+             description="Creates the backing file (sparse unless `thin` is false) or takes a block device. An idempotent "
+                         "create: the same spec again answers 200 with the LUN; another spec is 409 naming each "
+                         "difference.")
     async def create_lun(body: LunIn, response: Response) -> LunOut:
         size = _size(body.size)
         try:
@@ -672,12 +694,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
             existing_or_conflict(f"lun {rec.name!r}", differences(asked, have), response)
         return _lun_out(array, rec)
 
-    @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN")
+    @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN",
+            description="One LUN by name.")
     async def get_lun(name: LunPath) -> LunOut:
         return _lun_out(array, array.catalog.get_lun(name))
 
     @v1.delete("/luns/{name}", status_code=204, response_class=Response,
-               summary="delete a LUN (refused while mapped); a backing file lunsync created in the data dir is removed")
+               summary="delete a LUN (refused while mapped); a backing file lunsync created in the data dir is removed",
+               description="409 while mapped, with snapshots, or restored into; 404 when there is no such LUN.")
     async def delete_lun(name: LunPath) -> Response:
         await array.delete_lun(name)
         ctx.server.stats.forget(name)
@@ -691,13 +715,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     # -- sessions --
 
-    @v1.get("/sessions", response_model=list[SessionOut], summary="logged-in sessions with per-LUN counters")
+    @v1.get("/sessions", response_model=list[SessionOut], summary="logged-in sessions with per-LUN counters",
+            description="Each session's initiator, address, target, authentication and per-LUN commands and bytes.")
     async def list_sessions() -> list[SessionOut]:
         out = (_session_out(tsih, p) for tsih, p in sorted(ctx.server.sessions.items()))
         return [s for s in out if s is not None]
 
     @v1.delete("/sessions/{tsih}", status_code=204, response_class=Response,
-               summary="force a session out: abort its tasks and close its connections")
+               summary="force a session out: abort its tasks and close its connections",
+               description="404 when no session has that TSIH.")
     async def logout_session(tsih: Annotated[int, Path(ge=1, le=0xFFFF)]) -> Response:
         if not ctx.server.force_logout(tsih):
             raise ApiError(404, f"no session with TSIH {tsih}")

@@ -160,18 +160,22 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
             raise ApiError(409, "snapshots are not available until the array has loaded")
         return s
 
-    @r.get("/pools", response_model=list[PoolOut], summary="snapshot pools with capacity and use")
+    @r.get("/pools", response_model=list[PoolOut], summary="snapshot pools with capacity and use",
+           description="Each pool's directory, capacity (a cap, or the file system's space), bytes used and free, and "
+                       "snapshot count.")
     async def list_pools() -> list[PoolOut]:
         s = svc()
         return [_pool_out(s, p) for p in s.cat.list_pools()]
 
-    @r.post("/pools", response_model=PoolOut, status_code=201, summary="register a snapshot pool directory")
+    @r.post("/pools", response_model=PoolOut, status_code=201, summary="register a snapshot pool directory",
+            description="Where preserved chunks and clones of the LUNs that use this pool are kept.")
     async def create_pool(body: PoolIn) -> PoolOut:
         s = svc()
         rec = s.create_pool(body.name, body.path, _size(body.capacity) if body.capacity is not None else None)
         return _pool_out(s, rec)
 
-    @r.get("/pools/{name}", response_model=PoolOut, summary="show a pool")
+    @r.get("/pools/{name}", response_model=PoolOut, summary="show a pool",
+           description="One pool by name, with its capacity and use.")
     async def get_pool(name: Annotated[str, Path(min_length=1, max_length=64)]) -> PoolOut:
         s = svc()
         return _pool_out(s, s.cat.get_pool(validate_name("pool", name)))
@@ -186,13 +190,19 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
         return BackupOut(dir=os.path.abspath(body.dir), created_at=m.created_at, schema_version=m.schema_version,
                          pools=[BackupPoolOut(name=p.name, path=p.path, files=list(p.files)) for p in m.pools])
 
-    @r.get("/snapshots", response_model=list[SnapshotOut], summary="list snapshots (of one LUN, or all)")
+    @r.get("/snapshots", response_model=list[SnapshotOut], summary="list snapshots (of one LUN, or all)",
+           description="Snapshots with kind, state (an invalid one says why), set, pool, space used, identity, "
+                       "exposure and a clone's fill.")
     async def list_snapshots(lun: Annotated[str | None, Query(min_length=1, max_length=64)] = None
                              ) -> list[SnapshotOut]:
         s = svc()
         return [_snapshot_out(s, rec) for rec in s.cat.list_snapshots(lun)]
 
-    @r.post("/snapshots", response_model=SnapshotsOut, status_code=201, responses=existing_response(SnapshotsOut),
+    @r.post("/snapshots", response_model=SnapshotsOut, status_code=201,
+            responses={**existing_response(SnapshotsOut),
+                       202: {"model": SnapshotsOut, "description": "clones: taken, and filling in the background; "
+                                                                   "`Location` is the first clone, whose `fill` "
+                                                                   "tells the progress"}},
             summary="take snapshots: one point in time across every LUN named",
             description="New writes on every member are held, in-flight writes drain, the epochs are committed in "
                         "one transaction and writes are released. If writes do not drain within the bound (10 s) "
@@ -213,29 +223,40 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
                 {"kind": rec.kind, "pool": rec.pool, "set": rec.set_name})]
             existing_or_conflict("snapshot " + ", ".join(rec.full_name for rec in recs), diffs, response)
             hold_ms = 0.0
+        else:
+            if body.kind == "clone":
+                # A clone fills in the background: 202, and where to watch its fill.
+                response.status_code = 202
+                response.headers["Location"] = f"/v1/snapshots/{recs[0].full_name}"
         return SnapshotsOut(snapshots=[_snapshot_out(s, rec) for rec in recs], set=body.set,
                             hold_ms=round(hold_ms, 3))
 
-    @r.get("/snapshots/{name}", response_model=SnapshotOut, summary="show a snapshot (LUN@SNAP)")
+    @r.get("/snapshots/{name}", response_model=SnapshotOut, summary="show a snapshot (LUN@SNAP)",
+           description="One snapshot by LUN@SNAP.")
     async def get_snapshot(name: SnapName) -> SnapshotOut:
         s = svc()
         return _snapshot_out(s, s.cat.get_snapshot(*parse_snapshot_name(name)))
 
     @r.delete("/snapshots/{name}", status_code=204, response_class=Response,
-              summary="delete a snapshot (any order; refused while exposed)")
+              summary="delete a snapshot (any order; refused while exposed)",
+              description="Frees its preserved chunks; other snapshots are untouched. 409 while exposed or read by a "
+                          "restore; 404 when there is no such snapshot.")
     async def delete_snapshot(name: SnapName) -> Response:
         await svc().delete(*parse_snapshot_name(name))
         return Response(status_code=204)
 
     @r.post("/snapshots/{name}/expose", response_model=SnapshotOut, status_code=201,
-            summary="present a snapshot as a read-only LUN with its own identity")
+            summary="present a snapshot as a read-only LUN with its own identity",
+            description="The snapshot appears on the target as a read-only LUN with its own VPD 0x80/0x83 identity, "
+                        "transportable to any host.")
     async def expose(name: SnapName, body: ExposeIn) -> SnapshotOut:
         s = svc()
         rec = await s.expose(*parse_snapshot_name(name), body.target, body.lun)
         return _snapshot_out(s, rec)
 
     @r.delete("/snapshots/{name}/expose", status_code=204, response_class=Response,
-              summary="stop presenting a snapshot")
+              summary="stop presenting a snapshot",
+              description="The snapshot's LUN disappears from the target; the snapshot stays.")
     async def unexpose(name: SnapName) -> Response:
         await svc().unexpose(*parse_snapshot_name(name))
         return Response(status_code=204)

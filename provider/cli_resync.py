@@ -53,6 +53,13 @@ def add_resync_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(handler=_swap)
 
 
+def _local_time(rfc3339: str) -> str:
+    """An API timestamp (RFC 3339) in the local time zone, to the second."""
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(rfc3339).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="follow it to the end with a progress bar; exit 1 on failure")
     p.add_argument("--rate", type=float, metavar="MiB/s", help="fixed copy rate (default: adaptive, slows down "
@@ -156,7 +163,7 @@ def _list(c: Any, a: argparse.Namespace) -> int:
         return 0
     rows = [[s["id"], s["state"], f"{s['percent']:.1f}%", human_size(s["bytes_done"]), human_size(s["bytes_total"]),
              ", ".join(f"{p['snapshot']}->{p['destination']}" for p in s["pairs"]) or "-",
-             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created_at"]))] for s in sets]
+             _local_time(s["created_at"])] for s in sets]
     _table(None, ["Recovery", "State", "Done", "Bytes", "Of", "Pairs", "Created"], rows)
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import os
 import random
 import re
@@ -186,7 +187,7 @@ def foreground(tmp: Path, gib: int) -> None:
         st = b.http.get(f"/recovery/{r['id']}").json()
         final = b.http.post(f"/recovery/{r['id']}/wait", params={"timeout_s": 600}).json()
         idle = perf(url, 4)
-        took = final["finished_at"] - final["started_at"]
+        took = (dt.datetime.fromisoformat(final["finished_at"]) - dt.datetime.fromisoformat(final["started_at"])).total_seconds()
         print(f"foreground: 4 KiB random read IOPS on the destination during a default-throttled resync "
               f"{during:.0f}, idle {idle:.0f} = {during / idle:.2f}x (state during: {st['state']}, "
               f"{st['percent']:.0f}% at the end of the sample; throttle {st['pairs'][0].get('throttle')}); "

@@ -7,6 +7,7 @@ CHANGED on a session that already exists, an ACL refuses a login, CHAP is demand
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import stat
 import struct
@@ -432,3 +433,72 @@ def test_creates_are_idempotent_for_drivers_that_retry(api_daemon: ApiDaemon) ->
             assert c.delete(path).status_code == 204, path
             gone = c.delete(path)
             assert gone.status_code == 404 and gone.json()["code"] == "not_found", (path, gone.text)
+
+
+def _typed(schema: dict[str, object]) -> bool:
+    """A schema that says what the body is: a reference, a type, or a union of typed members."""
+    if "$ref" in schema or "type" in schema:
+        return True
+    members = schema.get("anyOf") or schema.get("oneOf")
+    return isinstance(members, list) and bool(members) and all(isinstance(m, dict) and _typed(m) for m in members)
+
+
+def test_every_operation_has_a_typed_response_model_and_a_description(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        doc = c.get("/openapi.json").json()
+    missing = []
+    ops = 0
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            ops += 1
+            name = f"{method.upper()} {path}"
+            if not (op.get("description") or "").strip():
+                missing.append(f"{name}: no description")
+            for status, resp in op["responses"].items():
+                content = resp.get("content", {}).get("application/json")
+                if status == "204":
+                    continue
+                if content is None or not _typed(content.get("schema", {})):
+                    missing.append(f"{name}: response {status} has no typed model")
+            # Every error is the one error schema.
+            for status, resp in op["responses"].items():
+                if status[0] in "45":
+                    ref = resp.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+                    if not ref.endswith("/ErrorOut"):
+                        missing.append(f"{name}: error {status} is not ErrorOut")
+    assert ops >= 50 and not missing, "\n".join(missing)
+    error = doc["components"]["schemas"]["ErrorOut"]
+    assert {"error", "code", "hresult"} <= set(error["properties"]) and set(error["required"]) == {"error", "code"}
+
+
+def _rfc3339(text: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(text)
+    assert parsed.tzinfo is not None and parsed.utcoffset() == dt.timedelta(0), text
+    return parsed
+
+
+def test_async_work_answers_202_with_the_job_and_rfc3339_times(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        assert c.post("/v1/luns", json={"name": "async0", "size": "8MiB"}).status_code == 201
+        clone = c.post("/v1/snapshots", json={"snapshots": ["async0@c"], "kind": "clone"})
+        assert clone.status_code == 202 and clone.headers["location"] == "/v1/snapshots/async0@c", clone.text
+        watched = c.get(clone.headers["location"])
+        assert watched.status_code == 200 and watched.json()["fill"] is not None
+        _rfc3339(watched.json()["created_at"])
+        plain = c.post("/v1/snapshots", json={"snapshots": ["async0@d"]})
+        assert plain.status_code == 201 and "location" not in plain.headers
+
+        dry = c.post("/v1/recovery/resync", json={"pairs": [{"snapshot": "async0@d", "destination": "async1"}],
+                                                  "dry_run": True})
+        assert dry.status_code == 200 and dry.json()["dry_run"] is True, dry.text
+        started = c.post("/v1/recovery/resync", json={"pairs": [{"snapshot": "async0@d", "destination": "async1"}]})
+        assert started.status_code == 202, started.text
+        where = started.headers["location"]
+        assert where == f"/v1/recovery/{started.json()['id']}" and started.json()["handle"]["query"] == where
+        done = c.post(f"{where}/wait", params={"timeout_s": 30}).json()
+        assert done["state"] == "done", done
+        created, began, ended = (_rfc3339(done[k]) for k in ("created_at", "started_at", "finished_at"))
+        assert created <= began <= ended
+        listed = c.get("/v1/recovery").json()
+        assert all(isinstance(s["created_at"], str) for s in listed)
+        assert c.delete("/v1/snapshots/async0@d").status_code == 204
