@@ -385,16 +385,16 @@ def provider_router(ctx: ApiContext) -> APIRouter:
     about_wait = "Long-polls up to `timeout_s`; the answer's `state` says whether the set ended."
     about_cancel = ("The copier stops; regions already copied stay on the destination, the rest are no longer "
                     "redirected. The snapshot is untouched, so the same restore can be run again.")
-    one = {"response_model": RecoverySetOut}
-    r.get("/recovery/{set_id}", summary=summary_show, description=about_show, **one)(_plain(show))
-    r.post("/recovery/{set_id}/wait", summary=summary_wait, description=about_wait, **one)(_plain(wait))
-    r.post("/recovery/{set_id}/cancel", summary=summary_cancel, description=about_cancel, **one)(_plain(cancel))
+    r.get("/recovery/{set_id}", summary=summary_show, description=about_show, response_model=RecoverySetOut)(_plain(show))
+    r.post("/recovery/{set_id}/wait", summary=summary_wait, description=about_wait, response_model=RecoverySetOut)(_plain(wait))
+    r.post("/recovery/{set_id}/cancel", summary=summary_cancel, description=about_cancel,
+           response_model=RecoverySetOut)(_plain(cancel))
     r.get("/provider/async/{set_id}", summary=f"IVssAsync::QueryStatus of a ResyncLuns: {summary_show}",
-          description=about_show + _VSS_NOTE, **one)(_vss(show))
+          description=about_show + _VSS_NOTE, response_model=RecoverySetOut)(_vss(show))
     r.post("/provider/async/{set_id}/wait", summary=f"IVssAsync::Wait: {summary_wait}",
-           description=about_wait + _VSS_NOTE, **one)(_vss(wait))
+           description=about_wait + _VSS_NOTE, response_model=RecoverySetOut)(_vss(wait))
     r.post("/provider/async/{set_id}/cancel", summary=f"IVssAsync::Cancel: {summary_cancel}",
-           description=about_cancel + _VSS_NOTE, **one)(_vss(cancel))
+           description=about_cancel + _VSS_NOTE, response_model=RecoverySetOut)(_vss(cancel))
 
     @r.post("/recovery/{set_id}/pairs", response_model=RecoverySetOut, status_code=201,
             summary="add a (snapshot, destination) pair (step 2)",
