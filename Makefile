@@ -2,18 +2,24 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+# The compiled build (mypyc; see setup.py) lives in its own venv as a regular install, so no native module ever sits
+# next to a source file the editable .venv runs.
+NATIVE ?= .venv-native
+NPY     = $(NATIVE)/bin/python
+SOURCES = $(shell find target snapshots provider -name '*.py') setup.py
 DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus systemd fuse3 g++-mingw-w64-x86-64 \
            binutils-mingw-w64-x86-64 wine wine64 ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd
 SHARED ?= ../shared
 N ?= 100000
 
-.PHONY: serve test test-unit test-e2e deps venv ceph-bindings lint bench fuzz crash-trials powerloss soak faults clean windows wheel wheels install \
+.PHONY: serve test test-unit test-e2e deps venv native ceph-bindings lint bench fuzz crash-trials powerloss soak faults clean windows wheel wheels install \
         uninstall
 
+# The editable venv runs the sources as they are (LUNSYNC_PURE=1: nothing compiled).
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	LUNSYNC_PURE=1 $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -31,9 +37,22 @@ ceph-bindings: venv deps
 	  if [ ! -f $$so ]; then echo "$$so is missing: python3-$$m is not built for this venv's ABI ($$suffix)"; exit 1; fi; \
 	  ln -sfn $$so $(CEPH_BINDINGS)/$$m$$suffix; \
 	done; \
-	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	echo "$(CEPH_BINDINGS)" > $$site/debian-ceph-bindings.pth; \
-	$(PY) -c 'import rados, rbd'
+	for py in $(PY) $(wildcard $(NPY)); do \
+	  site=$$($$py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  echo "$(CEPH_BINDINGS)" > $$site/debian-ceph-bindings.pth; \
+	  $$py -c 'import rados, rbd' || exit 1; \
+	done
+
+$(NATIVE)/.stamp: pyproject.toml $(SOURCES)
+	@test -x $(NPY) || $(PYTHON) -m venv $(NATIVE)
+	$(NPY) -m pip install -q --upgrade pip
+	rm -rf build/wheel build/lib.* build/bdist.* && $(NPY) -m pip wheel -q --no-deps -w build/wheel .
+	$(NPY) -m pip install -q --force-reinstall --no-deps build/wheel/lunsync-*.whl
+	$(NPY) -m pip install -q "$$(ls build/wheel/lunsync-*.whl)[test]"
+	$(NPY) -c 'from lunsync.target import native; assert native.compiled(), native.describe()'
+	touch $@
+
+native: $(NATIVE)/.stamp
 
 # Debian packages the end-to-end tests drive (real initiators and the peer target).
 deps:
@@ -58,7 +77,7 @@ WHEEL         = dist/lunsync-$(VERSION)-py3-none-any.whl
 
 # The project's own wheel, built from this tree with the venv's setuptools and wheel (no index needed).
 wheel: venv
-	$(PY) -m pip wheel -q --no-deps --no-build-isolation --wheel-dir dist .
+	LUNSYNC_PURE=1 $(PY) -m pip wheel -q --no-deps --no-build-isolation --wheel-dir dist .
 
 # Every wheel the container (or an offline host) needs, into dist/wheels: this needs network, the image build does not.
 wheels: wheel
@@ -96,8 +115,10 @@ uninstall:
 serve: venv
 	$(VENV)/bin/lunsync serve --demo
 
-test: deps venv windows ceph-bindings
-	$(PY) -m pytest -q
+# The whole suite on the compiled build, then the unit tests again on the pure sources (both builds must hold).
+test: deps venv native windows ceph-bindings
+	$(NPY) -m pytest -q
+	$(PY) -m pytest -q -m 'not e2e'
 
 test-unit: venv
 	$(PY) -m pytest -q -m 'not e2e'
@@ -112,8 +133,9 @@ lint: venv
 	MYPYPATH=build/mypy $(VENV)/bin/mypy -p lunsync
 	PYTHONPATH=build/mypy $(VENV)/bin/lint-imports --no-cache
 
-bench: deps venv
-	$(PY) tests/bench/run.py --shared $(SHARED)
+# On the compiled build; the table's heading names the build it measured.
+bench: deps native
+	$(NPY) tests/bench/run.py --shared $(SHARED)
 
 # N inputs of scapy fuzz(), hypothesis PDU families and CDBs against a live daemon, with a verified qemu-io session.
 fuzz: deps venv
@@ -168,4 +190,4 @@ faults: deps venv
 	FAULTS_HANG_S=$(FAULTS_HANG_S) $(PY) -m pytest -q -m faults
 
 clean:
-	rm -rf $(VENV) lunsync-data build dist *.egg-info
+	rm -rf $(VENV) $(NATIVE) lunsync-data build dist *.egg-info

@@ -33,6 +33,7 @@ from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan,
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import OutOfSpace, StorageError
 from lunsync.snapshots.model import default_lun_path
+from lunsync.target import native
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
 from lunsync.target.login import LoginResult
 from lunsync.target.portal import PortalSettings, Server
@@ -571,7 +572,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         h, p_ = await server.listen(host, port)
         bound.append((host, p_))
         array.directory.portals.append(PortalAddress(host, p_, 1))
-        log.info("iSCSI portal listening on %s:%d", host, p_)
+        log.info("iSCSI portal listening on %s:%d (data path: %s)", host, p_, native.describe())
     for spec in p.advertise:
         host, _, port_text = spec.rpartition(":")
         array.directory.advertise.append(PortalAddress(host.strip("[]"), int(port_text), 1))

@@ -4,6 +4,7 @@ dependencies carry none."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -26,9 +27,11 @@ PLATFORMS = {
 @pytest.fixture(scope="module")
 def requirements(tmp_path_factory: pytest.TempPathFactory) -> list[Requirement]:
     out = tmp_path_factory.mktemp("wheel")
-    # No build isolation: the test extra carries setuptools and wheel, so this needs no index.
+    # No build isolation: the test extra carries setuptools and wheel, so this needs no index. LUNSYNC_PURE=1 as
+    # `make wheel`: the wheel that other platforms install is the pure one.
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(out), str(REPO_ROOT)], capture_output=True, text=True, timeout=300, check=False)
+                        str(out), str(REPO_ROOT)], capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "LUNSYNC_PURE": "1"})
     assert p.returncode == 0, p.stdout + p.stderr
     wheels = list(out.glob("lunsync-*.whl"))
     assert len(wheels) == 1, wheels

@@ -20,7 +20,7 @@ from pathlib import Path
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.cow import CowVolume
 from lunsync.snapshots.model import LunIdentity
-from lunsync.target import keys, pdu
+from lunsync.target import keys, native, pdu
 from lunsync.target.directory import Directory, PortalAddress, TargetEntry
 from lunsync.target.portal import IscsiProtocol, Server
 from lunsync.target.scsi.lu import LogicalUnit
@@ -103,6 +103,7 @@ async def _run(n: int, tmp: Path) -> None:
     _feed(proto, _cmd(0x00, 0, 0xFFFF, cmd_sn))  # takes the POWER ON unit attention
     cmd_sn += 1
     lu_stats = proto.server.stats.lun("lun0")
+    print(f"hotpath: {native.describe()} build")
     for op, label in ((0x2A, "WRITE(10) 4 KiB"), (0x28, "READ(10) 4 KiB")):
         batches = []
         for b in range(n // QD):

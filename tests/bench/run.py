@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lunsync.target import native
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 IQN = "iqn.2026-11.io.lunsync:demo"
@@ -130,7 +132,8 @@ def main() -> int:
         if (REPO / cmd[1]).exists():
             sections.append((title, run(cmd, timeout=1800)))
     print()
-    print(f"lunsync benchmarks, {datetime.date.today().isoformat()}, {machine()}")
+    print(f"lunsync benchmarks, {datetime.date.today().isoformat()}, {machine()}, {native.describe()} build "
+          f"({sys.executable})")
     for title, out in sections:
         print(f"\n## {title}")
         keep = [line for line in out.splitlines() if line.strip() and not line.startswith("+")]
