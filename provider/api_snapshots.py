@@ -174,6 +174,14 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
         rec = s.create_pool(body.name, body.path, _size(body.capacity) if body.capacity is not None else None)
         return _pool_out(s, rec)
 
+    @r.delete("/pools/{name}", status_code=204, response_class=Response, summary="delete a pool",
+              description="Refused (409, naming them) while snapshots live in the pool or LUNs keep copies there, and "
+                          "for the default pool; 404 when there is no such pool. The directory and its files are "
+                          "left in place.")
+    async def delete_pool(name: Annotated[str, Path(min_length=1, max_length=64)]) -> Response:
+        svc().delete_pool(validate_name("pool", name))
+        return Response(status_code=204)
+
     @r.get("/pools/{name}", response_model=PoolOut, summary="show a pool",
            description="One pool by name, with its capacity and use.")
     async def get_pool(name: Annotated[str, Path(min_length=1, max_length=64)]) -> PoolOut:

@@ -47,6 +47,8 @@ def add_snapshot_commands(noun: Noun, leaf: Leaf) -> None:
     p.add_argument("--path", required=True, metavar="DIR", help="directory for the pool (created if missing)")
     p.add_argument("--capacity", type=_size, metavar="SIZE", help="cap on what the pool may hold")
     leaf(pool, "list", _pool_list, "list pools with capacity and use")
+    p = leaf(pool, "delete", _pool_delete, "forget an unused pool (refused while snapshots or LUNs use it)")
+    p.add_argument("name", metavar="NAME")
 
 
 def _ok(a: argparse.Namespace, result: Any, text: str) -> int:
@@ -158,6 +160,11 @@ def _pool_create(c: Any, a: argparse.Namespace) -> int:
         body["capacity"] = a.capacity
     p = c.post("/pools", body)
     return _ok(a, p, f"created pool {p['name']} at {p['path']}")
+
+
+def _pool_delete(c: Any, a: argparse.Namespace) -> int:
+    r = c.delete(f"/pools/{_q(a.name)}")
+    return _ok(a, r, f"deleted pool {a.name} (its directory is left in place)")
 
 
 def _pool_list(c: Any, a: argparse.Namespace) -> int:

@@ -132,6 +132,16 @@ class SnapshotService:
                  f", capacity {rec.capacity_bytes} bytes" if rec.capacity_bytes else "")
         return rec
 
+    def delete_pool(self, name: str) -> PoolRecord:
+        """Forget an unused pool (see :meth:`SnapshotCatalog.delete_pool`) and close its map database. Its directory
+        and files stay where they are: they may sit on storage the operator wants to look at or reuse."""
+        rec = self.cat.delete_pool(name)
+        p = self._pools.pop(rec.id, None)
+        if p is not None:
+            p.close()
+        log.info("pool %s deleted (its directory %s is left in place)", rec.name, rec.path)
+        return rec
+
     def pool_usage(self, rec: PoolRecord) -> dict[str, int | None]:
         """Capacity, use and free space: use is what the pool's files really hold on disk."""
         p = self.pool(rec)

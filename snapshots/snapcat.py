@@ -194,6 +194,25 @@ class SnapshotCatalog:
         with self.catalog.transaction() as db:
             db.execute("DELETE FROM pools WHERE id = ?", (pool_id,))
 
+    def delete_pool(self, name: str) -> PoolRecord:
+        """Drop a pool's record. Raises NotFound, and InUse (naming the users) while a snapshot lives in it or a LUN
+        keeps its copies there, or for the default pool, which every LUN without a pool of its own falls back on."""
+        with self.catalog.transaction() as db:
+            rec = self.get_pool(name)
+            if name == DEFAULT_POOL:
+                raise InUse(f"pool {name!r} is the default pool: LUNs without a pool of their own use it")
+            snaps = [f"{r[0]}@{r[1]}" for r in db.execute(
+                "SELECT lun_name, name FROM snapshots WHERE pool_id = ? ORDER BY lun_name, name", (rec.id,))]
+            luns = [r[0] for r in db.execute(
+                "SELECT l.name FROM cow_volumes c JOIN luns l ON l.id = c.lun_id WHERE c.pool_id = ? ORDER BY l.name",
+                (rec.id,))]
+            if snaps or luns:
+                users = ([f"snapshots {', '.join(snaps[:5])}" + (" ..." if len(snaps) > 5 else "")] if snaps else []) \
+                    + ([f"LUNs {', '.join(luns[:5])}" + (" ..." if len(luns) > 5 else "")] if luns else [])
+                raise InUse(f"pool {name!r} is still used by {' and '.join(users)}")
+            db.execute("DELETE FROM pools WHERE id = ?", (rec.id,))
+            return rec
+
     def swap_identity(self, lun_name: str, snap_id: int) -> None:
         """Exchange the NAA designator and serial of a LUN and one of its snapshots, in one transaction (a LUN swap
         that keeps the host's view of which disk is which). Raises NotFound."""

@@ -502,3 +502,26 @@ def test_async_work_answers_202_with_the_job_and_rfc3339_times(api_daemon: ApiDa
         listed = c.get("/v1/recovery").json()
         assert all(isinstance(s["created_at"], str) for s in listed)
         assert c.delete("/v1/snapshots/async0@d").status_code == 204
+
+
+def test_a_pool_is_deleted_only_when_nothing_uses_it(api_daemon: ApiDaemon, tmp_path: os.PathLike[str]) -> None:
+    where = os.path.join(tmp_path, "spare-pool")
+    with api_daemon.http() as c:
+        assert c.post("/v1/pools", json={"name": "spare", "path": where}).status_code == 201
+        assert c.post("/v1/luns", json={"name": "pooled0", "size": "8MiB"}).status_code == 201
+        assert c.post("/v1/snapshots", json={"snapshots": ["pooled0@s"], "pool": "spare"}).status_code == 201
+        busy = c.delete("/v1/pools/spare")
+        assert busy.status_code == 409 and "pooled0@s" in busy.json()["error"], busy.text
+        assert c.delete("/v1/snapshots/pooled0@s").status_code == 204
+        still = c.delete("/v1/pools/spare")
+        assert still.status_code == 409 and "pooled0" in still.json()["error"], still.text  # its copies live there
+        assert c.delete("/v1/luns/pooled0").status_code == 204
+        default = c.delete("/v1/pools/default")
+        assert default.status_code == 409 and "default" in default.json()["error"]
+    p = api_daemon.cli("pool", "delete", "spare")
+    assert p.returncode == 0 and "deleted pool spare" in p.stdout, p
+    with api_daemon.http() as c:
+        assert c.get("/v1/pools/spare").status_code == 404
+        assert c.delete("/v1/pools/spare").status_code == 404
+    assert os.path.isdir(where), "the directory is the operator's: it stays"
+    assert api_daemon.cli("pool", "delete", "spare").returncode == 3

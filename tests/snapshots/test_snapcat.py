@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lunsync.snapshots.catalog import AlreadyExists, Catalog, Invalid, NotFound
+from lunsync.snapshots.catalog import AlreadyExists, Catalog, InUse, Invalid, NotFound
 from lunsync.snapshots.snapcat import SnapshotCatalog
 
 MiB = 1 << 20
@@ -110,3 +110,18 @@ def test_forget_pool_drops_an_unused_pool(sc: SnapshotCatalog, tmp_path: Path) -
     rec = sc.create_pool("spare", str(tmp_path / "spare"))
     sc.forget_pool(rec.id)
     assert "spare" not in [p.name for p in sc.list_pools()]
+
+
+def test_delete_pool_refuses_while_used_and_names_the_users(sc: SnapshotCatalog, tmp_path: Path) -> None:
+    sc.create_pool("spare", str(tmp_path / "spare"))
+    sc.record_snapshots(sc.plan_snapshots([("l1", "a")], "differential", "spare", None), "differential", None, [1])
+    with pytest.raises(InUse, match=r"l1@a"):
+        sc.delete_pool("spare")
+    with pytest.raises(InUse, match="default pool"):
+        sc.delete_pool("default")
+    with pytest.raises(NotFound):
+        sc.delete_pool("nope")
+    assert "spare" in [p.name for p in sc.list_pools()]
+    sc.create_pool("empty", str(tmp_path / "empty"))
+    assert sc.delete_pool("empty").name == "empty"
+    assert "empty" not in [p.name for p in sc.list_pools()]
