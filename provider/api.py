@@ -48,6 +48,9 @@ log = logging.getLogger("lunsync.api")
 
 VERSION = "0.1.0"
 TOKEN_FILENAME = "api-token"
+# The monitoring token: GET requests only, for dashboards and scrapers that must never change the array.
+READ_ONLY_TOKEN_FILENAME = "api-token-readonly"
+READ_METHODS = (b"GET", b"HEAD")
 DEFAULT_API = "127.0.0.1:8080"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_SIZE_BYTES = (1 << 63) - 1
@@ -61,9 +64,10 @@ AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # --- the token -------------------------------------------------------------------------------------------------------
 
 
-def ensure_token(data_dir: str) -> str:
-    """The API token in ``<data_dir>/api-token``, generated (256 random bits, mode 0600) on first start."""
-    path = os.path.join(data_dir, TOKEN_FILENAME)
+def ensure_token(data_dir: str, filename: str = TOKEN_FILENAME) -> str:
+    """The API token in ``<data_dir>/api-token`` (or the read-only one in ``filename``), generated (256 random bits,
+    mode 0600) on first start."""
+    path = os.path.join(data_dir, filename)
     token = secrets.token_urlsafe(32)
     try:
         # Written whole or not at all: a crash while creating it must not leave an empty token file behind.
@@ -288,6 +292,7 @@ class ApiContext:
     metrics_address: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     auth_throttle: LoginThrottle = field(default_factory=auth_throttle)
+    read_token: str | None = None  # allowed GET and HEAD only
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -402,6 +407,7 @@ class TokenAuth:
         self.app = app
         self.ctx = ctx
         self.expected = f"Bearer {ctx.token}".encode()
+        self.read_only = f"Bearer {ctx.read_token}".encode() if ctx.read_token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -420,7 +426,16 @@ class TokenAuth:
             if name == b"authorization":
                 given = value
                 break
-        if not secrets.compare_digest(given, self.expected):
+        admin = secrets.compare_digest(given, self.expected)
+        # Both comparisons run whatever the first said, so the time taken does not tell which token was close.
+        reader = self.read_only is not None and secrets.compare_digest(given, self.read_only)
+        if reader and not admin and scope.get("method", "").encode() not in READ_METHODS:
+            log.warning("API: refused %s %s: the read-only token may only read", scope.get("method"), scope.get("path"))
+            response = _error(403, "the read-only token may only read (GET); changes need the admin token in "
+                                   "<data-dir>/api-token")
+            await response(scope, receive, send)
+            return
+        if not (admin or reader):
             self.ctx.counters.unauthorized += 1
             self.ctx.auth_throttle.record_failure(source, loop.time())
             client = scope.get("client")
@@ -484,6 +499,7 @@ def _size(value: int | str) -> int:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "the request is invalid; `error` says why"},
     401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
+    403: {"model": ErrorOut, "description": "the read-only token was presented for a change"},
     404: {"model": ErrorOut, "description": "no such object"},
     409: {"model": ErrorOut, "description": "conflicts with the current state (exists, in use, read-only, full)"},
     422: {"model": ErrorOut, "description": "the body or a parameter does not match the schema"},

@@ -479,14 +479,15 @@ class ServeOptions:
 async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
     """Start the API and the metrics endpoint on this loop. A port that cannot be bound is logged and skipped: the
     LUNs are served regardless, because initiators matter more than the management plane."""
-    from lunsync.provider.api import ApiContext, HttpServer, asgi_app, ensure_token
+    from lunsync.provider.api import READ_ONLY_TOKEN_FILENAME, ApiContext, HttpServer, asgi_app, ensure_token
     from lunsync.provider.metrics import ApiCounters, LunInfo, SnapshotCollector, build_registry, metrics_app
     from lunsync.provider.resync_array import register_metrics
 
     if (opts.api_tls_cert is None) != (opts.api_tls_key is None):
         raise ValueError("--api-tls-cert and --api-tls-key go together")
     counters = ApiCounters()
-    ctx = ApiContext(array, server, ensure_token(array.data_dir), counters, max_body_bytes=opts.api_max_body_bytes)
+    ctx = ApiContext(array, server, ensure_token(array.data_dir), counters, max_body_bytes=opts.api_max_body_bytes,
+                     read_token=ensure_token(array.data_dir, READ_ONLY_TOKEN_FILENAME))
     running: list[object] = []
     status_api, status_metrics = "off", None
     if opts.api != "off":

@@ -525,3 +525,24 @@ def test_a_pool_is_deleted_only_when_nothing_uses_it(api_daemon: ApiDaemon, tmp_
         assert c.delete("/v1/pools/spare").status_code == 404
     assert os.path.isdir(where), "the directory is the operator's: it stays"
     assert api_daemon.cli("pool", "delete", "spare").returncode == 3
+
+
+def test_the_read_only_token_reads_and_may_not_change(api_daemon: ApiDaemon) -> None:
+    path = api_daemon.data_dir / "api-token-readonly"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    ro = path.read_text().strip()
+    assert len(ro) >= 32 and ro != api_daemon.token
+    with api_daemon.http(token=ro) as c:
+        for read in ("/v1/status", "/v1/luns", "/v1/pools", "/v1/recovery", "/openapi.json"):
+            assert c.get(read).status_code == 200, read
+        for method, where, body in (("POST", "/v1/targets", {"iqn": iqn("ro")}), ("DELETE", "/v1/luns/demo0", None),
+                                    ("POST", "/v1/snapshots", {"snapshots": ["demo0@ro"]})):
+            r = c.request(method, where, json=body)
+            assert r.status_code == 403 and r.json()["code"] == "forbidden", (method, where, r.text)
+    with api_daemon.http() as c:
+        assert c.get(f"/v1/targets/{iqn('ro')}").status_code == 404
+        assert c.get("/v1/snapshots/demo0@ro").status_code == 404
+    env = {"LUNSYNC_TOKEN": ro}
+    assert api_daemon.cli("lun", "list", env=env).returncode == 0
+    p = api_daemon.cli("target", "create", iqn("ro"), env=env)
+    assert p.returncode == 6 and "read-only token" in p.stderr, p
