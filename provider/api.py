@@ -270,6 +270,8 @@ class ApplyOut(BaseModel):
     dry_run: bool
     changed: bool
     plan: list[str]
+    refused: list[str] = Field(description="a dry run's steps (also in `plan`, marked `!`) that the real apply would "
+                                           "refuse with a 409, with why; empty otherwise")
 
 
 class ExportOut(BaseModel):
@@ -750,11 +752,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @v1.post("/apply", response_model=ApplyOut, summary="make the array match a TOML configuration",
              description="Declarative: what the configuration does not name is removed. Idempotent; `dry_run` only "
-                         "plans. Portal changes are recorded and take effect at the next start.")
+                         "plans. Portal changes are recorded and take effect at the next start. Removing a LUN that "
+                         "snapshots still reference is refused (409, naming them); a dry run lists it in `refused`.")
     async def apply(body: ApplyIn) -> ApplyOut:
         cfg = parse_config(body.config, source=body.source)
         plan = await array.apply(cfg, dry_run=body.dry_run)
-        return ApplyOut(dry_run=body.dry_run, changed=bool(plan), plan=plan.lines())
+        return ApplyOut(dry_run=body.dry_run, changed=len(plan) > len(plan.refused), plan=plan.lines(),
+                        refused=plan.refused)
 
     @v1.get("/export", response_model=ExportOut, summary="the whole array as TOML (CHAP secrets included)",
             description="What `apply` reads: applied to an empty data dir it rebuilds this array, LUN identities "

@@ -37,6 +37,7 @@ class PoolIn(_In):
     name: ShortName
     path: str = Field(min_length=1, max_length=4096, description="directory; relative paths are inside the data dir")
     capacity: Size | None = Field(None, description="cap on what the pool may hold (default: the filesystem's space)")
+    create: bool = Field(False, description="create the directory if it does not exist (otherwise that is a 400)")
 
 
 class PoolOut(BaseModel):
@@ -168,10 +169,12 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
         return [_pool_out(s, p) for p in s.cat.list_pools()]
 
     @r.post("/pools", response_model=PoolOut, status_code=201, summary="register a snapshot pool directory",
-            description="Where preserved chunks and clones of the LUNs that use this pool are kept.")
+            description="Where preserved chunks and clones of the LUNs that use this pool are kept. A directory "
+                        "that does not exist is refused (400) unless `create` is true.")
     async def create_pool(body: PoolIn) -> PoolOut:
         s = svc()
-        rec = s.create_pool(body.name, body.path, _size(body.capacity) if body.capacity is not None else None)
+        rec = s.create_pool(body.name, body.path, _size(body.capacity) if body.capacity is not None else None,
+                            create=body.create)
         return _pool_out(s, rec)
 
     @r.delete("/pools/{name}", status_code=204, response_class=Response, summary="delete a pool",

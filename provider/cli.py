@@ -481,11 +481,14 @@ def _apply(c: Any, a: argparse.Namespace) -> int:
         return 0
     for line in r["plan"]:
         print(line)
-    n = len(r["plan"])
-    if not n:
+    refused = len(r["refused"])
+    n = len(r["plan"]) - refused
+    if not n and not refused:
         print("no changes: the array already matches " + a.file)
     elif a.dry_run:
         print(f"dry run: {n} change(s) would be made")
+        if refused:
+            print(f"apply would be refused: {refused} step(s) marked '!' cannot be carried out")
     else:
         print(f"{n} change(s) applied")
     return 0

@@ -44,7 +44,8 @@ def add_snapshot_commands(noun: Noun, leaf: Leaf) -> None:
     pool = noun("pool", "snapshot pools: where preserved chunks and clones live")
     p = leaf(pool, "create", _pool_create, "register a pool directory")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--path", required=True, metavar="DIR", help="directory for the pool (created if missing)")
+    p.add_argument("--path", required=True, metavar="DIR", help="directory for the pool (it must exist)")
+    p.add_argument("--create", action="store_true", help="create the directory if it does not exist")
     p.add_argument("--capacity", type=_size, metavar="SIZE", help="cap on what the pool may hold")
     leaf(pool, "list", _pool_list, "list pools with capacity and use")
     p = leaf(pool, "delete", _pool_delete, "forget an unused pool (refused while snapshots or LUNs use it)")
@@ -158,6 +159,8 @@ def _pool_create(c: Any, a: argparse.Namespace) -> int:
     body: dict[str, Any] = {"name": a.name, "path": os.path.abspath(a.path)}
     if a.capacity is not None:
         body["capacity"] = a.capacity
+    if a.create:
+        body["create"] = True
     p = c.post("/pools", body)
     return _ok(a, p, f"created pool {p['name']} at {p['path']}")
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.backup import BackupManifest
-from lunsync.snapshots.catalog import CatalogError, InUse, LunRecord, NotFound
+from lunsync.snapshots.catalog import CatalogError, InUse, Invalid, LunRecord, NotFound
 from lunsync.snapshots.cow import CowVolume, Origin, Pool, SnapshotView
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.errors import StorageError
@@ -121,8 +121,21 @@ class SnapshotService:
             return self.pool(rec)
         return self._pools[pool_id]
 
-    def create_pool(self, name: str, path: str, capacity_bytes: int | None = None) -> PoolRecord:
+    def create_pool(self, name: str, path: str, capacity_bytes: int | None = None, *,
+                    create: bool = False) -> PoolRecord:
+        """Register a pool directory. One that does not exist is refused (Invalid) unless ``create``: a mistyped path
+        would otherwise put the snapshots' data somewhere nobody looks, often on the wrong file system."""
         rec = self.cat.create_pool(name, path, capacity_bytes)
+        missing = None
+        if not os.path.isdir(rec.path):
+            if os.path.lexists(rec.path):
+                missing = f"pool path {rec.path} exists and is not a directory"
+            elif not create:
+                missing = (f"pool path {rec.path} does not exist; create the directory first, or ask lunsync to "
+                           "create it (\"create\": true, or lunsync pool create --create)")
+        if missing is not None:
+            self.cat.forget_pool(rec.id)
+            raise Invalid(missing)
         try:
             self.pool(rec)  # creates the directory; a path that cannot be used is refused now, not at first write
         except BaseException:

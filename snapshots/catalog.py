@@ -230,9 +230,10 @@ def lun_identity(lun: LunRecord) -> LunIdentity:
 @dataclass(frozen=True, slots=True)
 class PlanStep:
     """One change :meth:`Catalog.apply` makes. ``str()`` is the human form: ``~ lun db0 size 10GiB -> 20GiB``.
-    ``kind`` is one of portal, lun, target, map, acl, chap; ``name`` is the LUN name or target IQN."""
+    ``kind`` is one of portal, lun, target, map, acl, chap; ``name`` is the LUN name or target IQN. Action ``!`` is
+    only in a dry run's plan: a change the real apply would refuse, with why."""
 
-    action: Literal["+", "-", "~"]
+    action: Literal["+", "-", "~", "!"]
     kind: str
     name: str
     detail: str = ""
@@ -259,6 +260,11 @@ class Plan:
 
     def lines(self) -> list[str]:
         return [str(s) for s in self.steps]
+
+    @property
+    def refused(self) -> list[str]:
+        """The steps (action ``!``) a dry run found a real apply would refuse, with why."""
+        return [str(s) for s in self.steps if s.action == "!"]
 
 
 # --- schema ----------------------------------------------------------------------------------------------------------
@@ -908,6 +914,12 @@ class Catalog:
             db.execute("DELETE FROM luns WHERE id = ?", (rec.id,))
             return rec
 
+    def _snapshots_keeping(self, lun_id: int) -> list[str]:
+        """The snapshots (LUN@SNAP) whose rows still reference LUN ``lun_id``, which its removal would break."""
+        with self._read() as db:
+            return [f"{r[0]}@{r[1]}" for r in db.execute(
+                "SELECT lun_name, name FROM snapshots WHERE lun_id = ? ORDER BY name", (lun_id,))]
+
     def resize_lun(self, name: str, size_bytes: int) -> LunRecord:
         """Grow a LUN (the caller grows the backing file and signals CAPACITY DATA HAS CHANGED). Shrinking would cut
         off data initiators have written, so it is :class:`Invalid`; so is a size that is not a whole number of
@@ -1114,14 +1126,14 @@ class Catalog:
         steps: list[PlanStep] = []
         try:
             with self._tx():
-                self._apply(config, steps)
+                self._apply(config, steps, dry_run)
                 if dry_run:
                     raise _DryRun
         except _DryRun:
             pass
         return Plan(tuple(steps), dry_run=dry_run)
 
-    def _apply(self, config: Config, steps: list[PlanStep]) -> None:
+    def _apply(self, config: Config, steps: list[PlanStep], dry_run: bool) -> None:
         current_luns = {rec.name: rec for rec in self.list_luns()}
         # Refuse impossible changes before touching anything, so the error names the first real problem.
         for want in config.luns:
@@ -1161,8 +1173,16 @@ class Catalog:
                 steps.append(PlanStep("-", "target", have_t.iqn))
                 self.delete_target(have_t.iqn)
         wanted_luns = {lun.name for lun in config.luns}
-        for name in current_luns:
+        for name, rec in current_luns.items():
             if name not in wanted_luns:
+                keepers = self._snapshots_keeping(rec.id)
+                if keepers:
+                    # Named here, not left to the foreign key: a dry run shows it as a step, a real apply is InUse.
+                    why = f"kept by its snapshots ({', '.join(keepers)}): delete them first"
+                    if not dry_run:
+                        raise InUse(f"lun {name!r} cannot be removed: {why}")
+                    steps.append(PlanStep("!", "lun", name, f"cannot be removed, {why}"))
+                    continue
                 steps.append(PlanStep("-", "lun", name))
                 self.delete_lun(name)
 

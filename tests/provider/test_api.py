@@ -388,10 +388,33 @@ def test_apply_and_export_through_the_api(api_daemon: ApiDaemon) -> None:
         exported = c.get("/v1/export").json()["config"]
         assert "[[lun]]" in exported and 'name = "demo0"' in exported
         same = c.post("/v1/apply", json={"config": exported, "dry_run": True})
-        assert same.status_code == 200 and same.json() == {"dry_run": True, "changed": False, "plan": []}
+        assert same.status_code == 200 and same.json() == {"dry_run": True, "changed": False, "plan": [],
+                                                           "refused": []}
         bad = c.post("/v1/apply", json={"config": '[[lun]]\nname = "x"\nsize = "1GiB"\nread_onyl = true\n',
                                         "source": "mine.toml"})
         assert bad.status_code == 400 and "read_onyl" in bad.json()["error"] and "mine.toml:" in bad.json()["error"]
+
+
+def test_apply_names_the_snapshots_that_keep_a_lun_it_would_remove(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        without = c.get("/v1/export").json()["config"]
+        assert c.post("/v1/luns", json={"name": "kept0", "size": "4MiB"}).status_code == 201
+        for snap in ("kept0@a", "kept0@b"):
+            assert c.post("/v1/snapshots", json={"snapshots": [snap]}).status_code == 201
+        why = "! lun kept0 cannot be removed, kept by its snapshots (kept0@a, kept0@b): delete them first"
+        dry = c.post("/v1/apply", json={"config": without, "dry_run": True})
+        assert dry.status_code == 200, dry.text
+        assert dry.json() == {"dry_run": True, "changed": False, "plan": [why], "refused": [why]}
+        real = c.post("/v1/apply", json={"config": without})
+        assert real.status_code == 409 and real.json()["code"] == "conflict", real.text
+        assert real.json()["error"] == ("lun 'kept0' cannot be removed: kept by its snapshots (kept0@a, kept0@b): "
+                                        "delete them first"), real.text
+        assert c.get("/v1/luns/kept0").status_code == 200
+        for snap in ("kept0@a", "kept0@b"):
+            assert c.delete(f"/v1/snapshots/{snap}").status_code == 204
+        done = c.post("/v1/apply", json={"config": without})
+        assert done.status_code == 200 and done.json()["plan"] == ["- lun kept0"], done.text
+        assert c.get("/v1/luns/kept0").status_code == 404
 
 
 def test_creates_are_idempotent_for_drivers_that_retry(api_daemon: ApiDaemon) -> None:
@@ -507,7 +530,7 @@ def test_async_work_answers_202_with_the_job_and_rfc3339_times(api_daemon: ApiDa
 def test_a_pool_is_deleted_only_when_nothing_uses_it(api_daemon: ApiDaemon, tmp_path: os.PathLike[str]) -> None:
     where = os.path.join(tmp_path, "spare-pool")
     with api_daemon.http() as c:
-        assert c.post("/v1/pools", json={"name": "spare", "path": where}).status_code == 201
+        assert c.post("/v1/pools", json={"name": "spare", "path": where, "create": True}).status_code == 201
         assert c.post("/v1/luns", json={"name": "pooled0", "size": "8MiB"}).status_code == 201
         assert c.post("/v1/snapshots", json={"snapshots": ["pooled0@s"], "pool": "spare"}).status_code == 201
         busy = c.delete("/v1/pools/spare")
@@ -525,6 +548,26 @@ def test_a_pool_is_deleted_only_when_nothing_uses_it(api_daemon: ApiDaemon, tmp_
         assert c.delete("/v1/pools/spare").status_code == 404
     assert os.path.isdir(where), "the directory is the operator's: it stays"
     assert api_daemon.cli("pool", "delete", "spare").returncode == 3
+
+
+def test_a_pool_path_that_does_not_exist_is_refused_unless_asked_to_create_it(api_daemon: ApiDaemon,
+                                                                               tmp_path: os.PathLike[str]) -> None:
+    where = os.path.join(tmp_path, "typo", "pool")
+    a_file = os.path.join(tmp_path, "a-file")
+    with open(a_file, "wb"):
+        pass
+    with api_daemon.http() as c:
+        r = c.post("/v1/pools", json={"name": "typo", "path": where})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith(f"pool path {where} does not exist"), r.text
+        assert '"create": true' in r.json()["error"], r.text
+        assert not os.path.exists(where)
+        assert c.get("/v1/pools/typo").status_code == 404, "a refused pool leaves no record behind"
+        r = c.post("/v1/pools", json={"name": "typo", "path": a_file, "create": True})
+        assert r.status_code == 400 and "is not a directory" in r.json()["error"], r.text
+        r = c.post("/v1/pools", json={"name": "typo", "path": where, "create": True})
+        assert r.status_code == 201 and r.json()["path"] == where, r.text
+    assert os.path.isdir(where)
 
 
 def test_the_read_only_token_reads_and_may_not_change(api_daemon: ApiDaemon) -> None:

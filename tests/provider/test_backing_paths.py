@@ -66,7 +66,7 @@ def test_array_files_cannot_back_a_lun_by_path_or_symlink(api_daemon: ApiDaemon,
 def test_a_file_inside_a_pool_elsewhere_is_refused(api_daemon: ApiDaemon, tmp_path: Path) -> None:
     pool_dir = tmp_path / "outside-pool"
     with api_daemon.http() as c:
-        r = c.post("/v1/pools", json={"name": "outside", "path": str(pool_dir)})
+        r = c.post("/v1/pools", json={"name": "outside", "path": str(pool_dir), "create": True})
         assert r.status_code == 201, r.text
     status, text = _create(api_daemon, "in-pool", str(pool_dir / "x.img"))
     assert status == 400, text
@@ -77,7 +77,7 @@ def test_a_relative_pool_path_cannot_leave_the_data_dir(api_daemon: ApiDaemon) -
     escape = api_daemon.data_dir.parent / "escaped-pool"
     with api_daemon.http() as c:
         for path in ("../escaped-pool", "pool/../../escaped-pool", "luns/sub-pool"):
-            r = c.post("/v1/pools", json={"name": "esc", "path": path})
+            r = c.post("/v1/pools", json={"name": "esc", "path": path, "create": True})
             assert r.status_code == 400, r.text
     assert not escape.exists()
 

@@ -208,10 +208,38 @@ def test_apply_plans_applies_once_and_export_reproduces_it(api_daemon_factory: C
     smaller = CONFIG.replace('[[lun]]\nname = "ap1"\nsize = "16MiB"\nblock_size = 4096\n', "").replace(
         ', { lun = 1, name = "ap1" }', "")
     cfg.write_text(smaller)
+    # ... unless snapshots still reference it: the dry run names them, the real apply is refused and changes nothing.
+    d.cli("snapshot", "create", "ap1@keep", check=True)
+    plan = d.cli("apply", str(cfg), "--dry-run", check=True).stdout
+    assert "! lun ap1 cannot be removed, kept by its snapshots (ap1@keep): delete them first" in plan, plan
+    assert "- map iqn.2026-11.io.lunsync:applied lun 1 -> ap1" in plan and "- lun ap1" not in plan, plan
+    assert "dry run: 1 change(s) would be made" in plan and "apply would be refused: 1 step(s)" in plan, plan
+    p = d.cli("apply", str(cfg))
+    assert p.returncode == 4, p
+    line = one_error_line(p.stderr)
+    assert "lun 'ap1' cannot be removed: kept by its snapshots (ap1@keep)" in line and "FOREIGN" not in line, line
+    assert sorted(names(d.cli_json("lun", "list"))) == ["ap0", "ap1"]
+    again = d.cli("apply", str(cfg), "--dry-run", check=True).stdout
+    assert "- map iqn.2026-11.io.lunsync:applied lun 1 -> ap1" in again, "the refused apply kept the mapping too"
+    d.cli("snapshot", "delete", "ap1@keep", check=True)
     out = d.cli("apply", str(cfg), check=True).stdout
     assert "- lun ap1" in out
     assert names(d.cli_json("lun", "list")) == ["ap0"]
     assert not (d.data_dir / "luns" / "ap1.img").exists()
+
+
+def test_pool_create_wants_an_existing_directory_unless_told_to_create_it(api_daemon: ApiDaemon,
+                                                                          tmp_path: Path) -> None:
+    where = tmp_path / "not-yet"
+    p = api_daemon.cli("pool", "create", "later", "--path", str(where))
+    assert p.returncode == 1, p
+    line = one_error_line(p.stderr)
+    assert f"pool path {where} does not exist" in line and "--create" in line, line
+    assert not where.exists()
+    p = api_daemon.cli("pool", "create", "later", "--path", str(where), "--create", check=True)
+    assert f"created pool later at {where}" in p.stdout, p
+    assert where.is_dir()
+    assert api_daemon.cli("pool", "delete", "later").returncode == 0
 
 
 def test_apply_reports_config_errors_with_file_and_line(api_daemon: ApiDaemon, tmp_path: Path) -> None:

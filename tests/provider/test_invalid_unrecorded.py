@@ -59,7 +59,7 @@ def test_the_origin_write_proceeds_and_the_invalidation_reaches_the_catalog_late
     require_tools("qemu-io")
     d, fs, small = setup
     with d.http() as c:
-        assert c.post("/v1/pools", json={"name": "tiny", "path": str(small / "pool")}).status_code == 201
+        assert c.post("/v1/pools", json={"name": "tiny", "path": str(small / "pool"), "create": True}).status_code == 201
         r = c.post("/v1/luns", json={"name": "o", "size": "8MiB", "path": str(tmp_path / "o.img")})
         assert r.status_code == 201, r.text
         assert c.post(f"/v1/targets/{DEMO}/luns", json={"name": "o", "lun": 1}).status_code == 201

@@ -51,7 +51,7 @@ def test_a_full_pool_never_stops_start_up_and_deleting_its_snapshot_frees_it(
     d = api_daemon_factory()
     pool_dir = small_fs / "pool"
     with d.http() as c:
-        assert c.post("/v1/pools", json={"name": "small", "path": str(pool_dir)}).status_code == 201
+        assert c.post("/v1/pools", json={"name": "small", "path": str(pool_dir), "create": True}).status_code == 201
         assert c.post("/v1/luns", json={"name": "full0", "size": "16MiB"}).status_code == 201
         assert c.post(f"/v1/targets/{DEMO}/luns", json={"name": "full0", "lun": 1}).status_code in (200, 201)
     url = d.url(1)

@@ -157,7 +157,7 @@ def test_pool_full_invalidates_the_snapshot_and_the_origin_keeps_serving(daemon_
                                                                          tmp_path: Any) -> None:
     metrics = free_port()
     d, env = start(daemon_factory, metrics)
-    pool = cli(env, "pool", "create", "tiny", "--path", str(tmp_path / "tiny"), "--capacity", "256KiB")
+    pool = cli(env, "pool", "create", "tiny", "--path", str(tmp_path / "tiny"), "--create", "--capacity", "256KiB")
     assert pool["capacity_bytes"] == 256 << 10
     write(d, 0, 0x0A)
     cli(env, "snapshot", "create", "demo0@doomed", "--pool", "tiny")
