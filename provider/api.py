@@ -23,7 +23,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
@@ -33,11 +33,13 @@ from fastapi.security import HTTPBearer
 from lunsync.provider.api_guard import DEFAULT_MAX_BODY_BYTES, BodyLimit, auth_throttle, client_source
 from lunsync.provider.config import MAX_LUN_NUMBER, ChapConfig, ConfigError, format_size, parse_config, parse_size
 from lunsync.provider.metrics import ApiCounters
+from lunsync.provider.vss import VssError
 from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import atomic_write
 from lunsync.target.throttle import LoginThrottle
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ ISCSI_NAME_PATTERN = (
 )
 IscsiName = Annotated[str, Field(max_length=223, pattern=ISCSI_NAME_PATTERN,
                                  description="iqn., eui. or naa. name (RFC 3720)")]
+SNAPSHOT_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SIZE_PATTERN = r"^[0-9]+(?:\.[0-9]+)?\s*(?:[KkMmGgTtPp](?:[Ii][Bb])?|[Bb])?$"
 # What a pattern means, for error messages: quoting a 200-character regex at a user explains nothing.
 _PATTERN_MEANS: dict[str, str] = {
@@ -109,7 +112,7 @@ _PATTERN_MEANS: dict[str, str] = {
                   "(KB/MB/GB are ambiguous)",
     LUN_NAME_PATTERN: "not a valid name: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or "
                       "digit",
-    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@[A-Za-z0-9][A-Za-z0-9._-]{0,63}$":
+    SNAPSHOT_REF_PATTERN:
         "not a snapshot name: write LUN@SNAP, each side 1-64 characters from A-Z a-z 0-9 . _ -, starting with a "
         "letter or digit",
     r"^[A-Za-z0-9_-]+$": "not an id: use letters, digits, _ and -",
@@ -168,7 +171,25 @@ class TargetOut(BaseModel):
 
 class LunIn(_In):
     name: LunName
-    size: Size
+    size: Size | None = Field(None, description="required, unless the LUN is made from a snapshot")
+    from_snapshot: str | None = Field(
+        None, min_length=3, max_length=129, pattern=SNAPSHOT_REF_PATTERN,
+        description="LUN@SNAP: the new LUN has the snapshot's size and block size and serves its data at once, "
+                    "readable and writable, while a recovery set copies it in (202, `Location` names the set)")
+    rate_mib_s: float | None = Field(None, gt=0, description="with from_snapshot: a fixed rate for the copy "
+                                                         "(absent: the adaptive throttle)")
+
+    @model_validator(mode="after")
+    def _size_or_snapshot(self) -> Self:
+        if self.from_snapshot is None:
+            if self.size is None:
+                raise PydanticCustomError("missing", "size: required (or from_snapshot, to make it from a snapshot)")
+            if self.rate_mib_s is not None:
+                raise PydanticCustomError("invalid", "rate_mib_s: only with from_snapshot")
+        elif extra := sorted(self.model_fields_set - {"name", "from_snapshot", "rate_mib_s"}):
+            raise PydanticCustomError("invalid", "{fields}: not with from_snapshot (the LUN takes the snapshot's)",
+                                      {"fields": ", ".join(extra)})
+        return self
     backend: Literal["file", "block"] | None = Field(
         None, description="where the LUN lives: a regular file, or a raw block device (default: block for a /dev/ path)")
     path: str | None = Field(None, min_length=1, max_length=4096,
@@ -688,12 +709,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def list_luns() -> list[LunOut]:
         return [_lun_out(array, rec) for rec in array.catalog.list_luns()]
 
-    @v1.post("/luns", response_model=LunOut, status_code=201, responses=existing_response(LunOut),
-             summary="create a LUN and its backing file",
-             description="Creates the backing file (sparse unless `thin` is false) or takes a block device. An idempotent "
-                         "create: the same spec again answers 200 with the LUN; another spec is 409 naming each "
-                         "difference.")
+    @v1.post("/luns", response_model=LunOut, status_code=201,
+             responses={**existing_response(LunOut), 202: {"model": LunOut, "description": "made from a snapshot: "
+                                                           "the LUN serves it now, `Location` names the copy"}},
+             summary="create a LUN and its backing file, empty or from a snapshot",
+             description="Creates the backing file (sparse unless `thin` is false) or takes a block device. With "
+                         "`from_snapshot` (and no other field but `name` and `rate_mib_s`) the LUN is created at the snapshot's size "
+                         "and block size and is usable at once: it serves the snapshot's data while a recovery set "
+                         "copies it in (202; `Location` names the set). An idempotent create: the same spec again "
+                         "answers 200 with the LUN; another spec is 409 naming each difference.")
     async def create_lun(body: LunIn, response: Response) -> LunOut:
+        if body.from_snapshot is not None:
+            return await lun_from_snapshot(body, response)
+        assert body.size is not None  # the model's validator: size, or from_snapshot
         size = _size(body.size)
         try:
             rec = await array.create_lun(body.name, size, path=body.path, block_size=body.block_size,
@@ -711,6 +739,20 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     "path": os.path.realpath(array.catalog.lun_path(rec))}
             existing_or_conflict(f"lun {rec.name!r}", differences(asked, have), response)
         return _lun_out(array, rec)
+
+    async def lun_from_snapshot(body: LunIn, response: Response) -> LunOut:
+        assert body.from_snapshot is not None
+        manager = array.recovery
+        if manager is None:
+            raise ApiError(409, "recovery is not available (the daemon has not finished starting)")
+        try:
+            rate = body.rate_mib_s * (1 << 20) if body.rate_mib_s else None
+            rs, started = await manager.new_lun_from(body.from_snapshot, body.name, rate)
+        except VssError as e:
+            raise ApiError(e.code.http_status, e.message) from None
+        response.status_code = 202 if started else 200
+        response.headers["Location"] = f"/v1/recovery/{rs.id}"
+        return _lun_out(array, array.catalog.get_lun(body.name))
 
     @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN",
             description="One LUN by name.")

@@ -111,7 +111,10 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     lun = noun("lun", "logical units")
     p = leaf(lun, "create", _lun_create, "create a LUN and its backing file")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--size", required=True, type=_size, metavar="SIZE", help="e.g. 256MiB, 10GiB, 1TiB, 512M or bytes")
+    p.add_argument("--size", type=_size, metavar="SIZE", help="e.g. 256MiB, 10GiB, 1TiB, 512M or bytes")
+    p.add_argument("--from", dest="from_snapshot", metavar="LUN@SNAP",
+                   help="instead of --size: a LUN with the snapshot's data, usable at once while it is copied in")
+    p.add_argument("--rate", type=float, metavar="MIB_S", help="with --from: copy at this rate (default: adaptive)")
     p.add_argument("--backend", choices=("file", "block"),
                    help="a regular file or a raw block device (default: block for a /dev/ path, else file)")
     p.add_argument("--path", help="backing file or block device (default <data-dir>/luns/NAME.img)")
@@ -308,6 +311,19 @@ _LUN_COLUMNS = ["Name", "Size", "Block", "Type", "Mapped on", "Serial", "Path"]
 
 
 def _lun_create(c: Any, a: argparse.Namespace) -> int:
+    if a.from_snapshot:
+        if a.size is not None or a.backend or a.path or a.block_size != 512 or a.thick or a.read_only:
+            raise UsageError("--from takes the snapshot's size and block size: give no other option")
+        body: dict[str, Any] = {"name": a.name, "from_snapshot": a.from_snapshot}
+        if a.rate is not None:
+            body["rate_mib_s"] = a.rate
+        lun = c.post("/luns", body)
+        job = (c.location or "").rsplit("/", 1)[-1]
+        return _done(a, lun, f"created lun {lun['name']} from {a.from_snapshot}: {human_size(lun['size_bytes'])}, "
+                             f"serial {lun['serial']}; usable now, copied in by recovery set {job} "
+                             f"(lunsync recovery wait {job})")
+    if a.size is None or a.rate is not None:
+        raise UsageError("give --size SIZE, or --from LUN@SNAP" if a.size is None else "--rate: only with --from")
     body = {"name": a.name, "size": a.size, "block_size": a.block_size, "thin": not a.thick,
             "read_only": a.read_only}
     if a.backend:

@@ -106,6 +106,7 @@ class Client:
             except (OSError, ssl.SSLError) as e:
                 raise ClientError(f"cannot load CA certificate {cacert}: {e}", code="usage") from None
         transport = httpx.HTTPTransport(uds=endpoint.uds, verify=verify) if endpoint.uds else None
+        self.location: str | None = None  # the last answer's Location: where an accepted (202) job is followed
         self.http = httpx.Client(base_url=endpoint.url, headers={"Authorization": f"Bearer {token}"},
                                  timeout=timeout_s, verify=verify, transport=transport)
 
@@ -127,6 +128,7 @@ class Client:
             hint = ("trust its certificate with --cacert FILE or LUNSYNC_CACERT" if "CERTIFICATE" in reason.upper()
                     else "is `lunsync serve` running? set --api or LUNSYNC_API")
             raise ClientError(f"cannot reach the API at {self.endpoint}: {reason} ({hint})") from None
+        self.location = r.headers.get("location")
         if r.status_code == 204:
             return None
         try:

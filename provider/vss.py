@@ -865,6 +865,32 @@ class RecoveryManager:
             raise
         return rs
 
+    async def new_lun_from(self, ref: str, name: str, rate_bps: float | None = None) -> tuple[RecoverySet, bool]:
+        """A new LUN holding a snapshot's data at once (``POST /v1/luns`` with ``from_snapshot``): a resync onto a LUN
+        that does not exist yet, which creates it at the snapshot's size and block size and serves the snapshot
+        through it while the copier fills it. The same request again answers the set that made the LUN (False:
+        nothing started); a LUN of that name that exists otherwise, or was made from another snapshot, is refused.
+        ``rate_bps`` is how fast the copy runs, not part of what is asked for (None: the adaptive throttle)."""
+        snap = self._snapshot(ref)
+        try:
+            self.engine.lun(name)
+            exists = True
+        except LookupError:
+            exists = False
+        for rs in reversed(list(self.sets.values())):
+            made = next((p for p in rs.pairs if p.destination == name and p.new_lun), None)
+            if made is None or (not exists and rs.state in TERMINAL):
+                continue  # a set that failed before the LUN existed made nothing: a retry starts afresh
+            if made.snapshot != snap.ref:
+                raise VssError(VssCode.PROVIDER_VETO, f"lun {name!r} was made from {made.snapshot}, not {snap.ref}")
+            if not exists:
+                raise VssError(VssCode.RESYNC_IN_PROGRESS, f"lun {name!r} is being made from {snap.ref} by "
+                                                           f"recovery set {rs.id}; retry in a moment")
+            return rs, False
+        if exists:
+            raise VssError(VssCode.PROVIDER_VETO, f"lun {name!r} already exists and was not made from {snap.ref}")
+        return await self.resync([(snap.ref, name)], Options(rate_bps=rate_bps, create_missing=True)), True
+
     def dry_run(self, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
         """How many bytes a resync would copy, pair by pair, without touching anything."""
         out = []

@@ -177,6 +177,10 @@ def test_thick_and_read_only_and_4k_luns(api_daemon: ApiDaemon, tmp_path: os.Pat
     ({"name": "bad/0", "size": "8MiB"}, 422, "name"),
     ({"name": "bad0", "size": "8MiB", "colour": "blue"}, 422, "colour"),
     ({"name": "bad0"}, 422, "size"),
+    ({"name": "bad0", "size": "8MiB", "rate_mib_s": 4}, 422, "only with from_snapshot"),
+    ({"name": "bad0", "from_snapshot": "demo0@s1", "block_size": 4096}, 422, "block_size: not with from_snapshot"),
+    ({"name": "bad0", "from_snapshot": "demo0"}, 422, "not a snapshot name"),
+    ({"name": "bad0", "from_snapshot": "nolun@s1"}, 404, "nolun@s1"),
 ])
 def test_bad_lun_requests_name_the_problem(api_daemon: ApiDaemon, body: dict[str, object], status: int,
                                            words: str) -> None:

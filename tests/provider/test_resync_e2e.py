@@ -287,3 +287,39 @@ def test_provider_methods_one_by_one(daemon: Daemon) -> None:
     assert missing.status_code == 404 and missing.json()["code"] == "VSS_E_OBJECT_NOT_FOUND"
     assert api.post("/on-reuse-luns", json={"snapshot_luns": [target]}).json()["reused"] == [f"demo0@vss-{sid}"]
     assert api.post("/abort", json={}).status_code in (404, 405)
+
+
+def test_new_lun_from_a_snapshot_is_usable_at_once(daemon: Daemon) -> None:
+    d = daemon
+    write(d, 0xAA, 0, 256 * MIB)  # A
+    cli(d, "snapshot", "create", "demo0@s1")
+    write(d, 0xBB, 0, 256 * MIB)  # B on the origin
+    lun = cli(d, "lun", "create", "fromsnap", "--from", "demo0@s1", "--rate", "16")
+    assert lun["size_bytes"] == 256 * MIB and lun["block_size"] == 512
+    cli(d, "lun", "map", "fromsnap", "--target", DEMO_IQN, "--lun", "3")
+    assert_reads(d, 0xAA, 0, 256 * MIB, lun=3)  # the snapshot's data while the copy has barely begun
+    write(d, 0xCC, 200 * MIB, MIB, lun=3)  # and writable
+    http = httpx.Client(base_url=d.api_url, headers={"Authorization": f"Bearer {d.api_token}"}, timeout=30)
+    again = http.post("/v1/luns", json={"name": "fromsnap", "from_snapshot": "demo0@s1"})
+    assert again.status_code == 200 and again.json()["name"] == "fromsnap", again.text
+    job = again.headers["location"]
+    text = run([*lunsync_command(), "lun", "create", "fromsnap", "--from", "demo0@s1"], env=env(d))
+    assert text.returncode == 0 and f"recovery set {job.rsplit('/', 1)[-1]}" in text.stdout, describe(text)
+    bare = run([*lunsync_command(), "lun", "create", "fromsnap2"], env=env(d))
+    assert bare.returncode == 2 and "--size SIZE, or --from LUN@SNAP" in bare.stderr, describe(bare)
+    state = http.get(job).json()
+    assert state["state"] == "resyncing" and state["pairs"][0]["new_lun"], state
+    other = http.post("/v1/luns", json={"name": "fromsnap", "from_snapshot": "demo0@s2"})
+    assert other.status_code == 404, other.text  # no such snapshot
+    cli(d, "snapshot", "create", "demo0@s2")
+    other = http.post("/v1/luns", json={"name": "fromsnap", "from_snapshot": "demo0@s2"})
+    assert other.status_code == 409 and "made from demo0@s1" in other.json()["error"], other.text
+    plain = http.post("/v1/luns", json={"name": "demo0", "from_snapshot": "demo0@s1"})
+    assert plain.status_code == 409 and "already exists" in plain.json()["error"], plain.text
+    final = http.post(job + "/wait", params={"timeout_s": 90}, timeout=100).json()
+    assert final["state"] == "done" and final["redirected_reads"] > 0, final
+    assert_reads(d, 0xAA, 0, 200 * MIB, lun=3)
+    assert_reads(d, 0xCC, 200 * MIB, MIB, lun=3)  # the write during the copy stays
+    assert_reads(d, 0xAA, 201 * MIB, 55 * MIB, lun=3)
+    assert_reads(d, 0xBB, 0, 256 * MIB)  # the origin is untouched
+    d.assert_healthy()
