@@ -37,8 +37,9 @@ from lunsync.provider.vss import VssError
 from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import atomic_write
+from lunsync.snapshots.model import check_labels, labels_match, parse_label
 from lunsync.target.throttle import LoginThrottle
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -126,6 +127,36 @@ Size = Annotated[
 ]
 
 
+def _checked_labels(labels: dict[str, str]) -> dict[str, str]:
+    try:
+        checked: dict[str, str] = check_labels(labels)
+    except ConfigError as e:
+        raise ValueError(e.message) from None
+    return checked
+
+
+Labels = Annotated[dict[str, str], AfterValidator(_checked_labels),
+                   Field(description="the user's key=value tags: key 1-63 characters from A-Z a-z 0-9 . _ / -, "
+                                     "value at most 63 of the same; at most 64 labels")]
+LabelFilter = Annotated[list[str] | None, Query(
+    description="key=value: only objects with this label; repeat it for several (all must match)")]
+
+
+def label_filter(label: list[str] | None) -> list[tuple[str, str]]:
+    """The ``?label=key=value`` filters of a list route, checked (422 in words when one is not key=value)."""
+    try:
+        return [parse_label(x) for x in label or ()]
+    except ConfigError as e:
+        raise ApiError(422, f"label filter: {e.message}") from None
+
+
+class LabelsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    set: Labels = Field(default_factory=dict, description="labels to add, or whose value to replace")
+    remove: list[Annotated[str, Field(min_length=1, max_length=63)]] = Field(
+        default_factory=list, max_length=64, description="label keys to remove (an absent key is no error)")
+
+
 class _In(BaseModel):
     # strict: 0 is not false and "5" is not 5; a client that sends the wrong type has a bug worth hearing about.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -197,6 +228,7 @@ class LunIn(_In):
     block_size: Literal[512, 4096] = 512
     thin: bool = True
     read_only: bool = False
+    labels: Labels = Field(default_factory=dict)
 
 
 class LunMappingOut(BaseModel):
@@ -216,6 +248,7 @@ class LunOut(BaseModel):
     naa: str
     serial: str
     mappings: list[LunMappingOut]
+    labels: dict[str, str]
 
 
 class ResizeIn(_In):
@@ -380,6 +413,8 @@ def _describe_validation(exc: RequestValidationError) -> str:
         field_name = "".join(f"[{x}]" if x.isdigit() and i else (f".{x}" if i else x) for i, x in enumerate(loc)) \
             or "body"
         msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "value_error":  # our own validators' words, without pydantic's "Value error, "
+            msg = str((err.get("ctx") or {}).get("error", msg))
         if err.get("type") == "string_pattern_mismatch":
             pattern = str((err.get("ctx") or {}).get("pattern", ""))
             msg = _PATTERN_MEANS.get(pattern, f"does not match {pattern}")
@@ -480,7 +515,7 @@ def _lun_out(array: Array, rec: cat.LunRecord) -> LunOut:
     maps = array.catalog.lun_mappings(rec.name)
     return LunOut(name=rec.name, backend=rec.backend, path=rec.path, size_bytes=rec.size_bytes, size=format_size(rec.size_bytes),
                   block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only, naa=rec.naa, serial=rec.serial,
-                  mappings=[LunMappingOut(target=iqn, lun=n) for iqn, n in maps])
+                  mappings=[LunMappingOut(target=iqn, lun=n) for iqn, n in maps], labels=rec.labels)
 
 
 def _target_out(ctx: ApiContext, t: Any) -> TargetOut:
@@ -706,8 +741,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @v1.get("/luns", response_model=list[LunOut], summary="list LUNs",
             description="Every LUN with its size, block size, backend, identity (NAA, serial) and where it is mapped.")
-    async def list_luns() -> list[LunOut]:
-        return [_lun_out(array, rec) for rec in array.catalog.list_luns()]
+    async def list_luns(label: LabelFilter = None) -> list[LunOut]:
+        wanted = label_filter(label)
+        return [_lun_out(array, rec) for rec in array.catalog.list_luns() if labels_match(rec.labels, wanted)]
 
     @v1.post("/luns", response_model=LunOut, status_code=201,
              responses={**existing_response(LunOut), 202: {"model": LunOut, "description": "made from a snapshot: "
@@ -725,7 +761,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         size = _size(body.size)
         try:
             rec = await array.create_lun(body.name, size, path=body.path, block_size=body.block_size,
-                                         thin=body.thin, read_only=body.read_only, backend=body.backend or "")
+                                         thin=body.thin, read_only=body.read_only, backend=body.backend or "",
+                                         labels=body.labels)
         except cat.AlreadyExists as clash:
             try:
                 rec = array.catalog.get_lun(body.name)
@@ -733,9 +770,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 raise clash from None  # it was another LUN's path or identity that clashed: that error stands
             where = os.path.realpath(os.path.join(array.catalog.data_dir, body.path)) if body.path else None
             asked = {"size_bytes": size, "block_size": body.block_size, "thin": body.thin,
-                     "read_only": body.read_only, "backend": body.backend, "path": where}
+                     "read_only": body.read_only, "backend": body.backend, "path": where, "labels": body.labels}
             have = {"size_bytes": rec.size_bytes, "block_size": rec.block_size, "thin": rec.thin,
-                    "read_only": rec.read_only, "backend": rec.backend,
+                    "read_only": rec.read_only, "backend": rec.backend, "labels": rec.labels,
                     "path": os.path.realpath(array.catalog.lun_path(rec))}
             existing_or_conflict(f"lun {rec.name!r}", differences(asked, have), response)
         return _lun_out(array, rec)
@@ -758,6 +795,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
             description="One LUN by name.")
     async def get_lun(name: LunPath) -> LunOut:
         return _lun_out(array, array.catalog.get_lun(name))
+
+    @v1.patch("/luns/{name}/labels", response_model=LunOut, summary="set and remove a LUN's labels",
+              description="`set` adds labels or replaces their values, `remove` takes keys away (an absent key is "
+                          "no error); other labels stay. The LUN's data and identity are untouched.")
+    async def label_lun(name: LunPath, body: LabelsIn) -> LunOut:
+        return _lun_out(array, array.catalog.label_lun(name, body.set, body.remove))
 
     @v1.delete("/luns/{name}", status_code=204, response_class=Response,
                summary="delete a LUN (refused while mapped); a backing file lunsync created in the data dir is removed",

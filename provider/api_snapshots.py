@@ -13,9 +13,22 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.security import HTTPBearer
-from lunsync.provider.api import _ERRORS, ApiError, Size, _size, differences, existing_or_conflict, existing_response
+from lunsync.provider.api import (
+    _ERRORS,
+    ApiError,
+    LabelFilter,
+    Labels,
+    LabelsIn,
+    Size,
+    _size,
+    differences,
+    existing_or_conflict,
+    existing_response,
+    label_filter,
+)
 from lunsync.provider.config import MAX_LUN_NUMBER
 from lunsync.snapshots.catalog import AlreadyExists
+from lunsync.snapshots.model import labels_match
 from lunsync.snapshots.snapcat import PoolRecord, SnapshotRecord, parse_snapshot_name, validate_name
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +68,7 @@ class SnapshotsIn(_In):
     kind: Literal["differential", "clone"] = "differential"
     pool: ShortName | None = None
     set: ShortName | None = None
+    labels: Labels = Field(default_factory=dict, description="set on every snapshot taken")
 
 
 class ExposureOut(BaseModel):
@@ -91,6 +105,7 @@ class SnapshotOut(BaseModel):
     origin_present: bool
     exposed: ExposureOut | None
     fill: FillOut | None
+    labels: dict[str, str]
 
 
 class SnapshotsOut(BaseModel):
@@ -140,7 +155,8 @@ def _snapshot_out(svc: SnapshotService, rec: SnapshotRecord) -> SnapshotOut:
                        invalid_reason=rec.invalid_reason, created_at=rec.created_at, set=rec.set_name, pool=rec.pool,
                        epoch=rec.epoch, size_bytes=rec.size_bytes, space_bytes=svc.space_bytes(rec),
                        chunk_size_bytes=rec.chunk_size_bytes, naa=rec.naa, serial=rec.serial,
-                       origin_present=rec.lun_id is not None, exposed=exposed, fill=fill)
+                       origin_present=rec.lun_id is not None, exposed=exposed, fill=fill,
+                       labels=rec.labels)
 
 
 def _pool_out(svc: SnapshotService, rec: PoolRecord) -> PoolOut:
@@ -204,10 +220,11 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
     @r.get("/snapshots", response_model=list[SnapshotOut], summary="list snapshots (of one LUN, or all)",
            description="Snapshots with kind, state (an invalid one says why), set, pool, space used, identity, "
                        "exposure and a clone's fill.")
-    async def list_snapshots(lun: Annotated[str | None, Query(min_length=1, max_length=64)] = None
-                             ) -> list[SnapshotOut]:
+    async def list_snapshots(lun: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+                             label: LabelFilter = None) -> list[SnapshotOut]:
         s = svc()
-        return [_snapshot_out(s, rec) for rec in s.cat.list_snapshots(lun)]
+        wanted = label_filter(label)
+        return [_snapshot_out(s, rec) for rec in s.cat.list_snapshots(lun) if labels_match(rec.labels, wanted)]
 
     @r.post("/snapshots", response_model=SnapshotsOut, status_code=201,
             responses={**existing_response(SnapshotsOut),
@@ -222,7 +239,7 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
         s = svc()
         specs = [parse_snapshot_name(n) for n in body.snapshots]
         try:
-            recs, hold_ms = await s.create(specs, body.kind, body.pool, body.set)
+            recs, hold_ms = await s.create(specs, body.kind, body.pool, body.set, body.labels)
         except AlreadyExists as clash:
             # A retried request: every snapshot it names is there already, taken as asked (no new point in time).
             existing = {(x.lun_name, x.name): x for x in s.cat.list_snapshots()}
@@ -230,8 +247,8 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
                 raise clash from None
             recs = [existing[spec] for spec in specs]
             diffs = [d for rec in recs for d in differences(
-                {"kind": body.kind, "pool": body.pool, "set": body.set},
-                {"kind": rec.kind, "pool": rec.pool, "set": rec.set_name})]
+                {"kind": body.kind, "pool": body.pool, "set": body.set, "labels": body.labels},
+                {"kind": rec.kind, "pool": rec.pool, "set": rec.set_name, "labels": rec.labels})]
             existing_or_conflict("snapshot " + ", ".join(rec.full_name for rec in recs), diffs, response)
             hold_ms = 0.0
         else:
@@ -247,6 +264,13 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
     async def get_snapshot(name: SnapName) -> SnapshotOut:
         s = svc()
         return _snapshot_out(s, s.cat.get_snapshot(*parse_snapshot_name(name)))
+
+    @r.patch("/snapshots/{name}/labels", response_model=SnapshotOut, summary="set and remove a snapshot's labels",
+             description="`set` adds labels or replaces their values, `remove` takes keys away (an absent key is no "
+                         "error); other labels stay. The snapshot's contents are untouched.")
+    async def label_snapshot(name: SnapName, body: LabelsIn) -> SnapshotOut:
+        s = svc()
+        return _snapshot_out(s, s.cat.label_snapshot(*parse_snapshot_name(name), body.set, body.remove))
 
     @r.delete("/snapshots/{name}", status_code=204, response_class=Response,
               summary="delete a snapshot (any order; refused while exposed)",

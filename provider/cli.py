@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from lunsync.snapshots.model import ConfigError, parse_label
+
 
 def _size(text: str) -> int:
     from lunsync.provider.config import parse_size
@@ -121,6 +123,10 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--thick", action="store_true", help="allocate every block now instead of a sparse file")
     p.add_argument("--read-only", action="store_true")
+    add_label_option(p, "label the LUN (repeatable)")
+    p = leaf(lun, "label", _lun_label, "set labels (KEY=VALUE) and remove them (KEY-) on a LUN")
+    p.add_argument("name", metavar="NAME")
+    add_label_changes(p)
     p = leaf(lun, "map", _lun_map, "show a LUN on a target")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--target", required=True, metavar="IQN")
@@ -131,7 +137,7 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p = leaf(lun, "resize", _lun_resize, "grow a LUN live (initiators are told; shrinking is refused)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", required=True, type=_size, metavar="SIZE")
-    leaf(lun, "list", _lun_list, "list LUNs")
+    add_label_option(leaf(lun, "list", _lun_list, "list LUNs"), "only LUNs with this label (repeatable: all must match)")
     p = leaf(lun, "show", _lun_show, "show one LUN")
     p.add_argument("name", metavar="NAME")
     p = leaf(lun, "delete", _lun_delete, "delete a LUN (refused while mapped)")
@@ -297,6 +303,49 @@ def _target_delete(c: Any, a: argparse.Namespace) -> int:
     return _done(a, r, f"deleted target {a.iqn}")
 
 
+def _label_arg(text: str) -> str:
+    try:
+        parse_label(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return text
+
+
+def add_label_option(p: argparse.ArgumentParser, help_: str) -> None:
+    """``--label KEY=VALUE``, repeatable, checked as the API checks it."""
+    p.add_argument("--label", dest="labels", action="append", default=[], type=_label_arg, metavar="KEY=VALUE",
+                   help=help_)
+
+
+def _label_change(text: str) -> str:
+    if "=" not in text and text.endswith("-") and len(text) > 1:
+        return text
+    return _label_arg(text)
+
+
+def add_label_changes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("changes", nargs="+", type=_label_change, metavar="KEY=VALUE|KEY-",
+                   help="KEY=VALUE sets a label, KEY- removes one")
+
+
+def label_body(changes: list[str]) -> dict[str, Any]:
+    """The PATCH body of ``lun label`` and ``snapshot label``."""
+    pairs = [parse_label(x) for x in changes if "=" in x]
+    return {"set": dict(pairs), "remove": [x[:-1] for x in changes if "=" not in x]}
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items()) or "-"
+
+
+def with_labels(columns: list[str], rows: list[list[str]], objs: list[dict[str, Any]]) -> tuple[list[str],
+                                                                                              list[list[str]]]:
+    """A Labels column at the end, when any of ``objs`` has labels (most arrays use none)."""
+    if not any(o["labels"] for o in objs):
+        return columns, rows
+    return [*columns, "Labels"], [[*r, labels_text(o["labels"])] for r, o in zip(rows, objs, strict=True)]
+
+
 def _lun_rows(luns: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for lun in luns:
@@ -325,7 +374,7 @@ def _lun_create(c: Any, a: argparse.Namespace) -> int:
     if a.size is None or a.rate is not None:
         raise UsageError("give --size SIZE, or --from LUN@SNAP" if a.size is None else "--rate: only with --from")
     body = {"name": a.name, "size": a.size, "block_size": a.block_size, "thin": not a.thick,
-            "read_only": a.read_only}
+            "read_only": a.read_only, "labels": dict(parse_label(x) for x in a.labels)}
     if a.backend:
         body["backend"] = a.backend
     if a.path:
@@ -333,6 +382,11 @@ def _lun_create(c: Any, a: argparse.Namespace) -> int:
         body["path"] = os.path.abspath(a.path)
     lun = c.post("/luns", body)
     return _done(a, lun, f"created lun {lun['name']}: {human_size(lun['size_bytes'])}, serial {lun['serial']}")
+
+
+def _lun_label(c: Any, a: argparse.Namespace) -> int:
+    lun = c.patch(f"/luns/{_q(a.name)}/labels", label_body(a.changes))
+    return _done(a, lun, f"lun {lun['name']} labels: {labels_text(lun['labels'])}")
 
 
 def _lun_map(c: Any, a: argparse.Namespace) -> int:
@@ -354,11 +408,11 @@ def _lun_resize(c: Any, a: argparse.Namespace) -> int:
 
 
 def _lun_list(c: Any, a: argparse.Namespace) -> int:
-    luns = c.get("/luns")
+    luns = c.get("/luns", **({"label": a.labels} if a.labels else {}))
     if getattr(a, "json", False):
         _print_json(luns)
     else:
-        _table(None, _LUN_COLUMNS, _lun_rows(luns))
+        _table(None, *with_labels(_LUN_COLUMNS, _lun_rows(luns), luns))
     return 0
 
 
@@ -367,7 +421,7 @@ def _lun_show(c: Any, a: argparse.Namespace) -> int:
     if getattr(a, "json", False):
         _print_json(lun)
     else:
-        _table(None, _LUN_COLUMNS + ["NAA"], [_lun_rows([lun])[0] + [lun["naa"]]])
+        _table(None, _LUN_COLUMNS + ["NAA", "Labels"], [_lun_rows([lun])[0] + [lun["naa"], labels_text(lun["labels"])]])
     return 0
 
 

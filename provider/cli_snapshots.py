@@ -13,7 +13,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lunsync.provider.cli import _done, _print_json, _q, _size, _table, human_size
+from lunsync.provider.cli import (
+    _done,
+    _print_json,
+    _q,
+    _size,
+    _table,
+    add_label_changes,
+    add_label_option,
+    human_size,
+    label_body,
+    labels_text,
+    with_labels,
+)
+from lunsync.snapshots.model import parse_label
 
 Leaf = Callable[..., argparse.ArgumentParser]
 Noun = Callable[[str, str], "argparse._SubParsersAction[argparse.ArgumentParser]"]
@@ -28,8 +41,13 @@ def add_snapshot_commands(noun: Noun, leaf: Leaf) -> None:
     p.add_argument("--pool", metavar="NAME", help="pool for the preserved data (default: the LUN's, else 'default')")
     p.add_argument("--set", metavar="NAME", help="name the snapshot set")
     p.add_argument("--wait", action="store_true", help="with --kind clone: wait until every clone is filled")
+    add_label_option(p, "label every snapshot taken (repeatable)")
     p = leaf(snap, "list", _list, "list snapshots (of one LUN, or all)")
     p.add_argument("lun", nargs="?", metavar="LUN")
+    add_label_option(p, "only snapshots with this label (repeatable: all must match)")
+    p = leaf(snap, "label", _label, "set labels (KEY=VALUE) and remove them (KEY-) on a snapshot")
+    p.add_argument("name", metavar="LUN@SNAP")
+    add_label_changes(p)
     p = leaf(snap, "show", _show, "show one snapshot")
     p.add_argument("name", metavar="LUN@SNAP")
     p = leaf(snap, "delete", _delete, "delete a snapshot (any order; refused while exposed)")
@@ -75,7 +93,7 @@ def _rows(snaps: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def _create(c: Any, a: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"snapshots": a.names, "kind": a.kind}
+    body: dict[str, Any] = {"snapshots": a.names, "kind": a.kind, "labels": dict(parse_label(x) for x in a.labels)}
     if a.pool:
         body["pool"] = a.pool
     if a.set:
@@ -119,12 +137,20 @@ def _fill_wait(c: Any, as_json: bool, s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _list(c: Any, a: argparse.Namespace) -> int:
-    snaps = c.get("/snapshots", **({"lun": a.lun} if a.lun else {}))
+    params: dict[str, Any] = {"lun": a.lun} if a.lun else {}
+    if a.labels:
+        params["label"] = a.labels
+    snaps = c.get("/snapshots", **params)
     if getattr(a, "json", False):
         _print_json(snaps)
     else:
-        _table(None, _COLUMNS, _rows(snaps))
+        _table(None, *with_labels(_COLUMNS, _rows(snaps), snaps))
     return 0
+
+
+def _label(c: Any, a: argparse.Namespace) -> int:
+    s = c.patch(f"/snapshots/{_q(a.name)}/labels", label_body(a.changes))
+    return _ok(a, s, f"snapshot {s['name']} labels: {labels_text(s['labels'])}")
 
 
 def _show(c: Any, a: argparse.Namespace) -> int:
@@ -132,7 +158,7 @@ def _show(c: Any, a: argparse.Namespace) -> int:
     if getattr(a, "json", False):
         _print_json(s)
     else:
-        _table(None, [*_COLUMNS, "NAA"], [_rows([s])[0] + [s["naa"]]])
+        _table(None, [*_COLUMNS, "NAA", "Labels"], [_rows([s])[0] + [s["naa"], labels_text(s["labels"])]])
     return 0
 
 

@@ -209,12 +209,13 @@ class Array:
 
     @by_name(lambda _, name, *__, **___: (name,))
     async def create_lun(self, name: str, size_bytes: int, *, path: str | None = None, block_size: int = 512,
-                         thin: bool = True, read_only: bool = False, backend: str = "") -> LunRecord:
+                         thin: bool = True, read_only: bool = False, backend: str = "",
+                         labels: dict[str, str] | None = None) -> LunRecord:
         """Record the LUN, then create (or adopt) its backing store. An existing file or device is served as it is
         only when its size is the requested one; otherwise nothing is left behind."""
         self.check_backing_path(name, path)
         rec = self.catalog.create_lun(name, size_bytes, path=path, block_size=block_size, thin=thin,
-                                      read_only=read_only, backend=backend)
+                                      read_only=read_only, backend=backend, labels=labels)
         try:
             if rec.backend == "file" and not thin and not os.path.exists(self.catalog.lun_path(rec)):
                 _check_space(self.catalog.lun_path(rec), size_bytes)

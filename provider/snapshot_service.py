@@ -337,8 +337,10 @@ class SnapshotService:
     # --- snapshots -------------------------------------------------------------------------------------------------
 
     async def create(self, specs: Sequence[tuple[str, str]], kind: Kind = "differential", pool: str | None = None,
-                     set_name: str | None = None) -> tuple[list[SnapshotRecord], float]:
-        """Take one point in time across every ``(lun, snap)``; returns the records and the hold time in ms.
+                     set_name: str | None = None, labels: dict[str, str] | None = None
+                     ) -> tuple[list[SnapshotRecord], float]:
+        """Take one point in time across every ``(lun, snap)``, each snapshot with ``labels``; returns the records
+        and the hold time in ms.
 
         The point in time is fixed once in-flight writes have drained and each member's new epoch is set in memory:
         writes are released right there, and the catalog commits after. That order is crash-safe because a snapshot
@@ -406,7 +408,8 @@ class SnapshotService:
 
                 def commit() -> None:
                     times.append(time.perf_counter())
-                    self.cat.record_snapshots(plans, kind, set_name, epochs, hold_ms if set_name is not None else None)
+                    self.cat.record_snapshots(plans, kind, set_name, epochs, hold_ms if set_name is not None else None,
+                                              labels)
                     times.append(time.perf_counter())  # durable: the COMMIT (synchronous=FULL) has returned
 
                 await self._catalog_thread(commit)

@@ -41,6 +41,7 @@ from lunsync.snapshots.model import (
     LunMapping,
     PortalConfig,
     TargetConfig,
+    check_labels,
     default_lun_path,
     format_size,
     normalize_iscsi_name,
@@ -197,6 +198,8 @@ class LunRecord:
     backend: str = "file"  # a name in lunsync.snapshots.model.BACKENDS
     # lunsync created the backing file (it did not exist when the LUN was recorded), so deleting the LUN removes it
     owns_file: bool = field(default=False, compare=False)
+    # the user's key=value labels; not configuration (export does not write them), so no part of equality either
+    labels: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def num_blocks(self) -> int:
@@ -452,11 +455,18 @@ def _schema_v5_backends(db: sqlite3.Connection) -> None:
             db.execute("UPDATE luns SET backend = 'block' WHERE id = ?", (lun_id,))
 
 
+def _schema_v6_labels(db: sqlite3.Connection) -> None:
+    # The user's key=value labels on LUNs and snapshots (lunsync.snapshots.model.check_labels), as one JSON object
+    # per row: they are read with the row and filtered in the caller, and no query joins on them. Rows so far have none.
+    for table in ("luns", "snapshots"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}' CHECK (json_valid(labels))")
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
 MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery,
-                                     _schema_v4_file_ownership, _schema_v5_backends)
+                                     _schema_v4_file_ownership, _schema_v5_backends, _schema_v6_labels)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -824,10 +834,13 @@ class Catalog:
         naa: str | None = None,
         serial: str | None = None,
         backend: str = "",
+        labels: dict[str, str] | None = None,
     ) -> LunRecord:
         """Record a new LUN and give it its identity, generated here once and never changed (unless ``naa``/``serial``
         pin it, as an export does). ``path`` defaults to ``luns/<name>.img`` in the data dir; ``backend`` to
-        :func:`~lunsync.snapshots.model.default_backend` of the path. The backing store is the caller's to create. Raises :class:`AlreadyExists` (name, path or identity taken), :class:`Invalid`."""
+        :func:`~lunsync.snapshots.model.default_backend` of the path. The backing store is the caller's to create. ``labels`` are the user's key=value tags. Raises :class:`AlreadyExists` (name, path or identity taken),
+        :class:`Invalid`."""
+        checked = valid_labels(f"lun {name!r}", labels or {})
         try:
             cfg = LunConfig(
                 name=name,
@@ -844,9 +857,9 @@ class Catalog:
         except ConfigError as e:
             raise Invalid(f"lun {name!r}: {_why(e)}") from None
         with self._tx():
-            return self._insert_lun(cfg)
+            return self._insert_lun(cfg, checked)
 
-    def _insert_lun(self, cfg: LunConfig) -> LunRecord:
+    def _insert_lun(self, cfg: LunConfig, labels: dict[str, str] | None = None) -> LunRecord:
         db = self._db
         if db.execute("SELECT 1 FROM luns WHERE name = ?", (cfg.name,)).fetchone():
             raise AlreadyExists(f"lun {cfg.name!r} already exists")
@@ -873,8 +886,8 @@ class Catalog:
                 raise AlreadyExists(f"lun {cfg.name!r}: {column} {value} already belongs to lun {row[0]!r}")
         db.execute(
             """INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa, serial,
-                                 created_at, owns_file, backend)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                 created_at, owns_file, backend, labels)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 cfg.name,
                 cfg.path,
@@ -888,6 +901,7 @@ class Catalog:
                 _now_iso(self._clock()),
                 int(not os.path.lexists(where)),
                 cfg.backend,
+                json.dumps(labels or {}),
             ),
         )
         return _lun(self._lun_row(cfg.name))
@@ -951,6 +965,15 @@ class Catalog:
                 if not isinstance(value, bool):
                     raise Invalid(f"lun {name!r}: {column} must be true or false")
                 db.execute(f"UPDATE luns SET {column} = ? WHERE id = ?", (int(value), rec.id))
+            return _lun(self._lun_row(name))
+
+    def label_lun(self, name: str, set_: dict[str, str], remove: Sequence[str] = ()) -> LunRecord:
+        """Set the labels ``set_`` (replacing a key's value) and remove the keys ``remove`` (absent ones are no
+        error) on a LUN, in one transaction. Raises :class:`NotFound`, :class:`Invalid`."""
+        with self._tx() as db:
+            rec = _lun(self._lun_row(name))
+            labels = relabel(f"lun {name!r}", rec.labels, set_, remove)
+            db.execute("UPDATE luns SET labels = ? WHERE id = ?", (json.dumps(labels), rec.id))
             return _lun(self._lun_row(name))
 
     def lun_path(self, lun: LunRecord | LunConfig | str) -> str:
@@ -1308,7 +1331,27 @@ def _lun(row: sqlite3.Row) -> LunRecord:
         created_at=dt.datetime.fromisoformat(row["created_at"]),
         id=row["id"],
         owns_file=bool(row["owns_file"]),
+        labels=json.loads(row["labels"]),
     )
+
+
+def valid_labels(what: str, labels: dict[str, str]) -> dict[str, str]:
+    """``labels`` checked (sorted by key), or :class:`Invalid` naming ``what`` and the bad key or value."""
+    try:
+        checked: dict[str, str] = check_labels(labels)
+        return checked
+    except ConfigError as e:
+        raise Invalid(f"{what}: {e.message}") from None
+
+
+def relabel(what: str, have: dict[str, str], set_: dict[str, str], remove: Sequence[str]) -> dict[str, str]:
+    """``have`` with ``set_`` set and the keys ``remove`` removed, checked; a key both set and removed is
+    :class:`Invalid` (which was meant?)."""
+    both = sorted(set(set_) & set(remove))
+    if both:
+        raise Invalid(f"{what}: label {', '.join(both)} is both set and removed")
+    labels = {k: v for k, v in {**have, **set_}.items() if k not in remove}
+    return valid_labels(what, labels)
 
 
 # SQLite's primary result codes that mean the file system under the database failed, not the request.

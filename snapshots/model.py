@@ -658,3 +658,41 @@ class LunIdentity:
     product: str = "VIRTUAL-DISK"
     revision: str = "0001"
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# --- labels ----------------------------------------------------------------------------------------------------------
+
+# Labels are the user's own key=value tags on LUNs and snapshots, for finding them again (`?label=env=prod`). The rule
+# is Kubernetes-like so that names a CSI driver or an orchestrator already uses fit unchanged.
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9._/-]{1,63}$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._/-]{0,63}$"
+MAX_LABELS = 64
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """``labels`` if every key and value follows the rule, sorted by key; else a ConfigError that says which and why."""
+    if len(labels) > MAX_LABELS:
+        raise ConfigError(f"too many labels: {len(labels)}, at most {MAX_LABELS}")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
+            raise ConfigError(f"label key {k!r} is not valid: use 1-63 characters from A-Z a-z 0-9 . _ / -")
+        if not isinstance(v, str) or not _LABEL_VALUE.fullmatch(v):
+            raise ConfigError(f"label {k}: value {v!r} is not valid: use at most 63 characters from "
+                              "A-Z a-z 0-9 . _ / -")
+    return dict(sorted(labels.items()))
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """``key=value`` as a checked pair (the value may be empty; the first ``=`` splits)."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise ConfigError(f"label {text!r} is not key=value")
+    check_labels({key: value})
+    return key, value
+
+
+def labels_match(labels: dict[str, str], wanted: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``labels`` carries every ``(key, value)`` of ``wanted`` (an AND of the filters)."""
+    return all(labels.get(k) == v for k, v in wanted)

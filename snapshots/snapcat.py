@@ -12,14 +12,24 @@ snapshot state outside the catalog.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from lunsync.snapshots.catalog import AlreadyExists, Catalog, InUse, Invalid, NotFound, new_identity
+from lunsync.snapshots.catalog import (
+    AlreadyExists,
+    Catalog,
+    InUse,
+    Invalid,
+    NotFound,
+    new_identity,
+    relabel,
+    valid_labels,
+)
 from lunsync.snapshots.model import MAX_LUN_NUMBER, LunIdentity
 
 __all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotPlan", "SnapshotRecord",
@@ -95,6 +105,7 @@ class SnapshotRecord:
     created_at: str
     exposed_target: str | None
     exposed_lun: int | None
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def full_name(self) -> str:
@@ -136,7 +147,7 @@ def _snap(row: sqlite3.Row) -> SnapshotRecord:
         pool=row["pool_name"], set_name=row["set_name"], size_bytes=row["size_bytes"], block_size=row["block_size"],
         chunk_size_bytes=row["chunk_size_bytes"], filled_chunks=row["filled_chunks"], filled=bool(row["filled"]),
         naa=row["naa"], serial=row["serial"], created_at=row["created_at"], exposed_target=row["exposed_target"],
-        exposed_lun=row["exposed_lun"],
+        exposed_lun=row["exposed_lun"], labels=json.loads(row["labels"]),
     )
 
 
@@ -300,7 +311,8 @@ class SnapshotCatalog:
                                                       strict=True)]
 
     def record_snapshots(self, plans: Sequence[SnapshotPlan], kind: Kind, set_name: str | None,
-                         epochs: Sequence[int], hold_ms: float | None = None) -> None:
+                         epochs: Sequence[int], hold_ms: float | None = None,
+                         labels: dict[str, str] | None = None) -> None:
         """Record the snapshots :meth:`plan_snapshots` planned, with the epochs the daemon chose, in one
         transaction (the point in time of a set), with the set's hold time when there is a set. Durable when this
         returns. Raises AlreadyExists, NotFound, Invalid; nothing is recorded then.
@@ -317,6 +329,7 @@ class SnapshotCatalog:
             raise Invalid("name at least one LUN@SNAP")
         n = len(plans)
         now = _now()
+        tags = json.dumps(valid_labels("snapshot", labels or {}))
         with self.catalog.transaction() as db:
             set_id = None
             if set_name is not None:
@@ -327,11 +340,12 @@ class SnapshotCatalog:
                 rows += [plan.lun_id, plan.lun_name, plan.name, epoch, plan.pool.id, *new_identity()]
             made = db.execute(
                 """INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, set_id, size_bytes,
-                                          block_size, chunk_size_bytes, naa, serial, created_at)
+                                          block_size, chunk_size_bytes, naa, serial, created_at, labels)
                    SELECT l.id, l.name, v.column3, ?, 'valid', v.column4, v.column5, ?, l.size_bytes, l.block_size,
-                          l.chunk_size_bytes, v.column6, v.column7, ?
+                          l.chunk_size_bytes, v.column6, v.column7, ?, ?
                    FROM (VALUES """ + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n) + """) v
-                   JOIN luns l ON l.id = v.column1 AND l.name = v.column2""", [kind, set_id, now, *rows]).rowcount
+                   JOIN luns l ON l.id = v.column1 AND l.name = v.column2""",
+                [kind, set_id, now, tags, *rows]).rowcount
             if made != n:
                 raise NotFound("a LUN of the set was deleted or renamed while the snapshots were being taken")
             bumped = db.execute(
@@ -368,6 +382,16 @@ class SnapshotCatalog:
             else:
                 rows = db.execute(_SNAP_SELECT + " WHERE s.lun_name = ? ORDER BY s.epoch", (lun,))
             return [_snap(r) for r in rows]
+
+    def label_snapshot(self, lun: str, name: str, set_: dict[str, str], remove: Sequence[str] = ()
+                       ) -> SnapshotRecord:
+        """Set and remove labels on a snapshot (see :meth:`Catalog.label_lun`): labels are no part of the snapshot's
+        contents, which stay as they are. Raises NotFound, Invalid."""
+        with self.catalog.transaction() as db:
+            rec = self.get_snapshot(lun, name)
+            labels = relabel(f"snapshot {rec.full_name}", rec.labels, set_, remove)
+            db.execute("UPDATE snapshots SET labels = ? WHERE id = ?", (json.dumps(labels), rec.id))
+            return self.get_snapshot(lun, name)
 
     def delete_snapshot(self, lun: str, name: str) -> SnapshotRecord:
         """Forget a snapshot; refused (InUse) while it is exposed."""

@@ -593,3 +593,68 @@ def test_the_read_only_token_reads_and_may_not_change(api_daemon: ApiDaemon) -> 
     assert api_daemon.cli("lun", "list", env=env).returncode == 0
     p = api_daemon.cli("target", "create", iqn("ro"), env=env)
     assert p.returncode == 6 and "read-only token" in p.stderr, p
+
+
+def test_labels_on_luns_and_snapshots_are_set_changed_and_filtered(api_daemon: ApiDaemon) -> None:
+    with api_daemon.http() as c:
+        spec = {"name": "lab0", "size": "8MiB", "labels": {"env": "prod", "app.io/tier": "db"}}
+        r = c.post("/v1/luns", json=spec)
+        assert r.status_code == 201 and r.json()["labels"] == {"app.io/tier": "db", "env": "prod"}, r.text
+        assert c.post("/v1/luns", json=spec).status_code == 200, "the same labels are the same spec"
+        r = c.post("/v1/luns", json={**spec, "labels": {"env": "test"}})
+        assert r.status_code == 409 and "labels" in r.json()["error"], r.text
+        assert c.post("/v1/luns", json={"name": "lab1", "size": "8MiB", "labels": {"env": "test"}}).status_code == 201
+
+        def luns(*filters: str) -> list[str]:
+            r = c.get("/v1/luns", params=[("label", f) for f in filters])
+            assert r.status_code == 200, r.text
+            return [x["name"] for x in r.json() if x["name"].startswith("lab")]
+
+        assert luns() == ["lab0", "lab1"]
+        assert luns("env=prod") == ["lab0"]
+        assert luns("env=prod", "app.io/tier=db") == ["lab0"]
+        assert luns("env=prod", "app.io/tier=web") == [], "several filters must all match"
+        r = c.get("/v1/luns", params={"label": "noequals"})
+        assert r.status_code == 422 and "key=value" in r.json()["error"], r.text
+
+        r = c.patch("/v1/luns/lab1/labels", json={"set": {"env": "prod", "owner": "ops"}})
+        assert r.status_code == 200 and r.json()["labels"] == {"env": "prod", "owner": "ops"}, r.text
+        r = c.patch("/v1/luns/lab1/labels", json={"remove": ["owner", "absent"]})
+        assert r.json()["labels"] == {"env": "prod"}, r.text
+        assert luns("env=prod") == ["lab0", "lab1"]
+        assert c.patch("/v1/luns/nosuch/labels", json={"set": {"a": "b"}}).status_code == 404
+
+        for bad, words in (({"bad key": "x"}, "label key 'bad key' is not valid"),
+                           ({"k": "v" * 64}, "value"), ({"k" * 64: "v"}, "label key")):
+            r = c.patch("/v1/luns/lab1/labels", json={"set": bad})
+            assert r.status_code == 422 and words in r.json()["error"], (bad, r.text)
+            assert "Value error" not in r.json()["error"], r.text
+            r = c.post("/v1/luns", json={"name": "lab2", "size": "8MiB", "labels": bad})
+            assert r.status_code == 422 and words in r.json()["error"], (bad, r.text)
+        assert c.get("/v1/luns/lab2").status_code == 404
+        assert c.get("/v1/luns/lab1").json()["labels"] == {"env": "prod"}, "a refused change changes nothing"
+
+        snap = {"snapshots": ["lab0@nightly", "lab1@nightly"], "labels": {"keep": "7d"}}
+        r = c.post("/v1/snapshots", json=snap)
+        assert r.status_code == 201 and [s["labels"] for s in r.json()["snapshots"]] == [{"keep": "7d"}] * 2, r.text
+        assert c.post("/v1/snapshots", json=snap).status_code == 200
+        r = c.post("/v1/snapshots", json={**snap, "labels": {}})
+        assert r.status_code == 409 and "labels" in r.json()["error"], r.text
+        assert c.post("/v1/snapshots", json={"snapshots": ["lab0@hourly"]}).status_code == 201
+        r = c.patch("/v1/snapshots/lab0@hourly/labels", json={"set": {"keep": "1d"}})
+        assert r.status_code == 200 and r.json()["labels"] == {"keep": "1d"}, r.text
+
+        def snaps(*filters: str, **params: str) -> list[str]:
+            r = c.get("/v1/snapshots", params=[*params.items(), *(("label", f) for f in filters)])
+            assert r.status_code == 200, r.text
+            return sorted(x["name"] for x in r.json())
+
+        assert snaps("keep=7d") == ["lab0@nightly", "lab1@nightly"]
+        assert snaps("keep=7d", lun="lab0") == ["lab0@nightly"]
+        assert snaps("keep=1d") == ["lab0@hourly"]
+        r = c.patch("/v1/snapshots/lab0@hourly/labels", json={"set": {"x": "1"}, "remove": ["x"]})
+        assert r.status_code == 400 and "both set and removed" in r.json()["error"], r.text
+        for name in ("lab0@nightly", "lab1@nightly", "lab0@hourly"):
+            assert c.delete(f"/v1/snapshots/{name}").status_code == 204
+        for name in ("lab0", "lab1"):
+            assert c.delete(f"/v1/luns/{name}").status_code == 204

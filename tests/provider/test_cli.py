@@ -345,3 +345,35 @@ def test_every_table_shows_sizes_for_people(api_daemon: ApiDaemon) -> None:
     # No size is a five-digit-plus count of a small unit (264212084KiB).
     assert not re.search(r"\d{5,}(?:\.\d+)?[KMGT]iB", out), out
     assert re.search(r"\d+(?:\.\d)?[KMGTP]iB", out), out
+
+
+def test_labels_on_luns_and_snapshots(api_daemon: ApiDaemon) -> None:
+    d = api_daemon
+    d.cli("lun", "create", "tag0", "--size", "8MiB", "--label", "env=prod", "--label", "tier=db", check=True)
+    d.cli("lun", "create", "tag1", "--size", "8MiB", "--label", "env=test", check=True)
+    assert d.cli_json("lun", "show", "tag0")["labels"] == {"env": "prod", "tier": "db"}
+    assert names(d.cli_json("lun", "list", "--label", "env=prod")) == ["tag0"]
+    assert names(d.cli_json("lun", "list", "--label", "env=prod", "--label", "tier=web")) == []
+    table = d.cli("lun", "list", "--label", "tier=db", check=True).stdout
+    assert "Labels" in table and "env=prod,tier=db" in table and "tag1" not in table
+
+    out = d.cli("lun", "label", "tag1", "env=prod", "owner=ops", check=True).stdout
+    assert "lun tag1 labels: env=prod,owner=ops" in out
+    d.cli("lun", "label", "tag1", "owner-", check=True)
+    assert d.cli_json("lun", "show", "tag1")["labels"] == {"env": "prod"}
+    p = d.cli("lun", "label", "tag1", "bad key=x")
+    assert p.returncode != 0 and "label key 'bad key' is not valid" in p.stderr, p.stderr
+    p = d.cli("lun", "create", "tag2", "--size", "8MiB", "--label", "novalue")
+    assert p.returncode != 0 and "key=value" in p.stderr, p.stderr
+
+    d.cli("snapshot", "create", "tag0@a", "tag1@a", "--label", "keep=7d", check=True)
+    d.cli("snapshot", "create", "tag0@b", check=True)
+    d.cli("snapshot", "label", "tag0@b", "keep=1d", check=True)
+    assert sorted(names(d.cli_json("snapshot", "list", "--label", "keep=7d"))) == ["tag0@a", "tag1@a"]
+    assert names(d.cli_json("snapshot", "list", "tag0", "--label", "keep=1d")) == ["tag0@b"]
+    d.cli("snapshot", "label", "tag0@b", "keep-", check=True)
+    assert d.cli_json("snapshot", "show", "tag0@b")["labels"] == {}
+    for s in ("tag0@a", "tag1@a", "tag0@b"):
+        d.cli("snapshot", "delete", s, check=True)
+    for lun in ("tag0", "tag1"):
+        d.cli("lun", "delete", lun, check=True)

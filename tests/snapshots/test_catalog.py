@@ -724,3 +724,46 @@ def test_the_migration_classifies_existing_luns_once(data_dir: Path, tmp_path: P
     with Catalog(data_dir) as c:
         assert {r.name: r.backend for r in c.list_luns()} == {"a": "file", "b": "block", "gone": "file"}
         assert c.integrity_check() == []
+
+
+def test_the_labels_migration_keeps_v5_rows_and_backs_the_old_file_up(data_dir: Path) -> None:
+    from lunsync.snapshots.snapcat import SnapshotCatalog
+
+    assert catalog.MIGRATIONS[5] is catalog._schema_v6_labels
+    # A v5 catalog with a LUN and a snapshot, as the older lunsync wrote them.
+    data_dir.mkdir()
+    old = sqlite3.connect(data_dir / catalog.CATALOG_FILENAME, isolation_level=None)
+    old.execute("BEGIN")
+    for v in range(5):
+        catalog.MIGRATIONS[v](old)
+    old.execute("PRAGMA user_version = 5")
+    old.execute("""INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa,
+                                     serial, created_at, owns_file, backend)
+                   VALUES ('old0', 'luns/old0.img', 8388608, 512, 1, 0, 65536, '6' || printf('%031d', 1),
+                           'S0001', '2026-01-01T00:00:00+00:00', 1, 'file')""")
+    old.execute("INSERT INTO pools (name, path, created_at) VALUES ('default', 'pool', '2026-01-01T00:00:00Z')")
+    old.execute("""INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, size_bytes,
+                                          block_size, chunk_size_bytes, naa, serial, created_at)
+                   VALUES (1, 'old0', 's1', 'differential', 'valid', 1, 1, 8388608, 512, 65536,
+                           '6' || printf('%031d', 2), 'S0002', '2026-01-01T00:00:00Z')""")
+    old.execute("COMMIT")
+    old.close()
+    with Catalog(data_dir) as cat:
+        assert cat.schema_version == SCHEMA_VERSION == 6
+        assert cat.get_lun("old0").labels == {}
+        snaps = SnapshotCatalog(cat)
+        assert snaps.get_snapshot("old0", "s1").labels == {}
+        assert cat.label_lun("old0", {"env": "prod", "team": "db"}).labels == {"env": "prod", "team": "db"}
+        assert cat.label_lun("old0", {"env": "test"}, ["team"]).labels == {"env": "test"}
+        assert snaps.label_snapshot("old0", "s1", {"keep": "yes"}).labels == {"keep": "yes"}
+        with pytest.raises(Invalid, match="label key"):
+            cat.label_lun("old0", {"bad key": "x"})
+        with pytest.raises(Invalid, match="both set and removed"):
+            cat.label_lun("old0", {"env": "x"}, ["env"])
+        assert cat.get_lun("old0").labels == {"env": "test"}, "a refused change changes nothing"
+    backups = [b.name for b in (data_dir / catalog.BACKUPS_DIRNAME).iterdir()]
+    assert any(b.startswith("catalog-v5-") for b in backups), backups
+    copy = sqlite3.connect(next(data_dir / catalog.BACKUPS_DIRNAME / b for b in backups if "-v5-" in b))
+    assert copy.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert "labels" not in [r[1] for r in copy.execute("PRAGMA table_info(luns)")]
+    copy.close()
