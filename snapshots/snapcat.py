@@ -105,7 +105,7 @@ class SnapshotRecord:
     created_at: str
     exposed_target: str | None
     exposed_lun: int | None
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict, hash=False)  # a dict: equality, not the hash
 
     @property
     def full_name(self) -> str:
