@@ -361,7 +361,7 @@ _LUN_COLUMNS = ["Name", "Size", "Block", "Type", "Mapped on", "Serial", "Path"]
 
 def _lun_create(c: Any, a: argparse.Namespace) -> int:
     if a.from_snapshot:
-        if a.size is not None or a.backend or a.path or a.block_size != 512 or a.thick or a.read_only:
+        if a.size is not None or a.backend or a.path or a.block_size != 512 or a.thick or a.read_only or a.labels:
             raise UsageError("--from takes the snapshot's size and block size: give no other option")
         body: dict[str, Any] = {"name": a.name, "from_snapshot": a.from_snapshot}
         if a.rate is not None:
