@@ -11,7 +11,6 @@ This module owns those routes and their request models, and the translation of a
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec
@@ -29,6 +28,7 @@ from lunsync.provider.vss import (
     VssError,
     async_handle,
 )
+from lunsync.snapshots.model import rfc3339 as model_rfc3339
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
@@ -140,9 +140,7 @@ class _Out(BaseModel):
 
 def rfc3339(t: float | None) -> str | None:
     """An epoch time as RFC 3339 in UTC, microseconds included (what every other timestamp of the API is)."""
-    if t is None:
-        return None
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="microseconds")
+    return None if t is None else model_rfc3339(t)
 
 
 class PairOut(_Out):

@@ -45,6 +45,7 @@ from lunsync.snapshots.model import (
     default_lun_path,
     format_size,
     normalize_iscsi_name,
+    rfc3339,
 )
 
 __all__ = [
@@ -474,10 +475,6 @@ class _DryRun(Exception):
     """Raised inside the apply transaction to roll a dry run back."""
 
 
-def _now_iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="microseconds")
-
-
 def _why(e: ConfigError) -> str:
     """A config-model error as ``field: message`` (the model's key paths name LUNs and targets differently)."""
     names = [p for p in e.path if isinstance(p, str)]
@@ -770,7 +767,7 @@ class Catalog:
             if db.execute("SELECT 1 FROM targets WHERE iqn = ?", (iqn,)).fetchone():
                 raise AlreadyExists(f"target {iqn} already exists")
             db.execute(
-                "INSERT INTO targets (iqn, alias, created_at) VALUES (?, ?, ?)", (iqn, alias, _now_iso(self._clock()))
+                "INSERT INTO targets (iqn, alias, created_at) VALUES (?, ?, ?)", (iqn, alias, rfc3339(self._clock()))
             )
             return self.get_target(iqn)
 
@@ -898,7 +895,7 @@ class Catalog:
                 cfg.chunk_size_bytes,
                 naa,
                 serial,
-                _now_iso(self._clock()),
+                rfc3339(self._clock()),
                 int(not os.path.lexists(where)),
                 cfg.backend,
                 json.dumps(labels or {}),

@@ -13,6 +13,7 @@ only the standard library, performs no I/O and reads no clock, and ``make lint``
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import re
@@ -696,3 +697,12 @@ def parse_label(text: str) -> tuple[str, str]:
 def labels_match(labels: dict[str, str], wanted: Sequence[tuple[str, str]]) -> bool:
     """Whether ``labels`` carries every ``(key, value)`` of ``wanted`` (an AND of the filters)."""
     return all(labels.get(k) == v for k, v in wanted)
+
+
+# --- time ------------------------------------------------------------------------------------------------------------
+
+
+def rfc3339(t: float) -> str:
+    """An epoch time as RFC 3339 in UTC with microseconds: the one form of every timestamp the catalog stores and the
+    API answers."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="microseconds")

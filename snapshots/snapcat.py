@@ -11,11 +11,11 @@ snapshot state outside the catalog.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +30,7 @@ from lunsync.snapshots.catalog import (
     relabel,
     valid_labels,
 )
-from lunsync.snapshots.model import MAX_LUN_NUMBER, LunIdentity
+from lunsync.snapshots.model import MAX_LUN_NUMBER, LunIdentity, rfc3339
 
 __all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotPlan", "SnapshotRecord",
            "parse_snapshot_name", "validate_name"]
@@ -59,7 +59,7 @@ def parse_snapshot_name(text: str) -> tuple[str, str]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    return rfc3339(time.time())
 
 
 @dataclass(frozen=True, slots=True)
