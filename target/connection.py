@@ -52,6 +52,7 @@ class Phase(enum.Enum):
     FULL_FEATURE = "full-feature"
     LOGGED_OUT = "logged-out"
     CLOSED = "closed"
+    HANDED_OFF = "handed-off"  # logged in here, then given (socket and state) to another process to serve
 
 
 ALLOWED: dict[Phase, frozenset[int]] = {
@@ -59,6 +60,7 @@ ALLOWED: dict[Phase, frozenset[int]] = {
     Phase.FULL_FEATURE: frozenset(pdu.INITIATOR_OPS - {Op.LOGIN_REQ}),
     Phase.LOGGED_OUT: frozenset(),
     Phase.CLOSED: frozenset(),
+    Phase.HANDED_OFF: frozenset(),
 }
 
 
@@ -69,6 +71,8 @@ class Transition(enum.Enum):
     LOGIN_FAILED = "login-failed"  # a Login Response with an error status went out
     LOGGED_OUT = "logged-out"  # a Logout Response went out
     FATAL = "fatal"  # a protocol error or timeout: close without a response
+    HAND_OFF = "hand-off"  # the final Login Response is ready and another process serves the session from here
+    ADOPTED = "adopted"  # this connection takes over a session another process logged in
 
 
 # Every phase change; a pair that is missing is a bug in this module, not the peer's doing.
@@ -76,8 +80,11 @@ TRANSITIONS: dict[tuple[Phase, Transition], Phase] = {
     (Phase.LOGIN, Transition.LOGIN_DONE): Phase.FULL_FEATURE,
     (Phase.LOGIN, Transition.LOGIN_FAILED): Phase.CLOSED,
     (Phase.FULL_FEATURE, Transition.LOGGED_OUT): Phase.LOGGED_OUT,
+    (Phase.LOGIN, Transition.HAND_OFF): Phase.HANDED_OFF,
+    (Phase.LOGIN, Transition.ADOPTED): Phase.FULL_FEATURE,
     **{(phase, Transition.FATAL): Phase.CLOSED for phase in Phase},
 }
+_STOPPED = (Phase.CLOSED, Phase.LOGGED_OUT, Phase.HANDED_OFF)  # phases in which nothing more is parsed
 _FULL_FEATURE_OPS = ALLOWED[Phase.FULL_FEATURE]  # checked per PDU: an Enum key hashes in Python, so skip the dict
 DISCOVERY_ALLOWED = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
 # PDUs that carry a CmdSN and so pass through the command window (RFC 7143 §4.2.2).
@@ -101,6 +108,7 @@ class Connection:
         login_timeout_s: float = 15.0,
         target_limits: dict[str, str] | None = None,
         allocate_tsih: Callable[[], int] | None = None,
+        hand_off: bool = False,
     ) -> None:
         self.directory = directory
         self.peer = peer
@@ -111,6 +119,9 @@ class Connection:
         self.nexus: Nexus | None = None
         self.scsi: ScsiPort | None = None  # the logged-in target's SCSI side; None in login and discovery
         self._allocate_tsih = allocate_tsih or (lambda: 1)
+        # A portal that only logs in (the control process of ``--workers``): a normal session stops at HANDED_OFF
+        # with its final Login Response queued, and what arrived after it stays unparsed for the next owner.
+        self.hand_off = hand_off
         ours = int((target_limits or {}).get("MaxRecvDataSegmentLength", "262144"))
         # Room for two whole PDUs of the largest data segment we declare, so one is always parsed in place; small
         # enough that 16 sessions stay well inside the RSS budget.
@@ -166,7 +177,7 @@ class Connection:
         self.last_rx = now
         view = self.view
         box = self.box
-        while self.phase not in (Phase.CLOSED, Phase.LOGGED_OUT):
+        while self.phase not in _STOPPED:
             avail = self.end - self.start
             if avail < pdu.BHS_LEN:
                 break
@@ -320,21 +331,27 @@ class Connection:
         box.send(bhs, text)
         if reply.done:
             result = self.login.result(tsih)
-            self.result = result
-            p = result.params
-            box.header_digest = p.header_digest
-            box.data_digest = p.data_digest
-            self.max_recv = p.target_max_recv_data_segment_length
-            transfer = self.transfer
-            transfer.negotiated(p)
-            target = result.target
-            if target is not None:
-                self.nexus = transfer.nexus = Nexus(result.initiator_name, result.isid, target.name, self.tpgt,
-                                                    self.tpgt)
-                self.scsi = transfer.scsi = target.scsi
-            self._enter(Transition.LOGIN_DONE)
-            self.login_deadline = None
-            box.events.append(LoggedIn(result))
+            handing_off = self.hand_off and result.target is not None
+            self._full_feature(result, Transition.HAND_OFF if handing_off else Transition.LOGIN_DONE)
+
+    def _full_feature(self, result: LoginResult, transition: Transition) -> None:
+        """Enter the session's parameters (digests framing what follows, Data-In cutting, the nexus) and move on."""
+        self.result = result
+        box = self.box
+        p = result.params
+        box.header_digest = p.header_digest
+        box.data_digest = p.data_digest
+        self.max_recv = p.target_max_recv_data_segment_length
+        transfer = self.transfer
+        transfer.negotiated(p)
+        target = result.target
+        if target is not None:
+            self.nexus = transfer.nexus = Nexus(result.initiator_name, result.isid, target.name, self.tpgt,
+                                                self.tpgt)
+            self.scsi = transfer.scsi = target.scsi
+        self._enter(transition)
+        self.login_deadline = None
+        box.events.append(LoggedIn(result))
 
     # -- command sequencing (RFC 7143 §4.2.2) -------------------------------------------------------------------------
 
@@ -407,3 +424,24 @@ class Connection:
         """Ask the initiator to log out (Async Message event 1), e.g. before a forced logout or shutdown."""
         if self.phase is Phase.FULL_FEATURE:
             self.control.async_logout_request(time2retain)
+
+    # -- hand-off between processes (lunsync.target.handoff) ----------------------------------------------------------
+
+    def unparsed(self) -> bytes:
+        """What arrived and was not parsed: after HANDED_OFF, the bytes the next owner must parse first."""
+        return bytes(self.view[self.start:self.end])
+
+    def adopt(self, result: LoginResult, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int, pending: bytes,
+              now: float) -> None:
+        """Take over a session another process logged in: its login result and sequence numbers, then the bytes it
+        received after the final Login Request (parsed here, as if they had just arrived)."""
+        seq = self.seq
+        seq.stat_sn, seq.exp_cmd_sn, seq.max_cmd_sn = stat_sn, exp_cmd_sn, max_cmd_sn
+        self._full_feature(result, Transition.ADOPTED)
+        if pending:
+            if len(pending) > len(self.buf):
+                self._fatal("handed-off input larger than the receive buffer")
+                return
+            self.view[:len(pending)] = pending
+            self.start, self.end = 0, 0
+            self.buffer_updated(len(pending), now)

@@ -1,0 +1,38 @@
+"""Placement of targets on workers: round-robin in catalog order at start, least-loaded for new ones, never moved."""
+
+from __future__ import annotations
+
+import pytest
+from lunsync.provider.assignment import Assignment
+
+
+def test_start_deals_round_robin_in_catalog_order() -> None:
+    a = Assignment(2, ["iqn.a", "iqn.b", "iqn.c"])
+    assert [a.owner(t) for t in ("iqn.a", "iqn.b", "iqn.c")] == [0, 1, 0]
+    assert a.owned_by(0) == ["iqn.a", "iqn.c"] and a.owned_by(1) == ["iqn.b"]
+
+
+def test_names_are_case_insensitive_as_the_directory_keys_them() -> None:
+    a = Assignment(2, ["IQN.A"])
+    assert a.owner("iqn.a") == 0 and a.place("Iqn.A") == 0
+
+
+def test_a_new_target_goes_to_the_least_loaded_worker_and_stays() -> None:
+    a = Assignment(3, ["t1", "t2", "t3", "t4"])  # loads 2, 1, 1
+    assert a.place("t5") == 1
+    assert a.place("t6") == 2
+    assert a.remove("t1") == 0
+    assert a.place("t7") == 0  # the freed place
+    assert a.place("t5") == 1  # placed once, placed for good
+    assert a.owner("t1") is None and a.remove("t1") is None
+
+
+def test_n_targets_over_n_workers_give_each_worker_one() -> None:
+    for n in range(1, 9):
+        a = Assignment(n, [f"t{i}" for i in range(n)])
+        assert sorted(a.owner(f"t{i}") or 0 for i in range(n)) == list(range(n))
+
+
+def test_zero_workers_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        Assignment(0)
