@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from lunsync.snapshots.device import BlockDevice
 from lunsync.snapshots.model import LunIdentity
 from lunsync.target.scsi import sense as S
+from lunsync.target.scsi.alua import AluaGroups
 from lunsync.target.scsi.pr import PrState
 from lunsync.target.scsi.task import Nexus
 
@@ -251,6 +252,8 @@ class LogicalUnit:
         self.copy_results: dict[tuple[str, int], CopyResult] = {}
         self.prevent: set[Nexus] = set()
         self.stopped = False
+        # The port groups of a LU shared by several gateways (None: this daemon's groups, all active/optimized).
+        self.alua: AluaGroups | None = None
 
     # -- geometry ---------------------------------------------------------------------------------------------------
 
@@ -343,6 +346,12 @@ class LogicalUnit:
         self.prevent.discard(nexus)
 
     # -- events -------------------------------------------------------------------------------------------------------
+
+    def set_alua_owner(self, owner: int | None) -> None:
+        """The LU's owning port group changed (a failover, or the first lease): every nexus sees ASYMMETRIC ACCESS
+        STATE CHANGED (SPC-4 §5.15.2.4), so initiators re-read REPORT TARGET PORT GROUPS and move their I/O."""
+        if self.alua is not None and self.alua.set_owner(owner):
+            self.add_ua_all(S.ASYMMETRIC_ACCESS_STATE_CHANGED)
 
     def notify_capacity_changed(self) -> None:
         """The device was resized: every nexus sees CAPACITY DATA HAS CHANGED."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from lunsync.target.scsi import registry
 from lunsync.target.scsi import sense as S
+from lunsync.target.scsi.alua import PortGroup, encode_rtpg
 from lunsync.target.scsi.lu import PAGE_ALL, PAGE_CACHING, PAGE_CONTROL, PAGE_IEC, LogicalUnit
 from lunsync.target.scsi.registry import CommandSpec, Conflict, Dir, Request, command
 from lunsync.target.scsi.sense import CheckCondition, SenseKey, invalid_field, invalid_param
@@ -477,15 +478,12 @@ async def report_supported_tmfs(req: Request) -> bytes:
          usage=b"\xa3\xea\x00\x00\x00\x00\xff\xff\xff\xff\x00\x00")
 async def report_target_port_groups(req: Request) -> bytes:
     cdb = req.cdb
-    extended = (cdb[1] >> 5) == 1
-    out = bytearray()
-    for group, ports in sorted(req.target.port_groups.items()):
-        # Active/optimized, preferred; only that state is ever reported (implicit ALUA with one state).
-        out += struct.pack(">BBHxBxB", 0x80, 0x01, group, 0, len(ports))
-        for port in ports:
-            out += struct.pack(">2xH", port)
-    if extended:
-        head = struct.pack(">IBB2x", len(out) + 4, 0x10, 0)
-    else:
-        head = struct.pack(">I", len(out))
-    return (head + bytes(out))[: _alloc32(cdb, 6)]
+    lu = req.unit
+    if lu.alua is not None:
+        groups = lu.alua.descriptors()
+        transition = lu.alua.transition_time_s
+    else:  # one daemon: each of its groups is active/optimized
+        groups = [PortGroup(g, ports, preferred=True) for g, ports in sorted(req.target.port_groups.items())]
+        transition = 0
+    data = encode_rtpg(groups, extended=(cdb[1] >> 5) == 1, transition_time_s=transition)
+    return data[: _alloc32(cdb, 6)]
