@@ -1,8 +1,12 @@
 """Reservations: PERSISTENT RESERVE IN/OUT (SPC-4 §5.13, §6.15, §6.16), RESERVE/RELEASE (6/10) and the conflict rule.
 
-:class:`PrState` holds one logical unit's registrations and persistent reservation. With APTPL it is written to the
-path the LU was given, atomically (temp file, fsync, rename, directory fsync), so a restart restores exactly what
-the initiators were told. :func:`conflicts` is the one place that decides whether a command from an I_T nexus runs
+:class:`PrState` holds one logical unit's registrations and persistent reservation, and keeps them in a
+:class:`PrStore`. The local :class:`FileStore` writes them (with APTPL only) to the path the LU was given,
+atomically (temp file, fsync, rename, directory fsync), so a restart restores exactly what the initiators were told.
+A LU that several gateways serve has a shared store instead (one RADOS object, :mod:`lunsync.provider.gateway`):
+every PR command then re-reads the state before deciding and commits with compare-and-write, retrying on a lost
+race, and the other gateways adopt each commit as it happens (:func:`adopt`), so the conflict check of every command
+sees every gateway's reservation. :func:`conflicts` is the one place that decides whether a command from an I_T nexus runs
 into someone else's reservation, from the command's registered :class:`~lunsync.target.scsi.registry.Conflict` rule.
 Registrations and reservations belong to I_T nexuses named by iSCSI initiator and target port names, so they survive
 logout and reconnection with the same ISID, as SPC requires. All PR OUT service actions are supported except
@@ -12,11 +16,14 @@ REPLACE LOST RESERVATION; all PR IN service actions are supported. TransportIDs 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from lunsync.snapshots import fsutil
 from lunsync.target.scsi import sense as S
@@ -80,18 +87,77 @@ class Registration:
         )
 
 
+class StalePr(Exception):
+    """A shared store refused a commit: another gateway changed the state since it was read. Re-read and retry."""
+
+
+class PrStore(Protocol):
+    """Where a LU's persistent-reservation state lives between commands.
+
+    ``fetch`` returns the stored document when it may differ from what this gateway last committed or adopted (a
+    shared store), or ``None`` when memory is authoritative (a local store). ``commit`` makes ``doc`` the state,
+    durable on return, or raises :class:`StalePr` when the stored state moved since the last fetch. Neither blocks
+    the event loop on the network.
+    """
+
+    shared: bool
+
+    async def fetch(self) -> dict[str, Any] | None: ...
+
+    async def commit(self, doc: dict[str, Any]) -> None: ...
+
+
+class FileStore:
+    """The local store: the state in memory, written to ``path`` while APTPL is set and removed when it is cleared
+    (without APTPL, SPC-4 §5.13.3 lets a power loss forget it)."""
+
+    shared = False
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path or not os.path.exists(self.path):
+            return None
+        with open(self.path) as f:
+            doc: dict[str, Any] = json.load(f)
+        doc["aptpl"] = True  # only an APTPL state is ever written
+        return doc
+
+    async def fetch(self) -> dict[str, Any] | None:
+        return None
+
+    async def commit(self, doc: dict[str, Any]) -> None:
+        path = self.path
+        if not path:
+            return
+        if not doc.get("aptpl"):
+            if os.path.exists(path):
+                os.unlink(path)
+                fsutil.fsync_dir(os.path.dirname(path) or ".")
+            return
+        fsutil.atomic_write(path, json.dumps(doc))
+
+
 class PrState:
     """Registrations and the persistent reservation of one logical unit."""
 
-    def __init__(self, aptpl_path: str | None = None) -> None:
-        self.path = aptpl_path
+    def __init__(self, aptpl_path: str | None = None, *, store: PrStore | None = None) -> None:
         self.generation = 0
         self.registrations: list[Registration] = []
         self.res_type = 0  # 0: no persistent reservation
         self.holder: Registration | None = None
         self.aptpl = False
-        if aptpl_path and os.path.exists(aptpl_path):
-            self._load(aptpl_path)
+        # PR commands of one LU run one at a time: a commit to a shared store awaits the network, and another
+        # command must not change the state under it.
+        self.lock = asyncio.Lock()
+        if store is None:
+            local = FileStore(aptpl_path)
+            doc = local.load()
+            if doc is not None:
+                self.apply(doc)
+            store = local
+        self.store: PrStore = store
 
     # -- queries -------------------------------------------------------------------------------------------------------
 
@@ -128,37 +194,90 @@ class PrState:
             return True
         return rule is Conflict.WRITE
 
-    # -- persistence ---------------------------------------------------------------------------------------------------
+    # -- serialisation (pure) ------------------------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Persist (APTPL) or forget the state; durable when this returns."""
-        path = self.path
-        if not path:
-            return
-        if not self.aptpl:
-            if os.path.exists(path):
-                os.unlink(path)
-                fsutil.fsync_dir(os.path.dirname(path) or ".")
-            return
-        doc = {
+    def doc(self) -> dict[str, Any]:
+        """The whole state as a JSON-able document (what every store holds)."""
+        return {
             "generation": self.generation,
             "registrations": [asdict(r) for r in self.registrations],
             "res_type": self.res_type,
             "holder": self.registrations.index(self.holder) if self.holder in self.registrations else None,
+            "aptpl": self.aptpl,
         }
-        fsutil.atomic_write(path, json.dumps(doc))
 
-    def _load(self, path: str) -> None:
-        with open(path) as f:
-            doc = json.load(f)
+    def apply(self, doc: dict[str, Any]) -> None:
+        """Replace the state with ``doc`` (from :meth:`doc`, here or on another gateway). A reservation whose holder
+        is missing (only all-registrants types have none) is dropped rather than trusted."""
         self.generation = int(doc.get("generation", 0))
         self.registrations = [Registration(**r) for r in doc.get("registrations", [])]
         self.res_type = int(doc.get("res_type", 0))
         idx = doc.get("holder")
-        self.holder = self.registrations[idx] if isinstance(idx, int) and idx < len(self.registrations) else None
+        self.holder = self.registrations[idx] if isinstance(idx, int) and 0 <= idx < len(self.registrations) else None
         if self.res_type and self.res_type not in _ALL_REGISTRANTS and self.holder is None:
             self.res_type = 0
-        self.aptpl = True
+        self.aptpl = bool(doc.get("aptpl", False))
+
+    # -- persistence ---------------------------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Adopt the stored state if the store is shared (another gateway may have changed it)."""
+        doc = await self.store.fetch()
+        if doc is not None:
+            self.apply(doc)
+
+    async def save(self) -> None:
+        """Commit the state to the store; durable when this returns. :class:`StalePr` from a shared store means the
+        decision was taken on old state: the caller re-reads and decides again."""
+        await self.store.commit(self.doc())
+
+
+def adopt(lu: LogicalUnit, doc: dict[str, Any]) -> None:
+    """Another gateway committed ``doc``: make it this LU's state, and tell the nexuses here what it did to them.
+
+    A local nexus whose registration vanished was preempted or cleared from elsewhere (SPC-4 §5.13.11.4): it sees
+    REGISTRATIONS PREEMPTED; a registrants-only reservation that vanished while its registrants remain was released:
+    they see RESERVATIONS RELEASED.
+    """
+    pr = lu.pr
+    before = list(pr.registrations)
+    released = pr.res_type in _REGISTRANTS
+    pr.apply(doc)
+    after = {(r.initiator_name, r.isid, r.target_port) for r in pr.registrations}
+    for n in lu.known_nexuses():
+        lost = any(r.matches(n) and (r.initiator_name, r.isid, r.target_port) not in after for r in before)
+        if lost:
+            lu.add_ua(n, S.REGISTRATIONS_PREEMPTED)
+        elif released and not pr.res_type and pr.find(n) is not None:
+            lu.add_ua(n, S.RESERVATIONS_RELEASED)
+
+
+_CAS_TRIES = 8
+_H = TypeVar("_H")
+
+
+def _serialised(handler: Callable[[Request], Awaitable[_H]]) -> Callable[[Request], Awaitable[_H]]:
+    """Run a PR command alone on its LU, on fresh state, and again when a shared store says another gateway won a
+    race (its :class:`StalePr`); each try re-reads before deciding, so the decision is always on the current state."""
+
+    @functools.wraps(handler)
+    async def run(req: Request) -> _H:
+        pr = req.unit.pr
+        async with pr.lock:
+            for _ in range(_CAS_TRIES - 1):
+                await pr.refresh()
+                try:
+                    return await handler(req)
+                except StalePr:
+                    continue
+            await pr.refresh()
+            try:
+                return await handler(req)
+            except StalePr:
+                # Eight lost races in a row: the other gateways are busier than this command is patient.
+                raise CheckCondition(SenseKey.ABORTED_COMMAND, S.NO_ADDITIONAL_SENSE) from None
+
+    return run
 
 
 def check_conflict(lu: LogicalUnit, spec: CommandSpec, nexus: Nexus) -> None:
@@ -213,6 +332,7 @@ def decode_transport_id(buf: bytes, offset: int) -> tuple[str, int | None, int]:
 
 
 @command(0x5E, 0x00, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/READ KEYS")
+@_serialised
 async def prin_read_keys(req: Request) -> bytes:
     pr = req.unit.pr
     keys = b"".join(r.key.to_bytes(8, "big") for r in pr.registrations)
@@ -220,6 +340,7 @@ async def prin_read_keys(req: Request) -> bytes:
 
 
 @command(0x5E, 0x01, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/READ RESERVATION")
+@_serialised
 async def prin_read_reservation(req: Request) -> bytes:
     pr = req.unit.pr
     if not pr.res_type:
@@ -230,6 +351,7 @@ async def prin_read_reservation(req: Request) -> bytes:
 
 
 @command(0x5E, 0x02, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/REPORT CAPABILITIES")
+@_serialised
 async def prin_report_capabilities(req: Request) -> bytes:
     pr = req.unit.pr
     # CRH 1, SIP_C 1, ATP_C 1, PTPL_C 1 | TMV 1, ALLOW COMMANDS 001b (SPC-4 Table 186), PTPL_A
@@ -240,6 +362,7 @@ async def prin_report_capabilities(req: Request) -> bytes:
 
 
 @command(0x5E, 0x03, data=Dir.IN, conflicts=Conflict.PR, legacy_ok=True, name="PERSISTENT RESERVE IN/READ FULL STATUS")
+@_serialised
 async def prin_read_full_status(req: Request) -> bytes:
     pr = req.unit.pr
     out = bytearray()
@@ -324,12 +447,14 @@ def _unregister(lu: LogicalUnit, reg: Registration, nexus: Nexus | None) -> None
 
 
 @command(0x5F, SA_REGISTER, data=Dir.OUT, conflicts=Conflict.PR, name="PERSISTENT RESERVE OUT/REGISTER")
+@_serialised
 async def prout_register(req: Request) -> None:
     await _register(req, ignore_key=False)
 
 
 @command(0x5F, SA_REGISTER_AND_IGNORE, data=Dir.OUT, conflicts=Conflict.PR,
          name="PERSISTENT RESERVE OUT/REGISTER AND IGNORE EXISTING KEY")
+@_serialised
 async def prout_register_and_ignore(req: Request) -> None:
     await _register(req, ignore_key=True)
 
@@ -378,7 +503,7 @@ async def _register(req: Request, *, ignore_key: bool) -> None:
             reg.key = sa_key
     pr.generation += 1
     pr.aptpl = aptpl
-    pr.save()
+    await pr.save()
 
 
 def _spec_i_pt_list(data: bytes, nexus: Nexus) -> list[tuple[str, int | None]]:
@@ -397,6 +522,7 @@ def _spec_i_pt_list(data: bytes, nexus: Nexus) -> list[tuple[str, int | None]]:
 
 
 @command(0x5F, SA_RESERVE, data=Dir.OUT, conflicts=Conflict.PR, name="PERSISTENT RESERVE OUT/RESERVE")
+@_serialised
 async def prout_reserve(req: Request) -> None:
     lu = req.unit
     nexus = req.task.nexus
@@ -411,10 +537,11 @@ async def prout_reserve(req: Request) -> None:
         raise ReservationConflict()
     pr.res_type = rtype
     pr.holder = reg
-    pr.save()
+    await pr.save()
 
 
 @command(0x5F, SA_RELEASE, data=Dir.OUT, conflicts=Conflict.PR, name="PERSISTENT RESERVE OUT/RELEASE")
+@_serialised
 async def prout_release(req: Request) -> None:
     lu = req.unit
     nexus = req.task.nexus
@@ -428,10 +555,11 @@ async def prout_release(req: Request) -> None:
     if scope != 0 or rtype != pr.res_type:
         raise CheckCondition(SenseKey.ILLEGAL_REQUEST, S.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
     _release_reservation(lu, nexus, notify=True)
-    pr.save()
+    await pr.save()
 
 
 @command(0x5F, SA_CLEAR, data=Dir.OUT, conflicts=Conflict.PR, name="PERSISTENT RESERVE OUT/CLEAR")
+@_serialised
 async def prout_clear(req: Request) -> None:
     lu = req.unit
     nexus = req.task.nexus
@@ -447,16 +575,18 @@ async def prout_clear(req: Request) -> None:
     pr.res_type = 0
     pr.holder = None
     pr.generation += 1
-    pr.save()
+    await pr.save()
 
 
 @command(0x5F, SA_PREEMPT, data=Dir.OUT, conflicts=Conflict.PR, name="PERSISTENT RESERVE OUT/PREEMPT")
+@_serialised
 async def prout_preempt(req: Request) -> None:
     await _preempt(req)
 
 
 @command(0x5F, SA_PREEMPT_AND_ABORT, data=Dir.OUT, conflicts=Conflict.PR,
          name="PERSISTENT RESERVE OUT/PREEMPT AND ABORT")
+@_serialised
 async def prout_preempt_and_abort(req: Request) -> None:
     # Tasks run to completion in this target (there is no queue to abort), so PREEMPT AND ABORT is PREEMPT plus the
     # COMMANDS CLEARED unit attention the preempted nexuses would have seen.
@@ -511,11 +641,12 @@ async def _preempt(req: Request, *, abort: bool = False) -> None:
         pr.res_type = 0
         pr.holder = None
     pr.generation += 1
-    pr.save()
+    await pr.save()
 
 
 @command(0x5F, SA_REGISTER_AND_MOVE, data=Dir.OUT, conflicts=Conflict.PR,
          name="PERSISTENT RESERVE OUT/REGISTER AND MOVE")
+@_serialised
 async def prout_register_and_move(req: Request) -> None:
     lu = req.unit
     nexus = req.task.nexus
@@ -551,10 +682,11 @@ async def prout_register_and_move(req: Request) -> None:
         pr.registrations.remove(reg)
     pr.aptpl = bool(flags & 0x01)
     pr.generation += 1
-    pr.save()
+    await pr.save()
 
 
 @command(0x5F, 0x08, data=Dir.OUT, conflicts=Conflict.PR, name="PERSISTENT RESERVE OUT/REPLACE LOST RESERVATION")
+@_serialised
 async def prout_replace_lost(req: Request) -> None:
     # Reservations are never lost here (they live in memory and, with APTPL, on disk), so there is nothing to replace.
     raise invalid_field(1, 4)
