@@ -30,7 +30,7 @@ from lunsync.provider.name_locks import NameLocks, by_name
 from lunsync.provider.snapshot_service import SnapshotService
 from lunsync.snapshots.backend import FileBackend, StoreSpec, open_store
 from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
-from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.device import BlockDevice, StoreSnapshots
 from lunsync.snapshots.errors import OutOfSpace, StorageError
 from lunsync.snapshots.model import default_lun_path
 from lunsync.target import native
@@ -114,8 +114,11 @@ class Array:
         await self.snapshots.load()
 
     def _cow(self, rec: LunRecord, backend: BlockDevice) -> BlockDevice:
-        """What the SCSI layer writes through: the backend behind copy-on-write, so snapshots stay intact."""
-        return self.snapshots.wrap(rec, backend) if self.snapshots is not None else backend
+        """What the SCSI layer writes through: the backend behind copy-on-write, so snapshots stay intact; a store
+        that keeps its own snapshots (RBD) as it is."""
+        if self.snapshots is None or isinstance(backend, StoreSnapshots):
+            return backend
+        return self.snapshots.wrap(rec, backend)
 
     async def _roll_forward_size(self, live: LiveLun, rec: LunRecord) -> None:
         """Finish a resize a crash interrupted. Never shrinks: either side being larger means a grow was asked for."""

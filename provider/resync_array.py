@@ -92,6 +92,9 @@ class ArrayEngine:
 
     def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
         rec = self._snap_rec(snap.ref)
+        if rec.kind == "rbd":  # the store diffs its snapshot against its head itself
+            view = self.snaps.open_view(rec)
+            return view.changed_regions(snap.chunk_size_bytes) if isinstance(view, ChangedRegions) else None
         vol = self.snaps.volumes.get(rec.lun_name)
         if vol is None or rec.lun_id is None or vol.lun_id != rec.lun_id or not rec.needs_cow:
             return None  # a filled clone no longer tracks its origin's changes

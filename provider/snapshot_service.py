@@ -13,6 +13,7 @@ between is rolled forward by :meth:`load`. It keeps plain counters for the metri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -26,12 +27,12 @@ from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.backup import BackupManifest
 from lunsync.snapshots.catalog import CatalogError, InUse, Invalid, LunRecord, NotFound
 from lunsync.snapshots.cow import CowVolume, Origin, Pool, SnapshotView
-from lunsync.snapshots.device import BlockDevice
-from lunsync.snapshots.errors import StorageError
+from lunsync.snapshots.device import BlockDevice, StoreSnapshots
+from lunsync.snapshots.errors import SnapshotInUse, StorageError
 from lunsync.snapshots.fsutil import copy_range, zero_range
 from lunsync.snapshots.progress import RateWindow
 from lunsync.snapshots.resync import ResyncVolume, extent_pieces, moved_pieces
-from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotRecord
+from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotPlan, SnapshotRecord
 from lunsync.target.scsi.lu import LogicalUnit
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class SnapshotService:
         # Snapshot id -> a filled clone's file, open once for every reader (exposure, restores, redirected views) and
         # closed when the snapshot is deleted: a descriptor per reader would leak, and keep a deleted clone's space.
         self.files: dict[int, FileBackend] = {}
+        # Snapshot id -> the read-only device of a snapshot its LUN's store keeps (RBD), opened once for every reader
+        # like a clone's file, closed when the snapshot is deleted.
+        self.store_views: dict[int, BlockDevice] = {}
         self.fill_progress: dict[int, tuple[int, int]] = {}  # clone id -> (chunks done, total)
         self.fill_rates: dict[int, RateWindow] = {}  # clone id -> its fill's rate over wall-clock time
         self._pools: dict[int, Pool] = {}
@@ -320,6 +324,9 @@ class SnapshotService:
         for f in self.files.values():
             await f.close()
         self.files.clear()
+        for v in self.store_views.values():
+            await v.close()
+        self.store_views.clear()
         self._catalog_executor.shutdown()
 
     async def _catalog_thread(self, fn: Callable[..., T], *args: object) -> T:
@@ -360,21 +367,37 @@ class SnapshotService:
                     # initiators see; a snapshot of it would be silently wrong.
                     raise InUse(f"lun {plan.lun_name!r} is being restored (resync in progress); snapshot it once "
                                 "the restore is done")
-            vols = [self.volumes[p.lun_name] for p in plans]
-            await self._retry_degraded([plan.pool.id for plan in plans])
-            for plan, vol in zip(plans, vols, strict=True):
+            # Members whose store keeps snapshots itself (RBD) get the store's; the others lunsync's copy-on-write.
+            stores = [self._store_of(p.lun_name) for p in plans]
+            if kind == "clone" and any(st is not None for st in stores):
+                names = ", ".join(p.lun_name for p, st in zip(plans, stores, strict=True) if st is not None)
+                raise Invalid(f"lun(s) {names} keep their snapshots in RBD, where a snapshot is instant and a clone "
+                              "is a new image: take a snapshot, then lunsync lun create NEW --from LUN@SNAP")
+            cow_plans = [p for p, st in zip(plans, stores, strict=True) if st is None]
+            vols = [self.volumes[p.lun_name] for p in cow_plans]
+            held_stores = [(p, st, self.array.luns[p.lun_name].lu) for p, st in zip(plans, stores, strict=True)
+                           if st is not None]
+            kinds: list[Kind] = [kind if st is None else "rbd" for st in stores]
+            await self._retry_degraded([plan.pool.id for plan in cow_plans])
+            for plan, vol in zip(cow_plans, vols, strict=True):
                 p = self.pool(plan.pool)
                 if vol.pool is not p:
                     vol.detach_pool()
                     vol.attach_pool(p)
-            epochs = [max(plan.last_epoch, vol.epoch_floor) + 1 for plan, vol in zip(plans, vols, strict=True)]
+            floors = {p.lun_name: v.epoch_floor for p, v in zip(cow_plans, vols, strict=True)}
+            epochs = [max(plan.last_epoch, floors.get(plan.lun_name, 0)) + 1 for plan in plans]
+            cow_epochs = [e for e, st in zip(epochs, stores, strict=True) if st is None]
             started = time.perf_counter()
-            # Close every member's gate in one step; only unmaps and resizes in flight need waiting for.
+            # Close every member's gate in one step; only unmaps and resizes in flight need waiting for. A store
+            # whose writes wait for the network (RBD) is held by its LUN's write gate instead: new writes queue, and
+            # the hold is complete once the writes in flight have been acknowledged.
             busy = [v for v in vols if not v.hold_nowait()]
+            gates = contextlib.AsyncExitStack()
             try:
-                if busy:
-                    await asyncio.wait_for(asyncio.gather(*(v.drain() for v in busy)), self.hold_timeout_s)
+                await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),
+                                       self.hold_timeout_s)
             except TimeoutError:
+                await gates.aclose()
                 for v in vols:
                     v.release()
                 self.counters.hold_timeouts += 1
@@ -383,41 +406,47 @@ class SnapshotService:
                 raise HoldTimeout(f"in-flight writes did not drain within {self.hold_timeout_s:g} s; nothing was "
                                   "recorded") from None
             except BaseException:
+                await gates.aclose()
                 for v in vols:
                     v.release()
                 raise
             drained = time.perf_counter()
             added: list[CowVolume] = []
+            made: list[tuple[SnapshotPlan, StoreSnapshots]] = []
             try:
-                for vol, epoch in zip(vols, epochs, strict=True):
+                for vol, epoch in zip(vols, cow_epochs, strict=True):
                     vol.add_snapshot(epoch)
                     added.append(vol)
+                if held_stores:
+                    made = await self._store_snapshots([(p, st) for p, st, _ in held_stores])
             except BaseException:
-                for vol, epoch in zip(added, epochs, strict=False):
+                for vol, epoch in zip(added, cow_epochs, strict=False):
                     vol.forget_epoch(epoch)  # still held: nothing was preserved for it
                 raise
             finally:
+                await gates.aclose()
                 for v in vols:
                     v.release()
                 released = time.perf_counter()
             hold_ms = (released - started) * 1000
-            members = {(p.lun_id, e) for p, e in zip(plans, epochs, strict=True)}
+            members = {(p.lun_id, e) for p, e in zip(cow_plans, cow_epochs, strict=True)}
             recording = self._recording = (members, asyncio.get_running_loop().create_future())
             try:
                 times: list[float] = []
 
                 def commit() -> None:
                     times.append(time.perf_counter())
-                    self.cat.record_snapshots(plans, kind, set_name, epochs, hold_ms if set_name is not None else None,
-                                              labels)
+                    self.cat.record_snapshots(plans, kinds, set_name, epochs,
+                                              hold_ms if set_name is not None else None, labels)
                     times.append(time.perf_counter())  # durable: the COMMIT (synchronous=FULL) has returned
 
                 await self._catalog_thread(commit)
             except BaseException:
                 self._recording = None
                 recording[1].set_result(None)  # before abandoning: a hold waits for writes that may wait for this
-                for vol, epoch in zip(vols, epochs, strict=True):
+                for vol, epoch in zip(vols, cow_epochs, strict=True):
                     await vol.abandon_snapshot(epoch)
+                await self._unmake_store_snapshots(made)
                 for key in members:
                     self._early_invalid.pop(key, None)
                 log.warning("snapshot%s %s not taken: the catalog refused it after writes resumed; its copies are "
@@ -427,9 +456,11 @@ class SnapshotService:
             self._recording = None
             recording[1].set_result(None)
             recs = self.cat.get_snapshots([(p.lun_name, p.name) for p in plans])
+            by_lun = dict(zip((p.lun_name for p in cow_plans), vols, strict=True))
             # A preservation that failed while the record was committing could not mark it invalid yet.
-            for i, (rec, vol) in enumerate(zip(recs, vols, strict=True)):
-                if rec.epoch in vol.epochs:
+            for i, rec in enumerate(recs):
+                cow = by_lun.get(rec.lun_name)
+                if cow is None or rec.epoch in cow.epochs:
                     continue
                 reason = self._early_invalid.pop((rec.lun_id or 0, rec.epoch), "a chunk could not be preserved")
                 await self._catalog_thread(self.cat.mark_invalid, rec.lun_id or 0, [rec.epoch], reason)
@@ -442,15 +473,54 @@ class SnapshotService:
             self.counters.snapshots_created += len(recs)
             if set_name is not None:
                 self.counters.sets_created += 1
-            for rec, vol in zip(recs, vols, strict=True):
-                if rec.kind == "clone" and rec.epoch in vol.epochs:
+            for rec in recs:
+                cow = by_lun.get(rec.lun_name)
+                if rec.kind == "clone" and cow is not None and rec.epoch in cow.epochs:
                     self._start_fill(rec)
             log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; durable in the catalog %.2f ms after "
                      "the request: waited %.2f ms for the commit thread, transaction %.2f ms; returned after %.2f ms)",
-                     " set " + set_name if set_name else "", ", ".join(r.full_name for r in recs), kind, hold_ms,
+                     " set " + set_name if set_name else "", ", ".join(r.full_name for r in recs),
+                     "/".join(sorted(set(kinds))), hold_ms,
                      (drained - started) * 1000, (times[1] - requested) * 1000, (times[0] - released) * 1000,
                      (times[1] - times[0]) * 1000, (time.perf_counter() - requested) * 1000)
             return recs, hold_ms
+
+    def _store_of(self, lun: str) -> StoreSnapshots | None:
+        """The LUN's store when it keeps snapshots itself (RBD), else None."""
+        live = self.array.luns.get(lun)
+        return live.device if live is not None and isinstance(live.device, StoreSnapshots) else None
+
+    @staticmethod
+    async def _hold_all(busy: Sequence[CowVolume], gates: contextlib.AsyncExitStack,
+                        lus: Sequence[LogicalUnit]) -> None:
+        """Complete the hold: drain the copy-on-write volumes still busy, and hold every store LUN's write gate (its
+        writes in flight acknowledged, new ones queued) in ``gates``."""
+        if busy:
+            await asyncio.gather(*(v.drain() for v in busy))
+        for lu in lus:
+            await gates.enter_async_context(lu.gate.exclusive(0, lu.num_blocks))
+
+    async def _store_snapshots(self, members: Sequence[tuple[SnapshotPlan, StoreSnapshots]]
+                               ) -> list[tuple[SnapshotPlan, StoreSnapshots]]:
+        """Take every member's store snapshot at once, each on its own thread (each is a round trip to the
+        cluster). All or none: when one fails, those made are removed again and the failure is raised."""
+        results = await asyncio.gather(
+            *(asyncio.to_thread(st.create_snapshot, p.name) for p, st in members),
+            return_exceptions=True)
+        made = [m for m, r in zip(members, results, strict=True) if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await self._unmake_store_snapshots(made)
+            raise failed[0]
+        return made
+
+    async def _unmake_store_snapshots(self, made: Sequence[tuple[SnapshotPlan, StoreSnapshots]]) -> None:
+        for p, st in made:
+            try:
+                await asyncio.to_thread(st.remove_snapshot, p.name)
+            except (StorageError, OSError) as e:  # a leftover is replaced by the next snapshot of that name
+                log.error("lun %s: the store's snapshot of %s, which was not taken, stays behind: %s",
+                          p.lun_name, p.name, e)
 
     async def delete(self, lun: str, name: str) -> SnapshotRecord:
         async with self._lock:
@@ -462,6 +532,9 @@ class SnapshotService:
                 # Its view (or clone file) serves the destination's uncopied regions and feeds the copier.
                 raise InUse(f"snapshot {rec.full_name} is the source of recovery {recovery.id} "
                             f"({recovery.state.value}); cancel it or let it finish first")
+            if rec.kind == "rbd":
+                await self._delete_store_snapshot(rec)
+                return rec
             fill = self._fills.pop(rec.id, None)
             if fill is not None:
                 fill.cancel()
@@ -491,6 +564,24 @@ class SnapshotService:
             log.info("snapshot %s deleted (%d preserved chunk(s) freed)", rec.full_name, freed)
             await self._retry_degraded([rec.pool_id])
             return rec
+
+    async def _delete_store_snapshot(self, rec: SnapshotRecord) -> None:
+        """Delete a snapshot its LUN's store keeps: the store's snapshot first (refused while a clone depends on it,
+        and then the record stays), the record after. A crash in between leaves a record whose store snapshot is
+        gone, which a second delete removes."""
+        st = self._store_of(rec.lun_name)
+        if st is None:
+            raise NotFound(f"the LUN of {rec.full_name} is not open, so its store's snapshot cannot be removed")
+        view = self.store_views.pop(rec.id, None)
+        if view is not None:
+            await view.close()
+        try:
+            await asyncio.to_thread(st.remove_snapshot, rec.name)
+        except SnapshotInUse as e:
+            raise InUse(f"snapshot {rec.full_name}: {e}") from None
+        self.cat.delete_snapshot(rec.lun_name, rec.name)
+        self.counters.snapshots_deleted += 1
+        log.info("snapshot %s deleted (with the store's snapshot)", rec.full_name)
 
     def space_bytes(self, rec: SnapshotRecord) -> int:
         """The pool space a snapshot reads from: its preserved chunks (shared ones included), or its clone file."""
@@ -539,6 +630,14 @@ class SnapshotService:
             from lunsync.snapshots.catalog import Invalid
 
             raise Invalid(f"snapshot {rec.full_name} is invalid ({rec.invalid_reason})")
+        if rec.kind == "rbd":
+            view = self.store_views.get(rec.id)
+            if view is None:
+                st = self._store_of(rec.lun_name)
+                if st is None:
+                    raise NotFound(f"the origin of {rec.full_name} is not open")
+                view = self.store_views[rec.id] = st.open_snapshot(rec.name)
+            return view
         if rec.kind == "clone" and rec.filled:
             file = self.files.get(rec.id)
             if file is None:

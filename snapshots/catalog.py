@@ -463,11 +463,32 @@ def _schema_v6_labels(db: sqlite3.Connection) -> None:
         db.execute(f"ALTER TABLE {table} ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}' CHECK (json_valid(labels))")
 
 
+def _schema_v7_store_snapshots(db: sqlite3.Connection) -> None:
+    # A LUN whose store keeps snapshots itself (RBD) has snapshots of kind 'rbd': the store holds the point in time and
+    # lunsync's pools hold nothing for it. Only the kind's CHECK widens, which changes no stored row, so the table's
+    # recorded definition is edited in place (SQLite's documented way for such changes, "ALTER TABLE" section 7)
+    # rather than rebuilt: a rebuild would have to drop a table that exposures and recovery rows refer to.
+    old = "kind TEXT NOT NULL CHECK (kind IN ('differential', 'clone'))"
+    new = "kind TEXT NOT NULL CHECK (kind IN ('differential', 'clone', 'rbd'))"
+    (sql,) = db.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'snapshots'").fetchone()
+    if old not in sql:
+        raise CatalogError("the snapshots table does not have the kind constraint this migration widens")
+    (version,) = db.execute("PRAGMA schema_version").fetchone()
+    db.execute("PRAGMA writable_schema = ON")
+    try:
+        db.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = 'snapshots'",
+                   (sql.replace(old, new),))
+        db.execute(f"PRAGMA schema_version = {int(version) + 1}")  # every connection re-reads the schema
+    finally:
+        db.execute("PRAGMA writable_schema = OFF")
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
 MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery,
-                                     _schema_v4_file_ownership, _schema_v5_backends, _schema_v6_labels)
+                                     _schema_v4_file_ownership, _schema_v5_backends, _schema_v6_labels,
+                                     _schema_v7_store_snapshots)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -7,9 +7,10 @@ what is durable when it returns and whether it may yield to the event loop (susp
 "does not yield before X" lets a caller rely on X having happened, in order, with no other task run in between.
 Methods raise only the family in :mod:`lunsync.snapshots.errors`.
 
-Capabilities (:class:`FileExtents`, :class:`CopyTarget`, :class:`ChangedRegions`) are separate protocols that a
-device implements when it can: the resync copier and the clone fill ask for one with ``isinstance`` and fall back to
-``read``/``write`` when it is absent. Nothing above a backend touches its file descriptors except through
+Capabilities (:class:`FileExtents`, :class:`CopyTarget`, :class:`ChangedRegions`, :class:`StoreSnapshots`) are
+separate protocols that a device implements when it can: the resync copier and the clone fill ask for one with
+``isinstance`` and fall back to ``read``/``write`` when it is absent, and the snapshot engine takes a store's own
+snapshots when it declares :class:`StoreSnapshots`. Nothing above a backend touches its file descriptors except through
 :class:`FileExtents` and :class:`CopyTarget`, which hand them out for the length of one copy.
 """
 
@@ -141,4 +142,26 @@ class ChangedRegions(Protocol):
         """The regions (of ``region_bytes`` from the start) where the origin's current contents may differ from the
         snapshot's; None when this snapshot cannot tell at that granularity (then everything must be copied).
         Synchronous, never yields."""
+        ...
+
+
+@runtime_checkable
+class StoreSnapshots(Protocol):
+    """Capability of a store that keeps snapshots itself (an RBD image): taking one is instant and lunsync does no
+    copy-on-write for it, so such a LUN's snapshots are the store's. The snapshot engine still holds the LUN's writes
+    around :meth:`create_snapshot`, so that a set across several stores is one point in time.
+
+    Declared by the RBD backend. Every method blocks on the store: callers run them in a thread."""
+
+    def create_snapshot(self, name: str) -> None:
+        """Take snapshot ``name`` of what every write that completed before this call wrote; durable on return."""
+        ...
+
+    def remove_snapshot(self, name: str) -> bool:
+        """Remove snapshot ``name`` (False: there was none). Refused while a clone depends on it."""
+        ...
+
+    def open_snapshot(self, name: str) -> BlockDevice:
+        """A read-only device of snapshot ``name``, declaring :class:`ChangedRegions` against this store's head. The
+        caller closes it."""
         ...

@@ -39,3 +39,7 @@ class NotReady(StorageError):
 class Saturated(StorageError):
     """The device's own I/O queue is full (its storage is slow or stuck): the command is refused now, and the SCSI
     layer answers TASK SET FULL, instead of queueing without bound behind what does not complete."""
+
+
+class SnapshotInUse(StorageError):
+    """A store's own snapshot (an RBD snapshot) cannot be removed while clones depend on it."""

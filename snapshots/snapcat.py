@@ -39,7 +39,9 @@ DEFAULT_POOL = "default"
 DEFAULT_POOL_PATH = "pool"  # inside the data dir
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-Kind = Literal["differential", "clone"]
+# What a snapshot is: lunsync's copy-on-write ("differential"), lunsync's full copy ("clone"), or a snapshot its
+# LUN's store keeps itself ("rbd": an RBD snapshot, for which lunsync's pools hold nothing).
+Kind = Literal["differential", "clone", "rbd"]
 
 
 def validate_name(what: str, name: str) -> str:
@@ -122,7 +124,8 @@ class SnapshotRecord:
     @property
     def needs_cow(self) -> bool:
         """Whether the origin must still preserve for it: valid, and not a clone that is complete."""
-        return self.state == "valid" and self.lun_id is not None and not (self.kind == "clone" and self.filled)
+        return (self.state == "valid" and self.lun_id is not None and self.kind != "rbd"
+                and not (self.kind == "clone" and self.filled))
 
 
 _SNAP_SELECT = """
@@ -310,12 +313,13 @@ class SnapshotCatalog:
                     for (lun, prow), (_, snap) in zip(self._check_specs(db, specs, kind, pool, set_name), specs,
                                                       strict=True)]
 
-    def record_snapshots(self, plans: Sequence[SnapshotPlan], kind: Kind, set_name: str | None,
+    def record_snapshots(self, plans: Sequence[SnapshotPlan], kind: Kind | Sequence[Kind], set_name: str | None,
                          epochs: Sequence[int], hold_ms: float | None = None,
                          labels: dict[str, str] | None = None) -> None:
         """Record the snapshots :meth:`plan_snapshots` planned, with the epochs the daemon chose, in one
         transaction (the point in time of a set), with the set's hold time when there is a set. Durable when this
-        returns. Raises AlreadyExists, NotFound, Invalid; nothing is recorded then.
+        returns. Raises AlreadyExists, NotFound, Invalid; nothing is recorded then. ``kind`` is one for every member, or
+        one per plan (a set mixing LUNs whose stores keep their own snapshots with lunsync's).
 
         Writes only, one statement per table: the daemon commits in a thread that must win the GIL back after every
         SQLite call, and under I/O load each such wait can cost milliseconds. The rules the plan checked are not
@@ -328,6 +332,9 @@ class SnapshotCatalog:
         if not plans:
             raise Invalid("name at least one LUN@SNAP")
         n = len(plans)
+        kinds = [kind] * n if isinstance(kind, str) else list(kind)
+        if len(kinds) != n:
+            raise Invalid("one kind per snapshot")
         now = _now()
         tags = json.dumps(valid_labels("snapshot", labels or {}))
         with self.catalog.transaction() as db:
@@ -336,16 +343,16 @@ class SnapshotCatalog:
                 set_id = db.execute("INSERT INTO snapshot_sets (name, hold_ms, created_at) VALUES (?, ?, ?)",
                                     (set_name, hold_ms, now)).lastrowid
             rows: list[object] = []
-            for plan, epoch in zip(plans, epochs, strict=True):
-                rows += [plan.lun_id, plan.lun_name, plan.name, epoch, plan.pool.id, *new_identity()]
+            for plan, epoch, k in zip(plans, epochs, kinds, strict=True):
+                rows += [plan.lun_id, plan.lun_name, plan.name, epoch, plan.pool.id, k, *new_identity()]
             made = db.execute(
                 """INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, set_id, size_bytes,
                                           block_size, chunk_size_bytes, naa, serial, created_at, labels)
-                   SELECT l.id, l.name, v.column3, ?, 'valid', v.column4, v.column5, ?, l.size_bytes, l.block_size,
-                          l.chunk_size_bytes, v.column6, v.column7, ?, ?
-                   FROM (VALUES """ + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n) + """) v
+                   SELECT l.id, l.name, v.column3, v.column6, 'valid', v.column4, v.column5, ?, l.size_bytes,
+                          l.block_size, l.chunk_size_bytes, v.column7, v.column8, ?, ?
+                   FROM (VALUES """ + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n) + """) v
                    JOIN luns l ON l.id = v.column1 AND l.name = v.column2""",
-                [kind, set_id, now, tags, *rows]).rowcount
+                [set_id, now, tags, *rows]).rowcount
             if made != n:
                 raise NotFound("a LUN of the set was deleted or renamed while the snapshots were being taken")
             bumped = db.execute(

@@ -749,7 +749,7 @@ def test_the_labels_migration_keeps_v5_rows_and_backs_the_old_file_up(data_dir: 
     old.execute("COMMIT")
     old.close()
     with Catalog(data_dir) as cat:
-        assert cat.schema_version == SCHEMA_VERSION == 6
+        assert cat.schema_version == SCHEMA_VERSION >= 6
         assert cat.get_lun("old0").labels == {}
         snaps = SnapshotCatalog(cat)
         assert snaps.get_snapshot("old0", "s1").labels == {}
@@ -767,3 +767,44 @@ def test_the_labels_migration_keeps_v5_rows_and_backs_the_old_file_up(data_dir: 
     assert copy.execute("PRAGMA user_version").fetchone()[0] == 5
     assert "labels" not in [r[1] for r in copy.execute("PRAGMA table_info(luns)")]
     copy.close()
+
+
+def test_the_store_snapshot_migration_widens_the_kind_and_keeps_v6_rows_and_exposures(data_dir: Path) -> None:
+    from lunsync.snapshots.snapcat import SnapshotCatalog
+
+    assert catalog.MIGRATIONS[6] is catalog._schema_v7_store_snapshots
+    # A v6 catalog with a LUN, a target and an exposed snapshot: the exposure refers to the snapshot row, which is why
+    # the migration must not rebuild the table.
+    data_dir.mkdir()
+    old = sqlite3.connect(data_dir / catalog.CATALOG_FILENAME, isolation_level=None)
+    old.execute("PRAGMA foreign_keys = ON")
+    old.execute("BEGIN")
+    for v in range(6):
+        catalog.MIGRATIONS[v](old)
+    old.execute("PRAGMA user_version = 6")
+    old.execute("""INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa,
+                                     serial, created_at, owns_file, backend)
+                   VALUES ('old0', 'luns/old0.img', 8388608, 512, 1, 0, 65536, '6' || printf('%031d', 1),
+                           'S0001', '2026-01-01T00:00:00+00:00', 1, 'file')""")
+    old.execute("INSERT INTO pools (name, path, created_at) VALUES ('default', 'pool', '2026-01-01T00:00:00Z')")
+    old.execute("""INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, size_bytes,
+                                          block_size, chunk_size_bytes, naa, serial, created_at)
+                   VALUES (1, 'old0', 's1', 'differential', 'valid', 1, 1, 8388608, 512, 65536,
+                           '6' || printf('%031d', 2), 'S0002', '2026-01-01T00:00:00Z')""")
+    with pytest.raises(sqlite3.IntegrityError):  # v6 knows no store snapshots
+        old.execute("UPDATE snapshots SET kind = 'rbd'")
+    old.execute("COMMIT")
+    old.close()
+    with Catalog(data_dir) as cat:
+        assert cat.schema_version == SCHEMA_VERSION >= 7
+        cat.create_target("iqn.2026-11.io.lunsync:t")
+        snaps = SnapshotCatalog(cat)
+        assert snaps.expose("old0", "s1", "iqn.2026-11.io.lunsync:t").exposed_lun == 0
+        assert snaps.get_snapshot("old0", "s1").kind == "differential"
+        with cat.transaction() as db:
+            db.execute("UPDATE snapshots SET kind = 'rbd' WHERE name = 's1'")
+        assert snaps.get_snapshot("old0", "s1").kind == "rbd"
+        assert not snaps.get_snapshot("old0", "s1").needs_cow, "the store keeps it: no copy-on-write for it"
+        with pytest.raises(Exception, match="CHECK"), cat.transaction() as db:
+            db.execute("UPDATE snapshots SET kind = 'other' WHERE name = 's1'")
+        assert cat.integrity_check() == []
