@@ -12,7 +12,6 @@ import pytest
 import rados
 import rbd
 from ceph_cluster import POOL, CephCluster
-
 from lunsync.snapshots import rbdsnap
 from lunsync.snapshots.errors import SnapshotInUse
 
