@@ -731,23 +731,7 @@ def test_the_labels_migration_keeps_v5_rows_and_backs_the_old_file_up(data_dir: 
 
     assert catalog.MIGRATIONS[5] is catalog._schema_v6_labels
     # A v5 catalog with a LUN and a snapshot, as the older lunsync wrote them.
-    data_dir.mkdir()
-    old = sqlite3.connect(data_dir / catalog.CATALOG_FILENAME, isolation_level=None)
-    old.execute("BEGIN")
-    for v in range(5):
-        catalog.MIGRATIONS[v](old)
-    old.execute("PRAGMA user_version = 5")
-    old.execute("""INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa,
-                                     serial, created_at, owns_file, backend)
-                   VALUES ('old0', 'luns/old0.img', 8388608, 512, 1, 0, 65536, '6' || printf('%031d', 1),
-                           'S0001', '2026-01-01T00:00:00+00:00', 1, 'file')""")
-    old.execute("INSERT INTO pools (name, path, created_at) VALUES ('default', 'pool', '2026-01-01T00:00:00Z')")
-    old.execute("""INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, size_bytes,
-                                          block_size, chunk_size_bytes, naa, serial, created_at)
-                   VALUES (1, 'old0', 's1', 'differential', 'valid', 1, 1, 8388608, 512, 65536,
-                           '6' || printf('%031d', 2), 'S0002', '2026-01-01T00:00:00Z')""")
-    old.execute("COMMIT")
-    old.close()
+    _old_catalog(data_dir, 5).close()
     with Catalog(data_dir) as cat:
         assert cat.schema_version == SCHEMA_VERSION >= 6
         assert cat.get_lun("old0").labels == {}
@@ -773,24 +757,10 @@ def test_the_store_snapshot_migration_widens_the_kind_and_keeps_v6_rows_and_expo
     from lunsync.snapshots.snapcat import SnapshotCatalog
 
     assert catalog.MIGRATIONS[6] is catalog._schema_v7_store_snapshots
-    # A v6 catalog with a LUN, a target and an exposed snapshot: the exposure refers to the snapshot row, which is why
-    # the migration must not rebuild the table.
-    data_dir.mkdir()
-    old = sqlite3.connect(data_dir / catalog.CATALOG_FILENAME, isolation_level=None)
-    old.execute("PRAGMA foreign_keys = ON")
+    # A v6 catalog with a LUN and a snapshot, which an exposure will refer to: the reason why the migration must
+    # not rebuild the table.
+    old = _old_catalog(data_dir, 6)
     old.execute("BEGIN")
-    for v in range(6):
-        catalog.MIGRATIONS[v](old)
-    old.execute("PRAGMA user_version = 6")
-    old.execute("""INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa,
-                                     serial, created_at, owns_file, backend)
-                   VALUES ('old0', 'luns/old0.img', 8388608, 512, 1, 0, 65536, '6' || printf('%031d', 1),
-                           'S0001', '2026-01-01T00:00:00+00:00', 1, 'file')""")
-    old.execute("INSERT INTO pools (name, path, created_at) VALUES ('default', 'pool', '2026-01-01T00:00:00Z')")
-    old.execute("""INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, size_bytes,
-                                          block_size, chunk_size_bytes, naa, serial, created_at)
-                   VALUES (1, 'old0', 's1', 'differential', 'valid', 1, 1, 8388608, 512, 65536,
-                           '6' || printf('%031d', 2), 'S0002', '2026-01-01T00:00:00Z')""")
     with pytest.raises(sqlite3.IntegrityError):  # v6 knows no store snapshots
         old.execute("UPDATE snapshots SET kind = 'rbd'")
     old.execute("COMMIT")
@@ -808,3 +778,26 @@ def test_the_store_snapshot_migration_widens_the_kind_and_keeps_v6_rows_and_expo
         with pytest.raises(Exception, match="CHECK"), cat.transaction() as db:
             db.execute("UPDATE snapshots SET kind = 'other' WHERE name = 's1'")
         assert cat.integrity_check() == []
+
+
+def _old_catalog(data_dir: Path, version: int) -> sqlite3.Connection:
+    """A catalog at schema ``version`` with LUN old0 and its snapshot s1, as that version's lunsync wrote them; the
+    connection is returned open, outside a transaction."""
+    data_dir.mkdir()
+    old = sqlite3.connect(data_dir / catalog.CATALOG_FILENAME, isolation_level=None)
+    old.execute("PRAGMA foreign_keys = ON")
+    old.execute("BEGIN")
+    for v in range(version):
+        catalog.MIGRATIONS[v](old)
+    old.execute(f"PRAGMA user_version = {version}")
+    old.execute("""INSERT INTO luns (name, path, size_bytes, block_size, thin, read_only, chunk_size_bytes, naa,
+                                     serial, created_at, owns_file, backend)
+                   VALUES ('old0', 'luns/old0.img', 8388608, 512, 1, 0, 65536, '6' || printf('%031d', 1),
+                           'S0001', '2026-01-01T00:00:00+00:00', 1, 'file')""")
+    old.execute("INSERT INTO pools (name, path, created_at) VALUES ('default', 'pool', '2026-01-01T00:00:00Z')")
+    old.execute("""INSERT INTO snapshots (lun_id, lun_name, name, kind, state, epoch, pool_id, size_bytes,
+                                          block_size, chunk_size_bytes, naa, serial, created_at)
+                   VALUES (1, 'old0', 's1', 'differential', 'valid', 1, 1, 8388608, 512, 65536,
+                           '6' || printf('%031d', 2), 'S0002', '2026-01-01T00:00:00Z')""")
+    old.execute("COMMIT")
+    return old
