@@ -22,6 +22,9 @@ class Execute:
 
     task: ScsiTask
 
+    def __init__(self, task: ScsiTask) -> None:  # one per command: a compiled __init__ (see pdu.ScsiCommand)
+        self.task = task
+
 
 @dataclass(frozen=True, slots=True)
 class TaskManagement:

@@ -170,7 +170,9 @@ _SNACK = struct.Struct(">I4xI8xII")  # §11.16, from byte 20: TTT, ExpStatSN, Be
 
 
 # ScsiCommand and DataOut arrive once per command (or more): they are slotted but not frozen, because a frozen
-# dataclass's __init__ costs about five times as much. Treat them as immutable all the same.
+# dataclass's __init__ costs about five times as much. Treat them as immutable all the same. Their __init__ is written
+# out: dataclass() keeps one the class defines, and a generated one is interpreted even in the compiled build (mypyc
+# compiles only what is in the source), at 1.5 us a PDU against 0.1 us for the compiled one.
 @dataclass(slots=True)
 class ScsiCommand:
     """SCSI Command PDU (RFC 7143 §11.3)."""
@@ -189,6 +191,23 @@ class ScsiCommand:
     ahs_length: int
     data_segment_length: int
 
+    def __init__(self, immediate: bool, final: bool, read: bool, write: bool, attr: int, lun: int, itt: int,
+                 expected_length: int, cmd_sn: int, exp_stat_sn: int, cdb: bytes, ahs_length: int,
+                 data_segment_length: int) -> None:
+        self.immediate = immediate
+        self.final = final
+        self.read = read
+        self.write = write
+        self.attr = attr
+        self.lun = lun
+        self.itt = itt
+        self.expected_length = expected_length
+        self.cmd_sn = cmd_sn
+        self.exp_stat_sn = exp_stat_sn
+        self.cdb = cdb
+        self.ahs_length = ahs_length
+        self.data_segment_length = data_segment_length
+
 
 @dataclass(slots=True)
 class DataOut:
@@ -202,6 +221,17 @@ class DataOut:
     data_sn: int
     buffer_offset: int
     data_segment_length: int
+
+    def __init__(self, final: bool, lun: int, itt: int, ttt: int, exp_stat_sn: int, data_sn: int, buffer_offset: int,
+                 data_segment_length: int) -> None:  # written out, as ScsiCommand's
+        self.final = final
+        self.lun = lun
+        self.itt = itt
+        self.ttt = ttt
+        self.exp_stat_sn = exp_stat_sn
+        self.data_sn = data_sn
+        self.buffer_offset = buffer_offset
+        self.data_segment_length = data_segment_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +413,21 @@ class ScsiResponse:
     residual: int = 0
     exp_data_sn: int = 0
     data_segment_length: int = 0
+
+    def __init__(self, itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int, response: int = 0,
+                 overflow: bool = False, underflow: bool = False, residual: int = 0, exp_data_sn: int = 0,
+                 data_segment_length: int = 0) -> None:  # written out, as ScsiCommand's
+        self.itt = itt
+        self.status = status
+        self.stat_sn = stat_sn
+        self.exp_cmd_sn = exp_cmd_sn
+        self.max_cmd_sn = max_cmd_sn
+        self.response = response
+        self.overflow = overflow
+        self.underflow = underflow
+        self.residual = residual
+        self.exp_data_sn = exp_data_sn
+        self.data_segment_length = data_segment_length
 
     def encode(self) -> bytes:
         flags = 0x80 | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0)

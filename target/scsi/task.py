@@ -84,6 +84,20 @@ class ScsiTask:
     # needs it for a write's residual; a READ/WRITE handler sets it so the CDB is not parsed twice per command.
     out_length: int = -1
 
+    # One per command: written out so the compiled build runs a compiled __init__ (see lunsync.target.pdu.ScsiCommand).
+    def __init__(self, nexus: Nexus, lun: int, cdb: bytes, tag: int, data_out: Buffer | None = None,
+                 expected_in: int = 0, expected_out: int = 0, attr: TaskAttr = TaskAttr.SIMPLE,
+                 out_length: int = -1) -> None:
+        self.nexus = nexus
+        self.lun = lun
+        self.cdb = cdb
+        self.tag = tag
+        self.data_out = data_out
+        self.expected_in = expected_in
+        self.expected_out = expected_out
+        self.attr = attr
+        self.out_length = out_length
+
 
 @dataclass(slots=True)
 class ScsiResponse:
@@ -93,6 +107,11 @@ class ScsiResponse:
     status: Status = Status.GOOD
     data: Buffer | None = None
     sense: bytes | None = None
+
+    def __init__(self, status: Status = Status.GOOD, data: Buffer | None = None, sense: bytes | None = None) -> None:
+        self.status = status  # one per command, written out as ScsiTask's
+        self.data = data
+        self.sense = sense
 
 
 class TmfFunction(enum.IntEnum):
