@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import socket
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from lunsync.target import connection as cx
+from lunsync.target import handoff
 from lunsync.target.directory import Directory
+from lunsync.target.handoff import SessionState
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import ScsiPort, ScsiResponse, ScsiTask, Status
@@ -54,11 +57,31 @@ class Counters:
     throttled_connections: int = 0
 
 
-class IscsiProtocol(asyncio.BufferedProtocol):
-    """One TCP connection; once logged in, a :class:`lunsync.target.session.Session` of the session table."""
+class HandOff(Protocol):
+    """Where a portal that only logs in sends its normal sessions (the control process of ``--workers``)."""
 
-    def __init__(self, server: Server) -> None:
+    def give(self, sock: socket.socket, state: SessionState) -> bool:
+        """Pass ``sock`` (a duplicate the caller closes after) and the session to its target's owner; False when the
+        owner cannot take it now, and the login is then dropped for the initiator to retry."""
+        ...
+
+    def end(self, state: SessionState) -> None:
+        """Ask the owner to end a session it was given (reinstatement here, or a forced logout)."""
+        ...
+
+
+class IscsiProtocol(asyncio.BufferedProtocol):
+    """One TCP connection; once logged in, a :class:`lunsync.target.session.Session` of the session table.
+
+    Two variants besides the plain one: on a portal with a :class:`HandOff`, a normal session's connection is given
+    away at the end of its login and stays in the session table as the record of a session served elsewhere
+    (``given``); on a worker, a connection is made from a socket and a :class:`SessionState` another process gave
+    (``adopted``)."""
+
+    def __init__(self, server: Server, adopted: SessionState | None = None) -> None:
         self.server = server
+        self.adopted = adopted
+        self.given: SessionState | None = None
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: cx.Connection | None = None
@@ -93,16 +116,57 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.server.directory, peer=self.peer, local=local, tpgt=1, now=self.loop.time(),
             nop_interval_s=s.nop_interval_s, nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
             target_limits=self.server.target_limits(), allocate_tsih=self.server.sessions.allocate_tsih,
+            hand_off=self.server.hand_off is not None,
         )
         self.server.protocols.add(self)
         self.server.counters.connections += 1
         self.timer = self.loop.call_later(TICK_S, self._tick)
+        if self.adopted is not None:
+            self._adopt(self.adopted)
+            return
         hold = self.server.throttle.delay(self.source, self.loop.time())
         if hold > 0:
             # This address keeps failing logins: read nothing from it for a while (see lunsync.target.throttle).
             self.server.counters.throttled_connections += 1
             self.transport.pause_reading()
             self.loop.call_later(hold, self._unhold)
+
+    def _adopt(self, state: SessionState) -> None:
+        # The final Login Response was left for this process to send, so nothing of this session is ever written
+        # by two processes; then the session goes on with whatever the initiator sent behind its login.
+        assert self.transport is not None and self.conn is not None
+        self.transport.write(state.outgoing)
+        try:
+            handoff.adopt(self.conn, state, self.server.directory, self.loop.time())
+        except handoff.HandOffError as e:
+            log.warning("cannot adopt session tsih=%d of %s: %s", state.tsih, state.initiator_name, e)
+            self.close()
+            return
+        self._pump()
+
+    def _give(self, out: list[cx.Out]) -> None:
+        # Called once, when the login stopped at HANDED_OFF: ``out`` holds the final Login Response, unsent.
+        conn, transport = self.conn, self.transport
+        assert conn is not None and transport is not None
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            # An earlier Login Response still sits in our buffer: the stream cannot change writers mid-way.
+            log.warning("login of %s from %s: output still queued, cannot hand the session off", self.initiator,
+                        self.peer)
+            self.close()
+            return
+        state = handoff.capture(conn, b"".join(bytes(b) for b in out))
+        transport.pause_reading()
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        try:
+            given = self.server.hand_off is not None and self.server.hand_off.give(dup, state)
+        finally:
+            dup.close()
+        if given:
+            self.given = state
+        # Our descriptor goes; the owner holds its own, so the TCP connection stays up (no FIN: close, not shutdown).
+        self.closing = True
+        transport.close()
 
     @property
     def source(self) -> str:
@@ -138,7 +202,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             t.cancel()
         self.server.protocols.discard(self)
         self.server.counters.connections -= 1
-        if self.logged_in:
+        if self.logged_in and self.given is None:
             self.server.session_closed(self)
         self.done.set()
 
@@ -166,6 +230,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         finally:
             self.pumping = False
         out = conn.take_output()
+        if conn.phase is cx.Phase.HANDED_OFF:
+            self._give(out)
+            return
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
         if self.close_reason is not None:
@@ -209,6 +276,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         return "(discovery)" if r is not None else ""
 
     def close(self) -> None:
+        if self.given is not None:
+            # A session served elsewhere: its owner ends it and reports back (Server.remote_session_closed).
+            if self.server.hand_off is not None:
+                self.server.hand_off.end(self.given)
+            return
         self.closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -329,9 +401,13 @@ async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
 class Server:
     """All portals, all connections and the session table of one daemon."""
 
-    def __init__(self, directory: Directory, settings: PortalSettings | None = None) -> None:
+    def __init__(self, directory: Directory, settings: PortalSettings | None = None, *,
+                 hand_off: HandOff | None = None) -> None:
         self.directory = directory
         self.settings = settings or PortalSettings()
+        self.hand_off = hand_off  # set: this portal logs in, and another process serves each normal session
+        # A worker's: told of each adopted session that ends, so the portal that gave it forgets it.
+        self.on_session_closed: Callable[[SessionState], None] | None = None
         self.protocols: set[IscsiProtocol] = set()
         self.sessions: SessionTable[IscsiProtocol] = SessionTable(self.settings.max_sessions)
         self.servers: list[asyncio.base_events.Server] = []
@@ -354,13 +430,22 @@ class Server:
         addr = srv.sockets[0].getsockname()
         return addr[0], addr[1]
 
+    async def adopt(self, sock: socket.socket, state: SessionState) -> None:
+        """Serve a session another process logged in, on its connected socket (which this portal now owns)."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        await loop.connect_accepted_socket(lambda: IscsiProtocol(self, state), sock)
+
     # -- sessions -----------------------------------------------------------------------------------------------------
 
     def logged_in(self, proto: IscsiProtocol, result: LoginResult) -> None:
-        self.counters.logins += 1
         for old in self.sessions.register(proto, result, proto.loop.time()):
             old.abort_lun(None)
             old.close()
+        if proto.adopted is not None:  # counted and logged where the login ran
+            log.debug("adopted session tsih=%d of %s from %s", result.tsih, result.initiator_name, proto.peer)
+            return
+        self.counters.logins += 1
         log.info("login initiator=%s addr=%s target=%s tsih=%d auth=%s type=%s", result.initiator_name, proto.peer,
                  result.target.name if result.target else "(discovery)", result.tsih, result.auth,
                  "discovery" if result.discovery else "normal")
@@ -374,8 +459,9 @@ class Server:
     def session_closed(self, proto: IscsiProtocol) -> None:
         conn = proto.conn
         r = conn.result if conn else None
-        if r is not None:
-            self.sessions.remove(r.tsih, proto)
+        if (r is not None and self.sessions.remove(r.tsih, proto) and proto.adopted is not None
+                and self.on_session_closed is not None):
+            self.on_session_closed(proto.adopted)
         # The I_T nexus is gone: RESERVE/RELEASE reservations and PREVENT it held end with it (SPC-2 §5.5.1).
         if conn is not None and conn.scsi is not None and conn.nexus is not None:
             conn.scsi.nexus_lost(conn.nexus)
@@ -390,6 +476,13 @@ class Server:
         proto.close()
         self.sessions.remove(tsih, proto)
         return True
+
+    def remote_session_closed(self, tsih: int, isid: int) -> bool:
+        """The owner of a session this portal gave away reports it ended: forget it (its TSIH is free again)."""
+        proto = self.sessions.get(tsih)
+        if proto is None or proto.given is None or proto.given.isid != isid:
+            return False
+        return self.sessions.remove(tsih, proto)
 
     # -- task management (RFC 7143 §11.5) -----------------------------------------------------------------------------
 
