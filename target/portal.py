@@ -164,6 +164,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             dup.close()
         if given:
             self.given = state
+        else:
+            log.warning("login of %s to %s dropped: the process serving the target is not up; the initiator will "
+                        "log in again", state.initiator_name, state.target_name)
         # Our descriptor goes; the owner holds its own, so the TCP connection stays up (no FIN: close, not shutdown).
         self.closing = True
         transport.close()
@@ -483,6 +486,13 @@ class Server:
         if proto is None or proto.given is None or proto.given.isid != isid:
             return False
         return self.sessions.remove(tsih, proto)
+
+    def remote_sessions_lost(self, which: Callable[[SessionState], bool]) -> int:
+        """The process serving some given sessions died: forget every one for which ``which(state)`` holds."""
+        lost = [(tsih, p) for tsih, p in self.sessions.items() if p.given is not None and which(p.given)]
+        for tsih, p in lost:
+            self.sessions.remove(tsih, p)
+        return len(lost)
 
     # -- task management (RFC 7143 §11.5) -----------------------------------------------------------------------------
 
