@@ -71,7 +71,11 @@ class WorkerPool:
         """Start every worker and wait until each is ready (or raise when one does not come up)."""
         for w in self.workers:
             await self._spawn(w)
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self.workers)), READY_TIMEOUT_S)
+        async def all_ready() -> None:
+            for w in self.workers:
+                await w.ready.wait()
+
+        await asyncio.wait_for(all_ready(), READY_TIMEOUT_S)
 
     async def _spawn(self, w: Worker) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -121,7 +125,7 @@ class WorkerPool:
             delay, w.backoff_s = 0.0, BACKOFF_FIRST_S
         else:
             delay, w.backoff_s = w.backoff_s, min(w.backoff_s * 2, BACKOFF_MAX_S)
-        log.error("worker %d (pid %d) %s with %s after %.1f s; restarting it in %.1f s", w.index, proc.pid,
+        log.error("worker %d (pid %d) %s with %s after %.1f s; restarting it in %.2g s", w.index, proc.pid,
                   "exited" if was_up else "died before it was ready", _describe(code), lived, delay)
         await asyncio.sleep(delay)
         if self.stopping:

@@ -19,10 +19,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lunsync.target import keys
+from lunsync.target import keys, pdu
 from lunsync.target.connection import Connection, Phase
 from lunsync.target.directory import Directory
+from lunsync.target.errors import LoginStatus
 from lunsync.target.login import LoginResult
+from lunsync.target.pdu import Op
 
 _PARAM_FIELDS = {f.name: f.type for f in dataclasses.fields(keys.NegotiatedParams)}
 
@@ -122,3 +124,20 @@ def adopt(conn: Connection, state: SessionState, directory: Directory, now: floa
     result = LoginResult(state.initiator_name, state.initiator_alias, state.isid, state.tsih, state.cid, False,
                          target, state.params, state.auth)
     conn.adopt(result, state.stat_sn, state.exp_cmd_sn, state.max_cmd_sn, state.pending, now)
+
+
+def refusal(state: SessionState, status: LoginStatus) -> bytes:
+    """The Login Response to send instead of ``state``'s final one when no process can take the session: the same
+    ITT and sequence numbers, no TSIH, and the error ``status`` (RFC 7143 §11.13.5: SERVICE_UNAVAILABLE asks the
+    initiator to retry later). Login Responses are never digested, so this is the whole frame."""
+    bhs = state.outgoing[:pdu.BHS_LEN]
+    if len(bhs) < pdu.BHS_LEN or bhs[0] & 0x3F != Op.LOGIN_RSP:
+        raise HandOffError("the session state holds no final Login Response to answer in its place")
+
+    def word(at: int) -> int:
+        return int.from_bytes(bhs[at:at + 4], "big")
+
+    return pdu.encode_login_response(
+        transit=False, cont=False, csg=(bhs[1] >> 2) & 3, nsg=0, isid=state.isid, tsih=0, itt=word(16),
+        stat_sn=word(24), exp_cmd_sn=word(28), max_cmd_sn=word(32), status_class=status >> 8,
+        status_detail=status & 0xFF, length=0)

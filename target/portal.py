@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast
 from lunsync.target import connection as cx
 from lunsync.target import handoff
 from lunsync.target.directory import Directory
+from lunsync.target.errors import LoginStatus
 from lunsync.target.handoff import SessionState
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
@@ -165,8 +166,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if given:
             self.given = state
         else:
-            log.warning("login of %s to %s dropped: the process serving the target is not up; the initiator will "
-                        "log in again", state.initiator_name, state.target_name)
+            # The final answer was not sent yet, so the login can still fail properly: retry later.
+            transport.write(handoff.refusal(state, LoginStatus.SERVICE_UNAVAILABLE))
+            self.server.hand_off_refused(self, state)
         # Our descriptor goes; the owner holds its own, so the TCP connection stays up (no FIN: close, not shutdown).
         self.closing = True
         transport.close()
@@ -452,6 +454,14 @@ class Server:
         log.info("login initiator=%s addr=%s target=%s tsih=%d auth=%s type=%s", result.initiator_name, proto.peer,
                  result.target.name if result.target else "(discovery)", result.tsih, result.auth,
                  "discovery" if result.discovery else "normal")
+
+    def hand_off_refused(self, proto: IscsiProtocol, state: SessionState) -> None:
+        """A login that succeeded here was answered SERVICE_UNAVAILABLE instead: its target's process is not up."""
+        self.counters.logins -= 1
+        self.counters.login_failures[LoginStatus.SERVICE_UNAVAILABLE.name.lower()] += 1
+        log.warning("login failed initiator=%s addr=%s target=%s status=%s reason=%s", state.initiator_name,
+                    proto.peer, state.target_name, LoginStatus.SERVICE_UNAVAILABLE.name,
+                    "the process serving the target is not up")
 
     def login_failed(self, proto: IscsiProtocol, ev: cx.LoginFailed) -> None:
         self.counters.login_failures[ev.status.name.lower()] += 1

@@ -162,12 +162,12 @@ def test_qemu_io_writes_through_a_handed_off_session_read_back(
     assert (tmp_path / "lun0.img").read_bytes()[:1 << 20] == b"\x5a" * (1 << 20)
 
 
-def _login(port: int, isid: int) -> tuple[socket.socket, int]:
+def _login(port: int, isid: int, *, status: int = 0) -> tuple[socket.socket, int]:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     pairs = [("InitiatorName", INITIATOR), ("TargetName", IQN), ("SessionType", "Normal")]
     s.sendall(login_pdu(pairs).replace(bytes.fromhex("23d000000001"), isid.to_bytes(6, "big"), 1))
     bhs = _recv_pdu(s)
-    assert bhs[0] == 0x23 and bhs[36] == 0, bhs.hex()
+    assert bhs[0] == 0x23 and bhs[36] << 8 | bhs[37] == status, bhs.hex()
     return s, int.from_bytes(bhs[14:16], "big")
 
 
@@ -207,5 +207,23 @@ def test_reinstatement_ends_the_old_session_in_the_worker(
             assert await asyncio.to_thread(new.recv, 100) == b""
             old.close()
             new.close()
+
+    uvloop.run(go())
+
+
+def test_a_login_whose_target_has_no_process_up_is_answered_service_unavailable() -> None:
+    async def go() -> None:
+        directory = Directory()
+        directory.add(TargetEntry(IQN, ScsiTarget(IQN)))
+        server = Server(directory, hand_off=SessionRouter(lambda name: None))
+        _, port = await server.listen("127.0.0.1", 0)
+        s, tsih = await asyncio.to_thread(_login, port, 0x23D000000043, status=0x0301)
+        with s:
+            assert tsih == 0
+            s.settimeout(5)
+            assert await asyncio.to_thread(s.recv, 100) == b""  # and the connection closes after it
+        assert len(server.sessions) == 0 and server.counters.logins == 0
+        assert server.counters.login_failures == {"service_unavailable": 1}
+        await server.stop()
 
     uvloop.run(go())

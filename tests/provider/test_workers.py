@@ -111,7 +111,7 @@ def test_a_worker_that_keeps_dying_young_is_restarted_with_a_growing_back_off(mo
         await pool.stop()
         return pool
 
-    pool = asyncio.run(go())
+    pool = uvloop.run(go())
     w = pool.workers[0]
     assert len(downs) >= 3 and w.restarts >= 3 and not w.up and pool.channel(0) is None
     assert w.backoff_s == workers.BACKOFF_MAX_S  # doubled each time, up to the bound

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lunsync.target.connection import Connection, Execute, LoggedIn, Phase
 from lunsync.target.directory import Directory, TargetEntry
-from lunsync.target.handoff import HandOffError, SessionState, adopt, capture
+from lunsync.target.errors import LoginStatus
+from lunsync.target.handoff import HandOffError, SessionState, adopt, capture, refusal
 
 from tests.target.scsi.memdev import run
 from tests.target.test_connection import INITIATOR, IQN, ISID, Rig, login_pdu, scsi_cmd, split
@@ -125,3 +126,17 @@ def test_digests_framing_is_carried() -> None:
     worker = Connection(rig.directory)
     adopt(worker, state, rig.directory, 0.0)
     assert worker.box.header_digest and worker.box.data_digest
+
+
+def test_the_refusal_answers_the_final_login_request_in_place_of_its_response() -> None:
+    rig = Rig()
+    conn = control_side(rig)
+    feed(conn, login_pdu(LOGIN, itt=0x1234))
+    out = b"".join(bytes(b) for b in conn.take_output())
+    state = capture(conn, out)
+    [(rsp, data)] = split([refusal(state, LoginStatus.SERVICE_UNAVAILABLE)])
+    assert rsp[0] == 0x23 and rsp[1] & 0x80 == 0 and data == b""  # no T bit: the login does not complete
+    assert (rsp[36], rsp[37]) == (0x03, 0x01) and int.from_bytes(rsp[14:16], "big") == 0  # no TSIH
+    assert rsp[16:20] == out[16:20] == (0x1234).to_bytes(4, "big") and rsp[24:36] == out[24:36]  # ITT, SNs
+    with pytest.raises(HandOffError):
+        refusal(capture(conn, b""), LoginStatus.SERVICE_UNAVAILABLE)
