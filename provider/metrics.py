@@ -9,7 +9,7 @@ bounded: LUN name, operation, and a reason from a fixed enum; never an LBA, a ta
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from prometheus_client.core import (
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 # Login failures that dashboards chart even before the first one happens, so `rate()` has a series to work on.
@@ -242,3 +243,50 @@ class SnapshotCollector(Collector):
         yield CounterMetricFamily("lunsync_snapshot_hold_timeouts",
                                   "Snapshot sets abandoned because writes did not drain in time.",
                                   value=c.hold_timeouts)
+
+
+# Families that describe one process; summed over processes they mean nothing (a sum of start times, of fd limits).
+_PER_PROCESS_PREFIXES = ("process_", "python_")
+
+
+def merge_expositions(texts: Mapping[str, str]) -> list[Metric]:
+    """One exposition out of several processes' (``/metrics`` text by process name: the control's and each
+    worker's), as the control serves it with ``--workers``: each series is summed over the processes that have it
+    (every per-LUN series comes from the one worker owning the LUN; the portal counts add up), a ``_created``
+    timestamp keeps the earliest, and the per-process families keep one series per process under a ``process``
+    label, which is bounded by the number of workers. Families keep the first-seen order."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for proc, text in texts.items():
+        for fam in text_string_to_metric_families(text):
+            per_process = fam.name.startswith(_PER_PROCESS_PREFIXES)
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+            acc = values[fam.name]
+            for s in fam.samples:
+                labels = {**s.labels, "process": proc} if per_process else s.labels
+                key = (s.name, tuple(sorted(labels.items())))
+                if key not in acc:
+                    acc[key] = s.value
+                elif s.name.endswith("_created"):
+                    acc[key] = min(acc[key], s.value)
+                else:
+                    acc[key] += s.value
+    for name, fam in families.items():
+        for (sample, label_items), value in values[name].items():
+            fam.add_sample(sample, dict(label_items), value)
+    return list(families.values())
+
+
+class MergedCollector(Collector):
+    """Yields :func:`merge_expositions` of what ``texts()`` returns (the control refreshes it before each scrape)."""
+
+    def __init__(self, texts: Callable[[], Mapping[str, str]]) -> None:
+        self.texts = texts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from merge_expositions(self.texts())
