@@ -1,7 +1,7 @@
 """Build of lunsync: pyproject.toml holds the metadata; this file adds the native modules.
 
-The iSCSI data path (PDU codec, connection, SCSI dispatch with the READ/WRITE handlers and the logical unit) is
-compiled with mypyc from the same typed sources, which stay the source of truth and run as they are. The storage
+The iSCSI data path (PDU codec, connection, the per-command task runner and statistics, SCSI dispatch with the
+READ/WRITE handlers and the logical unit) is compiled with mypyc from the same typed sources, which stay the source of truth and run as they are. The storage
 engine (snapshots/) is not compiled yet: its tests replace methods of live objects and time cancellations in ways
 native classes and coroutines do not follow. LUNSYNC_PURE=1 builds a pure-Python package. An in-place build (an editable install) is always pure: a native
 module next to its .py would shadow every later edit of it.
@@ -32,6 +32,8 @@ NATIVE = [
     "target/scsi/lu.py",
     "target/scsi/sbc.py",
     "target/scsi/target.py",
+    "target/stats.py",
+    "target/execution.py",
 ]
 
 

@@ -159,7 +159,9 @@ def _dlen_bytes(n: int) -> tuple[int, int, int]:
 
 # Every initiator BHS shares: opcode+I, flags, 2 specific bytes, TotalAHSLength, DataSegmentLength, 8 bytes, ITT.
 _COMMON = struct.Struct(">BBBBIQI")  # 20 bytes; word 4 is TotalAHSLength<<24 | DataSegmentLength
-_SCSI_CMD = struct.Struct(">IIII16s")  # RFC 7143 §11.3, from byte 16: ITT, EDTL, CmdSN, ExpStatSN, CDB
+# RFC 7143 §11.3, the whole BHS: opcode+I, flags, 2 reserved, word 4, LUN, ITT, EDTL, CmdSN, ExpStatSN, CDB. One call
+# per command, as it arrives once per command.
+_SCSI_CMD = struct.Struct(">BB2xIQIIII16s")
 _TMF = struct.Struct(">IIIII")  # §11.5: RTT, CmdSN, ExpStatSN, RefCmdSN, ExpDataSN
 _DATA_OUT = struct.Struct(">IIIIII")  # §11.7: TTT, rsvd, ExpStatSN, rsvd, DataSN, BufferOffset
 _LOGIN_REQ = struct.Struct(">6sHIHxxII")  # §11.12 from byte 8: ISID, TSIH, ITT, CID, CmdSN, ExpStatSN
@@ -331,19 +333,17 @@ def decode(bhs: bytes | bytearray | memoryview) -> InitiatorPdu:
     """Decode a 48-byte initiator BHS. Raises :class:`DecodeError` for anything a target must not accept."""
     if len(bhs) < BHS_LEN:
         raise DecodeError("short basic header segment")
+    if bhs[0] & 0x3F == 0x01:  # SCSI Command: the hot path, so plain ints rather than enum comparisons
+        b0, flags, word4, word8, itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, 0)
+        lun = (word8 >> 48) & 0xFF if not word8 & 0xFF00_FFFF_FFFF_FFFF else decode_lun(word8)
+        return ScsiCommand(
+            bool(b0 & 0x40), bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20), flags & 0x07,
+            lun, itt, edtl, cmd_sn, exp_stat_sn, cdb, (word4 >> 24) * 4, word4 & 0xFFFFFF,
+        )
     b0, flags, s2, s3, word4, word8, itt = _COMMON.unpack_from(bhs, 0)
     op = b0 & 0x3F
     immediate = bool(b0 & 0x40)
-    ahs = word4 >> 24
     dlen = word4 & 0xFFFFFF
-    if op == 0x01:  # SCSI Command: the hot path, so plain ints rather than enum comparisons
-        # the struct starts at ITT (byte 16): ITT, EDTL, CmdSN, ExpStatSN, CDB
-        _itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, 16)
-        lun = (word8 >> 48) & 0xFF if not word8 & 0xFF00_FFFF_FFFF_FFFF else decode_lun(word8)
-        return ScsiCommand(
-            immediate, bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20), flags & 0x07,
-            lun, itt, edtl, cmd_sn, exp_stat_sn, cdb, ahs * 4, dlen,
-        )
     if op == 0x05:
         ttt, _, exp_stat_sn, _, data_sn, offset = _DATA_OUT.unpack_from(bhs, 20)
         return DataOut(bool(flags & 0x80), decode_lun(word8), itt, ttt, exp_stat_sn, data_sn, offset, dlen)

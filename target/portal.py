@@ -13,19 +13,18 @@ import collections
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from lunsync.target import connection as cx
-from lunsync.target import handoff
+from lunsync.target import execution, handoff
 from lunsync.target.directory import Directory
 from lunsync.target.errors import LoginStatus
 from lunsync.target.handoff import SessionState
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
-from lunsync.target.scsi.task import ScsiPort, ScsiResponse, ScsiTask, Status
+from lunsync.target.scsi.task import ScsiTask
 from lunsync.target.session import SessionTable
 from lunsync.target.stats import CommandStats, IoCounts
 from lunsync.target.throttle import LoginThrottle
@@ -143,7 +142,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             log.warning("cannot adopt session tsih=%d of %s: %s", state.tsih, state.initiator_name, e)
             self.close()
             return
-        self._pump()
+        self.pump()
 
     def _give(self, out: list[cx.Out]) -> None:
         # Called once, when the login stopped at HANDED_OFF: ``out`` holds the final Login Response, unsent.
@@ -174,6 +173,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         transport.close()
 
     @property
+    def stats(self) -> CommandStats:
+        return self.server.stats
+
+    @property
     def source(self) -> str:
         return self.peer.rpartition(":")[0] or self.peer
 
@@ -194,7 +197,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             log.exception("internal error on connection from %s", self.peer)
             self.close()
             return
-        self._pump()
+        self.pump()
 
     def eof_received(self) -> bool | None:
         return False
@@ -224,7 +227,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     # -- the pump -----------------------------------------------------------------------------------------------------
 
-    def _pump(self) -> None:
+    def pump(self) -> None:
         conn = self.conn
         assert conn is not None
         if self.pumping:
@@ -294,7 +297,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self.closing or self.conn is None:
             return
         self.conn.tick(self.loop.time())
-        self._pump()
+        self.pump()
         if not self.closing:
             self.timer = self.loop.call_later(TICK_S, self._tick)
 
@@ -305,50 +308,12 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         # every response to the commands of one receive leaves in one vectored write, and no asyncio Task (several
         # microseconds each) is made. Only a command that really waits (fsync, a thread, a lock) becomes a Task.
         # Code on the SCSI path must therefore not rely on asyncio.current_task() before its first suspension.
-        coro = self._run(task)
+        coro = execution.run(self, task)
         try:
             yielded = coro.send(None)
         except StopIteration:
             return
         self.tasks[task.tag] = self.loop.create_task(_finish(coro, yielded))
-
-    async def _run(self, task: ScsiTask) -> None:
-        conn = self.conn
-        assert conn is not None and conn.scsi is not None
-        scsi = conn.scsi
-        # perf_counter, not loop.time(): uvloop's clock is cached per loop iteration at millisecond resolution.
-        started = time.perf_counter()
-        try:
-            resp = await scsi.execute(task)
-        except asyncio.CancelledError:
-            return
-        except Exception:
-            log.exception("SCSI task failed unexpectedly (initiator %s)", self.initiator)
-            resp = ScsiResponse(Status.BUSY)
-        finally:
-            if self.tasks:
-                self.tasks.pop(task.tag, None)
-        self._count(scsi, task, resp, time.perf_counter() - started)
-        if self.closing:
-            return
-        conn.complete(task, resp)
-        if not self.pumping:
-            self._pump()
-
-    def _count(self, scsi: ScsiPort, task: ScsiTask, resp: ScsiResponse, seconds: float) -> None:
-        # One plain-int update per command; lunsync.provider.metrics reads the totals at scrape time.
-        name = scsi.lun_name(task.lun)
-        if name is None:
-            return
-        data = task.data_out
-        if data is not None:
-            nbytes = len(data)
-        else:
-            data = resp.data
-            nbytes = 0 if data is None else min(len(data), task.expected_in)
-        cdb = task.cdb
-        self.server.stats.record(name, self.lun_io, task.lun, cdb[0] if cdb else 0,
-                                 resp.status == 0, nbytes, seconds)
 
     def abort(self, tag: int) -> bool:
         assert self.conn is not None
@@ -512,7 +477,7 @@ class Server:
         outcome = self.sessions.task_management(proto, req, target=conn.scsi, nexus=conn.nexus,
                                                 exp_cmd_sn=conn.exp_cmd_sn)
         conn.tmf_done(req, outcome.response)
-        proto._pump()
+        proto.pump()
         for p in outcome.close_after:
             p.close()
 

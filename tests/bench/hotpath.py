@@ -4,7 +4,8 @@ Drives the real :class:`~lunsync.target.portal.IscsiProtocol` (connection state 
 CowVolume over a FileBackend, statistics) through a transport that only collects what would be sent, and feeds it
 batches of pipelined 4 KiB READ(10) or WRITE(10) commands, as a QD32 initiator's socket reads deliver them. It prints
 microseconds of CPU per command for each layer, so a change to the hot path can be judged without the noise of a
-shared machine's client and scheduler. Run: ``python tests/bench/hotpath.py [N]``.
+shared machine's client and scheduler. Run: ``python tests/bench/hotpath.py [N] [--only read|write]`` (``--only`` runs
+one of the two, for a profiler to see it alone).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _feed(proto: IscsiProtocol, blob: bytes) -> None:
     proto.buffer_updated(len(blob))
 
 
-async def _run(n: int, tmp: Path) -> None:
+async def _run(n: int, tmp: Path, only: str | None) -> None:
     backend = FileBackend.create(tmp / "lun.img", 1 << 30, 512, overwrite=True)
     fill = os.urandom(128 << 10)  # as the shared bench fills a LUN: 128 KiB writes
     for off in range(0, 1 << 30, len(fill)):
@@ -105,6 +106,8 @@ async def _run(n: int, tmp: Path) -> None:
     lu_stats = proto.server.stats.lun("lun0")
     print(f"hotpath: {native.describe()} build")
     for op, label in ((0x2A, "WRITE(10) 4 KiB"), (0x28, "READ(10) 4 KiB")):
+        if only is not None and label.split("(")[0].lower() != only:
+            continue
         batches = []
         for b in range(n // QD):
             parts = []
@@ -131,9 +134,17 @@ async def _run(n: int, tmp: Path) -> None:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    args = sys.argv[1:]
+    only = None
+    if "--only" in args:
+        i = args.index("--only")
+        only = args[i + 1] if i + 1 < len(args) else ""
+        if only not in ("read", "write"):
+            raise SystemExit("hotpath: --only takes read or write")
+        del args[i:i + 2]
+    n = int(args[0]) if args else 100_000
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
-        asyncio.run(_run(n, Path(d)))
+        asyncio.run(_run(n, Path(d), only))
     return 0
 
 
