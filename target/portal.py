@@ -160,6 +160,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         dup = socket.socket(fileno=os.dup(sock.fileno()))
         try:
             given = self.server.hand_off is not None and self.server.hand_off.give(dup, state)
+        except Exception:  # a bug in the hand-off must cost this login, never the portal
+            log.exception("handing off the session of %s from %s", state.initiator_name, self.peer)
+            given = False
         finally:
             dup.close()
         if given:

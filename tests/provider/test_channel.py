@@ -227,3 +227,25 @@ def test_a_login_whose_target_has_no_process_up_is_answered_service_unavailable(
         await server.stop()
 
     uvloop.run(go())
+
+
+def test_a_hand_off_that_raises_costs_the_login_not_the_portal() -> None:
+    class Broken:
+        def give(self, sock: socket.socket, state: SessionState) -> bool:
+            raise RuntimeError("bug")
+
+        def end(self, state: SessionState) -> None:
+            pass
+
+    async def go() -> None:
+        directory = Directory()
+        directory.add(TargetEntry(IQN, ScsiTarget(IQN)))
+        server = Server(directory, hand_off=Broken())
+        _, port = await server.listen("127.0.0.1", 0)
+        for isid in (0x23D000000044, 0x23D000000045):  # the portal still answers the next login the same way
+            s, _ = await asyncio.to_thread(_login, port, isid, status=0x0301)
+            s.close()
+        assert len(server.sessions) == 0
+        await server.stop()
+
+    uvloop.run(go())

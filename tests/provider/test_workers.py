@@ -107,7 +107,7 @@ def test_a_worker_that_keeps_dying_young_is_restarted_with_a_growing_back_off(mo
                           lambda i, m, s: None, downs.append)
         pool.workers[0].backoff_s = workers.BACKOFF_FIRST_S
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(pool.start(), 3)
+            await asyncio.wait_for(pool.start(), 1.5)
         await pool.stop()
         return pool
 
