@@ -2,8 +2,8 @@
 
 This module owns the two concrete :class:`~lunsync.snapshots.device.BlockDevice` implementations, a LUN kept in a
 regular (sparse or fully allocated) file and a LUN on a raw block device, and the registry of backends by name
-(``file``, ``block``; :func:`register_backend`), through which :func:`open_store` opens the store a LUN's
-configuration names. Its OSErrors become the storage error family through :mod:`lunsync.snapshots.fsutil`, the one
+(``file``, ``block``, and ``rbd`` from :mod:`lunsync.snapshots.rbd`; :func:`register_backend`), through which
+:func:`open_store` opens the store a LUN's configuration names. Its OSErrors become the storage error family through :mod:`lunsync.snapshots.fsutil`, the one
 mapping. The hot path stays on the event loop while the page cache can serve it: reads try ``preadv(RWF_NOWAIT)``
 inline and only go to a thread on a cache miss, writes are ``pwritev`` into the page cache, and everything that
 waits for a disk (fdatasync, hole punching, allocation, resize) runs on the backend's own I/O threads.
@@ -45,6 +45,7 @@ from lunsync.snapshots import fsutil
 from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, Saturated, StorageError
 from lunsync.snapshots.fsutil import may_hang, open_error, pread_full, pwrite_full, storage_error
+from lunsync.snapshots.model import CephConfig
 
 __all__ = [
     "BlockDevBackend",
@@ -597,13 +598,18 @@ class BlockDevBackend(_FdBackend):
 @dataclass(frozen=True, slots=True)
 class StoreSpec:
     """What a backend needs to open (or create) one LUN's store: the catalog's record, resolved. ``path`` is
-    absolute for the ``file`` and ``block`` backends."""
+    absolute for the ``file`` and ``block`` backends and ``POOL/IMAGE`` for ``rbd``, which also takes the cluster to
+    reach (``ceph``), may open the image read-only at one of its snapshots (``snapshot``), and creates a missing
+    image only when ``create`` says so (``lun create``), never when a daemon merely reopens its LUNs."""
 
     path: str
     size_bytes: int
     block_size: int = 512
     thin: bool = True
     read_only: bool = False
+    ceph: CephConfig | None = None
+    snapshot: str | None = None
+    create: bool = False
 
 
 # Opens the store a spec describes, creating it when the backend owns creation (a missing LUN file). Blocking (it may
@@ -645,5 +651,13 @@ def _open_block(spec: StoreSpec) -> BlockDevice:
     return BlockDevBackend.open(spec.path, spec.block_size, spec.thin, spec.read_only)
 
 
+def _open_rbd(spec: StoreSpec) -> BlockDevice:
+    # Imported here: librbd's bindings are a Debian package a file-only host (or the Windows client) may lack.
+    from lunsync.snapshots import rbd
+
+    return rbd.open_image(spec)
+
+
 register_backend("file", _open_file)
 register_backend("block", _open_block)
+register_backend("rbd", _open_rbd)

@@ -7,10 +7,11 @@ what is durable when it returns and whether it may yield to the event loop (susp
 "does not yield before X" lets a caller rely on X having happened, in order, with no other task run in between.
 Methods raise only the family in :mod:`lunsync.snapshots.errors`.
 
-Capabilities (:class:`FileExtents`, :class:`CopyTarget`, :class:`ChangedRegions`, :class:`StoreSnapshots`) are
-separate protocols that a device implements when it can: the resync copier and the clone fill ask for one with
-``isinstance`` and fall back to ``read``/``write`` when it is absent, and the snapshot engine takes a store's own
-snapshots when it declares :class:`StoreSnapshots`. Nothing above a backend touches its file descriptors except through
+Capabilities (:class:`FileExtents`, :class:`CopyTarget`, :class:`ChangedRegions`, :class:`StoreSnapshots`,
+:class:`ZeroWriter`, :class:`MappingQuery`) are separate protocols that a device implements when it can: the resync
+copier, the clone fill and the SCSI layer ask for one with ``isinstance`` and fall back to
+``read``/``write``/``lba_status`` when it is absent, and the snapshot engine takes a store's own snapshots when it
+declares :class:`StoreSnapshots`. Nothing above a backend touches its file descriptors except through
 :class:`FileExtents` and :class:`CopyTarget`, which hand them out for the length of one copy.
 """
 
@@ -164,4 +165,31 @@ class StoreSnapshots(Protocol):
     def open_snapshot(self, name: str) -> BlockDevice:
         """A read-only device of snapshot ``name``, declaring :class:`ChangedRegions` against this store's head. The
         caller closes it."""
+        ...
+
+
+@runtime_checkable
+class ZeroWriter(Protocol):
+    """Capability: the device can make a range read as zeros without being sent the zeros (librbd's write-zeroes),
+    so WRITE SAME of a zero block costs one request instead of a stream of zero-filled writes.
+
+    Declared by the RBD backend."""
+
+    async def write_zeroes(self, lba: int, blocks: int, fua: bool = False) -> None:
+        """Make ``blocks`` blocks from ``lba`` read as zeros, the range checked first. Durable on return only with
+        ``fua``, like :meth:`BlockDevice.write`, and visible to every read that starts after it returns. Yields."""
+        ...
+
+
+@runtime_checkable
+class MappingQuery(Protocol):
+    """Capability: the device can describe its mapping, but only by asking its store over the network, so the answer
+    is awaited rather than computed inline (RBD's ``diff_iterate``). GET LBA STATUS uses it in place of the
+    synchronous :meth:`BlockDevice.lba_status`, which such a device answers with everything mapped.
+
+    Declared by the RBD backend."""
+
+    async def query_lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]:
+        """What :meth:`BlockDevice.lba_status` describes, from the store's allocation map: a run reported
+        deallocated reads as zeros; mapped may be reported for blocks that hold zeros. Yields."""
         ...

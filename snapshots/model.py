@@ -204,8 +204,65 @@ def check_lun_path(v: object) -> str:
 
 # The backing stores a LUN may live on, by the name its configuration gives (lunsync.snapshots.backend registers an
 # implementation under each). "file": a regular file, sparse when thin; "block": a raw block device, named by its
-# absolute path.
-BACKENDS = ("file", "block")
+# absolute path; "rbd": a Ceph RBD image, named ``POOL/IMAGE`` (rbd's own notation) in the path.
+BACKENDS = ("file", "block", "rbd")
+
+# RBD pool and image names: what ``rbd create`` accepts, minus the separators of its own spec syntax ('/' between
+# pool and image, '@' before a snapshot) and anything a shell or URL would need quoting for.
+RBD_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+_RBD_NAME = re.compile(RBD_NAME_PATTERN)
+
+
+def check_rbd_spec(v: object) -> str:
+    """``POOL/IMAGE``, the path of an RBD-backed LUN."""
+    s = check_str(v)
+    pool, sep, image = s.partition("/")
+    if not sep or not _RBD_NAME.fullmatch(pool) or not _RBD_NAME.fullmatch(image):
+        raise ValueError(f"an RBD image is named POOL/IMAGE (letters, digits, '_', '.', '-'), not {s!r}")
+    return s
+
+
+def split_rbd_spec(spec: str) -> tuple[str, str]:
+    """``("pool", "image")`` of a checked ``POOL/IMAGE``."""
+    pool, _, image = check_rbd_spec(spec).partition("/")
+    return pool, image
+
+
+@dataclass(frozen=True, slots=True)
+class CephConfig:
+    """How the daemon reaches a Ceph cluster for its RBD-backed LUNs: the cluster's ``ceph.conf``, the keyring and
+    the client name to authenticate as (cephx), and how long to wait for the monitors before giving up
+    (``rados_mon_op_timeout``, ``client_mount_timeout``) and for an OSD operation (``rados_osd_op_timeout``; 0 waits
+    for ever). An empty ``keyring`` leaves it to ``ceph.conf`` and librados' default search path."""
+
+    conf_path: str = "/etc/ceph/ceph.conf"
+    keyring: str = ""
+    client: str = "client.admin"
+    connect_timeout_s: int = 10
+    op_timeout_s: int = 30
+
+    def __post_init__(self) -> None:
+        ctx: KeyPath = ("ceph",)
+        _freeze(self, "conf_path", check_abs_path, ctx)
+        if self.keyring:
+            _freeze(self, "keyring", check_abs_path, ctx)
+        _freeze(self, "client", check_ceph_client, ctx)
+        _freeze(self, "connect_timeout_s", lambda v: check_int(v, 1, 3600), ctx)
+        _freeze(self, "op_timeout_s", lambda v: check_int(v, 0, 3600), ctx)
+
+
+def check_abs_path(v: object) -> str:
+    s = check_str(v)
+    if not os.path.isabs(s) or "\0" in s:
+        raise ValueError(f"must be an absolute path, not {s!r}")
+    return os.path.normpath(s)
+
+
+def check_ceph_client(v: object) -> str:
+    s = check_str(v)
+    if not re.fullmatch(r"client\.[A-Za-z0-9_.-]{1,64}", s):
+        raise ValueError(f"a Ceph client is named client.ID (e.g. client.admin), not {s!r}")
+    return s
 
 
 def default_backend(path: str) -> str:
@@ -485,6 +542,8 @@ class LunConfig:
         if self.backend == "":
             object.__setattr__(self, "backend", default_backend(path))
         backend = _freeze(self, "backend", check_backend, ctx)
+        if backend == "rbd":
+            _freeze(self, "path", check_rbd_spec, ctx)
         if backend == "block" and not os.path.isabs(path):
             raise ConfigError(f"a block device is named by its absolute path, not {path!r}", path=(*ctx, "path"))
         _freeze(self, "size_bytes", check_size, ctx)
@@ -606,6 +665,7 @@ class Config:
     portal: PortalConfig = field(default_factory=PortalConfig)
     luns: tuple[LunConfig, ...] = ()
     targets: tuple[TargetConfig, ...] = ()
+    ceph: CephConfig = field(default_factory=CephConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "luns", tuple(self.luns))

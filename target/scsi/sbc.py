@@ -21,7 +21,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 
-from lunsync.snapshots.device import Buffer
+from lunsync.snapshots.device import Buffer, MappingQuery, ZeroWriter
 from lunsync.snapshots.errors import StorageError
 from lunsync.target.scsi import sense as S
 from lunsync.target.scsi.lu import LogicalUnit, SanitizeState
@@ -358,6 +358,10 @@ async def _write_same(req: Request, flags: int, lba: int, blocks: int, len_byte:
             await dev.unmap(((lba, blocks),))
             return
         block = bytes(bs) if ndob or data is None else bytes(data)
+        if isinstance(dev, ZeroWriter) and not any(block):
+            # A store that zeroes a range by itself (librbd's write-zeroes) is not sent the zeros.
+            await dev.write_zeroes(lba, blocks, not lu.wce)
+            return
         per = max(1, min(blocks, _CHUNK // bs))
         chunk = block * per
         fua = not lu.wce
@@ -441,7 +445,10 @@ async def get_lba_status(req: Request) -> bytes:
     room = max(1, min(64, (alloc - 8) // 16))
     out = bytearray()
     if lu.thin:
-        for ext in lu.device.lba_status(lba, room):
+        dev = lu.device
+        # A store that knows its mapping only by asking over the network is awaited; the rest answer inline.
+        extents = await dev.query_lba_status(lba, room) if isinstance(dev, MappingQuery) else dev.lba_status(lba, room)
+        for ext in extents:
             # The device may report the extent that contains ``lba``; SBC-3 §5.6 wants the first descriptor to start
             # exactly at the requested LBA, so clip.
             start = max(ext.lba, lba)
