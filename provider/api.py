@@ -37,7 +37,7 @@ from lunsync.provider.vss import VssError
 from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import atomic_write
-from lunsync.snapshots.model import check_labels, labels_match, parse_label
+from lunsync.snapshots.model import RBD_NAME_PATTERN, check_labels, labels_match, parse_label
 from lunsync.target.throttle import LoginThrottle
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from pydantic_core import PydanticCustomError
@@ -202,7 +202,8 @@ class TargetOut(BaseModel):
 
 class LunIn(_In):
     name: LunName
-    size: Size | None = Field(None, description="required, unless the LUN is made from a snapshot")
+    size: Size | None = Field(None, description="required, unless the LUN is made from a snapshot or attaches an "
+                                                "existing RBD image (then the image's size)")
     from_snapshot: str | None = Field(
         None, min_length=3, max_length=129, pattern=SNAPSHOT_REF_PATTERN,
         description="LUN@SNAP: the new LUN has the snapshot's size and block size and serves its data at once, "
@@ -213,16 +214,26 @@ class LunIn(_In):
     @model_validator(mode="after")
     def _size_or_snapshot(self) -> Self:
         if self.from_snapshot is None:
-            if self.size is None:
+            if self.size is None and self.backend != "rbd":
                 raise PydanticCustomError("missing", "size: required (or from_snapshot, to make it from a snapshot)")
+            if self.backend == "rbd" and (self.pool is None or self.image is None or self.path is not None):
+                raise PydanticCustomError("invalid", "backend rbd: give pool and image (and no path)")
+            if self.backend != "rbd" and (self.pool is not None or self.image is not None):
+                raise PydanticCustomError("invalid", "pool, image: only with backend rbd")
             if self.rate_mib_s is not None:
                 raise PydanticCustomError("invalid", "rate_mib_s: only with from_snapshot")
         elif extra := sorted(self.model_fields_set - {"name", "from_snapshot", "rate_mib_s"}):
             raise PydanticCustomError("invalid", "{fields}: not with from_snapshot (the LUN takes the snapshot's)",
                                       {"fields": ", ".join(extra)})
         return self
-    backend: Literal["file", "block"] | None = Field(
-        None, description="where the LUN lives: a regular file, or a raw block device (default: block for a /dev/ path)")
+    backend: Literal["file", "block", "rbd"] | None = Field(
+        None, description="where the LUN lives: a regular file, a raw block device (default: block for a /dev/ path) "
+                          "or a Ceph RBD image (with pool and image)")
+    pool: str | None = Field(None, min_length=1, max_length=128, pattern=RBD_NAME_PATTERN,
+                             description="with backend rbd: the RADOS pool of the image")
+    image: str | None = Field(None, min_length=1, max_length=128, pattern=RBD_NAME_PATTERN,
+                              description="with backend rbd: the image, created when missing and a size is given, "
+                                          "else attached at its own size")
     path: str | None = Field(None, min_length=1, max_length=4096,
                              description="backing file or block device; relative paths are inside the data dir")
     block_size: Literal[512, 4096] = 512
@@ -757,10 +768,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def create_lun(body: LunIn, response: Response) -> LunOut:
         if body.from_snapshot is not None:
             return await lun_from_snapshot(body, response)
-        assert body.size is not None  # the model's validator: size, or from_snapshot
-        size = _size(body.size)
+        size = _size(body.size) if body.size is not None else None  # None: an existing rbd image's own
+        path = f"{body.pool}/{body.image}" if body.backend == "rbd" else body.path
         try:
-            rec = await array.create_lun(body.name, size, path=body.path, block_size=body.block_size,
+            rec = await array.create_lun(body.name, size, path=path, block_size=body.block_size,
                                          thin=body.thin, read_only=body.read_only, backend=body.backend or "",
                                          labels=body.labels)
         except cat.AlreadyExists as clash:
@@ -768,12 +779,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 rec = array.catalog.get_lun(body.name)
             except cat.NotFound:
                 raise clash from None  # it was another LUN's path or identity that clashed: that error stands
-            where = os.path.realpath(os.path.join(array.catalog.data_dir, body.path)) if body.path else None
-            asked = {"size_bytes": size, "block_size": body.block_size, "thin": body.thin,
+            if body.backend == "rbd":
+                where: str | None = path
+            else:
+                where = os.path.realpath(os.path.join(array.catalog.data_dir, body.path)) if body.path else None
+            asked = {"size_bytes": size if size is not None else rec.size_bytes, "block_size": body.block_size, "thin": body.thin,
                      "read_only": body.read_only, "backend": body.backend, "path": where, "labels": body.labels}
             have = {"size_bytes": rec.size_bytes, "block_size": rec.block_size, "thin": rec.thin,
                     "read_only": rec.read_only, "backend": rec.backend, "labels": rec.labels,
-                    "path": os.path.realpath(array.catalog.lun_path(rec))}
+                    "path": rec.path if rec.backend == "rbd" else os.path.realpath(array.catalog.lun_path(rec))}
             existing_or_conflict(f"lun {rec.name!r}", differences(asked, have), response)
         return _lun_out(array, rec)
 
@@ -804,9 +818,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @v1.delete("/luns/{name}", status_code=204, response_class=Response,
                summary="delete a LUN (refused while mapped); a backing file lunsync created in the data dir is removed",
-               description="409 while mapped, with snapshots, or restored into; 404 when there is no such LUN.")
-    async def delete_lun(name: LunPath) -> Response:
-        await array.delete_lun(name)
+               description="409 while mapped, with snapshots, or restored into; 404 when there is no such LUN. An RBD "
+                           "image stays on the cluster unless `delete_image=true`.")
+    async def delete_lun(name: LunPath, delete_image: Annotated[bool, Query(
+            description="with an rbd LUN: delete its image too (refused by the cluster while the image has "
+                        "snapshots)")] = False) -> Response:
+        await array.delete_lun(name, delete_image=delete_image)
         ctx.server.stats.forget(name)
         return Response(status_code=204)
 

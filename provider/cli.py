@@ -111,14 +111,18 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--force", action="store_true", help="unmap its LUNs first (the LUNs themselves stay)")
 
     lun = noun("lun", "logical units")
-    p = leaf(lun, "create", _lun_create, "create a LUN and its backing file")
+    p = leaf(lun, "create", _lun_create, "create a LUN and its backing file (or RBD image)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", type=_size, metavar="SIZE", help="e.g. 256MiB, 10GiB, 1TiB, 512M or bytes")
     p.add_argument("--from", dest="from_snapshot", metavar="LUN@SNAP",
                    help="instead of --size: a LUN with the snapshot's data, usable at once while it is copied in")
     p.add_argument("--rate", type=float, metavar="MIB_S", help="with --from: copy at this rate (default: adaptive)")
-    p.add_argument("--backend", choices=("file", "block"),
-                   help="a regular file or a raw block device (default: block for a /dev/ path, else file)")
+    p.add_argument("--backend", choices=("file", "block", "rbd"),
+                   help="a regular file, a raw block device (default: block for a /dev/ path, else file) or a Ceph "
+                        "RBD image (--pool, --image)")
+    p.add_argument("--pool", help="with --backend rbd: the image's RADOS pool")
+    p.add_argument("--image", help="with --backend rbd: the image; created when missing and --size is given, "
+                                   "else attached at its own size")
     p.add_argument("--path", help="backing file or block device (default <data-dir>/luns/NAME.img)")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--thick", action="store_true", help="allocate every block now instead of a sparse file")
@@ -140,8 +144,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_label_option(leaf(lun, "list", _lun_list, "list LUNs"), "only LUNs with this label (repeatable: all must match)")
     p = leaf(lun, "show", _lun_show, "show one LUN")
     p.add_argument("name", metavar="NAME")
-    p = leaf(lun, "delete", _lun_delete, "delete a LUN (refused while mapped)")
+    p = leaf(lun, "delete", _lun_delete, "delete a LUN (refused while mapped); an RBD image stays unless asked")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--delete-image", action="store_true", help="with an rbd LUN: delete its image too")
 
     acl = noun("acl", "which initiators may log in to a target (an empty ACL admits any)")
     for action, handler, text in (("add", _acl_add, "allow an initiator"),
@@ -361,7 +366,8 @@ _LUN_COLUMNS = ["Name", "Size", "Block", "Type", "Mapped on", "Serial", "Path"]
 
 def _lun_create(c: Any, a: argparse.Namespace) -> int:
     if a.from_snapshot:
-        if a.size is not None or a.backend or a.path or a.block_size != 512 or a.thick or a.read_only or a.labels:
+        if (a.size is not None or a.backend or a.path or a.block_size != 512 or a.thick or a.read_only or a.labels
+                or a.pool or a.image):
             raise UsageError("--from takes the snapshot's size and block size: give no other option")
         body: dict[str, Any] = {"name": a.name, "from_snapshot": a.from_snapshot}
         if a.rate is not None:
@@ -371,12 +377,23 @@ def _lun_create(c: Any, a: argparse.Namespace) -> int:
         return _done(a, lun, f"created lun {lun['name']} from {a.from_snapshot}: {human_size(lun['size_bytes'])}, "
                              f"serial {lun['serial']}; usable now, copied in by recovery set {job} "
                              f"(lunsync recovery wait {job})")
-    if a.size is None or a.rate is not None:
-        raise UsageError("give --size SIZE, or --from LUN@SNAP" if a.size is None else "--rate: only with --from")
-    body = {"name": a.name, "size": a.size, "block_size": a.block_size, "thin": not a.thick,
+    if a.rate is not None:
+        raise UsageError("--rate: only with --from")
+    rbd = a.backend == "rbd"
+    if rbd and (not a.pool or not a.image or a.path or a.thick):
+        raise UsageError("--backend rbd: give --pool POOL --image IMAGE (no --path; an image is always thin)")
+    if not rbd and (a.pool or a.image):
+        raise UsageError("--pool/--image: only with --backend rbd")
+    if a.size is None and not rbd:
+        raise UsageError("give --size SIZE, or --from LUN@SNAP")
+    body = {"name": a.name, "block_size": a.block_size, "thin": not a.thick,
             "read_only": a.read_only, "labels": dict(parse_label(x) for x in a.labels)}
+    if a.size is not None:
+        body["size"] = a.size
     if a.backend:
         body["backend"] = a.backend
+    if rbd:
+        body["pool"], body["image"] = a.pool, a.image
     if a.path:
         # Relative paths on the command line are the user's working dir, not the daemon's data dir.
         body["path"] = os.path.abspath(a.path)
@@ -426,6 +443,9 @@ def _lun_show(c: Any, a: argparse.Namespace) -> int:
 
 
 def _lun_delete(c: Any, a: argparse.Namespace) -> int:
+    if a.delete_image:
+        r = c.delete(f"/luns/{_q(a.name)}", delete_image="true")
+        return _done(a, r, f"deleted lun {a.name} and its rbd image")
     r = c.delete(f"/luns/{_q(a.name)}")
     return _done(a, r, f"deleted lun {a.name}")
 

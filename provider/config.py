@@ -15,12 +15,21 @@ bottom layer the catalog and the SCSI layer share; they are re-exported here for
     login_timeout_s = 15                       # a login must reach full feature phase within this
     max_sessions = 256
 
+    [ceph]                                     # optional: the cluster of the LUNs with backend = "rbd"
+    conf_path = "/etc/ceph/ceph.conf"          # the cluster's ceph.conf (monitors, auth settings)
+    keyring = "/etc/ceph/ceph.client.lunsync.keyring"  # optional; default: what ceph.conf and librados find
+    client = "client.admin"                    # the cephx user to connect as, client.ID
+    connect_timeout_s = 10                     # give up on unreachable monitors after this (1..3600)
+    op_timeout_s = 30                          # an OSD request that takes longer fails (0 = wait for ever)
+
     [[lun]]                                    # one table per LUN
     name = "db0"                               # [A-Za-z0-9][A-Za-z0-9._-]{0,63}, no ".."; unique
-    backend = "file"                           # optional: "file" (a regular file) or "block" (a raw block
-                                               #   device); default "block" for a /dev/... path, else "file"
+    backend = "file"                           # optional: "file" (a regular file), "block" (a raw block
+                                               #   device) or "rbd" (an existing Ceph RBD image); default
+                                               #   "block" for a /dev/... path, else "file"
     path = "luns/db0.img"                      # optional; relative to the data dir (no ".."); default
-                                               #   luns/<name>.img; a block device by its absolute path
+                                               #   luns/<name>.img; a block device by its absolute path; an
+                                               #   rbd image as POOL/IMAGE
     size = "10GiB"                             # required; integer bytes or "<number><unit>", see parse_size();
                                                #   a multiple of block_size
     block_size = 512                           # 512 or 4096
@@ -70,6 +79,7 @@ from lunsync.snapshots.model import (
     CHAP_SECRET_MIN_ADVISED,
     DEFAULT_LISTEN,
     MAX_LUN_NUMBER,
+    CephConfig,
     ChapConfig,
     Config,
     ConfigError,
@@ -78,11 +88,13 @@ from lunsync.snapshots.model import (
     LunMapping,
     PortalConfig,
     TargetConfig,
+    check_abs_path,
     check_advertise_list,
     check_alias,
     check_backend,
     check_block_size,
     check_bool,
+    check_ceph_client,
     check_chap_secret,
     check_chap_user,
     check_chunk_size,
@@ -343,7 +355,8 @@ _LUN_KEYS = ("name", "backend", "path", "size", "block_size", "thin", "read_only
 _TARGET_KEYS = ("iqn", "alias", "acl", "luns", "chap")
 _MAPPING_KEYS = ("lun", "name")
 _CHAP_KEYS = ("user", "secret", "mutual_user", "mutual_secret")
-_TOP_KEYS = ("portal", "lun", "target")
+_CEPH_KEYS = ("conf_path", "keyring", "client", "connect_timeout_s", "op_timeout_s")
+_TOP_KEYS = ("portal", "ceph", "lun", "target")
 
 
 class _Parser:
@@ -397,8 +410,9 @@ class _Parser:
         targets = tuple(
             self.target(v, ("target", i)) for i, v in enumerate(self.array(raw.get("target", []), ("target",)))
         )
+        ceph = self.ceph(raw.get("ceph", {}))
         try:
-            return Config(portal=portal, luns=luns, targets=targets)
+            return Config(portal=portal, luns=luns, targets=targets, ceph=ceph)
         except ConfigError as e:
             raise e.located(self.source, self.where.line_of(e.path)) from None
 
@@ -416,6 +430,17 @@ class _Parser:
         if "max_sessions" in t:
             kw["max_sessions"] = self.get(t, path, "max_sessions", lambda v: check_int(v, 1, 65535))
         return self.built(path, lambda: PortalConfig(**kw))
+
+    def ceph(self, value: object) -> CephConfig:
+        path: KeyPath = ("ceph",)
+        t = self.table(value, path, _CEPH_KEYS)
+        kw: dict[str, Any] = {}
+        for key, check in (("conf_path", check_abs_path), ("keyring", check_abs_path), ("client", check_ceph_client),
+                           ("connect_timeout_s", functools.partial(check_int, lo=1, hi=3600)),
+                           ("op_timeout_s", functools.partial(check_int, lo=0, hi=3600))):
+            if key in t:
+                kw[key] = self.get(t, path, key, check)
+        return self.built(path, lambda: CephConfig(**kw))
 
     def lun(self, value: object, path: KeyPath) -> LunConfig:
         t = self.table(value, path, _LUN_KEYS, required=("name", "size"))
@@ -620,6 +645,11 @@ def dump_config(cfg: Config) -> str:
         f"login_timeout_s = {p.login_timeout_s}",
         f"max_sessions = {p.max_sessions}",
     ]
+    if cfg.ceph != CephConfig():
+        ce = cfg.ceph
+        out += ["", "[ceph]", f"conf_path = {_q(ce.conf_path)}",
+                *([f"keyring = {_q(ce.keyring)}"] if ce.keyring else []), f"client = {_q(ce.client)}",
+                f"connect_timeout_s = {ce.connect_timeout_s}", f"op_timeout_s = {ce.op_timeout_s}"]
     for lun in cfg.luns:
         out += [
             "",

@@ -28,11 +28,12 @@ from lunsync.provider.backing_paths import BackingIndex, real_lun_path, removabl
 from lunsync.provider.config import ChapConfig, Config, LunConfig, LunMapping, TargetConfig, format_size
 from lunsync.provider.name_locks import NameLocks, by_name
 from lunsync.provider.snapshot_service import SnapshotService
-from lunsync.snapshots.backend import FileBackend, StoreSpec, open_store
+from lunsync.snapshots.backend import FileBackend, StoreSpec, UnavailableStore, open_store
 from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
 from lunsync.snapshots.device import BlockDevice, StoreSnapshots
 from lunsync.snapshots.errors import OutOfSpace, StorageError
-from lunsync.snapshots.model import default_lun_path
+from lunsync.snapshots.model import CephConfig, default_lun_path
+from lunsync.snapshots.rbd import image_size, remove_image
 from lunsync.target import native
 from lunsync.target.directory import ChapCredentials, Directory, PortalAddress, TargetEntry
 from lunsync.target.login import LoginResult
@@ -101,6 +102,8 @@ class Array:
     # create/delete/resize/apply of one LUN name run one at a time (see lunsync.provider.name_locks)
     name_locks: NameLocks = field(default_factory=NameLocks)
     backing: BackingIndex = field(default_factory=BackingIndex)  # which live LUN serves which file
+    ceph: CephConfig = field(default_factory=CephConfig)  # the cluster of the RBD-backed LUNs ([ceph] in --config)
+    _reopening: set[asyncio.Task[None]] = field(default_factory=set)  # LUNs whose store is retried (open_lun)
     provider: HardwareProvider | None = None  # likewise
 
     async def load(self) -> None:
@@ -115,8 +118,10 @@ class Array:
 
     def _cow(self, rec: LunRecord, backend: BlockDevice) -> BlockDevice:
         """What the SCSI layer writes through: the backend behind copy-on-write, so snapshots stay intact; a store
-        that keeps its own snapshots (RBD) as it is."""
-        if self.snapshots is None or isinstance(backend, StoreSnapshots):
+        that keeps its own snapshots (RBD) as it is, and so is one the copy-on-write engine cannot work on (no
+        descriptor: a store that could not be opened)."""
+        if (self.snapshots is None or isinstance(backend, StoreSnapshots)
+                or not self.snapshots.copies_on_write(backend)):
             return backend
         return self.snapshots.wrap(rec, backend)
 
@@ -136,22 +141,60 @@ class Array:
                         format_size(have), format_size(rec.size_bytes))
             self.catalog.resize_lun(rec.name, have)
 
-    def _store(self, rec: LunRecord) -> StoreSpec:
-        return StoreSpec(self.catalog.lun_path(rec), rec.size_bytes, rec.block_size, rec.thin, rec.read_only)
+    def _store(self, rec: LunRecord, create: bool = False) -> StoreSpec:
+        return StoreSpec(self.catalog.lun_path(rec), rec.size_bytes, rec.block_size, rec.thin, rec.read_only,
+                         ceph=self.ceph if rec.backend == "rbd" else None, create=create)
 
-    async def open_lun(self, name: str) -> LiveLun:
+    async def open_lun(self, name: str, *, create: bool = False) -> LiveLun:
+        """Open a recorded LUN's store and serve it. ``create`` lets an RBD LUN create its missing image (``lun
+        create``); a daemon reopening its LUNs never does, so an image deleted behind its back is an error, not a
+        new empty disk."""
         rec = self.catalog.get_lun(name)
-        store = self._store(rec)
+        store = self._store(rec, create)
         # The backend the LUN's configuration names; opening may create (a thick file allocates every block) or
         # reach a cluster: never on the loop.
-        device = await asyncio.to_thread(open_store, rec.backend, store)
+        try:
+            device: BlockDevice = await asyncio.to_thread(open_store, rec.backend, store)
+        except StorageError as e:
+            if create or rec.backend != "rbd":
+                raise
+            # A cluster that is down (or an image gone) when the daemon starts must not keep the other LUNs from
+            # being served: this one answers NOT READY until it opens.
+            log.error("lun %s: %s; it answers NOT READY and is retried every %g s", name, e, REOPEN_S)
+            device = UnavailableStore(f"lun {name}", rec.block_size, rec.num_blocks, str(e))
+            self._reopen_later(name, store)
         pr_dir = os.path.join(self.data_dir, "pr")
         os.makedirs(pr_dir, mode=0o700, exist_ok=True)
         lu = LogicalUnit(self._cow(rec, device), lun_identity(rec), aptpl_path=os.path.join(pr_dir, f"{rec.name}.json"), name=name)
         live = LiveLun(name, device, lu)
         self.luns[name] = live
-        self.backing.add(name, store.path)
+        if rec.backend != "rbd":  # an image on the cluster is no file here to alias
+            self.backing.add(name, store.path)
         return live
+
+    def _reopen_later(self, name: str, store: StoreSpec) -> None:
+        async def retry() -> None:
+            while True:
+                await asyncio.sleep(REOPEN_S)
+                live = self.luns.get(name)
+                if live is None or not isinstance(live.device, UnavailableStore):
+                    return  # deleted, or reopened some other way meanwhile
+                try:
+                    device = await asyncio.to_thread(open_store, self.catalog.get_lun(name).backend, store)
+                except StorageError as e:
+                    log.debug("lun %s: still not available: %s", name, e)
+                    continue
+                if self.luns.get(name) is not live:
+                    await device.close()
+                    return
+                live.device = device
+                live.lu.device = self._cow(self.catalog.get_lun(name), device)
+                log.info("lun %s: its store opened; serving it", name)
+                return
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._reopening.add(task)
+        task.add_done_callback(self._reopening.discard)
 
     def check_backing_path(self, name: str, path: str | None) -> None:
         """Refuse a new LUN's path by the rules of :mod:`lunsync.provider.backing_paths`, on the real file."""
@@ -211,19 +254,31 @@ class Array:
         log.info("target %s deleted (%d session(s) logged out)", iqn, n)
 
     @by_name(lambda _, name, *__, **___: (name,))
-    async def create_lun(self, name: str, size_bytes: int, *, path: str | None = None, block_size: int = 512,
+    async def create_lun(self, name: str, size_bytes: int | None, *, path: str | None = None, block_size: int = 512,
                          thin: bool = True, read_only: bool = False, backend: str = "",
                          labels: dict[str, str] | None = None) -> LunRecord:
-        """Record the LUN, then create (or adopt) its backing store. An existing file or device is served as it is
-        only when its size is the requested one; otherwise nothing is left behind."""
-        self.check_backing_path(name, path)
+        """Record the LUN, then create (or adopt) its backing store. An existing file, device or RBD image is
+        served as it is only when its size is the requested one; otherwise nothing is left behind. An RBD LUN
+        (``path`` is ``POOL/IMAGE``) without a size attaches the existing image at its own size."""
+        if backend == "rbd":
+            if path is None:
+                raise ValueError(f"lun {name!r}: an rbd LUN names its image (pool and image)")
+            if size_bytes is None:
+                size_bytes = await asyncio.to_thread(image_size, self.ceph, path)
+        else:
+            if size_bytes is None:
+                raise ValueError(f"lun {name!r}: a size is required (only an rbd LUN takes its image's)")
+            self.check_backing_path(name, path)
         rec = self.catalog.create_lun(name, size_bytes, path=path, block_size=block_size, thin=thin,
                                       read_only=read_only, backend=backend, labels=labels)
         try:
             if rec.backend == "file" and not thin and not os.path.exists(self.catalog.lun_path(rec)):
                 _check_space(self.catalog.lun_path(rec), size_bytes)
-            live = await self.open_lun(rec.name)
+            live = await self.open_lun(rec.name, create=True)
             have = live.device.num_blocks * live.device.block_size
+            if have != rec.size_bytes and rec.backend == "rbd":
+                raise ValueError(f"rbd image {rec.path} already exists and holds {have} bytes, not {rec.size_bytes}; "
+                                 "leave out the size to serve it at its own")
             if have != rec.size_bytes:
                 raise ValueError(f"{self.catalog.lun_path(rec)} already exists and holds {have} bytes, not "
                                  f"{rec.size_bytes}; create the LUN with --size {have} to serve it as it is")
@@ -239,9 +294,13 @@ class Array:
         return rec
 
     @by_name(lambda _, name, *__, **___: (name,))
-    async def delete_lun(self, name: str) -> LunRecord:
+    async def delete_lun(self, name: str, *, delete_image: bool = False) -> LunRecord:
         """Forget a LUN (refused while mapped). A backing file inside the data dir goes with it; a file or device
-        elsewhere was the user's before and stays."""
+        elsewhere was the user's before and stays. An RBD image stays unless ``delete_image``, and then goes once
+        the LUN is forgotten (refused by the cluster while the image has snapshots or another client has it
+        open: the LUN is gone, the image kept, and the error says so)."""
+        if delete_image and self.catalog.get_lun(name).backend != "rbd":
+            raise ValueError(f"lun {name!r} is not on an rbd image: there is no image to delete")
         self._refuse_if_restoring([name], "deleted")
         if self.snapshots is not None:
             await self.snapshots.release_origin(name)  # refused while snapshots depend on it
@@ -256,6 +315,13 @@ class Array:
         pr = os.path.join(self.data_dir, "pr", f"{rec.name}.json")
         if os.path.exists(pr):
             os.unlink(pr)
+        if delete_image:
+            try:
+                await asyncio.to_thread(remove_image, self.ceph, rec.path)
+            except StorageError as e:
+                raise StorageError(f"lun {rec.name} deleted, but {e}") from None
+            log.info("lun %s deleted with rbd image %s", rec.name, rec.path)
+            return rec
         if removed:
             log.info("lun %s deleted with %s", rec.name, path)
         else:
@@ -361,6 +427,8 @@ class Array:
         if not dry_run and plan:
             for step in plan.steps:
                 log.info("apply: %s", step)
+            # LUNs opened from now on reach the cluster the configuration names; open ones keep their connection.
+            self.ceph = self.catalog.get_ceph()
             await self.reconcile(before)
         return plan
 
@@ -403,6 +471,8 @@ class Array:
             log.info("lun %s removed", name)
 
     async def close(self) -> None:
+        for task in list(self._reopening):
+            task.cancel()
         if self.snapshots is not None:
             await self.snapshots.close()
         for live in self.luns.values():
@@ -410,6 +480,9 @@ class Array:
                 await live.device.close()
             except Exception:
                 log.exception("closing LUN %s", live.name)
+
+
+REOPEN_S = 10.0  # how often a LUN whose store could not be opened at start is tried again
 
 
 def _check_space(path: str, needed: int) -> None:
@@ -562,7 +635,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         ensure_demo(catalog, opts.demo_size)
     if not listen:
         listen = [DEFAULT_LISTEN]
-    array = Array(data_dir, catalog)
+    array = Array(data_dir, catalog, ceph=catalog.get_ceph())
     await array.load()
     server = Server(array.directory, settings)
     array.server = server

@@ -237,9 +237,15 @@ class SnapshotService:
 
     # --- LUNs come and go ------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def copies_on_write(backend: BlockDevice) -> bool:
+        """Whether this engine can keep snapshots of ``backend``: it preserves chunks through the descriptor that
+        the file and block backends offer, and an RBD image offers none."""
+        return hasattr(backend, "fileno")
+
     def wrap(self, rec: LunRecord, backend: BlockDevice) -> CowVolume:
         """The LUN's device: its backend behind copy-on-write, with the snapshots that still need it."""
-        if not hasattr(backend, "fileno"):
+        if not self.copies_on_write(backend):
             raise TypeError(f"lun {rec.name}: copy-on-write needs a backend with a descriptor, not {backend!r}")
         origin = cast(Origin, backend)  # the file or block backend: the copy-on-write engine works on their descriptor
         old = self.volumes.get(rec.name)
@@ -374,6 +380,11 @@ class SnapshotService:
                 raise Invalid(f"lun(s) {names} keep their snapshots in RBD, where a snapshot is instant and a clone "
                               "is a new image: take a snapshot, then lunsync lun create NEW --from LUN@SNAP")
             cow_plans = [p for p, st in zip(plans, stores, strict=True) if st is None]
+            for plan in cow_plans:
+                if plan.lun_name not in self.volumes:  # served unwrapped: no snapshots of its own, no descriptor
+                    raise Invalid(f"lun {plan.lun_name!r} cannot be snapshotted now: its store keeps no snapshots "
+                                  "of its own and offers no file to preserve into (is it available?); nothing was "
+                                  "recorded")
             vols = [self.volumes[p.lun_name] for p in cow_plans]
             held_stores = [(p, st, self.array.luns[p.lun_name].lu) for p, st in zip(plans, stores, strict=True)
                            if st is not None]

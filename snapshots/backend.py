@@ -51,7 +51,9 @@ __all__ = [
     "BlockDevBackend",
     "FileBackend",
     "Opener",
+    "StoreBase",
     "StoreSpec",
+    "UnavailableStore",
     "Unsupported",
     "open_store",
     "register_backend",
@@ -84,16 +86,73 @@ def _check_geometry(size_bytes: int, block_size: int) -> None:
         raise ValueError(f"size {size_bytes} is not a positive multiple of the block size {block_size}")
 
 
-class _FdBackend:
-    """What the file and block-device backends share: one descriptor, range checks, the I/O paths and flushing."""
+class StoreBase:
+    """What every backend shares (file, block device, RBD image): its geometry, the read-only flag, the range check,
+    and the plain integer counters a metrics collector samples (ints because the hot path must not call into
+    Prometheus)."""
 
-    def __init__(self, path: str, fd: int, block_size: int, num_blocks: int, *, thin: bool, read_only: bool) -> None:
-        self.path = path
-        self._fd = fd
+    def __init__(self, block_size: int, num_blocks: int, read_only: bool) -> None:
         self._block_size = block_size
         self._num_blocks = num_blocks
-        self._thin = thin
         self._read_only = read_only
+        self.reads = 0
+        self.writes = 0
+        self.read_bytes = 0
+        self.write_bytes = 0
+        self.flushes = 0
+        self._close_task: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        """Flush (unless read-only) and release the store; see each backend's ``_close``.
+
+        Idempotent, and safe to call concurrently: every caller waits for the one close, which a cancelled caller
+        does not abort.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes (512 or 4096)."""
+        return self._block_size
+
+    @property
+    def num_blocks(self) -> int:
+        """Capacity in logical blocks."""
+        return self._num_blocks
+
+    @property
+    def read_only(self) -> bool:
+        """True when the store was opened read-only; every write is refused before it reaches the store."""
+        return self._read_only
+
+    def _check_range(self, lba: int, blocks: int) -> None:
+        if lba < 0 or blocks < 0 or lba + blocks > self._num_blocks:
+            raise OutOfRange(f"blocks {lba}+{blocks} outside 0..{self._num_blocks}")
+
+    def _write_view(self, lba: int, data: Buffer) -> memoryview:
+        """``data`` as flat bytes, checked to be whole blocks that fit at ``lba``."""
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if view.nbytes % self._block_size:
+            raise ValueError(f"write of {view.nbytes} bytes is not a whole number of {self._block_size}-byte blocks")
+        self._check_range(lba, view.nbytes // self._block_size)
+        return view
+
+
+class _FdBackend(StoreBase):
+    """What the file and block-device backends share: one descriptor, the I/O paths and flushing."""
+
+    def __init__(self, path: str, fd: int, block_size: int, num_blocks: int, *, thin: bool, read_only: bool) -> None:
+        super().__init__(block_size, num_blocks, read_only)
+        self.path = path
+        self._fd = fd
+        self._thin = thin
         self._closed = False
         # RWF_NOWAIT lets a page-cache hit stay on the loop and turns a miss into EAGAIN instead of a stall. A file
         # or device that does not support it answers EOPNOTSUPP once, and reads then block inline as before.
@@ -113,30 +172,8 @@ class _FdBackend:
         self._flush_error: OSError | None = None
         # Executor jobs that use the descriptor; close() waits for them so the fd number is never reused under them.
         self._jobs: set[asyncio.Future[Any]] = set()
-        self._close_task: asyncio.Task[None] | None = None
-        # Plain counters, read by the metrics collector; ints because the hot path must not call into Prometheus.
-        self.reads = 0
-        self.writes = 0
-        self.read_bytes = 0
-        self.write_bytes = 0
-        self.flushes = 0
 
     # --- BlockDevice properties -------------------------------------------------------------------------------
-
-    @property
-    def block_size(self) -> int:
-        """Logical block size in bytes (512 or 4096)."""
-        return self._block_size
-
-    @property
-    def num_blocks(self) -> int:
-        """Capacity in logical blocks."""
-        return self._num_blocks
-
-    @property
-    def read_only(self) -> bool:
-        """True when the store was opened read-only; every write is refused before it reaches the kernel."""
-        return self._read_only
 
     @property
     def thin(self) -> bool:
@@ -182,10 +219,6 @@ class _FdBackend:
         if self._closed:
             raise NotReady(f"{self.path}: backing store is closed")
         return self._fd
-
-    def _check_range(self, lba: int, blocks: int) -> None:
-        if lba < 0 or blocks < 0 or lba + blocks > self._num_blocks:
-            raise OutOfRange(f"blocks {lba}+{blocks} outside 0..{self._num_blocks}")
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -258,12 +291,7 @@ class _FdBackend:
         """
         fd = self._live_fd()
         self._check_writable()
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if view.nbytes % self._block_size:
-            raise ValueError(f"write of {view.nbytes} bytes is not a whole number of {self._block_size}-byte blocks")
-        self._check_range(lba, view.nbytes // self._block_size)
+        view = self._write_view(lba, data)
         try:
             if self._offload_writes or self._inline_after:
                 await self._offloaded_write(fd, view, lba)
@@ -377,17 +405,8 @@ class _FdBackend:
         """Change the capacity to ``num_blocks``; durable on return."""
         raise NotImplementedError
 
-    async def close(self) -> None:
-        """Flush (unless read-only), wait for executor jobs on the descriptor, then close it.
-
-        Idempotent, and safe to call concurrently: every caller waits for the one close, which a cancelled caller
-        does not abort.
-        """
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._close_task)
-
     async def _close(self) -> None:
+        # Flush (unless read-only), wait for executor jobs on the descriptor, then close it.
         self._closed = True  # refuse new I/O; what is already in flight finishes below
         try:
             if not self._read_only and self._flush_error is None:
@@ -590,6 +609,43 @@ class BlockDevBackend(_FdBackend):
         """Refused: a raw device's size is set by whoever provides it (LVM, the SAN), not by the target."""
         self._live_fd()
         raise Unsupported(f"{self.path} is a block device; resize it at its source and reopen")
+
+
+class UnavailableStore:
+    """Stands in for a store that could not be opened (an RBD image whose cluster is unreachable at start), so the
+    LUN keeps its number and identity and answers every data command with NOT READY, while the daemon serves its
+    other LUNs and keeps trying to open this one. Holds nothing and touches nothing."""
+
+    thin = True
+
+    def __init__(self, what: str, block_size: int, num_blocks: int, reason: str) -> None:
+        self.what, self.reason = what, reason
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.read_only = False
+
+    def _refuse(self) -> NotReady:
+        return NotReady(f"{self.what} is not available: {self.reason}")
+
+    async def read(self, lba: int, blocks: int) -> bytes:
+        raise self._refuse()
+
+    async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
+        raise self._refuse()
+
+    async def flush(self) -> None:
+        raise self._refuse()
+
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        raise self._refuse()
+
+    def lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]:
+        raise self._refuse()
+
+    async def resize(self, num_blocks: int) -> None:
+        raise self._refuse()
+
+    async def close(self) -> None:
+        return None
 
 
 # --- the registry: backends by the name a LUN's configuration gives ----------------------------------------------

@@ -33,6 +33,7 @@ from typing import Literal, Self
 from lunsync.snapshots.backup import BackupManifest, backup_database, backup_metadata
 from lunsync.snapshots.model import (
     MAX_LUN_NUMBER,
+    CephConfig,
     ChapConfig,
     Config,
     ConfigError,
@@ -74,6 +75,7 @@ __all__ = [
 
 CATALOG_FILENAME = "catalog.db"
 _ADVERTISE_KEY = "portal.advertise"  # settings row: the JSON list of PortalConfig.advertise
+_CEPH_KEY = "ceph"  # settings row: the JSON object of CephConfig's fields; absent means the defaults
 BACKUPS_DIRNAME = "backups"  # in the data dir: the copy of the catalog written before each schema migration
 # Frames between automatic checkpoints (SQLite's default, stated so the WAL reserve below can be sized from it), and
 # how many such stretches of WAL are written as zeros when the catalog opens.
@@ -234,7 +236,7 @@ def lun_identity(lun: LunRecord) -> LunIdentity:
 @dataclass(frozen=True, slots=True)
 class PlanStep:
     """One change :meth:`Catalog.apply` makes. ``str()`` is the human form: ``~ lun db0 size 10GiB -> 20GiB``.
-    ``kind`` is one of portal, lun, target, map, acl, chap; ``name`` is the LUN name or target IQN. Action ``!`` is
+    ``kind`` is one of portal, ceph, lun, target, map, acl, chap; ``name`` is the LUN name or target IQN. Action ``!`` is
     only in a dry run's plan: a change the real apply would refuse, with why."""
 
     action: Literal["+", "-", "~", "!"]
@@ -757,6 +759,29 @@ class Catalog:
                 db.execute("INSERT INTO settings (key, value) VALUES (?, ?)",
                            (_ADVERTISE_KEY, json.dumps(list(portal.advertise))))
 
+    # --- ceph --------------------------------------------------------------------------------------------------------
+
+    def get_ceph(self) -> CephConfig:
+        """How the daemon reaches the Ceph cluster of its RBD-backed LUNs (the ``[ceph]`` section). Kept here, like
+        the portal, so that a daemon started without ``--config`` still reaches the cluster it was given."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (_CEPH_KEY,)).fetchone()
+        if row is None:
+            return CephConfig()
+        try:
+            return CephConfig(**json.loads(row[0]))
+        except (ValueError, TypeError) as e:
+            raise Invalid(f"the catalog's ceph settings are unreadable ({e}); set them again with --config") from None
+
+    def set_ceph(self, ceph: CephConfig) -> None:
+        """Replace the ``[ceph]`` settings; the defaults are stored as no row at all."""
+        with self._tx() as db:
+            db.execute("DELETE FROM settings WHERE key = ?", (_CEPH_KEY,))
+            if ceph != CephConfig():
+                value = {f: getattr(ceph, f) for f in ("conf_path", "keyring", "client", "connect_timeout_s",
+                                                       "op_timeout_s")}
+                db.execute("INSERT INTO settings (key, value) VALUES (?, ?)", (_CEPH_KEY, json.dumps(value)))
+
     def list_portals(self) -> tuple[str, ...]:
         """The listen addresses, ``HOST:PORT`` / ``[V6]:PORT``, in order."""
         listen: tuple[str, ...] = self.get_portal().listen
@@ -886,7 +911,7 @@ class Catalog:
             raise Invalid(f"lun {cfg.name!r}: path {cfg.path!r} is the catalog itself")
         # The path as written, as resolved, and relative to the data dir: the forms a stored path can take. An index
         # lookup, not a scan: creating the 10 000th LUN must cost what the 10th did.
-        forms = {cfg.path, where, os.path.relpath(where, self.data_dir)}
+        forms = {cfg.path} if cfg.backend == "rbd" else {cfg.path, where, os.path.relpath(where, self.data_dir)}
         marks = ", ".join("?" * len(forms))
         other = db.execute(f"SELECT name FROM luns WHERE path IN ({marks})", tuple(forms)).fetchone()
         if other is not None:
@@ -917,7 +942,8 @@ class Catalog:
                 naa,
                 serial,
                 rfc3339(self._clock()),
-                int(not os.path.lexists(where)),
+                # An RBD image is never the LUN's to remove: deleting the LUN keeps it unless the image is asked for.
+                int(cfg.backend != "rbd" and not os.path.lexists(where)),
                 cfg.backend,
                 json.dumps(labels or {}),
             ),
@@ -999,6 +1025,8 @@ class Catalog:
         relative. Accepts a record, a config, or a LUN name (then :class:`NotFound` if unknown)."""
         if isinstance(lun, str):
             lun = self.get_lun(lun)
+        if lun.backend == "rbd":
+            return lun.path  # POOL/IMAGE on the cluster, nothing under the data dir
         return self._resolve(lun.path)
 
     def _resolve(self, path: str) -> str:
@@ -1155,6 +1183,7 @@ class Catalog:
                 portal=self.get_portal(),
                 luns=tuple(rec.config() for rec in self.list_luns()),
                 targets=self.list_targets(),
+                ceph=self.get_ceph(),
             )
 
     def apply(self, config: Config, *, dry_run: bool = False) -> Plan:
@@ -1198,6 +1227,14 @@ class Catalog:
                     shown = (lambda v: "[" + ", ".join(v) + "]") if attr in ("listen", "advertise") else str
                     steps.append(PlanStep("~", "portal", attr, f"{shown(old)} -> {shown(new)}"))
             self.set_portal(config.portal)
+
+        ceph = self.get_ceph()
+        if ceph != config.ceph:
+            for attr in ("conf_path", "keyring", "client", "connect_timeout_s", "op_timeout_s"):
+                old, new = getattr(ceph, attr), getattr(config.ceph, attr)
+                if old != new:
+                    steps.append(PlanStep("~", "ceph", attr, f"{old or '-'} -> {new or '-'}"))
+            self.set_ceph(config.ceph)
 
         wanted_targets = {t.iqn: t for t in config.targets}
         current_targets = self.list_targets()

@@ -536,6 +536,8 @@ class LunConfig:
     def __post_init__(self) -> None:
         name = _freeze(self, "name", check_lun_name, ("lun",))
         ctx: KeyPath = (f"lun[{name!r}]",)
+        if self.path == "" and self.backend == "rbd":
+            raise ConfigError("an rbd LUN names its image: path = \"POOL/IMAGE\"", path=(*ctx, "path"))
         if self.path == "":
             object.__setattr__(self, "path", default_lun_path(name))
         path = _freeze(self, "path", check_lun_path, ctx)

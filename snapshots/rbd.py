@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from lunsync.snapshots.backend import BLOCK_SIZES, StoreSpec
+from lunsync.snapshots.backend import BLOCK_SIZES, StoreBase, StoreSpec
 from lunsync.snapshots.device import Buffer, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, Saturated, StorageError
 from lunsync.snapshots.fsutil import storage_error
@@ -207,51 +207,27 @@ def open_image(spec: StoreSpec) -> RbdBackend:
 # --- the device --------------------------------------------------------------------------------------------------
 
 
-class RbdBackend:
+class RbdBackend(StoreBase):
     """One open RBD image as a block device. Thin: UNMAP discards, deallocated objects read as zeros. The
     ``snapshot`` it was opened at, if any, makes it read-only; ``image`` is the open ``rbd.Image`` for the snapshot
     and resync engine (its snapshots, ``diff_iterate``, ``copy``), used from the backend's thread only."""
 
     def __init__(self, cluster: _Cluster, image: Any, spec: str, block_size: int, num_blocks: int, *,
                  read_only: bool, snapshot: str | None = None) -> None:
+        super().__init__(block_size, num_blocks, read_only)
         self._cluster: _Cluster | None = cluster
         self.image = image
         self.spec = spec
         self.path = spec  # what logs and the daemon's index of backing stores call it
         self.snapshot = snapshot
-        self._block_size = block_size
-        self._num_blocks = num_blocks
-        self._read_only = read_only
         self._closed = False
-        self._close_task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._executor: ThreadPoolExecutor | None = None
         # A failed flush stays failed: librbd may have dropped what it could not write, so no later flush may
         # report success for writes that were lost.
         self._flush_error: StorageError | None = None
-        # Plain counters, read by the metrics collector (see the file backend).
-        self.reads = 0
-        self.writes = 0
-        self.read_bytes = 0
-        self.write_bytes = 0
-        self.flushes = 0
 
-    # --- BlockDevice properties -------------------------------------------------------------------------------
-
-    @property
-    def block_size(self) -> int:
-        """Logical block size in bytes (512 or 4096)."""
-        return self._block_size
-
-    @property
-    def num_blocks(self) -> int:
-        """Capacity in logical blocks."""
-        return self._num_blocks
-
-    @property
-    def read_only(self) -> bool:
-        """True when opened read-only or at a snapshot; every write is refused before it reaches librbd."""
-        return self._read_only
+    # --- BlockDevice properties (geometry, read_only and the counters are StoreBase's; read-only at a snapshot) ---
 
     @property
     def thin(self) -> bool:
@@ -308,10 +284,6 @@ class RbdBackend:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"rbd-{self.spec}")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _check_range(self, lba: int, blocks: int) -> None:
-        if lba < 0 or blocks < 0 or lba + blocks > self._num_blocks:
-            raise OutOfRange(f"blocks {lba}+{blocks} outside 0..{self._num_blocks}")
-
     def _check_writable(self) -> None:
         if self._read_only:
             at = f" (snapshot {self.snapshot})" if self.snapshot is not None else ""
@@ -340,12 +312,7 @@ class RbdBackend:
         write-back mode) on return; with ``fua`` a librbd flush that started after the write completed has
         returned too. Yields: two writes are ordered only if the second starts after the first returned."""
         self._check_writable()
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if view.nbytes % self._block_size:
-            raise ValueError(f"write of {view.nbytes} bytes is not a whole number of {self._block_size}-byte blocks")
-        self._check_range(lba, view.nbytes // self._block_size)
+        view = self._write_view(lba, data)
         # librbd takes bytes (not a view), and the buffer must stay as it is until the OSDs have it: an aborted
         # command's buffer returns to the connection, so a mutable one is copied.
         payload = data if isinstance(data, bytes) else view.tobytes()
@@ -487,14 +454,9 @@ class RbdBackend:
             raise storage_error(OSError(code, str(exc)), f"resize rbd image {self.spec}", None, write=True) from None
         self._num_blocks = num_blocks
 
-    async def close(self) -> None:
-        """Refuse new I/O, wait for what is in flight, flush (unless read-only or already failed), close the image
-        and let go of the cluster connection. Idempotent; a cancelled caller does not abort it."""
-        if self._close_task is None:
-            self._close_task = asyncio.get_running_loop().create_task(self._close())
-        await asyncio.shield(self._close_task)
-
     async def _close(self) -> None:
+        # Refuse new I/O, wait for what is in flight, flush (unless read-only or already failed), close the image
+        # and let go of the cluster connection.
         self._closed = True  # refuse new I/O; what is already in flight finishes below
         try:
             if self._inflight:

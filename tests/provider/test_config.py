@@ -147,6 +147,23 @@ def test_the_documented_example_parses() -> None:
     assert target.chap is not None and target.chap.mutual_user == "target1"
 
 
+def test_ceph_section_and_rbd_luns() -> None:
+    cfg = parse_config('[ceph]\nconf_path = "/etc/ceph/lab.conf"\nclient = "client.gw1"\nop_timeout_s = 0\n'
+                       '[[lun]]\nname = "r0"\nbackend = "rbd"\npath = "rbd/r0"\nsize = "1GiB"\n')
+    assert (cfg.ceph.conf_path, cfg.ceph.keyring, cfg.ceph.client, cfg.ceph.op_timeout_s) == (
+        "/etc/ceph/lab.conf", "", "client.gw1", 0)
+    assert (cfg.luns[0].backend, cfg.luns[0].path) == ("rbd", "rbd/r0")
+    assert parse_config(dump_config(cfg)) == cfg
+    assert parse_config("").ceph.conf_path == "/etc/ceph/ceph.conf" and "[ceph]" not in dump_config(Config())
+    for text, fragment in (('[ceph]\nconf_path = "ceph.conf"\n', "ceph.conf_path: must be an absolute path"),
+                           ('[ceph]\nclient = "admin"\n', "client.ID"),
+                           ('[ceph]\nconnect_timeout_s = 0\n', "between 1 and 3600"),
+                           ('[ceph]\nkeyrnig = "/k"\n', "did you mean 'keyring'"),
+                           ('[[lun]]\nname = "r0"\nbackend = "rbd"\nsize = "1GiB"\n', "POOL/IMAGE")):
+        with pytest.raises(ConfigError, match=fragment):
+            parse_config(text)
+
+
 def test_lun_defaults() -> None:
     cfg = parse_config('[[lun]]\nname = "db0"\nsize = "1GiB"\n')
     assert cfg.luns == (

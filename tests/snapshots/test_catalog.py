@@ -41,7 +41,7 @@ from lunsync.snapshots.catalog import (
     lun_identity,
     serial_from_naa,
 )
-from lunsync.snapshots.model import LunIdentity
+from lunsync.snapshots.model import CephConfig, LunIdentity
 
 IQN = "iqn.2026-11.io.lunsync:demo"
 IQN_B = "iqn.2026-11.io.lunsync:b"
@@ -435,6 +435,31 @@ def test_advertised_portals_persist_apply_with_a_plan_step_and_export(cat: Catal
         assert again.export() == want
         again.apply(replace(want, portal=replace(want.portal, advertise=())))
         assert again.get_portal().advertise == ()
+
+
+def test_ceph_settings_persist_apply_with_plan_steps_and_export(cat: Catalog, data_dir: Path) -> None:
+    assert cat.get_ceph() == CephConfig()
+    ceph = CephConfig(conf_path="/etc/ceph/lab.conf", keyring="/etc/ceph/lab.keyring", client="client.lunsync")
+    plan = cat.apply(replace(cat.export(), ceph=ceph))
+    assert sorted(str(s) for s in plan.steps if s.kind == "ceph") == [
+        "~ ceph client client.admin -> client.lunsync", "~ ceph conf_path /etc/ceph/ceph.conf -> /etc/ceph/lab.conf",
+        "~ ceph keyring - -> /etc/ceph/lab.keyring"]
+    cat.close()
+    with Catalog(data_dir) as again:
+        assert again.get_ceph() == ceph and again.export().ceph == ceph
+        assert not again.apply(again.export()).steps
+        again.set_ceph(CephConfig())
+        assert again.get_setting("ceph") is None, "the defaults are no row at all"
+
+
+def test_rbd_luns_name_pool_and_image_and_own_no_file(cat: Catalog) -> None:
+    rec = cat.create_lun("r0", 1 << 20, path="rbd/img0", backend="rbd")
+    assert (rec.backend, rec.path, cat.lun_path(rec), rec.owns_file) == ("rbd", "rbd/img0", "rbd/img0", False)
+    with pytest.raises(AlreadyExists, match="already used by lun 'r0'"):
+        cat.create_lun("r1", 1 << 20, path="rbd/img0", backend="rbd")
+    for bad in (None, "img0", "rbd/img@snap", "rbd/a/b"):
+        with pytest.raises(Invalid, match="POOL/IMAGE"):
+            cat.create_lun("r2", 1 << 20, path=bad, backend="rbd")
 
 
 def test_settings(cat: Catalog) -> None:
