@@ -1,7 +1,8 @@
 """The RBD backend: a LUN that is a Ceph RBD image, read and written through librbd's asynchronous calls.
 
 This module owns :class:`RbdBackend` (the :class:`~lunsync.snapshots.device.BlockDevice` over one open image, with
-the :class:`~lunsync.snapshots.device.ZeroWriter` and :class:`~lunsync.snapshots.device.MappingQuery` capabilities),
+the :class:`~lunsync.snapshots.device.ZeroWriter`, :class:`~lunsync.snapshots.device.MappingQuery` and
+:class:`~lunsync.snapshots.device.StoreSnapshots` capabilities, the last through :mod:`lunsync.snapshots.rbdsnap`),
 the cluster connections the images share (one ``rados.Rados`` per :class:`~lunsync.snapshots.model.CephConfig`,
 counted by the images that use it and shut down with the last), and the image life cycle the control plane needs
 (:func:`open_image` creates or attaches, :func:`image_size` and :func:`remove_image`). Every data-path call is a
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lunsync.snapshots.backend import BLOCK_SIZES, StoreBase, StoreSpec
-from lunsync.snapshots.device import Buffer, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, Saturated, StorageError
 from lunsync.snapshots.fsutil import storage_error
 from lunsync.snapshots.model import CephConfig, split_rbd_spec
@@ -54,12 +55,14 @@ def _bindings() -> None:
 
 
 class _Cluster:
-    """One connected ``rados.Rados`` and the pool contexts opened on it. Blocking; guarded by ``_clusters_lock``."""
+    """One connected ``rados.Rados`` and the pool contexts opened on it. Blocking; ``users`` is counted under
+    ``_clusters_lock``, the pool contexts under the cluster's own lock (images open from several threads)."""
 
     def __init__(self, cfg: CephConfig) -> None:
         self.cfg = cfg
         self.users = 0
         self.ioctxs: dict[str, Any] = {}
+        self._lock = threading.Lock()
         # Timeouts so that a cluster that is down, or a wrong address, is an error in seconds instead of a hang;
         # partial discards are not skipped, so an UNMAP of any range reads back zeros (LBPRZ).
         conf = {
@@ -80,6 +83,10 @@ class _Cluster:
             raise NotReady(f"cannot reach the Ceph cluster of {cfg.conf_path} as {cfg.client}: {exc}") from None
 
     def ioctx(self, pool: str) -> Any:
+        with self._lock:
+            return self._ioctx(pool)
+
+    def _ioctx(self, pool: str) -> Any:
         ctx = self.ioctxs.get(pool)
         if ctx is None:
             try:
@@ -216,6 +223,7 @@ class RbdBackend(StoreBase):
                  read_only: bool, snapshot: str | None = None) -> None:
         super().__init__(block_size, num_blocks, read_only)
         self._cluster: _Cluster | None = cluster
+        self.ceph = cluster.cfg
         self.image = image
         self.spec = spec
         self.path = spec  # what logs and the daemon's index of backing stores call it
@@ -238,6 +246,37 @@ class RbdBackend(StoreBase):
     def flush_failed(self) -> bool:
         """True once a flush has failed (sticky, as for the file backend)."""
         return self._flush_error is not None
+
+    # --- StoreSnapshots (lunsync.snapshots.device): the image's own snapshots, through lunsync.snapshots.rbdsnap ---
+    # Blocking, on the caller's thread; rbdsnap is imported here because it needs librbd's bindings at import.
+
+    def create_snapshot(self, name: str) -> None:
+        """RBD snapshot ``lunsync.NAME`` of the image; librbd flushes its cache into it first."""
+        from lunsync.snapshots import rbdsnap
+
+        rbdsnap.create_snapshot(self.image, rbdsnap.snapshot_name(name))
+
+    def remove_snapshot(self, name: str) -> bool:
+        from lunsync.snapshots import rbdsnap
+
+        pool, image = split_rbd_spec(self.spec)
+        return rbdsnap.remove_snapshot(self._ioctx(pool), image, rbdsnap.snapshot_name(name))
+
+    def open_snapshot(self, name: str) -> BlockDevice:
+        """A read-only RbdBackend at ``lunsync.NAME``, whose changed regions are the head's diff against it."""
+        from lunsync.snapshots import rbdsnap
+
+        snap = rbdsnap.snapshot_name(name)
+        view = open_image(StoreSpec(self.spec, self._num_blocks * self._block_size, self._block_size, snapshot=snap,
+                                    ceph=self.ceph))
+        pool, image = split_rbd_spec(self.spec)
+        ioctx = self._ioctx(pool)
+        return rbdsnap.ChangedSince(view, lambda: rbdsnap.changed_extents(ioctx, image, snap))
+
+    def _ioctx(self, pool: str) -> Any:
+        if self._cluster is None:
+            raise NotReady(f"rbd image {self.spec} is closed")
+        return self._cluster.ioctx(pool)
 
     # --- completions: librbd thread -> event loop ------------------------------------------------------------
 

@@ -120,10 +120,12 @@ def test_create_attach_refuse_and_delete(rbd_daemon: Daemon, ceph_cluster: CephC
               ok=False)
     assert "image" in err, err
     assert all(x["name"] != "r-bad" for x in cli(d, "lun", "list"))
-    # Snapshots of an RBD LUN are not the file engine's: refused with a reason, not a crash.
+    # Snapshots of an RBD LUN are the image's own; while one exists, Ceph keeps the image.
     cli(d, "lun", "create", "r-snap", "--backend", "rbd", "--pool", POOL, "--image", img)
-    err = cli(d, "snapshot", "create", "r-snap@s1", ok=False)
-    assert "rbd backend" in err, err
+    cli(d, "snapshot", "create", "r-snap@s1")
+    snaps = run(["rbd", "-c", str(ceph_cluster.conf), "snap", "ls", f"{POOL}/{img}"], check=True).stdout
+    assert "lunsync.s1" in snaps, snaps
+    cli(d, "snapshot", "delete", "r-snap@s1")
     # --delete-image removes it; on a file LUN it is refused before anything changes.
     cli(d, "lun", "delete", "r-snap", "--delete-image")
     assert not image_exists(ceph_cluster, img)

@@ -16,7 +16,7 @@ import pytest
 from ceph_cluster import POOL, CephCluster
 from lunsync.snapshots import rbd as R
 from lunsync.snapshots.backend import StoreSpec, open_store
-from lunsync.snapshots.device import BlockDevice, LbaExtent, MappingQuery, ZeroWriter
+from lunsync.snapshots.device import BlockDevice, ChangedRegions, LbaExtent, MappingQuery, StoreSnapshots, ZeroWriter
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, Saturated, StorageError
 from lunsync.snapshots.fsutil import storage_error
 from lunsync.snapshots.model import CephConfig
@@ -61,6 +61,7 @@ def image(ceph: CephConfig) -> Callable[..., BlockDevice]:
 def test_declares_the_protocol_and_its_capabilities(image: Callable[..., BlockDevice]) -> None:
     dev = image(8 * MiB)
     assert isinstance(dev, BlockDevice) and isinstance(dev, ZeroWriter) and isinstance(dev, MappingQuery)
+    assert isinstance(dev, StoreSnapshots)
     assert not hasattr(dev, "fileno") and not hasattr(dev, "file_extents"), "an image has no descriptor to offer"
     assert (dev.block_size, dev.num_blocks, dev.thin, dev.read_only) == (512, 16384, True, False)
     run(dev.close())
@@ -221,6 +222,28 @@ def test_read_only_and_snapshot_opens_refuse_writes(image: Callable[..., BlockDe
             img.remove_snap("s1")
 
     R._with_pool(ceph, spec, purge)
+
+
+def test_store_snapshots_through_the_backend(image: Callable[..., BlockDevice]) -> None:
+    """The StoreSnapshots capability: a snapshot keeps its point in time, opens read-only with the head's changed
+    regions, and is removed again."""
+    dev = image(16 * MiB)
+    st: StoreSnapshots = dev  # type: ignore[assignment]
+
+    async def go() -> None:
+        await dev.write(0, pattern(MiB))
+        st.create_snapshot("p1")
+        await dev.write(8 * MiB // 512, pattern(4096, 5))
+        view = st.open_snapshot("p1")
+        assert view.read_only and isinstance(view, ChangedRegions)
+        assert await view.read(0, MiB // 512) == pattern(MiB)
+        assert await view.read(8 * MiB // 512, 8) == bytes(4096)
+        assert view.changed_regions(4 * MiB) == {2}
+        await view.close()
+        assert st.remove_snapshot("p1") is True and st.remove_snapshot("p1") is False
+        await dev.close()
+
+    run(go())
 
 
 def test_open_errors_are_clear(ceph: CephConfig, ceph_cluster: CephCluster, tmp_path: Any) -> None:
