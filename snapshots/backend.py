@@ -259,10 +259,15 @@ class _FdBackend(StoreBase):
 
         Served inline when the page cache holds the range; a miss (or a partial hit) finishes in the executor.
         """
-        fd = self._live_fd()
-        self._check_range(lba, blocks)
-        size = blocks * self._block_size
-        offset = lba * self._block_size
+        # Once per READ command: the checks inlined, their methods called only to raise (see write).
+        if self._closed:
+            self._live_fd()
+        if lba < 0 or blocks < 0 or lba + blocks > self._num_blocks:
+            self._check_range(lba, blocks)
+        fd = self._fd
+        bs = self._block_size
+        size = blocks * bs
+        offset = lba * bs
         buf = bytearray(size)  # zero-filled, so a short read at EOF already reads as zeros
         got = 0
         try:
@@ -289,15 +294,29 @@ class _FdBackend(StoreBase):
         Without ``fua`` the data is in the page cache when this returns; with ``fua`` an fdatasync that started after
         the write completed has returned.
         """
-        fd = self._live_fd()
-        self._check_writable()
-        view = self._write_view(lba, data)
+        # Once per WRITE command, and interpreted: the checks are inlined, with the methods called only to raise, and
+        # bytes or a bytearray (what the SCSI layer hands down) goes to pwritev as it is: about 0.3 us of the 1.5 us
+        # this method cost above its pwritev (tmpfs, interleaved runs).
+        if self._closed or self._read_only:
+            self._live_fd()
+            self._check_writable()
+        fd = self._fd
+        bs = self._block_size
+        if isinstance(data, (bytes, bytearray)) and not len(data) % bs and 0 <= lba \
+                and lba + len(data) // bs <= self._num_blocks:
+            nbytes = len(data)
+        else:
+            data = self._write_view(lba, data)  # flat bytes, checked: raises what is wrong with them
+            nbytes = data.nbytes
         try:
             if self._offload_writes or self._inline_after:
-                await self._offloaded_write(fd, view, lba)
+                await self._offloaded_write(fd, memoryview(data), lba)
             else:
+                offset = lba * bs
                 started = time.monotonic()
-                pwrite_full(fd, view, lba * self._block_size)
+                done = os.pwritev(fd, [data], offset)
+                if done != nbytes:  # short (a signal, a quota edge): the rest must still land or fail
+                    pwrite_full(fd, memoryview(data)[done:], offset + done)
                 stalled = time.monotonic() - started
                 if stalled > STALL_S:
                     self._inline_after = time.monotonic() + STALL_HOLD_S
@@ -306,7 +325,7 @@ class _FdBackend(StoreBase):
         except OSError as exc:
             raise storage_error(exc, f"write {self.path} at block {lba}", lba, write=True) from exc
         self.writes += 1
-        self.write_bytes += view.nbytes
+        self.write_bytes += nbytes
         if fua:
             await self._flush()
 

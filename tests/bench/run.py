@@ -2,7 +2,8 @@
 
 Starts ``lunsync serve --demo`` (thin 1 GiB LUN, write cache on) in a temporary data dir on a free loopback port,
 runs ``SHARED/tools/bench`` against it (tgt started by that tool beside it, A B A B), then the snapshot and resync
-benchmarks in ``tests/snapshots`` and ``tests/provider``. Prints one table headed with the date and the machine, the
+benchmarks in ``tests/snapshots`` and ``tests/provider``, and three runs of ``tests/bench/hotpath.py`` (CPU per
+command without a client). Prints one table headed with the date and the machine, the
 form the README quotes. Figures are ratios from one run; absolute numbers depend on how busy the machine is.
 """
 
@@ -120,6 +121,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     own = [
+        *((f"CPU per command without a client, run {i + 1} of 3: tests/bench/hotpath.py",
+           [PY, "tests/bench/hotpath.py"]) for i in range(3)),
         ("copy-on-write 4 KiB random-write IOPS: tests/snapshots/bench_cow.py iops",
          [PY, "tests/snapshots/bench_cow.py", "iops"]),
         ("copy-on-write through iSCSI, with the A/A noise: tests/snapshots/bench_cow.py iscsi",

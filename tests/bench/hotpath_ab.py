@@ -1,0 +1,47 @@
+"""Interleaved A/B runs of :mod:`tests.bench.hotpath` under several Python interpreters, with medians.
+
+Each interpreter is one build to compare (a venv with the compiled wheel, an editable venv running the sources, a venv
+with an older wheel); the runs alternate A B A B so the shared machine's load falls on all of them alike. Prints,
+per interpreter, the median CPU microseconds per 4 KiB WRITE(10) and READ(10) command and every run's figure.
+Run: ``python tests/bench/hotpath_ab.py [--rounds R] [--commands N] PYTHON [PYTHON ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HOTPATH = Path(__file__).resolve().parent / "hotpath.py"
+_FIGURE = {op: re.compile(rf"{op}\(10\) 4 KiB\s+([\d.]+) us CPU") for op in ("WRITE", "READ")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("pythons", nargs="+", help="interpreters to compare, one per build")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--commands", type=int, default=30000)
+    a = ap.parse_args()
+    runs: dict[str, dict[str, list[float]]] = {p: {op: [] for op in _FIGURE} for p in a.pythons}
+    builds: dict[str, str] = {}
+    for _ in range(a.rounds):
+        for py in a.pythons:
+            out = subprocess.run([py, str(HOTPATH), str(a.commands)], capture_output=True, text=True, check=True).stdout
+            builds[py] = out.splitlines()[0].removeprefix("hotpath: ")
+            for op, pattern in _FIGURE.items():
+                found = pattern.search(out)
+                if found is None:
+                    raise SystemExit(f"hotpath_ab: no {op} figure from {py}:\n{out}")
+                runs[py][op].append(float(found.group(1)))
+    for py in a.pythons:
+        figures = "  ".join(f"{op} {statistics.median(v):6.2f} us ({' '.join(f'{x:.2f}' for x in v)})"
+                            for op, v in runs[py].items())
+        print(f"{py} [{builds[py]}]: {figures}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
