@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-tls-key", metavar="FILE", help="the private key of --api-tls-cert (PEM)")
     s.add_argument("--api-max-body", type=_size, default=1 << 20, metavar="SIZE",
                    help="largest API request body; larger ones get 413 unread (default 1MiB)")
+    g = s.add_argument_group("gateways", "serve the rbd LUNs together with other lunsync daemons (ALUA, shared "
+                                         "persistent reservations and configuration in the [ceph] cluster)")
+    g.add_argument("--gateway", metavar="ID", help="this daemon's gateway id, unique among the gateways")
+    g.add_argument("--port-group", type=int, metavar="N",
+                   help="this gateway's ALUA target port group, TPGT and relative port id (1-65535), unique among "
+                        "the gateways; required with --gateway")
+    g.add_argument("--gateway-pool", default="rbd", metavar="POOL",
+                   help="the RADOS pool that holds the gateways' shared objects (default rbd)")
+    g.add_argument("--lease", type=int, default=10, metavar="SECONDS",
+                   help="how long a dead gateway keeps a LUN's ownership before another takes it (2-300, default 10)")
     _client_commands(sub)
     return ap
 
@@ -706,11 +716,22 @@ def _main(argv: list[str] | None) -> int:
             return 2
         from lunsync.provider import daemon
 
+        gateway = None
+        if args.gateway is not None or args.port_group is not None:
+            from lunsync.provider.shared_luns import GatewaySettings
+
+            if args.gateway is None or args.port_group is None:
+                ap.error("--gateway and --port-group go together")
+            try:
+                gateway = GatewaySettings(args.gateway, args.port_group, args.gateway_pool, args.lease)
+            except ValueError as e:
+                ap.error(str(e))
         opts = daemon.ServeOptions(data_dir=args.data_dir, listen=args.listen, config=args.config, demo=args.demo,
                                    demo_size=args.demo_size, api=args.api or daemon.DEFAULT_API,
                                    metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
                                    api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body,
-                                   hooks=args.hooks, log_level=args.log_level, log_format=args.log_format)
+                                   hooks=args.hooks, log_level=args.log_level, log_format=args.log_format,
+                                   gateway=gateway)
         from lunsync.snapshots.catalog import CatalogError
 
         try:

@@ -42,6 +42,7 @@ from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.target import ScsiTarget
 
 if TYPE_CHECKING:
+    from lunsync.provider.shared_luns import GatewaySettings, SharedLuns
     from lunsync.provider.vss import HardwareProvider, RecoveryManager
 
 log = logging.getLogger("lunsync.daemon")
@@ -99,6 +100,9 @@ class Array:
     server: Server | None = None  # set once the portals exist; sessions are logged out through it
     snapshots: SnapshotService | None = None  # set by load(); every LUN opened after that has copy-on-write
     recovery: RecoveryManager | None = None  # set by resync_array.attach, for the API
+    # set by shared_luns.attach (serve --gateway): this daemon is one of several gateways of the rbd LUNs
+    gateways: SharedLuns | None = None
+    port_group: int = 1  # this daemon's ALUA target port group, TPGT and relative target port identifier
     # create/delete/resize/apply of one LUN name run one at a time (see lunsync.provider.name_locks)
     name_locks: NameLocks = field(default_factory=NameLocks)
     backing: BackingIndex = field(default_factory=BackingIndex)  # which live LUN serves which file
@@ -170,6 +174,8 @@ class Array:
         self.luns[name] = live
         if rec.backend != "rbd":  # an image on the cluster is no file here to alias
             self.backing.add(name, store.path)
+        if self.gateways is not None and rec.backend == "rbd":
+            await self.gateways.share(live, rec)
         return live
 
     def _reopen_later(self, name: str, store: StoreSpec) -> None:
@@ -206,7 +212,8 @@ class Array:
     def build_target(self, iqn: str) -> TargetEntry:
         t = self.catalog.get_target(iqn)
         existing = self.directory.lookup(iqn)
-        scsi = existing.scsi if existing is not None else ScsiTarget(t.iqn)
+        scsi = existing.scsi if existing is not None else ScsiTarget(t.iqn, port_groups={self.port_group:
+                                                                                         (self.port_group,)})
         wanted = {m.lun: self.luns[m.name].lu for m in self.catalog.list_mappings(iqn)}
         if self.snapshots is not None:
             wanted.update(self.snapshots.exposed_on(t.iqn))
@@ -305,6 +312,8 @@ class Array:
         if self.snapshots is not None:
             await self.snapshots.release_origin(name)  # refused while snapshots depend on it
         rec = self.catalog.delete_lun(name)
+        if self.gateways is not None and rec.backend == "rbd":
+            await self.gateways.unshare(name, unpublish=True)
         live = self.luns.pop(rec.name, None)
         if live is not None:
             await live.device.close()
@@ -473,6 +482,8 @@ class Array:
     async def close(self) -> None:
         for task in list(self._reopening):
             task.cancel()
+        if self.gateways is not None:
+            await self.gateways.close()  # releases the leases: the other gateways own the LUNs at once
         if self.snapshots is not None:
             await self.snapshots.close()
         for live in self.luns.values():
@@ -551,6 +562,7 @@ class ServeOptions:
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # text, or json: one object per line
     hooks: str | None = None  # the hook file: named restore hooks, the only commands a restore can run
+    gateway: GatewaySettings | None = None  # one of several gateways of the rbd LUNs (serve --gateway)
 
 
 async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
@@ -636,7 +648,13 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     if not listen:
         listen = [DEFAULT_LISTEN]
     array = Array(data_dir, catalog, ceph=catalog.get_ceph())
+    if opts.gateway is not None:
+        array.port_group = settings.tpgt = opts.gateway.port_group
     await array.load()
+    if opts.gateway is not None:
+        from lunsync.provider import shared_luns
+
+        await shared_luns.attach(array, opts.gateway)  # before any initiator: PR state and ALUA come from the cluster
     server = Server(array.directory, settings)
     array.server = server
     from lunsync.provider import resync_array
@@ -649,11 +667,11 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         host, port = parse_hostport(spec)
         h, p_ = await server.listen(host, port)
         bound.append((host, p_))
-        array.directory.portals.append(PortalAddress(host, p_, 1))
+        array.directory.portals.append(PortalAddress(host, p_, settings.tpgt))
         log.info("iSCSI portal listening on %s:%d (data path: %s)", host, p_, native.describe())
     for spec in p.advertise:
         host, _, port_text = spec.rpartition(":")
-        array.directory.advertise.append(PortalAddress(host.strip("[]"), int(port_text), 1))
+        array.directory.advertise.append(PortalAddress(host.strip("[]"), int(port_text), settings.tpgt))
     if p.advertise:
         log.info("discovery advertises %s", ", ".join(p.advertise))
     if opts.demo:

@@ -40,6 +40,9 @@ class PortalSettings:
     nop_timeout_s: float = 15.0
     login_timeout_s: float = 15.0
     max_sessions: int = 256
+    # The portal group tag of every portal (RFC 7143 §4.2.7.1), also the relative target port identifier: one per
+    # gateway when several serve the same LUNs, so that each is its own SCSI target port and ALUA port group.
+    tpgt: int = 1
     max_recv_data_segment_length: int = 262144
     max_burst_length: int = 1048576
     first_burst_length: int = 262144
@@ -113,7 +116,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 pass
         s = self.server.settings
         self.conn = cx.Connection(
-            self.server.directory, peer=self.peer, local=local, tpgt=1, now=self.loop.time(),
+            self.server.directory, peer=self.peer, local=local, tpgt=s.tpgt, now=self.loop.time(),
             nop_interval_s=s.nop_interval_s, nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
             target_limits=self.server.target_limits(), allocate_tsih=self.server.sessions.allocate_tsih,
             hand_off=self.server.hand_off is not None,

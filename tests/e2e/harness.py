@@ -81,9 +81,9 @@ def describe(p: subprocess.CompletedProcess[str]) -> str:
     return f"`{args}` exited {p.returncode}\n--- stdout ---\n{p.stdout[-4000:]}\n--- stderr ---\n{p.stderr[-4000:]}"
 
 
-def _accepts(port: int) -> bool:
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -112,8 +112,10 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         api: bool = False,
         metrics: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         self.workdir = Path(workdir)
+        self.host = host  # where the iSCSI portals listen (any 127.0.0.0/8 address: a second gateway "host")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "daemon.log"
@@ -138,7 +140,7 @@ class Daemon:
     def command(self) -> list[str]:
         cmd = [*lunsync_command(), "serve", "--data-dir", str(self.data_dir)]
         for p in self.ports:
-            cmd += ["--listen", f"127.0.0.1:{p}"]
+            cmd += ["--listen", f"{self.host}:{p}"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         cmd += ["--api", f"127.0.0.1:{self.api_port}" if self.api_port else "off"]
@@ -176,7 +178,8 @@ class Daemon:
                 cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
-        pending = [p for p in (*self.ports, self.api_port, self.metrics_port) if p]
+        pending = [(self.host, p) for p in self.ports]
+        pending += [("127.0.0.1", p) for p in (self.api_port, self.metrics_port) if p]
         while pending:
             if self.proc.poll() is not None:
                 raise DaemonFailed(f"lunsync serve exited {self.proc.returncode} during start-up\n{self.log_tail()}")
@@ -184,7 +187,7 @@ class Daemon:
                 self._kill()
                 raise DaemonFailed(f"lunsync serve did not accept on {pending} within {START_TIMEOUT_S}s\n"
                                    f"{self.log_tail()}")
-            pending = [p for p in pending if not _accepts(p)]
+            pending = [(h, p) for h, p in pending if not _accepts(p, h)]
             if pending:
                 time.sleep(0.05)
 
@@ -267,7 +270,7 @@ class Daemon:
         cred = ""
         if user is not None:
             cred = user + (f"%{secret}" if secret is not None else "") + "@"
-        return f"iscsi://{cred}127.0.0.1:{self.ports[portal]}/{iqn}/{lun}"
+        return f"iscsi://{cred}{self.host}:{self.ports[portal]}/{iqn}/{lun}"
 
     def log_text(self) -> str:
         try:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 from ceph_cluster import POOL, CephCluster
-
 from lunsync.provider.gateway import GatewayLink, OwnershipKeeper, RadosPrStore, connect
 from lunsync.provider.lease import Lease
 from lunsync.target.scsi.alua import AluaGroups

@@ -1,0 +1,217 @@
+"""Two gateways, one LUN: two real daemons (gateway A on 127.0.0.1, gateway B on 127.0.0.2, as two hosts) serving the
+same RBD image of the test cluster. A is configured with the LUN; B has only the cluster and learns the LUN from
+RADOS. Real clients drive them: libiscsi's multipath suite with one path through each gateway, a Windows-cluster PR
+cycle split across them, and qemu-io writing through B while A is killed (-9), with ALUA ownership moving to B."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from ceph_cluster import POOL, CephCluster
+from e2e.harness import Daemon, describe, require_tools
+from e2e.test_conformance import MULTIPATH_SUITE, MULTIPATH_TESTS, conformance
+from iscsi_scapy import RawInitiator, cdb_inquiry
+
+pytestmark = [pytest.mark.e2e]
+
+IQN = "iqn.2026-11.io.lunsync:gw"
+SIZE = 64 << 20
+LEASE_S = 3
+NODE1, NODE2 = "iqn.1991-05.com.microsoft:node1", "iqn.1991-05.com.microsoft:node2"
+K1, K2 = 0x1111, 0x2222
+RTPG = bytes([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+
+
+def ceph_section(cluster: CephCluster) -> str:
+    return f"""[ceph]
+conf_path = "{cluster.conf}"
+keyring = "{cluster.keyring}"
+client = "client.admin"
+"""
+
+
+@pytest.fixture
+def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    """Gateway A (port group 1) with the LUN in its configuration, then gateway B (port group 2) with none."""
+    require_tools("rbd")
+    image = f"gw-{uuid.uuid4().hex[:8]}"
+    p = subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "create", "--size", f"{SIZE >> 20}M",
+                        f"{POOL}/{image}"], capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, describe(p)
+    config_a = ceph_section(ceph_cluster) + f"""
+[[lun]]
+name = "{image}"
+backend = "rbd"
+path = "{POOL}/{image}"
+size = {SIZE}
+
+[[target]]
+iqn = "{IQN}"
+luns = [{{ lun = 0, name = "{image}" }}]
+"""
+    common = ["--gateway-pool", POOL, "--lease", str(LEASE_S)]
+    a = Daemon(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1",
+               extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
+    b = Daemon(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2",
+               extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def session(d: Daemon, initiator: str, isid: int = 0x400001370000) -> RawInitiator:
+    ini = RawInitiator(d.host, d.port, timeout=10).connect()
+    ini.login(IQN, initiator, isid=isid)
+    return ini
+
+
+def clear_ua(ini: RawInitiator) -> None:
+    for _ in range(8):
+        if ini.scsi(bytes(6)).status == 0:
+            return
+    raise AssertionError("unit attentions never cleared")
+
+
+def rtpg_states(ini: RawInitiator) -> dict[int, int]:
+    """Port group -> asymmetric access state, from REPORT TARGET PORT GROUPS (unit attentions consumed first)."""
+    clear_ua(ini)
+    r = ini.scsi(RTPG, read_length=256)
+    assert r.status == 0, r
+    d, out, off = r.data, {}, 4
+    while off + 8 <= 4 + struct.unpack_from(">I", d)[0]:
+        state, group, count = d[off] & 0x0F, struct.unpack_from(">H", d, off + 2)[0], d[off + 7]
+        out[group] = state
+        off += 8 + 4 * count
+    return out
+
+
+def wait_for(what: Callable[[], bool], timeout: float, message: str) -> float:
+    t0 = time.monotonic()
+    while not what():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(message)
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def vpd83(ini: RawInitiator) -> bytes:
+    clear_ua(ini)
+    r = ini.scsi(cdb_inquiry(255, 1, 0x83), read_length=255)
+    assert r.status == 0
+    return r.data
+
+
+def test_same_identity_alua_and_multipath_suite(gateways: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    a, b = gateways
+    with session(a, NODE1) as ia, session(b, NODE1) as ib:
+        da, db = vpd83(ia), vpd83(ib)
+        assert da[4:24] == db[4:24], "the NAA designator differs between the gateways"  # same LU, same NAA
+        # Relative target port (type 4) and target port group (type 5) designators: each gateway its own.
+        assert da[8 + 16 + 4:] != db[8 + 16 + 4:]
+        serials = []
+        for ini in (ia, ib):
+            r = ini.scsi(cdb_inquiry(255, 1, 0x80), read_length=255)
+            serials.append(r.data[4:])
+        assert serials[0] == serials[1]
+        wait_for(lambda: rtpg_states(ia) == {1: 0, 2: 1}, 3 * LEASE_S, f"A: {rtpg_states(ia)}")
+        assert rtpg_states(ib) == {1: 0, 2: 1}  # both gateways agree: A owns the LUN (A/O), B is A/N-O
+    report, out = conformance(a.url(0, iqn=IQN), tmp_path / "multipath.json", "--multipath", b.url(0, iqn=IQN),
+                              "--test", MULTIPATH_SUITE, timeout=600)
+    ran = {name.rsplit(".", 1)[-1]: v for name, v in report["tests"].items() if "MultipathIO" in name}
+    assert set(MULTIPATH_TESTS) <= set(ran), f"MultipathIO tests missing: {sorted(ran)}\n{out[-3000:]}"
+    not_passed = {k: v for k, v in ran.items() if v != "passed"}
+    assert not not_passed, f"MultipathIO across gateways: {not_passed}\n{out[-4000:]}\n{a.log_tail()}\n{b.log_tail()}"
+    a.assert_healthy()
+    b.assert_healthy()
+
+
+def prout(ini: RawInitiator, sa: int, key: int = 0, sa_key: int = 0, rtype: int = 0) -> int:
+    params = struct.pack(">QQ4xBx2x", key, sa_key, 0)
+    return ini.scsi(bytes([0x5F, sa, rtype, 0, 0, 0, 0, 0, 24, 0]), write_data=params).status
+
+
+def write1(ini: RawInitiator) -> int:
+    return ini.scsi(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), write_data=bytes(512)).status
+
+
+GOOD, CHECK, CONFLICT = 0x00, 0x02, 0x18
+
+
+def test_windows_pr_cycle_split_across_gateways(gateways: tuple[Daemon, Daemon]) -> None:
+    """The Failover Cluster validation sequence (register, reserve Write Exclusive - Registrants Only, arbitrate by
+    preempting, release), with node 1 on gateway A and node 2 on gateway B."""
+    a, b = gateways
+    with session(a, NODE1) as n1, session(b, NODE2) as n2:
+        clear_ua(n1)
+        clear_ua(n2)
+        assert prout(n1, 0, sa_key=K1) == GOOD  # REGISTER on A
+        assert prout(n2, 0, sa_key=K2) == GOOD  # REGISTER on B
+        keys = n1.scsi(bytes([0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_length=0x1000).data
+        assert struct.unpack_from(">IIQQ", keys) == (2, 16, K1, K2)  # A sees B's registration
+        assert prout(n1, 1, key=K1, rtype=5) == GOOD  # RESERVE WERO on A
+        res = n2.scsi(bytes([0x5E, 1, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_length=0x1000).data
+        assert struct.unpack_from(">IIQ", res)[1:] == (16, K1) and res[21] == 5  # B reports A's reservation
+        assert write1(n2) == GOOD  # a registrant writes under WERO, through the other gateway
+        with session(b, "iqn.2026-01.test:stranger") as other:
+            clear_ua(other)
+            assert write1(other) == CONFLICT  # the conflict check on B sees A's reservation
+            assert other.scsi(bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), read_length=512).status == GOOD
+        # Node 2 arbitrates: PREEMPT node 1's key from B, taking a Write Exclusive reservation.
+        assert prout(n2, 4, key=K2, sa_key=K1, rtype=1) == GOOD
+        r = n1.scsi(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), write_data=bytes(512))
+        assert r.status == CHECK and r.sense[12:14] == b"\x2a\x05", r  # REGISTRATIONS PREEMPTED, on A
+        assert write1(n1) == CONFLICT
+        assert prout(n1, 1, key=K1, rtype=1) == CONFLICT  # its key is gone
+        assert write1(n2) == GOOD
+        # Node 1 rejoins and node 2 releases from B; A's next write passes.
+        assert prout(n1, 0, sa_key=K1) == GOOD
+        assert prout(n2, 2, key=K2, rtype=1) == GOOD  # RELEASE on B
+        assert write1(n1) == GOOD
+        assert prout(n2, 3, key=K2) == GOOD  # CLEAR from B
+        keys = n1.scsi(bytes([0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_length=0x1000).data
+        assert struct.unpack_from(">II", keys)[1] == 0
+    a.assert_healthy()
+    b.assert_healthy()
+
+
+def qemu_io(url: str, *cmds: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    return subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Daemon, Daemon]) -> None:
+    require_tools("qemu-io")
+    a, b = gateways
+    url_b = b.url(0, iqn=IQN)
+    with session(b, NODE2) as ib:
+        wait_for(lambda: rtpg_states(ib) == {1: 0, 2: 1}, 3 * LEASE_S, "A never became the owner")
+    # Writes acknowledged through B, before and while A dies; each 1 MiB stripe has its own pattern.
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", *sum((["-c", f"write -P 0x{0x40 + i:02x} {i}M 1M"]
+                                                             for i in range(32)), []), url_b],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    a.kill9()
+    out, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0 and "error" not in (out + err).lower(), f"{out[-2000:]}\n{err[-2000:]}"
+    assert out.count("wrote 1048576/1048576 bytes") == 32, out[-2000:]
+    # Ownership moves to B once A's lease expires; B's nexus sees the state change.
+    with session(b, NODE2) as ib:
+        took = wait_for(lambda: rtpg_states(ib) == {1: 1, 2: 0}, 4 * LEASE_S, "B never took ownership")
+        assert took < 3 * LEASE_S
+    # Every acknowledged write is there, read back through B (a fresh qemu-io: nothing cached).
+    p = qemu_io(url_b, *(f"read -P 0x{0x40 + i:02x} {i}M 1M" for i in range(32)))
+    assert p.returncode == 0 and "Pattern verification failed" not in p.stdout, describe(p)
+    assert p.stdout.count("read 1048576/1048576 bytes") == 32, describe(p)
+    b.assert_healthy()
