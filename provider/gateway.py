@@ -27,7 +27,7 @@ import asyncio
 import errno
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +175,7 @@ class RadosPrStore:
         """Adopt other gateways' commits into ``lu`` as they are notified."""
         self._lu, self._loop = lu, loop
         self._watch = self.io.watch(self.oid, self._notified, self._watch_error)
+        lu.on_reset = self.announce_reset
 
     def close_sync(self) -> None:
         if self._watch is not None:
@@ -232,21 +233,49 @@ class RadosPrStore:
 
     # -- the watch (librados' thread) -------------------------------------------------------------------------------
 
+    def announce_reset(self, asc: tuple[int, int]) -> Awaitable[None] | None:
+        """A LUN or target reset happened here: the other gateways' nexuses get its unit attention too (SAM-5
+        §6.3.3). Returns what completes once they have it (the TMF response waits for that)."""
+        loop = self._loop
+        if loop is None:
+            return None
+        msg = json.dumps({"event": "reset", "asc": list(asc), "from": self.link.gateway_id})
+        return loop.run_in_executor(None, self._notify_quietly, msg)
+
+    def _notify_quietly(self, msg: str) -> None:
+        try:
+            self.io.notify(self.oid, msg, _NOTIFY_TIMEOUT_MS)
+        except _rados().Error as e:
+            log.warning("pr %s: a reset was not acknowledged by every gateway: %s", self.oid, e)
+
     def _notified(self, notify_id: int, notifier_id: str, watch_id: int, data: bytes) -> None:
+        loop = self._loop
         try:
             msg = json.loads(data)
-            version, sender, doc = int(msg["v"]), str(msg["from"]), dict(msg["doc"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("pr %s: ignoring a notify that is not a PR state", self.oid)
+            sender = str(msg["from"])
+            if sender == self.link.gateway_id or loop is None:
+                return
+            if msg.get("event") == "reset":
+                asc = (int(msg["asc"][0]), int(msg["asc"][1]))
+                done = asyncio.run_coroutine_threadsafe(self._reset(asc), loop)
+                done.result(_ADOPT_TIMEOUT_S)  # acknowledged once every nexus here has the unit attention
+                return
+            version, doc = int(msg["v"]), dict(msg["doc"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            log.warning("pr %s: ignoring a notify that is neither a PR state nor a reset", self.oid)
             return
-        loop = self._loop
-        if sender == self.link.gateway_id or loop is None:
+        except (TimeoutError, asyncio.CancelledError):
+            log.warning("pr %s: a peer's reset took too long to apply", self.oid)
             return
         fut = asyncio.run_coroutine_threadsafe(self._adopt(version, doc), loop)
         try:
             fut.result(_ADOPT_TIMEOUT_S)  # acknowledge only once adopted: the sender's command waits for this
         except (TimeoutError, asyncio.CancelledError):  # a late adoption still happens; the next PR command re-reads
             log.warning("pr %s: adopting version %d took too long", self.oid, version)
+
+    async def _reset(self, asc: tuple[int, int]) -> None:
+        if self._lu is not None:
+            self._lu.reset(asc=asc, from_peer=True)
 
     async def _adopt(self, version: int, doc: dict[str, Any]) -> None:
         if version <= self.applied or self._lu is None:

@@ -13,7 +13,7 @@ import collections
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -25,7 +25,7 @@ from lunsync.target.handoff import SessionState
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
 from lunsync.target.scsi.task import ScsiTask
-from lunsync.target.session import SessionTable
+from lunsync.target.session import SessionTable, TmfOutcome
 from lunsync.target.stats import CommandStats, IoCounts
 from lunsync.target.throttle import LoginThrottle
 
@@ -482,7 +482,26 @@ class Server:
         assert conn is not None
         outcome = self.sessions.task_management(proto, req, target=conn.scsi, nexus=conn.nexus,
                                                 exp_cmd_sn=conn.exp_cmd_sn)
-        conn.tmf_done(req, outcome.response)
+        # A LU that other gateways serve too has told them of a reset; answer once their nexuses have its unit
+        # attention, so that the initiator's next command down another path sees it (SAM-5 §6.3.3).
+        waits = conn.scsi.take_peer_waits() if conn.scsi is not None else []
+        if waits:
+            proto.loop.create_task(self._tmf_after(proto, req, outcome, waits))
+            return
+        self._tmf_respond(proto, req, outcome)
+
+    async def _tmf_after(self, proto: IscsiProtocol, req: TaskMgmtRequest, outcome: TmfOutcome[IscsiProtocol],
+                         waits: list[Awaitable[None]]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 10.0)
+        except TimeoutError:
+            log.warning("task management: another gateway did not confirm a reset within 10 s")
+        if not proto.closing and proto.conn is not None:
+            self._tmf_respond(proto, req, outcome)
+
+    def _tmf_respond(self, proto: IscsiProtocol, req: TaskMgmtRequest, outcome: TmfOutcome[IscsiProtocol]) -> None:
+        assert proto.conn is not None
+        proto.conn.tmf_done(req, outcome.response)
         proto.pump()
         for p in outcome.close_after:
             p.close()

@@ -12,6 +12,7 @@ state (:class:`lunsync.target.scsi.pr.PrState`, persisted when APTPL is set), th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from lunsync.snapshots.device import BlockDevice
@@ -254,6 +255,10 @@ class LogicalUnit:
         self.stopped = False
         # The port groups of a LU shared by several gateways (None: this daemon's groups, all active/optimized).
         self.alua: AluaGroups | None = None
+        # Set on a LU shared by several gateways: tells the others of a reset; what it returns completes once they
+        # have applied it, and the TMF response waits for it (take_peer_waits).
+        self.on_reset: Callable[[S.Asc], Awaitable[None] | None] | None = None
+        self._peer_waits: list[Awaitable[None]] = []
 
     # -- geometry ---------------------------------------------------------------------------------------------------
 
@@ -357,16 +362,26 @@ class LogicalUnit:
         """The device was resized: every nexus sees CAPACITY DATA HAS CHANGED."""
         self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
 
-    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION) -> None:
+    def reset(self, *, asc: S.Asc = S.BUS_DEVICE_RESET_FUNCTION, from_peer: bool = False) -> None:
         """LUN RESET or a target reset: drop RESERVE(6/10) and PREVENT, and establish the reset unit attention on
         every I_T nexus, the issuer's included (SAM-5 §6.3.3). A multipath host sees it on each of its paths, which
-        is what lets it notice that other paths' commands were aborted."""
+        is what lets it notice that other paths' commands were aborted. A LU shared by several gateways tells the
+        others (``on_reset``), whose nexuses are this LU's too; ``from_peer`` is such a reset arriving."""
         self.legacy_holder = None
         self.prevent.clear()
         self.stopped = False
         for q in self._ua.values():
             q.clear()  # a reset supersedes older attentions
             q.append(asc)
+        if self.on_reset is not None and not from_peer:
+            wait = self.on_reset(asc)
+            if wait is not None:
+                self._peer_waits.append(wait)
+
+    def take_peer_waits(self) -> list[Awaitable[None]]:
+        """What the response to the task management function that just reset this LU must wait for."""
+        waits, self._peer_waits = self._peer_waits, []
+        return waits
 
     def apply_mode_page(self, page: int, data: bytes | bytearray, *, save: bool, nexus: Nexus) -> None:
         """Install a validated page as current (and saved), refresh derived state, and tell the other nexuses."""

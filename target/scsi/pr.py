@@ -235,19 +235,20 @@ class PrState:
 def adopt(lu: LogicalUnit, doc: dict[str, Any]) -> None:
     """Another gateway committed ``doc``: make it this LU's state, and tell the nexuses here what it did to them.
 
-    A local nexus whose registration vanished was preempted or cleared from elsewhere (SPC-4 §5.13.11.4): it sees
-    REGISTRATIONS PREEMPTED; a registrants-only reservation that vanished while its registrants remain was released:
-    they see RESERVATIONS RELEASED.
+    A local nexus whose registration vanished was preempted from elsewhere (SPC-4 §5.13.11.4): it sees REGISTRATIONS
+    PREEMPTED, or RESERVATIONS PREEMPTED when every registration went (a CLEAR, §5.13.11.6); a registrants-only
+    reservation that vanished while its registrants remain was released: they see RESERVATIONS RELEASED.
     """
     pr = lu.pr
     before = list(pr.registrations)
     released = pr.res_type in _REGISTRANTS
     pr.apply(doc)
     after = {(r.initiator_name, r.isid, r.target_port) for r in pr.registrations}
+    why = S.REGISTRATIONS_PREEMPTED if pr.registrations else S.RESERVATIONS_PREEMPTED
     for n in lu.known_nexuses():
         lost = any(r.matches(n) and (r.initiator_name, r.isid, r.target_port) not in after for r in before)
         if lost:
-            lu.add_ua(n, S.REGISTRATIONS_PREEMPTED)
+            lu.add_ua(n, why)
         elif released and not pr.res_type and pr.find(n) is not None:
             lu.add_ua(n, S.RESERVATIONS_RELEASED)
 

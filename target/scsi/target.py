@@ -12,7 +12,7 @@ CHECK CONDITION 25/00. Task management resets and I_T nexus loss land in :meth:`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from lunsync.snapshots.errors import Saturated, StorageError
 
@@ -226,6 +226,9 @@ class ScsiTarget:
             lu = self._luns.get(lun) if lun is not None else None
             if lu is not None:
                 lu.add_ua_all(S.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, except_nexus=nexus)
+
+    def take_peer_waits(self) -> list[Awaitable[None]]:
+        return [w for lu in self._luns.values() for w in lu.take_peer_waits()]
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus ended (logout, session reinstatement, connection loss without recovery).

@@ -9,6 +9,7 @@ never sees a PDU; the iSCSI layer never parses a CDB.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -151,4 +152,9 @@ class ScsiPort(Protocol):
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus ended: release what it held that does not outlive it."""
+        ...
+
+    def take_peer_waits(self) -> list[Awaitable[None]]:
+        """What the response to the task management function just carried out must wait for: other gateways
+        applying its reset to their nexuses of a shared LU. Usually empty."""
         ...

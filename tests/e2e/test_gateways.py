@@ -20,7 +20,6 @@ from iscsi_scapy import RawInitiator, cdb_inquiry
 
 pytestmark = [pytest.mark.e2e]
 
-IQN = "iqn.2026-11.io.lunsync:gw"
 SIZE = 64 << 20
 LEASE_S = 3
 NODE1, NODE2 = "iqn.1991-05.com.microsoft:node1", "iqn.1991-05.com.microsoft:node2"
@@ -36,11 +35,17 @@ client = "client.admin"
 """
 
 
+class Gateway(Daemon):
+    iqn = ""
+
+
 @pytest.fixture
-def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    """Gateway A (port group 1) with the LUN in its configuration, then gateway B (port group 2) with none."""
-    require_tools("rbd")
+def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
+    """Gateway A (port group 1) with the LUN in its configuration, then gateway B (port group 2) with none. Each
+    test has its own image and target; its entry leaves the cluster's LUN index afterwards, as a delete would."""
+    require_tools("rbd", "rados")
     image = f"gw-{uuid.uuid4().hex[:8]}"
+    iqn = f"iqn.2026-11.io.lunsync:{image}"
     p = subprocess.run(["rbd", "-c", str(ceph_cluster.conf), "create", "--size", f"{SIZE >> 20}M",
                         f"{POOL}/{image}"], capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, describe(p)
@@ -52,14 +57,15 @@ path = "{POOL}/{image}"
 size = {SIZE}
 
 [[target]]
-iqn = "{IQN}"
+iqn = "{iqn}"
 luns = [{{ lun = 0, name = "{image}" }}]
 """
     common = ["--gateway-pool", POOL, "--lease", str(LEASE_S)]
-    a = Daemon(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1",
-               extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
-    b = Daemon(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2",
-               extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
+    a = Gateway(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1",
+                extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
+    b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2",
+                extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
+    a.iqn = b.iqn = iqn
     try:
         a.start()
         b.start()
@@ -67,11 +73,13 @@ luns = [{{ lun = 0, name = "{image}" }}]
     finally:
         a.close()
         b.close()
+        subprocess.run(["rados", "-c", str(ceph_cluster.conf), "-p", POOL, "-N", "lunsync", "rmomapkey",
+                        "lunsync.luns", image], capture_output=True, timeout=60, check=False)
 
 
-def session(d: Daemon, initiator: str, isid: int = 0x400001370000) -> RawInitiator:
+def session(d: Gateway, initiator: str, isid: int = 0x400001370000) -> RawInitiator:
     ini = RawInitiator(d.host, d.port, timeout=10).connect()
-    ini.login(IQN, initiator, isid=isid)
+    ini.login(d.iqn, initiator, isid=isid)
     return ini
 
 
@@ -111,7 +119,7 @@ def vpd83(ini: RawInitiator) -> bytes:
     return r.data
 
 
-def test_same_identity_alua_and_multipath_suite(gateways: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+def test_same_identity_alua_and_multipath_suite(gateways: tuple[Gateway, Gateway], tmp_path: Path) -> None:
     a, b = gateways
     with session(a, NODE1) as ia, session(b, NODE1) as ib:
         da, db = vpd83(ia), vpd83(ib)
@@ -125,7 +133,7 @@ def test_same_identity_alua_and_multipath_suite(gateways: tuple[Daemon, Daemon],
         assert serials[0] == serials[1]
         wait_for(lambda: rtpg_states(ia) == {1: 0, 2: 1}, 3 * LEASE_S, f"A: {rtpg_states(ia)}")
         assert rtpg_states(ib) == {1: 0, 2: 1}  # both gateways agree: A owns the LUN (A/O), B is A/N-O
-    report, out = conformance(a.url(0, iqn=IQN), tmp_path / "multipath.json", "--multipath", b.url(0, iqn=IQN),
+    report, out = conformance(a.url(0, iqn=a.iqn), tmp_path / "multipath.json", "--multipath", b.url(0, iqn=b.iqn),
                               "--test", MULTIPATH_SUITE, timeout=600)
     ran = {name.rsplit(".", 1)[-1]: v for name, v in report["tests"].items() if "MultipathIO" in name}
     assert set(MULTIPATH_TESTS) <= set(ran), f"MultipathIO tests missing: {sorted(ran)}\n{out[-3000:]}"
@@ -147,7 +155,7 @@ def write1(ini: RawInitiator) -> int:
 GOOD, CHECK, CONFLICT = 0x00, 0x02, 0x18
 
 
-def test_windows_pr_cycle_split_across_gateways(gateways: tuple[Daemon, Daemon]) -> None:
+def test_windows_pr_cycle_split_across_gateways(gateways: tuple[Gateway, Gateway]) -> None:
     """The Failover Cluster validation sequence (register, reserve Write Exclusive - Registrants Only, arbitrate by
     preempting, release), with node 1 on gateway A and node 2 on gateway B."""
     a, b = gateways
@@ -178,6 +186,8 @@ def test_windows_pr_cycle_split_across_gateways(gateways: tuple[Daemon, Daemon])
         assert prout(n2, 2, key=K2, rtype=1) == GOOD  # RELEASE on B
         assert write1(n1) == GOOD
         assert prout(n2, 3, key=K2) == GOOD  # CLEAR from B
+        r = n1.scsi(bytes([0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_length=0x1000)
+        assert r.status == CHECK and r.sense[12:14] == b"\x2a\x03", r  # RESERVATIONS PREEMPTED, on A
         keys = n1.scsi(bytes([0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_length=0x1000).data
         assert struct.unpack_from(">II", keys)[1] == 0
     a.assert_healthy()
@@ -191,16 +201,16 @@ def qemu_io(url: str, *cmds: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Daemon, Daemon]) -> None:
+def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, Gateway]) -> None:
     require_tools("qemu-io")
     a, b = gateways
-    url_b = b.url(0, iqn=IQN)
+    url_b = b.url(0, iqn=b.iqn)
     with session(b, NODE2) as ib:
         wait_for(lambda: rtpg_states(ib) == {1: 0, 2: 1}, 3 * LEASE_S, "A never became the owner")
     # Writes acknowledged through B, before and while A dies; each 1 MiB stripe has its own pattern.
-    writer = subprocess.Popen(["qemu-io", "-f", "raw", *sum((["-c", f"write -P 0x{0x40 + i:02x} {i}M 1M"]
-                                                             for i in range(32)), []), url_b],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writes = [arg for i in range(32) for arg in ("-c", f"write -P 0x{0x40 + i:02x} {i}M 1M")]
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", *writes, url_b], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)
     a.kill9()
     out, err = writer.communicate(timeout=120)
