@@ -152,3 +152,29 @@ def test_write_gate_is_fifo_among_exclusives_and_clean_after_cancel() -> None:
         assert doomed.cancelled() and gate.active == 0 and not gate._queue
 
     asyncio.run(main())
+
+
+def test_reset_of_a_shared_lu_is_told_to_the_other_gateways_once() -> None:
+    lu = make()
+    lu.take_ua(NEXUS_A)
+    told: list[S.Asc] = []
+
+    async def applied() -> None:
+        return None
+
+    def tell(asc: S.Asc) -> asyncio.Future[None]:
+        told.append(asc)
+        return asyncio.ensure_future(applied(), loop=loop)
+
+    loop = asyncio.new_event_loop()
+    try:
+        lu.on_reset = tell
+        lu.reset(asc=S.BUS_DEVICE_RESET_FUNCTION)
+        waits = lu.take_peer_waits()
+        assert told == [S.BUS_DEVICE_RESET_FUNCTION] and len(waits) == 1 and lu.take_peer_waits() == []
+        loop.run_until_complete(asyncio.gather(*waits))
+        lu.reset(asc=S.POWER_ON_RESET, from_peer=True)  # a reset arriving from another gateway is not sent back
+        assert told == [S.BUS_DEVICE_RESET_FUNCTION] and lu.take_peer_waits() == []
+        assert lu.take_ua(NEXUS_A) == S.POWER_ON_RESET
+    finally:
+        loop.close()
