@@ -138,7 +138,11 @@ class SharedLuns:
                 await array.create_target(iqn)
                 known.add(iqn)
             if not any(x.name == name for x in cat.list_mappings(iqn)):
-                await array.map_lun(iqn, name, number)
+                try:
+                    await array.map_lun(iqn, name, number)
+                except Exception as e:  # noqa: BLE001 - the LUN is served; only this target's mapping is missing
+                    log.warning("lun %s: cannot show it as LUN %d of %s here as on the other gateways: %s", name,
+                                number, iqn, e)
         log.info("lun %s imported from the cluster (image %s, naa %s)", name, doc["path"], doc["naa"])
 
     async def sync(self) -> None:
@@ -153,9 +157,10 @@ class SharedLuns:
         for rec in cat.list_luns():
             if rec.backend != "rbd" or rec.name not in self.shared:
                 continue
-            text = json.dumps(self._doc(rec), sort_keys=True)
+            doc = self._doc(rec)
+            text = json.dumps(doc, sort_keys=True)
             if self._published.get(rec.name) != text:
-                await asyncio.to_thread(self.link.publish_lun_sync, rec.name, self._doc(rec))
+                await asyncio.to_thread(self.link.publish_lun_sync, rec.name, doc)
                 self._published[rec.name] = text
         local = {r.name for r in cat.list_luns()}
         for name, doc in (await asyncio.to_thread(self.link.luns_sync)).items():
