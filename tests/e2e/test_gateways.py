@@ -5,6 +5,7 @@ cycle split across them, and qemu-io writing through B while A is killed (-9), w
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from ceph_cluster import POOL, CephCluster
-from e2e.harness import Daemon, describe, require_tools
+from e2e.harness import Daemon, describe, lunsync_command, require_tools, run
 from e2e.test_conformance import MULTIPATH_SUITE, MULTIPATH_TESTS, conformance
 from iscsi_scapy import RawInitiator, cdb_inquiry
 
@@ -61,7 +62,7 @@ iqn = "{iqn}"
 luns = [{{ lun = 0, name = "{image}" }}]
 """
     common = ["--gateway-pool", POOL, "--lease", str(LEASE_S)]
-    a = Gateway(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1",
+    a = Gateway(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1", api=True,
                 extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
     b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2",
                 extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
@@ -224,4 +225,29 @@ def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, G
     p = qemu_io(url_b, *(f"read -P 0x{0x40 + i:02x} {i}M 1M" for i in range(32)))
     assert p.returncode == 0 and "Pattern verification failed" not in p.stdout, describe(p)
     assert p.stdout.count("read 1048576/1048576 bytes") == 32, describe(p)
+    b.assert_healthy()
+
+
+def test_lun_created_on_a_while_running_appears_on_b(gateways: tuple[Gateway, Gateway]) -> None:
+    """``lun create --backend rbd`` and ``lun map`` on gateway A; gateway B serves the LUN within its sync period,
+    with the same identity, and without having been told anything."""
+    a, b = gateways
+    image = f"{a.iqn.rsplit(':', 1)[1]}-more"
+    env = {"LUNSYNC_API": a.api_url, "LUNSYNC_DATA_DIR": str(a.data_dir)}
+    for args in (["lun", "create", image, "--backend", "rbd", "--pool", POOL, "--image", image, "--size", "16MiB"],
+                 ["lun", "map", image, "--target", a.iqn, "--lun", "1"]):
+        p = run([*lunsync_command(), *args, "--json"], env=env, timeout=120)
+        assert p.returncode == 0, describe(p)
+    created = json.loads(run([*lunsync_command(), "lun", "list", "--json"], env=env, timeout=60).stdout)
+    naa = next(x for x in created if x["name"] == image)["naa"]
+
+    def on_b() -> bool:
+        with session(b, NODE1) as ini:
+            clear_ua(ini)
+            r = ini.scsi(cdb_inquiry(255, 1, 0x83), lun=1, read_length=255)
+            return r.status == 0 and r.data[8:24].hex() == naa
+
+    took = wait_for(on_b, 15, f"B never served {image} as LUN 1\n{b.log_tail()}")
+    assert took < 10
+    a.assert_healthy()
     b.assert_healthy()
