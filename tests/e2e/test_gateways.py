@@ -38,6 +38,8 @@ client = "client.admin"
 
 class Gateway(Daemon):
     iqn = ""
+    image = ""  # POOL/IMAGE of the shared LUN
+    ceph_conf = ""
 
 
 @pytest.fixture
@@ -66,7 +68,8 @@ luns = [{{ lun = 0, name = "{image}" }}]
                 extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
     b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2",
                 extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
-    a.iqn = b.iqn = iqn
+    for g in (a, b):
+        g.iqn, g.image, g.ceph_conf = iqn, f"{POOL}/{image}", str(ceph_cluster.conf)
     try:
         a.start()
         b.start()
@@ -208,23 +211,39 @@ def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, G
     url_b = b.url(0, iqn=b.iqn)
     with session(b, NODE2) as ib:
         wait_for(lambda: rtpg_states(ib) == {1: 0, 2: 1}, 3 * LEASE_S, "A never became the owner")
-    # Writes acknowledged through B, before and while A dies; each 1 MiB stripe has its own pattern.
-    writes = [arg for i in range(32) for arg in ("-c", f"write -P 0x{0x40 + i:02x} {i}M 1M")]
+    # Writes acknowledged through B, before and while A dies; each 1 MiB stripe has its own pattern. A is killed once
+    # the first write is acknowledged, so most of them run while it dies and after.
+    stripes = 48
+    writes = [arg for i in range(stripes) for arg in ("-c", f"write -P 0x{0x40 + i:02x} {i}M 1M")] + ["-c", "flush"]
     writer = subprocess.Popen(["qemu-io", "-f", "raw", *writes, url_b], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+                              stderr=subprocess.PIPE, bufsize=0)
+    assert writer.stdout is not None
+    first = b""
+    while not first.endswith(b"\n"):  # unbuffered, byte by byte: what follows stays in the pipe for communicate()
+        c = writer.stdout.read(1)
+        assert c, "qemu-io wrote nothing"
+        first += c
+    assert first.startswith(b"wrote 1048576/1048576 bytes"), first
     a.kill9()
-    out, err = writer.communicate(timeout=120)
+    raw_out, raw_err = writer.communicate(timeout=120)
+    out, err = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
     assert writer.returncode == 0 and "error" not in (out + err).lower(), f"{out[-2000:]}\n{err[-2000:]}"
-    assert out.count("wrote 1048576/1048576 bytes") == 32, out[-2000:]
+    after = out.count("wrote 1048576/1048576 bytes")
+    assert after == stripes - 1, out[-2000:]  # every write after the kill acknowledged too
     # Ownership moves to B once A's lease expires; B's nexus sees the state change.
     with session(b, NODE2) as ib:
         took = wait_for(lambda: rtpg_states(ib) == {1: 1, 2: 0}, 4 * LEASE_S, "B never took ownership")
         assert took < 3 * LEASE_S
     # Every acknowledged write is there, read back through B (a fresh qemu-io: nothing cached).
-    p = qemu_io(url_b, *(f"read -P 0x{0x40 + i:02x} {i}M 1M" for i in range(32)))
+    p = qemu_io(url_b, *(f"read -P 0x{0x40 + i:02x} {i}M 1M" for i in range(stripes)))
     assert p.returncode == 0 and "Pattern verification failed" not in p.stdout, describe(p)
-    assert p.stdout.count("read 1048576/1048576 bytes") == 32, describe(p)
+    assert p.stdout.count("read 1048576/1048576 bytes") == stripes, describe(p)
+    # And they are in the image itself, read from the cluster without any gateway (SYNCHRONIZE CACHE made them so).
+    exported = subprocess.run(["rbd", "-c", b.ceph_conf, "export", "--no-progress", b.image, "-"],
+                              capture_output=True, timeout=120, check=False)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    for i in range(stripes):
+        assert exported.stdout[i << 20:(i + 1) << 20] == bytes([0x40 + i]) * (1 << 20), f"stripe {i} lost"
     b.assert_healthy()
 
 
