@@ -195,9 +195,13 @@ class SharedLuns:
 async def attach(array: Array, settings: GatewaySettings) -> SharedLuns:
     """Join the gateways: register, share every local ``rbd`` LUN, import the others' LUNs, then keep in sync."""
     ceph = array.ceph
-    handle = await asyncio.to_thread(connect, ceph.conf_path, ceph.keyring, ceph.client, ceph.connect_timeout_s)
-    link = GatewayLink(handle, settings.pool, settings.gateway_id, settings.port_group)
-    await asyncio.to_thread(link.register_sync)
+    try:
+        handle = await asyncio.to_thread(connect, ceph.conf_path, ceph.keyring, ceph.client, ceph.connect_timeout_s)
+        link = GatewayLink(handle, settings.pool, settings.gateway_id, settings.port_group)
+        await asyncio.to_thread(link.register_sync)
+    except Exception as e:  # noqa: BLE001 - librados raises its own family; without the cluster there is no gateway
+        raise OSError(f"gateway {settings.gateway_id}: cannot join through the cluster ({ceph.conf_path} as "
+                      f"{ceph.client}, pool {settings.pool}): {e}") from None
     shared = SharedLuns(array, settings, link)
     shared.groups = await asyncio.to_thread(link.port_groups_sync)
     clash = [gw for gw, g in shared.groups.items() if g == settings.port_group and gw != settings.gateway_id]
