@@ -134,7 +134,7 @@ lint: venv
 	PYTHONPATH=build/mypy $(VENV)/bin/lint-imports --no-cache
 
 # On the compiled build; the table's heading names the build it measured.
-bench: deps native
+bench: deps native ceph-bindings
 	$(NPY) tests/bench/run.py --shared $(SHARED)
 
 # N inputs of scapy fuzz(), hypothesis PDU families and CDBs against a live daemon, with a verified qemu-io session.

@@ -2,9 +2,10 @@
 
 Starts ``lunsync serve --demo`` (thin 1 GiB LUN, write cache on) in a temporary data dir on a free loopback port,
 runs ``SHARED/tools/bench`` against it (tgt started by that tool beside it, A B A B), then the snapshot and resync
-benchmarks in ``tests/snapshots`` and ``tests/provider``, and three runs of ``tests/bench/hotpath.py`` (CPU per
-command without a client). Prints one table headed with the date and the machine, the
-form the README quotes. Figures are ratios from one run; absolute numbers depend on how busy the machine is.
+benchmarks in ``tests/snapshots`` and ``tests/provider``, the RBD one in ``tests/bench/bench_rbd.py``, and three runs
+of ``tests/bench/hotpath.py`` (CPU per command without a client). Prints one table headed with the date and the
+machine, the form the README quotes. Figures are ratios from one run; absolute numbers depend on how busy the machine
+is.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def main() -> int:
         ("snapshot set of 8 x 10 GiB LUNs under 4 KiB random writes: tests/snapshots/bench_cow.py set",
          [PY, "tests/snapshots/bench_cow.py", "set"]),
         ("resync: tests/provider/bench_resync.py", [PY, "tests/provider/bench_resync.py"]),
+        ("RBD: 128 KiB sequential, rbd bench vs lunsync on the same cluster: tests/bench/bench_rbd.py",
+         [PY, "tests/bench/bench_rbd.py"]),
     ]
     for title, cmd in own:
         if (REPO / cmd[1]).exists():
