@@ -118,6 +118,9 @@ class Channel:
             data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, MAX_FDS)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:  # the other end closed with our last frames unread: a close like EOF
+            self.close()
+            return
         except OSError as e:
             log.warning("worker channel: receive failed: %s", e)
             self.close()
