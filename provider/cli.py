@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the RADOS pool that holds the gateways' shared objects (default rbd)")
     g.add_argument("--lease", type=int, default=10, metavar="SECONDS",
                    help="how long a dead gateway keeps a LUN's ownership before another takes it (2-300, default 10)")
+    s.add_argument("--write-staging", type=_size, metavar="SIZE",
+                   help="per LUN, first writes after a snapshot held in memory while their old data is preserved, "
+                        "when the LUN's write cache is on (default 64MiB; 0 makes every one wait for its copy)")
     _client_commands(sub)
     return ap
 
@@ -715,6 +718,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"lunsync: {refusal}", file=sys.stderr)
             return 2
         from lunsync.provider import daemon
+        from lunsync.snapshots.cow import DEFAULT_STAGING_BYTES
 
         gateway = None
         if args.gateway is not None or args.port_group is not None:
@@ -731,7 +735,9 @@ def _main(argv: list[str] | None) -> int:
                                    metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
                                    api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body,
                                    hooks=args.hooks, log_level=args.log_level, log_format=args.log_format,
-                                   gateway=gateway)
+                                   gateway=gateway,
+                                   write_staging_bytes=DEFAULT_STAGING_BYTES if args.write_staging is None
+                                   else args.write_staging)
         from lunsync.snapshots.catalog import CatalogError
 
         try:

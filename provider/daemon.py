@@ -30,6 +30,7 @@ from lunsync.provider.name_locks import NameLocks, by_name
 from lunsync.provider.snapshot_service import SnapshotService
 from lunsync.snapshots.backend import FileBackend, StoreSpec, UnavailableStore, open_store
 from lunsync.snapshots.catalog import Catalog, InUse, LunRecord, NotFound, Plan, lun_identity
+from lunsync.snapshots.cow import DEFAULT_STAGING_BYTES
 from lunsync.snapshots.device import BlockDevice, StoreSnapshots
 from lunsync.snapshots.errors import OutOfSpace, StorageError
 from lunsync.snapshots.model import CephConfig, default_lun_path
@@ -109,6 +110,9 @@ class Array:
     ceph: CephConfig = field(default_factory=CephConfig)  # the cluster of the RBD-backed LUNs ([ceph] in --config)
     _reopening: set[asyncio.Task[None]] = field(default_factory=set)  # LUNs whose store is retried (open_lun)
     provider: HardwareProvider | None = None  # likewise
+    # Per LUN: first writes after a snapshot acknowledged before their copy is durable (WCE=1); 0: none (the
+    # default here; ``lunsync serve`` passes its --write-staging, DEFAULT_STAGING_BYTES unless told otherwise).
+    write_staging_bytes: int = 0
 
     async def load(self) -> None:
         if self.snapshots is None:
@@ -563,6 +567,7 @@ class ServeOptions:
     log_format: str = "text"  # text, or json: one object per line
     hooks: str | None = None  # the hook file: named restore hooks, the only commands a restore can run
     gateway: GatewaySettings | None = None  # one of several gateways of the rbd LUNs (serve --gateway)
+    write_staging_bytes: int = DEFAULT_STAGING_BYTES  # per LUN; see CowVolume.write
 
 
 async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
@@ -647,7 +652,7 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         ensure_demo(catalog, opts.demo_size)
     if not listen:
         listen = [DEFAULT_LISTEN]
-    array = Array(data_dir, catalog, ceph=catalog.get_ceph())
+    array = Array(data_dir, catalog, ceph=catalog.get_ceph(), write_staging_bytes=opts.write_staging_bytes)
     if opts.gateway is not None:
         array.port_group = settings.tpgt = opts.gateway.port_group
     await array.load()

@@ -213,12 +213,21 @@ class SnapshotCollector(Collector):
                                       labels=["lun"])
         failures = CounterMetricFamily("lunsync_cow_copy_failures", "Chunks whose preservation failed (pool full, "
                                        "I/O error); their snapshots were marked invalid.", labels=["lun"])
+        staged = CounterMetricFamily("lunsync_cow_staged_writes", "First writes answered from the staging area "
+                                     "(write cache on) before their preservation was durable.", labels=["lun"])
+        staged_now = GaugeMetricFamily("lunsync_cow_staged_bytes", "Bytes of acknowledged writes held in the staging "
+                                       "area, not yet on the LUN.", labels=["lun"])
+        waits = CounterMetricFamily("lunsync_cow_stage_waits", "Writes that waited for room in a full staging area.",
+                                    labels=["lun"])
         for name, vol in sorted(svc.volumes.items()):
             st = vol.stats
             copies.add_metric([name], st.copies)
             latency.add_metric([name], st.copy_batches, st.copy_seconds)
             failures.add_metric([name], st.copy_failures)
-        yield from (copies, latency, failures)
+            staged.add_metric([name], st.staged_writes)
+            staged_now.add_metric([name], st.staged_bytes)
+            waits.add_metric([name], st.stage_waits)
+        yield from (copies, latency, failures, staged, staged_now, waits)
         by_state = GaugeMetricFamily("lunsync_snapshots", "Snapshots by state.", labels=["state"])
         fill = GaugeMetricFamily("lunsync_clone_fill_ratio", "Fraction of each clone copied so far (1: independent).",
                                  labels=["snapshot"])

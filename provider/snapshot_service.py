@@ -259,7 +259,8 @@ class SnapshotService:
         async def on_invalid(epochs: list[int], reason: str) -> None:
             await self._invalidate(lun_id, epochs, reason)
 
-        vol = CowVolume(origin, None, rec.id, rec.chunk_size_bytes, epochs, on_invalid=on_invalid, name=rec.name)
+        vol = CowVolume(origin, None, rec.id, rec.chunk_size_bytes, epochs, on_invalid=on_invalid, name=rec.name,
+                        staging_bytes=self.array.write_staging_bytes)
         if prec is not None:
             try:
                 vol.attach_pool(self.pool(prec))
@@ -398,11 +399,25 @@ class SnapshotService:
             floors = {p.lun_name: v.epoch_floor for p, v in zip(cow_plans, vols, strict=True)}
             epochs = [max(plan.last_epoch, floors.get(plan.lun_name, 0)) + 1 for plan in plans]
             cow_epochs = [e for e, st in zip(epochs, stores, strict=True) if st is None]
-            started = time.perf_counter()
-            # Close every member's gate in one step; only unmaps and resizes in flight need waiting for. A store
-            # whose writes wait for the network (RBD) is held by its LUN's write gate instead: new writes queue, and
-            # the hold is complete once the writes in flight have been acknowledged.
-            busy = [v for v in vols if not v.hold_nowait()]
+            # Writes staged before the set (acknowledged, not yet on the origin) belong in it: they land first, with
+            # staging paused meanwhile so that none is staged behind them, and the hold then has none to wait for.
+            for v in vols:
+                v.pause_staging()
+            try:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(v.land_staged() for v in vols)), self.hold_timeout_s)
+                except TimeoutError:
+                    self.counters.hold_timeouts += 1
+                    raise HoldTimeout(f"staged writes did not reach their LUNs within {self.hold_timeout_s:g} s; "
+                                      "nothing was recorded") from None
+                started = time.perf_counter()
+                # Close every member's gate in one step; only unmaps and resizes in flight need waiting for. A store
+                # whose writes wait for the network (RBD) is held by its LUN's write gate instead: new writes queue,
+                # and the hold is complete once the writes in flight have been acknowledged.
+                busy = [v for v in vols if not v.hold_nowait()]
+            finally:
+                for v in vols:
+                    v.resume_staging()
             gates = contextlib.AsyncExitStack()
             try:
                 await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),

@@ -31,6 +31,15 @@ before the write proceeds, and stop counting, so they are never silently wrong. 
 (ENOSPC, EROFS, EIO, a pool that cannot be opened at all): the pool's failure is the snapshots' loss, never the
 origin's.
 
+Write-back staging (``staging_bytes``, the daemon's ``--write-staging``): with the LUN's write cache on, a first write
+without FUA is answered once it is queued behind its preservation, and held in memory in arrival order until its
+batch is durable, then written to the origin. The ordering argument above is unchanged (nothing writes those origin
+blocks before their copy and its record are durable: a held write lands only after, and every other path to the
+origin, direct writes, UNMAP, the copiers' descriptors, lets the held writes it overlaps land first); what changes is
+only when the initiator hears back, and it was told the cache is volatile. SYNCHRONIZE CACHE and FUA writes wait for
+every held write before them; a hold (snapshot sets) waits for all of them, so a snapshot contains every write
+answered before it; reads lay held writes over the origin.
+
 A :class:`SnapshotView` is a read-only BlockDevice of one snapshot; writes are refused with :class:`ReadOnly` (DATA
 PROTECT), and reads of an invalidated snapshot fail with :class:`NotReady`.
 
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import logging
 import os
 import sqlite3
@@ -70,7 +80,7 @@ from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, FileExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import copy_range, is_hole, punch, pwrite_full, storage_error
 
-__all__ = ["ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView"]
+__all__ = ["DEFAULT_STAGING_BYTES", "ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView"]
 
 log = logging.getLogger("lunsync.cow")
 
@@ -89,6 +99,9 @@ _LOG1_MAGIC = b"LSM1"
 _LOG1_BODY = struct.Struct("<Qqqq")
 _LOG1_REC = struct.Struct("<4sIQqqq")
 _LOG_GROW = 64 << 10  # the map log's size is a multiple of this
+# The daemon's default bound, per LUN, on first writes acknowledged before their preservation is durable (WCE=1).
+DEFAULT_STAGING_BYTES = 64 << 20
+_LAND_YIELD = 64  # staged writes landed on the origin between two yields to the event loop
 @dataclass(slots=True)
 class CowStats:
     """Plain integers the metrics collector samples; the hot path never calls Prometheus."""
@@ -98,6 +111,9 @@ class CowStats:
     copy_seconds: float = 0.0  # summed latency of batches, from submit to commit
     copy_failures: int = 0
     invalidated: int = 0  # snapshots marked invalid by a failed preservation
+    staged_writes: int = 0  # writes acknowledged from the staging area (WCE=1) before reaching the origin
+    stage_waits: int = 0  # writes that waited for room in a full staging area (back-pressure)
+    staged_bytes: int = 0  # held in the staging area now
 
 
 # --- the pool ----------------------------------------------------------------------------------------------------
@@ -471,15 +487,29 @@ class _Item:
     hole_ok: bool = True  # a new copy may be a ZERO record if the chunk is a hole (no later copy to hide)
 
 
+@dataclass(slots=True, eq=False)
+class _Staged:
+    """A write acknowledged before it reached the origin: its blocks, its data, and the preservations it waits for."""
+
+    seq: int  # staging order: writes land on the origin in it
+    lba: int
+    end: int  # the block after its last
+    data: bytes
+    waits: list[asyncio.Future[None]]
+    chunks: range
+
+
 class CowVolume:
     """A LUN with differential snapshots: the origin, plus the preserved chunks of its snapshots in a pool.
 
     ``epochs`` are the epochs of the snapshots that still need copy-on-write (valid, and not a clone that has been
     filled). ``on_invalid(epochs, reason)`` is awaited when a preservation fails and must durably mark those
-    snapshots invalid; the overwriting write waits for it."""
+    snapshots invalid; the overwriting write waits for it. ``staging_bytes`` bounds the write-back staging of first
+    writes (0: none, every first write waits for its preservation)."""
 
     def __init__(self, origin: Origin, pool: Pool | None, lun_id: int, chunk_size: int,
-                 epochs: Iterable[int] = (), on_invalid: InvalidHandler | None = None, name: str = "") -> None:
+                 epochs: Iterable[int] = (), on_invalid: InvalidHandler | None = None, name: str = "",
+                 staging_bytes: int = 0) -> None:
         if chunk_size <= 0 or chunk_size % origin.block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {origin.block_size}")
         self.origin = origin
@@ -509,6 +539,17 @@ class CowVolume:
         self._gate: asyncio.Event | None = None
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
+        # Write-back staging (see write): acknowledged writes not yet on the origin, in order, and by chunk.
+        self.staging_bytes = staging_bytes
+        self._staged: collections.deque[_Staged] = collections.deque()
+        self._staged_at: dict[int, list[_Staged]] = {}
+        self._stage_seq = 0  # the last write staged
+        self._landed_seq = 0  # every staged write up to this one has reached the origin
+        self._land_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._lander: asyncio.Task[None] | None = None
+        self._stage_paused = 0
+        # A staged write that could not reach the origin: reported by the next flush (SYNCHRONIZE CACHE).
+        self._stage_error: StorageError | None = None
         # Why the pool holding this LUN's copies could not be opened (None: it was, or there is none). Until it is,
         # the maps are unknown: every snapshot view refuses to read, and the first write that needs a copy
         # invalidates the snapshots instead, so the origin keeps serving.
@@ -710,16 +751,18 @@ class CowVolume:
         """Hold new writes at once, without yielding; True when nothing is in flight (the hold is complete), else
         :meth:`drain` must be awaited. Holding several volumes in one step is what lets a snapshot set fix its
         point in time without a trip through the event loop (writes never count as in flight: only unmaps and
-        resizes do, see :meth:`write`)."""
+        resizes do, see :meth:`write`, and staged writes until they reach the origin)."""
         if self._gate is not None:
             raise RuntimeError(f"lun {self.name} is already held")
         self._gate = asyncio.Event()
-        return not self._active
+        return not self._active and not self._staged
 
     async def drain(self) -> None:
-        """Wait until what was in flight when :meth:`hold_nowait` closed the gate has finished."""
+        """Wait until what was in flight when :meth:`hold_nowait` closed the gate has finished, staged writes
+        included: a snapshot taken with writes still staged would see their blocks' old contents, though they were
+        acknowledged before it."""
         try:
-            while self._active:
+            while self._active or self._staged:
                 self._drained = asyncio.get_running_loop().create_future()
                 await self._drained
         except BaseException:
@@ -807,9 +850,29 @@ class CowVolume:
         return self.origin.fileno()
 
     def read(self, lba: int, blocks: int) -> Coroutine[Any, Any, Buffer]:
-        # The origin's own coroutine, not one wrapped in another: a read never needs the volume (snapshots only
-        # change what a write must do first), and this runs once per READ command.
-        return self.origin.read(lba, blocks)
+        # The origin's own coroutine, not one wrapped in another: with nothing staged a read never needs the volume
+        # (snapshots only change what a write must do first), and this runs once per READ command.
+        if not self._staged:
+            return self.origin.read(lba, blocks)
+        return self._read_staged(lba, blocks)
+
+    async def _read_staged(self, lba: int, blocks: int) -> bytearray:
+        """Read the origin, then lay the staged writes over it, oldest first. The staged writes taken are those
+        found before the origin read and after it: one that lands meanwhile may or may not be in what the origin
+        read returned, and its data is what those blocks hold either way (a write that overlaps a staged one is
+        staged behind it, never written to the origin first)."""
+        end = lba + blocks
+        before = self._staged_over(lba, end)
+        buf = await self.origin.read(lba, blocks)
+        if not isinstance(buf, bytearray):
+            buf = bytearray(buf)
+        found = {e.seq: e for e in before}
+        found.update((e.seq, e) for e in self._staged_over(lba, end))
+        bs = self.origin.block_size
+        for _, e in sorted(found.items()):
+            lo, hi = max(lba, e.lba), min(end, e.end)
+            buf[(lo - lba) * bs:(hi - lba) * bs] = e.data[(lo - e.lba) * bs:(hi - e.lba) * bs]
+        return buf
 
     def _units(self, chunk: int, start: int, end: int) -> int:
         """The mask of the units of ``chunk`` that the byte range ``[start, end)`` touches."""
@@ -851,7 +914,11 @@ class CowVolume:
 
     def _leave(self) -> None:
         self._active -= 1
-        if not self._active and self._drained is not None and not self._drained.done():
+        if not self._active:
+            self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
@@ -860,40 +927,186 @@ class CowVolume:
 
         The last check and the origin's ``pwritev`` run with no ``await`` between them, so a snapshot taken while
         this write waits for its preservation is seen by the re-check (the chunk then needs a copy for the new epoch
-        too), and a hold never has to wait for preservations in flight: only for what has passed its check."""
-        if self._gate is not None:
-            await self._wait_gate()
+        too), and a hold never has to wait for preservations in flight: only for what has passed its check.
+
+        Write-back staging (``staging_bytes`` > 0, a write without FUA: the initiator was told the cache is on, so an
+        unflushed write may be lost). A first write is then acknowledged once it is queued behind its preservation:
+        the origin still holds the old data that the batch copies, and nothing writes those blocks of the origin
+        before the batch's copy and map record are durable, because the write is held here (the staging area) until
+        then and lands from here, in order. Reads see it at once (:meth:`read` lays it over the origin). A write that
+        overlaps a staged one is staged behind it; one that may not be staged (FUA, too large, staging paused) waits
+        until the staged writes it overlaps have landed, and a FUA write, like :meth:`flush`, until every write staged
+        before it has. Past ``staging_bytes`` a write waits for room (back-pressure, never an error)."""
+        bs = self.origin.block_size
         nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if nbytes:
-            start = lba * self.origin.block_size
-            first = start // self.chunk_size
-            last = (start + nbytes - 1) // self.chunk_size
-            while newest := self._newest:
-                # The common case, one chunk already copied whole for the newest epoch, is two dict lookups.
-                cl = self._copies.get(first) if first == last else None
-                if cl is not None and cl[-1][0] >= newest and first not in self._inflight:
-                    mask = self._masks.get((first, cl[-1][0]))
-                    if mask is None:
-                        break
-                    want = self._units(first, start, start + nbytes)
-                    if mask & want == want:
-                        break
-                need = self._needs(start, start + nbytes)
-                if not need:
+        start = lba * bs
+        end = lba + nbytes // bs
+        waited = waited_room = False
+        while True:
+            if self._gate is not None:
+                await self._wait_gate()
+            if not nbytes:
+                break
+            if fua and not waited and self._stage_seq > self._landed_seq:
+                waited = True
+                await self._landed(self._stage_seq)
+                continue
+            over = self._staged_top(lba, end) if self._staged else 0
+            if not fua and self.staging_bytes and not self._stage_paused and nbytes <= self.staging_bytes:
+                need = self._need(start, nbytes)
+                if not (need or over):
                     break
-                await self._preserve(need)
-        # From the last check to the page cache without yielding (FileBackend and BlockDevBackend write before their
-        # first await); a FUA write's flush comes after, and the data it waits for is already in the origin.
-        await self.origin.write(lba, data, False)
+                if self._staged and self.stats.staged_bytes + nbytes > self.staging_bytes:
+                    if not waited_room:
+                        waited_room = True
+                        self.stats.stage_waits += 1
+                    await self._landed(self._staged[0].seq)
+                    continue
+                self._stage(lba, end, data, need)
+                return
+            if not over:
+                break
+            await self._landed(over)
+        await self._write_through(lba, data, start, nbytes)
         if fua:
             await self.origin.flush()
 
+    async def _write_through(self, lba: int, data: Buffer, start: int, nbytes: int) -> None:
+        """Preserve what the write needs for the newest epoch, then write the origin's page cache (no FUA)."""
+        while need := self._need(start, nbytes):
+            await self._preserve(need)
+        # From the last check to the page cache without yielding (FileBackend and BlockDevBackend write before their
+        # first await); a FUA write's flush comes after, and the data it waits for is already in the origin.
+        await self.origin.write(lba, data, False)
+
+    def _need(self, start: int, nbytes: int) -> list[tuple[int, int]]:
+        """What a write of ``nbytes`` at byte ``start`` must preserve first (nothing without snapshots)."""
+        newest = self._newest
+        if not newest or not nbytes:
+            return []
+        first = start // self.chunk_size
+        if first == (start + nbytes - 1) // self.chunk_size and first not in self._inflight:
+            # The common case, one chunk already copied whole for the newest epoch, is two dict lookups.
+            cl = self._copies.get(first)
+            if cl is not None and cl[-1][0] >= newest:
+                mask = self._masks.get((first, cl[-1][0]))
+                if mask is None:
+                    return []
+                want = self._units(first, start, start + nbytes)
+                if mask & want == want:
+                    return []
+        return self._needs(start, start + nbytes)
+
+    # --- write-back staging ---------------------------------------------------------------------------------------
+
+    def _stage(self, lba: int, end: int, data: Buffer, need: list[tuple[int, int]]) -> None:
+        """Hold an acknowledged write until its preservations are durable; it then lands on the origin in order."""
+        self._stage_seq += 1
+        cs, bs = self.chunk_size, self.origin.block_size
+        # A copy: the command's buffer goes back to its connection once the write is answered.
+        e = _Staged(self._stage_seq, lba, end, bytes(data), self._request(need) if need else [],
+                    range(lba * bs // cs, (end * bs - 1) // cs + 1))
+        self._staged.append(e)
+        for c in e.chunks:
+            self._staged_at.setdefault(c, []).append(e)
+        self.stats.staged_bytes += len(e.data)
+        self.stats.staged_writes += 1
+        if self._lander is None or self._lander.done():
+            self._lander = asyncio.get_running_loop().create_task(self._land(), name=f"cow-land-{self.name}")
+
+    def _staged_over(self, lba: int, end: int) -> list[_Staged]:
+        """The staged writes that overlap blocks ``[lba, end)``."""
+        cs, bs = self.chunk_size, self.origin.block_size
+        out: list[_Staged] = []
+        if not self._staged or end <= lba:
+            return out
+        at = self._staged_at
+        for c in range(lba * bs // cs, (end * bs - 1) // cs + 1):
+            for e in at.get(c, ()):
+                if e.lba < end and lba < e.end and e not in out:
+                    out.append(e)
+        return out
+
+    def _staged_top(self, lba: int, end: int) -> int:
+        """The order of the newest staged write overlapping blocks ``[lba, end)``; 0 if none."""
+        return max((e.seq for e in self._staged_over(lba, end)), default=0)
+
+    async def _landed(self, seq: int) -> None:
+        """Wait until every write staged up to ``seq`` has reached the origin (or failed to, see :meth:`flush`)."""
+        while self._landed_seq < seq:
+            fut = asyncio.get_running_loop().create_future()
+            self._land_waiters.append((seq, fut))
+            await fut
+
+    async def _land(self) -> None:
+        """Write the staged writes to the origin, oldest first, each once its preservations are durable (every one
+        is checked again, as a direct write is: a snapshot may have been taken meanwhile, or a copy failed)."""
+        bs = self.origin.block_size
+        landed = 0
+        while self._staged:
+            e = self._staged[0]
+            try:
+                for fut in e.waits:
+                    if not fut.done():
+                        await asyncio.shield(fut)
+                    fut.result()
+                await self._write_through(e.lba, e.data, e.lba * bs, len(e.data))
+            except Exception as exc:  # noqa: BLE001 - never write unpreserved; the next flush reports the loss
+                err = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                log.error("lun %s: a staged write of %d block(s) at %d did not reach the origin: %s", self.name,
+                          e.end - e.lba, e.lba, exc)
+                self._stage_error = err
+            self._staged.popleft()
+            for c in e.chunks:
+                at = self._staged_at[c]
+                at.remove(e)
+                if not at:
+                    del self._staged_at[c]
+            self.stats.staged_bytes -= len(e.data)
+            self._landed_seq = e.seq
+            if self._land_waiters:
+                keep = []
+                for seq, fut in self._land_waiters:
+                    if seq <= e.seq:
+                        if not fut.done():
+                            fut.set_result(None)
+                    else:
+                        keep.append((seq, fut))
+                self._land_waiters = keep
+            landed += 1
+            if landed % _LAND_YIELD == 0:
+                await asyncio.sleep(0)  # a large batch lands without holding every other session's commands
+        self._wake_drain()
+
+    def pause_staging(self) -> None:
+        """Stop staging new writes (they take the direct path) until :meth:`resume_staging`; pair them. A snapshot
+        set pauses, waits for :meth:`land_staged`, then holds: the hold itself then stays short."""
+        self._stage_paused += 1
+
+    def resume_staging(self) -> None:
+        self._stage_paused -= 1
+
+    async def land_staged(self) -> None:
+        """Wait until every write staged so far has reached the origin."""
+        await self._landed(self._stage_seq)
+
+    @property
+    def staged(self) -> int:
+        """Writes acknowledged and held in the staging area now."""
+        return len(self._staged)
+
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Preserve the chunks the ranges touch (a deallocation is a change), then unmap. The unmap runs in a thread,
-        so it counts as in flight from its last check until it lands, and a hold waits for it."""
+        so it counts as in flight from its last check until it lands, and a hold waits for it. Staged writes to the
+        ranges land first: they were acknowledged before the unmap, and landing after it would bring data back."""
         bs = self.origin.block_size
         while True:
             await self._wait_gate()
+            if self._staged:
+                top = max((self._staged_top(lba, lba + blocks) for lba, blocks in ranges), default=0)
+                if top:
+                    await self._landed(top)
+                    continue
             need: list[tuple[int, int]] = []
             if self._newest:
                 for lba, blocks in ranges:
@@ -909,7 +1122,10 @@ class CowVolume:
             self._leave()
 
     def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
-        """:class:`~lunsync.snapshots.device.FileExtents`: the origin's."""
+        """:class:`~lunsync.snapshots.device.FileExtents`: the origin's. A range with staged writes has no such
+        extents yet (its data is not all in the origin's file): NotReady, so that no reader copies old data."""
+        if self._staged and self._staged_top(lba, lba + blocks):
+            raise NotReady(f"lun {self.name}: blocks {lba}+{blocks} have writes not yet on the origin's file")
         return self.origin.file_extents(lba, blocks)
 
     async def begin_copy(self, lba: int, blocks: int) -> int:
@@ -920,10 +1136,13 @@ class CowVolume:
 
     async def preserve_range(self, lba: int, blocks: int) -> None:
         """Preserve the whole chunks a range touches before something writes the origin's descriptor directly
-        (a copier writes in chunks or more, and may write past the range within its chunks)."""
-        cs = self.chunk_size
-        start = lba * self.origin.block_size // cs * cs
-        end = -(-(lba + blocks) * self.origin.block_size // cs) * cs
+        (a copier writes in chunks or more, and may write past the range within its chunks). Staged writes to those
+        chunks land first, so that none lands over what the copier writes."""
+        cs, bs = self.chunk_size, self.origin.block_size
+        start = lba * bs // cs * cs
+        end = -(-(lba + blocks) * bs // cs) * cs
+        while blocks and (top := self._staged_top(start // bs, end // bs)):
+            await self._landed(top)
         while self._newest and blocks:
             need = self._needs(start, end)
             if not need:
@@ -931,12 +1150,20 @@ class CowVolume:
             await self._preserve(need)
 
     async def flush(self) -> None:
+        """Land every write staged before this call on the origin, then flush the origin: every write acknowledged
+        before it is durable when this returns, or this raises the error that kept a staged write from the origin."""
+        if self._stage_seq > self._landed_seq:
+            await self._landed(self._stage_seq)
         await self.origin.flush()
+        err, self._stage_error = self._stage_error, None
+        if err is not None:
+            raise err
 
     def lba_status(self, lba: int, max_extents: int = 64) -> list[LbaExtent]:
         return self.origin.lba_status(lba, max_extents)
 
     async def resize(self, num_blocks: int) -> None:
+        await self._landed(self._stage_seq)
         await self._enter()
         try:
             await self.origin.resize(num_blocks)
@@ -944,7 +1171,8 @@ class CowVolume:
             self._leave()
 
     async def close(self) -> None:
-        """Wait for preservations in flight, close the slot file, then close the origin."""
+        """Land the staged writes, wait for preservations in flight, close the slot file, then close the origin."""
+        await self._landed(self._stage_seq)
         self._closed = True
         if self._runner is not None:
             await asyncio.wait([self._runner])
@@ -959,6 +1187,12 @@ class CowVolume:
         """Preserve these ``(chunk, units)`` for the newest epoch (or invalidate their snapshots). A chunk whose
         preservation is already running is only waited for: the caller checks again, and preserves what that one
         did not cover."""
+        for fut in self._request(chunks):
+            # Shielded: a cancelled writer must not cancel a preservation others wait for.
+            await asyncio.shield(fut)
+
+    def _request(self, chunks: list[tuple[int, int]]) -> list[asyncio.Future[None]]:
+        """Queue these ``(chunk, units)`` for the next batch; the futures to wait for (see :meth:`_preserve`)."""
         waits: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         for c, want in chunks:
@@ -975,9 +1209,7 @@ class CowVolume:
             waits.append(fut)
         if self._pending and (self._runner is None or self._runner.done()):
             self._runner = loop.create_task(self._run_batches(), name=f"cow-{self.name}")
-        for fut in waits:
-            # Shielded: a cancelled writer must not cancel a preservation others wait for.
-            await asyncio.shield(fut)
+        return waits
 
     async def _run_batches(self) -> None:
         while self._pending:

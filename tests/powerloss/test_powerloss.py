@@ -29,3 +29,4 @@ def test_power_cuts_lose_no_durable_write_and_alter_no_snapshot(tmp_path: Path) 
     for r in s.results:
         assert r.ok, f"{rerun}: cut at op {r.at} ({r.phase}, {r.mode}): {r.res.problems[:10]}"
     assert s.controls == {"lun": True, "pool": True}, f"{rerun}: a negative control went unnoticed: {s.controls}"
+    assert s.staged_writes > 0, f"{rerun}: no first write took the staged path: the cuts did not cover it"

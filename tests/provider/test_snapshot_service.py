@@ -262,3 +262,50 @@ def test_a_lun_under_restore_can_be_neither_deleted_nor_applied_away(tmp_path: P
         assert {rec.name for rec in array.catalog.list_luns()} == {"l0"}
 
     with_array(tmp_path, 2, body)
+
+
+def test_a_snapshot_set_includes_the_writes_staged_before_it_and_holds_writes_only_briefly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        cat = Catalog(tmp_path / "data")
+        cat.create_lun("l0", SIZE)
+        array = Array(str(tmp_path / "data"), cat, write_staging_bytes=1 << 20)
+        await array.load()
+        svc = array.snapshots
+        assert svc is not None
+        try:
+            vol = svc.volumes["l0"]
+            await vol.write(0, b"\x11" * CS)
+            (first,), _ = await svc.create([("l0", "s1")])
+            gate = threading.Event()
+            real = vol._copy_and_commit
+
+            def held_copy(*args: object) -> object:
+                gate.wait(30)
+                return real(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(vol, "_copy_and_commit", held_copy)
+            await vol.write(0, b"\x22" * 4096)  # answered from the staging area: its copy is held
+            assert vol.staged == 1
+            task = asyncio.create_task(svc.create([("l0", "s2")]))
+            for _ in range(20):
+                await asyncio.sleep(0.001)
+            assert not task.done() and not vol.held  # landing the staged write first, writes not held meanwhile
+            direct = asyncio.create_task(vol.write(8 * CS // BS, b"\x33" * 4096))
+            for _ in range(5):
+                await asyncio.sleep(0.001)
+            assert vol.staged == 1 and not direct.done()  # staging paused: it waits for its own copy
+            gate.set()
+            (second,), hold_ms = await task
+            await direct
+            assert vol.staged == 0 and hold_ms < 1000
+            view1, view2 = vol.view(first.epoch), vol.view(second.epoch)
+            assert bytes(await view1.read(0, CS // BS)) == b"\x11" * CS
+            assert bytes(await view2.read(0, CS // BS)) == b"\x22" * 4096 + b"\x11" * (CS - 4096)
+            assert bytes(await view1.read(8 * CS // BS, 8)) == bytes(4096)
+            assert bytes(await vol.read(8 * CS // BS, 8)) == b"\x33" * 4096
+        finally:
+            await svc.close()
+            cat.close()
+
+    asyncio.run(go())

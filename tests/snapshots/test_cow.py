@@ -728,3 +728,202 @@ def test_units_still_preserve_for_an_older_snapshot_after_a_newer_one_with_parti
         pool2.close()
 
     run(go())
+
+
+# --- write-back staging (WCE=1 first writes) --------------------------------------------------------------------
+
+
+def staged(tmp: Path, staging: int = 1 << 20, **kw: object) -> tuple[CowVolume, Pool]:
+    vol, pool = make(tmp, **kw)  # type: ignore[arg-type]
+    vol.staging_bytes = staging
+    return vol, pool
+
+
+class CopyGate:
+    """Holds every preservation batch's copy (in its thread) until opened: what a slow pool looks like."""
+
+    def __init__(self, vol: CowVolume, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        self.open = threading.Event()
+        self.batches = 0
+        real = vol._copy_and_commit
+
+        def copy_and_commit(*args: object) -> object:
+            self.batches += 1
+            self.open.wait(30)
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(vol, "_copy_and_commit", copy_and_commit)
+
+
+def on_file(vol: CowVolume, lba: int, n: int) -> bytes:
+    return os.pread(vol.origin.fileno(), n, lba * BS)
+
+
+async def spin(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0.001)
+
+
+def test_a_staged_first_write_is_answered_before_its_copy_is_durable_and_reads_back_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, _ = staged(tmp_path)
+        await vol.write(0, pat(0xA1))
+        await snap(vol, 1)
+        gate = CopyGate(vol, monkeypatch)
+        await asyncio.wait_for(vol.write(8, pat(0xB1, 4096)), 5)  # answered while the copy is held
+        assert vol.staged == 1 and vol.stats.staged_writes == 1 and gate.batches == 1
+        assert on_file(vol, 8, 4096) == pat(0xA1, 4096)  # the origin still holds what the copy will take
+        assert bytes(await vol.read(0, CS // BS)) == pat(0xA1, 4096) + pat(0xB1, 4096) + pat(0xA1, CS - 8192)
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA1)
+        flush = asyncio.create_task(vol.flush())
+        await spin()
+        assert not flush.done()  # SYNCHRONIZE CACHE waits for the batch and the landing
+        gate.open.set()
+        await flush
+        assert vol.staged == 0 and vol.stats.staged_bytes == 0
+        assert on_file(vol, 8, 4096) == pat(0xB1, 4096)
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA1)
+        await vol.close()
+
+    run(go())
+
+
+def test_writes_over_a_staged_one_keep_their_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, _ = staged(tmp_path)
+        await vol.write(0, pat(0xA2))
+        await snap(vol, 1)
+        gate = CopyGate(vol, monkeypatch)
+        await vol.write(0, pat(0xB2, 4096))
+        await vol.write(4, pat(0xC2, 4096))  # overlaps the staged one: staged behind it, though it needs no copy
+        assert vol.staged == 2
+        assert bytes(await vol.read(0, 12)) == pat(0xB2, 2048) + pat(0xC2, 4096)
+        fua = asyncio.create_task(vol.write(2, pat(0xD2, 512), fua=True))  # FUA: after every staged write
+        await spin()
+        assert not fua.done()
+        gate.open.set()
+        await fua
+        assert on_file(vol, 0, 6144) == pat(0xB2, 1024) + pat(0xD2, 512) + pat(0xB2, 512) + pat(0xC2, 4096)
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA2)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_full_staging_area_makes_writes_wait_not_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, _ = staged(tmp_path, staging=2 * 4096)
+        await vol.write(0, pat(0xA3, 4 * CS))
+        await snap(vol, 1)
+        gate = CopyGate(vol, monkeypatch)
+        await vol.write(0, pat(0xB3, 4096))
+        await vol.write(CS // BS, pat(0xB3, 4096))
+        third = asyncio.create_task(vol.write(2 * CS // BS, pat(0xB3, 4096)))
+        await spin()
+        assert not third.done() and vol.stats.stage_waits == 1 and vol.stats.staged_bytes == 2 * 4096
+        gate.open.set()
+        await third
+        await vol.flush()
+        for c in range(3):
+            assert on_file(vol, c * CS // BS, 4096) == pat(0xB3, 4096)
+        assert bytes(await vol.view(1).read(0, 4 * CS // BS)) == pat(0xA3, 4 * CS)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_hold_lands_staged_writes_so_a_snapshot_includes_them(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, _ = staged(tmp_path)
+        await vol.write(0, pat(0xA4))
+        await snap(vol, 1)
+        gate = CopyGate(vol, monkeypatch)
+        await vol.write(0, pat(0xB4, 4096))
+        assert not vol.hold_nowait()  # a staged write is in flight for a hold
+        drain = asyncio.create_task(vol.drain())
+        await spin()
+        assert not drain.done()
+        gate.open.set()
+        await drain
+        vol.add_snapshot(2)
+        vol.release()
+        await vol.write(0, pat(0xC4))
+        await vol.flush()
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA4)
+        assert bytes(await vol.view(2).read(0, CS // BS)) == pat(0xB4, 4096) + pat(0xA4, CS - 4096)
+        assert bytes(await vol.read(0, CS // BS)) == pat(0xC4)
+        await vol.close()
+
+    run(go())
+
+
+def test_paused_staging_writes_through_and_unmap_lands_staged_writes_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        vol, _ = staged(tmp_path)
+        await vol.write(0, pat(0xA5, 2 * CS))
+        await snap(vol, 1)
+        gate = CopyGate(vol, monkeypatch)
+        await vol.write(0, pat(0xB5, 4096))
+        unmap = asyncio.create_task(vol.unmap([(0, 8)]))
+        vol.pause_staging()
+        direct = asyncio.create_task(vol.write(CS // BS, pat(0xC5, 4096)))
+        await spin()
+        assert not unmap.done() and not direct.done() and vol.staged == 1  # neither staged nor written yet
+        gate.open.set()
+        await asyncio.gather(unmap, direct, vol.land_staged())
+        vol.resume_staging()
+        assert on_file(vol, 0, 4096) == bytes(4096)  # the unmap came after the staged write
+        assert on_file(vol, CS // BS, 4096) == pat(0xC5, 4096)
+        assert bytes(await vol.view(1).read(0, 2 * CS // BS)) == pat(0xA5, 2 * CS)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_staged_write_whose_copy_fails_invalidates_the_snapshot_and_still_lands(tmp_path: Path) -> None:
+    async def go() -> None:
+        invalid: list[list[int]] = []
+        vol, _ = staged(tmp_path, capacity=CS)
+
+        async def on_invalid(epochs: list[int], reason: str) -> None:
+            invalid.append(epochs)
+
+        vol.on_invalid = on_invalid
+        await vol.write(0, pat(0xA6, 2 * CS))
+        await snap(vol, 1)
+        await vol.write(0, pat(0xB6, 4096))
+        await vol.write(CS // BS, pat(0xB6, 4096))  # its chunk does not fit in the pool
+        await vol.flush()
+        assert invalid == [[1]] and vol.epochs == ()
+        assert on_file(vol, 0, 4096) == on_file(vol, CS // BS, 4096) == pat(0xB6, 4096)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_staged_write_that_cannot_reach_the_origin_fails_the_next_flush(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunsync.snapshots.errors import MediumError
+
+    async def go() -> None:
+        vol, _ = staged(tmp_path)
+        await vol.write(0, pat(0xA7))
+        await snap(vol, 1)
+
+        async def broken(lba: int, data: bytes, fua: bool = False) -> None:
+            raise MediumError("EIO writing the origin", lba, write=True)
+
+        monkeypatch.setattr(vol.origin, "write", broken)
+        await vol.write(0, pat(0xB7, 4096))  # answered from the staging area
+        with pytest.raises(MediumError):
+            await vol.flush()
+        await vol.flush()  # reported once, as fsync reports a lost write-back
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA7)
+        await vol.close()
+
+    run(go())
