@@ -94,6 +94,10 @@ mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon warn on insecure global id reclaim allowed = false
 mon data avail warn = 1
+# An RBD snapshot waits for the monitors to commit its id; by default they batch commits a second apart, which
+# would hold a snapshot set's writes for most of a second. A one-node test cluster can commit at once.
+paxos propose interval = 0.01
+paxos min wait = 0.001
 osd crush chooseleaf type = 0
 osd objectstore = memstore
 memstore device bytes = {2 << 30}
