@@ -137,12 +137,12 @@ class ChangedRegions(Protocol):
     """Capability of a snapshot: which regions its origin has changed since it was taken, so that a restore onto
     that origin copies only those ("only what changed").
 
-    Declared by copy-on-write snapshot views (their chunk maps)."""
+    Declared by copy-on-write snapshot views (their chunk maps) and RBD snapshot views (``diff_iterate``)."""
 
     def changed_regions(self, region_bytes: int) -> set[int] | None:
         """The regions (of ``region_bytes`` from the start) where the origin's current contents may differ from the
         snapshot's; None when this snapshot cannot tell at that granularity (then everything must be copied).
-        Synchronous, never yields."""
+        Synchronous, never yields; an RBD view asks the cluster and blocks, so callers run that one in a thread."""
         ...
 
 
@@ -165,6 +165,16 @@ class StoreSnapshots(Protocol):
     def open_snapshot(self, name: str) -> BlockDevice:
         """A read-only device of snapshot ``name``, declaring :class:`ChangedRegions` against this store's head. The
         caller closes it."""
+        ...
+
+    def clone_snapshot(self, name: str, image: str) -> str:
+        """Make a new store ``image`` beside this one that reads as snapshot ``name`` and shares its data (an RBD
+        clone), and return the path a LUN names it by. The snapshot cannot be removed while the clone depends on it."""
+        ...
+
+    def flatten(self) -> None:
+        """Copy into this store (a clone) what it still reads from its parent snapshot, so it no longer depends on
+        it; durable on return. A no-op on a store that is no clone."""
         ...
 
 

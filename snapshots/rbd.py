@@ -257,10 +257,19 @@ class RbdBackend(StoreBase):
         rbdsnap.create_snapshot(self.image, rbdsnap.snapshot_name(name))
 
     def remove_snapshot(self, name: str) -> bool:
+        """Remove RBD snapshot ``lunsync.NAME`` (unprotected first) through the LUN's own handle, which holds the
+        image's exclusive lock: no other handle has to ask for it."""
         from lunsync.snapshots import rbdsnap
 
-        pool, image = split_rbd_spec(self.spec)
-        return rbdsnap.remove_snapshot(self._ioctx(pool), image, rbdsnap.snapshot_name(name))
+        self._ioctx(split_rbd_spec(self.spec)[0])  # refused once closed
+        return rbdsnap.remove_snapshot(self.image, rbdsnap.snapshot_name(name))
+
+    def list_snapshots(self) -> list[str]:
+        """The lunsync snapshots among the image's RBD snapshots (``lunsync.NAME``), by NAME."""
+        from lunsync.snapshots import rbdsnap
+
+        self._ioctx(split_rbd_spec(self.spec)[0])  # refused once closed
+        return rbdsnap.lunsync_snapshots(self.image)
 
     def open_snapshot(self, name: str) -> BlockDevice:
         """A read-only RbdBackend at ``lunsync.NAME``, whose changed regions are the head's diff against it."""
@@ -272,6 +281,27 @@ class RbdBackend(StoreBase):
         pool, image = split_rbd_spec(self.spec)
         ioctx = self._ioctx(pool)
         return rbdsnap.ChangedSince(view, lambda: rbdsnap.changed_extents(ioctx, image, snap))
+
+    def clone_snapshot(self, name: str, image: str) -> str:
+        """Make ``image``, in this image's pool, an RBD clone of ``lunsync.NAME`` (protected first) and return its
+        ``POOL/IMAGE``."""
+        from lunsync.snapshots import rbdsnap
+
+        pool, parent = split_rbd_spec(self.spec)
+        ioctx = self._ioctx(pool)
+        rbdsnap.clone_snapshot(ioctx, parent, rbdsnap.snapshot_name(name), ioctx, image)
+        return f"{pool}/{image}"
+
+    def flatten(self) -> None:
+        """Copy into this image (a clone) what it still reads from its parent snapshot, through the LUN's own handle,
+        for as long as that takes; a no-op on an image that is no clone."""
+        self._ioctx(split_rbd_spec(self.spec)[0])  # refused once closed
+        try:
+            self.image.flatten()
+        except rbd.InvalidArgument:
+            return  # no parent: nothing to copy
+        except rbd.Error as exc:
+            raise StorageError(f"flatten rbd image {self.spec}: {exc}") from None
 
     def _ioctx(self, pool: str) -> Any:
         if self._cluster is None:
@@ -492,6 +522,13 @@ class RbdBackend(StoreBase):
             code = getattr(exc, "errno", None) or errno.EIO
             raise storage_error(OSError(code, str(exc)), f"resize rbd image {self.spec}", None, write=True) from None
         self._num_blocks = num_blocks
+
+    async def close(self) -> None:
+        """Refuse new I/O, wait for what is in flight, flush (unless read-only or already failed), close the image
+        and let go of the cluster connection. Idempotent; a cancelled caller does not abort it."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._close_task)
 
     async def _close(self) -> None:
         # Refuse new I/O, wait for what is in flight, flush (unless read-only or already failed), close the image
