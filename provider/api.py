@@ -38,6 +38,7 @@ from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import atomic_write
 from lunsync.snapshots.model import RBD_NAME_PATTERN, check_labels, labels_match, parse_label
+from lunsync.snapshots.snapcat import parse_snapshot_name
 from lunsync.target.throttle import LoginThrottle
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from pydantic_core import PydanticCustomError
@@ -210,6 +211,8 @@ class LunIn(_In):
                     "readable and writable, while a recovery set copies it in (202, `Location` names the set)")
     rate_mib_s: float | None = Field(None, gt=0, description="with from_snapshot: a fixed rate for the copy "
                                                          "(absent: the adaptive throttle)")
+    flatten: bool = Field(False, description="with from_snapshot of an RBD snapshot: copy the clone's data in "
+                                             "before answering, so that it no longer depends on the snapshot")
 
     @model_validator(mode="after")
     def _size_or_snapshot(self) -> Self:
@@ -222,7 +225,7 @@ class LunIn(_In):
                 raise PydanticCustomError("invalid", "pool, image: only with backend rbd")
             if self.rate_mib_s is not None:
                 raise PydanticCustomError("invalid", "rate_mib_s: only with from_snapshot")
-        elif extra := sorted(self.model_fields_set - {"name", "from_snapshot", "rate_mib_s"}):
+        elif extra := sorted(self.model_fields_set - {"name", "from_snapshot", "rate_mib_s", "image", "flatten"}):
             raise PydanticCustomError("invalid", "{fields}: not with from_snapshot (the LUN takes the snapshot's)",
                                       {"fields": ", ".join(extra)})
         return self
@@ -793,6 +796,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     async def lun_from_snapshot(body: LunIn, response: Response) -> LunOut:
         assert body.from_snapshot is not None
+        lun, snap = parse_snapshot_name(body.from_snapshot)
+        svc = array.snapshots
+        if svc is not None and svc.cat.get_snapshot(lun, snap).kind == "rbd":
+            # An RBD snapshot becomes an RBD clone: instant, nothing to copy (unless flattened).
+            if body.rate_mib_s is not None:
+                raise ApiError(400, "rate_mib_s: an RBD snapshot is cloned, not copied in")
+            made = await svc.clone(lun, snap, body.name, image=body.image, flatten=body.flatten)
+            return _lun_out(array, made)
+        if body.image is not None or body.flatten:
+            raise ApiError(400, "image, flatten: only with from_snapshot of an RBD snapshot (it is cloned)")
         manager = array.recovery
         if manager is None:
             raise ApiError(409, "recovery is not available (the daemon has not finished starting)")

@@ -349,7 +349,7 @@ def provider_router(ctx: ApiContext) -> APIRouter:
         pairs = [(p.snapshot, p.destination) for p in body.pairs]
         if body.dry_run:
             response.status_code = 200
-            return DryRunOut.model_validate(m.dry_run(pairs))
+            return DryRunOut.model_validate(await m.dry_run(pairs))
         return accepted(await m.resync(pairs, body.options()), response)
 
     @r.post("/recovery/swap", response_model=RecoverySetOut, status_code=202,

@@ -135,7 +135,10 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                         "RBD image (--pool, --image)")
     p.add_argument("--pool", help="with --backend rbd: the image's RADOS pool")
     p.add_argument("--image", help="with --backend rbd: the image; created when missing and --size is given, "
-                                   "else attached at its own size")
+                                   "else attached at its own size; with --from an RBD snapshot: the clone's name "
+                                   "(default NAME)")
+    p.add_argument("--flatten", action="store_true", help="with --from an RBD snapshot: copy the clone's data in "
+                                                          "before returning, so it no longer needs the snapshot")
     p.add_argument("--path", help="backing file or block device (default <data-dir>/luns/NAME.img)")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--thick", action="store_true", help="allocate every block now instead of a sparse file")
@@ -380,18 +383,27 @@ _LUN_COLUMNS = ["Name", "Size", "Block", "Type", "Mapped on", "Serial", "Path"]
 def _lun_create(c: Any, a: argparse.Namespace) -> int:
     if a.from_snapshot:
         if (a.size is not None or a.backend or a.path or a.block_size != 512 or a.thick or a.read_only or a.labels
-                or a.pool or a.image):
-            raise UsageError("--from takes the snapshot's size and block size: give no other option")
+                or a.pool):
+            raise UsageError("--from takes the snapshot's size and block size: give no other option but --rate "
+                             "(or, for an RBD snapshot, --image and --flatten)")
         body: dict[str, Any] = {"name": a.name, "from_snapshot": a.from_snapshot}
         if a.rate is not None:
             body["rate_mib_s"] = a.rate
+        if a.image:
+            body["image"] = a.image
+        if a.flatten:
+            body["flatten"] = True
         lun = c.post("/luns", body)
+        if lun["backend"] == "rbd":
+            return _done(a, lun, f"created lun {lun['name']} as an RBD clone of {a.from_snapshot} at {lun['path']}"
+                                 f"{', flattened' if a.flatten else ''}: {human_size(lun['size_bytes'])}, "
+                                 f"serial {lun['serial']}")
         job = (c.location or "").rsplit("/", 1)[-1]
         return _done(a, lun, f"created lun {lun['name']} from {a.from_snapshot}: {human_size(lun['size_bytes'])}, "
                              f"serial {lun['serial']}; usable now, copied in by recovery set {job} "
                              f"(lunsync recovery wait {job})")
-    if a.rate is not None:
-        raise UsageError("--rate: only with --from")
+    if a.rate is not None or a.flatten:
+        raise UsageError(f"{'--rate' if a.rate is not None else '--flatten'}: only with --from")
     rbd = a.backend == "rbd"
     if rbd and (not a.pool or not a.image or a.path or a.thick):
         raise UsageError("--backend rbd: give --pool POOL --image IMAGE (no --path; an image is always thin)")

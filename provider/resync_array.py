@@ -11,6 +11,7 @@ is a :class:`~lunsync.snapshots.resync.ResyncVolume` until the copy ends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -87,14 +88,16 @@ class ArrayEngine:
     def snapshots(self) -> Sequence[SnapshotRef]:
         return [_snap_ref(r) for r in self.snaps.cat.list_snapshots() if r.state == "valid"]
 
-    def snapshot_view(self, snap: SnapshotRef) -> BlockDevice:
-        return self.snaps.open_view(self._snap_rec(snap.ref))
+    async def snapshot_view(self, snap: SnapshotRef) -> BlockDevice:
+        return await self.snaps.open_view_async(self._snap_rec(snap.ref))
 
-    def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
+    async def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
         rec = self._snap_rec(snap.ref)
-        if rec.kind == "rbd":  # the store diffs its snapshot against its head itself
-            view = self.snaps.open_view(rec)
-            return view.changed_regions(snap.chunk_size_bytes) if isinstance(view, ChangedRegions) else None
+        if rec.kind == "rbd":  # the store diffs its snapshot against its head itself, over the network: a thread
+            view = await self.snaps.open_view_async(rec)
+            if not isinstance(view, ChangedRegions):
+                return None
+            return await asyncio.to_thread(view.changed_regions, snap.chunk_size_bytes)
         vol = self.snaps.volumes.get(rec.lun_name)
         if vol is None or rec.lun_id is None or vol.lun_id != rec.lun_id or not rec.needs_cow:
             return None  # a filled clone no longer tracks its origin's changes

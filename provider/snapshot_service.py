@@ -28,9 +28,10 @@ from lunsync.snapshots.backup import BackupManifest
 from lunsync.snapshots.catalog import CatalogError, InUse, Invalid, LunRecord, NotFound
 from lunsync.snapshots.cow import CowVolume, Origin, Pool, SnapshotView
 from lunsync.snapshots.device import BlockDevice, StoreSnapshots
-from lunsync.snapshots.errors import SnapshotInUse, StorageError
+from lunsync.snapshots.errors import NotReady, SnapshotInUse, StorageError
 from lunsync.snapshots.fsutil import copy_range, zero_range
 from lunsync.snapshots.progress import RateWindow
+from lunsync.snapshots.rbd import remove_image
 from lunsync.snapshots.resync import ResyncVolume, extent_pieces, moved_pieces
 from lunsync.snapshots.snapcat import Kind, PoolRecord, SnapshotCatalog, SnapshotPlan, SnapshotRecord
 from lunsync.target.scsi.lu import LogicalUnit
@@ -306,7 +307,8 @@ class SnapshotService:
                 self._start_fill(rec)
             if rec.exposed_target is not None and rec.exposed_lun is not None:
                 try:
-                    self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, self._make_lu(rec))
+                    lu = await self._make_lu(rec)
+                    self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, lu)
                     targets.add(rec.exposed_target)
                 except (CatalogError, StorageError, OSError) as e:  # serve the rest; the log says which and why
                     log.error("snapshot %s: cannot expose it again: %s", rec.full_name, e)
@@ -609,6 +611,43 @@ class SnapshotService:
         self.counters.snapshots_deleted += 1
         log.info("snapshot %s deleted (with the store's snapshot)", rec.full_name)
 
+    async def clone(self, lun: str, name: str, new_lun: str, *, image: str | None = None,
+                    flatten: bool = False) -> LunRecord:
+        """A new LUN ``new_lun`` that is a clone of snapshot ``lun@name`` made by its store (an RBD clone, image
+        ``image``, default the new LUN's name, beside the origin's): instant, sharing the snapshot's data, writable.
+        With ``flatten`` the clone's data is copied in before this returns, so it no longer depends on the snapshot
+        (which can then be deleted). A failure leaves neither the LUN nor the image behind."""
+        rec = self.as_known(self.cat.get_snapshot(lun, name))
+        if rec.kind != "rbd":
+            raise Invalid(f"snapshot {rec.full_name} is lunsync's own ({rec.kind}): make a LUN of it with lunsync lun "
+                          "create NEW --from LUN@SNAP, which copies it in while serving it")
+        st = self._store_of(rec.lun_name)
+        if st is None:
+            raise NotFound(f"the origin of {rec.full_name} is not open")
+        path = await asyncio.to_thread(st.clone_snapshot, rec.name, image or new_lun)
+        try:
+            made = await self.array.create_lun(new_lun, None, path=path, backend="rbd", block_size=rec.block_size)
+        except BaseException:
+            try:
+                await asyncio.to_thread(remove_image, self.array.ceph, path)
+            except (StorageError, OSError) as e:
+                log.error("clone %s of %s stays behind on the cluster: %s", path, rec.full_name, e)
+            raise
+        log.info("lun %s created as a clone of %s (rbd image %s)", new_lun, rec.full_name, path)
+        if flatten:
+            await self.flatten(new_lun)
+        return made
+
+    async def flatten(self, lun: str) -> None:
+        """Make LUN ``lun``, a clone of a store's snapshot, independent of that snapshot (RBD flatten), while it
+        serves I/O. Returns once the copy is done and durable."""
+        st = self._store_of(lun)
+        if st is None:
+            raise Invalid(f"lun {lun!r} is not on a store that clones (an RBD image)")
+        started = time.perf_counter()
+        await asyncio.to_thread(st.flatten)
+        log.info("lun %s flattened in %.1f s: it no longer depends on a snapshot", lun, time.perf_counter() - started)
+
     def space_bytes(self, rec: SnapshotRecord) -> int:
         """The pool space a snapshot reads from: its preserved chunks (shared ones included), or its clone file."""
         if rec.kind == "clone":
@@ -658,11 +697,8 @@ class SnapshotService:
             raise Invalid(f"snapshot {rec.full_name} is invalid ({rec.invalid_reason})")
         if rec.kind == "rbd":
             view = self.store_views.get(rec.id)
-            if view is None:
-                st = self._store_of(rec.lun_name)
-                if st is None:
-                    raise NotFound(f"the origin of {rec.full_name} is not open")
-                view = self.store_views[rec.id] = st.open_snapshot(rec.name)
+            if view is None:  # opening one is a round trip to the store: open_view_async does it in a thread
+                raise NotReady(f"snapshot {rec.full_name} is not open")
             return view
         if rec.kind == "clone" and rec.filled:
             file = self.files.get(rec.id)
@@ -682,15 +718,30 @@ class SnapshotService:
             view = self.views[rec.id] = vol.view(rec.epoch, rec.size_bytes // rec.block_size)
         return view
 
-    def _make_lu(self, rec: SnapshotRecord) -> LogicalUnit:
-        return LogicalUnit(self.open_view(rec), rec.identity, name=rec.full_name)
+    async def open_view_async(self, rec: SnapshotRecord) -> BlockDevice:
+        """:meth:`open_view`, opening a snapshot its LUN's store keeps (RBD) in a thread the first time."""
+        if rec.kind != "rbd" or rec.id in self.store_views:
+            return self.open_view(rec)
+        st = self._store_of(rec.lun_name)
+        if st is None:
+            raise NotFound(f"the origin of {rec.full_name} is not open")
+        view = await asyncio.to_thread(st.open_snapshot, rec.name)
+        if rec.id in self.store_views:  # another reader opened it meanwhile: keep one
+            await view.close()
+        else:
+            self.store_views[rec.id] = view
+        return self.open_view(rec)
+
+    async def _make_lu(self, rec: SnapshotRecord) -> LogicalUnit:
+        return LogicalUnit(await self.open_view_async(rec), rec.identity, name=rec.full_name)
 
     async def expose(self, lun: str, name: str, target: str, number: int | None = None) -> SnapshotRecord:
         async with self._lock:
             rec = self.cat.expose(lun, name, target, number)
             try:
                 assert rec.exposed_target is not None and rec.exposed_lun is not None
-                self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, self._make_lu(rec))
+                lu = await self._make_lu(rec)
+                self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, lu)
                 self.array.build_target(rec.exposed_target)
             except BaseException:
                 self.exposures.pop(rec.id, None)

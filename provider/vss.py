@@ -225,10 +225,13 @@ class Engine(Protocol):
 
     def snapshots(self) -> Sequence[SnapshotRef]: ...
 
-    def snapshot_view(self, snap: SnapshotRef) -> BlockDevice: ...
+    async def snapshot_view(self, snap: SnapshotRef) -> BlockDevice:
+        """A read-only device of the snapshot. Awaited: a store's own snapshot (RBD) is opened over the network."""
+        ...
 
-    def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
-        """Chunks of the snapshot's origin changed since it was taken, or None when unknown."""
+    async def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
+        """Chunks of the snapshot's origin changed since it was taken, or None when unknown. Awaited: a store may
+        have to be asked (RBD's diff_iterate walks the image)."""
         ...
 
     def destination_device(self, name: str) -> BlockDevice:
@@ -663,8 +666,8 @@ class RecoveryManager:
         pending = None
         if p.destination == snap.origin and not p.new_lun:
             # Regions are the snapshot's chunks, so the changed chunks are the pending regions as they are.
-            pending = self.engine.changed_chunks(snap)
-        source = self.engine.snapshot_view(snap)
+            pending = await self.engine.changed_chunks(snap)
+        source = await self.engine.snapshot_view(snap)
         dest = self.engine.destination_device(p.destination)
         kwargs: dict[str, Any] = {}
         if self._batch_bytes is not None:
@@ -757,7 +760,7 @@ class RecoveryManager:
 
     async def verify_pair(self, job: _Job) -> bool:
         """Checksum the destination against the snapshot, 8 MiB at a time."""
-        src = self.engine.snapshot_view(job.snapshot)
+        src = await self.engine.snapshot_view(job.snapshot)
         dst = self.engine.destination_device(job.pair.destination)
         step = (8 * MiB) // src.block_size
         h1, h2 = hashlib.blake2b(), hashlib.blake2b()
@@ -891,7 +894,7 @@ class RecoveryManager:
             raise VssError(VssCode.PROVIDER_VETO, f"lun {name!r} already exists and was not made from {snap.ref}")
         return await self.resync([(snap.ref, name)], Options(rate_bps=rate_bps, create_missing=True)), True
 
-    def dry_run(self, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
+    async def dry_run(self, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any]:
         """How many bytes a resync would copy, pair by pair, without touching anything."""
         out = []
         for ref, dest in pairs:
@@ -902,7 +905,7 @@ class RecoveryManager:
                 lun: LunRef | None = self.engine.lun(d)
             except LookupError:
                 lun = None
-            changed = self.engine.changed_chunks(snap) if d == snap.origin and lun is not None else None
+            changed = await self.engine.changed_chunks(snap) if d == snap.origin and lun is not None else None
             nbytes = snap.size_bytes if changed is None else min(snap.size_bytes,
                                                                  len(changed) * snap.chunk_size_bytes)
             out.append({"snapshot": snap.ref, "destination": d, "bytes": nbytes, "only_changed": changed is not None,

@@ -117,10 +117,10 @@ class FakeEngine:
     def snapshots(self) -> Sequence[SnapshotRef]:
         return [s for s, _ in self._snaps.values()]
 
-    def snapshot_view(self, snap: SnapshotRef) -> BlockDevice:
+    async def snapshot_view(self, snap: SnapshotRef) -> BlockDevice:
         return FileBackend.open(self._snaps[snap.ref][1], 512, read_only=True)
 
-    def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
+    async def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
         return set(self.changed[snap.ref])
 
     def destination_device(self, name: str) -> BlockDevice:
@@ -382,7 +382,7 @@ def test_restart_resumes_a_resyncing_set(tmp_path: Path) -> None:
 
 def test_dry_run_counts_only_changed_chunks_for_the_origin(tmp_path: Path) -> None:
     _, mgr, _ = setup(tmp_path)
-    out = mgr.dry_run([("db0@s1", None), ("db0@s1", "elsewhere")])
+    out = asyncio.run(mgr.dry_run([("db0@s1", None), ("db0@s1", "elsewhere")]))
     assert out["pairs"][0]["bytes"] == 3 * CHUNK and out["pairs"][0]["only_changed"]
     assert out["pairs"][1]["bytes"] == SIZE and out["pairs"][1]["new_lun"]
     assert out["bytes"] == 3 * CHUNK + SIZE
