@@ -133,6 +133,8 @@ def main() -> int:
         ("resync: tests/provider/bench_resync.py", [PY, "tests/provider/bench_resync.py"]),
         ("RBD: 128 KiB sequential, rbd bench vs lunsync on the same cluster: tests/bench/bench_rbd.py",
          [PY, "tests/bench/bench_rbd.py"]),
+        ("RBD snapshot set hold and resync first read: tests/bench/rbd_snapshots.py",
+         [PY, "tests/bench/rbd_snapshots.py"]),
     ]
     for title, cmd in own:
         if (REPO / cmd[1]).exists():
