@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -316,3 +317,31 @@ def daemon_fixture(workdir: Path, **kwargs: object) -> Iterator[Daemon]:
         yield d
     finally:
         d.close()
+
+
+class PatternReader:
+    """qemu-io verifying one pattern over one range of an ``iscsi://`` URL, again and again on a thread, until the
+    ``with`` block ends: a reader that runs throughout a restore. ``runs`` counts the reads, ``failures`` keeps what
+    each failed one printed."""
+
+    def __init__(self, url: str, byte: int, offset: int, length: int) -> None:
+        self.argv = ["qemu-io", "-f", "raw", "-r", "-c", f"read -P {byte:#x} {offset} {length}", url]
+        self.runs = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            p = run(self.argv, timeout=120)
+            self.runs += 1
+            if p.returncode != 0 or "verification failed" in p.stdout + p.stderr or "read " not in p.stdout:
+                self.failures.append(describe(p))
+
+    def __enter__(self) -> Self:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(60)

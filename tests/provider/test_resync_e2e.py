@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import pytest
-from e2e.harness import DEMO_IQN, Daemon, describe, lunsync_command, require_tools, run
+from e2e.harness import DEMO_IQN, Daemon, PatternReader, describe, lunsync_command, require_tools, run
 
 pytestmark = pytest.mark.e2e
 MIB = 1 << 20
@@ -68,32 +67,6 @@ def metric(d: Daemon, name: str) -> float:
     return total
 
 
-class Reader:
-    """A qemu-io reader that verifies pattern A over one range again and again until stopped."""
-
-    def __init__(self, d: Daemon, byte: int, offset: int, length: int) -> None:
-        self.d, self.cmd = d, f"read -P {byte:#x} {offset} {length}"
-        self.runs = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            p = qemu(self.d, self.cmd, read_only=True)
-            self.runs += 1
-            if p.returncode != 0 or "verification failed" in p.stdout + p.stderr or "read " not in p.stdout:
-                self.failures.append(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-
-    def __enter__(self) -> Self:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(60)
-
-
 def test_abc_restore_to_the_origin_with_a_reader_throughout(daemon: Daemon) -> None:
     d = daemon
     write(d, 0xAA, 0, 256 * MIB)  # A everywhere
@@ -103,11 +76,11 @@ def test_abc_restore_to_the_origin_with_a_reader_throughout(daemon: Daemon) -> N
     assert dry["bytes"] == 64 * MIB  # only what changed
     # One reader runs throughout on a range B never touched; a second starts with the resync, on B's range, and must
     # see A from its first read (redirected to the snapshot) to its last (copied back).
-    with Reader(d, 0xAA, 128 * MIB, 32 * MIB) as reader:
+    with PatternReader(d.url(), 0xAA, 128 * MIB, 32 * MIB) as reader:
         started = cli(d, "resync", "demo0@s1", "--rate", "6")
         rid = started["id"]
         assert started["state"] == "resyncing"
-        redirected = Reader(d, 0xAA, 32 * MIB, 32 * MIB).__enter__()
+        redirected = PatternReader(d.url(), 0xAA, 32 * MIB, 32 * MIB).__enter__()
         assert_reads(d, 0xAA, 0, 64 * MIB)  # at once: the snapshot's contents
         write(d, 0xCC, 8 * MIB, 4 * MIB)  # C during the resync
         shown = cli(d, "recovery", "show", rid)

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any, Self
+from typing import Any
 
 import pytest
 import rados
 import rbd
 from ceph_cluster import POOL, CephCluster
-from e2e.harness import DEMO_IQN, Daemon, describe, lunsync_command, require_tools, run
+from e2e.harness import DEMO_IQN, Daemon, PatternReader, describe, lunsync_command, require_tools, run
 from e2e.test_rbd_luns import ceph_section
 from lunsync.snapshots import rbdsnap
 
@@ -77,32 +76,6 @@ def reads(d: Daemon, lun: int, byte: int, offset: int, length: int) -> bool:
 def assert_reads(d: Daemon, lun: int, byte: int, offset: int, length: int) -> None:
     p = qemu(d, lun, f"read -P {byte:#x} {offset} {length}", read_only=True)
     assert p.returncode == 0 and "read " in p.stdout and "verification failed" not in p.stdout + p.stderr, describe(p)
-
-
-class Reader:
-    """qemu-io verifying one pattern over one range, again and again, until stopped."""
-
-    def __init__(self, d: Daemon, lun: int, byte: int, offset: int, length: int) -> None:
-        self.d, self.lun, self.cmd = d, lun, f"read -P {byte:#x} {offset} {length}"
-        self.runs = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            p = qemu(self.d, self.lun, self.cmd, read_only=True)
-            self.runs += 1
-            if p.returncode != 0 or "verification failed" in p.stdout + p.stderr or "read " not in p.stdout:
-                self.failures.append(describe(p))
-
-    def __enter__(self) -> Self:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(60)
 
 
 def rbd_lun(d: Daemon, name: str, number: int, size: str = "64MiB") -> str:
@@ -178,15 +151,15 @@ def test_live_resync_to_the_origin_copies_only_the_changed_extents(rbd_daemon: D
     assert expect < 16 * MiB, changed  # only what changed, not the image
     dry = cli(d, "resync", "rr@s1", "--dry-run")
     assert dry["bytes"] == expect, (dry, changed)
-    with Reader(d, 4, 0x11, 32 * MiB, 8 * MiB) as untouched:
-        started = cli(d, "resync", "rr@s1", "--rate", "2")  # about 4 s
+    with PatternReader(d.url(4), 0x11, 32 * MiB, 8 * MiB) as untouched:
+        started = cli(d, "resync", "rr@s1", "--rate", "1")  # about 8 s
         rid = started["id"]
         assert started["state"] == "resyncing"
-        with Reader(d, 4, 0x11, 8 * MiB, 8 * MiB) as redirected:  # the snapshot's data from the first read on
+        shown = cli(d, "recovery", "show", rid)
+        assert shown["state"] == "resyncing" and shown["percent"] < 100, shown
+        with PatternReader(d.url(4), 0x11, 8 * MiB, 8 * MiB) as redirected:  # the snapshot's data from the first read on
             write(d, 4, 0x33, 48 * MiB, MiB)  # a write during the resync, outside what it copies
             assert_reads(d, 4, 0x11, 40 * MiB, MiB)
-            shown = cli(d, "recovery", "show", rid)
-            assert shown["state"] == "resyncing" and shown["percent"] < 100, shown
             final = cli(d, "recovery", "wait", rid, timeout=90)
     assert final["state"] == "done", final
     (pair,) = final["pairs"]
