@@ -99,6 +99,8 @@ class SnapshotService:
         # Invalidations the catalog could not take (noted in the pool's map log meanwhile), retried by _recorder.
         self._unrecorded_invalid: dict[tuple[int, int], str] = {}
         self._recorder: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
         # Catalog commits a snapshot operation waits for get a thread of their own: in the default executor they
         # would queue behind the LUNs' fdatasyncs and the copy-on-write batches, for seconds under load.
         self._catalog_executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot-catalog")
@@ -314,6 +316,32 @@ class SnapshotService:
                     log.error("snapshot %s: cannot expose it again: %s", rec.full_name, e)
         for iqn in targets:
             self.array.build_target(iqn)
+        # In the background: after a crash the image's lock may still be the dead daemon's until the cluster gives
+        # up on it (half a minute), and serving must not wait for that.
+        self._sweeper = asyncio.get_running_loop().create_task(self._remove_leftover_store_snapshots(),
+                                                               name="store-snapshot-sweep")
+
+    async def _remove_leftover_store_snapshots(self) -> None:
+        """Remove the store snapshots (RBD) lunsync made whose record never committed (a crash between taking them
+        and recording them): nothing refers to them, and they would keep the image from being deleted."""
+        known: dict[str, set[str]] = {}
+        for rec in self.cat.list_snapshots():
+            if rec.kind == "rbd":
+                known.setdefault(rec.lun_name, set()).add(rec.name)
+        for name in list(self.array.luns):
+            st = self._store_of(name)
+            if st is None or self._closing:
+                continue
+            try:
+                leftover = sorted(set(await asyncio.to_thread(st.list_snapshots)) - known.get(name, set()))
+                for snap in leftover:
+                    if self._closing:
+                        return
+                    await asyncio.to_thread(st.remove_snapshot, snap)
+                    log.warning("lun %s: removed the store's snapshot of %s, which was never recorded (a crash "
+                                "while it was taken)", name, snap)
+            except (StorageError, OSError) as e:  # serve anyway; the next start tries again
+                log.error("lun %s: cannot look for leftover store snapshots: %s", name, e)
 
     def exposed_on(self, iqn: str) -> dict[int, LogicalUnit]:
         """The snapshots shown on ``iqn``, by LUN number (the daemon's build_target adds them to the LUN map)."""
@@ -322,6 +350,11 @@ class SnapshotService:
     async def close(self) -> None:
         if self._recorder is not None:
             self._recorder.cancel()
+        if self._sweeper is not None:
+            # Not cancelled: its librbd call would run on in its thread while the image closes under it. It stops
+            # before its next call instead.
+            self._closing = True
+            await asyncio.wait([self._sweeper])
         for task in self._fills.values():
             task.cancel()
         if self._fills:

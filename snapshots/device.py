@@ -162,6 +162,10 @@ class StoreSnapshots(Protocol):
         """Remove snapshot ``name`` (False: there was none). Refused while a clone depends on it."""
         ...
 
+    def list_snapshots(self) -> list[str]:
+        """The names of the snapshots of this store that lunsync took (not other snapshots the store has)."""
+        ...
+
     def open_snapshot(self, name: str) -> BlockDevice:
         """A read-only device of snapshot ``name``, declaring :class:`ChangedRegions` against this store's head. The
         caller closes it."""

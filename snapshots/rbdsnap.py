@@ -30,6 +30,7 @@ __all__ = [
     "clone_snapshot",
     "create_snapshot",
     "flatten",
+    "lunsync_snapshots",
     "regions_of",
     "remove_snapshot",
     "snapshot_name",
@@ -65,6 +66,14 @@ def create_snapshot(image: rbd.Image, name: str) -> None:
         raise _fail(f"create RBD snapshot {name}", exc) from exc
 
 
+def lunsync_snapshots(image: rbd.Image) -> list[str]:
+    """The lunsync snapshot names (without the prefix) among the image's RBD snapshots. Blocking."""
+    try:
+        return sorted(s["name"][len(PREFIX):] for s in image.list_snaps() if s["name"].startswith(PREFIX))
+    except rbd.Error as exc:
+        raise _fail("list RBD snapshots", exc) from exc
+
+
 def _remove(image: rbd.Image, name: str) -> None:
     if image.is_protected_snap(name):
         try:
@@ -74,18 +83,17 @@ def _remove(image: rbd.Image, name: str) -> None:
     image.remove_snap(name)
 
 
-def remove_snapshot(ioctx: Any, image_name: str, name: str) -> bool:
-    """Remove RBD snapshot ``name`` of image ``image_name``, unprotecting it first; False when it does not exist (a
-    delete that a crash interrupted after the removal). Refused with :class:`SnapshotInUse` while a clone still depends
-    on it. Opens its own handle, so the LUN's handle keeps serving I/O at the head. Blocking."""
+def remove_snapshot(image: rbd.Image, name: str) -> bool:
+    """Remove RBD snapshot ``name`` of the open ``image``, unprotecting it first; False when it does not exist (a
+    delete that a crash interrupted after the removal). Refused with :class:`SnapshotInUse` while a clone still
+    depends on it. Blocking."""
     try:
-        with rbd.Image(ioctx, image_name) as image:
-            if not image.snap_exists(name):
-                return False
-            _remove(image, name)
-            return True
+        if not image.snap_exists(name):
+            return False
+        _remove(image, name)
+        return True
     except rbd.Error as exc:
-        raise _fail(f"remove RBD snapshot {image_name}@{name}", exc) from exc
+        raise _fail(f"remove RBD snapshot {name}", exc) from exc
 
 
 def clone_snapshot(ioctx: Any, image_name: str, name: str, dest_ioctx: Any, dest_name: str) -> None:

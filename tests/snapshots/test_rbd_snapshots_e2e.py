@@ -181,9 +181,12 @@ def test_live_resync_to_the_origin_copies_only_the_changed_extents(rbd_daemon: D
 
 def test_kill9_mid_resync_then_restart_resumes_to_completion(rbd_daemon: Daemon, ioctx: Any) -> None:
     d = rbd_daemon
-    rbd_lun(d, "rk", 5)
+    image = rbd_lun(d, "rk", 5)
     write(d, 5, 0x55, 0, 64 * MiB)
     cli(d, "snapshot", "create", "rk@s1")
+    # What a crash between taking an RBD snapshot and recording it leaves: lunsync's, and recorded nowhere.
+    with rbd.Image(ioctx, image) as img:
+        img.create_snap("lunsync.unrecorded")
     write(d, 5, 0x66, 0, 24 * MiB)
     rid = cli(d, "resync", "rk@s1", "--rate", "4")["id"]  # 24 MiB: about 6 s
     time.sleep(2.0)
@@ -197,6 +200,12 @@ def test_kill9_mid_resync_then_restart_resumes_to_completion(rbd_daemon: Daemon,
     assert final["state"] == "done", final
     assert_reads(d, 5, 0x55, 0, 64 * MiB)
     assert "resumed with" in d.log_text()
+    # Removed in the background after the start, once the image's lock passed from the killed daemon to this one
+    # (the copier's first write waited for that too).
+    deadline = time.monotonic() + 60
+    while rbd_snaps(ioctx, image) != {"lunsync.s1"} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert rbd_snaps(ioctx, image) == {"lunsync.s1"}, "the unrecorded snapshot is removed after a start"
     d.assert_healthy()
 
 

@@ -80,8 +80,9 @@ def test_a_snapshot_keeps_its_point_in_time_and_the_diff_names_only_what_changed
             rbdsnap.create_snapshot(image, snap)
         assert rbdsnap.changed_extents(ioctx, "snapdiff", snap) == []
         assert _read(ioctx, "snapdiff", 5 * MiB, 4, snap) == b"\x22" * 4
-        assert rbdsnap.remove_snapshot(ioctx, "snapdiff", snap) is True
-        assert rbdsnap.remove_snapshot(ioctx, "snapdiff", snap) is False, "an interrupted delete can be repeated"
+        with rbd.Image(ioctx, "snapdiff") as image:
+            assert rbdsnap.remove_snapshot(image, snap) is True
+            assert rbdsnap.remove_snapshot(image, snap) is False, "an interrupted delete can be repeated"
     finally:
         _remove(ioctx, "snapdiff")
 
@@ -101,12 +102,13 @@ def test_a_clone_depends_on_its_snapshot_until_flattened(ioctx: Any) -> None:
         with rbd.Image(ioctx, "child") as child:
             assert child.parent_info()[1:] == ("parent", snap)
         assert _read(ioctx, "child", 2 * MiB, MiB) == b"\x5a" * MiB
-        with pytest.raises(SnapshotInUse, match="clones"):
-            rbdsnap.remove_snapshot(ioctx, "parent", snap)
+        with rbd.Image(ioctx, "parent") as image, pytest.raises(SnapshotInUse, match="clones"):
+            rbdsnap.remove_snapshot(image, snap)
         rbdsnap.flatten(ioctx, "child")
         with rbd.Image(ioctx, "child") as child, pytest.raises(rbd.ImageNotFound):
             child.parent_info()
-        assert rbdsnap.remove_snapshot(ioctx, "parent", snap) is True
+        with rbd.Image(ioctx, "parent") as image:
+            assert rbdsnap.remove_snapshot(image, snap) is True
         assert _read(ioctx, "child", 2 * MiB, MiB) == b"\x5a" * MiB, "a flattened clone keeps its data"
     finally:
         _remove(ioctx, "child")
