@@ -434,7 +434,7 @@ class Array:
         self._refuse_if_restoring([n for n, w in wanted.items() if n in before
                                    and (w.read_only, w.thin) != (before[n].read_only, before[n].thin)], "reopened")
         for name, lun in wanted.items():
-            if name not in before:
+            if name not in before and lun.backend != "rbd":  # an image on the cluster is no path here
                 self.check_backing_path(name, lun.path)
         plan = self.catalog.apply(config, dry_run=dry_run)
         if not dry_run and plan:

@@ -131,6 +131,21 @@ def test_create_attach_refuse_and_delete(rbd_daemon: Daemon, ceph_cluster: CephC
     assert not image_exists(ceph_cluster, img)
     err = cli(d, "lun", "delete", "nonexistent-lun", "--delete-image", ok=False)
     assert "nonexistent-lun" in err, err
+    # The declarative way: export, add an rbd LUN on an existing image, apply; apply the export again to drop it.
+    img2 = new_image()
+    run(["rbd", "-c", str(ceph_cluster.conf), "create", "--size", "4M", f"{POOL}/{img2}"], check=True)
+    exported = cli(d, "export")["config"]
+    assert "[ceph]" in exported and "connect_timeout_s = 5" in exported, exported
+    before, after = d.workdir / "before.toml", d.workdir / "after.toml"
+    before.write_text(exported)
+    after.write_text(exported + f'\n[[lun]]\nname = "r-applied"\nbackend = "rbd"\npath = "{POOL}/{img2}"\n'
+                                f'size = "4MiB"\n')
+    cli(d, "apply", str(after))
+    assert cli(d, "lun", "show", "r-applied")["path"] == f"{POOL}/{img2}"
+    cli(d, "apply", str(before))
+    assert all(x["name"] != "r-applied" for x in cli(d, "lun", "list"))
+    assert image_exists(ceph_cluster, img2), "apply removed the LUN and its image with it"
+    run(["rbd", "-c", str(ceph_cluster.conf), "rm", f"{POOL}/{img2}"], check=True)
     d.assert_healthy()
 
 
