@@ -123,13 +123,24 @@ def vpd83(ini: RawInitiator) -> bytes:
     return r.data
 
 
+def designators(page: bytes) -> dict[int, bytes]:
+    """VPD 0x83's designators by type (SPC-4 §7.8.6: 3 NAA, 4 relative target port, 5 target port group)."""
+    out, off = {}, 4
+    while off + 4 <= len(page):
+        kind, length = page[off + 1] & 0x0F, page[off + 3]
+        out.setdefault(kind, page[off + 4:off + 4 + length])
+        off += 4 + length
+    return out
+
+
 def test_same_identity_alua_and_multipath_suite(gateways: tuple[Gateway, Gateway], tmp_path: Path) -> None:
     a, b = gateways
     with session(a, NODE1) as ia, session(b, NODE1) as ib:
-        da, db = vpd83(ia), vpd83(ib)
-        assert da[4:24] == db[4:24], "the NAA designator differs between the gateways"  # same LU, same NAA
-        # Relative target port (type 4) and target port group (type 5) designators: each gateway its own.
-        assert da[8 + 16 + 4:] != db[8 + 16 + 4:]
+        da, db = designators(vpd83(ia)), designators(vpd83(ib))
+        assert da[3] == db[3], "the NAA designator differs between the gateways"  # same LU, same NAA
+        # Relative target port (type 4) and target port group (type 5): each gateway its own, its port group.
+        assert (da[4], da[5]) == (b"\x00\x00\x00\x01", b"\x00\x00\x00\x01")
+        assert (db[4], db[5]) == (b"\x00\x00\x00\x02", b"\x00\x00\x00\x02")
         serials = []
         for ini in (ia, ib):
             r = ini.scsi(cdb_inquiry(255, 1, 0x80), read_length=255)
@@ -205,14 +216,9 @@ def qemu_io(url: str, *cmds: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, Gateway]) -> None:
-    require_tools("qemu-io")
-    a, b = gateways
-    url_b = b.url(0, iqn=b.iqn)
-    with session(b, NODE2) as ib:
-        wait_for(lambda: rtpg_states(ib) == {1: 0, 2: 1}, 3 * LEASE_S, "A never became the owner")
-    # Writes acknowledged through B, before and while A dies; each 1 MiB stripe has its own pattern. A is killed once
-    # the first write is acknowledged, so most of them run while it dies and after.
+def _write_through_b_while_a_dies(a: Gateway, url_b: str) -> int:
+    """qemu-io writes 1 MiB stripes, each with its own pattern, through B; A is killed once the first is
+    acknowledged, so the rest run while it dies and after. Returns the number of stripes, all acknowledged."""
     stripes = 48
     writes = [arg for i in range(stripes) for arg in ("-c", f"write -P 0x{0x40 + i:02x} {i}M 1M")] + ["-c", "flush"]
     writer = subprocess.Popen(["qemu-io", "-f", "raw", *writes, url_b], stdout=subprocess.PIPE,
@@ -228,12 +234,29 @@ def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, G
     raw_out, raw_err = writer.communicate(timeout=120)
     out, err = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
     assert writer.returncode == 0 and "error" not in (out + err).lower(), f"{out[-2000:]}\n{err[-2000:]}"
-    after = out.count("wrote 1048576/1048576 bytes")
-    assert after == stripes - 1, out[-2000:]  # every write after the kill acknowledged too
-    # Ownership moves to B once A's lease expires; B's nexus sees the state change.
-    with session(b, NODE2) as ib:
-        took = wait_for(lambda: rtpg_states(ib) == {1: 1, 2: 0}, 4 * LEASE_S, "B never took ownership")
+    assert out.count("wrote 1048576/1048576 bytes") == stripes - 1, out[-2000:]  # those after the kill too
+    return stripes
+
+
+def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, Gateway]) -> None:
+    require_tools("qemu-io")
+    a, b = gateways
+    url_b = b.url(0, iqn=b.iqn)
+    # A nexus on B that stays logged in across the failover, to be told of it.
+    watcher = session(b, NODE2)
+    try:
+        wait_for(lambda: rtpg_states(watcher) == {1: 0, 2: 1}, 3 * LEASE_S, "A never became the owner")
+        stripes = _write_through_b_while_a_dies(a, url_b)
+
+        def told() -> bool:
+            r = watcher.scsi(bytes(6))
+            return r.status == CHECK and r.sense[12:14] == b"\x2a\x06"  # ASYMMETRIC ACCESS STATE CHANGED
+
+        took = wait_for(told, 4 * LEASE_S, "B's nexus was never told that the access states changed")
         assert took < 3 * LEASE_S
+        assert rtpg_states(watcher) == {1: 1, 2: 0}  # B is active/optimized now, A's group active/non-optimized
+    finally:
+        watcher.close()
     # Every acknowledged write is there, read back through B (a fresh qemu-io: nothing cached).
     p = qemu_io(url_b, *(f"read -P 0x{0x40 + i:02x} {i}M 1M" for i in range(stripes)))
     assert p.returncode == 0 and "Pattern verification failed" not in p.stdout, describe(p)
