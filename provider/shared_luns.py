@@ -6,8 +6,9 @@ lease holder's active/optimized (:class:`lunsync.target.scsi.alua.AluaGroups`), 
 :class:`~lunsync.provider.gateway.OwnershipKeeper` keeps or contends for that lease. A sync task, every
 ``sync_s``, publishes the configuration of this gateway's shared LUNs to ``lunsync.luns`` (image, identity, size,
 targets and LUN numbers), creates here the ones another gateway published (same NAA and serial, the image opened,
-never created), and refreshes the port-group list so a gateway that joins later is reported too. A LUN deleted here
-leaves the index; the other gateways keep serving it until they delete it too.
+never created) once they are mapped on a target, and refreshes the port-group list so a gateway that joins later is
+reported too. From then on each gateway's mappings are its own. A LUN deleted here leaves the index; the other
+gateways keep serving it until they delete it too.
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ class SharedLuns:
                 self._published[rec.name] = text
         local = {r.name for r in cat.list_luns()}
         for name, doc in (await asyncio.to_thread(self.link.luns_sync)).items():
-            if name in local:
-                continue
+            if name in local or not doc.get("targets"):
+                continue  # not before it is mapped: `lun create` then `lun map` on one gateway are one import here
             try:
                 await self._import(doc)
             except Exception as e:  # noqa: BLE001 - one bad entry (an image gone, a name clash) must not stop the rest

@@ -280,6 +280,8 @@ def test_lun_created_on_a_while_running_appears_on_b(gateways: tuple[Gateway, Ga
                  ["lun", "map", image, "--target", a.iqn, "--lun", "1"]):
         p = run([*lunsync_command(), *args, "--json"], env=env, timeout=120)
         assert p.returncode == 0, describe(p)
+        if args[1] == "create":
+            time.sleep(2.5)  # longer than B's sync period: B must wait for the mapping, then take it with the LUN
     created = json.loads(run([*lunsync_command(), "lun", "list", "--json"], env=env, timeout=60).stdout)
     naa = next(x for x in created if x["name"] == image)["naa"]
 
