@@ -172,6 +172,16 @@ def test_qemu_io_patterns_and_restart(rbd_daemon: Daemon, ceph_cluster: CephClus
     d.start()
     assert_pattern(url, 0x33, 40 * MiB + (64 << 10), 4 * MiB - (64 << 10))
     assert_pattern(url, 0x44, 63 * MiB, MiB)
+    # Grown live: the image grows, the initiator sees the new capacity, and the old data stays.
+    assert cli(d, "lun", "resize", "r-qemu", "--size", "96MiB")["size_bytes"] == 96 * MiB
+    info = run(["qemu-img", "info", "--output=json", url], check=True)
+    assert json.loads(info.stdout)["virtual-size"] == 96 * MiB
+    rbd_info = run(["rbd", "-c", str(ceph_cluster.conf), "info", "--format", "json", f"{POOL}/{img}"], check=True)
+    assert json.loads(rbd_info.stdout)["size"] == 96 * MiB
+    p = qemu_io(url, "write -P 0x55 95M 1M")
+    assert p.returncode == 0, describe(p)
+    assert_pattern(url, 0x55, 95 * MiB, MiB)
+    assert_pattern(url, 0x44, 63 * MiB, MiB)
     cli(d, "lun", "unmap", "r-qemu", "--target", DEMO_IQN)
     cli(d, "lun", "delete", "r-qemu", "--delete-image")
 
