@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from lunsync.target import keys, pdu
 from lunsync.target.control import Control
@@ -44,7 +44,7 @@ log = logging.getLogger("lunsync.iscsi")
 __all__ = ["ALLOWED", "TRANSITIONS", "Close", "Connection", "Event", "Execute", "LoggedIn", "LoggedOut", "LoginFailed",
            "Out", "Phase", "Rejected", "TaskManagement", "Transition"]
 
-RECV_BUFFER = 1024 * 1024  # at least two of the largest PDUs we accept; see Connection.__init__
+RECV_BUFFER: Final = 1024 * 1024  # at least two of the largest PDUs we accept; see Connection.__init__
 
 
 class Phase(enum.Enum):
@@ -55,7 +55,7 @@ class Phase(enum.Enum):
     HANDED_OFF = "handed-off"  # logged in here, then given (socket and state) to another process to serve
 
 
-ALLOWED: dict[Phase, frozenset[int]] = {
+ALLOWED: Final[dict[Phase, frozenset[int]]] = {
     Phase.LOGIN: frozenset({Op.LOGIN_REQ}),
     Phase.FULL_FEATURE: frozenset(pdu.INITIATOR_OPS - {Op.LOGIN_REQ}),
     Phase.LOGGED_OUT: frozenset(),
@@ -76,7 +76,7 @@ class Transition(enum.Enum):
 
 
 # Every phase change; a pair that is missing is a bug in this module, not the peer's doing.
-TRANSITIONS: dict[tuple[Phase, Transition], Phase] = {
+TRANSITIONS: Final[dict[tuple[Phase, Transition], Phase]] = {
     (Phase.LOGIN, Transition.LOGIN_DONE): Phase.FULL_FEATURE,
     (Phase.LOGIN, Transition.LOGIN_FAILED): Phase.CLOSED,
     (Phase.FULL_FEATURE, Transition.LOGGED_OUT): Phase.LOGGED_OUT,
@@ -84,11 +84,14 @@ TRANSITIONS: dict[tuple[Phase, Transition], Phase] = {
     (Phase.LOGIN, Transition.ADOPTED): Phase.FULL_FEATURE,
     **{(phase, Transition.FATAL): Phase.CLOSED for phase in Phase},
 }
-_STOPPED = (Phase.CLOSED, Phase.LOGGED_OUT, Phase.HANDED_OFF)  # phases in which nothing more is parsed
-_FULL_FEATURE_OPS = ALLOWED[Phase.FULL_FEATURE]  # checked per PDU: an Enum key hashes in Python, so skip the dict
-DISCOVERY_ALLOWED = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
+_STOPPED: Final = (Phase.CLOSED, Phase.LOGGED_OUT, Phase.HANDED_OFF)  # phases in which nothing more is parsed
+_FULL_FEATURE_OPS: Final = ALLOWED[Phase.FULL_FEATURE]  # checked per PDU: an Enum key hashes in Python, so skip the dict
+# Per-PDU tests name these through Final aliases: an enum member is an attribute lookup on its class each time.
+_FULL_FEATURE: Final = Phase.FULL_FEATURE
+_ADMIT_NOW: Final = Admit.NOW
+DISCOVERY_ALLOWED: Final = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
 # PDUs that carry a CmdSN and so pass through the command window (RFC 7143 §4.2.2).
-_SEQUENCED_OPS = frozenset(int(o) for o in (Op.SCSI_CMD, Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ))
+_SEQUENCED_OPS: Final = frozenset(int(o) for o in (Op.SCSI_CMD, Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ))
 _Sequenced = pdu.ScsiCommand | pdu.NopOut | pdu.TextRequest | pdu.TaskMgmtRequest | pdu.LogoutRequest
 
 
@@ -221,7 +224,7 @@ class Connection:
                 return
         op = bhs[0] & 0x3F
         phase = self.phase
-        if op not in (_FULL_FEATURE_OPS if phase is Phase.FULL_FEATURE else ALLOWED[phase]):
+        if op not in (_FULL_FEATURE_OPS if phase is _FULL_FEATURE else ALLOWED[phase]):
             if self.phase == Phase.LOGIN:
                 if self.login.first is not None:
                     # A login is under way: answer "invalid during login" (RFC 7143 §11.13.5), then close.
@@ -358,7 +361,7 @@ class Connection:
     def _sequenced(self, p: _Sequenced, data: memoryview) -> None:
         seq = self.seq
         admit = seq.admit(p, p.cmd_sn, p.immediate, data)
-        if admit is Admit.NOW:
+        if admit is _ADMIT_NOW:
             self._dispatch(p, data)
             if not p.immediate:
                 if seq.queued:  # tested here: a call per command for an empty dict is measurable
@@ -392,7 +395,7 @@ class Connection:
 
     def complete(self, task: ScsiTask, resp: ScsiResponse) -> None:
         """The SCSI layer finished ``task``. Queues Data-In and/or the SCSI Response."""
-        self.transfer.complete(task, resp, self.phase is Phase.FULL_FEATURE)
+        self.transfer.complete(task, resp, self.phase is _FULL_FEATURE)
 
     def tmf_done(self, req: pdu.TaskMgmtRequest, response: int) -> None:
         """Queue the TMF Response once the portal has carried the function out."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 import crc32c as _crc32c
 
-BHS_LEN = 48
-DIGEST_LEN = 4
-RSVD_TAG = 0xFFFFFFFF
+BHS_LEN: Final = 48
+DIGEST_LEN: Final = 4
+RSVD_TAG: Final = 0xFFFFFFFF
 
-_U32 = struct.Struct("<I")
+_U32: Final = struct.Struct("<I")
 
 
 class Op(enum.IntEnum):
@@ -44,7 +45,7 @@ class Op(enum.IntEnum):
     REJECT = 0x3F
 
 
-INITIATOR_OPS = frozenset(
+INITIATOR_OPS: Final = frozenset(
     {Op.NOP_OUT, Op.SCSI_CMD, Op.TMF_REQ, Op.LOGIN_REQ, Op.TEXT_REQ, Op.DATA_OUT, Op.LOGOUT_REQ, Op.SNACK}
 )
 
@@ -94,7 +95,7 @@ def pad_len(n: int) -> int:
     return -n & 3
 
 
-_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+_PAD: Final = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 def padding(n: int) -> bytes:
@@ -158,17 +159,17 @@ def _dlen_bytes(n: int) -> tuple[int, int, int]:
 # -- initiator PDUs (decoded) -----------------------------------------------------------------------------------------
 
 # Every initiator BHS shares: opcode+I, flags, 2 specific bytes, TotalAHSLength, DataSegmentLength, 8 bytes, ITT.
-_COMMON = struct.Struct(">BBBBIQI")  # 20 bytes; word 4 is TotalAHSLength<<24 | DataSegmentLength
+_COMMON: Final = struct.Struct(">BBBBIQI")  # 20 bytes; word 4 is TotalAHSLength<<24 | DataSegmentLength
 # RFC 7143 §11.3, the whole BHS: opcode+I, flags, 2 reserved, word 4, LUN, ITT, EDTL, CmdSN, ExpStatSN, CDB. One call
 # per command, as it arrives once per command.
-_SCSI_CMD = struct.Struct(">BB2xIQIIII16s")
-_TMF = struct.Struct(">IIIII")  # §11.5: RTT, CmdSN, ExpStatSN, RefCmdSN, ExpDataSN
-_DATA_OUT = struct.Struct(">IIIIII")  # §11.7: TTT, rsvd, ExpStatSN, rsvd, DataSN, BufferOffset
-_LOGIN_REQ = struct.Struct(">6sHIHxxII")  # §11.12 from byte 8: ISID, TSIH, ITT, CID, CmdSN, ExpStatSN
-_TEXT_REQ = struct.Struct(">III")  # §11.10: TTT, CmdSN, ExpStatSN
-_LOGOUT_REQ = struct.Struct(">HxxII")  # §11.14: CID, CmdSN, ExpStatSN
-_NOP_OUT = struct.Struct(">III")  # §11.18: TTT, CmdSN, ExpStatSN
-_SNACK = struct.Struct(">I4xI8xII")  # §11.16, from byte 20: TTT, ExpStatSN, BegRun, RunLength
+_SCSI_CMD: Final = struct.Struct(">BB2xIQIIII16s")
+_TMF: Final = struct.Struct(">IIIII")  # §11.5: RTT, CmdSN, ExpStatSN, RefCmdSN, ExpDataSN
+_DATA_OUT: Final = struct.Struct(">IIIIII")  # §11.7: TTT, rsvd, ExpStatSN, rsvd, DataSN, BufferOffset
+_LOGIN_REQ: Final = struct.Struct(">6sHIHxxII")  # §11.12 from byte 8: ISID, TSIH, ITT, CID, CmdSN, ExpStatSN
+_TEXT_REQ: Final = struct.Struct(">III")  # §11.10: TTT, CmdSN, ExpStatSN
+_LOGOUT_REQ: Final = struct.Struct(">HxxII")  # §11.14: CID, CmdSN, ExpStatSN
+_NOP_OUT: Final = struct.Struct(">III")  # §11.18: TTT, CmdSN, ExpStatSN
+_SNACK: Final = struct.Struct(">I4xI8xII")  # §11.16, from byte 20: TTT, ExpStatSN, BegRun, RunLength
 
 
 # ScsiCommand and DataOut arrive once per command (or more): they are slotted but not frozen, because a frozen
@@ -377,16 +378,16 @@ def decode(bhs: bytes | bytearray | memoryview) -> InitiatorPdu:
 
 # -- target PDUs (encoded) --------------------------------------------------------------------------------------------
 
-_SCSI_RSP = struct.Struct(">BBBBI8xIIIIIIII")  # §11.4; word 4 is TotalAHSLength<<24 | DataSegmentLength
-_DATA_IN = struct.Struct(">BBxBIQIIIIIIII")  # §11.7; word 4 is TotalAHSLength<<24 | DataSegmentLength
-_R2T = struct.Struct(">BBxxB3sQIIIIIIII")  # §11.8
-_NOP_IN = struct.Struct(">BBxxB3sQIIIII12x")  # §11.19
-_TMF_RSP = struct.Struct(">BBBxB3s8xI4xIII12x")  # §11.6
-_LOGIN_RSP = struct.Struct(">BBBBB3s6sHI4xIIIBB10x")  # §11.13
-_TEXT_RSP = struct.Struct(">BBxxB3sQIIIII12x")  # §11.11
-_LOGOUT_RSP = struct.Struct(">BBBxB3s8xI4xIII4xHH4x")  # §11.15
-_REJECT = struct.Struct(">BBBxB3s8xI4xIIII8x")  # §11.17
-_ASYNC = struct.Struct(">BBxxB3sQI4xIIIBBHHH4x")  # §11.9
+_SCSI_RSP: Final = struct.Struct(">BBBBI8xIIIIIIII")  # §11.4; word 4 is TotalAHSLength<<24 | DataSegmentLength
+_DATA_IN: Final = struct.Struct(">BBxBIQIIIIIIII")  # §11.7; word 4 is TotalAHSLength<<24 | DataSegmentLength
+_R2T: Final = struct.Struct(">BBxxB3sQIIIIIIII")  # §11.8
+_NOP_IN: Final = struct.Struct(">BBxxB3sQIIIII12x")  # §11.19
+_TMF_RSP: Final = struct.Struct(">BBBxB3s8xI4xIII12x")  # §11.6
+_LOGIN_RSP: Final = struct.Struct(">BBBBB3s6sHI4xIIIBB10x")  # §11.13
+_TEXT_RSP: Final = struct.Struct(">BBxxB3sQIIIII12x")  # §11.11
+_LOGOUT_RSP: Final = struct.Struct(">BBBxB3s8xI4xIII4xHH4x")  # §11.15
+_REJECT: Final = struct.Struct(">BBBxB3s8xI4xIIII8x")  # §11.17
+_ASYNC: Final = struct.Struct(">BBxxB3sQI4xIIIBBHHH4x")  # §11.9
 
 
 def _lun_word(lun: int) -> int:

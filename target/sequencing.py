@@ -9,11 +9,11 @@ transfer tags. No I/O, no clock.
 from __future__ import annotations
 
 import enum
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
-CMD_WINDOW = 128
-SERIAL_HALF = 1 << 31
-MASK32 = 0xFFFFFFFF
+CMD_WINDOW: Final = 128
+SERIAL_HALF: Final = 1 << 31
+MASK32: Final = 0xFFFFFFFF
 
 P = TypeVar("P")
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import enum
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Final
 
 # Upper bounds (seconds) of the latency buckets; the last, implicit bucket is +Inf. From 50 µs (a page-cache hit on
 # loopback) to 2.5 s (an fsync on a busy disk), roughly three per decade like Prometheus' defaults.
-LATENCY_BOUNDS_S: tuple[float, ...] = (
+LATENCY_BOUNDS_S: Final[tuple[float, ...]] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )
 
@@ -30,9 +31,9 @@ class Op(enum.IntEnum):
     OTHER = 4
 
 
-OP_NAMES: tuple[str, ...] = tuple(op.name.lower() for op in Op)
-_READ = int(Op.READ)
-_WRITE = int(Op.WRITE)
+OP_NAMES: Final[tuple[str, ...]] = tuple(op.name.lower() for op in Op)
+_READ: Final = int(Op.READ)
+_WRITE: Final = int(Op.WRITE)
 
 _READS = (0x08, 0x28, 0xA8, 0x88)  # READ(6/10/12/16)
 _WRITES = (0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E)  # WRITE(6/10/12/16), WRITE AND VERIFY(10/12/16)
@@ -49,7 +50,7 @@ def _op_table() -> bytes:
 
 
 # Indexed by the CDB's first byte: one bytes lookup on the hot path instead of a chain of comparisons.
-OP_OF_OPCODE: bytes = _op_table()
+OP_OF_OPCODE: Final[bytes] = _op_table()
 
 
 @dataclass(slots=True)

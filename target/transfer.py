@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Final
 
 from lunsync.target import keys, pdu
 from lunsync.target.errors import ProtocolError
@@ -22,10 +23,10 @@ from lunsync.target.sequencing import MASK32, Sequencer
 
 log = logging.getLogger("lunsync.iscsi")
 
-MAX_PENDING_DATA = 64 * 1024 * 1024  # per connection: write data buffered waiting on Data-Out
+MAX_PENDING_DATA: Final = 64 * 1024 * 1024  # per connection: write data buffered waiting on Data-Out
 # ABORTED COMMAND, 4B/00 DATA PHASE ERROR (SPC-4 Annex D): how a write ends when its Data-Out sequence breaks.
-DATA_PHASE_ERROR_SENSE = CheckCondition(SenseKey.ABORTED_COMMAND, (0x4B, 0x00)).sense()
-_ATTRS = tuple(TaskAttr(a) if a <= 4 else TaskAttr.SIMPLE for a in range(8))
+DATA_PHASE_ERROR_SENSE: Final = CheckCondition(SenseKey.ABORTED_COMMAND, (0x4B, 0x00)).sense()
+_ATTRS: Final = tuple(TaskAttr(a) if a <= 4 else TaskAttr.SIMPLE for a in range(8))
 
 
 @dataclass(slots=True)

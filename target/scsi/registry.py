@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from lunsync.snapshots.device import Buffer
 from lunsync.target.scsi.sense import INVALID_FIELD_IN_CDB, CheckCondition, SenseKey, invalid_opcode
@@ -93,9 +93,9 @@ def cdb_length(opcode: int) -> int:
 
 
 # Opcodes whose service action lives in the low five bits of CDB byte 1.
-_SA_OPCODES = frozenset({0x48, 0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4})
+_SA_OPCODES: Final = frozenset({0x48, 0x5E, 0x5F, 0x83, 0x84, 0x9E, 0x9F, 0xA3, 0xA4})
 
-_TABLE: list[CommandSpec | dict[int, CommandSpec] | None] = [None] * 256
+_TABLE: Final[list[CommandSpec | dict[int, CommandSpec] | None]] = [None] * 256
 
 
 def _default_usage(opcode: int, sa: int | None, n: int) -> bytes:

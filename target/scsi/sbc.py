@@ -20,6 +20,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from lunsync.snapshots.device import Buffer, MappingQuery, ZeroWriter
 from lunsync.snapshots.errors import StorageError
@@ -28,14 +29,14 @@ from lunsync.target.scsi.lu import LogicalUnit, SanitizeState
 from lunsync.target.scsi.registry import Conflict, Dir, Request, command
 from lunsync.target.scsi.sense import CheckCondition, SenseKey, invalid_field, invalid_param, lba_out_of_range
 
-_RW10 = struct.Struct(">xBIxH")
-_RW12 = struct.Struct(">xBII")
-_RW16 = struct.Struct(">xBQI")
-_CAW = struct.Struct(">xBQ3xB")
-_LBA16 = struct.Struct(">2xQI")
-_UNMAP_DESC = struct.Struct(">QI4x")
-_CHUNK = 1 << 20  # WRITE SAME/VERIFY/SANITIZE work in pieces of this many bytes at most
-_INVERT = bytes(255 - i for i in range(256))
+_RW10: Final = struct.Struct(">xBIxH")
+_RW12: Final = struct.Struct(">xBII")
+_RW16: Final = struct.Struct(">xBQI")
+_CAW: Final = struct.Struct(">xBQ3xB")
+_LBA16: Final = struct.Struct(">2xQI")
+_UNMAP_DESC: Final = struct.Struct(">QI4x")
+_CHUNK: Final = 1 << 20  # WRITE SAME/VERIFY/SANITIZE work in pieces of this many bytes at most
+_INVERT: Final = bytes(255 - i for i in range(256))
 
 log = logging.getLogger(__name__)
 

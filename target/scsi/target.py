@@ -13,6 +13,7 @@ CHECK CONDITION 25/00. Task management resets and I_T nexus loss land in :meth:`
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
 
 from lunsync.snapshots.errors import Saturated, StorageError
 
@@ -28,7 +29,7 @@ from lunsync.target.scsi.sense import CheckCondition, ReservationConflict, Sense
 from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfFunction
 
 # The commands an absent LUN still answers (SPC-4 §6.6.1, §6.27, §6.33).
-_NO_LUN_OPCODES = frozenset({0x12, 0x03, 0xA0})
+_NO_LUN_OPCODES: Final = frozenset({0x12, 0x03, 0xA0})
 
 def _verify_out(blocks: int, cdb: bytes, bs: int) -> int:
     bytchk = (cdb[1] >> 1) & 0x03
@@ -48,7 +49,7 @@ def _b16(cdb: bytes) -> int:
 
 
 # Data-Out length by opcode, from the CDB and the block size (SBC-3 §5, SPC-4 §6).
-_DATA_OUT: dict[int, Callable[[bytes, int], int]] = {
+_DATA_OUT: Final[dict[int, Callable[[bytes, int], int]]] = {
     0x0A: lambda c, bs: (c[4] or 256) * bs,
     0x2A: lambda c, bs: _b10(c) * bs,
     0x2E: lambda c, bs: _b10(c) * bs,
@@ -71,8 +72,8 @@ _DATA_OUT: dict[int, Callable[[bytes, int], int]] = {
     0x48: lambda c, bs: _b10(c),
 }
 
-_GOOD = Status.GOOD
-_CHECK = Status.CHECK_CONDITION
+_GOOD: Final = Status.GOOD
+_CHECK: Final = Status.CHECK_CONDITION
 
 
 class ScsiTarget:

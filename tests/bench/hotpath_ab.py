@@ -2,7 +2,8 @@
 
 Each interpreter is one build to compare (a venv with the compiled wheel, an editable venv running the sources, a venv
 with an older wheel); the runs alternate A B A B so the shared machine's load falls on all of them alike. Prints,
-per interpreter, the median CPU microseconds per 4 KiB WRITE(10) and READ(10) command and every run's figure.
+per interpreter, the median CPU microseconds per 4 KiB WRITE(10) and READ(10) command and every run's figure, leaving
+out a run in which a stalled write sent the LUN's writes to its I/O threads.
 Run: ``python tests/bench/hotpath_ab.py [--rounds R] [--commands N] PYTHON [PYTHON ...]``.
 """
 
@@ -27,19 +28,26 @@ def main() -> int:
     a = ap.parse_args()
     runs: dict[str, dict[str, list[float]]] = {p: {op: [] for op in _FIGURE} for p in a.pythons}
     builds: dict[str, str] = {}
+    dropped = dict.fromkeys(a.pythons, 0)
     for _ in range(a.rounds):
         for py in a.pythons:
-            out = subprocess.run([py, str(HOTPATH), str(a.commands)], capture_output=True, text=True, check=True).stdout
+            p = subprocess.run([py, str(HOTPATH), str(a.commands)], capture_output=True, text=True, check=False)
+            if p.returncode:
+                raise SystemExit(f"hotpath_ab: {py} {HOTPATH} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
+            out = p.stdout
             builds[py] = out.splitlines()[0].removeprefix("hotpath: ")
             for op, pattern in _FIGURE.items():
                 found = pattern.search(out)
                 if found is None:
                     raise SystemExit(f"hotpath_ab: no {op} figure from {py}:\n{out}")
+                if "not comparable" in out[found.start():].split("\n", 1)[0]:
+                    dropped[py] += 1  # a stalled write sent the rest to the I/O threads (see hotpath.py)
+                    continue
                 runs[py][op].append(float(found.group(1)))
     for py in a.pythons:
-        figures = "  ".join(f"{op} {statistics.median(v):6.2f} us ({' '.join(f'{x:.2f}' for x in v)})"
-                            for op, v in runs[py].items())
-        print(f"{py} [{builds[py]}]: {figures}")
+        figures = "  ".join(f"{op} {statistics.median(v) if v else float('nan'):6.2f} us "
+                            f"({' '.join(f'{x:.2f}' for x in v)})" for op, v in runs[py].items())
+        print(f"{py} [{builds[py]}]: {figures}" + (f"  [{dropped[py]} runs dropped]" if dropped[py] else ""))
     return 0
 
 
