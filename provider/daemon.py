@@ -597,7 +597,9 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
 
         def luns() -> list[LunInfo]:
             return [LunInfo(n, live.device.num_blocks * live.device.block_size,
-                             bool(getattr(live.device, "flush_failed", False))) for n, live in array.luns.items()]
+                             bool(getattr(live.device, "flush_failed", False)),
+                             None if live.lu.alua is None else live.lu.alua.owner == array.port_group)
+                    for n, live in array.luns.items()]
 
         try:
             if opts.metrics.startswith("unix:"):

@@ -54,6 +54,8 @@ class LunInfo:
     name: str
     size_bytes: int
     flush_failed: bool = False  # the backend's fdatasync failed: sticky, every later flush fails (until reopened)
+    # a LUN shared by several gateways: does this one hold its ownership lease (None: not shared)
+    alua_optimized: bool | None = None
 
 
 class LunsyncCollector(Collector):
@@ -87,7 +89,12 @@ class LunsyncCollector(Collector):
         flush_failed = GaugeMetricFamily("lunsync_lun_flush_failed",
                                          "1 once a LUN's fdatasync has failed: every later flush fails too, and "
                                          "writes acknowledged before it may be lost.", labels=["lun"])
+        optimized = GaugeMetricFamily("lunsync_lun_alua_optimized",
+                                      "1 while this gateway owns a LUN that several gateways serve (its port group "
+                                      "is active/optimized), 0 while another one does.", labels=["lun"])
         for lun in live:
+            if lun.alua_optimized is not None:
+                optimized.add_metric([lun.name], 1.0 if lun.alua_optimized else 0.0)
             s = stats.lun(lun.name)
             reads.add_metric([lun.name], s.io.reads)
             writes.add_metric([lun.name], s.io.writes)
@@ -98,7 +105,7 @@ class LunsyncCollector(Collector):
             for op, op_name in enumerate(OP_NAMES):
                 buckets, _count, total_s = s.histogram(op)
                 latency.add_metric([lun.name, op_name], [(_le(b), n) for b, n in buckets], total_s)
-        yield from (reads, writes, read_bytes, write_bytes, latency, capacity, flush_failed)
+        yield from (reads, writes, read_bytes, write_bytes, latency, capacity, flush_failed, optimized)
 
         sessions = GaugeMetricFamily("lunsync_sessions", "iSCSI sessions in full feature phase (normal and discovery).")
         sessions.add_metric([], len(self.server.sessions))

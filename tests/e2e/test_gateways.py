@@ -9,6 +9,7 @@ import json
 import struct
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,7 +67,7 @@ luns = [{{ lun = 0, name = "{image}" }}]
     common = ["--gateway-pool", POOL, "--lease", str(LEASE_S)]
     a = Gateway(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1", api=True,
                 extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
-    b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2",
+    b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2", metrics=True,
                 extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
     for g in (a, b):
         g.iqn, g.image, g.ceph_conf = iqn, f"{POOL}/{image}", str(ceph_cluster.conf)
@@ -216,6 +217,11 @@ def qemu_io(url: str, *cmds: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run([*args, url], capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def scrape(d: Daemon) -> str:
+    with urllib.request.urlopen(d.metrics_url, timeout=10) as r:
+        return str(r.read().decode())
+
+
 def _write_through_b_while_a_dies(a: Gateway, url_b: str) -> int:
     """qemu-io writes 1 MiB stripes, each with its own pattern, through B; A is killed once the first is
     acknowledged, so the rest run while it dies and after. Returns the number of stripes, all acknowledged."""
@@ -239,13 +245,15 @@ def _write_through_b_while_a_dies(a: Gateway, url_b: str) -> int:
 
 
 def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, Gateway]) -> None:
-    require_tools("qemu-io")
+    require_tools("qemu-io", "promtool")
     a, b = gateways
     url_b = b.url(0, iqn=b.iqn)
     # A nexus on B that stays logged in across the failover, to be told of it.
     watcher = session(b, NODE2)
     try:
         wait_for(lambda: rtpg_states(watcher) == {1: 0, 2: 1}, 3 * LEASE_S, "A never became the owner")
+        lun = b.image.split("/", 1)[1]  # the LUN is named after its image
+        assert f'lunsync_lun_alua_optimized{{lun="{lun}"}} 0.0' in scrape(b)
         stripes = _write_through_b_while_a_dies(a, url_b)
 
         def told() -> bool:
@@ -255,6 +263,11 @@ def test_gateway_a_killed_while_qemu_writes_through_b(gateways: tuple[Gateway, G
         took = wait_for(told, 4 * LEASE_S, "B's nexus was never told that the access states changed")
         assert took < 3 * LEASE_S
         assert rtpg_states(watcher) == {1: 1, 2: 0}  # B is active/optimized now, A's group active/non-optimized
+        text = scrape(b)
+        assert f'lunsync_lun_alua_optimized{{lun="{lun}"}} 1.0' in text  # and its metrics say so
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                               timeout=60, check=False)
+        assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
     finally:
         watcher.close()
     # Every acknowledged write is there, read back through B (a fresh qemu-io: nothing cached).
