@@ -33,8 +33,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def pattern(nbytes: int, seed: int = 1) -> bytes:
-    """Distinct, non-zero content, so a misplaced block cannot pass for the right one."""
-    return bytes((i * 7 + seed) % 251 + 1 for i in range(nbytes))
+    """Non-zero content with a prime period (251 bytes), so no two of 251 consecutive blocks are alike and a block
+    misplaced by less than that cannot pass for the right one."""
+    period = bytes((i * 7 + seed) % 251 + 1 for i in range(251))
+    return (period * (nbytes // 251 + 1))[:nbytes]
 
 
 @pytest.fixture
