@@ -461,8 +461,9 @@ class SnapshotService:
                     v.resume_staging()
             gates = contextlib.AsyncExitStack()
             try:
-                await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),
-                                       self.hold_timeout_s)
+                if busy or held_stores:  # else the hold is complete: no trip through the event loop
+                    await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),
+                                           self.hold_timeout_s)
             except TimeoutError:
                 await gates.aclose()
                 for v in vols:

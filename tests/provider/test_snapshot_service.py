@@ -309,3 +309,29 @@ def test_a_snapshot_set_includes_the_writes_staged_before_it_and_holds_writes_on
             cat.close()
 
     asyncio.run(go())
+
+
+def test_a_snapshot_set_with_nothing_in_flight_holds_writes_without_a_trip_through_the_event_loop(
+        tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        import time
+
+        stop = False
+
+        async def hog() -> None:  # every trip through the loop costs 30 ms, as a busy loop's iteration can
+            while not stop:
+                time.sleep(0.03)
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(hog())
+        try:
+            await asyncio.sleep(0)
+            _, hold_ms = await svc.create([("l0", "s"), ("l1", "s")])
+        finally:
+            stop = True
+            await task
+        assert hold_ms < 10, hold_ms
+
+    with_array(tmp_path, 2, body)
