@@ -3,10 +3,10 @@
 This module owns the data path of snapshots. A :class:`Pool` is a directory (possibly on other, cheaper storage than
 the LUNs) holding, per origin LUN, a preserved-chunk file (``lun-<id>.cow``, fixed-size slots) and a map log
 (``lun-<id>.map``), plus ``pool.db``, the checkpointed chunk maps: ``copies(lun_id, chunk, epoch, slot)`` and
-``zero_copies`` in SQLite (a copy's ``mask`` says which units of its chunk its slot holds), WAL, ``synchronous=FULL``. A preservation batch costs the slot file's fdatasync plus one
-small append and fdatasync of the map log (no SQLite commit on the hot path; the log is checkpointed into pool.db
-every few thousand records, before any copy is forgotten, and at close), shared by every preservation that happened
-at the same time (group commit). A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, no slot, and
+``zero_copies`` in SQLite (a copy's ``mask`` says which units of its chunk its slot holds), WAL, ``synchronous=FULL``. A preservation batch costs one flush round: the slot file's
+fdatasync and one small append and fdatasync of the map log, issued together in two threads (no SQLite commit on
+the hot path; the log is checkpointed into pool.db every few thousand records, before any copy is forgotten, and at
+close), shared by every preservation that happened at the same time (group commit). A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, no slot, and
 no slot-file sync. The maps live next to the data they describe, not in the catalog, so the hot path never contends
 with management transactions, and losing the pool's storage loses the snapshots coherently, never leaving maps that
 point at nothing.
@@ -20,10 +20,18 @@ copy serves every snapshot whose epoch lies in ``(epoch of the chunk's previous 
 the same with 8 snapshots as with 1. Reading unit ``u`` of snapshot ``s`` gives the earliest copy with epoch >= ``s``
 that holds ``u``, else the origin (a unit never overwritten while an older epoch was the newest is held by a later
 copy, if any). Whether a write must preserve is a dict lookup or two (``latest copy epoch < newest epoch``, then its
-mask when it is not whole), so once a unit is preserved, writes go straight through. Ordering, which holds under kill -9 with any write-cache setting: the copy is written and
-fdatasync'ed, then its mapping is appended to the map log and fdatasync'ed, and only then does the overwriting write
-reach the origin. Concurrent writes to one chunk share the one preservation (a per-chunk in-flight future), and
-preservations that arrive while a batch is being copied form the next batch (two fdatasyncs per batch). UNMAP and WRITE
+mask when it is not whole), so once a unit is preserved, writes go straight through.
+
+The crash argument, which holds under kill -9 and power loss with any write-cache setting: the copy is written to
+its slot, its map record (carrying the CRC-32 of the bytes copied) is appended to the map log, both files are
+fdatasync'ed at the same time, and only when both flushes have returned does the overwriting write reach the origin.
+A crash before that leaves the origin's units as they were, whatever of the copy and the record reached the disk: no
+record (the chunk is not preserved, and need not be), or a record whose copy does not match its CRC (a torn or lost
+slot write; an open drops the record, see :class:`_MapLog`, with the same result), or a record whose copy matches
+(preserved). A crash after it finds both durable. So a snapshot reads either the copy it had or the origin's
+unchanged units, never a half-written copy; and batches run one after another, so a record is only ever unmatched
+in the last batch before the crash. Concurrent writes to one chunk share the one preservation (a per-chunk in-flight
+future), and preservations that arrive while a batch is being copied form the next batch. UNMAP and WRITE
 SAME preserve first like any write, unit by unit; ``preserve_range`` (for copiers) preserves whole chunks. A copy is freed only when no live
 snapshot maps to it, so snapshots can be deleted in any order. When a preservation fails (pool full, I/O error) the
 origin keeps serving: the snapshots that needed it are reported through ``on_invalid`` (which must make that durable)
@@ -91,9 +99,16 @@ ZERO = -1  # the slot of a copy of a chunk that was a hole: it reads as zeros
 INVALIDATED = -2
 FULL = -1  # the mask of a copy that holds every unit of its chunk (all bits set, whatever the chunk's size)
 LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.db (192 KiB of log)
-_LOG_MAGIC = b"LSM2"
-_LOG_BODY = struct.Struct("<Qqqqq")  # generation, chunk, epoch, slot, mask of the units copied
-_LOG_REC = struct.Struct("<4sIQqqqq")  # magic, CRC-32 of the body, then the body: 48 bytes
+_LOG_MAGIC = b"LSM3"
+# generation, chunk, epoch, slot, mask of the copy's units so far, the units this record's batch copied, the chunk
+# and unit sizes and the chunk's length on the origin (where those units lie in the slot file), and the CRC-32 of
+# their bytes in the slot file
+_LOG_BODY = struct.Struct("<QqqqqqIIII")
+_LOG_REC = struct.Struct("<4sIQqqqqqIIII")  # magic, CRC-32 of the body, then the body: 72 bytes
+# The records of the second format (no CRC of the data: written after the slot file's own fdatasync), still read.
+_LOG2_MAGIC = b"LSM2"
+_LOG2_BODY = struct.Struct("<Qqqqq")
+_LOG2_REC = struct.Struct("<4sIQqqqq")
 # The records of the first format (no mask: every copy was of the whole chunk), still read at open.
 _LOG1_MAGIC = b"LSM1"
 _LOG1_BODY = struct.Struct("<Qqqq")
@@ -120,8 +135,9 @@ class CowStats:
 
 
 class _MapLog:
-    """One LUN's map log: ``lun-<id>.map``, fixed-size records written after the log's end and fdatasync'ed after
-    the data they map. ``rows`` are the records of the current generation not yet checkpointed into ``pool.db``.
+    """One LUN's map log: ``lun-<id>.map``, fixed-size records written after the log's end and fdatasync'ed together
+    with the slot data they map. ``rows`` are the records of the current generation not yet checkpointed into
+    ``pool.db``.
 
     The file is kept larger than its records: past the end lie written zeros and the records of older generations,
     so an append overwrites blocks that already hold data and its fdatasync is a data flush. An append that made the
@@ -133,9 +149,19 @@ class _MapLog:
     (a torn or zeroed record, or an older generation's): that is the end. So that the end found is never earlier
     than a record that follows it, no record of the current generation may lie past the end. ``stale_tail`` says
     one may (found past a torn record at open, or written by an append that failed): the pool then starts a new
-    generation, durably, before the next append."""
+    generation, durably, before the next append.
 
-    def __init__(self, path: str, gen: int) -> None:
+    A record of a copy carries the CRC-32 of the bytes its batch copied into the slot file (``data_path``), since
+    the two files are flushed at the same time and either may reach the disk without the other. Opening checks
+    every such record of the current generation (the ones not yet checkpointed) against the slot file and drops
+    those that do not match: that batch's origin writes never happened, so the origin still holds what the copy
+    would have held and the chunk is simply not preserved. The cost is one read of the copied bytes per record: at
+    most LOG_CHECKPOINT_RECORDS records, each at most a chunk (256 MiB with 64 KiB chunks in the worst case, 16 MiB
+    when every record copied one 4 KiB unit), and nothing after a clean stop, which checkpoints the log. zlib's
+    CRC-32 serves where a CRC32C would (Python's standard library has none): it is there to tell a torn or missing
+    write from the bytes that were copied, not to resist anyone."""
+
+    def __init__(self, path: str, gen: int, data_path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.gen = gen
         self.rows: list[tuple[int, int, int, int]] = []
@@ -143,46 +169,111 @@ class _MapLog:
         self.lock = threading.Lock()
         raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
         self.size = len(raw)
+        self.stale_tail = False
         # A torn or stale tail ends the log: those records' origin writes never happened (they wait for the sync),
         # and records of an older generation are already in pool.db.
         first = raw[:4]
-        if first == _LOG1_MAGIC:
-            # Written before copies had masks: read it, and start a new generation (in the new format) before the
-            # next append, since the two formats' records cannot share one generation.
-            for off in range(0, len(raw) - _LOG1_REC.size + 1, _LOG1_REC.size):
-                rec = raw[off:off + _LOG1_REC.size]
-                magic, crc, rgen, chunk, epoch, slot = _LOG1_REC.unpack(rec)
-                if magic != _LOG1_MAGIC or crc != zlib.crc32(rec[8:]) or rgen != gen:
+        if first in (_LOG1_MAGIC, _LOG2_MAGIC):
+            # Written by an older format (LSM1: before copies had masks; LSM2: before records carried their data's
+            # CRC, when the slot file was flushed before the record was written): read it, and start a new
+            # generation (in the current format) before the next append, since two formats' records cannot share
+            # one generation.
+            v1 = first == _LOG1_MAGIC
+            rec_size = _LOG1_REC.size if v1 else _LOG2_REC.size
+            for off in range(0, len(raw) - rec_size + 1, rec_size):
+                rec = raw[off:off + rec_size]
+                if v1:
+                    magic, crc, rgen, chunk, epoch, slot = _LOG1_REC.unpack(rec)
+                    mask = FULL
+                else:
+                    magic, crc, rgen, chunk, epoch, slot, mask = _LOG2_REC.unpack(rec)
+                if magic != first or crc != zlib.crc32(rec[8:]) or rgen != gen:
                     break
-                self.rows.append((chunk, epoch, slot, FULL))
+                self.rows.append((chunk, epoch, slot, mask))
             self.stale_tail = bool(self.rows)
             return
+        checks: list[tuple[int, tuple[int, int, int, int, int, int, int]]] = []
         for off in range(0, len(raw) - _LOG_REC.size + 1, _LOG_REC.size):
             rec = raw[off:off + _LOG_REC.size]
-            magic, crc, rgen, chunk, epoch, slot, mask = _LOG_REC.unpack(rec)
+            magic, crc, rgen, chunk, epoch, slot, mask, copied, cs, unit, length, data_crc = _LOG_REC.unpack(rec)
             if magic != _LOG_MAGIC or crc != zlib.crc32(rec[8:]) or rgen != gen:
                 break
+            if slot >= 0 and copied:
+                checks.append((len(self.rows), (slot, cs, unit, length, copied, data_crc, chunk)))
             self.rows.append((chunk, epoch, slot, mask))
             self.end = off + _LOG_REC.size
         self.stale_tail = any(
             raw[off:off + 4] == _LOG_MAGIC and _LOG_BODY.unpack_from(raw, off + 8)[0] == gen
             for off in range(self.end + _LOG_REC.size, len(raw) - _LOG_REC.size + 1, _LOG_REC.size))
+        if checks:
+            torn = self._torn(data_path, [c for _, c in checks])
+            if torn:
+                drop = {checks[i][0] for i in torn}
+                log.warning("map log %s: %d record(s) whose slot data was not written (torn at a crash) are "
+                            "dropped: chunks %s", path, len(drop),
+                            sorted({self.rows[i][0] for i in drop})[:16])
+                self.rows = [r for i, r in enumerate(self.rows) if i not in drop]
+                # The dropped records stay in the file: start a new generation before the next append, so that a
+                # later open never reads them with whatever the slot file holds by then.
+                self.stale_tail = True
 
-    def append(self, rows: Sequence[tuple[int, int, int, int]]) -> None:
-        """Write and fdatasync ``rows``: durable when this returns. Caller holds ``lock`` and has started a new
-        generation if ``stale_tail``."""
+    @staticmethod
+    def _torn(data_path: str, checks: Sequence[tuple[int, int, int, int, int, int, int]]) -> list[int]:
+        """The indexes of ``(slot, chunk size, unit, length, copied units, crc, chunk)`` whose bytes in the slot
+        file do not match their CRC. A slot file that cannot be read fails the open: dropping a record that may be
+        good could let a snapshot read the overwritten origin."""
+        fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            bad: list[int] = []
+            for i, (slot, cs, unit, length, copied, want, _) in enumerate(checks):
+                crc = 0
+                for off, n in _runs(copied, unit, length):
+                    got = os.pread(fd, n, slot * cs + off)
+                    crc = zlib.crc32(got + bytes(n - len(got)), crc)  # past the slot file's end reads as zeros
+                if crc != want:
+                    bad.append(i)
+            return bad
+        finally:
+            os.close(fd)
+
+    def append(self, rows: Sequence[tuple[int, int, int, int]],
+               proofs: Sequence[tuple[int, int, int, int, int]] | None = None,
+               alongside: Callable[[], None] | None = None) -> None:
+        """Write and fdatasync ``rows``: durable when this returns. ``proofs`` are each row's ``(copied units,
+        chunk size, unit, length, CRC-32 of the copied bytes)`` (none for a row that copied nothing);
+        ``alongside`` (the slot file's fdatasync) runs in another thread at the same time, and both must succeed.
+        Caller holds ``lock`` and has started a new generation if ``stale_tail``."""
         buf = bytearray()
-        for chunk, epoch, slot, mask in rows:
-            body = _LOG_BODY.pack(self.gen, chunk, epoch, slot, mask)
+        for i, (chunk, epoch, slot, mask) in enumerate(rows):
+            copied, cs, unit, length, data_crc = proofs[i] if proofs is not None else (0, 0, 0, 0, 0)
+            body = _LOG_BODY.pack(self.gen, chunk, epoch, slot, mask, copied, cs, unit, length, data_crc)
             buf += _LOG_MAGIC + zlib.crc32(body).to_bytes(4, "little") + body
         need = self.end + len(buf)
         size = self.size
         if need > size:  # past the reserve: grow by another one, written as zeros in the same write
             size = -(-(need + LOG_CHECKPOINT_RECORDS * _LOG_REC.size) // _LOG_GROW) * _LOG_GROW
             buf += bytes(size - need)
+        other: list[BaseException] = []
+
+        def run_alongside() -> None:
+            assert alongside is not None
+            try:
+                alongside()
+            except BaseException as exc:  # noqa: BLE001 - raised again in the appending thread, after its own sync
+                other.append(exc)
+
+        helper = threading.Thread(target=run_alongside, name="cow-sync") if alongside is not None else None
+        if helper is not None:
+            helper.start()
         try:
-            pwrite_full(self.fd, buf, self.end)
-            os.fdatasync(self.fd)
+            try:
+                pwrite_full(self.fd, buf, self.end)
+                os.fdatasync(self.fd)
+            finally:
+                if helper is not None:
+                    helper.join()
+            if other:
+                raise other[0]
         except OSError:
             # The caller treats these rows as lost: never let a later open replay them. A reader would read on into
             # them, so they are zeroed (as far as a failing disk allows), and the next append starts a new
@@ -210,8 +301,8 @@ class Pool:
     """A snapshot pool: a directory with the chunk maps (``pool.db``, plus one map log per origin LUN) and one slot
     file per origin LUN.
 
-    A map entry is durable once its record is in the LUN's map log (``lun-<id>.map``): one small fdatasync, after
-    the slot file's, instead of a SQLite commit per batch. Records carry the log's generation and a CRC; a
+    A map entry is durable once its record is in the LUN's map log (``lun-<id>.map``): one small fdatasync, at the
+    same time as the slot file's, instead of a SQLite commit per batch. Records carry the log's generation and a CRC; a
     checkpoint moves them into ``pool.db`` and bumps the generation in the same transaction, so a crash at any point
     replays each record at most into rows that are already there (INSERT OR IGNORE) and never a stale one. Copies of
     a chunk that was a hole have no slot (``ZERO``): nothing to copy and nothing in the slot file to sync.
@@ -272,7 +363,8 @@ class Pool:
                 log_ = self._logs.get(lun_id)
                 if log_ is None:
                     row = self._db.execute("SELECT gen FROM map_logs WHERE lun_id = ?", (lun_id,)).fetchone()
-                    log_ = self._logs[lun_id] = _MapLog(self.log_path(lun_id), row[0] if row else 0)
+                    log_ = self._logs[lun_id] = _MapLog(self.log_path(lun_id), row[0] if row else 0,
+                                                              self.data_path(lun_id))
         return log_
 
     def _checkpoint(self, lun_id: int, log_: _MapLog) -> None:
@@ -362,14 +454,18 @@ class Pool:
                                                          (lun_id,))}
         return out | {e for _, e, s, _ in self._log(lun_id).rows if s == INVALIDATED}
 
-    def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int, int]]) -> None:
-        """Record ``(chunk, epoch, slot, mask)`` rows durably (one append and fdatasync of the map log; the slots'
-        data must already be durable). A row for a copy already recorded adds its units. Blocking."""
+    def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int, int]],
+               proofs: Sequence[tuple[int, int, int, int, int]] | None = None,
+               sync_data: Callable[[], None] | None = None) -> None:
+        """Record ``(chunk, epoch, slot, mask)`` rows durably (one append and fdatasync of the map log). A row for a
+        copy already recorded adds its units. The slots' data is either durable already or made so by
+        ``sync_data``, run at the same time as the log's fdatasync; ``proofs`` then carry each row's CRC of the
+        bytes it copied (see :meth:`_MapLog.append`), by which an open tells whether they got there. Blocking."""
         log_ = self._log(lun_id)
         with log_.lock:
             if log_.stale_tail:
                 self._checkpoint(lun_id, log_)
-            log_.append(rows)
+            log_.append(rows, proofs, sync_data)
             if len(log_.rows) >= LOG_CHECKPOINT_RECORDS:
                 try:
                     self._checkpoint(lun_id, log_)
@@ -1293,15 +1389,18 @@ class CowVolume:
         return slot
 
     def _copy_and_commit(self, pool: Pool, items: list[_Item], epoch: int) -> tuple[list[_Item], dict[int, str]]:
-        """In a thread: copy the wanted units of each chunk to its slot, fdatasync the slot file, then append the
-        maps to the pool's map log and fdatasync it. The order is the crash-safety argument: data durable, then map
-        durable, then (in the caller) the origin write. A new copy of a chunk that is a hole on the origin is
-        recorded as ``ZERO`` (whole: every unit reads zeros): no copy, and when the whole batch is holes, no
-        slot-file sync either (only the small map-log one)."""
+        """In a thread: copy the wanted units of each chunk to its slot, then append the maps (each with the CRC of
+        the bytes it copied, read back from the slot file) to the pool's map log, fdatasync'ing the slot file and
+        the log at the same time: one flush round per batch. Only after both returned does the caller let the
+        origin be written, so a crash finds either a record whose copy matches its CRC, or a record that does not
+        match (or none) and an origin still unchanged in those units, which an open treats as not preserved (see
+        :class:`_MapLog`). A new copy of a chunk that is a hole on the origin is recorded as ``ZERO`` (whole: every
+        unit reads zeros): no copy, and when the whole batch is holes, no slot-file sync (only the map log's)."""
         cs, unit = self.chunk_size, self.unit
         src = self.origin.fileno()
         size = self.origin.num_blocks * self.origin.block_size
         done: list[_Item] = []
+        proofs: list[tuple[int, int, int, int, int]] = []
         errors: dict[int, str] = {}
         copied = False
         for it in items:
@@ -1310,28 +1409,25 @@ class CowVolume:
                 length = min(cs, size - c * cs)
                 if it.new and it.hole_ok and (length <= 0 or is_hole(src, c * cs, length)):
                     done.append(_Item(c, ZERO, FULL, FULL, True))
+                    proofs.append((0, 0, 0, 0, 0))
                     continue
-                u = 0
-                while it.copy >> u and u * unit < length:
-                    if not it.copy >> u & 1:
-                        u += 1
-                        continue
-                    run = u
-                    while it.copy >> run & 1 and run * unit < length:
-                        run += 1
-                    off = u * unit
-                    copy_range(src, self._data_fd, min(run * unit, length) - off, c * cs + off, it.slot * cs + off)
-                    u = run
+                runs = _runs(it.copy, unit, length)
+                crc = 0
+                for off, n in runs:
+                    copy_range(src, self._data_fd, n, c * cs + off, it.slot * cs + off)
+                for off, n in runs:  # what the slot file holds now (from the page cache), as an open will read it
+                    crc = zlib.crc32(os.pread(self._data_fd, n, it.slot * cs + off), crc)
                 done.append(it)
+                proofs.append((it.copy, cs, unit, length, crc))
                 copied = True
             except OSError as exc:
                 errors[c] = f"copying chunk {c}: {exc.strerror or exc}"
         if done:
+            fd = self._data_fd
             try:
-                if copied:
-                    os.fdatasync(self._data_fd)
                 pool.commit(self.lun_id, [(it.chunk, epoch, it.slot, FULL if it.mask & self._full == self._full
-                                           else it.mask) for it in done])
+                                           else it.mask) for it in done], proofs,
+                            (lambda: os.fdatasync(fd)) if copied else None)
             except (OSError, sqlite3.Error) as exc:
                 why = f"making copies durable: {getattr(exc, 'strerror', None) or exc}"
                 errors.update({it.chunk: why for it in done})
@@ -1517,3 +1613,20 @@ def _read_segments(fd: int, buf: bytearray, segments: list[tuple[int, int, int]]
                 break
             part = part[got:]
             src += got
+
+
+def _runs(units: int, unit: int, length: int) -> list[tuple[int, int]]:
+    """The ``(offset, bytes)`` runs within a chunk of ``length`` bytes that the bits of ``units`` cover, in order
+    (the last unit cut at ``length``)."""
+    out: list[tuple[int, int]] = []
+    u = 0
+    while units >> u and u * unit < length:
+        if not units >> u & 1:
+            u += 1
+            continue
+        run = u
+        while units >> run & 1 and run * unit < length:
+            run += 1
+        out.append((u * unit, min(run * unit, length) - u * unit))
+        u = run
+    return out
