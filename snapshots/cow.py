@@ -156,8 +156,9 @@ class _MapLog:
     every such record of the current generation (the ones not yet checkpointed) against the slot file and drops
     those that do not match: that batch's origin writes never happened, so the origin still holds what the copy
     would have held and the chunk is simply not preserved. The cost is one read of the copied bytes per record: at
-    most LOG_CHECKPOINT_RECORDS records, each at most a chunk (256 MiB with 64 KiB chunks in the worst case, 16 MiB
-    when every record copied one 4 KiB unit), and nothing after a clean stop, which checkpoints the log. zlib's
+    most LOG_CHECKPOINT_RECORDS records, each at most a chunk (in the worst case 256 MiB with 64 KiB chunks, 4 GiB
+    with 1 MiB ones; 16 MiB when every record copied one 4 KiB unit, as first writes do), mostly from the page
+    cache after a kill -9, and nothing after a clean stop, which checkpoints the log. zlib's
     CRC-32 serves where a CRC32C would (Python's standard library has none): it is there to tell a torn or missing
     write from the bytes that were copied, not to resist anyone."""
 
