@@ -21,6 +21,11 @@ from e2e.harness import Daemon, require_tools, run, shared_dir
 pytestmark = [pytest.mark.e2e]
 
 QUICK_SUITES = "iSCSI.iSCSIResiduals.*,iSCSI.iSCSITMF.*,iSCSI.iSCSINop.*,SCSI.Read10.*,SCSI.Write10.*,SCSI.Unmap.*"
+# What the dissector must not find. A segment the kernel sent again (loopback retransmits too, when a busy machine
+# lets a receive queue fill) carries bytes already dissected, so Wireshark's reassembly reports an overlap on it; that
+# is TCP's doing, not a PDU of lunsync's, and the first copy of those bytes is checked like any other frame.
+FLAGGED = ('(_ws.malformed || _ws.expert.severity >= "error") '
+           "&& !tcp.analysis.retransmission && !tcp.analysis.fast_retransmission")
 
 
 def can_capture() -> bool:
@@ -56,7 +61,7 @@ def test_dissector_finds_no_malformed_pdu(daemon_factory, tmp_path: Path) -> Non
                           capture_output=True, text=True, check=True).stdout.split()
     assert len(pdus) > 1000, f"only {len(pdus)} iSCSI PDUs were captured"
     flagged = subprocess.run(["tshark", "-r", str(cap), *decode, "-Y",
-                              "_ws.malformed || _ws.expert.severity >= \"error\"", "-T", "fields", "-e",
+                              FLAGGED, "-T", "fields", "-e",
                               "frame.number", "-e", "iscsi.opcode", "-e", "iscsi.request_frame", "-e",
                               "iscsi.datasegmentlength", "-e", "_ws.expert.message"],
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()
