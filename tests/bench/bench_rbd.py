@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the cluster helper
 
 from ceph_cluster import POOL, CephCluster, start_cluster
+from e2e.harness import Daemon
+from e2e.test_rbd_luns import ceph_section
 
 PY = sys.executable
 IQN = "iqn.2026-11.io.lunsync:rbdbench"
@@ -68,27 +68,11 @@ def qemu_bench(url: str, write: bool, total: int, depth: int) -> float:
     return total / float(m.group(1)) / (1 << 20)
 
 
-def start_daemon(work: Path, cluster: CephCluster, image: str, size: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    config = work / "lunsync.toml"
-    config.write_text(f'[ceph]\nconf_path = "{cluster.conf}"\nkeyring = "{cluster.keyring}"\n\n'
-                      f'[[lun]]\nname = "bench"\nbackend = "rbd"\npath = "{POOL}/{image}"\nsize = {size}\n\n'
-                      f'[[target]]\niqn = "{IQN}"\nluns = [{{ lun = 0, name = "bench" }}]\n')
-    log = open(work / "daemon.log", "wb")  # noqa: SIM115 - the daemon writes to it for its whole life
-    proc = subprocess.Popen([PY, "-m", "lunsync.provider.cli", "serve", "--config", str(config), "--data-dir",
-                             str(work / "data"), "--listen", f"127.0.0.1:{port}", "--api", "off", "--metrics", "off"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, port
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"lunsync did not start:\n{(work / 'daemon.log').read_text()[-3000:]}")
+def daemon_config(cluster: CephCluster, image: str, size: int) -> str:
+    """The daemon's configuration: the test cluster, and one RBD LUN on ``image`` mapped on :data:`IQN`."""
+    return (ceph_section(cluster.conf, cluster.keyring)
+            + f'\n[[lun]]\nname = "bench"\nbackend = "rbd"\npath = "{POOL}/{image}"\nsize = {size}\n\n'
+            f'[[target]]\niqn = "{IQN}"\nluns = [{{ lun = 0, name = "bench" }}]\n')
 
 
 def main() -> int:
@@ -104,10 +88,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="lunsync-rbdbench-") as tmp:
             for image in ("raw", "lun"):
                 cluster._run("rbd", "-c", str(cluster.conf), "create", "--size", f"{size >> 20}M", f"{POOL}/{image}")
-            proc, port = start_daemon(Path(tmp), cluster, "lun", size)
-            url = f"iscsi://127.0.0.1:{port}/{IQN}/0"
-            results: dict[tuple[str, str], list[float]] = {}
-            try:
+            with Daemon(Path(tmp), config=daemon_config(cluster, "lun", size), demo=False) as d:
+                url = d.url(0, iqn=IQN)
+                results: dict[tuple[str, str], list[float]] = {}
                 for r in range(a.rounds):
                     for io in ("write", "read"):  # A B per direction; writes first, so the reads find data
                         raw = rbd_bench(cluster, "raw", io, a.total, a.depth)
@@ -115,12 +98,6 @@ def main() -> int:
                         results.setdefault(("rbd bench", io), []).append(raw)
                         results.setdefault(("lunsync", io), []).append(via)
                         print(f"round {r + 1} {io:5}: rbd bench {raw:8.1f} MiB/s   lunsync {via:8.1f} MiB/s")
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
     finally:
         cluster.stop()
     print(f"\n128 KiB sequential, {a.depth} in flight, {a.total >> 20} MiB per run, median of {a.rounds} "
