@@ -72,6 +72,41 @@ class Exposure:
     lu: LogicalUnit
 
 
+@dataclass(slots=True)
+class HeldSet:
+    """A snapshot set between :meth:`SnapshotService.prepare` and its commit or abandon: the members held, each
+    with the epoch its snapshot gets."""
+
+    what: str  # the set's name, or its members, for the log
+    set_name: str | None
+    plans: list[SnapshotPlan]
+    kinds: list[Kind]
+    epochs: list[int]  # per plan
+    vols: list[CowVolume]  # the copy-on-write members, held
+    cow_epochs: list[int]
+    cow_plans: list[SnapshotPlan]
+    stores: list[tuple[SnapshotPlan, StoreSnapshots]]  # the members whose store takes the snapshot (RBD)
+    gates: contextlib.AsyncExitStack  # their LUNs' write gates, held
+    requested: float
+    started: float  # perf_counter when the hold closed
+    drained: float
+    state: str = "held"  # held, committed, abandoned
+    watchdog: asyncio.TimerHandle | None = None
+    expiry: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class TakenSet:
+    """A committed snapshot set whose catalog record is pending: :meth:`SnapshotService.finish` says how it went."""
+
+    held: HeldSet
+    made: list[tuple[SnapshotPlan, StoreSnapshots]]
+    members: set[tuple[int, int]]  # (lun id, epoch) of the copy-on-write members
+    hold_ms: float
+    released: float
+    times: list[float] = field(default_factory=list)  # the catalog transaction's start and end, when local
+
+
 class SnapshotService:
     """Snapshots of the LUNs of one :class:`Array`."""
 
@@ -395,7 +430,8 @@ class SnapshotService:
                      set_name: str | None = None, labels: dict[str, str] | None = None
                      ) -> tuple[list[SnapshotRecord], float]:
         """Take one point in time across every ``(lun, snap)``, each snapshot with ``labels``; returns the records
-        and the hold time in ms.
+        and the hold time in ms. This is the whole of :meth:`prepare`, :meth:`commit`, the catalog record and
+        :meth:`finish`, with this service the only participant.
 
         The point in time is fixed once in-flight writes have drained and each member's new epoch is set in memory:
         writes are released right there, and the catalog commits after. That order is crash-safe because a snapshot
@@ -405,153 +441,233 @@ class SnapshotService:
 
         The log line's times count from this call, waiting for another snapshot operation included, to the moment
         the record is durable (the catalog's COMMIT returned in its thread) and to the moment this returns."""
+        held = await self.prepare(specs, kind, pool, set_name)
+        taken = await self.commit(held)
+        try:
+            def commit() -> None:
+                taken.times.append(time.perf_counter())
+                self.cat.record_snapshots(held.plans, held.kinds, set_name, held.epochs,
+                                          taken.hold_ms if set_name is not None else None, labels)
+                taken.times.append(time.perf_counter())  # durable: the COMMIT (synchronous=FULL) has returned
+
+            await self._catalog_thread(commit)
+        except BaseException:
+            await self.finish(taken, recorded=False)
+            raise
+        return await self.finish(taken, recorded=True), taken.hold_ms
+
+    async def prepare(self, specs: Sequence[tuple[str, str]], kind: Kind = "differential", pool: str | None = None,
+                      set_name: str | None = None) -> HeldSet:
+        """Phase one of a snapshot set: check it against the catalog, hold new writes on every member and drain the
+        ones in flight (staged writes land first). Returns once the members are held; their snapshots are taken by
+        :meth:`commit`, or nothing is by :meth:`abandon`. Neither arriving within ``hold_timeout_s`` abandons the
+        hold by itself: a coordinator that died must not leave the LUNs held. Cancelling a prepare that is still
+        draining releases what it holds. Snapshot operations on this service wait from here until :meth:`finish` (or
+        the abandon). Raises what the catalog refuses, InUse for a LUN under restore, HoldTimeout."""
         requested = time.perf_counter()
-        async with self._lock:
-            plans = self.cat.plan_snapshots(list(specs), kind, pool, set_name)  # every refusal before anything is held
-            for plan in plans:
-                live = self.array.luns.get(plan.lun_name)
-                if live is not None and isinstance(live.lu.device, ResyncVolume):
-                    # Its origin file holds a mix of restored and not-yet-restored regions, which is not what the
-                    # initiators see; a snapshot of it would be silently wrong.
-                    raise InUse(f"lun {plan.lun_name!r} is being restored (resync in progress); snapshot it once "
-                                "the restore is done")
-            # Members whose store keeps snapshots itself (RBD) get the store's; the others lunsync's copy-on-write.
-            stores = [self._store_of(p.lun_name) for p in plans]
-            if kind == "clone" and any(st is not None for st in stores):
-                names = ", ".join(p.lun_name for p, st in zip(plans, stores, strict=True) if st is not None)
-                raise Invalid(f"lun(s) {names} keep their snapshots in RBD, where a snapshot is instant and a clone "
-                              "is a new image: take a snapshot, then lunsync lun create NEW --from LUN@SNAP")
-            cow_plans = [p for p, st in zip(plans, stores, strict=True) if st is None]
-            for plan in cow_plans:
-                if plan.lun_name not in self.volumes:  # served unwrapped: no snapshots of its own, no descriptor
-                    raise Invalid(f"lun {plan.lun_name!r} cannot be snapshotted now: its store keeps no snapshots "
-                                  "of its own and offers no file to preserve into (is it available?); nothing was "
-                                  "recorded")
-            vols = [self.volumes[p.lun_name] for p in cow_plans]
-            held_stores = [(p, st, self.array.luns[p.lun_name].lu) for p, st in zip(plans, stores, strict=True)
-                           if st is not None]
-            kinds: list[Kind] = [kind if st is None else "rbd" for st in stores]
-            await self._retry_degraded([plan.pool.id for plan in cow_plans])
-            for plan, vol in zip(cow_plans, vols, strict=True):
-                p = self.pool(plan.pool)
-                if vol.pool is not p:
-                    vol.detach_pool()
-                    vol.attach_pool(p)
-            floors = {p.lun_name: v.epoch_floor for p, v in zip(cow_plans, vols, strict=True)}
-            epochs = [max(plan.last_epoch, floors.get(plan.lun_name, 0)) + 1 for plan in plans]
-            cow_epochs = [e for e, st in zip(epochs, stores, strict=True) if st is None]
-            # Writes staged before the set (acknowledged, not yet on the origin) belong in it: they land first, with
-            # staging paused meanwhile so that none is staged behind them, and the hold then has none to wait for.
-            for v in vols:
-                v.pause_staging()
+        await self._lock.acquire()
+        try:
+            held = await self._prepare(specs, kind, pool, set_name, requested)
+        except BaseException:
+            self._lock.release()
+            raise
+        held.watchdog = asyncio.get_running_loop().call_later(self.hold_timeout_s, self._expire, held)
+        return held
+
+    async def _prepare(self, specs: Sequence[tuple[str, str]], kind: Kind, pool: str | None,
+                       set_name: str | None, requested: float) -> HeldSet:
+        plans = self.cat.plan_snapshots(list(specs), kind, pool, set_name)  # every refusal before anything is held
+        for plan in plans:
+            live = self.array.luns.get(plan.lun_name)
+            if live is not None and isinstance(live.lu.device, ResyncVolume):
+                # Its origin file holds a mix of restored and not-yet-restored regions, which is not what the
+                # initiators see; a snapshot of it would be silently wrong.
+                raise InUse(f"lun {plan.lun_name!r} is being restored (resync in progress); snapshot it once "
+                            "the restore is done")
+        # Members whose store keeps snapshots itself (RBD) get the store's; the others lunsync's copy-on-write.
+        stores = [self._store_of(p.lun_name) for p in plans]
+        if kind == "clone" and any(st is not None for st in stores):
+            names = ", ".join(p.lun_name for p, st in zip(plans, stores, strict=True) if st is not None)
+            raise Invalid(f"lun(s) {names} keep their snapshots in RBD, where a snapshot is instant and a clone "
+                          "is a new image: take a snapshot, then lunsync lun create NEW --from LUN@SNAP")
+        cow_plans = [p for p, st in zip(plans, stores, strict=True) if st is None]
+        for plan in cow_plans:
+            if plan.lun_name not in self.volumes:  # served unwrapped: no snapshots of its own, no descriptor
+                raise Invalid(f"lun {plan.lun_name!r} cannot be snapshotted now: its store keeps no snapshots "
+                              "of its own and offers no file to preserve into (is it available?); nothing was "
+                              "recorded")
+        vols = [self.volumes[p.lun_name] for p in cow_plans]
+        held_stores = [(p, st, self.array.luns[p.lun_name].lu) for p, st in zip(plans, stores, strict=True)
+                       if st is not None]
+        kinds: list[Kind] = [kind if st is None else "rbd" for st in stores]
+        await self._retry_degraded([plan.pool.id for plan in cow_plans])
+        for plan, vol in zip(cow_plans, vols, strict=True):
+            p = self.pool(plan.pool)
+            if vol.pool is not p:
+                vol.detach_pool()
+                vol.attach_pool(p)
+        floors = {p.lun_name: v.epoch_floor for p, v in zip(cow_plans, vols, strict=True)}
+        epochs = [max(plan.last_epoch, floors.get(plan.lun_name, 0)) + 1 for plan in plans]
+        cow_epochs = [e for e, st in zip(epochs, stores, strict=True) if st is None]
+        what = set_name or ",".join(f"{a}@{b}" for a, b in specs)
+        # Writes staged before the set (acknowledged, not yet on the origin) belong in it: they land first, with
+        # staging paused meanwhile so that none is staged behind them, and the hold then has none to wait for.
+        for v in vols:
+            v.pause_staging()
+        try:
             try:
-                try:
-                    await asyncio.wait_for(asyncio.gather(*(v.land_staged() for v in vols)), self.hold_timeout_s)
-                except TimeoutError:
-                    self.counters.hold_timeouts += 1
-                    raise HoldTimeout(f"staged writes did not reach their LUNs within {self.hold_timeout_s:g} s; "
-                                      "nothing was recorded") from None
-                started = time.perf_counter()
-                # Close every member's gate in one step; only unmaps and resizes in flight need waiting for. A store
-                # whose writes wait for the network (RBD) is held by its LUN's write gate instead: new writes queue,
-                # and the hold is complete once the writes in flight have been acknowledged.
-                busy = [v for v in vols if not v.hold_nowait()]
-            finally:
-                for v in vols:
-                    v.resume_staging()
-            gates = contextlib.AsyncExitStack()
-            try:
-                if busy or held_stores:  # else the hold is complete: no trip through the event loop
-                    await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),
-                                           self.hold_timeout_s)
+                await asyncio.wait_for(asyncio.gather(*(v.land_staged() for v in vols)), self.hold_timeout_s)
             except TimeoutError:
-                await gates.aclose()
-                for v in vols:
-                    v.release()
                 self.counters.hold_timeouts += 1
-                log.warning("snapshot set %s abandoned: writes did not drain within %.1f s",
-                            set_name or ",".join(f"{a}@{b}" for a, b in specs), self.hold_timeout_s)
-                raise HoldTimeout(f"in-flight writes did not drain within {self.hold_timeout_s:g} s; nothing was "
-                                  "recorded") from None
-            except BaseException:
-                await gates.aclose()
-                for v in vols:
-                    v.release()
-                raise
-            drained = time.perf_counter()
-            added: list[CowVolume] = []
-            made: list[tuple[SnapshotPlan, StoreSnapshots]] = []
+                raise HoldTimeout(f"staged writes did not reach their LUNs within {self.hold_timeout_s:g} s; "
+                                  "nothing was recorded") from None
+            started = time.perf_counter()
+            # Close every member's gate in one step; only unmaps and resizes in flight need waiting for. A store
+            # whose writes wait for the network (RBD) is held by its LUN's write gate instead: new writes queue,
+            # and the hold is complete once the writes in flight have been acknowledged.
+            busy = [v for v in vols if not v.hold_nowait()]
+        finally:
+            for v in vols:
+                v.resume_staging()
+        gates = contextlib.AsyncExitStack()
+        try:
+            if busy or held_stores:  # else the hold is complete: no trip through the event loop
+                await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),
+                                       self.hold_timeout_s)
+        except TimeoutError:
+            await gates.aclose()
+            for v in vols:
+                v.release()
+            self.counters.hold_timeouts += 1
+            log.warning("snapshot set %s abandoned: writes did not drain within %.1f s", what, self.hold_timeout_s)
+            raise HoldTimeout(f"in-flight writes did not drain within {self.hold_timeout_s:g} s; nothing was "
+                              "recorded") from None
+        except BaseException:
+            await gates.aclose()
+            for v in vols:
+                v.release()
+            raise
+        return HeldSet(what, set_name, plans, kinds, epochs, vols, cow_epochs, cow_plans,
+                       [(p, st) for p, st, _ in held_stores], gates, requested, started, time.perf_counter())
+
+    def _expire(self, held: HeldSet) -> None:
+        """The prepare's own deadline: neither commit nor abandon came."""
+        if held.state != "held":
+            return
+        self.counters.hold_timeouts += 1
+        log.warning("snapshot set %s abandoned: held %.1f s without a commit (its coordinator is gone?)", held.what,
+                    self.hold_timeout_s)
+        held.expiry = asyncio.get_running_loop().create_task(self.abandon(held), name=f"expire-{held.what}")
+
+    async def abandon(self, held: HeldSet) -> None:
+        """Release a prepared hold and take nothing. Idempotent; a set already committed is left to :meth:`finish`."""
+        if held.state != "held":
+            return
+        held.state = "abandoned"
+        if held.watchdog is not None:
+            held.watchdog.cancel()
+        try:
+            await held.gates.aclose()
+        finally:
+            for v in held.vols:
+                v.release()
+            self._lock.release()
+
+    async def commit(self, held: HeldSet) -> TakenSet:
+        """Phase two: take every member's snapshot at the held instant (set its epoch, or the store's snapshot), then
+        release writes. The snapshots exist in memory only: the catalog record comes next, then :meth:`finish`.
+        Raises HoldTimeout when the hold was already abandoned (its deadline passed); on any failure nothing is
+        taken and the hold is released."""
+        if held.state != "held":
+            raise HoldTimeout(f"snapshot set {held.what}: the hold was abandoned before its commit (after "
+                              f"{self.hold_timeout_s:g} s, or by request); nothing was taken")
+        held.state = "committed"
+        if held.watchdog is not None:
+            held.watchdog.cancel()
+        added: list[CowVolume] = []
+        made: list[tuple[SnapshotPlan, StoreSnapshots]] = []
+        try:
             try:
-                for vol, epoch in zip(vols, cow_epochs, strict=True):
+                for vol, epoch in zip(held.vols, held.cow_epochs, strict=True):
                     vol.add_snapshot(epoch)
                     added.append(vol)
-                if held_stores:
-                    made = await self._store_snapshots([(p, st) for p, st, _ in held_stores])
+                if held.stores:
+                    made = await self._store_snapshots(held.stores)
             except BaseException:
-                for vol, epoch in zip(added, cow_epochs, strict=False):
+                for vol, epoch in zip(added, held.cow_epochs, strict=False):
                     vol.forget_epoch(epoch)  # still held: nothing was preserved for it
                 raise
             finally:
-                await gates.aclose()
-                for v in vols:
+                await held.gates.aclose()
+                for v in held.vols:
                     v.release()
                 released = time.perf_counter()
-            hold_ms = (released - started) * 1000
-            members = {(p.lun_id, e) for p, e in zip(cow_plans, cow_epochs, strict=True)}
-            recording = self._recording = (members, asyncio.get_running_loop().create_future())
-            try:
-                times: list[float] = []
+        except BaseException:
+            self._lock.release()
+            raise
+        members = {(p.lun_id, e) for p, e in zip(held.cow_plans, held.cow_epochs, strict=True)}
+        self._recording = (members, asyncio.get_running_loop().create_future())
+        return TakenSet(held, made, members, (released - held.started) * 1000, released)
 
-                def commit() -> None:
-                    times.append(time.perf_counter())
-                    self.cat.record_snapshots(plans, kinds, set_name, epochs,
-                                              hold_ms if set_name is not None else None, labels)
-                    times.append(time.perf_counter())  # durable: the COMMIT (synchronous=FULL) has returned
-
-                await self._catalog_thread(commit)
-            except BaseException:
-                self._recording = None
+    async def finish(self, taken: TakenSet, *, recorded: bool) -> list[SnapshotRecord]:
+        """After the catalog record of a committed set: ``recorded`` says whether it committed. If it did, mark what
+        failed to preserve meanwhile, count and start the clones' fills, and return the records; if not, abandon
+        the epochs and free their copies (and the store snapshots), and return nothing. Snapshot operations on this
+        service may proceed afterwards."""
+        held = taken.held
+        recording = self._recording
+        try:
+            self._recording = None
+            if recording is not None:
                 recording[1].set_result(None)  # before abandoning: a hold waits for writes that may wait for this
-                for vol, epoch in zip(vols, cow_epochs, strict=True):
+            if not recorded:
+                for vol, epoch in zip(held.vols, held.cow_epochs, strict=True):
                     await vol.abandon_snapshot(epoch)
-                await self._unmake_store_snapshots(made)
-                for key in members:
+                await self._unmake_store_snapshots(taken.made)
+                for key in taken.members:
                     self._early_invalid.pop(key, None)
                 log.warning("snapshot%s %s not taken: the catalog refused it after writes resumed; its copies are "
-                            "freed", " set " + set_name if set_name else "",
-                            ", ".join(f"{a}@{b}" for a, b in specs))
-                raise
-            self._recording = None
-            recording[1].set_result(None)
-            recs = self.cat.get_snapshots([(p.lun_name, p.name) for p in plans])
-            by_lun = dict(zip((p.lun_name for p in cow_plans), vols, strict=True))
-            # A preservation that failed while the record was committing could not mark it invalid yet.
-            for i, rec in enumerate(recs):
-                cow = by_lun.get(rec.lun_name)
-                if cow is None or rec.epoch in cow.epochs:
-                    continue
-                reason = self._early_invalid.pop((rec.lun_id or 0, rec.epoch), "a chunk could not be preserved")
-                await self._catalog_thread(self.cat.mark_invalid, rec.lun_id or 0, [rec.epoch], reason)
-                recs[i] = replace(rec, state="invalid", invalid_reason=reason[:500])
-                log.error("snapshot %s is now invalid: %s", rec.full_name, reason)
-            for key in members:
-                self._early_invalid.pop(key, None)
-            self.counters.last_hold_ms = hold_ms
-            self.counters.hold_ms = [*self.counters.hold_ms[-99:], hold_ms]
-            self.counters.snapshots_created += len(recs)
-            if set_name is not None:
-                self.counters.sets_created += 1
-            for rec in recs:
-                cow = by_lun.get(rec.lun_name)
-                if rec.kind == "clone" and cow is not None and rec.epoch in cow.epochs:
-                    self._start_fill(rec)
-            log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; durable in the catalog %.2f ms after "
-                     "the request: waited %.2f ms for the commit thread, transaction %.2f ms; returned after %.2f ms)",
-                     " set " + set_name if set_name else "", ", ".join(r.full_name for r in recs),
-                     "/".join(sorted(set(kinds))), hold_ms,
-                     (drained - started) * 1000, (times[1] - requested) * 1000, (times[0] - released) * 1000,
-                     (times[1] - times[0]) * 1000, (time.perf_counter() - requested) * 1000)
-            return recs, hold_ms
+                            "freed", " set " + held.set_name if held.set_name else "", held.what)
+                return []
+            return await self._recorded(taken)
+        finally:
+            self._lock.release()
+
+    async def _recorded(self, taken: TakenSet) -> list[SnapshotRecord]:
+        held = taken.held
+        plans = held.plans
+        recs = self.cat.get_snapshots([(p.lun_name, p.name) for p in plans])
+        by_lun = dict(zip((p.lun_name for p in held.cow_plans), held.vols, strict=True))
+        # A preservation that failed while the record was committing could not mark it invalid yet.
+        for i, rec in enumerate(recs):
+            cow = by_lun.get(rec.lun_name)
+            if cow is None or rec.epoch in cow.epochs:
+                continue
+            reason = self._early_invalid.pop((rec.lun_id or 0, rec.epoch), "a chunk could not be preserved")
+            await self._catalog_thread(self.cat.mark_invalid, rec.lun_id or 0, [rec.epoch], reason)
+            recs[i] = replace(rec, state="invalid", invalid_reason=reason[:500])
+            log.error("snapshot %s is now invalid: %s", rec.full_name, reason)
+        for key in taken.members:
+            self._early_invalid.pop(key, None)
+        hold_ms = taken.hold_ms
+        self.counters.last_hold_ms = hold_ms
+        self.counters.hold_ms = [*self.counters.hold_ms[-99:], hold_ms]
+        self.counters.snapshots_created += len(recs)
+        if held.set_name is not None:
+            self.counters.sets_created += 1
+        for rec in recs:
+            cow = by_lun.get(rec.lun_name)
+            if rec.kind == "clone" and cow is not None and rec.epoch in cow.epochs:
+                self._start_fill(rec)
+        times = taken.times
+        durable = (f"durable in the catalog {(times[1] - held.requested) * 1000:.2f} ms after the request: waited "
+                   f"{(times[0] - taken.released) * 1000:.2f} ms for the commit thread, transaction "
+                   f"{(times[1] - times[0]) * 1000:.2f} ms" if len(times) == 2 else "recorded by the coordinator")
+        log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; %s; returned after %.2f ms)",
+                 " set " + held.set_name if held.set_name else "", ", ".join(r.full_name for r in recs),
+                 "/".join(sorted(set(held.kinds))), hold_ms, (held.drained - held.started) * 1000, durable,
+                 (time.perf_counter() - held.requested) * 1000)
+        return recs
 
     def _store_of(self, lun: str) -> StoreSnapshots | None:
         """The LUN's store when it keeps snapshots itself (RBD), else None."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from lunsync.provider.daemon import Array
+from lunsync.provider.snapshot_service import HoldTimeout
 from lunsync.snapshots.catalog import Catalog, CatalogError
 
 BS = 512
@@ -333,5 +334,78 @@ def test_a_snapshot_set_with_nothing_in_flight_holds_writes_without_a_trip_throu
         finally:
             stop = True
         assert hold_ms < 10, hold_ms
+
+    with_array(tmp_path, 2, body)
+
+
+def test_an_abandoned_prepare_takes_nothing_and_writes_resume(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        vols = [svc.volumes["l0"], svc.volumes["l1"]]
+        held = await svc.prepare([("l0", "s"), ("l1", "s")], set_name="set")
+        assert all(v.held for v in vols)
+        write = asyncio.create_task(vols[0].write(0, b"\x44" * CS))
+        await asyncio.sleep(0.01)
+        assert not write.done()  # held
+        await svc.abandon(held)
+        await asyncio.wait_for(write, 5)
+        assert not any(v.held for v in vols) and all(v.epochs == () for v in vols)
+        assert svc.cat.list_snapshots() == []
+        with pytest.raises(HoldTimeout):  # a commit after the abandon takes nothing either
+            await svc.commit(held)
+        recs, _ = await asyncio.wait_for(svc.create([("l0", "s"), ("l1", "s")], set_name="set"), 5)
+        assert [r.full_name for r in recs] == ["l0@s", "l1@s"]
+
+    with_array(tmp_path, 2, body)
+
+
+def test_a_prepare_that_gets_no_commit_releases_by_itself(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        svc.hold_timeout_s = 0.2
+        vol = svc.volumes["l0"]
+        held = await svc.prepare([("l0", "s")])
+        write = asyncio.create_task(vol.write(0, b"\x55" * CS))
+        await asyncio.wait_for(write, 5)  # the coordinator never came back: released after 0.2 s
+        assert not vol.held and vol.epochs == () and svc.counters.hold_timeouts == 1
+        with pytest.raises(HoldTimeout):
+            await svc.commit(held)
+        assert svc.cat.list_snapshots() == []
+        (rec,), _ = await asyncio.wait_for(svc.create([("l0", "s")]), 5)
+        assert rec.epoch in vol.epochs
+
+    with_array(tmp_path, 1, body)
+
+
+def test_cancelling_a_prepare_still_draining_releases_what_it_holds(tmp_path: Path) -> None:
+    async def body(array: Array) -> None:
+        svc = array.snapshots
+        assert svc is not None
+        vol = svc.volumes["l0"]
+        other = svc.volumes["l1"]
+        unmapped = asyncio.Event()
+        real = vol.origin.unmap
+
+        async def slow_unmap(ranges: Any) -> None:
+            await unmapped.wait()
+            await real(ranges)
+
+        vol.origin.unmap = slow_unmap  # type: ignore[method-assign]
+        unmap = asyncio.create_task(vol.unmap([(0, 8)]))
+        await asyncio.sleep(0.01)
+        prepare = asyncio.create_task(svc.prepare([("l0", "s"), ("l1", "s")], set_name="set"))
+        await asyncio.sleep(0.05)
+        assert not prepare.done() and vol.held and other.held  # draining: the unmap is in flight
+        prepare.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await prepare
+        assert not vol.held and not other.held
+        await asyncio.wait_for(other.write(0, b"\x66" * CS), 5)
+        unmapped.set()
+        await asyncio.wait_for(unmap, 5)
+        recs, _ = await asyncio.wait_for(svc.create([("l0", "s"), ("l1", "s")], set_name="set"), 5)
+        assert len(recs) == 2
 
     with_array(tmp_path, 2, body)
