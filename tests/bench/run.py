@@ -135,6 +135,8 @@ def main() -> int:
          [PY, "tests/bench/bench_rbd.py"]),
         ("RBD snapshot set hold and resync first read: tests/bench/rbd_snapshots.py",
          [PY, "tests/bench/rbd_snapshots.py"]),
+        ("scaling: N targets on N workers, pinned initiators, 4 KiB QD32: tests/bench/scaling.py",
+         [PY, "tests/bench/scaling.py"]),
     ]
     for title, cmd in own:
         if (REPO / cmd[1]).exists():
