@@ -23,7 +23,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, Self
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
@@ -313,6 +313,19 @@ class SessionOut(BaseModel):
     luns: list[SessionLunOut]
 
 
+class WorkerOut(BaseModel):
+    """One worker process of ``serve --workers``: whether it is up, and the targets and LUNs it serves."""
+
+    index: int
+    pid: int | None
+    up: bool
+    restarts: int
+    targets: list[str]
+    luns: list[str]
+    sessions: int
+    connections: int
+
+
 class StatusOut(BaseModel):
     version: str
     uptime_s: float
@@ -326,6 +339,8 @@ class StatusOut(BaseModel):
     metrics: str | None
     attention: list[str] = Field(default_factory=list,
                                  description="problems an operator must look at (a read-only pool, with its error)")
+    workers: list[WorkerOut] = Field(default_factory=list,
+                                     description="with serve --workers: each worker process and what it serves")
 
 
 class ApplyIn(_In):
@@ -471,11 +486,20 @@ class ApiError(Exception):
 # --- auth ------------------------------------------------------------------------------------------------------------
 
 
+class AuthSettings(Protocol):
+    """What the token check needs: an :class:`ApiContext`, or the control process's of ``serve --workers``."""
+
+    token: str
+    read_token: str | None
+    counters: ApiCounters
+    auth_throttle: LoginThrottle
+
+
 class TokenAuth:
     """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <token>``. It sits in front of routing
     and body parsing, so an unauthenticated request learns nothing (not even whether its body would parse)."""
 
-    def __init__(self, app: AsgiApp, ctx: ApiContext) -> None:
+    def __init__(self, app: AsgiApp, ctx: AuthSettings) -> None:
         self.app = app
         self.ctx = ctx
         self.expected = f"Bearer {ctx.token}".encode()
@@ -895,11 +919,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
 def asgi_app(ctx: ApiContext) -> AsgiApp:
     """The API as served: the FastAPI app behind the body limit, behind the token check (an unauthenticated client
-    learns nothing, not even the limit). ``apply`` carries a whole configuration, so its limit is the configuration's
+    learns nothing, not even the limit)."""
+    return TokenAuth(body_limit(create_app(ctx), ctx.max_body_bytes), ctx)
+
+
+def body_limit(app: AsgiApp, max_body_bytes: int) -> AsgiApp:
+    """``app`` behind the body limit; ``apply`` carries a whole configuration, so its limit is the configuration's
     plus room for JSON escaping."""
-    limited = BodyLimit(create_app(ctx), ctx.max_body_bytes,
-                        {"/v1/apply": max(ctx.max_body_bytes, 2 * MAX_CONFIG_BYTES + 4096)})
-    return TokenAuth(limited, ctx)
+    return BodyLimit(app, max_body_bytes, {"/v1/apply": max(max_body_bytes, 2 * MAX_CONFIG_BYTES + 4096)})
 
 
 # --- serving inside the daemon's loop --------------------------------------------------------------------------------

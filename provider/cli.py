@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the RADOS pool that holds the gateways' shared objects (default rbd)")
     g.add_argument("--lease", type=int, default=10, metavar="SECONDS",
                    help="how long a dead gateway keeps a LUN's ownership before another takes it (2-300, default 10)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="serve with N worker processes, one event loop each, each serving whole targets, behind a "
+                        "control process that runs the portals and the API (0: one per core; default: one process)")
     s.add_argument("--write-staging", type=_size, metavar="SIZE",
                    help="per LUN, first writes after a snapshot held in memory while their old data is preserved, "
                         "when the LUN's write cache is on (default 64MiB; 0 makes every one wait for its copy)")
@@ -576,6 +579,11 @@ def _status(c: Any, a: argparse.Namespace) -> int:
             ["sessions", str(st["sessions"])], ["connections", str(st["connections"])]]
     rows += [["attention", line] for line in st.get("attention", [])]
     _table(None, ["", ""], rows)
+    workers = st.get("workers") or []
+    if workers:
+        _table("workers", ["Worker", "PID", "State", "Restarts", "Sessions", "Targets", "LUNs"],
+               [[str(w["index"]), str(w["pid"] or "-"), "up" if w["up"] else "down", str(w["restarts"]),
+                 str(w["sessions"]), ", ".join(w["targets"]) or "-", ", ".join(w["luns"]) or "-"] for w in workers])
     return 0
 
 
@@ -747,7 +755,7 @@ def _main(argv: list[str] | None) -> int:
                                    metrics=args.metrics or daemon.DEFAULT_METRICS, api_tls_cert=args.api_tls_cert,
                                    api_tls_key=args.api_tls_key, api_max_body_bytes=args.api_max_body,
                                    hooks=args.hooks, log_level=args.log_level, log_format=args.log_format,
-                                   gateway=gateway,
+                                   gateway=gateway, workers=args.workers,
                                    write_staging_bytes=DEFAULT_STAGING_BYTES if args.write_staging is None
                                    else args.write_staging)
         from lunsync.snapshots.catalog import CatalogError

@@ -43,8 +43,10 @@ from lunsync.target.scsi.lu import LogicalUnit
 from lunsync.target.scsi.target import ScsiTarget
 
 if TYPE_CHECKING:
+    from lunsync.provider.metrics import ApiCounters
     from lunsync.provider.shared_luns import GatewaySettings, SharedLuns
     from lunsync.provider.vss import HardwareProvider, RecoveryManager
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("lunsync.daemon")
 
@@ -113,15 +115,34 @@ class Array:
     # Per LUN: first writes after a snapshot acknowledged before their copy is durable (WCE=1); 0: none (the
     # default here; ``lunsync serve`` passes its --write-staging, DEFAULT_STAGING_BYTES unless told otherwise).
     write_staging_bytes: int = 0
+    # A worker of ``serve --workers``: the targets (lowercase IQNs) this process serves, None: every one. A LUN is
+    # served by the worker of the first target it is mapped on (catalog order, as the control routes it), so no LUN
+    # is ever open in two processes; an unmapped LUN by the worker with ``holds_unmapped``.
+    owned_targets: set[str] | None = None
+    holds_unmapped: bool = True
+
+    def serves_target(self, iqn: str) -> bool:
+        return self.owned_targets is None or iqn.lower() in self.owned_targets
+
+    def serves_lun(self, name: str) -> bool:
+        if self.owned_targets is None:
+            return True
+        try:
+            maps = self.catalog.lun_mappings(name)
+        except NotFound:
+            return False
+        return self.serves_target(maps[0][0]) if maps else self.holds_unmapped
 
     async def load(self) -> None:
         if self.snapshots is None:
             self.snapshots = SnapshotService(self)
         for rec in self.catalog.list_luns():
-            live = await self.open_lun(rec.name)
-            await self._roll_forward_size(live, rec)
+            if self.serves_lun(rec.name):
+                live = await self.open_lun(rec.name)
+                await self._roll_forward_size(live, rec)
         for t in self.catalog.list_targets():
-            self.build_target(t.iqn)
+            if self.serves_target(t.iqn):
+                self.build_target(t.iqn)
         await self.snapshots.load()
 
     def _cow(self, rec: LunRecord, backend: BlockDevice) -> BlockDevice:
@@ -218,7 +239,13 @@ class Array:
         existing = self.directory.lookup(iqn)
         scsi = existing.scsi if existing is not None else ScsiTarget(t.iqn, port_groups={self.port_group:
                                                                                          (self.port_group,)})
-        wanted = {m.lun: self.luns[m.name].lu for m in self.catalog.list_mappings(iqn)}
+        wanted: dict[int, LogicalUnit] = {}
+        for m in self.catalog.list_mappings(iqn):
+            live = self.luns.get(m.name)
+            if live is not None:
+                wanted[m.lun] = live.lu
+            else:  # a worker's: the LUN is mapped on another worker's target first, and served there
+                log.warning("target %s: lun %s is served by another worker process, not shown here", iqn, m.name)
         if self.snapshots is not None:
             wanted.update(self.snapshots.exposed_on(t.iqn))
         for n in list(scsi.luns):
@@ -372,6 +399,8 @@ class Array:
 
     async def map_lun(self, iqn: str, name: str, lun: int | None = None) -> LunMapping:
         m = self.catalog.map_lun(iqn, name, lun)
+        if m.name not in self.luns:  # a worker's: an unmapped LUN another worker held comes here with its mapping
+            await self.open_lun(m.name)
         self.build_target(iqn)
         log.info("lun %s mapped on %s as LUN %d", m.name, iqn, m.lun)
         return m
@@ -450,7 +479,7 @@ class Array:
         whose flags changed, rebuild every target, then close what the catalog no longer has. A removed LUN's file
         inside the data dir is removed as ``lun delete`` would, unless a remaining LUN took over its path (a
         rename)."""
-        records = {rec.name: rec for rec in self.catalog.list_luns()}
+        records = {rec.name: rec for rec in self.catalog.list_luns() if self.serves_lun(rec.name)}
         for name, rec in records.items():
             live = self.luns.get(name)
             if live is None:
@@ -464,7 +493,7 @@ class Array:
             if live.device.num_blocks < rec.num_blocks:
                 await live.device.resize(rec.num_blocks)
                 live.lu.notify_capacity_changed()
-        wanted = {t.iqn for t in self.catalog.list_targets()}
+        wanted = {t.iqn for t in self.catalog.list_targets() if self.serves_target(t.iqn)}
         for iqn in wanted:
             self.build_target(iqn)
         gone = {entry.name for entry in self.directory.targets.values()} - wanted
@@ -472,16 +501,28 @@ class Array:
             self.directory.remove(iqn)
         if gone:
             self._logout(lambda r: r.target is not None and r.target.name in gone)
-        in_use = {self.catalog.lun_path(rec) for rec in records.values()}
+        every = {rec.name: rec for rec in self.catalog.list_luns()}
+        in_use = {self.catalog.lun_path(rec) for rec in every.values()}
         for name in [n for n in self.luns if n not in records]:
             live = self.luns.pop(name)
-            await live.device.close()
+            await self.release_lun(live)
+            if name in every:
+                log.info("lun %s: another worker serves it now", name)
+                continue
             old = (before or {}).get(name)
             if old is not None:
                 path = self.catalog.lun_path(old)
                 if path not in in_use and removable(old, path):
                     os.unlink(path)
             log.info("lun %s removed", name)
+
+    async def release_lun(self, live: LiveLun) -> None:
+        """Close a LUN this process stops serving (removed, or another worker of ``serve --workers`` takes it): its
+        copy-on-write volume's pool files go with it, so the next owner opens them afresh."""
+        vol = self.snapshots.volumes.pop(live.name, None) if self.snapshots is not None else None
+        await live.device.close()
+        if vol is not None:
+            vol.close_pool()
 
     async def close(self) -> None:
         for task in list(self._reopening):
@@ -568,14 +609,33 @@ class ServeOptions:
     hooks: str | None = None  # the hook file: named restore hooks, the only commands a restore can run
     gateway: GatewaySettings | None = None  # one of several gateways of the rbd LUNs (serve --gateway)
     write_staging_bytes: int = DEFAULT_STAGING_BYTES  # per LUN; see CowVolume.write
+    # serve --workers N: a control process and N worker processes (lunsync.provider.control); None: one process
+    workers: int | None = None
+
+
+def array_registry(array: Array, server: Server, counters: ApiCounters) -> CollectorRegistry:
+    """The metrics registry of one process serving LUNs: the portal's and API's counts, each live LUN, the
+    snapshots and the restores in progress."""
+    from lunsync.provider.metrics import LunInfo, SnapshotCollector, build_registry
+    from lunsync.provider.resync_array import register_metrics
+
+    def luns() -> list[LunInfo]:
+        return [LunInfo(n, live.device.num_blocks * live.device.block_size,
+                         bool(getattr(live.device, "flush_failed", False)),
+                         None if live.lu.alua is None else live.lu.alua.owner == array.port_group)
+                for n, live in array.luns.items()]
+
+    registry = build_registry(server, counters, luns)
+    registry.register(SnapshotCollector(lambda: array.snapshots))
+    register_metrics(registry, array)  # restores (recovery sets) in progress
+    return registry
 
 
 async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple[list[Any], str, str | None]:
     """Start the API and the metrics endpoint on this loop. A port that cannot be bound is logged and skipped: the
     LUNs are served regardless, because initiators matter more than the management plane."""
     from lunsync.provider.api import READ_ONLY_TOKEN_FILENAME, ApiContext, HttpServer, asgi_app, ensure_token
-    from lunsync.provider.metrics import ApiCounters, LunInfo, SnapshotCollector, build_registry, metrics_app
-    from lunsync.provider.resync_array import register_metrics
+    from lunsync.provider.metrics import ApiCounters, metrics_app
 
     if (opts.api_tls_cert is None) != (opts.api_tls_key is None):
         raise ValueError("--api-tls-cert and --api-tls-key go together")
@@ -594,20 +654,11 @@ async def _start_http(array: Array, server: Server, opts: ServeOptions) -> tuple
             log.error("API: cannot listen on %s: %s; continuing without the API", opts.api, e)
             status_api = f"unavailable ({e.strerror or e})"
     if opts.metrics != "off":
-
-        def luns() -> list[LunInfo]:
-            return [LunInfo(n, live.device.num_blocks * live.device.block_size,
-                             bool(getattr(live.device, "flush_failed", False)),
-                             None if live.lu.alua is None else live.lu.alua.owner == array.port_group)
-                    for n, live in array.luns.items()]
-
         try:
             if opts.metrics.startswith("unix:"):
                 raise ValueError("--metrics takes HOST:PORT (Prometheus scrapes over TCP)")
-            registry = build_registry(server, counters, luns)
-            registry.register(SnapshotCollector(lambda: array.snapshots))
-            register_metrics(registry, array)  # restores (recovery sets) in progress
-            m = await HttpServer.start("metrics", metrics_app(registry), opts.metrics, METRICS_PORT)
+            m = await HttpServer.start("metrics", metrics_app(array_registry(array, server, counters)), opts.metrics,
+                                       METRICS_PORT)
             running.append(m)
             ctx.metrics_address = status_metrics = m.address + "/metrics"
         except OSError as e:
@@ -621,7 +672,19 @@ def _stop_on(sig: signal.Signals, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
+@dataclass
+class Prepared:
+    """What both ways of serving start from: the catalog (locked, configured), the portal settings and addresses."""
+
+    data_dir: str
+    catalog: Catalog
+    settings: PortalSettings
+    listen: list[str]
+    advertise: list[str]
+    hooks: dict[str, Any]
+
+
+def prepare(opts: ServeOptions) -> Prepared:
     data_dir = os.path.abspath(opts.data_dir)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     from lunsync.provider.config import load_hooks
@@ -654,7 +717,58 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
         ensure_demo(catalog, opts.demo_size)
     if not listen:
         listen = [DEFAULT_LISTEN]
-    array = Array(data_dir, catalog, ceph=catalog.get_ceph(), write_staging_bytes=opts.write_staging_bytes)
+    return Prepared(data_dir, catalog, settings, listen, list(p.advertise), dict(hooks))
+
+
+async def listen_portals(server: Server, directory: Directory, prep: Prepared) -> list[tuple[str, int]]:
+    """Open every iSCSI portal and record it (and the advertised addresses) for discovery."""
+    bound: list[tuple[str, int]] = []
+    tpgt = prep.settings.tpgt
+    for spec in prep.listen:
+        host, port = parse_hostport(spec)
+        _, p_ = await server.listen(host, port)
+        bound.append((host, p_))
+        directory.portals.append(PortalAddress(host, p_, tpgt))
+        log.info("iSCSI portal listening on %s:%d (data path: %s)", host, p_, native.describe())
+    for spec in prep.advertise:
+        host, _, port_text = spec.rpartition(":")
+        directory.advertise.append(PortalAddress(host.strip("[]"), int(port_text), tpgt))
+    if prep.advertise:
+        log.info("discovery advertises %s", ", ".join(prep.advertise))
+    return bound
+
+
+def print_banner(opts: ServeOptions, prep: Prepared, bound: list[tuple[str, int]], targets: int, api_at: str,
+                 metrics_at: str | None) -> None:
+    if opts.demo:
+        host, port = bound[0]
+        print(f"lunsync: serving {DEMO_IQN} (data dir {prep.data_dir})", flush=True)
+        print(attach_text(host, port, DEMO_IQN), flush=True)
+    else:
+        print(f"lunsync: serving {targets} target(s) on " + ", ".join(f"{h}:{p}" for h, p in bound), flush=True)
+    print(f"  API       : {api_at} (token in {os.path.join(prep.data_dir, 'api-token')})", flush=True)
+    print(f"  metrics   : {metrics_at or 'off'}", flush=True)
+
+
+def stop_event() -> asyncio.Event:
+    """Set on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop_on, sig, stop)
+    return stop
+
+
+async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
+    if opts.workers is not None:
+        if opts.gateway is not None:
+            raise ValueError("--workers and --gateway do not go together: a gateway serves as one process")
+        from lunsync.provider.control import serve_workers
+
+        return await serve_workers(opts, prepare(opts), ready)
+    prep = prepare(opts)
+    catalog, settings, hooks = prep.catalog, prep.settings, prep.hooks
+    array = Array(prep.data_dir, catalog, ceph=catalog.get_ceph(), write_staging_bytes=opts.write_staging_bytes)
     if opts.gateway is not None:
         array.port_group = settings.tpgt = opts.gateway.port_group
     await array.load()
@@ -669,31 +783,9 @@ async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     await resync_array.attach(array, hooks)  # resumes the resyncs a stop or a crash interrupted, before any initiator is in
     # The management plane first: once the iSCSI port accepts, the API answers too (tests and scripts rely on it).
     http, api_at, metrics_at = await _start_http(array, server, opts)
-    bound: list[tuple[str, int]] = []
-    for spec in listen:
-        host, port = parse_hostport(spec)
-        h, p_ = await server.listen(host, port)
-        bound.append((host, p_))
-        array.directory.portals.append(PortalAddress(host, p_, settings.tpgt))
-        log.info("iSCSI portal listening on %s:%d (data path: %s)", host, p_, native.describe())
-    for spec in p.advertise:
-        host, _, port_text = spec.rpartition(":")
-        array.directory.advertise.append(PortalAddress(host.strip("[]"), int(port_text), settings.tpgt))
-    if p.advertise:
-        log.info("discovery advertises %s", ", ".join(p.advertise))
-    if opts.demo:
-        host, port = bound[0]
-        print(f"lunsync: serving {DEMO_IQN} (data dir {data_dir})", flush=True)
-        print(attach_text(host, port, DEMO_IQN), flush=True)
-    else:
-        print(f"lunsync: serving {len(array.directory.targets)} target(s) on "
-              + ", ".join(f"{h}:{p}" for h, p in bound), flush=True)
-    print(f"  API       : {api_at} (token in {os.path.join(data_dir, 'api-token')})", flush=True)
-    print(f"  metrics   : {metrics_at or 'off'}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stop_on, sig, stop)
+    bound = await listen_portals(server, array.directory, prep)
+    print_banner(opts, prep, bound, len(array.directory.targets), api_at, metrics_at)
+    stop = stop_event()
     if ready is not None:
         ready.set()
     systemd.ready(f"serving {len(array.luns)} LUN(s) on {len(bound)} portal(s); API {api_at}")

@@ -10,6 +10,7 @@ second resync of one destination even if the in-memory check were bypassed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from lunsync.provider.vss import Options, Pair, RecoverySet, RecoveryState, VssCode, VssError
@@ -19,8 +20,11 @@ from lunsync.snapshots.catalog import AlreadyExists, Catalog, RecoveryPairRow, R
 class CatalogRecoveryStore:
     """:class:`~lunsync.provider.vss.RecoveryStore` over the daemon's catalog."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, keep: Callable[[RecoverySet], bool] | None = None) -> None:
         self.catalog = catalog
+        # A worker of ``serve --workers`` loads only the sets whose destinations it serves: the others are another
+        # worker's to resume (or to fail, if they were caught in pre-restore).
+        self.keep = keep
 
     def save(self, rs: RecoverySet) -> None:
         row = RecoverySetRow(rs.id, rs.state.value, json.dumps(rs.options.as_dict()), rs.error,
@@ -45,4 +49,4 @@ class CatalogRecoveryStore:
                             bytes_total=p.bytes_total, bytes_done=p.bytes_done, bytes_copied=p.bytes_copied,
                             redirected_reads=p.redirected_reads, verified=p.verified, error=p.error)
                        for p in pairs]))
-        return out
+        return [rs for rs in out if self.keep is None or self.keep(rs)]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lunsync.provider.config import HookConfig
 from lunsync.provider.recovery_store import CatalogRecoveryStore
-from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, SnapshotRef
+from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, RecoverySet, SnapshotRef
 from lunsync.snapshots.catalog import Invalid, LunRecord, NotFound
 from lunsync.snapshots.device import BlockDevice, ChangedRegions
 from lunsync.snapshots.model import LunIdentity
@@ -286,7 +286,11 @@ async def attach(array: Array, hooks: Mapping[str, HookConfig] | None = None
     """Build the provider on a loaded array, resume the resyncs a stop or crash interrupted, and hang both on the
     array (``array.recovery``, ``array.provider``) for the API. ``hooks`` are the server's named restore hooks."""
     engine = ArrayEngine(array)
-    manager = RecoveryManager(engine, CatalogRecoveryStore(array.catalog), hooks=hooks)
+    def serves(rs: RecoverySet) -> bool:
+        return all(array.serves_lun(p.destination) for p in rs.pairs) if rs.pairs else array.holds_unmapped
+
+    store = CatalogRecoveryStore(array.catalog, serves if array.owned_targets is not None else None)
+    manager = RecoveryManager(engine, store, hooks=hooks)
     provider = HardwareProvider(engine, manager)
     array.recovery = manager
     array.provider = provider

@@ -345,6 +345,8 @@ class SnapshotService:
         """After the LUNs and targets are up: resume clone fills and show the exposed snapshots again."""
         targets = set()
         for rec in self.cat.list_snapshots():
+            if rec.lun_name not in self.array.luns:
+                continue  # another worker's LUN (serve --workers): that worker fills and shows its snapshots
             if rec.kind == "clone" and not rec.filled and rec.state == "valid" and rec.lun_id is not None:
                 self._start_fill(rec)
             if rec.exposed_target is not None and rec.exposed_lun is not None:

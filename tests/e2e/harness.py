@@ -114,6 +114,7 @@ class Daemon:
         api: bool = False,
         metrics: bool = False,
         host: str = "127.0.0.1",
+        workers: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.host = host  # where the iSCSI portals listen (any 127.0.0.0/8 address: a second gateway "host")
@@ -125,6 +126,10 @@ class Daemon:
             self.config_path = self.workdir / "lunsync.toml"
             self.config_path.write_text(config)
         self.portals = portals
+        # serve --workers N (a control process and N workers); LUNSYNC_E2E_WORKERS sets it for every daemon a test
+        # starts without saying, which is how `make test` runs the conformance and e2e tests split into workers.
+        env_workers = os.environ.get("LUNSYNC_E2E_WORKERS")
+        self.workers = workers if workers is not None else (int(env_workers) if env_workers else None)
         self.demo, self.demo_size = demo, demo_size
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -150,6 +155,8 @@ class Daemon:
             cmd.append("--demo")
             if self.demo_size:
                 cmd += ["--demo-size", self.demo_size]
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
         return cmd + self.extra_args
 
     def start(self) -> Daemon:
@@ -215,7 +222,11 @@ class Daemon:
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            # The whole process group: with --workers the workers go down with the control, as in a crash.
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(10)
 
     def restart(self, *, clean: bool = True) -> Daemon:

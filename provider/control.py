@@ -1,0 +1,461 @@
+"""The control process of ``lunsync serve --workers N``: the portal, the public API, metrics and the worker pool.
+
+The control owns the catalog (it holds the data dir's lock, applies ``--config`` and ``--demo`` before any worker
+starts, and decides which worker serves which target: :mod:`lunsync.provider.assignment`), the iSCSI portals, and
+everything a user talks to. An initiator connects to the control's portal, which runs the login (ACL, CHAP,
+discovery with every target listed) against a directory of the catalog's targets, then hands the socket and the
+negotiated session to the worker owning the target (:class:`~lunsync.provider.channel.SessionRouter`); a login for a
+target whose worker is down is answered SERVICE_UNAVAILABLE, and the initiator retries. The public API checks the
+token and the body's size, then forwards each request to the worker :mod:`lunsync.provider.routing` names, over
+its channel, and answers what the worker answered; lists are gathered from every worker and merged, status and
+portals are answered here. After a change the control re-reads what its portal needs (targets, ACLs, CHAP) from the
+catalog, and after one that may move LUNs it has every worker re-read which LUNs it serves, the ones giving LUNs up
+first. ``/metrics`` is every process's exposition summed at scrape time. :meth:`Control.call` is the one way to ask
+a worker something; work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409
+until a coordinator for it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lunsync.provider import routing, systemd
+from lunsync.provider.api_guard import auth_throttle
+from lunsync.provider.assignment import Assignment
+from lunsync.provider.channel import Channel, ChannelClosed, RemoteError, SessionRouter, control_message
+from lunsync.provider.forward import HttpRequest, HttpResponse, Receive, Scope, Send
+from lunsync.provider.metrics import ApiCounters
+from lunsync.provider.rpc import Json, Message
+from lunsync.provider.workers import WorkerPool
+from lunsync.snapshots.catalog import NotFound
+from lunsync.target.directory import ChapCredentials, Directory, TargetEntry
+from lunsync.target.portal import Server
+from lunsync.target.scsi.target import ScsiTarget
+from lunsync.target.throttle import LoginThrottle
+
+if TYPE_CHECKING:
+    from lunsync.provider.daemon import Prepared, ServeOptions
+    from lunsync.snapshots.catalog import Catalog
+
+log = logging.getLogger("lunsync.control")
+
+RETRY_AFTER_S = 2  # a worker restarts within a few seconds
+
+
+def _error(status: int, message: str, code: str) -> HttpResponse:
+    headers = (("retry-after", str(RETRY_AFTER_S)),) if status == 503 else ()
+    return HttpResponse.of_json(status, {"error": message, "code": code}, headers)
+
+
+@dataclass
+class Control:
+    """The control's state: placement, the pool, the portal and the API's bookkeeping."""
+
+    opts: ServeOptions
+    prep: Prepared
+    count: int
+    token: str = ""
+    read_token: str | None = None
+    counters: ApiCounters = field(default_factory=ApiCounters)
+    auth_throttle: LoginThrottle = field(default_factory=auth_throttle)
+    started: float = field(default_factory=time.monotonic)
+    api_address: str = "off"
+    metrics_address: str | None = None
+    sets: dict[str, int] = field(default_factory=dict)  # recovery and VSS set ids -> the worker that holds them
+
+    def __post_init__(self) -> None:
+        self.catalog: Catalog = self.prep.catalog
+        self.assignment = Assignment(self.count, [t.iqn for t in self.catalog.list_targets()])
+        self.directory = Directory()
+        self.sync_portal()
+        self.server = Server(self.directory, self.prep.settings, hand_off=SessionRouter(self._channel_of))
+        self.pool = WorkerPool(self.count, self.command, self._on_message, self._on_down)
+        self.lock = asyncio.Lock()  # changes run one at a time: a LUN moving between workers is never seen halfway
+        self.placement = routing.Placement(self.assignment.owner, self.lun_owner, self.sets.get, self.serial_lun)
+
+    # -- workers ------------------------------------------------------------------------------------------------------
+
+    def command(self, index: int, fd: int) -> Sequence[str]:
+        o = self.opts
+        argv = [sys.executable, "-m", "lunsync.provider.worker", "--fd", str(fd), "--index", str(index),
+                "--data-dir", self.prep.data_dir, "--write-staging", str(o.write_staging_bytes),
+                "--api-max-body", str(o.api_max_body_bytes), "--log-level", o.log_level, "--log-format",
+                o.log_format]
+        if o.hooks:
+            argv += ["--hooks", os.path.abspath(o.hooks)]
+        if index == 0:
+            argv.append("--holds-unmapped")
+        for iqn in self.assignment.owned_by(index):
+            argv += ["--target", iqn]
+        return argv
+
+    def _channel_of(self, target: str) -> Channel | None:
+        owner = self.assignment.owner(target)
+        return self.pool.channel(owner) if owner is not None else None
+
+    def _on_message(self, index: int, msg: Message, sock: object) -> None:
+        control_message(self.server, msg)
+
+    def _on_down(self, index: int) -> None:
+        lost = self.server.remote_sessions_lost(lambda st: self.assignment.owner(st.target_name) == index)
+        log.warning("worker %d is down: %d session(s) it served are gone; their initiators log in again", index, lost)
+
+    async def call(self, worker: int, method: str, params: dict[str, Json] | None = None) -> Json:
+        """Ask worker ``worker``: its answer, or ChannelClosed (down) / RemoteError (it failed the call)."""
+        ch = self.pool.channel(worker)
+        if ch is None:
+            raise ChannelClosed(f"worker {worker} is not up")
+        return await ch.call(method, params)
+
+    async def forward(self, worker: int, req: HttpRequest) -> HttpResponse:
+        """Run an API request on worker ``worker``'s app."""
+        try:
+            return HttpResponse.from_result(await self.call(worker, "http", req.to_params()))
+        except ChannelClosed:
+            return _error(503, f"worker {worker}, which serves this, is restarting; retry in a few seconds",
+                          "unavailable")
+        except RemoteError as e:
+            return _error(e.status, f"worker {worker}: {e}", "internal")
+
+    # -- placement ----------------------------------------------------------------------------------------------------
+
+    def lun_owner(self, name: str) -> int | None:
+        try:
+            maps = self.catalog.lun_mappings(name)
+        except NotFound:
+            return None
+        if not maps:
+            return 0  # an unmapped LUN lives on worker 0
+        # The first target's worker, as the workers themselves decide (Array.serves_lun).
+        return self.assignment.owner(maps[0][0])
+
+    def serial_lun(self, serial: str) -> str | None:
+        for rec in self.catalog.list_luns():
+            if rec.serial == serial:
+                return rec.name
+        from lunsync.snapshots.snapcat import SnapshotCatalog
+
+        for snap in SnapshotCatalog(self.catalog).list_snapshots():
+            if snap.serial == serial:
+                return snap.lun_name
+        return None
+
+    def sync_portal(self) -> None:
+        """The portal's directory from the catalog: every target with its ACL and CHAP (no LUNs: those are the
+        workers'); the placement follows targets made or removed behind the API's back (apply)."""
+        targets = self.catalog.list_targets()
+        for t in targets:
+            self.assignment.place(t.iqn)
+            old = self.directory.lookup(t.iqn)
+            chap_rec = self.catalog.get_chap(t.iqn)
+            chap = None if chap_rec is None else ChapCredentials(chap_rec.user, chap_rec.secret,
+                                                                 chap_rec.mutual_user, chap_rec.mutual_secret)
+            self.directory.add(TargetEntry(t.iqn, old.scsi if old is not None else ScsiTarget(t.iqn),
+                                           alias=t.alias or "", acl=frozenset(a.lower() for a in t.acl), chap=chap))
+        names = {t.iqn.lower() for t in targets}
+        for entry in list(self.directory.targets.values()):
+            if entry.name.lower() not in names:
+                self.directory.remove(entry.name)
+                self.assignment.remove(entry.name)
+        for iqn in [i for w in range(self.count) for i in self.assignment.owned_by(w)]:
+            if iqn.lower() not in names:
+                self.assignment.remove(iqn)
+
+    async def refresh_workers(self) -> None:
+        """Every worker re-reads which LUNs it serves: all give up theirs first, then all open their new ones."""
+        self.sync_portal()
+        for phase in (False, True):
+            for w in range(self.count):
+                try:
+                    await self.call(w, "refresh", {"targets": self.assignment.owned_by(w), "open": phase})
+                except (ChannelClosed, RemoteError) as e:  # a restarting worker reads the catalog as it starts
+                    log.warning("worker %d: refresh failed: %s", w, e)
+
+    # -- the API ------------------------------------------------------------------------------------------------------
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The public API behind the token check and the body limit: route, forward, merge."""
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(bytes(msg.get("body", b"")))
+            if not msg.get("more_body"):
+                break
+        req = HttpRequest.from_scope(scope, b"".join(chunks))
+        decision = routing.route(req.method, req.path, req.json(), self.placement)
+        if req.method in ("GET", "HEAD") or isinstance(decision, (routing.FanOut, routing.SpansWorkers)):
+            resp = await self.decide(decision, req)
+        else:
+            async with self.lock:
+                resp = await self.decide(decision, req)
+        await resp.send(send)
+
+    async def decide(self, d: routing.Decision, req: HttpRequest) -> HttpResponse:
+        if isinstance(d, routing.SpansWorkers):
+            return _error(409, d.message(), "conflict")
+        if isinstance(d, routing.Local):
+            return await self.local(d, req)
+        if isinstance(d, routing.FanOut):
+            return await self.fan_out(d, req)
+        if isinstance(d, routing.Place):
+            return await self.create_target(d.iqn, req)
+        if isinstance(d, routing.MapLun):
+            return await self.map_lun(d, req)
+        resp = await self.forward(d.worker, req)
+        if resp.ok and req.method not in ("GET", "HEAD"):
+            if d.forget_target is not None:
+                self.assignment.remove(d.forget_target)
+            body = resp.json()
+            if d.remember_set and isinstance(body, dict) and isinstance(body.get("id"), str):
+                self.sets[body["id"]] = d.worker
+            if d.bind_set is not None:
+                self.sets[d.bind_set] = d.worker
+            if d.refresh or req.path.rstrip("/") == "/v1/apply":
+                await self.refresh_workers()
+            else:
+                self.sync_portal()
+        return resp
+
+    async def create_target(self, iqn: str, req: HttpRequest) -> HttpResponse:
+        new = self.assignment.owner(iqn) is None
+        worker = self.assignment.place(iqn)
+        if new:  # the worker learns it owns the target before it is asked to create it
+            try:
+                await self.call(worker, "refresh", {"targets": self.assignment.owned_by(worker), "open": False})
+            except (ChannelClosed, RemoteError):
+                self.assignment.remove(iqn)
+                return _error(503, f"worker {worker}, where target {iqn} would go, is restarting; retry in a few "
+                                   "seconds", "unavailable")
+        resp = await self.forward(worker, req)
+        if not resp.ok and new:
+            self.assignment.remove(iqn)
+        self.sync_portal()
+        return resp
+
+    async def map_lun(self, d: routing.MapLun, req: HttpRequest) -> HttpResponse:
+        """Map a LUN where it can be served: on its own worker's targets, or, unmapped, moved to the target's."""
+        t_owner = self.assignment.owner(d.iqn)
+        have = self.lun_owner(d.name)
+        if t_owner is None or have is None or have == t_owner:
+            resp = await self.forward(t_owner or 0, req)
+            self.sync_portal()
+            return resp
+        maps = self.catalog.lun_mappings(d.name)
+        if maps:
+            shown = ", ".join(iqn for iqn, _ in maps)
+            return _error(409, f"lun {d.name!r} is mapped on {shown}, served by worker {have}, and target {d.iqn} "
+                               f"is served by worker {t_owner}: a LUN is served by one worker process, so it can "
+                               "only be mapped on that worker's targets; unmap it first to move it", "conflict")
+        from lunsync.snapshots.snapcat import SnapshotCatalog
+
+        if SnapshotCatalog(self.catalog).list_snapshots(d.name):
+            return _error(409, f"lun {d.name!r} has snapshots, kept by worker {have} with the unmapped LUNs, and "
+                               f"target {d.iqn} is served by worker {t_owner}: a LUN with snapshots does not move "
+                               "between worker processes; map it on a target of worker 0 (lunsync status)",
+                          "conflict")
+        try:
+            released = await self.call(have, "release", {"lun": d.name})
+        except (ChannelClosed, RemoteError) as e:
+            return _error(503, f"worker {have}, which holds lun {d.name!r}, cannot hand it over now ({e}); retry",
+                          "unavailable")
+        if isinstance(released, dict) and isinstance(released.get("refused"), str):
+            return _error(409, released["refused"], "conflict")
+        resp = await self.forward(t_owner, req)
+        await self.refresh_workers()  # a failed mapping gives the LUN back to worker 0
+        return resp
+
+    async def fan_out(self, d: routing.FanOut, req: HttpRequest) -> HttpResponse:
+        up = [w for w in range(self.count) if self.pool.channel(w) is not None]
+        answers = await asyncio.gather(*(self.forward(w, req) for w in up))
+        if d.merge == "find":
+            for resp in answers:
+                if resp.status != 404:
+                    return resp
+            return answers[-1] if answers else _error(503, "no worker is up; retry in a few seconds", "unavailable")
+        bad = next((r for r in answers if not r.ok), None)
+        if bad is not None:
+            return bad  # a 4xx (a bad query) is the same from every worker
+        lists = [(w, r.json()) for w, r in zip(up, answers, strict=True)]
+        merged: dict[str, Json] = {}
+        for w, items in lists:
+            for item in items if isinstance(items, list) else []:
+                if not isinstance(item, dict):
+                    continue
+                key = str(item.get("iqn" if d.merge == "targets" else "name" if d.merge == "snapshots" else d.key))
+                if d.merge == "targets":
+                    mine = self.assignment.owner(key) == w
+                elif d.merge == "snapshots":
+                    mine = self.lun_owner(str(item.get("lun"))) == w
+                else:
+                    mine = True
+                if mine or key not in merged:
+                    merged[key] = item
+        out = list(merged.values())
+        if d.merge == "concat" and d.key == "tsih":
+            from lunsync.provider.api import _session_out
+
+            for tsih, proto in self.server.sessions.items():
+                if proto.given is None:  # discovery sessions stay here
+                    s = _session_out(tsih, proto)
+                    if s is not None:
+                        out.append(s.model_dump())
+            out.sort(key=lambda s: int(s["tsih"]) if isinstance(s, dict) else 0)
+        elif d.merge in ("targets", "snapshots") and lists:
+            # The catalog's order, as one process lists them.
+            order = {str(item.get("iqn" if d.merge == "targets" else "name")): i
+                     for i, item in enumerate(lists[0][1] or []) if isinstance(item, dict)}
+            out.sort(key=lambda item: order.get(str(item.get("iqn" if d.merge == "targets" else "name")), 1 << 30)
+                     if isinstance(item, dict) else 0)
+        return HttpResponse.of_json(200, out)
+
+    async def local(self, d: routing.Local, req: HttpRequest) -> HttpResponse:
+        if d.what == "portals":
+            return HttpResponse.of_json(200, [{"address": p.text().rsplit(",", 1)[0], "host": p.host, "port": p.port,
+                                               "tpgt": p.tpgt} for p in self.directory.portals])
+        if d.what == "logout":
+            try:
+                tsih = int(d.arg)
+            except ValueError:
+                tsih = -1
+            if not 1 <= tsih <= 0xFFFF:
+                return _error(422, f"tsih: {d.arg!r} is not a TSIH (1-65535)", "invalid")
+            proto = self.server.sessions.get(tsih)
+            if proto is None:
+                return _error(404, f"no session with TSIH {tsih}", "not_found")
+            if proto.given is not None:
+                owner = self.assignment.owner(proto.given.target_name)
+                return await self.forward(owner or 0, req)
+            self.server.force_logout(tsih)
+            return HttpResponse(204, (), b"")
+        return HttpResponse.of_json(200, await self.status())
+
+    async def status(self) -> dict[str, Json]:
+        from lunsync.provider.api import VERSION
+
+        workers: list[dict[str, Json]] = []
+        attention: list[str] = []
+        luns = connections = 0
+        for w in self.pool.workers:
+            st: Json = None
+            if w.up:
+                try:
+                    st = await self.call(w.index, "status")
+                except (ChannelClosed, RemoteError):
+                    st = None
+            st = st if isinstance(st, dict) else {}
+            names = [str(n) for n in st.get("luns", [])]
+            luns += len(names)
+            connections += int(st.get("connections", 0))
+            attention += [f"worker {w.index}: {a}" for a in st.get("attention", [])]
+            workers.append({"index": w.index, "pid": w.pid, "up": bool(st), "restarts": w.restarts,
+                            "targets": self.assignment.owned_by(w.index), "luns": names,
+                            "sessions": int(st.get("sessions", 0)), "connections": int(st.get("connections", 0))})
+            if not st:
+                attention.append(f"worker {w.index} is down (restarted {w.restarts} time(s)); its targets answer "
+                                 "logins with SERVICE_UNAVAILABLE until it is back")
+        return {"version": VERSION, "uptime_s": round(time.monotonic() - self.started, 3),
+                "data_dir": self.prep.data_dir, "targets": len(self.catalog.list_targets()), "luns": luns,
+                "sessions": len(self.server.sessions), "connections": connections + self.server.counters.connections,
+                "portals": [p.text() for p in self.directory.portals], "api": self.api_address,
+                "metrics": self.metrics_address, "attention": attention, "workers": workers}
+
+    # -- metrics ------------------------------------------------------------------------------------------------------
+
+    async def expositions(self) -> dict[str, str]:
+        """Every process's ``/metrics`` text: the control's own (logins, the API), then each worker's."""
+        from lunsync.provider.metrics import build_registry
+        from prometheus_client import generate_latest
+
+        if not hasattr(self, "_own_registry"):
+            self._own_registry = build_registry(self.server, self.counters, list)
+        texts = {"control": generate_latest(self._own_registry).decode()}
+        for w in range(self.count):
+            try:
+                text = await self.call(w, "metrics")
+            except (ChannelClosed, RemoteError):
+                continue
+            if isinstance(text, str):
+                texts[f"worker{w}"] = text
+        return texts
+
+
+def _metrics_app(control: Control) -> Any:
+    from lunsync.provider.metrics import MergedCollector, metrics_app
+    from prometheus_client import CollectorRegistry
+
+    texts: dict[str, str] = {}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MergedCollector(lambda: texts))
+    inner = metrics_app(registry)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            fresh = await control.expositions()
+            texts.clear()
+            texts.update(fresh)
+        await inner(scope, receive, send)
+
+    return app
+
+
+async def serve_workers(opts: ServeOptions, prep: Prepared, ready: asyncio.Event | None = None) -> int:
+    """``lunsync serve --workers N``: start the workers, then the API, metrics and portals; stop on SIGTERM."""
+    from lunsync.provider.api import READ_ONLY_TOKEN_FILENAME, HttpServer, TokenAuth, body_limit, ensure_token
+    from lunsync.provider.daemon import METRICS_PORT, listen_portals, print_banner, stop_event
+
+    count = opts.workers or os.cpu_count() or 1
+    if count < 1:
+        raise ValueError(f"--workers takes a number of processes, at least 1, not {count}")
+    control = Control(opts, prep, count, ensure_token(prep.data_dir),
+                      ensure_token(prep.data_dir, READ_ONLY_TOKEN_FILENAME))
+    await control.pool.start()
+    log.info("%d worker(s) ready: %s", count, "; ".join(
+        f"worker {w.index} (pid {w.pid}): {', '.join(control.assignment.owned_by(w.index)) or 'no targets'}"
+        for w in control.pool.workers))
+    http: list[HttpServer] = []
+    if opts.api != "off":
+        try:
+            api = await HttpServer.start("API", TokenAuth(body_limit(control.app, opts.api_max_body_bytes), control),
+                                         opts.api, 8080, certfile=opts.api_tls_cert, keyfile=opts.api_tls_key)
+            http.append(api)
+            control.api_address = api.address
+        except OSError as e:
+            log.error("API: cannot listen on %s: %s; continuing without the API", opts.api, e)
+            control.api_address = f"unavailable ({e.strerror or e})"
+    if opts.metrics != "off":
+        try:
+            if opts.metrics.startswith("unix:"):
+                raise ValueError("--metrics takes HOST:PORT (Prometheus scrapes over TCP)")
+            m = await HttpServer.start("metrics", _metrics_app(control), opts.metrics, METRICS_PORT)
+            http.append(m)
+            control.metrics_address = m.address + "/metrics"
+        except OSError as e:
+            log.error("metrics: cannot listen on %s: %s; continuing without metrics", opts.metrics, e)
+    bound = await listen_portals(control.server, control.directory, prep)
+    print_banner(opts, prep, bound, len(control.directory.targets), control.api_address, control.metrics_address)
+    stop = stop_event()
+    if ready is not None:
+        ready.set()
+    systemd.ready(f"serving {len(control.directory.targets)} target(s) with {count} worker(s) on {len(bound)} "
+                  f"portal(s); API {control.api_address}")
+    await stop.wait()
+    systemd.stopping()
+    log.info("shutting down: the workers drain their in-flight commands")
+    for h in http:
+        await h.stop()
+    await control.server.stop()
+    await control.pool.stop()
+    prep.catalog.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,254 @@
+"""Which worker answers a management API request under ``serve --workers``: the control's routing table.
+
+Each worker serves the existing API over what it owns, and every worker reads the same catalog, so the control only
+decides where a request goes; it never re-implements an operation. The rules, in :func:`route`:
+
+- a request about one target (``/v1/targets/IQN/...``) goes to the target's owner; one about one LUN
+  (``/v1/luns/NAME/...``, ``/v1/snapshots/LUN@SNAP/...``) to the LUN's: the owner of the targets it is mapped on, or
+  worker 0, which holds every unmapped LUN;
+- a new target is placed first (:class:`Place`), then created by its worker; mapping a LUN (:class:`MapLun`) needs
+  the control to check or move the LUN;
+- lists whose entries carry live state (targets with their sessions, sessions, snapshots with their fill, recovery
+  sets) go to every worker and are merged (:class:`FanOut`); lists that are the catalog's alone (LUNs, export,
+  pools) go to worker 0;
+- status, portals and the logout of a session are the control's own (:class:`Local`);
+- a snapshot set, a restore or a copy whose LUNs live on several workers is :class:`SpansWorkers`, which the
+  control answers with a 409 until the cross-worker coordinator takes it;
+- recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``).
+
+Pure: the placement is passed in as functions, and the decision is a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from lunsync.provider.rpc import Json
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the request to ``worker``; ``refresh`` asks every worker (and the portal) to re-read the catalog after
+    a success, because LUNs may have changed hands; ``forget_target`` drops a deleted target's placement;
+    ``remember_set`` binds the id in the answer's ``id`` (or ``handle``) field to ``worker``."""
+
+    worker: int
+    refresh: bool = False
+    forget_target: str | None = None
+    remember_set: bool = False
+    bind_set: str | None = None  # this set id now lives on ``worker``
+
+
+@dataclass(frozen=True, slots=True)
+class FanOut:
+    """Ask every worker and merge: ``targets`` (each target from its owner), ``snapshots`` (each from its LUN's
+    owner), ``concat`` (recovery sets, sessions: every worker's, by ``key``), ``find`` (the first that is not 404)."""
+
+    merge: str
+    key: str = "id"
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """The control answers itself: ``status``, ``portals``, ``logout`` (``arg`` the TSIH)."""
+
+    what: str
+    arg: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Create target ``iqn``: place it on a worker, then forward the request there."""
+
+    iqn: str
+
+
+@dataclass(frozen=True, slots=True)
+class MapLun:
+    """Map LUN ``name`` on target ``iqn``: fine when the LUN lives with the target, a move when it is unmapped on
+    another worker, refused when it is mapped on another worker's target."""
+
+    iqn: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpansWorkers:
+    """An operation over LUNs of several workers: ``members`` by worker."""
+
+    what: str
+    members: dict[int, list[str]] = field(default_factory=dict)
+
+    def message(self) -> str:
+        where = "; ".join(f"worker {w}: {', '.join(sorted(m))}" for w, m in sorted(self.members.items()))
+        return (f"{self.what} spans workers ({where}): its LUNs are served by different worker processes, which "
+                "this daemon cannot yet do as one operation; use LUNs of one worker (lunsync status shows who "
+                "serves what)")
+
+
+Decision = Forward | FanOut | Local | Place | MapLun | SpansWorkers
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What routing needs to know: the owner of a target, of a LUN (None: no such LUN), of a recovery or VSS set
+    id (None: not seen), and the LUN a snapshot ``LUN@SNAP`` or a VSS serial belongs to."""
+
+    target_owner: Callable[[str], int | None]
+    lun_owner: Callable[[str], int | None]
+    set_owner: Callable[[str], int | None]
+    serial_lun: Callable[[str], str | None] = lambda _: None
+
+
+def _lun_of(snapshot: object) -> str | None:
+    return snapshot.partition("@")[0] if isinstance(snapshot, str) and "@" in snapshot else None
+
+
+def _by_worker(names: Iterable[str], where: Placement) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for n in names:
+        w = where.lun_owner(n)
+        if w is not None and n not in out.get(w, []):
+            out.setdefault(w, []).append(n)
+    return out
+
+
+def _one_or_spans(what: str, names: Iterable[str], where: Placement, *, remember_set: bool = False) -> Decision:
+    """Worker 0 when no LUN named is known (the worker's API says what is wrong with them)."""
+    members = _by_worker(names, where)
+    if len(members) > 1:
+        return SpansWorkers(what, members)
+    return Forward(next(iter(members), 0), remember_set=remember_set)
+
+
+def _serials(value: Json) -> list[str]:
+    """Every ``serial`` string in a VSS body (VDS_LUN_INFORMATION objects carry the LUN's serial number)."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "serial" and isinstance(v, str):
+                found.append(v)
+            else:
+                found += _serials(v)
+    elif isinstance(value, list):
+        for v in value:
+            found += _serials(v)
+    return found
+
+
+def route(method: str, path: str, body: Json, where: Placement) -> Decision:
+    """Where the request ``method path`` (with its JSON ``body``, None if none or not JSON) goes."""
+    parts = [unquote(p) for p in path.strip("/").split("/")]
+    if parts[:1] != ["v1"] or len(parts) < 2:
+        return Forward(0)  # /openapi.json and what no route has: every worker answers alike
+    head, rest = parts[1], parts[2:]
+    obj = body if isinstance(body, dict) else {}
+    write = method not in ("GET", "HEAD")
+    if head == "status" and not rest:
+        return Local("status")
+    if head == "portals" and not rest:
+        return Local("portals")
+    if head == "targets":
+        if not rest:
+            if write:
+                iqn = obj.get("iqn")
+                return Place(iqn) if isinstance(iqn, str) else Forward(0)
+            return FanOut("targets")
+        iqn = rest[0]
+        owner = where.target_owner(iqn)
+        if owner is None:
+            return Forward(0)  # no such target: any worker says so
+        if rest[1:] == ["luns"] and method == "POST":
+            name = obj.get("name")
+            return MapLun(iqn, name) if isinstance(name, str) else Forward(owner)
+        if rest[1:2] == ["luns"] and method == "DELETE":
+            return Forward(owner, refresh=True)  # an unmapped LUN goes back to worker 0
+        if len(rest) == 1 and method == "DELETE":
+            return Forward(owner, refresh=True, forget_target=iqn)
+        return Forward(owner)
+    if head == "luns":
+        if not rest:
+            if write:
+                origin = _lun_of(obj.get("from_snapshot"))
+                if origin is not None and (where.lun_owner(origin) or 0) != 0:
+                    return SpansWorkers("a LUN made from a snapshot (a new LUN is unmapped, and lives on worker 0)",
+                                        {0: [str(obj.get("name", "?"))], where.lun_owner(origin) or 0: [origin]})
+            return Forward(0)
+        return Forward(where.lun_owner(rest[0]) or 0)
+    if head == "sessions":
+        if not rest:
+            return FanOut("concat", "tsih")
+        return Local("logout", rest[0]) if len(rest) == 1 and method == "DELETE" else Forward(0)
+    if head == "snapshots":
+        if not rest:
+            if write:
+                snaps = obj.get("snapshots")
+                names = [n for n in (_lun_of(s) for s in snaps) if n] if isinstance(snaps, list) else []
+                return _one_or_spans("a snapshot set", names, where)
+            return FanOut("snapshots")
+        lun = _lun_of(rest[0])
+        owner = where.lun_owner(lun) if lun is not None else None
+        if owner is None:
+            return Forward(0)
+        if rest[1:] == ["expose"] and method == "POST":
+            target = obj.get("target")
+            t_owner = where.target_owner(target) if isinstance(target, str) else None
+            if t_owner is not None and t_owner != owner:
+                return SpansWorkers(f"exposing {rest[0]} on {target}", {owner: [str(lun)], t_owner: [str(target)]})
+        return Forward(owner)
+    if head == "recovery":
+        if not rest:
+            return FanOut("concat") if not write else Forward(0, remember_set=True)
+        if rest == ["resync"]:
+            pairs = obj.get("pairs") if isinstance(obj.get("pairs"), list) else []
+            luns: list[str] = []
+            for p in pairs or []:
+                if isinstance(p, dict):
+                    origin = _lun_of(p.get("snapshot"))
+                    dest = p.get("destination")
+                    luns += [n for n in (origin, dest if isinstance(dest, str) else origin) if n]
+            return _one_or_spans("a restore", luns, where, remember_set=True)
+        if rest == ["swap"]:
+            origin = _lun_of(obj.get("snapshot"))
+            return Forward((where.lun_owner(origin) if origin else None) or 0, remember_set=True)
+        return _sticky(rest[0], method, obj, where, "pairs")
+    if head == "provider":
+        return _provider(rest, method, body, where)
+    return Forward(0)
+
+
+def _sticky(set_id: str, method: str, obj: dict[str, Json], where: Placement, adds: str) -> Decision:
+    """A request about a set that lives in one worker; a pair added must be of the same worker's LUNs."""
+    owner = where.set_owner(set_id)
+    if owner is None:
+        return FanOut("find")
+    if method == "POST" and "snapshot" in obj:
+        names = [n for n in (_lun_of(obj.get("snapshot")), obj.get("destination")) if isinstance(n, str)]
+        members = _by_worker(names, where)
+        if any(w != owner for w in members):
+            members.setdefault(owner, []).append(f"recovery set {set_id}")
+            return SpansWorkers("a restore", members)
+    return Forward(owner)
+
+
+def _provider(rest: list[str], method: str, body: Json, where: Placement) -> Decision:
+    """The VSS provider routes name LUNs by their VDS information; the serial says which LUN (or snapshot)."""
+    names = [n for n in (where.serial_lun(s) for s in _serials(body)) if n]
+    if rest[:1] == ["snapshot-sets"] and len(rest) >= 2:
+        set_id = rest[1]
+        owner = where.set_owner(set_id)
+        members = _by_worker(names, where)
+        if owner is not None:
+            if any(w != owner for w in members):
+                members.setdefault(owner, []).append(f"snapshot set {set_id}")
+                return SpansWorkers("a VSS snapshot set", members)
+            return Forward(owner)
+        if len(members) > 1:
+            return SpansWorkers("a VSS snapshot set", members)
+        return Forward(next(iter(members), 0), bind_set=set_id)
+    if rest[:1] == ["async"] and len(rest) >= 2:
+        owner = where.set_owner(rest[1])
+        return Forward(owner) if owner is not None else FanOut("find")
+    return _one_or_spans("a VSS operation", names, where, remember_set=rest == ["resync-luns"])

@@ -1,0 +1,208 @@
+"""``lunsync serve --workers 2`` end to end: two targets on two worker processes driven by qemu-io through the one
+portal, ``status`` per worker, metrics summed over the processes, the control API's answers (forwarded, merged,
+refused with a 4xx that says why), session reinstatement across the hand-off, and a worker killed with -9 in the
+middle of qemu-io's writes: restarted, the initiator logs in again, and every acknowledged write is on the LUN."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.harness import DEMO_IQN, Daemon, describe, require_tools, run
+from tests.provider.test_channel import _recv_pdu
+from tests.provider.test_workers import _byte_at
+from tests.target.test_connection import login_pdu, scsi_cmd
+
+pytestmark = pytest.mark.e2e
+
+T2 = "iqn.2026-11.io.lunsync:second"
+MiB = 1 << 20
+
+
+def api(d: Daemon, method: str, path: str, body: Any = None, *, token: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {d.api_token if token is None else token}"}
+    return httpx.request(method, d.api_url + "/v1" + path, json=body, headers=headers, timeout=30)
+
+
+def qemu(url: str, *cmds: str) -> subprocess.CompletedProcess[str]:
+    p = run(["qemu-io", "-f", "raw", *(x for c in cmds for x in ("-c", c)), url], timeout=120)
+    assert p.returncode == 0 and "verification failed" not in p.stdout, describe(p)
+    return p
+
+
+def status(d: Daemon) -> dict[str, Any]:
+    r = api(d, "GET", "/status")
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else r"(?:\{\})?") + r" ([0-9.e+-]+)$"
+    m = re.search(pattern, text, re.MULTILINE)
+    assert m, f"no {name}{{{want}}} in\n{text[:3000]}"
+    return float(m.group(1))
+
+
+@pytest.fixture
+def two(daemon_factory: Any) -> Daemon:
+    """Two workers: the demo target on worker 0, a second target (placed on worker 1) showing LUN ``l2``."""
+    require_tools("qemu-io")
+    d: Daemon = daemon_factory(workers=2, api=True, metrics=True, demo_size="64MiB")
+    assert api(d, "POST", "/targets", {"iqn": T2}).status_code == 201
+    assert api(d, "POST", "/luns", {"name": "l2", "size": "64MiB"}).status_code == 201
+    r = api(d, "POST", f"/targets/{T2}/luns", {"name": "l2"})
+    assert r.status_code == 201, r.text
+    return d
+
+
+def test_two_targets_on_two_workers_serve_io_and_report_per_worker(two: Daemon) -> None:
+    d = two
+    qemu(d.url(0), "write -P 0x11 0 1M", "flush", "read -P 0x11 0 1M")
+    qemu(d.url(0, iqn=T2), "write -P 0x22 0 1M", "write -P 0x23 1M 1M", "flush", "read -P 0x22 0 1M")
+    st = status(d)
+    workers = st["workers"]
+    assert [w["index"] for w in workers] == [0, 1] and all(w["up"] for w in workers), workers
+    assert workers[0]["targets"] == [DEMO_IQN] and workers[0]["luns"] == ["demo0"], workers
+    assert workers[1]["targets"] == [T2] and workers[1]["luns"] == ["l2"], workers
+    pids = {w["pid"] for w in workers}
+    assert len(pids) == 2 and d.proc is not None and d.proc.pid not in pids
+    assert st["targets"] == 2 and st["luns"] == 2
+    # The data of each LUN is in its own file, written by its own worker.
+    assert (d.data_dir / "luns" / "l2.img").read_bytes()[:MiB] == b"\x22" * MiB
+    # The CLI shows the same.
+    cli = run([*_cli(d), "status"], check=True).stdout
+    assert "workers" in cli and T2 in cli and str(workers[1]["pid"]) in cli
+    # Metrics: every process's exposition summed; each LUN's series from the worker that serves it.
+    text = httpx.get(d.metrics_url, timeout=30).text
+    assert metric(text, "lunsync_write_commands_total", lun="demo0") >= 1
+    assert metric(text, "lunsync_write_commands_total", lun="l2") >= 2
+    assert metric(text, "lunsync_logins_total") == 2  # counted by the control's portal, where logins run
+    assert metric(text, "process_resident_memory_bytes", process="worker1") > 0
+    # Lists are merged from every worker: each target once, with the sessions its worker has.
+    targets = api(d, "GET", "/targets").json()
+    assert [t["iqn"] for t in targets] == [DEMO_IQN, T2]
+    d.assert_healthy()
+
+
+def _cli(d: Daemon) -> list[str]:
+    from tests.e2e.harness import lunsync_command
+
+    return [*lunsync_command(), "--api", d.api_url, "--data-dir", str(d.data_dir)]
+
+
+def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> None:
+    d = two
+    # Bad input is still a 4xx from the control: no token, a bad name, an unknown LUN, a body too large.
+    assert api(d, "GET", "/status", token="wrong").status_code == 401
+    r = api(d, "POST", "/targets", {"iqn": "not-an-iqn"})
+    assert r.status_code == 422 and "iSCSI name" in r.json()["error"], r.text
+    r = api(d, "POST", f"/targets/{T2}/luns", {"name": "nosuch"})
+    assert r.status_code == 404, r.text
+    r = httpx.post(d.api_url + "/v1/luns", content=b"x" * (2 * MiB), timeout=30,
+                   headers={"Authorization": f"Bearer {d.api_token}", "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    r = api(d, "DELETE", "/sessions/99999")
+    assert r.status_code == 422, r.text
+    # A LUN mapped on worker 1's target cannot also be shown by worker 0's: one LUN, one process.
+    r = api(d, "POST", f"/targets/{DEMO_IQN}/luns", {"name": "l2"})
+    assert r.status_code == 409 and "worker 1" in r.json()["error"] and "unmap it first" in r.json()["error"], r.text
+    # A snapshot set over LUNs of two workers is refused, naming them, until the cross-worker hold exists.
+    r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@s", "l2@s"]})
+    assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
+    # One worker's set is taken by that worker.
+    r = api(d, "POST", "/snapshots", {"snapshots": ["l2@s"]})
+    assert r.status_code == 201, r.text
+    assert [s["name"] for s in api(d, "GET", "/snapshots").json()] == ["l2@s"]
+    # An unmapped LUN lives on worker 0 and moves with its first mapping on another worker's target.
+    assert api(d, "POST", "/luns", {"name": "l3", "size": "16MiB"}).status_code == 201
+    assert "l3" in status(d)["workers"][0]["luns"]
+    r = api(d, "POST", f"/targets/{T2}/luns", {"name": "l3", "lun": 3})
+    assert r.status_code == 201, r.text
+    w = status(d)["workers"]
+    assert "l3" in w[1]["luns"] and "l3" not in w[0]["luns"], w
+    qemu(d.url(3, iqn=T2), "write -P 0x33 0 64k", "read -P 0x33 0 64k")
+    # Unmapped again, it goes back to worker 0, data and all.
+    assert api(d, "DELETE", f"/targets/{T2}/luns/l3").status_code == 204
+    w = status(d)["workers"]
+    assert "l3" in w[0]["luns"] and "l3" not in w[1]["luns"], w
+    assert api(d, "POST", f"/targets/{DEMO_IQN}/luns", {"name": "l3", "lun": 5}).status_code == 201
+    qemu(d.url(5), "read -P 0x33 0 64k")
+    # ACLs go to the portal, which runs the logins: an initiator not listed is refused there.
+    assert api(d, "POST", f"/targets/{T2}/acls", {"initiator": "iqn.2026-11.org.example:only"}).status_code == 201
+    p = run(["qemu-io", "-f", "raw", "-c", "read 0 4k", d.url(0, iqn=T2)], timeout=60)
+    assert p.returncode != 0, describe(p)
+    # Deleting a target frees its place; a new one goes to the worker with the fewest.
+    assert api(d, "DELETE", f"/targets/{T2}?force=true").status_code == 204
+    assert api(d, "POST", "/targets", {"iqn": "iqn.2026-11.io.lunsync:third"}).status_code == 201
+    assert status(d)["workers"][1]["targets"] == ["iqn.2026-11.io.lunsync:third"]
+    d.assert_healthy()
+
+
+def _login(port: int, iqn: str, isid: int) -> tuple[socket.socket, int]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    pairs = [("InitiatorName", "iqn.2026-11.org.example:raw"), ("TargetName", iqn), ("SessionType", "Normal")]
+    s.sendall(login_pdu(pairs).replace(bytes.fromhex("23d000000001"), isid.to_bytes(6, "big"), 1))
+    bhs = _recv_pdu(s)
+    assert bhs[0] == 0x23 and bhs[36:38] == b"\0\0", bhs.hex()
+    return s, int.from_bytes(bhs[14:16], "big")
+
+
+def test_session_reinstatement_across_the_hand_off(two: Daemon) -> None:
+    d = two
+    old, tsih_old = _login(d.port, T2, 0x23D000000042)
+    old.sendall(scsi_cmd(bytes(6), itt=1, cmd_sn=1, edtl=0))
+    assert _recv_pdu(old)[0] == 0x21  # TEST UNIT READY answered by worker 1
+    sessions = api(d, "GET", "/sessions").json()
+    assert [s["tsih"] for s in sessions] == [tsih_old] and sessions[0]["target"] == T2, sessions
+    new, tsih_new = _login(d.port, T2, 0x23D000000042)  # same initiator and ISID: the old session is reinstated
+    assert tsih_new != tsih_old
+    old.settimeout(10)
+    assert old.recv(100) == b""  # worker 1 dropped the old connection
+    new.sendall(scsi_cmd(bytes(6), itt=1, cmd_sn=1, edtl=0))
+    assert _recv_pdu(new)[0] == 0x21
+    deadline = time.monotonic() + 10
+    while [s["tsih"] for s in api(d, "GET", "/sessions").json()] != [tsih_new]:
+        assert time.monotonic() < deadline, api(d, "GET", "/sessions").text
+        time.sleep(0.05)
+    # A forced logout through the control's API reaches the worker serving the session.
+    assert api(d, "DELETE", f"/sessions/{tsih_new}").status_code == 204
+    new.settimeout(10)
+    assert new.recv(100) == b""
+    old.close()
+    new.close()
+
+
+def test_a_worker_killed_mid_write_is_restarted_and_no_acknowledged_write_is_lost(two: Daemon) -> None:
+    d = two
+    lun = d.data_dir / "luns" / "l2.img"
+    victim = status(d)["workers"][1]["pid"]
+    writes = [c for i in range(32) for c in ("-c", f"write -P 0x{0x40 + i:02x} {i * MiB} {MiB}")]
+    q = subprocess.Popen(["qemu-io", "-f", "raw", *writes, "-c", "flush", d.url(0, iqn=T2)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while _byte_at(lun, 2 * MiB) != 0x42:
+        assert time.monotonic() < deadline and q.poll() is None, "qemu-io finished before the kill"
+        time.sleep(0.005)
+    os.kill(victim, signal.SIGKILL)
+    out, _ = q.communicate(timeout=180)
+    assert q.returncode == 0, out
+    assert out.count("wrote 1048576/1048576 bytes") == 32, out
+    w = status(d)["workers"][1]
+    assert w["up"] and w["restarts"] == 1 and w["pid"] != victim, w
+    # Every write qemu-io was told is done is on the LUN, read back through the restarted worker.
+    qemu(d.url(0, iqn=T2), *(f"read -P 0x{0x40 + i:02x} {i * MiB} {MiB}" for i in range(32)))
+    # Worker 0 never noticed: the demo target served throughout.
+    assert status(d)["workers"][0]["restarts"] == 0
+    qemu(d.url(0), "write -P 0x77 0 4k", "read -P 0x77 0 4k")
+    assert "worker 1 (pid" in d.log_text() and "SIGKILL" in d.log_text()
+
