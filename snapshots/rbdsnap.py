@@ -57,11 +57,15 @@ def _fail(what: str, exc: Exception) -> RbdSnapshotError:
 
 def create_snapshot(image: rbd.Image, name: str) -> None:
     """Take RBD snapshot ``name`` of the open ``image``; durable in the cluster on return. A lunsync-prefixed snapshot
-    of that name left by a create whose catalog record never committed is replaced: nothing refers to it. Blocking."""
+    of that name left by a create whose catalog record never committed is replaced: nothing refers to it. Blocking.
+
+    librbd's own quiesce round (a watch-notify through the OSD asking quiesce-aware clients such as rbd-nbd to pause)
+    is skipped: the caller has already quiesced the image's writers with its write gate, and the round would add an
+    OSD round trip to the time every write of a set is held."""
     try:
         if name.startswith(PREFIX) and image.snap_exists(name):
             _remove(image, name)
-        image.create_snap(name)
+        image.create_snap(name, rbd.RBD_SNAP_CREATE_SKIP_QUIESCE)
     except rbd.Error as exc:
         raise _fail(f"create RBD snapshot {name}", exc) from exc
 

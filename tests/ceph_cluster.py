@@ -169,8 +169,17 @@ keyring = {r}/osd.0/keyring
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _root_parent() -> str | None:
+    """Where the cluster's directory goes: tmpfs (/dev/shm) when there is one, else the usual temporary directory.
+    The monitor syncs its store on every commit, and each RBD snapshot waits for one (its id); an fdatasync costs
+    nothing on tmpfs and about 4 ms on this machine's disk, where one snapshot stalled librbd's own writes 17 ms
+    (median) against 9 ms on tmpfs."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 def start_cluster() -> CephCluster:
-    cluster = CephCluster(Path(tempfile.mkdtemp(prefix="lunsync-ceph-")))
+    cluster = CephCluster(Path(tempfile.mkdtemp(prefix="lunsync-ceph-", dir=_root_parent())))
     try:
         cluster.start()
     except BaseException:

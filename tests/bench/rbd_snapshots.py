@@ -12,6 +12,12 @@ It starts a one-node Ceph cluster (tests/ceph_cluster.py) and a daemon pointed a
    4 KiB READ of a region the resync has still to copy right after ``POST /v1/recovery/resync`` returns; the time
    from the request to that read's data, which must be the snapshot's (target: under 50 ms), and the bytes the job
    copied against the changed extents ``diff_iterate`` names.
+
+Beside 1., in the same run and on the same cluster, the floor that lunsync cannot go under, librbd alone (plain
+``rbd.Image`` calls, no lunsync, lunsync's flags: librbd's quiesce round skipped): how long one snapshot of one image
+stalls a writer of that image that librbd itself holds while the monitor commits the new snapshot id, and how long
+``--images`` snapshots of as many images take when all are created at once, each on its own thread. The sets and the
+baseline alternate, so a busy moment of the machine weighs on both.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Self
 
 import httpx
 import rados
+import rbd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ceph_cluster import POOL, start_cluster
@@ -67,6 +74,71 @@ class Writer:
         self._t.join(30)
 
 
+def spread(values: list[float]) -> str:
+    return f"min {min(values):.2f} / median {statistics.median(values):.2f} / max {max(values):.2f}"
+
+
+class LibrbdAlone:
+    """The baseline of plain librbd on ``images`` images of its own: a thread writing 4 KiB blocks to the first one
+    synchronously (one at a time), and per :meth:`round` one snapshot of that image alone, then one of every image
+    at once. ``stalls`` are the longest write that overlapped each single snapshot, ``sets`` the wall time of each
+    all-at-once round."""
+
+    def __init__(self, conf: Path, keyring: Path, images: int, size: int) -> None:
+        self._rados = rados.Rados(conffile=str(conf), name="client.admin", conf={"keyring": str(keyring)})
+        self._rados.connect()
+        self._ioctx = self._rados.open_ioctx(POOL)
+        self.names = [f"alone{i}" for i in range(images)]
+        for n in self.names:
+            rbd.RBD().create(self._ioctx, n, size, old_format=False)
+        self.images = [rbd.Image(self._ioctx, n) for n in self.names]
+        self.stalls: list[float] = []
+        self.sets: list[float] = []
+        self._writes: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._write, daemon=True)
+
+    def _write(self) -> None:
+        image, block, i = self.images[0], b"\x5a" * 4096, 0
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            image.write(block, (i % 4096) * 4096)
+            self._writes.append((t0, time.perf_counter()))
+            i += 1
+
+    def _create(self, image: rbd.Image, name: str) -> None:
+        image.create_snap(name, rbd.RBD_SNAP_CREATE_SKIP_QUIESCE)
+
+    def round(self, n: int) -> None:
+        t0 = time.perf_counter()
+        self._create(self.images[0], f"one{n}")
+        t1 = time.perf_counter()
+        time.sleep(0.05)  # the writer's last write ends inside the window; let one more start and finish after it
+        self.stalls.append(max(((e - s) * 1000 for s, e in self._writes if e >= t0 and s <= t1), default=0.0))
+        threads = [threading.Thread(target=self._create, args=(im, f"all{n}")) for im in self.images]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.sets.append((time.perf_counter() - t0) * 1000)
+
+    def __enter__(self) -> Self:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(30)
+        for image, name in zip(self.images, self.names, strict=True):
+            for snap in list(image.list_snaps()):
+                image.remove_snap(snap["name"])
+            image.close()
+            rbd.RBD().remove(self._ioctx, name)
+        self._ioctx.close()
+        self._rados.shutdown()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", type=int, default=20)
@@ -89,7 +161,8 @@ def main() -> int:
                     r.raise_for_status()
                     http.post(f"/targets/{DEMO_IQN}/luns", json={"name": name, "lun": i + 1}).raise_for_status()
                 holds = []
-                with Writer(d.port, [1, 2]) as w:
+                with LibrbdAlone(cluster.conf, cluster.keyring, a.images, a.size_mib * MiB) as alone, \
+                        Writer(d.port, [1, 2]) as w:
                     time.sleep(0.5)
                     for s in range(a.sets):
                         r = http.post("/snapshots", json={"snapshots": [f"{n}@set{s}" for n in names],
@@ -98,10 +171,14 @@ def main() -> int:
                         body = r.json()
                         assert {x["kind"] for x in body["snapshots"]} == {"rbd"}, body
                         holds.append(float(body["hold_ms"]))
+                        alone.round(s)
                     writes = w.done
                 print(f"RBD snapshot set of {a.images} images x {a.size_mib} MiB, {a.sets} sets, 4 KiB writes "
-                      f"running on 2 of them ({writes} acknowledged): writes held min {min(holds):.2f} / median "
-                      f"{statistics.median(holds):.2f} / max {max(holds):.2f} ms (engine's hold_ms; target < 10 ms)")
+                      f"running on 2 of them ({writes} acknowledged): writes held {spread(holds)} ms (engine's "
+                      "hold_ms; target < 10 ms)")
+                print(f"librbd alone, same cluster, same run: one image's snapshot stalled a writer of that image "
+                      f"{spread(alone.stalls)} ms (the write librbd held longest during each); {a.images} images' "
+                      f"snapshots created at once took {spread(alone.sets)} ms")
                 for s in range(a.sets):
                     for n in names:
                         http.delete(f"/snapshots/{n}@set{s}").raise_for_status()
