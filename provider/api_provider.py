@@ -64,12 +64,15 @@ class OptionsIn(_In):
     mask_except: list[str] | None = Field(None, max_length=64, description="during the restore, show the "
                                           "destinations only to these initiator IQNs ([] hides them from all)")
     create_missing: bool = True
+    pool: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                             description="a destination created for a restore from an RBD snapshot becomes a new "
+                                         "image in this pool; absent: the snapshot's own pool")
 
     def options(self) -> Options:
         return Options(rate_bps=self.rate_mib_s * (1 << 20) if self.rate_mib_s else None, verify=self.verify,
                        pre_restore=tuple(self.pre_restore), post_restore=tuple(self.post_restore),
                        mask_except=None if self.mask_except is None else tuple(self.mask_except),
-                       create_missing=self.create_missing)
+                       create_missing=self.create_missing, pool=self.pool)
 
 
 class PairIn(_In):

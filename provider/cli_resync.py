@@ -29,6 +29,8 @@ def add_resync_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--to", action="append", default=[], metavar="DEST",
                    help="destination LUN of the snapshot in the same position (default: the snapshot's origin; a "
                         "missing LUN is created, a smaller one grown)")
+    p.add_argument("--pool", metavar="POOL", help="a missing destination of an RBD snapshot becomes a new image in "
+                                                  "this pool (default: the snapshot's own pool)")
     _options(p)
     p.add_argument("--dry-run", action="store_true", help="only report how many bytes would be copied")
     p.set_defaults(handler=_resync)
@@ -89,7 +91,8 @@ def _resync(c: Any, a: argparse.Namespace) -> int:
         raise ValueError(f"{len(a.to)} --to for {len(a.snapshots)} snapshot(s)")
     dests = a.to + [None] * (len(a.snapshots) - len(a.to))
     pairs = [{"snapshot": s, "destination": d} for s, d in zip(a.snapshots, dests, strict=True)]
-    r = c.post("/recovery/resync", {"pairs": pairs, "dry_run": a.dry_run, **_body(a)})
+    pool = {"pool": a.pool} if a.pool is not None else {}
+    r = c.post("/recovery/resync", {"pairs": pairs, "dry_run": a.dry_run, **pool, **_body(a)})
     if a.dry_run:
         if _json(a):
             _print_json(r)

@@ -22,7 +22,8 @@ from lunsync.provider.recovery_store import CatalogRecoveryStore
 from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, RecoverySet, SnapshotRef
 from lunsync.snapshots.catalog import Invalid, LunRecord, NotFound
 from lunsync.snapshots.device import BlockDevice, ChangedRegions
-from lunsync.snapshots.model import LunIdentity
+from lunsync.snapshots.model import LunIdentity, split_rbd_spec
+from lunsync.snapshots.rbd import create_image, remove_image
 from lunsync.target.scsi import sense as S
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -129,8 +130,25 @@ class ArrayEngine:
 
     # -- LUN management --
 
-    async def create_lun(self, name: str, size_bytes: int, block_size: int) -> LunRef:
-        return _lun_ref(await self.array.create_lun(name, size_bytes, block_size=block_size))
+    async def create_lun(self, name: str, size_bytes: int, block_size: int, *, like: SnapshotRef | None = None,
+                         pool: str | None = None) -> LunRef:
+        """A restore's new destination. From an RBD snapshot it is a new RBD LUN, image ``name`` in ``pool`` (default
+        the origin's pool), refused if that image exists; from any other snapshot a file LUN."""
+        rec = self._snap_rec(like.ref) if like is not None else None
+        if rec is None or rec.kind != "rbd":
+            if pool is not None:
+                raise Invalid(f"pool {pool!r}: only a restore from an RBD snapshot makes a new image in a pool; "
+                              f"{like.ref if like is not None else name} is not one")
+            return _lun_ref(await self.array.create_lun(name, size_bytes, block_size=block_size))
+        spec = f"{pool or split_rbd_spec(self.array.catalog.get_lun(rec.lun_name).path)[0]}/{name}"
+        await asyncio.to_thread(create_image, self.array.ceph, spec, size_bytes)
+        try:
+            made = await self.array.create_lun(name, size_bytes, path=spec, backend="rbd", block_size=block_size)
+        except BaseException:
+            await asyncio.to_thread(remove_image, self.array.ceph, spec)
+            raise
+        log.info("lun %s created on the new rbd image %s for a restore from %s", name, spec, rec.full_name)
+        return _lun_ref(made)
 
     async def grow_lun(self, name: str, size_bytes: int) -> LunRef:
         rec = self.array.catalog.get_lun(name)

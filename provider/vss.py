@@ -242,7 +242,11 @@ class Engine(Protocol):
         """Serve ``device`` as the LUN from now on (None: its own device again)."""
         ...
 
-    async def create_lun(self, name: str, size_bytes: int, block_size: int) -> LunRef: ...
+    async def create_lun(self, name: str, size_bytes: int, block_size: int, *, like: SnapshotRef | None = None,
+                         pool: str | None = None) -> LunRef:
+        """A new LUN for a restore to fill, made on the same kind of store as snapshot ``like`` when given (an RBD
+        snapshot's: a new image in ``pool``, default the snapshot's own pool)."""
+        ...
 
     async def grow_lun(self, name: str, size_bytes: int) -> LunRef:
         """Grow live; sessions get CAPACITY DATA HAS CHANGED."""
@@ -350,12 +354,13 @@ class Options:
     mask_except: tuple[str, ...] | None = None  # mask destinations from every initiator but these during the restore
     create_missing: bool = True  # a destination that does not exist is created at the snapshot's size
     consume_snapshot: bool = False  # a swap: the snapshot is deleted once its contents are the LUN's
+    pool: str | None = None  # new destinations of RBD snapshots: images in this pool (None: the snapshot's own)
 
     def as_dict(self) -> dict[str, Any]:
         return {"rate_bps": self.rate_bps, "verify": self.verify, "pre_restore": list(self.pre_restore),
                 "post_restore": list(self.post_restore),
                 "mask_except": None if self.mask_except is None else list(self.mask_except),
-                "create_missing": self.create_missing, "consume_snapshot": self.consume_snapshot}
+                "create_missing": self.create_missing, "consume_snapshot": self.consume_snapshot, "pool": self.pool}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Options:
@@ -363,7 +368,7 @@ class Options:
         return cls(rate_bps=d.get("rate_bps"), verify=bool(d.get("verify", False)),
                    pre_restore=tuple(d.get("pre_restore") or ()), post_restore=tuple(d.get("post_restore") or ()),
                    mask_except=None if m is None else tuple(m), create_missing=bool(d.get("create_missing", True)),
-                   consume_snapshot=bool(d.get("consume_snapshot", False)))
+                   consume_snapshot=bool(d.get("consume_snapshot", False)), pool=d.get("pool"))
 
 
 @dataclass
@@ -657,7 +662,8 @@ class RecoveryManager:
             try:
                 self.engine.lun(p.destination)
             except LookupError:
-                await self.engine.create_lun(p.destination, snap.size_bytes, snap.block_size)
+                await self.engine.create_lun(p.destination, snap.size_bytes, snap.block_size, like=snap,
+                                             pool=rs.options.pool)
         lun = self.engine.lun(p.destination)
         if lun.size_bytes < snap.size_bytes:
             lun = await self.engine.grow_lun(p.destination, snap.size_bytes)

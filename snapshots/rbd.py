@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - a host without Ceph's bindings still s
     rados = None
     rbd = None
 
-__all__ = ["RbdBackend", "image_size", "open_image", "remove_image"]
+__all__ = ["RbdBackend", "create_image", "image_size", "open_image", "remove_image"]
 
 _T = TypeVar("_T")
 
@@ -149,6 +149,22 @@ def image_size(cfg: CephConfig | None, spec: str) -> int:
             raise NotReady(f"rbd image {spec} does not exist (give a size to create it)") from None
 
     return _with_pool(cfg, spec, size)
+
+
+def create_image(cfg: CephConfig | None, spec: str, size_bytes: int) -> None:
+    """Create the image ``POOL/IMAGE``, ``size_bytes`` large; refused when an image of that name exists already, so
+    that nothing but a new image is ever handed out as one. Blocking."""
+
+    def create(ioctx: Any, name: str) -> None:
+        try:
+            rbd.RBD().create(ioctx, name, size_bytes, old_format=False)
+        except rbd.ImageExists:
+            raise StorageError(f"rbd image {spec} exists already (remove it, or choose another LUN name or pool)"
+                               ) from None
+        except rbd.Error as exc:
+            raise StorageError(f"create rbd image {spec}: {exc}") from None
+
+    _with_pool(cfg, spec, create)
 
 
 def remove_image(cfg: CephConfig | None, spec: str) -> None:

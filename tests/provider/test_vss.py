@@ -132,7 +132,8 @@ class FakeEngine:
     def serving(self, name: str) -> BlockDevice:
         return self.installed.get(name) or self._luns[name][1]
 
-    async def create_lun(self, name: str, size_bytes: int, block_size: int) -> LunRef:
+    async def create_lun(self, name: str, size_bytes: int, block_size: int, *, like: SnapshotRef | None = None,
+                         pool: str | None = None) -> LunRef:
         return self.add_lun(name, bytes(size_bytes))
 
     async def grow_lun(self, name: str, size_bytes: int) -> LunRef:
