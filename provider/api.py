@@ -37,7 +37,7 @@ from lunsync.provider.vss import VssError
 from lunsync.snapshots import catalog as cat
 from lunsync.snapshots.errors import NotReady, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import atomic_write
-from lunsync.snapshots.model import RBD_NAME_PATTERN, check_labels, labels_match, parse_label
+from lunsync.snapshots.model import RBD_NAME_PATTERN, check_labels, labels_match, parse_label, rfc3339
 from lunsync.snapshots.snapcat import parse_snapshot_name
 from lunsync.target.throttle import LoginThrottle
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
@@ -250,6 +250,17 @@ class LunMappingOut(BaseModel):
     lun: int
 
 
+class FlattenOut(BaseModel):
+    state: Literal["running", "done", "failed", "stopped"] = Field(
+        description="stopped: the daemon stopped before it was done (POST /v1/luns/NAME/flatten goes on from there)")
+    percent: float
+    objects_done: int
+    objects_total: int
+    started_at: str
+    finished_at: str | None
+    error: str | None
+
+
 class LunOut(BaseModel):
     name: str
     backend: str
@@ -263,6 +274,7 @@ class LunOut(BaseModel):
     serial: str
     mappings: list[LunMappingOut]
     labels: dict[str, str]
+    flatten: FlattenOut | None = Field(None, description="an RBD clone's latest flatten since the daemon started")
 
 
 class ResizeIn(_In):
@@ -551,9 +563,14 @@ class TokenAuth:
 
 def _lun_out(array: Array, rec: cat.LunRecord) -> LunOut:
     maps = array.catalog.lun_mappings(rec.name)
+    job = array.snapshots.flattens.get(rec.name) if array.snapshots is not None else None
+    flat = None if job is None else FlattenOut(
+        state=job.state, percent=round(job.percent, 1), objects_done=job.done, objects_total=job.total,  # type: ignore[arg-type]
+        started_at=rfc3339(job.started_at), finished_at=None if job.finished_at is None else rfc3339(job.finished_at),
+        error=job.error)
     return LunOut(name=rec.name, backend=rec.backend, path=rec.path, size_bytes=rec.size_bytes, size=format_size(rec.size_bytes),
                   block_size=rec.block_size, thin=rec.thin, read_only=rec.read_only, naa=rec.naa, serial=rec.serial,
-                  mappings=[LunMappingOut(target=iqn, lun=n) for iqn, n in maps], labels=rec.labels)
+                  mappings=[LunMappingOut(target=iqn, lun=n) for iqn, n in maps], labels=rec.labels, flatten=flat)
 
 
 def _target_out(ctx: ApiContext, t: Any) -> TargetOut:
@@ -827,6 +844,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             if body.rate_mib_s is not None:
                 raise ApiError(400, "rate_mib_s: an RBD snapshot is cloned, not copied in")
             made = await svc.clone(lun, snap, body.name, image=body.image, flatten=body.flatten)
+            if body.flatten:  # the copy runs on in the background: the LUN's `flatten` shows it
+                response.status_code = 202
+                response.headers["Location"] = f"/v1/luns/{made.name}"
             return _lun_out(array, made)
         if body.image is not None or body.flatten:
             raise ApiError(400, "image, flatten: only with from_snapshot of an RBD snapshot (it is cloned)")
@@ -841,6 +861,21 @@ def create_app(ctx: ApiContext) -> FastAPI:
         response.status_code = 202 if started else 200
         response.headers["Location"] = f"/v1/recovery/{rs.id}"
         return _lun_out(array, array.catalog.get_lun(body.name))
+
+    @v1.post("/luns/{name}/flatten", response_model=LunOut, status_code=202,
+             summary="flatten an RBD clone in the background",
+             description="Starts copying into the LUN's image (an RBD clone) what it still reads from its parent "
+                         "snapshot, while the LUN serves I/O, and answers 202 at once; the LUN's `flatten` shows the "
+                         "progress (`Location`). A flatten already running is answered as it is; one that stopped "
+                         "goes on from where it was. Once `flatten.state` is `done` the snapshot may be deleted. 400 "
+                         "for a LUN that is not on an RBD image.")
+    async def flatten_lun(name: LunPath, response: Response) -> LunOut:
+        rec = array.catalog.get_lun(name)
+        if array.snapshots is None:
+            raise ApiError(409, "snapshots are not available (the daemon has not finished starting)")
+        array.snapshots.start_flatten(rec.name)
+        response.headers["Location"] = f"/v1/luns/{rec.name}"
+        return _lun_out(array, rec)
 
     @v1.get("/luns/{name}", response_model=LunOut, summary="show a LUN",
             description="One LUN by name.")

@@ -28,6 +28,7 @@ from lunsync.provider.vss import (
     VssError,
     async_handle,
 )
+from lunsync.snapshots.model import RBD_NAME_PATTERN
 from lunsync.snapshots.model import rfc3339 as model_rfc3339
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,7 +65,7 @@ class OptionsIn(_In):
     mask_except: list[str] | None = Field(None, max_length=64, description="during the restore, show the "
                                           "destinations only to these initiator IQNs ([] hides them from all)")
     create_missing: bool = True
-    pool: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    pool: str | None = Field(None, pattern=RBD_NAME_PATTERN,
                              description="a destination created for a restore from an RBD snapshot becomes a new "
                                          "image in this pool; absent: the snapshot's own pool")
 

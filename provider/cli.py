@@ -140,8 +140,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--image", help="with --backend rbd: the image; created when missing and --size is given, "
                                    "else attached at its own size; with --from an RBD snapshot: the clone's name "
                                    "(default NAME)")
-    p.add_argument("--flatten", action="store_true", help="with --from an RBD snapshot: copy the clone's data in "
-                                                          "before returning, so it no longer needs the snapshot")
+    p.add_argument("--flatten", action="store_true", help="with --from an RBD snapshot: copy the clone's data in, "
+                                                          "in the background, so it no longer needs the snapshot")
+    p.add_argument("--wait", action="store_true", help="with --flatten: return once the flatten is done")
     p.add_argument("--path", help="backing file or block device (default <data-dir>/luns/NAME.img)")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
     p.add_argument("--thick", action="store_true", help="allocate every block now instead of a sparse file")
@@ -163,6 +164,10 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_label_option(leaf(lun, "list", _lun_list, "list LUNs"), "only LUNs with this label (repeatable: all must match)")
     p = leaf(lun, "show", _lun_show, "show one LUN")
     p.add_argument("name", metavar="NAME")
+    p = leaf(lun, "flatten", _lun_flatten, "copy an RBD clone's data in, in the background, so it no longer needs "
+                                             "its snapshot")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--wait", action="store_true", help="follow it to the end; exit 1 unless it is done")
     p = leaf(lun, "delete", _lun_delete, "delete a LUN (refused while mapped); an RBD image stays unless asked")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--delete-image", action="store_true", help="with an rbd LUN: delete its image too")
@@ -396,17 +401,22 @@ def _lun_create(c: Any, a: argparse.Namespace) -> int:
             body["image"] = a.image
         if a.flatten:
             body["flatten"] = True
+        elif a.wait:
+            raise UsageError("--wait: only with --flatten")
         lun = c.post("/luns", body)
         if lun["backend"] == "rbd":
+            if a.flatten and a.wait:
+                return _follow_flatten(c, a, lun)
             return _done(a, lun, f"created lun {lun['name']} as an RBD clone of {a.from_snapshot} at {lun['path']}"
-                                 f"{', flattened' if a.flatten else ''}: {human_size(lun['size_bytes'])}, "
-                                 f"serial {lun['serial']}")
+                                 f"{', flattening in the background' if a.flatten else ''}: "
+                                 f"{human_size(lun['size_bytes'])}, serial {lun['serial']}")
         job = (c.location or "").rsplit("/", 1)[-1]
         return _done(a, lun, f"created lun {lun['name']} from {a.from_snapshot}: {human_size(lun['size_bytes'])}, "
                              f"serial {lun['serial']}; usable now, copied in by recovery set {job} "
                              f"(lunsync recovery wait {job})")
-    if a.rate is not None or a.flatten:
-        raise UsageError(f"{'--rate' if a.rate is not None else '--flatten'}: only with --from")
+    if a.rate is not None or a.flatten or a.wait:
+        raise UsageError(f"{'--rate' if a.rate is not None else '--flatten' if a.flatten else '--wait'}: only with "
+                         "--from")
     rbd = a.backend == "rbd"
     if rbd and (not a.pool or not a.image or a.path or a.thick):
         raise UsageError("--backend rbd: give --pool POOL --image IMAGE (no --path; an image is always thin)")
@@ -468,6 +478,37 @@ def _lun_show(c: Any, a: argparse.Namespace) -> int:
     else:
         _table(None, _LUN_COLUMNS + ["NAA", "Labels"], [_lun_rows([lun])[0] + [lun["naa"], labels_text(lun["labels"])]])
     return 0
+
+
+def _lun_flatten(c: Any, a: argparse.Namespace) -> int:
+    lun = c.post(f"/luns/{_q(a.name)}/flatten", {})
+    if a.wait:
+        return _follow_flatten(c, a, lun)
+    job = lun["flatten"]
+    return _done(a, lun, f"flattening lun {lun['name']} in the background ({job['percent']:.0f}%; lunsync lun show "
+                         f"{lun['name']} --json shows it)")
+
+
+def _follow_flatten(c: Any, a: argparse.Namespace, lun: dict[str, Any]) -> int:
+    """Poll the LUN until its flatten is no longer running; 0 once done, 1 otherwise."""
+    import time
+
+    from lunsync.provider.cli_progress import ProgressDisplay, Step
+
+    with ProgressDisplay(f"flatten {lun['name']}", enabled=not getattr(a, "json", False)) as shown:
+        while True:
+            job = lun["flatten"]
+            size = lun["size_bytes"]  # the bar counts bytes: the objects done, as a share of the image
+            shown.update(Step(size * job["objects_done"] // max(1, job["objects_total"]), size, None, None,
+                              job["state"]))
+            if job["state"] != "running":
+                break
+            time.sleep(0.2)
+            lun = c.get(f"/luns/{_q(lun['name'])}")
+    ok = job["state"] == "done"
+    _done(a, lun, f"lun {lun['name']} flattened: it no longer needs its snapshot" if ok else
+          f"lun {lun['name']}: flatten {job['state']}{': ' + job['error'] if job['error'] else ''}")
+    return 0 if ok else 1
 
 
 def _lun_delete(c: Any, a: argparse.Namespace) -> int:

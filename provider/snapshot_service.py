@@ -65,6 +65,28 @@ class SnapshotCounters:
 
 
 @dataclass(slots=True)
+class FlattenJob:
+    """A flatten of a clone LUN running (or run) in the background: ``done`` of ``total`` units (the store's: RBD
+    objects), its state and, once it failed, why. Times are wall-clock (``time.time()``)."""
+
+    lun: str
+    started_at: float
+    state: str = "running"  # running, done, failed, stopped (the daemon stopped first: flatten it again)
+    done: int = 0
+    total: int = 0
+    finished_at: float | None = None
+    error: str | None = None
+    stop: bool = False  # set on the loop, read by the store's progress callback: stop at the next object
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def percent(self) -> float:
+        if self.state == "done":
+            return 100.0
+        return 100.0 * self.done / self.total if self.total else 0.0
+
+
+@dataclass(slots=True)
 class Exposure:
     snapshot_id: int
     target: str
@@ -128,6 +150,7 @@ class SnapshotService:
         self.fill_rates: dict[int, RateWindow] = {}  # clone id -> its fill's rate over wall-clock time
         self._pools: dict[int, Pool] = {}
         self._fills: dict[int, asyncio.Task[None]] = {}
+        self.flattens: dict[str, FlattenJob] = {}  # LUN name -> its latest flatten (kept while the LUN lives)
         self._lock = asyncio.Lock()
         # The (lun id, epoch) of a snapshot (set) whose record is committing, and a future set once it has or failed.
         self._recording: tuple[set[tuple[int, int]], asyncio.Future[None]] | None = None
@@ -324,7 +347,12 @@ class SnapshotService:
         return vol
 
     async def release_origin(self, name: str) -> None:
-        """Before LUN ``name`` is deleted: refused while snapshots depend on it; filled clones are detached."""
+        """Before LUN ``name`` is deleted: refused while snapshots depend on it or while it is being flattened;
+        filled clones are detached."""
+        job = self.flattens.get(name)
+        if job is not None and job.state == "running":
+            raise InUse(f"lun {name!r} is being flattened ({job.percent:.0f}%); wait for it to finish")
+        self.flattens.pop(name, None)
         async with self._lock:
             rec = self.array.catalog.get_lun(name)
             maps = self.array.catalog.lun_mappings(name)
@@ -401,6 +429,12 @@ class SnapshotService:
             task.cancel()
         if self._fills:
             await asyncio.wait(list(self._fills.values()))
+        # A flatten's librbd call stops at its next object when asked (it must not run on while the image closes).
+        running = [job for job in self.flattens.values() if job.task is not None and not job.task.done()]
+        for job in running:
+            job.stop = True
+        if running:
+            await asyncio.wait([job.task for job in running if job.task is not None])
         for vol in self.volumes.values():
             vol.close_pool()
         for p in self._pools.values():
@@ -774,8 +808,9 @@ class SnapshotService:
                     flatten: bool = False) -> LunRecord:
         """A new LUN ``new_lun`` that is a clone of snapshot ``lun@name`` made by its store (an RBD clone, image
         ``image``, default the new LUN's name, beside the origin's): instant, sharing the snapshot's data, writable.
-        With ``flatten`` the clone's data is copied in before this returns, so it no longer depends on the snapshot
-        (which can then be deleted). A failure leaves neither the LUN nor the image behind."""
+        With ``flatten`` a background job (:meth:`start_flatten`) starts copying the clone's data in as this returns,
+        after which the clone no longer depends on the snapshot (which can then be deleted). A failure leaves neither
+        the LUN nor the image behind."""
         rec = self.as_known(self.cat.get_snapshot(lun, name))
         if rec.kind != "rbd":
             raise Invalid(f"snapshot {rec.full_name} is lunsync's own ({rec.kind}): make a LUN of it with lunsync lun "
@@ -794,18 +829,45 @@ class SnapshotService:
             raise
         log.info("lun %s created as a clone of %s (rbd image %s)", new_lun, rec.full_name, path)
         if flatten:
-            await self.flatten(new_lun)
+            self.start_flatten(new_lun)
         return made
 
-    async def flatten(self, lun: str) -> None:
-        """Make LUN ``lun``, a clone of a store's snapshot, independent of that snapshot (RBD flatten), while it
-        serves I/O. Returns once the copy is done and durable."""
+    def start_flatten(self, lun: str) -> FlattenJob:
+        """Start making LUN ``lun``, a clone of a store's snapshot, independent of that snapshot (RBD flatten) in the
+        background, while it serves I/O; the job (``flattens[lun]``) shows the progress. A flatten already running
+        is returned as it is. Once the job is ``done`` the copy is durable and the snapshot may be deleted."""
         st = self._store_of(lun)
         if st is None:
             raise Invalid(f"lun {lun!r} is not on a store that clones (an RBD image)")
+        job = self.flattens.get(lun)
+        if job is not None and job.state == "running":
+            return job
+        job = self.flattens[lun] = FlattenJob(lun, time.time())
+        job.task = asyncio.get_running_loop().create_task(self._flatten(st, job), name=f"flatten-{lun}")
+        return job
+
+    @staticmethod
+    async def _flatten(st: StoreSnapshots, job: FlattenJob) -> None:
+        def progress(done: int, total: int) -> bool:  # on the store's thread: plain stores, read on the loop
+            job.done, job.total = done, total
+            return not job.stop
+
         started = time.perf_counter()
-        await asyncio.to_thread(st.flatten)
-        log.info("lun %s flattened in %.1f s: it no longer depends on a snapshot", lun, time.perf_counter() - started)
+        try:
+            finished = await asyncio.to_thread(st.flatten, progress)
+        except (StorageError, OSError) as e:
+            job.state, job.error = "failed", str(e)
+            log.error("lun %s: flatten failed after %.1f s: %s", job.lun, time.perf_counter() - started, e)
+        else:
+            job.state = "done" if finished else "stopped"
+            if finished:
+                job.done = job.total  # librbd reports each object as it starts it: the last report is one short
+                log.info("lun %s flattened in %.1f s: it no longer depends on a snapshot", job.lun,
+                         time.perf_counter() - started)
+            else:
+                log.warning("lun %s: flatten stopped at %d of %d objects (the daemon stopped); flatten it again to "
+                            "go on", job.lun, job.done, job.total)
+        job.finished_at = time.time()
 
     def space_bytes(self, rec: SnapshotRecord) -> int:
         """The pool space a snapshot reads from: its preserved chunks (shared ones included), or its clone file."""

@@ -17,7 +17,7 @@ declares :class:`StoreSnapshots`. Nothing above a backend touches its file descr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -176,9 +176,12 @@ class StoreSnapshots(Protocol):
         clone), and return the path a LUN names it by. The snapshot cannot be removed while the clone depends on it."""
         ...
 
-    def flatten(self) -> None:
+    def flatten(self, progress: Callable[[int, int], bool] | None = None) -> bool:
         """Copy into this store (a clone) what it still reads from its parent snapshot, so it no longer depends on
-        it; durable on return. A no-op on a store that is no clone."""
+        it; durable on return. ``progress(done, total)`` is called (on the store's thread) as the copy goes on, in
+        units of the store's choosing; when it returns False the copy stops early, what was copied stays, and this
+        returns False (a later flatten goes on from there). True once the store depends on no snapshot; a store that
+        is no clone is done at once."""
         ...
 
 

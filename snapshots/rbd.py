@@ -308,16 +308,25 @@ class RbdBackend(StoreBase):
         rbdsnap.clone_snapshot(ioctx, parent, rbdsnap.snapshot_name(name), ioctx, image)
         return f"{pool}/{image}"
 
-    def flatten(self) -> None:
+    def flatten(self, progress: Callable[[int, int], bool] | None = None) -> bool:
         """Copy into this image (a clone) what it still reads from its parent snapshot, through the LUN's own handle,
-        for as long as that takes; a no-op on an image that is no clone."""
+        for as long as that takes; ``progress`` gets (objects done, objects in the image) and stops the copy by
+        returning False (librbd's flatten then ends with ECANCELED, and a later one skips the objects already
+        copied). True at once on an image that is no clone."""
         self._ioctx(split_rbd_spec(self.spec)[0])  # refused once closed
+
+        def on_progress(done: int, total: int) -> int:  # on a librbd thread, with the GIL
+            return 0 if progress is None or progress(done, total) else -errno.ECANCELED
+
         try:
-            self.image.flatten()
+            self.image.flatten(on_progress=on_progress)
         except rbd.InvalidArgument:
-            return  # no parent: nothing to copy
+            return True  # no parent: nothing to copy
+        except rbd.OperationCanceled:
+            return False
         except rbd.Error as exc:
             raise StorageError(f"flatten rbd image {self.spec}: {exc}") from None
+        return True
 
     def _ioctx(self, pool: str) -> Any:
         if self._cluster is None:

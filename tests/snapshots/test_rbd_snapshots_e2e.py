@@ -228,14 +228,27 @@ def test_a_clone_is_an_rbd_clone_and_flatten_frees_the_snapshot(rbd_daemon: Daem
     assert "clones" in cli(d, "snapshot", "delete", "rc@base", ok=False)
     flat = cli(d, "lun", "create", "rcf", "--from", "rc@base", "--image", "rcf-img", "--flatten")
     assert flat["path"] == f"{POOL}/rcf-img", flat
+    assert flat["flatten"]["state"] in ("running", "done"), flat  # a background job: the create did not wait for it
+    deadline = time.monotonic() + 60
+    while (job := cli(d, "lun", "show", "rcf")["flatten"])["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job["state"] == "done" and job["percent"] == 100 and job["error"] is None, job
+    assert job["objects_done"] == job["objects_total"] == 4, job  # 16 MiB in 4 MiB objects
     with rbd.Image(ioctx, "rcf-img", read_only=True) as img, pytest.raises(rbd.ImageNotFound):
         img.parent_info()  # flattened: it no longer depends on the snapshot
+    # A clone made without --flatten is flattened later, in the background too; --wait follows it to the end.
+    assert cli(d, "lun", "flatten", "rcc", "--wait")["flatten"]["state"] == "done"
+    with rbd.Image(ioctx, "rcc", read_only=True) as img, pytest.raises(rbd.ImageNotFound):
+        img.parent_info()
+    assert_reads(d, 8, 0x79, 0, MiB)  # its own write kept
+    assert_reads(d, 8, 0x77, MiB, 15 * MiB)  # and the snapshot's data, now its own
+    assert "not on a store that clones" in cli(d, "lun", "flatten", "demo0", ok=False)
     cli(d, "lun", "map", "rcf", "--target", DEMO_IQN, "--lun", "9")
     assert_reads(d, 9, 0x77, 0, 16 * MiB)
     assert "rate" in cli(d, "lun", "create", "rcx", "--from", "rc@base", "--rate", "5", ok=False)
     cli(d, "lun", "unmap", "rcc", "--target", DEMO_IQN)
     cli(d, "lun", "delete", "rcc", "--delete-image")
-    cli(d, "snapshot", "delete", "rc@base")  # only the flattened clone is left: the snapshot may go
+    cli(d, "snapshot", "delete", "rc@base")  # only flattened clones were left: the snapshot may go
     assert rbd_snaps(ioctx, image) == set()
     assert_reads(d, 9, 0x77, 0, 16 * MiB)
     d.assert_healthy()
