@@ -46,14 +46,36 @@ MiB = 1 << 20
 CHUNK = 64 << 10
 
 
-class Writer:
+class Looping:
+    """A thread running ``_loop`` from ``__enter__`` until ``_stop`` is set at ``__exit__``, then ``_closed``."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _closed(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join(30)
+        self._closed()
+
+
+class Writer(Looping):
     """4 KiB WRITE(10)s in a loop on some LUNs over one session, counting those acknowledged."""
 
     def __init__(self, port: int, luns: list[int]) -> None:
+        super().__init__()
         self.port, self.luns = port, luns
         self.done = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         with RawInitiator("127.0.0.1", self.port, timeout=10) as ri:
@@ -65,26 +87,19 @@ class Writer:
                 self.done += 1
                 i += 1
 
-    def __enter__(self) -> Self:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(30)
-
 
 def spread(values: list[float]) -> str:
     return f"min {min(values):.2f} / median {statistics.median(values):.2f} / max {max(values):.2f}"
 
 
-class LibrbdAlone:
+class LibrbdAlone(Looping):
     """The baseline of plain librbd on ``images`` images of its own: a thread writing 4 KiB blocks to the first one
     synchronously (one at a time), and per :meth:`round` one snapshot of that image alone, then one of every image
     at once. ``stalls`` are the longest write that overlapped each single snapshot, ``sets`` the wall time of each
     all-at-once round."""
 
     def __init__(self, conf: Path, keyring: Path, images: int, size: int) -> None:
+        super().__init__()
         self._rados = rados.Rados(conffile=str(conf), name="client.admin", conf={"keyring": str(keyring)})
         self._rados.connect()
         self._ioctx = self._rados.open_ioctx(POOL)
@@ -95,10 +110,8 @@ class LibrbdAlone:
         self.stalls: list[float] = []
         self.sets: list[float] = []
         self._writes: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._write, daemon=True)
 
-    def _write(self) -> None:
+    def _loop(self) -> None:
         image, block, i = self.images[0], b"\x5a" * 4096, 0
         while not self._stop.is_set():
             t0 = time.perf_counter()
@@ -123,13 +136,7 @@ class LibrbdAlone:
             t.join()
         self.sets.append((time.perf_counter() - t0) * 1000)
 
-    def __enter__(self) -> Self:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(30)
+    def _closed(self) -> None:
         for image, name in zip(self.images, self.names, strict=True):
             for snap in list(image.list_snaps()):
                 image.remove_snap(snap["name"])
