@@ -224,7 +224,9 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
                              label: LabelFilter = None) -> list[SnapshotOut]:
         s = svc()
         wanted = label_filter(label)
-        return [_snapshot_out(s, rec) for rec in s.cat.list_snapshots(lun) if labels_match(rec.labels, wanted)]
+        recs = [rec for rec in s.cat.list_snapshots(lun) if labels_match(rec.labels, wanted)]
+        await s.measure_store_space(recs)  # RBD snapshots: the cluster says what it keeps for each
+        return [_snapshot_out(s, rec) for rec in recs]
 
     @r.post("/snapshots", response_model=SnapshotsOut, status_code=201,
             responses={**existing_response(SnapshotsOut),
@@ -260,10 +262,13 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
                             hold_ms=round(hold_ms, 3))
 
     @r.get("/snapshots/{name}", response_model=SnapshotOut, summary="show a snapshot (LUN@SNAP)",
-           description="One snapshot by LUN@SNAP.")
+           description="One snapshot by LUN@SNAP. `space_bytes` of an RBD snapshot is what the cluster keeps for it "
+                       "alone: its objects written since, up to the next snapshot or the head.")
     async def get_snapshot(name: SnapName) -> SnapshotOut:
         s = svc()
-        return _snapshot_out(s, s.cat.get_snapshot(*parse_snapshot_name(name)))
+        rec = s.cat.get_snapshot(*parse_snapshot_name(name))
+        await s.measure_store_space([rec])
+        return _snapshot_out(s, rec)
 
     @r.patch("/snapshots/{name}/labels", response_model=SnapshotOut, summary="set and remove a snapshot's labels",
              description="`set` adds labels or replaces their values, `remove` takes keys away (an absent key is no "

@@ -150,7 +150,8 @@ class SnapshotService:
         self.fill_rates: dict[int, RateWindow] = {}  # clone id -> its fill's rate over wall-clock time
         self._pools: dict[int, Pool] = {}
         self._fills: dict[int, asyncio.Task[None]] = {}
-        self.flattens: dict[str, FlattenJob] = {}  # LUN name -> its latest flatten (kept while the LUN lives)
+        self.flattens: dict[str, FlattenJob] = {}
+        self.store_space: dict[int, int] = {}  # snapshot id -> bytes its store keeps for it, as last measured  # LUN name -> its latest flatten (kept while the LUN lives)
         self._lock = asyncio.Lock()
         # The (lun id, epoch) of a snapshot (set) whose record is committing, and a future set once it has or failed.
         self._recording: tuple[set[tuple[int, int]], asyncio.Future[None]] | None = None
@@ -869,8 +870,30 @@ class SnapshotService:
                             "go on", job.lun, job.done, job.total)
         job.finished_at = time.time()
 
+    async def measure_store_space(self, recs: Sequence[SnapshotRecord]) -> None:
+        """Ask the stores (RBD) what they keep for each of their snapshots among ``recs``, in a thread, for
+        :meth:`space_bytes` to report. A store that cannot say keeps its last figure (0 if none), logged."""
+        asks = [(rec, st) for rec in recs if rec.kind == "rbd" and (st := self._store_of(rec.lun_name)) is not None]
+        if not asks:
+            return
+
+        def measure() -> dict[int, int]:
+            out: dict[int, int] = {}
+            for rec, st in asks:
+                try:
+                    out[rec.id] = st.snapshot_space_bytes(rec.name)
+                except (StorageError, OSError) as e:
+                    log.warning("snapshot %s: cannot measure the space its store keeps: %s", rec.full_name, e)
+            return out
+
+        self.store_space.update(await asyncio.to_thread(measure))
+
     def space_bytes(self, rec: SnapshotRecord) -> int:
-        """The pool space a snapshot reads from: its preserved chunks (shared ones included), or its clone file."""
+        """The pool space a snapshot reads from: its preserved chunks (shared ones included), or its clone file; for
+        a snapshot its store keeps (RBD), what the store keeps for it alone as :meth:`measure_store_space` last
+        found."""
+        if rec.kind == "rbd":
+            return self.store_space.get(rec.id, 0)
         if rec.kind == "clone":
             try:
                 clone = os.stat(self._clone_path(rec)).st_blocks * 512

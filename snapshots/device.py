@@ -166,6 +166,11 @@ class StoreSnapshots(Protocol):
         """The names of the snapshots of this store that lunsync took (not other snapshots the store has)."""
         ...
 
+    def snapshot_space_bytes(self, name: str) -> int:
+        """The bytes the store keeps for snapshot ``name`` alone: its data that the store's next newer snapshot (or
+        its head) no longer shares, at the store's granularity."""
+        ...
+
     def open_snapshot(self, name: str) -> BlockDevice:
         """A read-only device of snapshot ``name``, declaring :class:`ChangedRegions` against this store's head. The
         caller closes it."""

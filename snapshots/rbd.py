@@ -287,6 +287,13 @@ class RbdBackend(StoreBase):
         self._ioctx(split_rbd_spec(self.spec)[0])  # refused once closed
         return rbdsnap.lunsync_snapshots(self.image)
 
+    def snapshot_space_bytes(self, name: str) -> int:
+        """What the cluster keeps for ``lunsync.NAME`` alone (:func:`lunsync.snapshots.rbdsnap.held_bytes`)."""
+        from lunsync.snapshots import rbdsnap
+
+        pool, image = split_rbd_spec(self.spec)
+        return rbdsnap.held_bytes(self._ioctx(pool), image, rbdsnap.snapshot_name(name))
+
     def open_snapshot(self, name: str) -> BlockDevice:
         """A read-only RbdBackend at ``lunsync.NAME``, whose changed regions are the head's diff against it."""
         from lunsync.snapshots import rbdsnap

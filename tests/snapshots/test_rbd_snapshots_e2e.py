@@ -100,7 +100,10 @@ def test_a_snapshot_is_an_rbd_snapshot_exposed_read_only_and_deleted_with_it(rbd
     assert snap["kind"] == "rbd" and snap["state"] == "valid", snap
     assert made["hold_ms"] < 1000, made
     assert rbd_snaps(ioctx, image) == {"lunsync.s1"}
+    assert cli(d, "snapshot", "list", "ra")[0]["space_bytes"] == 0  # it shares everything with the head
     write(d, 1, 0xBB, 0, MiB)  # the head moves on
+    # The cluster now keeps the snapshot's copy of the one 4 MiB object written since.
+    assert cli(d, "snapshot", "show", "ra@s1")["space_bytes"] == 4 * MiB
     exp = cli(d, "snapshot", "expose", "ra@s1", "--target", DEMO_IQN, "--lun", "7")
     assert exp["exposed"] == {"target": DEMO_IQN, "lun": 7}, exp
     assert_reads(d, 7, 0xAA, 0, 4 * MiB)  # the point in time, not the head

@@ -113,3 +113,28 @@ def test_a_clone_depends_on_its_snapshot_until_flattened(ioctx: Any) -> None:
     finally:
         _remove(ioctx, "child")
         _remove(ioctx, "parent")
+
+
+@pytest.mark.e2e
+def test_held_bytes_counts_the_objects_written_since_up_to_the_next_snapshot(ioctx: Any) -> None:
+    obj = 4 * MiB  # the default object size
+    rbd.RBD().create(ioctx, "held", 8 * obj)
+    try:
+        with rbd.Image(ioctx, "held") as image:
+            for i in range(4):  # objects 0-3 exist at s1; 4-7 do not
+                image.write(b"\x01" * 4096, i * obj)
+            image.create_snap("s1")
+            assert rbdsnap.held_bytes(ioctx, "held", "s1") == 0, "nothing written since: the snapshot shares all"
+            image.write(b"\x02" * 4096, 0)  # object 0, which s1 has
+            image.write(b"\x02" * 4096, 5 * obj)  # object 5, which s1 did not have: nothing for s1 to keep
+            assert rbdsnap.held_bytes(ioctx, "held", "s1") == obj
+            image.create_snap("s2")
+            image.write(b"\x03" * 4096, 1 * obj)  # after s2: s2 keeps it, s1 still only object 0
+            image.write(b"\x03" * 4096, 2 * obj + 8192)
+            image.write(b"\x03" * 4096, 5 * obj)
+            assert rbdsnap.held_bytes(ioctx, "held", "s1") == obj
+            assert rbdsnap.held_bytes(ioctx, "held", "s2") == 3 * obj
+            with pytest.raises(rbdsnap.RbdSnapshotError):
+                rbdsnap.held_bytes(ioctx, "held", "nope")
+    finally:
+        _remove(ioctx, "held")
