@@ -344,7 +344,7 @@ class Array:
             await self.snapshots.release_origin(name)  # refused while snapshots depend on it
         rec = self.catalog.delete_lun(name)
         if self.gateways is not None and rec.backend == "rbd":
-            await self.gateways.unshare(name, unpublish=True)
+            await self.gateways.unshare(name, unpublish=True, naa=rec.naa)
         live = self.luns.pop(rec.name, None)
         if live is not None:
             await live.device.close()

@@ -5,8 +5,10 @@ Everything lives in the RADOS namespace ``lunsync`` of the gateway pool:
 
 - ``lunsync.gateways``: an omap, gateway id -> ``{"port_group": N}``. Each gateway is one ALUA target port group,
   and its relative target port identifier is its port group number, so both are distinct across gateways.
-- ``lunsync.luns``: an omap, LUN name -> the shared LUN's configuration (image, identity, size, target, LUN
-  number): what a gateway that did not create the LUN needs to serve it with the same NAA and serial.
+- ``lunsync.luns``: an omap, LUN name -> the shared LUN's configuration (image, identity, size, targets and LUN
+  numbers): what a gateway that did not create the LUN needs to serve it with the same NAA and serial, and the
+  mappings every gateway follows. A deleted LUN's entry becomes a tombstone (``"deleted": true`` with its NAA), so
+  that a gateway that missed the delete stops serving it rather than publishing it again.
 - ``lunsync.pr.<naa>``: the LUN's persistent-reservation state, one JSON document. :class:`RadosPrStore` commits it
   with the object version asserted (compare-and-write: a lost race is ``ERANGE``/``EOVERFLOW``, then the command is
   decided again on fresh state) and then notifies the object's watchers with the new document; each other gateway
@@ -123,17 +125,10 @@ class GatewayLink:
     def publish_lun_sync(self, name: str, doc: dict[str, Any]) -> None:
         self._omap_set(LUNS_OID, {name: json.dumps(doc, sort_keys=True).encode()})
 
-    def unpublish_lun_sync(self, name: str) -> None:
-        rados = _rados()
-        io = self.ioctx()
-        try:
-            with rados.WriteOpCtx() as op:
-                io.remove_omap_keys(op, (name,))
-                io.operate_write_op(op, LUNS_OID)
-        except rados.ObjectNotFound:
-            pass
-        finally:
-            io.close()
+    def withdraw_lun_sync(self, name: str, naa: str) -> None:
+        """Replace ``name``'s entry with a tombstone: the LUN of that NAA was deleted, and every gateway stops
+        serving it. A later LUN of the same name (another NAA) overwrites it."""
+        self.publish_lun_sync(name, {"name": name, "naa": naa, "deleted": True, "by": self.gateway_id})
 
     def luns_sync(self) -> dict[str, dict[str, Any]]:
         """Every shared LUN's published configuration, by name."""

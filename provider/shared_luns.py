@@ -7,8 +7,10 @@ lease holder's active/optimized (:class:`lunsync.target.scsi.alua.AluaGroups`), 
 ``sync_s``, publishes the configuration of this gateway's shared LUNs to ``lunsync.luns`` (image, identity, size,
 targets and LUN numbers), creates here the ones another gateway published (same NAA and serial, the image opened,
 never created) once they are mapped on a target, and refreshes the port-group list so a gateway that joins later is
-reported too. From then on each gateway's mappings are its own. A LUN deleted here leaves the index; the other
-gateways keep serving it until they delete it too.
+reported too. The index's mappings are every gateway's: a map or unmap on one gateway is published, and the others
+make theirs the same at their next round (a change made here since the last round wins over the index's, and is
+published). A LUN deleted on one gateway becomes a tombstone in the index, and the others unmap and forget it (its
+image stays) at their next round.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class GatewaySettings:
             raise ValueError(f"lease {self.lease_s} s: must be 2..300")
 
 
+def _targets(doc: dict[str, Any]) -> list[tuple[str, int]]:
+    return sorted((str(m["iqn"]), int(m["lun"])) for m in doc.get("targets", []))
+
+
 @dataclass
 class _Shared:
     store: RadosPrStore
@@ -98,8 +104,9 @@ class SharedLuns:
         self.shared[rec.name] = _Shared(store, keeper, task)
         log.info("lun %s shared: port groups %s, lease %d s", rec.name, sorted(lu.alua.groups), self.settings.lease_s)
 
-    async def unshare(self, name: str, *, unpublish: bool) -> None:
-        """Stop sharing ``name`` (its lease released at once, so another gateway owns it within a sync period)."""
+    async def unshare(self, name: str, *, unpublish: bool, naa: str = "") -> None:
+        """Stop sharing ``name`` (its lease released at once, so another gateway owns it within a sync period); with
+        ``unpublish`` the LUN (NAA ``naa``) was deleted: its index entry becomes a tombstone."""
         s = self.shared.pop(name, None)
         if s is not None:
             s.task.cancel()
@@ -108,7 +115,7 @@ class SharedLuns:
             await asyncio.to_thread(s.keeper.close_sync)
         if unpublish:
             self._published.pop(name, None)
-            await asyncio.to_thread(self.link.unpublish_lun_sync, name)
+            await asyncio.to_thread(self.link.withdraw_lun_sync, name, naa)
 
     # -- the index --------------------------------------------------------------------------------------------------
 
@@ -146,8 +153,43 @@ class SharedLuns:
                                 number, iqn, e)
         log.info("lun %s imported from the cluster (image %s, naa %s)", name, doc["path"], doc["naa"])
 
+    async def _follow(self, name: str, entry: dict[str, Any]) -> None:
+        """Make this gateway's mappings of ``name`` the index's: unmap what another gateway unmapped, map what it
+        mapped."""
+        array, cat = self.array, self.array.catalog
+        want = set(_targets(entry))
+        have = {(t.iqn, m.lun) for t in cat.list_targets() for m in cat.list_mappings(t.iqn) if m.name == name}
+        for iqn, number in sorted(have - want):
+            await array.unmap_lun(iqn, name)
+            log.info("lun %s: unmapped from %s (LUN %d) here too, as on another gateway", name, iqn, number)
+        known = {t.iqn for t in cat.list_targets()}
+        for iqn, number in sorted(want - have):
+            try:
+                if iqn not in known:
+                    await array.create_target(iqn)
+                    known.add(iqn)
+                await array.map_lun(iqn, name, number)
+                log.info("lun %s: mapped on %s as LUN %d here too, as on another gateway", name, iqn, number)
+            except Exception as e:  # noqa: BLE001 - that number may be another LUN's here; the rest still follows
+                log.warning("lun %s: cannot show it as LUN %d of %s here as on the other gateways: %s", name,
+                            number, iqn, e)
+
+    async def _withdraw(self, name: str) -> None:
+        """``name`` was deleted on another gateway: unmap it everywhere here and forget it (its image stays)."""
+        cat = self.array.catalog
+        try:
+            for t in cat.list_targets():
+                if any(m.name == name for m in cat.list_mappings(t.iqn)):
+                    await self.array.unmap_lun(t.iqn, name)
+            await self.array.delete_lun(name)
+        except Exception as e:  # noqa: BLE001 - snapshots or a restore keep it here; it is no longer mapped, at least
+            log.warning("lun %s was deleted on another gateway; unmapped here, but kept: %s", name, e)
+            return
+        log.info("lun %s was deleted on another gateway: unmapped and forgotten here (its image stays)", name)
+
     async def sync(self) -> None:
-        """One round: refresh the port groups, publish what changed here, import what is new elsewhere."""
+        """One round: refresh the port groups, follow the index (mappings changed and LUNs deleted on other
+        gateways), publish what changed here, import what is new elsewhere."""
         self.groups = await asyncio.to_thread(self.link.port_groups_sync)
         groups = self._port_groups()
         for name, s in self.shared.items():
@@ -155,17 +197,35 @@ class SharedLuns:
             if alua is not None and alua.set_groups(groups):
                 log.info("lun %s: port groups now %s", name, sorted(groups))
         cat = self.array.catalog
+        index = await asyncio.to_thread(self.link.luns_sync)
         for rec in cat.list_luns():
             if rec.backend != "rbd" or rec.name not in self.shared:
                 continue
+            entry, seen = index.get(rec.name), self._published.get(rec.name)
+            if entry is not None and entry.get("naa") != rec.naa:
+                if not entry.get("deleted"):
+                    log.warning("lun %s: the cluster's index has another LUN of that name (naa %s); not shared",
+                                rec.name, entry.get("naa"))
+                    continue
+                entry = None  # a tombstone of an earlier LUN of that name: this one is new
+            elif (entry is not None and entry.get("deleted")) or (entry is None and seen is not None):
+                await self._withdraw(rec.name)  # a tombstone, or gone from the index tombstone and all: deleted
+                continue
             doc = self._doc(rec)
+            if (entry is not None and (seen is None or _targets(json.loads(seen)) == _targets(doc))
+                    and _targets(entry) != _targets(doc)):
+                # No change here since the last round (or this is the first round since the start, and the index may
+                # have moved on meanwhile): the index's mappings are the newer.
+                await self._follow(rec.name, entry)
+                self._published[rec.name] = json.dumps(self._doc(rec), sort_keys=True)
+                continue
             text = json.dumps(doc, sort_keys=True)
-            if self._published.get(rec.name) != text:
+            if seen != text or entry is None:
                 await asyncio.to_thread(self.link.publish_lun_sync, rec.name, doc)
                 self._published[rec.name] = text
         local = {r.name for r in cat.list_luns()}
-        for name, doc in (await asyncio.to_thread(self.link.luns_sync)).items():
-            if name in local or not doc.get("targets"):
+        for name, doc in index.items():
+            if name in local or doc.get("deleted") or not doc.get("targets"):
                 continue  # not before it is mapped: `lun create` then `lun map` on one gateway are one import here
             try:
                 await self._import(doc)

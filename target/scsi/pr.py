@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from lunsync.snapshots import fsutil
 from lunsync.target.scsi import sense as S
 from lunsync.target.scsi.registry import Conflict, Dir, Request, command
-from lunsync.target.scsi.sense import CheckCondition, ReservationConflict, SenseKey, invalid_field, invalid_param
+from lunsync.target.scsi.sense import (
+    CheckCondition,
+    ReservationConflict,
+    SenseKey,
+    invalid_field,
+    invalid_opcode,
+    invalid_param,
+)
 from lunsync.target.scsi.task import Nexus
 
 if TYPE_CHECKING:
@@ -694,11 +701,20 @@ async def prout_replace_lost(req: Request) -> None:
 
 
 # -- RESERVE / RELEASE (6) and (10), SPC-2 §7.21, §7.17 ------------------------------------------------------------------
+# On a LU several gateways serve (a shared PR store) they are refused as unsupported (INVALID COMMAND OPERATION CODE):
+# their reservation would hold on one gateway only, so another path would write through a reservation the initiator
+# believes it has. Clusters use persistent reservations, which every gateway shares.
+
+
+def _refuse_if_shared(lu: LogicalUnit) -> None:
+    if lu.pr.store.shared:
+        raise invalid_opcode()
 
 
 async def _reserve(req: Request) -> None:
     lu = req.unit
     nexus = req.task.nexus
+    _refuse_if_shared(lu)
     if lu.pr.in_use:
         raise ReservationConflict()
     if lu.legacy_holder is not None and lu.legacy_holder != nexus:
@@ -709,6 +725,7 @@ async def _reserve(req: Request) -> None:
 async def _release(req: Request) -> None:
     lu = req.unit
     nexus = req.task.nexus
+    _refuse_if_shared(lu)
     if lu.pr.in_use:
         raise ReservationConflict()
     if lu.legacy_holder == nexus:

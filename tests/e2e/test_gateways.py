@@ -319,3 +319,49 @@ def test_gateway_without_its_pool_refuses_to_start(ceph_cluster: CephCluster, tm
     assert p.returncode == 1, describe(p)
     assert "gateway gw-x: cannot join through the cluster" in p.stderr and "no-such-pool" in p.stderr, describe(p)
     assert "Traceback" not in p.stderr, describe(p)
+
+
+def report_luns(ini: RawInitiator) -> set[int]:
+    """The LUN numbers REPORT LUNS lists (SPC-4 §6.33; single-level peripheral addresses)."""
+    clear_ua(ini)
+    r = ini.scsi(bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 4096) + bytes(2), read_length=4096)
+    assert r.status == 0, r
+    n = struct.unpack_from(">I", r.data)[0] // 8
+    return {struct.unpack_from(">H", r.data, 8 + 8 * i)[0] & 0x3FFF for i in range(n)}
+
+
+def test_unmap_map_and_delete_on_a_reach_b(gateways: tuple[Gateway, Gateway], ceph_cluster: CephCluster) -> None:
+    """A shared LUN unmapped on gateway A disappears from B too, mapped again under another number it appears
+    there so, and deleted on A it is forgotten by B, through the cluster's index alone; the image stays."""
+    a, b = gateways
+    image = f"{a.iqn.rsplit(':', 1)[1]}-gone"
+    env = {"LUNSYNC_API": a.api_url, "LUNSYNC_DATA_DIR": str(a.data_dir)}
+
+    def on_a(*args: str) -> None:
+        p = run([*lunsync_command(), *args, "--json"], env=env, timeout=120)
+        assert p.returncode == 0, describe(p)
+
+    def luns_on_b() -> set[int]:
+        with session(b, NODE1) as ini:
+            return report_luns(ini)
+
+    on_a("lun", "create", image, "--backend", "rbd", "--pool", POOL, "--image", image, "--size", "16MiB")
+    on_a("lun", "map", image, "--target", a.iqn, "--lun", "3")
+    wait_for(lambda: luns_on_b() == {0, 3}, 15, f"B never served {image} as LUN 3\n{b.log_tail()}")
+    on_a("lun", "unmap", image, "--target", a.iqn)
+    took = wait_for(lambda: luns_on_b() == {0}, 15, f"B kept serving {image} after A unmapped it\n{b.log_tail()}")
+    assert took < 10
+    on_a("lun", "map", image, "--target", a.iqn, "--lun", "5")
+    wait_for(lambda: luns_on_b() == {0, 5}, 15, f"B never followed A's new mapping\n{b.log_tail()}")
+    on_a("lun", "unmap", image, "--target", a.iqn)
+    on_a("lun", "delete", image)
+    wait_for(lambda: "was deleted on another gateway: unmapped and forgotten here" in b.log_text(), 15,
+             f"B never forgot {image}\n{b.log_tail()}")
+    assert luns_on_b() == {0}
+    with session(b, NODE1) as ini:  # the LUN both still share is served as before
+        clear_ua(ini)
+        assert write1(ini) == 0
+    p = run(["rbd", "-c", str(ceph_cluster.conf), "info", f"{POOL}/{image}"], timeout=60)
+    assert p.returncode == 0, describe(p)  # deleting the LUN kept its image
+    a.assert_healthy()
+    b.assert_healthy()

@@ -137,3 +137,24 @@ def test_lost_race_is_decided_again_on_fresh_state() -> None:
     store_a.before_commit.append(b_reserves_first)
     assert do(n1a, 1, key=K1, rtype=WR_EX) == Status.RESERVATION_CONFLICT
     assert obj.doc is not None and obj.doc["res_type"] == WR_EX and obj.doc["holder"] == 1
+
+
+def test_reserve_and_release_6_10_are_refused_on_a_shared_lu() -> None:
+    """A RESERVE(6)/(10) reservation would hold on one gateway only: on a shared LU it is refused as unsupported,
+    and holds nothing, so the other gateway's paths still write."""
+    obj = SharedObject()
+    ta, lua, _ = gateway(obj, 1)
+    tb, _, _ = gateway(obj, 2)
+    a, b = Session(ta, nexus(HOST1, 1)), Session(tb, nexus(HOST2, 2))
+    for cdb in (bytes([0x16, 0, 0, 0, 0, 0]), bytes([0x17, 0, 0, 0, 0, 0]), bytes(cdb10(0x56, 0, 0)),
+                bytes(cdb10(0x57, 0, 0))):
+        r = a.cmd(cdb)
+        assert r.status == Status.CHECK_CONDITION and sense_of(r) == (5, 0x20, 0x00), cdb.hex()  # INVALID OPCODE
+    assert lua.legacy_holder is None
+    assert b.cmd(cdb10(0x2A, 0, 1), bytes(512)).status == Status.GOOD
+    # A LU of one gateway (a local store) keeps RESERVE(6): the other nexus then conflicts.
+    local = LogicalUnit(MemDevice(), IDENTITY, name="local")
+    t = ScsiTarget(IQN, {0: local})
+    one, two = Session(t, nexus(HOST1, 1)), Session(t, nexus(HOST2, 1))
+    assert one.cmd(bytes([0x16, 0, 0, 0, 0, 0])).status == Status.GOOD
+    assert two.cmd(cdb10(0x2A, 0, 1), bytes(512)).status == Status.RESERVATION_CONFLICT
