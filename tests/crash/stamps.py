@@ -3,13 +3,14 @@
 This module owns the stamp format and a small synchronous client on :class:`iscsi_scapy.RawInitiator`. Every 4 KiB
 block a test writes carries ``(seq, lun, block, writer)`` and a body derived from them, so a read tells exactly which
 write a block holds, or that it holds none (zeros), or that it is damaged (anything else). Used by the snapshot-set
-consistency test and the crash trials.
+consistency tests (with :class:`Turns`, one global sequence of writes across LUNs) and the crash trials.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from dataclasses import dataclass
 
 from iscsi_scapy import RawInitiator, ScsiResult, cdb_read10, cdb_write10
@@ -100,3 +101,51 @@ class StampClient:
 
 def chunk_hashes(data: bytes, chunk: int = 64 << 10) -> list[str]:
     return [hashlib.sha256(data[i:i + chunk]).hexdigest()[:16] for i in range(0, len(data), chunk)]
+
+
+class Turns:
+    """One global sequence handed round several writers (threads): write ``n`` is issued only once ``n - 1`` is
+    acknowledged, so it causally follows every earlier write, whichever LUN took it. ``acked`` is the highest write
+    acknowledged."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.next = 0
+        self.acked = -1
+        self.stop = False
+        self.error: BaseException | None = None
+
+    def wait_acked(self, n: int, timeout: float = 60) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.acked >= n or self.error is not None, timeout), \
+                f"writers stuck at {self.acked}"
+            if self.error is not None:
+                raise AssertionError(f"a writer failed: {self.error!r}")
+
+    def write_turns(self, client: StampClient, lun: int, i: int, writers: int) -> None:
+        """Writer ``i`` of ``writers`` (run in its own thread, until :attr:`stop`): write ``n`` with
+        ``n % writers == i`` goes to LUN ``lun`` at block ``n // writers``, stamped ``(n, i, n // writers, i)``. A
+        failure is kept in :attr:`error` for the main thread; the client is closed at the end."""
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stop or self.next % writers == i)
+                    if self.stop:
+                        return
+                    n = self.next
+                client.write(lun, n // writers, stamp(Stamp(n, i, n // writers, i)))
+                with self.cond:
+                    self.acked = n
+                    self.next = n + 1
+                    self.cond.notify_all()
+        except Exception as e:  # noqa: BLE001 - the main thread reports it
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+        finally:
+            client.close()
+
+    def finish(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()

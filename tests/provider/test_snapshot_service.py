@@ -14,6 +14,7 @@ import pytest
 from lunsync.provider.daemon import Array
 from lunsync.provider.snapshot_service import HoldTimeout
 from lunsync.snapshots.catalog import Catalog, CatalogError
+from lunsync.snapshots.cow import CowVolume
 
 BS = 512
 CS = 64 << 10
@@ -338,6 +339,21 @@ def test_a_snapshot_set_with_nothing_in_flight_holds_writes_without_a_trip_throu
     with_array(tmp_path, 2, body)
 
 
+async def unmap_in_flight(vol: CowVolume) -> tuple[asyncio.Task[None], asyncio.Event]:
+    """An UNMAP of ``vol`` that stays in flight (a hold must drain it) until the event is set."""
+    unmapped = asyncio.Event()
+    real = vol.origin.unmap
+
+    async def slow_unmap(ranges: Any) -> None:
+        await unmapped.wait()
+        await real(ranges)
+
+    vol.origin.unmap = slow_unmap  # type: ignore[method-assign]
+    unmap = asyncio.create_task(vol.unmap([(0, 8)]))
+    await asyncio.sleep(0.01)
+    return unmap, unmapped
+
+
 def test_an_abandoned_prepare_takes_nothing_and_writes_resume(tmp_path: Path) -> None:
     async def body(array: Array) -> None:
         svc = array.snapshots
@@ -385,16 +401,7 @@ def test_cancelling_a_prepare_still_draining_releases_what_it_holds(tmp_path: Pa
         assert svc is not None
         vol = svc.volumes["l0"]
         other = svc.volumes["l1"]
-        unmapped = asyncio.Event()
-        real = vol.origin.unmap
-
-        async def slow_unmap(ranges: Any) -> None:
-            await unmapped.wait()
-            await real(ranges)
-
-        vol.origin.unmap = slow_unmap  # type: ignore[method-assign]
-        unmap = asyncio.create_task(vol.unmap([(0, 8)]))
-        await asyncio.sleep(0.01)
+        unmap, unmapped = await unmap_in_flight(vol)
         prepare = asyncio.create_task(svc.prepare([("l0", "s"), ("l1", "s")], set_name="set"))
         await asyncio.sleep(0.05)
         assert not prepare.done() and vol.held and other.held  # draining: the unmap is in flight

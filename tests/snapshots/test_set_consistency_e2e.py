@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from crash.stamps import Stamp, StampClient, parse, stamp
+from crash.stamps import Stamp, StampClient, Turns, parse
 from e2e.harness import DEMO_IQN, Daemon
 
 pytestmark = pytest.mark.e2e
@@ -24,44 +24,9 @@ SETS = 3
 GAP = 60  # writes acknowledged between sets
 
 
-class Turns:
-    """One global sequence handed round the writers: ``acked`` is the highest write acknowledged."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.next = 0
-        self.acked = -1
-        self.stop = False
-        self.error: BaseException | None = None
-
-    def wait_acked(self, n: int, timeout: float = 60) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.acked >= n or self.error is not None, timeout), \
-                f"writers stuck at {self.acked}"
-            if self.error is not None:
-                raise AssertionError(f"a writer failed: {self.error!r}")
-
-
 def writer(d: Daemon, i: int, turns: Turns) -> None:
     client = StampClient("127.0.0.1", d.port, DEMO_IQN, f"iqn.2026-11.io.lunsync:setw{i}", 0x400000C00000 + i)
-    try:
-        while True:
-            with turns.cond:
-                turns.cond.wait_for(lambda: turns.stop or turns.next % LUNS == i)
-                if turns.stop:
-                    return
-                n = turns.next
-            client.write(i + 1, n // LUNS, stamp(Stamp(n, i, n // LUNS, i)))
-            with turns.cond:
-                turns.acked = n
-                turns.next = n + 1
-                turns.cond.notify_all()
-    except Exception as e:  # noqa: BLE001 - the main thread reports it
-        with turns.cond:
-            turns.error = e
-            turns.cond.notify_all()
-    finally:
-        client.close()
+    turns.write_turns(client, i + 1, i, LUNS)
 
 
 def test_every_snapshot_of_a_set_holds_a_prefix_of_one_sequence(daemon_factory: Callable[..., Daemon]) -> None:
@@ -85,9 +50,7 @@ def test_every_snapshot_of_a_set_holds_a_prefix_of_one_sequence(daemon_factory: 
             bounds.append((before, after))
         turns.wait_acked(bounds[-1][1] + GAP)
     finally:
-        with turns.cond:
-            turns.stop = True
-            turns.cond.notify_all()
+        turns.finish()
         for t in threads:
             t.join(30)
     assert turns.error is None, repr(turns.error)
