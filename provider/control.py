@@ -72,7 +72,7 @@ class Control:
 
     def __post_init__(self) -> None:
         self.catalog: Catalog = self.prep.catalog
-        self.assignment = Assignment(self.count, [t.iqn for t in self.catalog.list_targets()])
+        self.assignment = Assignment(self.count, [t.iqn for t in self.catalog.list_targets()], self.near())
         self.directory = Directory()
         self.sync_portal()
         self.server = Server(self.directory, self.prep.settings, hand_off=SessionRouter(self._channel_of))
@@ -147,12 +147,23 @@ class Control:
                 return snap.lun_name
         return None
 
+    def near(self) -> dict[str, str]:
+        """Each target that shows a LUN an earlier target shows -> that earlier target (where the LUN is served)."""
+        out: dict[str, str] = {}
+        for t in self.catalog.list_targets():
+            for m in self.catalog.list_mappings(t.iqn):
+                first = self.catalog.lun_mappings(m.name)[0][0]
+                if first != t.iqn:
+                    out.setdefault(t.iqn, first)
+        return out
+
     def sync_portal(self) -> None:
         """The portal's directory from the catalog: every target with its ACL and CHAP (no LUNs: those are the
         workers'); the placement follows targets made or removed behind the API's back (apply)."""
         targets = self.catalog.list_targets()
+        near = self.near()
         for t in targets:
-            self.assignment.place(t.iqn)
+            self.assignment.place(t.iqn, near.get(t.iqn))
             old = self.directory.lookup(t.iqn)
             chap_rec = self.catalog.get_chap(t.iqn)
             chap = None if chap_rec is None else ChapCredentials(chap_rec.user, chap_rec.secret,
@@ -201,9 +212,14 @@ class Control:
                 resp = await self.decide(decision, req)
         await resp.send(send)
 
+    async def across_workers(self, d: routing.SpansWorkers, req: HttpRequest) -> HttpResponse:
+        """Work over LUNs of several workers (``d.members`` by worker): the seam of the cross-worker coordinator
+        (:func:`lunsync.provider.two_phase.run` over :meth:`call`); until it lands, a 409 that says why."""
+        return _error(409, d.message(), "conflict")
+
     async def decide(self, d: routing.Decision, req: HttpRequest) -> HttpResponse:
         if isinstance(d, routing.SpansWorkers):
-            return _error(409, d.message(), "conflict")
+            return await self.across_workers(d, req)
         if isinstance(d, routing.Local):
             return await self.local(d, req)
         if isinstance(d, routing.FanOut):
@@ -251,19 +267,35 @@ class Control:
             resp = await self.forward(t_owner or 0, req)
             self.sync_portal()
             return resp
+        from lunsync.snapshots.snapcat import SnapshotCatalog
+
+        snaps = SnapshotCatalog(self.catalog).list_snapshots()
         maps = self.catalog.lun_mappings(d.name)
+        has_snapshots = any(s.lun_name == d.name for s in snaps)
+        if maps or has_snapshots:
+            # The LUN stays where it is; the target may go to it, if nothing of the target is live yet.
+            iqn = self.catalog.get_target(d.iqn).iqn
+            if (not self.catalog.list_mappings(iqn) and not self.server.sessions.of_target(iqn)
+                    and not any(s.exposed_target is not None and s.exposed_target.lower() == d.iqn.lower()
+                                for s in snaps)):
+                self.assignment.move(d.iqn, have)
+                log.info("target %s (empty) moves from worker %d to worker %d, which serves lun %s", d.iqn,
+                         t_owner, have, d.name)
+                await self.refresh_workers()
+                resp = await self.forward(have, req)
+                self.sync_portal()
+                return resp
         if maps:
             shown = ", ".join(iqn for iqn, _ in maps)
             return _error(409, f"lun {d.name!r} is mapped on {shown}, served by worker {have}, and target {d.iqn} "
-                               f"is served by worker {t_owner}: a LUN is served by one worker process, so it can "
-                               "only be mapped on that worker's targets; unmap it first to move it", "conflict")
-        from lunsync.snapshots.snapcat import SnapshotCatalog
-
-        if SnapshotCatalog(self.catalog).list_snapshots(d.name):
+                               f"is served by worker {t_owner} and already in use: a LUN is served by one worker "
+                               "process, so it can only be mapped on that worker's targets; unmap it first to move "
+                               "it", "conflict")
+        if has_snapshots:
             return _error(409, f"lun {d.name!r} has snapshots, kept by worker {have} with the unmapped LUNs, and "
-                               f"target {d.iqn} is served by worker {t_owner}: a LUN with snapshots does not move "
-                               "between worker processes; map it on a target of worker 0 (lunsync status)",
-                          "conflict")
+                               f"target {d.iqn} is served by worker {t_owner} and already in use: a LUN with "
+                               "snapshots does not move between worker processes; map it on a target of worker "
+                               f"{have} (lunsync status)", "conflict")
         try:
             released = await self.call(have, "release", {"lun": d.name})
         except (ChannelClosed, RemoteError) as e:

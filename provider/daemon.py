@@ -129,8 +129,8 @@ class Array:
             return True
         try:
             maps = self.catalog.lun_mappings(name)
-        except NotFound:
-            return False
+        except NotFound:  # a deleted origin's snapshots (a clone outlives it) stay with the unmapped LUNs
+            return self.holds_unmapped
         return self.serves_target(maps[0][0]) if maps else self.holds_unmapped
 
     async def load(self) -> None:

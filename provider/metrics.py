@@ -108,7 +108,8 @@ class LunsyncCollector(Collector):
         yield from (reads, writes, read_bytes, write_bytes, latency, capacity, flush_failed, optimized)
 
         sessions = GaugeMetricFamily("lunsync_sessions", "iSCSI sessions in full feature phase (normal and discovery).")
-        sessions.add_metric([], len(self.server.sessions))
+        # Not the sessions a portal handed to a worker process (serve --workers): the worker counts those.
+        sessions.add_metric([], sum(1 for _, p in self.server.sessions.items() if p.given is None))
         yield sessions
         connections = GaugeMetricFamily("lunsync_connections", "Open TCP connections on the iSCSI portals.")
         connections.add_metric([], counters.connections)
@@ -207,7 +208,9 @@ class SnapshotCollector(Collector):
         free = GaugeMetricFamily("lunsync_pool_free_bytes", "Bytes each snapshot pool can still take.", labels=["pool"])
         cap = GaugeMetricFamily("lunsync_pool_capacity_bytes", "Cap of each pool (its filesystem's size if uncapped).",
                                 labels=["pool"])
-        for rec in svc.cat.list_pools():
+        # With serve --workers every worker sees the same pool directories: the one holding the unmapped LUNs
+        # reports them, so that the control's sum is the pool's.
+        for rec in svc.cat.list_pools() if svc.array.holds_unmapped else ():
             usage = svc.pool_usage(rec)
             used.add_metric([rec.name], usage["used_bytes"])
             free.add_metric([rec.name], usage["free_bytes"])
@@ -240,6 +243,8 @@ class SnapshotCollector(Collector):
                                  labels=["snapshot"])
         counts = {"valid": 0, "invalid": 0, "filling": 0}
         for s in svc.cat.list_snapshots():
+            if not svc.array.serves_lun(s.lun_name):
+                continue  # another worker's (serve --workers), counted there
             if s.kind == "clone" and s.state == "valid":
                 done, total = svc.fill_progress.get(s.id, (s.filled_chunks, s.total_chunks))
                 fill.add_metric([s.full_name], 1.0 if s.filled else done / max(total, 1))

@@ -374,11 +374,13 @@ class SnapshotService:
         """After the LUNs and targets are up: resume clone fills and show the exposed snapshots again."""
         targets = set()
         for rec in self.cat.list_snapshots():
-            if rec.lun_name not in self.array.luns:
-                continue  # another worker's LUN (serve --workers): that worker fills and shows its snapshots
-            if rec.kind == "clone" and not rec.filled and rec.state == "valid" and rec.lun_id is not None:
+            # With serve --workers, a clone fills in the worker serving its origin, and an exposure is shown by the
+            # worker serving its target; one process does both.
+            if (rec.kind == "clone" and not rec.filled and rec.state == "valid" and rec.lun_id is not None
+                    and self.array.serves_lun(rec.lun_name)):
                 self._start_fill(rec)
-            if rec.exposed_target is not None and rec.exposed_lun is not None:
+            if (rec.exposed_target is not None and rec.exposed_lun is not None
+                    and self.array.serves_target(rec.exposed_target)):
                 try:
                     lu = await self._make_lu(rec)
                     self.exposures[rec.id] = Exposure(rec.id, rec.exposed_target, rec.exposed_lun, lu)

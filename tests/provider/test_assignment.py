@@ -1,4 +1,5 @@
-"""Placement of targets on workers: round-robin in catalog order at start, least-loaded for new ones, never moved."""
+"""Placement of targets on workers: round-robin in catalog order at start, least-loaded for new ones, moved only when
+told (an empty target, by the control)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,21 @@ def test_n_targets_over_n_workers_give_each_worker_one() -> None:
 def test_zero_workers_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         Assignment(0)
+
+
+def test_a_target_moves_only_when_told_and_only_to_a_worker_that_exists() -> None:
+    a = Assignment(2, ["iqn.2026-11.io.lunsync:a", "iqn.2026-11.io.lunsync:b"])
+    a.move("IQN.2026-11.io.lunsync:a", 1)
+    assert a.owner("iqn.2026-11.io.lunsync:a") == 1 and a.owned_by(0) == []
+    with pytest.raises(ValueError):
+        a.move("iqn.2026-11.io.lunsync:a", 2)
+    with pytest.raises(KeyError):
+        a.move("iqn.2026-11.io.lunsync:unknown", 0)
+
+
+def test_targets_that_show_the_same_lun_go_to_one_worker() -> None:
+    # b shows a LUN a shows: it goes with a, and the deal goes on round-robin for the others.
+    a = Assignment(2, ["a", "b", "c", "d"], near={"b": "a"})
+    assert [a.owner(t) for t in "abcd"] == [0, 0, 1, 0]
+    assert a.place("e", near="c") == 1
+    assert a.place("f", near="nosuch") == 1  # an unplaced neighbour: the least loaded (1 has c, e; 0 has a, b, d)

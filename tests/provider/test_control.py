@@ -141,6 +141,15 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     assert api(d, "POST", f"/targets/{T2}/acls", {"initiator": "iqn.2026-11.org.example:only"}).status_code == 201
     p = run(["qemu-io", "-f", "raw", "-c", "read 0 4k", d.url(0, iqn=T2)], timeout=60)
     assert p.returncode != 0, describe(p)
+    # An empty target goes to the worker of the first LUN it maps (here from worker 0 to worker 1, which has l2).
+    t4 = "iqn.2026-11.io.lunsync:fourth"
+    assert api(d, "POST", "/targets", {"iqn": t4}).status_code == 201
+    assert status(d)["workers"][0]["targets"] == [DEMO_IQN, t4]
+    assert api(d, "POST", f"/targets/{t4}/luns", {"name": "l2"}).status_code == 201
+    w = status(d)["workers"]
+    assert w[0]["targets"] == [DEMO_IQN] and w[1]["targets"] == [T2, t4], w
+    qemu(d.url(0, iqn=t4), "read 0 4k")
+    assert api(d, "DELETE", f"/targets/{t4}?force=true").status_code == 204
     # Deleting a target frees its place; a new one goes to the worker with the fewest.
     assert api(d, "DELETE", f"/targets/{T2}?force=true").status_code == 204
     assert api(d, "POST", "/targets", {"iqn": "iqn.2026-11.io.lunsync:third"}).status_code == 201
