@@ -11,8 +11,9 @@ its channel, and answers what the worker answered; lists are gathered from every
 portals are answered here. After a change the control re-reads what its portal needs (targets, ACLs, CHAP) from the
 catalog, and after one that may move LUNs it has every worker re-read which LUNs it serves, the ones giving LUNs up
 first. ``/metrics`` is every process's exposition summed at scrape time. :meth:`Control.call` is the one way to ask
-a worker something; work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409
-until a coordinator for it exists.
+a worker something. A snapshot set over LUNs of several workers is taken by the two-phase hold of
+:mod:`lunsync.provider.cross_set`; other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is
+refused with a 409 that names the workers.
 """
 
 from __future__ import annotations
@@ -213,8 +214,11 @@ class Control:
         await resp.send(send)
 
     async def across_workers(self, d: routing.SpansWorkers, req: HttpRequest) -> HttpResponse:
-        """Work over LUNs of several workers (``d.members`` by worker): the seam of the cross-worker coordinator
-        (:func:`lunsync.provider.two_phase.run` over :meth:`call`); until it lands, a 409 that says why."""
+        """Work over LUNs of several workers (``d.members`` by worker): a snapshot set is taken by the cross-worker
+        coordinator (:meth:`snapshot_set`); anything else is a 409 that says why and names the workers."""
+        if d.what == routing.SNAPSHOT_SET and req.method == "POST":
+            async with self.lock:
+                return await self.snapshot_set(req)
         return _error(409, d.message(), "conflict")
 
     async def decide(self, d: routing.Decision, req: HttpRequest) -> HttpResponse:
@@ -242,6 +246,43 @@ class Control:
             else:
                 self.sync_portal()
         return resp
+
+    async def snapshot_set(self, req: HttpRequest) -> HttpResponse:
+        """POST /v1/snapshots over LUNs of several workers: one point in time by the two-phase hold
+        (:mod:`lunsync.provider.cross_set`), recorded once here; each snapshot is then shown by its LUN's worker, as
+        one process shows it."""
+        from lunsync.provider import cross_set
+        from lunsync.provider.api import _status_of
+        from lunsync.provider.api_snapshots import SnapshotsIn
+        from lunsync.snapshots.catalog import CatalogError
+        from lunsync.snapshots.snapcat import SnapshotCatalog, parse_snapshot_name
+        from pydantic import ValidationError
+
+        try:
+            body = SnapshotsIn.model_validate(req.json())
+            specs = [parse_snapshot_name(n) for n in body.snapshots]
+        except (ValidationError, CatalogError) as e:
+            return _error(422, str(e), "invalid")
+        try:
+            recs, hold_ms = await cross_set.create_set(
+                SnapshotCatalog(self.catalog), specs, self.lun_owner, self.call, kind=body.kind, pool=body.pool,
+                set_name=body.set, labels=body.labels)
+        except (CatalogError, OSError) as e:
+            status = _status_of(e)
+            return _error(status, str(e), "conflict" if status == 409 else "not_found" if status == 404 else
+                          "invalid")
+        shown = []
+        for rec in recs:
+            one = await self.forward(self.lun_owner(rec.lun_name) or 0, HttpRequest(
+                "GET", f"/v1/snapshots/{rec.full_name}", "", (), b""))
+            if not one.ok:
+                return one
+            shown.append(one.json())
+        headers: tuple[tuple[str, str], ...] = ()
+        if body.kind == "clone":  # as one process answers: filling in the background, and where to watch it
+            headers = (("location", f"/v1/snapshots/{recs[0].full_name}"),)
+        return HttpResponse.of_json(202 if body.kind == "clone" else 201,
+                                    {"snapshots": shown, "set": body.set, "hold_ms": round(hold_ms, 3)}, headers)
 
     async def create_target(self, iqn: str, req: HttpRequest) -> HttpResponse:
         new = self.assignment.owner(iqn) is None

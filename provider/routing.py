@@ -12,8 +12,8 @@ decides where a request goes; it never re-implements an operation. The rules, in
   sets) go to every worker and are merged (:class:`FanOut`); lists that are the catalog's alone (LUNs, export,
   pools) go to worker 0;
 - status, portals and the logout of a session are the control's own (:class:`Local`);
-- a snapshot set, a restore or a copy whose LUNs live on several workers is :class:`SpansWorkers`, which the
-  control answers with a 409 until the cross-worker coordinator takes it;
+- a snapshot set, a restore or a copy whose LUNs live on several workers is :class:`SpansWorkers`: the control takes
+  a snapshot set by the two-phase hold and answers the others with a 409;
 - recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``).
 
 Pure: the placement is passed in as functions, and the decision is a value.
@@ -72,6 +72,9 @@ class MapLun:
 
     iqn: str
     name: str
+
+
+SNAPSHOT_SET = "a snapshot set"  # the one SpansWorkers the control carries out (lunsync.provider.cross_set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,7 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
             if write:
                 snaps = obj.get("snapshots")
                 names = [n for n in (_lun_of(s) for s in snaps) if n] if isinstance(snaps, list) else []
-                return _one_or_spans("a snapshot set", names, where)
+                return _one_or_spans(SNAPSHOT_SET, names, where)
             return FanOut("snapshots")
         lun = _lun_of(rest[0])
         owner = where.lun_owner(lun) if lun is not None else None

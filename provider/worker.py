@@ -6,6 +6,7 @@ this worker owns (:mod:`lunsync.provider.assignment`). The worker opens the cata
 the unmapped LUNs), resumes their restores, and says ``ready``. It has no listening socket: sessions arrive logged in,
 socket and state, over the channel (:func:`lunsync.provider.channel.serve_sessions`). It answers the control's calls:
 ``http`` runs a forwarded API request through this worker's own FastAPI app (:mod:`lunsync.provider.forward`),
+the hold calls of a snapshot set over several workers (:mod:`lunsync.provider.cross_set`),
 ``refresh`` re-reads the catalog for what changed hands, ``release`` closes an unmapped LUN another worker is about to
 take, ``status`` and ``metrics`` say what it serves and counts. It stops when its channel closes (the control's
 request, or its death), draining in-flight commands and flushing every LUN as a single daemon does.
@@ -28,8 +29,11 @@ import socket
 import sys
 
 from lunsync.provider.channel import Channel, report_closed_sessions, serve_sessions
+from lunsync.provider.cross_set import METHODS as HOLD_METHODS
+from lunsync.provider.cross_set import HoldParticipant
 from lunsync.provider.forward import BadForward, HttpRequest, run_asgi
 from lunsync.provider.rpc import Call, Json, Message, Notice, Reply
+from lunsync.snapshots.catalog import CatalogError
 
 log = logging.getLogger("lunsync.worker")
 
@@ -83,6 +87,7 @@ class WorkerProcess:
         ctx = ApiContext(self.array, self.server, "", counters, max_body_bytes=a.api_max_body)
         self.app = body_limit(create_app(ctx), a.api_max_body)
         self.registry = array_registry(self.array, self.server, counters)
+        self.holds = HoldParticipant(lambda: self.array.snapshots)
         self.channel = Channel(socket.socket(fileno=a.fd), self.on_message, self.done.set)
         report_closed_sessions(self.server, self.channel)
         self.channel.send(Notice("ready", {"pid": os.getpid()}))
@@ -92,6 +97,7 @@ class WorkerProcess:
     async def stop(self) -> None:
         from lunsync.provider import resync_array
 
+        await self.holds.lost()  # the control is gone: no commit or record news can come
         await self.server.stop()
         await resync_array.detach(self.array)
         await self.array.close()
@@ -110,6 +116,11 @@ class WorkerProcess:
         except BadForward as e:
             self.channel.send(Reply(call.id, error=str(e), status=500))
             return
+        except CatalogError as e:  # a hold call refused (the control says which worker and why)
+            from lunsync.provider.api import _status_of
+
+            self.channel.send(Reply(call.id, error=str(e), status=_status_of(e)))
+            return
         except Exception as e:  # the control's call fails with the reason; the worker serves on
             log.exception("worker: call %s failed", call.method)
             self.channel.send(Reply(call.id, error=f"{type(e).__name__}: {e}", status=500))
@@ -120,6 +131,8 @@ class WorkerProcess:
         array = self.array
         if method == "http":
             return (await run_asgi(self.app, HttpRequest.from_params(params))).to_result()
+        if method in HOLD_METHODS:
+            return await self.holds.call(method, params)
         if method == "refresh":
             # What changed hands: close LUNs that are no longer ours (open=False, first on every worker), then open
             # what is ours now (open=True).

@@ -116,13 +116,24 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     # A LUN mapped on worker 1's target cannot also be shown by worker 0's: one LUN, one process.
     r = api(d, "POST", f"/targets/{DEMO_IQN}/luns", {"name": "l2"})
     assert r.status_code == 409 and "worker 1" in r.json()["error"] and "unmap it first" in r.json()["error"], r.text
-    # A snapshot set over LUNs of two workers is refused, naming them, until the cross-worker hold exists.
-    r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@s", "l2@s"]})
+    # A snapshot set over LUNs of two workers is taken by the control's two-phase hold, as one set; one whose
+    # name is taken is refused (409) before anything is held.
+    r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@x", "l2@x"], "set": "x"})
+    assert r.status_code == 201, r.text
+    assert [(s["name"], s["set"]) for s in r.json()["snapshots"]] == [("demo0@x", "x"), ("l2@x", "x")], r.text
+    r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@x", "l2@y"]})
+    assert r.status_code == 409 and "demo0@x" in r.json()["error"], r.text
+    # A restore onto another worker's LUN, and exposing a snapshot on another worker's target, are refused with a
+    # 409 that names each worker's part.
+    r = api(d, "POST", "/recovery/resync", {"pairs": [{"snapshot": "demo0@x", "destination": "l2"}]})
+    assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
+    assert "worker 0: demo0" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
+    r = api(d, "POST", "/snapshots/demo0@x/expose", {"target": T2})
     assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
     # One worker's set is taken by that worker.
     r = api(d, "POST", "/snapshots", {"snapshots": ["l2@s"]})
     assert r.status_code == 201, r.text
-    assert [s["name"] for s in api(d, "GET", "/snapshots").json()] == ["l2@s"]
+    assert sorted(s["name"] for s in api(d, "GET", "/snapshots").json()) == ["demo0@x", "l2@s", "l2@x"]
     # An unmapped LUN lives on worker 0 and moves with its first mapping on another worker's target.
     assert api(d, "POST", "/luns", {"name": "l3", "size": "16MiB"}).status_code == 201
     assert "l3" in status(d)["workers"][0]["luns"]
