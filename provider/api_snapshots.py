@@ -29,7 +29,7 @@ from lunsync.provider.api import (
 from lunsync.provider.config import MAX_LUN_NUMBER
 from lunsync.snapshots.catalog import AlreadyExists
 from lunsync.snapshots.model import labels_match
-from lunsync.snapshots.snapcat import PoolRecord, SnapshotRecord, parse_snapshot_name, validate_name
+from lunsync.snapshots.snapcat import PoolRecord, SnapshotCatalog, SnapshotRecord, parse_snapshot_name, validate_name
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
@@ -135,6 +135,20 @@ class BackupOut(BaseModel):
     created_at: str
     schema_version: int
     pools: list[BackupPoolOut]
+
+
+def retried_set(cat: SnapshotCatalog, specs: list[tuple[str, str]], body: SnapshotsIn
+                ) -> tuple[list[SnapshotRecord], list[str]] | None:
+    """A create of ``specs`` the catalog refused as existing: when every snapshot it names is there already, it is a
+    retried request (no new point in time), and this returns them with how each differs from ``body``; None when
+    some are not (a real clash)."""
+    existing = {(x.lun_name, x.name): x for x in cat.list_snapshots()}
+    if not all(spec in existing for spec in specs):
+        return None
+    recs = [existing[spec] for spec in specs]
+    return recs, [d for rec in recs for d in differences(
+        {"kind": body.kind, "pool": body.pool, "set": body.set, "labels": body.labels},
+        {"kind": rec.kind, "pool": rec.pool, "set": rec.set_name, "labels": rec.labels})]
 
 
 def _snapshot_out(svc: SnapshotService, rec: SnapshotRecord) -> SnapshotOut:
@@ -243,14 +257,10 @@ def snapshot_router(ctx: ApiContext) -> APIRouter:
         try:
             recs, hold_ms = await s.create(specs, body.kind, body.pool, body.set, body.labels)
         except AlreadyExists as clash:
-            # A retried request: every snapshot it names is there already, taken as asked (no new point in time).
-            existing = {(x.lun_name, x.name): x for x in s.cat.list_snapshots()}
-            if not all(spec in existing for spec in specs):
+            retry = retried_set(s.cat, specs, body)
+            if retry is None:
                 raise clash from None
-            recs = [existing[spec] for spec in specs]
-            diffs = [d for rec in recs for d in differences(
-                {"kind": body.kind, "pool": body.pool, "set": body.set, "labels": body.labels},
-                {"kind": rec.kind, "pool": rec.pool, "set": rec.set_name, "labels": rec.labels})]
+            recs, diffs = retry
             existing_or_conflict("snapshot " + ", ".join(rec.full_name for rec in recs), diffs, response)
             hold_ms = 0.0
         else:

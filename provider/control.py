@@ -253,8 +253,8 @@ class Control:
         one process shows it."""
         from lunsync.provider import cross_set
         from lunsync.provider.api import _status_of
-        from lunsync.provider.api_snapshots import SnapshotsIn
-        from lunsync.snapshots.catalog import CatalogError
+        from lunsync.provider.api_snapshots import SnapshotsIn, retried_set
+        from lunsync.snapshots.catalog import AlreadyExists, CatalogError
         from lunsync.snapshots.snapcat import SnapshotCatalog, parse_snapshot_name
         from pydantic import ValidationError
 
@@ -263,10 +263,20 @@ class Control:
             specs = [parse_snapshot_name(n) for n in body.snapshots]
         except (ValidationError, CatalogError) as e:
             return _error(422, str(e), "invalid")
+        scat = SnapshotCatalog(self.catalog)
+        status = 202 if body.kind == "clone" else 201
         try:
-            recs, hold_ms = await cross_set.create_set(
-                SnapshotCatalog(self.catalog), specs, self.lun_owner, self.call, kind=body.kind, pool=body.pool,
-                set_name=body.set, labels=body.labels)
+            recs, hold_ms = await cross_set.create_set(scat, specs, self.lun_owner, self.call, kind=body.kind,
+                                                       pool=body.pool, set_name=body.set, labels=body.labels)
+        except AlreadyExists as clash:  # a retried request answers what it made, as one process does
+            retry = retried_set(scat, specs, body)
+            if retry is None:
+                return _error(409, str(clash), "conflict")
+            recs, diffs = retry
+            if diffs:
+                return _error(409, f"snapshot {', '.join(r.full_name for r in recs)} already exists with a "
+                                   f"different spec: {'; '.join(diffs)}", "conflict")
+            hold_ms, status = 0.0, 200
         except (CatalogError, OSError) as e:
             status = _status_of(e)
             return _error(status, str(e), "conflict" if status == 409 else "not_found" if status == 404 else
@@ -279,10 +289,10 @@ class Control:
                 return one
             shown.append(one.json())
         headers: tuple[tuple[str, str], ...] = ()
-        if body.kind == "clone":  # as one process answers: filling in the background, and where to watch it
+        if status == 202:  # as one process answers: filling in the background, and where to watch it
             headers = (("location", f"/v1/snapshots/{recs[0].full_name}"),)
-        return HttpResponse.of_json(202 if body.kind == "clone" else 201,
-                                    {"snapshots": shown, "set": body.set, "hold_ms": round(hold_ms, 3)}, headers)
+        return HttpResponse.of_json(status, {"snapshots": shown, "set": body.set, "hold_ms": round(hold_ms, 3)},
+                                    headers)
 
     async def create_target(self, iqn: str, req: HttpRequest) -> HttpResponse:
         new = self.assignment.owner(iqn) is None

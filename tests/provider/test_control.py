@@ -123,6 +123,11 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     assert [(s["name"], s["set"]) for s in r.json()["snapshots"]] == [("demo0@x", "x"), ("l2@x", "x")], r.text
     r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@x", "l2@y"]})
     assert r.status_code == 409 and "demo0@x" in r.json()["error"], r.text
+    # Retried as it was, it answers what it took (200); retried with another spec, a 409 naming the difference.
+    r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@x", "l2@x"], "set": "x"})
+    assert r.status_code == 200 and [s["name"] for s in r.json()["snapshots"]] == ["demo0@x", "l2@x"], r.text
+    r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@x", "l2@x"], "set": "x", "labels": {"k": "v"}})
+    assert r.status_code == 409 and "different spec" in r.json()["error"], r.text
     # A restore onto another worker's LUN, and exposing a snapshot on another worker's target, are refused with a
     # 409 that names each worker's part.
     r = api(d, "POST", "/recovery/resync", {"pairs": [{"snapshot": "demo0@x", "destination": "l2"}]})
