@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from crash.stamps import Stamp, StampClient, Turns, parse, stamp
@@ -30,7 +31,7 @@ from lunsync.provider.channel import Channel
 from lunsync.provider.daemon import Array
 from lunsync.provider.rpc import Json, Message, Notice
 from lunsync.provider.snapshot_service import HoldTimeout
-from lunsync.snapshots.catalog import Catalog, Invalid, NotFound
+from lunsync.snapshots.catalog import Catalog, CatalogError, Invalid, NotFound
 from lunsync.snapshots.snapcat import SnapshotCatalog, SnapshotRecord
 
 from tests.provider.test_snapshot_service import unmap_in_flight
@@ -315,3 +316,26 @@ def test_a_lost_control_completes_a_recorded_set_and_abandons_an_unrecorded_one(
         assert rec.full_name == "a1@u"
 
     in_process(tmp_path, body)
+
+
+def test_a_set_the_catalog_refuses_after_the_commit_is_taken_back_on_every_worker(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with two_workers(tmp_path) as (workers, cat):
+            real = cat.record_snapshots
+
+            def refuse(*args: Any, **kwargs: Any) -> None:
+                raise CatalogError("disk full (injected)")
+
+            cat.record_snapshots = refuse  # type: ignore[method-assign]
+            with pytest.raises(CatalogError, match="injected"):
+                await cross_set.create_set(cat, [(n, "s") for n in ORDER], owner, workers.call, set_name="s")
+            cat.record_snapshots = real  # type: ignore[method-assign]
+            assert cat.list_snapshots() == []
+            await write_once(workers, "a0", 0)
+            await write_once(workers, "b0", 0)
+            # Each worker settled it (its snapshot operations would wait for the news otherwise): the same set again.
+            recs, _ = await asyncio.wait_for(cross_set.create_set(cat, [(n, "s") for n in ORDER], owner,
+                                                                  workers.call, set_name="s"), 10)
+            assert sorted(r.full_name for r in recs) == ["a0@s", "a1@s", "b0@s"]
+
+    asyncio.run(go())
