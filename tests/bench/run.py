@@ -137,6 +137,8 @@ def main() -> int:
          [PY, "tests/bench/rbd_snapshots.py"]),
         ("scaling: N targets on N workers, pinned initiators, 4 KiB QD32: tests/bench/scaling.py",
          [PY, "tests/bench/scaling.py"]),
+        ("snapshot set of 2 LUNs on 2 workers vs one process, writes held: tests/bench/cross_set_hold.py",
+         [PY, "tests/bench/cross_set_hold.py"]),
     ]
     for title, cmd in own:
         if (REPO / cmd[1]).exists():
