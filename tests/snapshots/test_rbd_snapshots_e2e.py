@@ -267,12 +267,10 @@ def test_a_resync_to_a_new_lun_from_an_rbd_snapshot_makes_a_new_image(rbd_daemon
     # An image of the new LUN's name is somebody's: it is never taken over, and nothing is left of the attempt.
     rbd.RBD().create(ioctx, "rn-taken", 16 * MiB)
     assert "exists already" in cli(d, "resync", "rn@s1", "--to", "rn-taken", ok=False)
-    assert "rn-taken" not in {lun["name"] for lun in cli(d, "lun", "list")}
     assert "does not exist" in cli(d, "resync", "rn@s1", "--to", "rn-x", "--pool", "no-such-pool", ok=False)
     cli(d, "snapshot", "create", "demo0@rn-file")  # a file LUN's snapshot makes a file LUN: no pool to name
     assert "only a restore from an RBD snapshot" in cli(d, "resync", "demo0@rn-file", "--to", "rn-f", "--pool", POOL,
                                                         ok=False)
-    assert "rn-f" not in {lun["name"] for lun in cli(d, "lun", "list")}
     cli(d, "snapshot", "delete", "demo0@rn-file")
     # Into the snapshot's own pool by default, and into another pool when named.
     with rados.Rados(conffile=str(ceph_cluster.conf), name="client.admin") as cluster:
@@ -280,20 +278,22 @@ def test_a_resync_to_a_new_lun_from_an_rbd_snapshot_makes_a_new_image(rbd_daemon
         with cluster.open_ioctx("rbd-b") as other:
             rbd.RBD().pool_init(other, False)
             for dest, pool in (("rn-same", None), ("rn-other", "rbd-b")):
-                args = ["--pool", pool] if pool else []
-                rid = cli(d, "resync", "rn@s1", "--to", dest, *args)["id"]
+                rid = cli(d, "resync", "rn@s1", "--to", dest, *(["--pool", pool] if pool else []))["id"]
                 final = cli(d, "recovery", "wait", rid, timeout=90)
                 assert final["state"] == "done", final
                 (pair,) = final["pairs"]
                 assert pair["new_lun"] and pair["bytes_copied"] == 16 * MiB, pair
-                made = cli(d, "lun", "show", dest)
-                assert (made["backend"], made["path"]) == ("rbd", f"{pool or POOL}/{dest}"), made
                 with rbd.Image(other if pool else ioctx, dest, read_only=True) as img:
                     assert img.read(0, 16 * MiB) == b"\x41" * (16 * MiB)  # in the image itself, not a file
-                cli(d, "lun", "map", dest, "--target", DEMO_IQN, "--lun", "13")
-                assert_reads(d, 13, 0x41, 0, 16 * MiB)
-                write(d, 13, 0x43, 0, MiB)  # the new LUN is writable; the origin does not see it
-                assert_reads(d, 12, 0x42, 0, MiB)
-                cli(d, "lun", "unmap", dest, "--target", DEMO_IQN)
+            luns = {lun["name"]: lun for lun in cli(d, "lun", "list")}
+            assert not {"rn-taken", "rn-x", "rn-f"} & set(luns), sorted(luns)  # the refused ones left no LUN
+            assert (luns["rn-same"]["backend"], luns["rn-same"]["path"]) == ("rbd", f"{POOL}/rn-same")
+            assert (luns["rn-other"]["backend"], luns["rn-other"]["path"]) == ("rbd", "rbd-b/rn-other")
+            cli(d, "lun", "map", "rn-same", "--target", DEMO_IQN, "--lun", "13")  # served like any RBD LUN
+            assert_reads(d, 13, 0x41, 0, 16 * MiB)
+            write(d, 13, 0x43, 0, MiB)  # the new LUN is writable; the origin does not see it
+            assert_reads(d, 12, 0x42, 0, MiB)
+            cli(d, "lun", "unmap", "rn-same", "--target", DEMO_IQN)
+            for dest in ("rn-same", "rn-other"):
                 cli(d, "lun", "delete", dest, "--delete-image")
     d.assert_healthy()
