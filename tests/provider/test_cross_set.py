@@ -139,6 +139,7 @@ async def read_snapshots(data: Path, recs: list[SnapshotRecord], blocks: int) ->
         cat.close()
 
 
+@pytest.mark.e2e  # worker processes serving iSCSI to a real client
 def test_a_set_across_two_workers_holds_a_prefix_of_one_sequence(tmp_path: Path) -> None:
     async def go() -> None:
         bounds: list[tuple[int, int]] = []
@@ -205,6 +206,7 @@ async def write_once(workers: Workers, name: str, block: int, timeout: float = 5
     await asyncio.wait_for(asyncio.to_thread(go), timeout)
 
 
+@pytest.mark.e2e  # worker processes serving iSCSI to a real client
 def test_a_member_that_cannot_hold_aborts_the_set_everywhere(tmp_path: Path) -> None:
     async def go() -> None:
         # Worker 1 does not serve b0 (as when its store could not be opened): its prepare fails.
@@ -219,6 +221,7 @@ def test_a_member_that_cannot_hold_aborts_the_set_everywhere(tmp_path: Path) -> 
     asyncio.run(go())
 
 
+@pytest.mark.e2e  # worker processes serving iSCSI to a real client
 def test_a_worker_killed_between_prepare_and_commit_leaves_nothing_taken(tmp_path: Path) -> None:
     async def go() -> None:
         async with two_workers(tmp_path) as (workers, cat):
@@ -318,6 +321,7 @@ def test_a_lost_control_completes_a_recorded_set_and_abandons_an_unrecorded_one(
     in_process(tmp_path, body)
 
 
+@pytest.mark.e2e  # worker processes serving iSCSI to a real client
 def test_a_set_the_catalog_refuses_after_the_commit_is_taken_back_on_every_worker(tmp_path: Path) -> None:
     async def go() -> None:
         async with two_workers(tmp_path) as (workers, cat):
