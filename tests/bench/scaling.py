@@ -4,9 +4,9 @@ For ``--workers 1`` and ``--workers 2`` this starts ``lunsync serve`` with N = w
 512-byte blocks) and drives every target at once with its own client, pinned with ``taskset`` to core ``i % cores``:
 4 KiB random reads at QD32 with libiscsi's ``iscsi-perf -r -m 32 -b 8``, then 4 KiB writes at QD32 with
 ``qemu-img bench -w -d 32 -s 4096`` (iscsi-perf only reads; qemu-img's writes are sequential). It prints the aggregate
-IOPS, and the CPU time per command of every daemon process (utime + stime from /proc/PID/stat over the phase, divided
-by the commands of the phase; the control process, which only logs in and hands sessions off, separately) and of the
-initiators (from their rusage). A daemon without ``--workers`` is measured as one process for the 1-worker row and
+IOPS, and the CPU time per command of each worker (utime + stime from /proc/PID/stat over the phase, divided by the
+commands of the targets it serves, which ``lunsync status`` names), of the control process (which only logs in and
+hands sessions off; over all the phase's commands) and of the initiators (from their rusage). A daemon without ``--workers`` is measured as one process for the 1-worker row and
 the 2-worker row is skipped, saying so.
 
 The modelled figure for 16 cores is computed from this run's measurements, and its method printed beside it: the
@@ -22,6 +22,7 @@ Usage: python tests/bench/scaling.py [--seconds S] [--workers 1,2]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,16 +71,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return sorted(out)
-
-
 @dataclass
 class Phase:
     name: str
@@ -87,6 +79,7 @@ class Phase:
     seconds: float
     control_cpu_s: float | None  # None: one process serves everything
     worker_cpu_s: list[float]
+    worker_commands: list[int]  # the commands of the targets each worker serves
     initiator_cpu_s: float
 
     def per_cmd_us(self, cpu: float) -> float:
@@ -95,6 +88,10 @@ class Phase:
     @property
     def worker_us(self) -> float:
         return self.per_cmd_us(sum(self.worker_cpu_s))
+
+    @property
+    def each_worker_us(self) -> list[float]:
+        return [cpu / max(1, n) * 1e6 for cpu, n in zip(self.worker_cpu_s, self.worker_commands, strict=True)]
 
     @property
     def control_us(self) -> float:
@@ -118,8 +115,10 @@ class Daemon:
         cfg = tmp / "scale.toml"
         cfg.write_text(config(n))
         self.log_path = tmp / "daemon.log"
-        cmd = [PY, "-m", "lunsync.provider.cli", "serve", "--config", str(cfg), "--data-dir", str(tmp / "data"),
-               "--listen", f"127.0.0.1:{self.port}", "--api", "off", "--metrics", "off"]
+        self.api_port = free_port()
+        self.data_dir = tmp / "data"
+        cmd = [PY, "-m", "lunsync.provider.cli", "serve", "--config", str(cfg), "--data-dir", str(self.data_dir),
+               "--listen", f"127.0.0.1:{self.port}", "--api", f"127.0.0.1:{self.api_port}", "--metrics", "off"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         with open(self.log_path, "wb") as log:
@@ -135,9 +134,18 @@ class Daemon:
                                      f"{self.log_path.read_text()[-2000:]}")
                 time.sleep(0.2)
 
-    def processes(self) -> tuple[int, list[int]]:
-        """The daemon's pid and its worker processes' (none when it serves alone)."""
-        return self.proc.pid, [c for c in children(self.proc.pid) if "lunsync" in _cmdline(c)]
+    def processes(self) -> tuple[int, list[int], dict[int, list[int]]]:
+        """The daemon's pid, its worker processes' (none when it serves alone), and which targets (by index) each
+        worker serves, as ``lunsync status`` says."""
+        token = (self.data_dir / "api-token").read_text().strip()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}/v1/status",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status = json.loads(r.read())
+        index = {IQN.format(i).lower(): i for i in range(len(self.urls))}
+        owns = {int(w["pid"]): [index[t.lower()] for t in w["targets"] if t.lower() in index]
+                for w in status.get("workers", [])}
+        return self.proc.pid, sorted(owns), owns
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -146,13 +154,6 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def pinned(i: int, cmd: list[str]) -> list[str]:
@@ -180,7 +181,7 @@ def wait_rusage(p: subprocess.Popen[str], timeout: float) -> tuple[str, float]:
 def measure(d: Daemon, name: str, cmds: list[list[str]], timeout: float,
             count: Callable[[str], int]) -> Phase:
     """Run every client at once (client i pinned to core i % cores) and account the daemon's CPU over the run."""
-    control, workers = d.processes()
+    control, workers, owns = d.processes()
     procs = [control, *workers]
     before = [cpu_s(p) for p in procs]
     start = time.monotonic()
@@ -189,11 +190,13 @@ def measure(d: Daemon, name: str, cmds: list[list[str]], timeout: float,
     outs = [wait_rusage(c, timeout) for c in clients]
     seconds = time.monotonic() - start
     used = [cpu_s(p) - b for p, b in zip(procs, before, strict=True)]
-    commands = sum(count(o) for o, _ in outs)
+    per_target = [count(o) for o, _ in outs]
+    commands = sum(per_target)
     initiators = sum(cpu for _, cpu in outs)
     if workers:
-        return Phase(name, commands / seconds, commands, seconds, used[0], used[1:], initiators)
-    return Phase(name, commands / seconds, commands, seconds, None, used, initiators)
+        return Phase(name, commands / seconds, commands, seconds, used[0], used[1:],
+                     [sum(per_target[t] for t in owns[w]) for w in workers], initiators)
+    return Phase(name, commands / seconds, commands, seconds, None, used, [commands], initiators)
 
 
 def perf_commands(out: str) -> int:
@@ -207,8 +210,9 @@ def perf_commands(out: str) -> int:
 def run_row(tmp: Path, workers: int, flag: bool, seconds: int) -> Row:
     d = Daemon(tmp, workers, workers if flag else None)
     try:
-        control, kids = d.processes()
-        row = Row(workers, f"control pid {control} + workers {kids}" if kids else f"one process, pid {control}")
+        control, kids, owns = d.processes()
+        row = Row(workers, f"control pid {control} + workers " + ", ".join(
+            f"{k} (targets {owns[k]})" for k in kids) if kids else f"one process, pid {control}")
         reads = measure(d, "4 KiB random read, QD32 (iscsi-perf)", [
             ["iscsi-perf", "-r", "-m", "32", "-b", "8", "-t", str(seconds), "-i",
              f"iqn.2026-11.io.lunsync:scale-init{i}", url] for i, url in enumerate(d.urls)],
@@ -244,7 +248,8 @@ def report(rows: list[Row], skipped: list[str]) -> None:
         for ph in row.phases:
             ctl = "-" if ph.control_cpu_s is None else f"{ph.control_us:.1f}"
             busy = "/".join(f"{s / ph.seconds * 100:.0f}%" for s in ph.worker_cpu_s)
-            print(f"{row.workers:>7} {ph.name:<40} {ph.iops:>8.0f} {ph.worker_us:>13.1f} {ctl:>14} "
+            each = "/".join(f"{u:.1f}" for u in ph.each_worker_us)
+            print(f"{row.workers:>7} {ph.name:<40} {ph.iops:>8.0f} {each:>13} {ctl:>14} "
                   f"{ph.initiator_us:>16.1f} {busy:>12} {ceiling_here(row.workers, ph):>14.0f}")
         print(f"{'':>7}   ({row.processes})")
     by_phase: dict[str, list[tuple[int, float]]] = {}
