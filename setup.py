@@ -1,9 +1,10 @@
 """Build of lunsync: pyproject.toml holds the metadata; this file adds the native modules.
 
 The iSCSI data path (PDU codec, connection, the per-command task runner and statistics, SCSI dispatch with the
-READ/WRITE handlers and the logical unit) is compiled with mypyc from the same typed sources, which stay the source of truth and run as they are. The storage
-engine (snapshots/) is not compiled yet: its tests replace methods of live objects and time cancellations in ways
-native classes and coroutines do not follow. LUNSYNC_PURE=1 builds a pure-Python package. An in-place build (an editable install) is always pure: a native
+READ/WRITE handlers and the logical unit) and the file and block backends under it are compiled with mypyc from the
+same typed sources, which stay the source of truth and run as they are. The rest of the storage engine (snapshots/:
+the copy-on-write volume, resync, the catalog) is not compiled: a WRITE that needs nothing of the volume passes it by
+(InlineWrite), and its tests still replace methods of live objects. LUNSYNC_PURE=1 builds a pure-Python package. An in-place build (an editable install) is always pure: a native
 module next to its .py would shadow every later edit of it.
 """
 
@@ -34,6 +35,7 @@ NATIVE = [
     "target/scsi/target.py",
     "target/stats.py",
     "target/execution.py",
+    "snapshots/backend.py",
 ]
 
 

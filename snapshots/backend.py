@@ -18,6 +18,9 @@ refused with :class:`~lunsync.snapshots.errors.Saturated` (TASK SET FULL), so a 
 bound. This state belongs to the backend, so it moves with the LUN. Each backend keeps plain integer
 counters that a metrics collector samples; nothing here talks to Prometheus.
 
+This module is compiled with mypyc (setup.py) along with the SCSI layer: a plain WRITE reaches ``pwritev`` through
+:meth:`write_inline` with no coroutine, and the RBD backend, which stays interpreted, subclasses :class:`StoreBase`.
+
 Read buffers: every :meth:`read` returns a fresh ``bytearray`` that the caller owns outright. The backend keeps no
 reference to it and never reuses it, so it stays valid for as long as the caller holds it and may be mutated freely.
 A microbenchmark of a free-list pool against a fresh ``bytearray`` per read (page-cache hits, this 2-core box) showed
@@ -86,6 +89,17 @@ def _check_geometry(size_bytes: int, block_size: int) -> None:
         raise ValueError(f"size {size_bytes} is not a positive multiple of the block size {block_size}")
 
 
+def _no_mypyc_attr(**_: object) -> Callable[[type[_T]], type[_T]]:
+    return lambda cls: cls
+
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # an install without mypy: the decorator only tells mypyc something, and a no-op does as well
+    mypyc_attr = _no_mypyc_attr  # type: ignore[assignment]
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)  # the RBD backend (lunsync.snapshots.rbd) is not compiled
 class StoreBase:
     """What every backend shares (file, block device, RBD image): its geometry, the read-only flag, the range check,
     and the plain integer counters a metrics collector samples (ints because the hot path must not call into
@@ -294,12 +308,27 @@ class _FdBackend(StoreBase):
         Without ``fua`` the data is in the page cache when this returns; with ``fua`` an fdatasync that started after
         the write completed has returned.
         """
-        # Once per WRITE command, and interpreted: the checks are inlined, with the methods called only to raise, and
-        # bytes or a bytearray (what the SCSI layer hands down) goes to pwritev as it is: about 0.3 us of the 1.5 us
-        # this method cost above its pwritev (tmpfs, interleaved runs).
-        if self._closed or self._read_only:
-            self._live_fd()
-            self._check_writable()
+        if not self.write_inline(lba, data):
+            if self._closed or self._read_only:
+                self._live_fd()
+                self._check_writable()
+            view = self._write_view(lba, data)  # flat bytes, checked: raises what is wrong with them
+            try:
+                await self._offloaded_write(self._fd, view, lba)
+            except OSError as exc:
+                raise storage_error(exc, f"write {self.path} at block {lba}", lba, write=True) from exc
+            self.writes += 1
+            self.write_bytes += view.nbytes
+        if fua:
+            await self._flush()
+
+    def write_inline(self, lba: int, data: Buffer) -> bool:
+        """:class:`~lunsync.snapshots.device.InlineWrite`: ``pwritev`` into the page cache, unless this store's
+        writes go to its threads now (False) or the store is closed or read-only (False: :meth:`write` raises)."""
+        # Once per WRITE command: the checks are inlined, with the methods called only to raise, and bytes or a
+        # bytearray (what the SCSI layer hands down) goes to pwritev as it is.
+        if self._closed or self._read_only or self._offload_writes or self._inline_after:
+            return False
         fd = self._fd
         bs = self._block_size
         if isinstance(data, (bytes, bytearray)) and not len(data) % bs and 0 <= lba \
@@ -308,26 +337,22 @@ class _FdBackend(StoreBase):
         else:
             data = self._write_view(lba, data)  # flat bytes, checked: raises what is wrong with them
             nbytes = data.nbytes
+        offset = lba * bs
         try:
-            if self._offload_writes or self._inline_after:
-                await self._offloaded_write(fd, memoryview(data), lba)
-            else:
-                offset = lba * bs
-                started = time.monotonic()
-                done = os.pwritev(fd, [data], offset)
-                if done != nbytes:  # short (a signal, a quota edge): the rest must still land or fail
-                    pwrite_full(fd, memoryview(data)[done:], offset + done)
-                stalled = time.monotonic() - started
-                if stalled > STALL_S:
-                    self._inline_after = time.monotonic() + STALL_HOLD_S
-                    log.warning("%s: a write held the event loop %.0f ms; its writes go to its own threads for %g s",
-                                self.path, stalled * 1e3, STALL_HOLD_S)
+            started = time.monotonic()
+            done = os.pwritev(fd, [data], offset)
+            if done != nbytes:  # short (a signal, a quota edge): the rest must still land or fail
+                pwrite_full(fd, memoryview(data)[done:], offset + done)
+            stalled = time.monotonic() - started
         except OSError as exc:
             raise storage_error(exc, f"write {self.path} at block {lba}", lba, write=True) from exc
+        if stalled > STALL_S:
+            self._inline_after = time.monotonic() + STALL_HOLD_S
+            log.warning("%s: a write held the event loop %.0f ms; its writes go to its own threads for %g s",
+                        self.path, stalled * 1e3, STALL_HOLD_S)
         self.writes += 1
         self.write_bytes += nbytes
-        if fua:
-            await self._flush()
+        return True
 
     async def _offloaded_write(self, fd: int, view: memoryview, lba: int) -> None:
         if self._inline_after and time.monotonic() > self._inline_after:
@@ -362,9 +387,16 @@ class _FdBackend(StoreBase):
             self._flush_error, f"fdatasync {self.path} (sticky: writes before it may be lost)", None, write=True
         )
 
+    def _take_waiting(self) -> asyncio.Future[None] | None:
+        # A method, not the attribute read inline: after an inline ``self._flush_waiting = None`` mypy narrows the
+        # attribute to None for the rest of the function, across the await in which a new flush request sets it
+        # again, and mypyc compiles that narrowing into a type check that fails.
+        waiting, self._flush_waiting = self._flush_waiting, None
+        return waiting
+
     async def _run_flushes(self) -> None:
-        while (waiting := self._flush_waiting) is not None:
-            self._flush_waiting = None  # from here on, new requests need the next sync
+        # Each round detaches the waiting future: from then on, new requests need the next sync.
+        while (waiting := self._take_waiting()) is not None:
             try:
                 if self._flush_error is None:
                     # os.fdatasync is looked up per call so tests can record its order against pwritev.
@@ -376,9 +408,9 @@ class _FdBackend(StoreBase):
                 # The runner itself was cancelled (loop shutdown): release every waiter, including those queued for
                 # the next sync, so none hangs on a future nobody will complete.
                 waiting.cancel()
-                if self._flush_waiting is not None:
-                    self._flush_waiting.cancel()
-                    self._flush_waiting = None
+                later = self._take_waiting()
+                if later is not None:
+                    later.cancel()
                 raise
             if self._flush_error is not None:
                 waiting.set_exception(self._flush_failure())

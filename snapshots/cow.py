@@ -84,7 +84,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, FileExtents, LbaExtent
+from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, FileExtents, InlineWrite, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.fsutil import copy_range, is_hole, punch, pwrite_full, storage_error
 
@@ -610,6 +610,8 @@ class CowVolume:
         if chunk_size <= 0 or chunk_size % origin.block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {origin.block_size}")
         self.origin = origin
+        # The origin's inline write, when it has one (see write_inline): looked up once, not per write.
+        self._origin_inline = origin.write_inline if isinstance(origin, InlineWrite) else None
         self.name = name or str(lun_id)
         self.lun_id = lun_id
         self.chunk_size = chunk_size
@@ -1067,6 +1069,18 @@ class CowVolume:
         await self._write_through(lba, data, start, nbytes)
         if fua:
             await self.origin.flush()
+
+    def write_inline(self, lba: int, data: Buffer) -> bool:
+        """:class:`~lunsync.snapshots.device.InlineWrite`: the origin's inline write, when :meth:`write` without FUA
+        would do nothing but call the origin's ``write``: no hold is up, nothing is staged, and the newest snapshot
+        needs no copy of these blocks. False otherwise, with nothing written (the caller then awaits :meth:`write`)."""
+        inline = self._origin_inline
+        if inline is None or self._gate is not None or self._staged:
+            return False
+        if self._newest and self._need(lba * self.origin.block_size,
+                                       len(data) if not isinstance(data, memoryview) else data.nbytes):
+            return False
+        return inline(lba, data)
 
     async def _write_through(self, lba: int, data: Buffer, start: int, nbytes: int) -> None:
         """Preserve what the write needs for the newest epoch, then write the origin's page cache (no FUA)."""

@@ -8,7 +8,7 @@ what is durable when it returns and whether it may yield to the event loop (susp
 Methods raise only the family in :mod:`lunsync.snapshots.errors`.
 
 Capabilities (:class:`FileExtents`, :class:`CopyTarget`, :class:`ChangedRegions`, :class:`StoreSnapshots`,
-:class:`ZeroWriter`, :class:`MappingQuery`) are separate protocols that a device implements when it can: the resync
+:class:`ZeroWriter`, :class:`MappingQuery`, :class:`InlineWrite`) are separate protocols that a device implements when it can: the resync
 copier, the clone fill and the SCSI layer ask for one with ``isinstance`` and fall back to
 ``read``/``write``/``lba_status`` when it is absent, and the snapshot engine takes a store's own snapshots when it
 declares :class:`StoreSnapshots`. Nothing above a backend touches its file descriptors except through
@@ -100,6 +100,22 @@ class BlockDevice(Protocol):
 
     async def close(self) -> None:
         """Flush and release the backing store; idempotent. Yields until in-flight work on the store has ended."""
+        ...
+
+
+@runtime_checkable
+class InlineWrite(Protocol):
+    """Capability: a write that needs nothing but the store's page cache can be done on the spot, with no coroutine,
+    so the SCSI layer's WRITE goes from its handler to ``pwritev`` and back with no frame in between.
+
+    Declared by the file and block backends and by copy-on-write volumes (which pass it on to their origin while no
+    snapshot needs a copy, no hold is up and nothing is staged)."""
+
+    def write_inline(self, lba: int, data: Buffer) -> bool:
+        """Write ``data`` at ``lba`` now, as :meth:`BlockDevice.write` without ``fua`` would, and return True; or
+        return False, with nothing written, when this write needs more than that (a preservation, a hold, a store
+        whose writes go to its threads): the caller then awaits :meth:`BlockDevice.write`. Never yields; raises
+        what :meth:`BlockDevice.write` raises."""
         ...
 
 

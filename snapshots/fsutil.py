@@ -290,8 +290,15 @@ def storage_error(exc: OSError, what: str, lba: int | None, *, write: bool) -> S
     and its writes refused before any syscall, so EBADF never means "read-only" here). Everything else is a medium
     error at ``lba``.
     """
+    err = _storage_error(exc, f"{what}: {exc.strerror or exc}", lba, write)
+    # The OSError is the cause, set here and not only by the callers' ``raise ... from exc``: a module compiled with
+    # mypyc raises from an async function without setting ``__cause__``, and the chain is what a log shows.
+    err.__cause__ = exc
+    return err
+
+
+def _storage_error(exc: OSError, message: str, lba: int | None, write: bool) -> StorageError:
     code = exc.errno
-    message = f"{what}: {exc.strerror or exc}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         return OutOfSpace(message)
     if write and code in (errno.EROFS, errno.EPERM):

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from lunsync.snapshots.device import BlockDevice
+from lunsync.snapshots.device import BlockDevice, Buffer, InlineWrite
 from lunsync.snapshots.model import LunIdentity
 from lunsync.target.scsi import sense as S
 from lunsync.target.scsi.alua import AluaGroups
@@ -232,11 +232,17 @@ class ModePages:
     saved: dict[int, bytearray] = field(default_factory=_default_pages)
 
 
+def _inline_write(device: BlockDevice) -> Callable[[int, Buffer], bool] | None:
+    # Looked up once per device, not per WRITE: an isinstance check of a runtime protocol costs microseconds.
+    return device.write_inline if isinstance(device, InlineWrite) else None
+
+
 class LogicalUnit:
     """One logical unit exposed by a :class:`lunsync.target.scsi.target.ScsiTarget`."""
 
     def __init__(self, device: BlockDevice, identity: LunIdentity, *, aptpl_path: str | None = None, name: str = "") -> None:
-        self.device = device
+        self._device = device
+        self.inline_write: Callable[[int, Buffer], bool] | None = _inline_write(device)
         self.identity = identity
         self.name = name
         self.aptpl_path = aptpl_path
@@ -259,6 +265,17 @@ class LogicalUnit:
         # have applied it, and the TMF response waits for it (take_peer_waits).
         self.on_reset: Callable[[S.Asc], Awaitable[None] | None] | None = None
         self._peer_waits: list[Awaitable[None]] = []
+
+    @property
+    def device(self) -> BlockDevice:
+        """The block device behind this LU (a volume, a volume under resync, a snapshot view)."""
+        return self._device
+
+    @device.setter
+    def device(self, device: BlockDevice) -> None:
+        # A resync or a swap puts another device here; its inline write (or its lack of one) comes with it.
+        self._device = device
+        self.inline_write = _inline_write(device)
 
     # -- geometry ---------------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ service action of a known opcode is INVALID FIELD IN CDB pointing at the service
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -65,6 +65,21 @@ class Request:
 
 Result = Buffer | ScsiResponse | None
 Handler = Callable[[Request], Awaitable[Result]]
+
+
+class _Done:
+    """The awaitable of a command that finished inside its handler's call (a WRITE that landed inline)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator that ends at once: awaiting it yields nothing
+
+
+# A handler that completed with no result returns this rather than a coroutine, which the dispatcher need not await
+# (one coroutine object per command saved); awaiting it anyway is harmless.
+DONE: Final = _Done()
 
 
 @dataclass(frozen=True, slots=True)

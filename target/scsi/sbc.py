@@ -22,11 +22,11 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from lunsync.snapshots.device import Buffer, MappingQuery, ZeroWriter
+from lunsync.snapshots.device import BlockDevice, Buffer, MappingQuery, ZeroWriter
 from lunsync.snapshots.errors import StorageError
 from lunsync.target.scsi import sense as S
-from lunsync.target.scsi.lu import LogicalUnit, SanitizeState
-from lunsync.target.scsi.registry import Conflict, Dir, Request, command
+from lunsync.target.scsi.lu import LogicalUnit, SanitizeState, WriteGate
+from lunsync.target.scsi.registry import DONE, Conflict, Dir, Request, command
 from lunsync.target.scsi.sense import CheckCondition, SenseKey, invalid_field, invalid_param, lba_out_of_range
 
 _RW10: Final = struct.Struct(">xBIxH")
@@ -46,10 +46,6 @@ def _check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
         raise lba_out_of_range()
 
 
-async def _nothing() -> None:
-    return None
-
-
 def _read(lu: LogicalUnit, lba: int, blocks: int, len_byte: int) -> Awaitable[Buffer | None]:
     # Not a coroutine itself: it checks, then hands back the device's own read for the dispatcher to await, so a READ
     # runs one coroutine below the dispatcher rather than three (each costs a frame or a generator object per command).
@@ -58,7 +54,7 @@ def _read(lu: LogicalUnit, lba: int, blocks: int, len_byte: int) -> Awaitable[Bu
     if lba + blocks > dev.num_blocks:
         raise lba_out_of_range()
     if not blocks:
-        return _nothing()
+        return DONE
     # 2048 blocks is never above MAXIMUM TRANSFER LENGTH (8 MiB at the 4096-byte block size, the largest), so the
     # property is only consulted for large reads.
     if blocks > 2048 and blocks > lu.max_transfer_blocks:
@@ -66,11 +62,11 @@ def _read(lu: LogicalUnit, lba: int, blocks: int, len_byte: int) -> Awaitable[Bu
     return dev.read(lba, blocks)
 
 
-def _payload(req: Request, lu: LogicalUnit, blocks: int) -> tuple[Buffer | None, int]:
-    """The Data-Out for ``blocks`` blocks: exactly those bytes, or the whole blocks that arrived if fewer did."""
+def _payload(req: Request, bs: int, blocks: int) -> tuple[Buffer | None, int]:
+    """The Data-Out for ``blocks`` blocks of ``bs`` bytes: exactly those bytes, or the whole blocks that arrived if
+    fewer did."""
     task = req.task
     data = task.data_out
-    bs = lu.device.block_size
     need = blocks * bs
     task.out_length = need
     if data is None:
@@ -86,27 +82,42 @@ def _payload(req: Request, lu: LogicalUnit, blocks: int) -> tuple[Buffer | None,
     return memoryview(data)[: whole * bs], whole
 
 
-async def _write(req: Request, lu: LogicalUnit, lba: int, blocks: int, fua: bool, len_byte: int) -> None:
+def _write(req: Request, lu: LogicalUnit, lba: int, blocks: int, fua: bool, len_byte: int) -> Awaitable[None]:
+    # Not a coroutine, as _read: a write the device can land on the spot (InlineWrite: no FUA, no gate, nothing for
+    # a snapshot to preserve) goes from here to pwritev and back with no coroutine below the dispatcher; any other
+    # awaits the device's write in one. Its CHECK CONDITIONs and storage errors are raised inside the dispatcher's try.
     dev = lu.device
     if lu.swp or dev.read_only:
         raise S.write_protected()
     if lba + blocks > dev.num_blocks:
         raise lba_out_of_range()
     if not blocks:
-        return
+        return DONE
     if blocks > 2048 and blocks > lu.max_transfer_blocks:  # as in _read
         raise invalid_field(len_byte)
-    buf, n = _payload(req, lu, blocks)
+    buf, n = _payload(req, dev.block_size, blocks)
     if buf is None:
-        return
+        return DONE
     gate = lu.gate
     if gate.active:  # a COMPARE AND WRITE, ORWRITE or SANITIZE holds blocks: queue behind overlapping ones
-        async with gate.write(lba, n):
-            await dev.write(lba, buf, fua or not lu.wce)
-        return
+        return _write_gated(gate, dev, lba, n, buf, fua or not lu.wce)
+    if not fua and lu.wce:
+        inline = lu.inline_write
+        # Never yields, so no exclusive holder can start while it runs: it need not count itself as untracked.
+        if inline is not None and inline(lba, buf):
+            return DONE
+    return _write_untracked(gate, dev, lba, buf, fua or not lu.wce)
+
+
+async def _write_gated(gate: WriteGate, dev: BlockDevice, lba: int, n: int, buf: Buffer, fua: bool) -> None:
+    async with gate.write(lba, n):
+        await dev.write(lba, buf, fua)
+
+
+async def _write_untracked(gate: WriteGate, dev: BlockDevice, lba: int, buf: Buffer, fua: bool) -> None:
     gate.untracked += 1
     try:
-        await dev.write(lba, buf, fua or not lu.wce)
+        await dev.write(lba, buf, fua)
     finally:
         gate.untracked -= 1
         if gate.active:
@@ -511,7 +522,7 @@ async def orwrite_16(req: Request) -> None:
         return
     if blocks > lu.max_transfer_blocks:
         raise invalid_field(10)
-    buf, n = _payload(req, lu, blocks)
+    buf, n = _payload(req, dev.block_size, blocks)
     if buf is None:
         return
     size = n * dev.block_size

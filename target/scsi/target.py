@@ -24,7 +24,7 @@ from lunsync.target.scsi import sense as S
 from lunsync.target.scsi import spc as _spc  # noqa: F401
 from lunsync.target.scsi import xcopy as _xcopy  # noqa: F401
 from lunsync.target.scsi.lu import LogicalUnit
-from lunsync.target.scsi.registry import Dir, Request, lookup
+from lunsync.target.scsi.registry import DONE, Dir, Request, lookup
 from lunsync.target.scsi.sense import CheckCondition, ReservationConflict, SenseKey
 from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfFunction
 
@@ -174,7 +174,10 @@ class ScsiTarget:
                     raise sanitize.check()
                 if lu.legacy_holder is not None or lu.pr.res_type:
                     _pr.check_conflict(lu, spec, task.nexus)
-            result = await spec.handler(Request(self, lu, task))
+            pending = spec.handler(Request(self, lu, task))
+            if pending is DONE:  # finished inside the call (a WRITE that landed inline): nothing to await
+                return ScsiResponse(_GOOD)
+            result = await pending
         except CheckCondition as cc:
             return ScsiResponse(_CHECK, None, cc.sense())
         except ReservationConflict:

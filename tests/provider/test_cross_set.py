@@ -271,11 +271,12 @@ def in_process(tmp: Path, body: Callable[[Array, cross_set.HoldParticipant], Awa
     asyncio.run(go())
 
 
-def test_an_abort_while_the_prepare_drains_releases_it_and_the_prepare_says_so(tmp_path: Path) -> None:
+def test_an_abort_while_the_prepare_drains_releases_it_and_the_prepare_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(array: Array, holds: cross_set.HoldParticipant) -> None:
         assert array.snapshots is not None
         vol = array.snapshots.volumes["a0"]
-        unmap, unmapped = await unmap_in_flight(vol)
+        unmap, unmapped = await unmap_in_flight(vol, monkeypatch)
         prepare = asyncio.create_task(holds.call(cross_set.PREPARE, {"op": "x", "specs": [["a0", "s"]]}))
         await asyncio.sleep(0.05)
         assert vol.held and not prepare.done()

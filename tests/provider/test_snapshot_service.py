@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from lunsync.provider.daemon import Array
 from lunsync.provider.snapshot_service import HoldTimeout
+from lunsync.snapshots import fsutil
 from lunsync.snapshots.catalog import Catalog, CatalogError
 from lunsync.snapshots.cow import CowVolume
 
@@ -339,16 +340,18 @@ def test_a_snapshot_set_with_nothing_in_flight_holds_writes_without_a_trip_throu
     with_array(tmp_path, 2, body)
 
 
-async def unmap_in_flight(vol: CowVolume) -> tuple[asyncio.Task[None], asyncio.Event]:
-    """An UNMAP of ``vol`` that stays in flight (a hold must drain it) until the event is set."""
-    unmapped = asyncio.Event()
-    real = vol.origin.unmap
+async def unmap_in_flight(vol: CowVolume, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Task[None], threading.Event]:
+    """An UNMAP of ``vol`` that stays in flight (a hold must drain it) until the event is set: its work is held in
+    the backend's I/O thread at fsutil.zero_range, a seam at the syscall, since the backend may be compiled (its
+    methods cannot be replaced on an instance)."""
+    unmapped = threading.Event()
+    real = fsutil.zero_range
 
-    async def slow_unmap(ranges: Any) -> None:
-        await unmapped.wait()
-        await real(ranges)
+    def slow_zero_range(*args: Any, **kwargs: Any) -> None:
+        unmapped.wait(10)
+        real(*args, **kwargs)
 
-    vol.origin.unmap = slow_unmap  # type: ignore[method-assign]
+    monkeypatch.setattr(fsutil, "zero_range", slow_zero_range)
     unmap = asyncio.create_task(vol.unmap([(0, 8)]))
     await asyncio.sleep(0.01)
     return unmap, unmapped
@@ -395,13 +398,14 @@ def test_a_prepare_that_gets_no_commit_releases_by_itself(tmp_path: Path) -> Non
     with_array(tmp_path, 1, body)
 
 
-def test_cancelling_a_prepare_still_draining_releases_what_it_holds(tmp_path: Path) -> None:
+def test_cancelling_a_prepare_still_draining_releases_what_it_holds(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(array: Array) -> None:
         svc = array.snapshots
         assert svc is not None
         vol = svc.volumes["l0"]
         other = svc.volumes["l1"]
-        unmap, unmapped = await unmap_in_flight(vol)
+        unmap, unmapped = await unmap_in_flight(vol, monkeypatch)
         prepare = asyncio.create_task(svc.prepare([("l0", "s"), ("l1", "s")], set_name="set"))
         await asyncio.sleep(0.05)
         assert not prepare.done() and vol.held and other.held  # draining: the unmap is in flight

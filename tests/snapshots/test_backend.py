@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 from lunsync.snapshots import fsutil
 from lunsync.snapshots.backend import (
+    STALL_S,
     BlockDevBackend,
     FileBackend,
     StoreSpec,
@@ -24,7 +26,7 @@ from lunsync.snapshots.backend import (
     open_store,
     registered_backends,
 )
-from lunsync.snapshots.device import BlockDevice, LbaExtent
+from lunsync.snapshots.device import BlockDevice, InlineWrite, LbaExtent
 from lunsync.snapshots.errors import MediumError, NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
 from lunsync.snapshots.model import BACKENDS
 
@@ -329,6 +331,49 @@ def test_counters(tmp_path: Path) -> None:
 
 
 # --- OSError mapping --------------------------------------------------------------------------------------------
+
+
+def test_inline_write_lands_at_once_or_declines_and_leaves_it_to_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        dev = make(tmp_path)
+        assert isinstance(dev, InlineWrite)
+        assert dev.write_inline(8, b"a" * 1024) is True
+        assert (dev.writes, dev.write_bytes) == (1, 1024)
+        assert bytes(await dev.read(8, 2)) == b"a" * 1024
+        with pytest.raises(OutOfRange):
+            dev.write_inline(dev.num_blocks - 1, bytes(1024))
+        with pytest.raises(ValueError):
+            dev.write_inline(0, bytes(100))
+        # An inline write that held the loop past STALL_S sends this LUN's writes to its threads for a while: the
+        # next inline write declines with nothing written, and write() lands it from a thread.
+        real = os.pwritev
+
+        def slow(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+            time.sleep(STALL_S * 1.5)
+            return real(fd, buffers, offset, *flags)
+
+        monkeypatch.setattr(os, "pwritev", slow)
+        assert dev.write_inline(0, b"s" * 512) is True
+        monkeypatch.undo()
+        assert dev.write_inline(0, b"t" * 512) is False
+        assert bytes(await dev.read(0, 1)) == b"s" * 512
+        await dev.write(0, b"t" * 512)
+        assert bytes(await dev.read(0, 1)) == b"t" * 512
+        assert dev.writes == 3
+        await dev.close()
+        # Closed or read-only: declined, and write() says why.
+        assert dev.write_inline(0, bytes(512)) is False
+        with pytest.raises(NotReady):
+            await dev.write(0, bytes(512))
+        ro = FileBackend.open(dev.path, read_only=True)
+        assert ro.write_inline(0, bytes(512)) is False
+        with pytest.raises(ReadOnly):
+            await ro.write(0, bytes(512))
+        assert ro.writes == 0
+        await ro.close()
+
+    run(main())
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ API (changed chunks, preserve_range)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import itertools
 import json
@@ -226,7 +227,7 @@ def test_preservation_is_durable_before_the_origin_write(tmp_path: Path, monkeyp
         await vol.write(0, pat(0xAA))
         await snap(vol, 1)
         events: list[str] = []
-        real_sync, real_commit, real_write = os.fdatasync, pool.commit, vol.origin.write
+        real_sync, real_commit, real_pwritev = os.fdatasync, pool.commit, os.pwritev
 
         def fdatasync(fd: int) -> None:
             maplog = pool._logs.get(1)
@@ -238,20 +239,16 @@ def test_preservation_is_durable_before_the_origin_write(tmp_path: Path, monkeyp
             events.append("commit")
             real_commit(lun_id, rows, *args)
 
-        async def crash(lba: int, data: bytes, fua: bool = False) -> None:
-            events.append("origin-write")
-            raise RuntimeError("power cut between preservation and origin write")
-
         monkeypatch.setattr(os, "fdatasync", fdatasync)
         monkeypatch.setattr(pool, "commit", commit)
-        monkeypatch.setattr(vol.origin, "write", crash)
+        _fail_origin_writes(vol, monkeypatch, RuntimeError("power cut between preservation and origin write"), events)
         with pytest.raises(RuntimeError):
             await vol.write(0, pat(0xBB))
         # The copy and its map record (one small append to the map log) are flushed together, and both flushes
         # return before the origin is written.
         assert events[0] == "commit" and sorted(events[1:3]) == ["fdatasync-map", "fdatasync-pool"]
         assert events[3:] == ["origin-write"]
-        monkeypatch.setattr(vol.origin, "write", real_write)
+        monkeypatch.setattr(os, "pwritev", real_pwritev)
         # Reopen from disk without closing anything: the copy and its map are there.
         vol2, _ = make(tmp_path, epochs=(1,), create=False)
         assert vol2.slots_used == 1
@@ -705,13 +702,26 @@ def test_a_map_log_of_the_second_format_still_loads(tmp_path: Path) -> None:
     assert Pool("p", str(tmp_path / "pool")).load(1) == [(3, 1, 0, 0b101), (4, 1, cow.ZERO, F), (5, 1, 1, 0b10)]
 
 
+def _fail_origin_writes(vol: CowVolume, monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                        events: list[str] | None = None) -> None:
+    """Make every write to the volume's origin file raise ``error`` at the syscall (``os.pwritev`` on the origin's
+    descriptor; the pool's own writes pass), noting each in ``events``. The syscall, not the origin's method: the
+    backend may be a compiled class, whose methods cannot be replaced on an instance."""
+    fd, real = vol.origin.fileno(), os.pwritev
+
+    def pwritev(f: int, buffers: Any, offset: int, *flags: int) -> int:
+        if f != fd:
+            return real(f, buffers, offset, *flags)
+        if events is not None:
+            events.append("origin-write")
+        raise error
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+
+
 def _cut_before_origin(vol: CowVolume, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the volume's next origin write fail, as a power cut right after the preservation's flushes would."""
-
-    async def crash(lba: int, data: bytes, fua: bool = False) -> None:
-        raise RuntimeError("power cut between preservation and origin write")
-
-    monkeypatch.setattr(vol.origin, "write", crash)
+    _fail_origin_writes(vol, monkeypatch, RuntimeError("power cut between preservation and origin write"))
 
 
 def test_a_torn_slot_write_is_detected_at_open_and_the_chunk_is_not_preserved(
@@ -875,6 +885,38 @@ def test_units_still_preserve_for_an_older_snapshot_after_a_newer_one_with_parti
 
 
 # --- write-back staging (WCE=1 first writes) --------------------------------------------------------------------
+
+
+def test_inline_write_reaches_the_origin_only_when_the_volume_has_nothing_to_do_first(tmp_path: Path) -> None:
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        assert vol.write_inline(0, pat(0xA1)) is True  # no snapshot: straight to the origin
+        assert bytes(await vol.origin.read(0, CS // BS)) == pat(0xA1)
+        await snap(vol, 1)
+        # Chunk 0's first write since the snapshot needs its copy: declined, nothing written.
+        assert vol.write_inline(0, pat(0xB2, 4096)) is False
+        assert bytes(await vol.origin.read(0, CS // BS)) == pat(0xA1)
+        await vol.write(0, pat(0xB2, 4096))  # preserves that unit, then writes
+        assert vol.write_inline(0, pat(0xC3, 4096)) is True  # that unit is preserved already
+        assert vol.write_inline(8, pat(0xC3, 4096)) is False  # the next unit is not
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0xA1)
+        assert bytes(await vol.read(0, 8)) == pat(0xC3, 4096)
+        # While a hold is up (a snapshot set fixing its point in time), nothing lands inline.
+        assert vol.hold_nowait()
+        assert vol.write_inline(0, pat(0xD4, 4096)) is False
+        vol.release()
+        # Nor while a staged write has not reached the origin: writes land in staging order.
+        vol.staging_bytes = 1 << 20
+        await vol.write(CS // BS, pat(0xE5, 4096))  # chunk 1's first write since the snapshot: staged
+        assert vol.stats.staged_writes == 1
+        assert vol.write_inline(0, pat(0xD4, 4096)) is False
+        await vol.flush()
+        assert vol.write_inline(0, pat(0xD4, 4096)) is True
+        assert bytes(await vol.read(0, 8)) == pat(0xD4, 4096)
+        assert bytes(await vol.view(1).read(0, 2 * CS // BS)) == pat(0xA1) + bytes(CS)
+        await vol.close()
+
+    run(go())
 
 
 def staged(tmp: Path, staging: int = 1 << 20, **kw: object) -> tuple[CowVolume, Pool]:
@@ -1059,10 +1101,7 @@ def test_a_staged_write_that_cannot_reach_the_origin_fails_the_next_flush(
         await vol.write(0, pat(0xA7))
         await snap(vol, 1)
 
-        async def broken(lba: int, data: bytes, fua: bool = False) -> None:
-            raise MediumError("EIO writing the origin", lba, write=True)
-
-        monkeypatch.setattr(vol.origin, "write", broken)
+        _fail_origin_writes(vol, monkeypatch, OSError(errno.EIO, "EIO writing the origin"))  # a MediumError
         await vol.write(0, pat(0xB7, 4096))  # answered from the staging area
         with pytest.raises(MediumError):
             await vol.flush()

@@ -2,7 +2,7 @@
 
 MemDevice keeps a bytearray and a per-block mapped flag so UNMAP, WRITE SAME with UNMAP and GET LBA STATUS have
 something real to observe; it raises the storage error family on demand (``fail_next``) so the sense mapping can be
-tested without a disk.
+tested without a disk. InlineMemDevice adds the inline-write capability the file-backed volumes declare.
 """
 
 from __future__ import annotations
@@ -68,14 +68,17 @@ class MemDevice:
         self._maybe_fail()
         if self._ro:
             raise ReadOnly("read-only")
+        self._store(lba, data)
+        self.writes += 1
+        if fua:
+            self.fua_writes += 1
+
+    def _store(self, lba: int, data: Buffer) -> None:
         n = len(data) // self._bs
         if lba + n > self._nb:
             raise OutOfRange("write past end")
         self.data[lba * self._bs : lba * self._bs + len(data)] = bytes(data)
         self.mapped[lba : lba + n] = b"\x01" * n
-        self.writes += 1
-        if fua:
-            self.fua_writes += 1
 
     async def flush(self) -> None:
         self._maybe_fail()
@@ -110,6 +113,24 @@ class MemDevice:
 
     async def close(self) -> None:
         pass
+
+
+class InlineMemDevice(MemDevice):
+    """A MemDevice that also declares :class:`lunsync.snapshots.device.InlineWrite`, counting the writes that landed
+    inline; ``inline_ok`` False makes it decline them (as a volume does while a snapshot needs a copy)."""
+
+    def __init__(self, num_blocks: int = 4096, block_size: int = 512) -> None:
+        super().__init__(num_blocks, block_size)
+        self.inline_writes = 0
+        self.inline_ok = True
+
+    def write_inline(self, lba: int, data: Buffer) -> bool:
+        if not self.inline_ok or self._ro:
+            return False
+        self._maybe_fail()
+        self._store(lba, data)
+        self.inline_writes += 1
+        return True
 
 
 IDENTITY = LunIdentity(naa=bytes.fromhex("6001405a0b1c2d3e4f5061728394a5b6"), serial="LS0001")

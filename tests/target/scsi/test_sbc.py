@@ -14,6 +14,7 @@ from tests.target.scsi.memdev import (
     IDENTITY,
     NEXUS_A,
     NEXUS_B,
+    InlineMemDevice,
     MemDevice,
     Session,
     cdb10,
@@ -76,6 +77,44 @@ def test_wce_off_forces_fua() -> None:
     lu.wce = True
     s.cmd(cdb10(0x2A, 0, 1, flags=0x08), bytes(512))
     assert dev.fua_writes == 2
+
+
+def test_a_plain_write_lands_inline_and_anything_more_awaits_the_device_write() -> None:
+    dev = InlineMemDevice()
+    t, lu, _ = make_target(dev)
+    s = Session(t)
+    # A write-back WRITE with no gate held goes through the device's inline write, and the dispatcher's coroutine
+    # finishes at its first step: nothing below it suspended or was created to be awaited.
+    coro = t.execute(_task(cdb10(0x2A, 8, 2), b"i" * 1024, 50))
+    with pytest.raises(StopIteration) as done:
+        coro.send(None)
+    assert done.value.value.status == Status.GOOD
+    assert (dev.inline_writes, dev.writes) == (1, 0) and bytes(dev.data[8 * 512 : 10 * 512]) == b"i" * 1024
+    # FUA, and every write while the write cache is off, must be durable: the device's write, with fua.
+    assert s.cmd(cdb10(0x2A, 0, 1, flags=0x08), b"f" * 512).status == Status.GOOD
+    lu.wce = False
+    assert s.cmd(cdb10(0x2A, 1, 1), b"w" * 512).status == Status.GOOD
+    lu.wce = True
+    assert (dev.inline_writes, dev.writes, dev.fua_writes) == (1, 2, 2)
+    # A device that declines (a snapshot needs a copy first) gets the write through its coroutine, not lost.
+    dev.inline_ok = False
+    assert s.cmd(cdb10(0x2A, 2, 1), b"d" * 512).status == Status.GOOD
+    dev.inline_ok = True
+    assert (dev.inline_writes, dev.writes) == (1, 3) and bytes(dev.data[2 * 512 : 3 * 512]) == b"d" * 512
+    # While an exclusive holder is registered, a write queues at the gate rather than landing inline.
+    lu.gate.active += 1
+    assert s.cmd(cdb10(0x2A, 3, 1), b"g" * 512).status == Status.GOOD
+    lu.gate.active -= 1
+    assert (dev.inline_writes, dev.writes) == (1, 4)
+    # An inline write's storage error is answered like the device write's.
+    dev.fail_next = MediumError("boom", lba=4, write=True)
+    assert sense_of(s.cmd(cdb10(0x2A, 4, 1), b"e" * 512)) == (3, 0x0C, 0x00)
+    assert dev.inline_writes == 1
+    # Checks come first: a write past the end or to a protected LU reaches neither path.
+    assert sense_of(s.cmd(cdb10(0x2A, 4095, 2), b"x" * 1024)) == (5, 0x21, 0x00)
+    lu.swp = True
+    assert sense_of(s.cmd(cdb10(0x2A, 0, 1), b"x" * 512)) == (7, 0x27, 0x00)
+    assert (dev.inline_writes, dev.writes) == (1, 4)
 
 
 def test_read_only_device_refuses_writes() -> None:
