@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from tests.e2e.harness import DEMO_IQN, Daemon, describe, require_tools, run
+from tests.e2e.test_security import xcopy, xcopy_list
+from tests.iscsi_scapy import RawInitiator
 from tests.provider.test_channel import _recv_pdu
 from tests.provider.test_workers import _byte_at
 from tests.target.test_connection import login_pdu, scsi_cmd
@@ -135,6 +137,17 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     assert "worker 0: demo0" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
     r = api(d, "POST", "/snapshots/demo0@x/expose", {"target": T2})
     assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
+    # EXTENDED COPY from demo0 into worker 1's l2 (named by its NAA) is COPY ABORTED, COPY TARGET DEVICE NOT
+    # REACHABLE: a copy stays inside the target it is sent to, so it never spans workers; inside demo0 it copies.
+    naa = {n: api(d, "GET", f"/luns/{n}").json()["naa"] for n in ("demo0", "l2")}
+    with RawInitiator("127.0.0.1", d.port) as ini:
+        ini.login(DEMO_IQN, initiator="iqn.2026-11.org.example:xcopy", isid=0x23D000000077)
+        for _ in range(3):  # the unit attention of a new nexus
+            if ini.test_unit_ready().status == 0:
+                break
+        r = xcopy(ini, xcopy_list(1, naa["demo0"], naa["l2"], 8, 0, 0))
+        assert r.status == 0x02 and r.sense_key == 0x0A and r.sense[12:14] == b"\x0d\x02", r.sense.hex()
+        assert xcopy(ini, xcopy_list(2, naa["demo0"], naa["demo0"], 8, 0, 64)).status == 0
     # One worker's set is taken by that worker.
     r = api(d, "POST", "/snapshots", {"snapshots": ["l2@s"]})
     assert r.status_code == 201, r.text
