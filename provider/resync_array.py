@@ -21,7 +21,7 @@ from lunsync.provider.config import HookConfig
 from lunsync.provider.recovery_store import CatalogRecoveryStore
 from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, RecoverySet, SnapshotRef
 from lunsync.snapshots.catalog import Invalid, LunRecord, NotFound
-from lunsync.snapshots.device import BlockDevice, ChangedRegions
+from lunsync.snapshots.device import AllocatedRegions, BlockDevice, ChangedRegions
 from lunsync.snapshots.model import LunIdentity, split_rbd_spec
 from lunsync.snapshots.rbd import create_image, remove_image
 from lunsync.target.scsi import sense as S
@@ -109,6 +109,15 @@ class ArrayEngine:
         if not isinstance(view, ChangedRegions):
             return None
         return view.changed_regions(snap.chunk_size_bytes)
+
+    async def allocated_chunks(self, snap: SnapshotRef) -> set[int] | None:
+        rec = self._snap_rec(snap.ref)
+        if rec.kind != "rbd":
+            return None  # lunsync's own snapshots: every chunk is copied
+        view = await self.snaps.open_view_async(rec)
+        if not isinstance(view, AllocatedRegions):
+            return None
+        return await view.allocated_regions(snap.chunk_size_bytes)
 
     # -- the device swap --
 

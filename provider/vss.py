@@ -234,6 +234,11 @@ class Engine(Protocol):
         have to be asked (RBD's diff_iterate walks the image)."""
         ...
 
+    async def allocated_chunks(self, snap: SnapshotRef) -> set[int] | None:
+        """Chunks of the snapshot that may hold data (the rest reads as zeros), or None when unknown: what a restore
+        into a LUN it has just created, empty, has to copy. Awaited, as :meth:`changed_chunks`."""
+        ...
+
     def destination_device(self, name: str) -> BlockDevice:
         """The LUN's own device (with copy-on-write when it has snapshots): what a resync writes."""
         ...
@@ -673,6 +678,10 @@ class RecoveryManager:
         if p.destination == snap.origin and not p.new_lun:
             # Regions are the snapshot's chunks, so the changed chunks are the pending regions as they are.
             pending = await self.engine.changed_chunks(snap)
+        elif p.new_lun:
+            # Created empty for this restore (a resume finds its bitmap instead): what reads as zeros in the
+            # snapshot already reads so here.
+            pending = await self.engine.allocated_chunks(snap)
         source = await self.engine.snapshot_view(snap)
         dest = self.engine.destination_device(p.destination)
         kwargs: dict[str, Any] = {}
@@ -911,10 +920,14 @@ class RecoveryManager:
                 lun: LunRef | None = self.engine.lun(d)
             except LookupError:
                 lun = None
-            changed = await self.engine.changed_chunks(snap) if d == snap.origin and lun is not None else None
+            if lun is None:
+                changed = await self.engine.allocated_chunks(snap)
+            else:
+                changed = await self.engine.changed_chunks(snap) if d == snap.origin else None
             nbytes = snap.size_bytes if changed is None else min(snap.size_bytes,
                                                                  len(changed) * snap.chunk_size_bytes)
-            out.append({"snapshot": snap.ref, "destination": d, "bytes": nbytes, "only_changed": changed is not None,
+            out.append({"snapshot": snap.ref, "destination": d, "bytes": nbytes,
+                        "only_changed": changed is not None and lun is not None,
                         "new_lun": lun is None, "grow_to": snap.size_bytes if lun is None or
                         lun.size_bytes < snap.size_bytes else None, "resync_in_progress": owner})
         return {"dry_run": True, "bytes": sum(x["bytes"] for x in out), "pairs": out}

@@ -163,6 +163,19 @@ class ChangedRegions(Protocol):
 
 
 @runtime_checkable
+class AllocatedRegions(Protocol):
+    """Capability of a snapshot: which regions hold data at all, so that a restore into a new, empty LUN copies only
+    those (the others read as zeros on both sides).
+
+    Declared by RBD snapshot views (``diff_iterate`` against nothing)."""
+
+    async def allocated_regions(self, region_bytes: int) -> set[int] | None:
+        """The regions (of ``region_bytes`` from the start) that may hold data; outside them the device reads zeros.
+        None when it cannot tell. Yields (the store is asked)."""
+        ...
+
+
+@runtime_checkable
 class StoreSnapshots(Protocol):
     """Capability of a store that keeps snapshots itself (an RBD image): taking one is instant and lunsync does no
     copy-on-write for it, so such a LUN's snapshots are the store's. The snapshot engine still holds the LUN's writes

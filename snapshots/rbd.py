@@ -536,6 +536,15 @@ class RbdBackend(StoreBase):
             raise storage_error(OSError(code, str(exc)), f"diff rbd image {self.spec}", lba, write=False) from None
         return found
 
+    async def allocated_regions(self, region_bytes: int) -> set[int] | None:
+        """:class:`~lunsync.snapshots.device.AllocatedRegions`: the regions that :meth:`allocated` covers (an image
+        read at a snapshot: its data then, its parent's included)."""
+        from lunsync.snapshots import rbdsnap
+
+        bs = self._block_size
+        runs = await self.allocated(0, self._num_blocks)
+        return rbdsnap.regions_of(((lba * bs, blocks * bs) for lba, blocks in runs), region_bytes)
+
     async def resize(self, num_blocks: int) -> None:
         """Grow (or shrink) the image to ``num_blocks``; librbd commits the new size to the cluster before it
         returns, so it is durable on return."""

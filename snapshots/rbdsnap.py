@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from lunsync.snapshots.device import BlockDevice, Buffer, LbaExtent
+from lunsync.snapshots.device import AllocatedRegions, BlockDevice, Buffer, LbaExtent
 from lunsync.snapshots.errors import SnapshotInUse, StorageError
 
 try:  # Debian's python3-rbd; a host without it has no RBD LUNs, so nothing here is reached there
@@ -206,7 +206,8 @@ def regions_of(extents: Iterable[tuple[int, int]], region_bytes: int) -> set[int
 
 
 class ChangedSince:
-    """A read-only device of an RBD snapshot with the :class:`~lunsync.snapshots.device.ChangedRegions` capability:
+    """A read-only device of an RBD snapshot with the :class:`~lunsync.snapshots.device.ChangedRegions` and
+    :class:`~lunsync.snapshots.device.AllocatedRegions` capabilities:
     the regions the image's head changed since, from :func:`changed_extents`. Every BlockDevice call goes to the
     snapshot device it wraps, which stays owned by whoever opened it (closing this closes it)."""
 
@@ -217,6 +218,12 @@ class ChangedSince:
     def changed_regions(self, region_bytes: int) -> set[int] | None:
         """Regions where the head may differ from the snapshot. Synchronous: one ``diff_iterate`` on the cluster."""
         return regions_of(self._changes(), region_bytes)
+
+    async def allocated_regions(self, region_bytes: int) -> set[int] | None:
+        """:class:`~lunsync.snapshots.device.AllocatedRegions` of the snapshot device, when it declares it."""
+        if isinstance(self.device, AllocatedRegions):
+            return await self.device.allocated_regions(region_bytes)
+        return None
 
     @property
     def block_size(self) -> int:

@@ -123,6 +123,9 @@ class FakeEngine:
     async def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
         return set(self.changed[snap.ref])
 
+    async def allocated_chunks(self, snap: SnapshotRef) -> set[int] | None:
+        return None
+
     def destination_device(self, name: str) -> BlockDevice:
         return self._luns[name][1]
 

@@ -86,6 +86,13 @@ def rbd_lun(d: Daemon, name: str, number: int, size: str = "64MiB") -> str:
     return image
 
 
+def allocated_bytes(img: Any) -> int:
+    """Bytes of the open image that hold data (``diff_iterate`` against nothing)."""
+    held: list[int] = []
+    img.diff_iterate(0, img.size(), None, lambda _offset, length, _exists: held.append(length))
+    return sum(held)
+
+
 def rbd_snaps(ioctx: Any, image: str) -> set[str]:
     with rbd.Image(ioctx, image, read_only=True) as img:
         return {s["name"] for s in img.list_snaps()}
@@ -261,7 +268,7 @@ def test_a_resync_to_a_new_lun_from_an_rbd_snapshot_makes_a_new_image(rbd_daemon
                                                                        ceph_cluster: CephCluster) -> None:
     d = rbd_daemon
     rbd_lun(d, "rn", 12, "16MiB")
-    write(d, 12, 0x41, 0, 16 * MiB)
+    write(d, 12, 0x41, 0, 8 * MiB)  # the second half of the image is never written: the new LUNs get none of it
     cli(d, "snapshot", "create", "rn@s1")
     write(d, 12, 0x42, 0, MiB)  # the head moves on; the new LUN gets the snapshot's data
     # An image of the new LUN's name is somebody's: it is never taken over, and nothing is left of the attempt.
@@ -272,6 +279,8 @@ def test_a_resync_to_a_new_lun_from_an_rbd_snapshot_makes_a_new_image(rbd_daemon
     assert "only a restore from an RBD snapshot" in cli(d, "resync", "demo0@rn-file", "--to", "rn-f", "--pool", POOL,
                                                         ok=False)
     cli(d, "snapshot", "delete", "demo0@rn-file")
+    dry = cli(d, "resync", "rn@s1", "--to", "rn-dry", "--dry-run")
+    assert dry["bytes"] == 8 * MiB and dry["pairs"][0]["new_lun"], dry  # what the snapshot holds, not its size
     # Into the snapshot's own pool by default, and into another pool when named.
     with rados.Rados(conffile=str(ceph_cluster.conf), name="client.admin") as cluster:
         cluster.create_pool("rbd-b")
@@ -282,15 +291,18 @@ def test_a_resync_to_a_new_lun_from_an_rbd_snapshot_makes_a_new_image(rbd_daemon
                 final = cli(d, "recovery", "wait", rid, timeout=90)
                 assert final["state"] == "done", final
                 (pair,) = final["pairs"]
-                assert pair["new_lun"] and pair["bytes_copied"] == 16 * MiB, pair
+                assert pair["new_lun"] and pair["bytes_total"] == pair["bytes_copied"] == 8 * MiB, pair
                 with rbd.Image(other if pool else ioctx, dest, read_only=True) as img:
-                    assert img.read(0, 16 * MiB) == b"\x41" * (16 * MiB)  # in the image itself, not a file
+                    # In the image itself, not a file; what the snapshot never held was not written at all.
+                    assert img.read(0, 16 * MiB) == b"\x41" * (8 * MiB) + bytes(8 * MiB)
+                    assert allocated_bytes(img) <= 8 * MiB  # the image holds data only where the snapshot did
             luns = {lun["name"]: lun for lun in cli(d, "lun", "list")}
             assert not {"rn-taken", "rn-x", "rn-f"} & set(luns), sorted(luns)  # the refused ones left no LUN
             assert (luns["rn-same"]["backend"], luns["rn-same"]["path"]) == ("rbd", f"{POOL}/rn-same")
             assert (luns["rn-other"]["backend"], luns["rn-other"]["path"]) == ("rbd", "rbd-b/rn-other")
             cli(d, "lun", "map", "rn-same", "--target", DEMO_IQN, "--lun", "13")  # served like any RBD LUN
-            assert_reads(d, 13, 0x41, 0, 16 * MiB)
+            assert_reads(d, 13, 0x41, 0, 8 * MiB)
+            assert_reads(d, 13, 0x00, 8 * MiB, 8 * MiB)
             write(d, 13, 0x43, 0, MiB)  # the new LUN is writable; the origin does not see it
             assert_reads(d, 12, 0x42, 0, MiB)
             cli(d, "lun", "unmap", "rn-same", "--target", DEMO_IQN)
