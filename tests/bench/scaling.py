@@ -236,7 +236,10 @@ def ceiling_here(workers: int, ph: Phase) -> float:
 
 
 def report(rows: list[Row], skipped: list[str]) -> None:
-    print(f"\nscaling: N targets on N workers, one pinned initiator per target, on this {CORES}-core machine")
+    from lunsync.target import native
+
+    print(f"\nscaling: N targets on N workers, one pinned initiator per target, on this {CORES}-core machine, "
+          f"{native.describe()} build")
     if CORES <= 2:
         print(f"note: the initiators and the workers share these {CORES} cores (the initiators' CPU per command is in "
               "the table), so the aggregate here is bounded by the machine, not by the workers alone")
