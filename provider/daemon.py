@@ -487,6 +487,8 @@ class Array:
                 continue
             dev = live.device
             if dev.read_only != rec.read_only or dev.thin != rec.thin:
+                if self.snapshots is not None:
+                    await self.snapshots.stop_flatten(name)  # it runs on the device about to close
                 live.device = await asyncio.to_thread(open_store, rec.backend, self._store(rec))
                 live.lu.device = self._cow(rec, live.device)
                 await dev.close()
@@ -519,6 +521,8 @@ class Array:
     async def release_lun(self, live: LiveLun) -> None:
         """Close a LUN this process stops serving (removed, or another worker of ``serve --workers`` takes it): its
         copy-on-write volume's pool files go with it, so the next owner opens them afresh."""
+        if self.snapshots is not None:
+            await self.snapshots.stop_flatten(live.name)
         vol = self.snapshots.volumes.pop(live.name, None) if self.snapshots is not None else None
         await live.device.close()
         if vol is not None:

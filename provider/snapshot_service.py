@@ -433,11 +433,7 @@ class SnapshotService:
         if self._fills:
             await asyncio.wait(list(self._fills.values()))
         # A flatten's librbd call stops at its next object when asked (it must not run on while the image closes).
-        running = [job for job in self.flattens.values() if job.task is not None and not job.task.done()]
-        for job in running:
-            job.stop = True
-        if running:
-            await asyncio.wait([job.task for job in running if job.task is not None])
+        await asyncio.gather(*(self.stop_flatten(lun) for lun in list(self.flattens)))
         for vol in self.volumes.values():
             vol.close_pool()
         for p in self._pools.values():
@@ -848,6 +844,14 @@ class SnapshotService:
         job = self.flattens[lun] = FlattenJob(lun, time.time())
         job.task = asyncio.get_running_loop().create_task(self._flatten(st, job), name=f"flatten-{lun}")
         return job
+
+    async def stop_flatten(self, lun: str) -> None:
+        """Stop a flatten of ``lun`` that is running, at its next object, and wait for it: before the LUN's device
+        closes, since librbd's flatten must not run on while the image closes. The job then shows ``stopped``."""
+        job = self.flattens.get(lun)
+        if job is not None and job.task is not None and not job.task.done():
+            job.stop = True
+            await asyncio.wait([job.task])
 
     @staticmethod
     async def _flatten(st: StoreSnapshots, job: FlattenJob) -> None:

@@ -309,3 +309,33 @@ def test_a_resync_to_a_new_lun_from_an_rbd_snapshot_makes_a_new_image(rbd_daemon
             for dest in ("rn-same", "rn-other"):
                 cli(d, "lun", "delete", dest, "--delete-image")
     d.assert_healthy()
+
+
+def test_a_flatten_stops_with_the_daemon_and_goes_on_after_a_restart(rbd_daemon: Daemon, ioctx: Any) -> None:
+    d = rbd_daemon
+    image = f"rfs-{uuid.uuid4().hex[:8]}"
+    rbd.RBD().create(ioctx, image, 128 * MiB)  # written here, straight through librbd: 32 objects to flatten
+    with rbd.Image(ioctx, image) as img:
+        for i in range(32):
+            img.write(bytes([i + 1]) * (4 * MiB), i * 4 * MiB)
+    cli(d, "lun", "create", "rfs", "--backend", "rbd", "--pool", POOL, "--image", image)
+    cli(d, "snapshot", "create", "rfs@base")
+    cli(d, "lun", "create", "rfsc", "--from", "rfs@base")
+    mark = d.log_mark()
+    assert cli(d, "lun", "flatten", "rfsc")["flatten"]["state"] in ("running", "done")
+    d.terminate()  # exits 0: a running flatten is stopped at its next object, not left running under the close
+    stopped = "lun rfsc: flatten stopped at" in d.log_since(mark)
+    assert stopped or "lun rfsc flattened in" in d.log_since(mark), d.log_tail()
+    d.start()
+    assert cli(d, "lun", "show", "rfsc").get("flatten") is None  # jobs live in memory: none after a restart
+    done = cli(d, "lun", "flatten", "rfsc", "--wait", timeout=180)["flatten"]
+    assert done["state"] == "done" and done["objects_done"] == done["objects_total"] == 32, done
+    with rbd.Image(ioctx, "rfsc", read_only=True) as img:
+        with pytest.raises(rbd.ImageNotFound):
+            img.parent_info()
+        for i in (0, 15, 31):
+            assert img.read(i * 4 * MiB, 4096) == bytes([i + 1]) * 4096
+    cli(d, "lun", "delete", "rfsc", "--delete-image")
+    cli(d, "snapshot", "delete", "rfs@base")
+    cli(d, "lun", "delete", "rfs", "--delete-image")
+    d.assert_healthy()
