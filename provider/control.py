@@ -530,8 +530,8 @@ async def serve_workers(opts: ServeOptions, prep: Prepared, ready: asyncio.Event
     stop = stop_event()
     if ready is not None:
         ready.set()
-    systemd.ready(f"serving {len(control.directory.targets)} target(s) with {count} worker(s) on {len(bound)} "
-                  f"portal(s); API {control.api_address}")
+    systemd.ready(f"serving {len(prep.catalog.list_luns())} LUN(s) on {len(bound)} portal(s) with {count} "
+                  f"worker(s); API {control.api_address}")
     await stop.wait()
     systemd.stopping()
     log.info("shutting down: the workers drain their in-flight commands")
