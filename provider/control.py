@@ -148,10 +148,13 @@ class Control:
                 return snap.lun_name
         return None
 
-    def near(self) -> dict[str, str]:
-        """Each target that shows a LUN an earlier target shows -> that earlier target (where the LUN is served)."""
+    def near(self, only: set[str] | None = None) -> dict[str, str]:
+        """Each target (of ``only``, if given) that shows a LUN an earlier target shows -> that earlier target, where
+        the LUN is served."""
         out: dict[str, str] = {}
         for t in self.catalog.list_targets():
+            if only is not None and t.iqn not in only:
+                continue
             for m in self.catalog.list_mappings(t.iqn):
                 first = self.catalog.lun_mappings(m.name)[0][0]
                 if first != t.iqn:
@@ -162,7 +165,8 @@ class Control:
         """The portal's directory from the catalog: every target with its ACL and CHAP (no LUNs: those are the
         workers'); the placement follows targets made or removed behind the API's back (apply)."""
         targets = self.catalog.list_targets()
-        near = self.near()
+        new = {t.iqn for t in targets if self.assignment.owner(t.iqn) is None}
+        near = self.near(new) if new else {}
         for t in targets:
             self.assignment.place(t.iqn, near.get(t.iqn))
             old = self.directory.lookup(t.iqn)

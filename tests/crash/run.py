@@ -19,11 +19,13 @@ restart both SQLite files pass ``PRAGMA integrity_check``. After it:
   was taken; one whose request was cut by the kill may be absent, but if present it must match too: a mismatch is an
   *altered snapshot*.
 
-Two more kinds of trial kill the daemon during a clone's fill and during a resync (see :class:`LifecycleTrial`);
-``--kinds`` picks which kinds run, taken in turn (by default all three: writes, clone, resync).
+Two more kinds of trial kill the daemon during a clone's fill and during a resync (see :class:`LifecycleTrial`).
+The ``worker`` kind is the writes trial on ``serve --workers 2`` that kills only the worker serving the two LUNs; the
+control restarts it and the same checks read through the new worker. ``--kinds`` picks which kinds run, taken in
+turn (by default all four: writes, clone, resync, worker).
 
-Usage: ``python tests/crash/run.py N [--seed S] [--keep DIR] [--kinds writes,clone,resync]``; exit status 1 if any
-trial found a problem.
+Usage: ``python tests/crash/run.py N [--seed S] [--keep DIR] [--kinds writes,clone,resync,worker]``; exit status 1 if
+any trial found a problem.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -156,10 +159,13 @@ def check_integrity(data_dir: Path, res: Result) -> None:
 
 
 class Trial:
-    def __init__(self, workdir: Path, trial: int, seed: int) -> None:
+    def __init__(self, workdir: Path, trial: int, seed: int, *, kill_worker: bool = False) -> None:
         self.rng = random.Random(seed)
         self.res = Result(trial, seed)
-        self.d = Daemon(workdir, api=True, demo=True, demo_size="8MiB")
+        # kill_worker: the daemon runs with --workers 2 and only the worker serving the demo target is killed; the
+        # control restarts it and the checks read through the new worker.
+        self.kill_worker = kill_worker
+        self.d = Daemon(workdir, api=True, demo=True, demo_size="8MiB", workers=2 if kill_worker else None)
         self.log = Log()
         self.snaps: list[Snap] = []
         self.go = threading.Event()
@@ -286,7 +292,10 @@ class Trial:
         for t in threads:
             t.start()
         time.sleep(self.rng.uniform(*KILL_AFTER_S))
-        self.d.kill9()
+        if self.kill_worker:
+            os.kill(self._worker()["pid"], signal.SIGKILL)
+        else:
+            self.d.kill9()
         self.res.ran_s = round(time.monotonic() - start, 2)
         self.stop.set()
         self.go.set()
@@ -350,9 +359,23 @@ class Trial:
                     self.res.problems.append(f"{name}: {len(bad)} block(s) differ from when it was taken, e.g. "
                                              f"{bad[:5]}")
 
+    def _worker(self) -> dict[str, Any]:
+        """The worker that serves the demo target (and so both LUNs)."""
+        assert self.api is not None
+        r = self.api.get("/status")
+        r.raise_for_status()
+        return next(w for w in r.json()["workers"] if DEMO_IQN in w["targets"])
+
     def verify(self) -> None:
         self.integrity()
-        self.d.start()
+        if self.kill_worker:
+            deadline = time.monotonic() + 30
+            while not (self._worker()["up"] and self._worker()["restarts"] == 1):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the killed worker was not restarted\n{self.d.log_tail()}")
+                time.sleep(0.1)
+        else:
+            self.d.start()
         c = self.client("verify", 0xFD)
         try:
             self.check_origins(c)
@@ -386,7 +409,7 @@ class Trial:
 #   too: anything else is a *wrong resync*.
 
 MIB = 1 << 20
-KINDS = ("writes", "clone", "resync")
+KINDS = ("writes", "clone", "resync", "worker")
 CLONE_LUN_MIB = 64
 RESYNC_LUN_MIB = 32
 RESYNC_RATE_MIB_S = 16  # 32 MiB changed: about 2 s of copying
@@ -599,7 +622,7 @@ def trial(workdir: Path, n: int, seed: int, kind: str = "writes") -> Result:
         finally:
             lt.close()
         return lt.res
-    t = Trial(workdir, n, seed)
+    t = Trial(workdir, n, seed, kill_worker=kind == "worker")
     try:
         t.setup()
         t.run()
@@ -628,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = kinds[i % len(kinds)]
             r = trial(base / f"trial-{i}", i, seed0 + i, kind)
             results.append(r)
-            if kind != "writes":
+            if kind in ("clone", "resync"):
                 what = "fill" if kind == "clone" else "resync"
                 mid = r.killed_mid_fill if kind == "clone" else r.killed_mid_resync
                 print(f"trial {i:3d} seed {r.seed}: {kind}, killed after {r.ran_s:.2f}s "

@@ -1,5 +1,6 @@
 """The quick form of the crash trials that CI runs: three kill -9 trials from :mod:`crash.run` during writes and
-snapshots, one during a clone's fill and one during a resync (``make crash-trials N=50`` runs many). Each must lose
+snapshots, one of a worker process (``serve --workers 2``) during the same, one during a clone's fill and one during a
+resync (``make crash-trials N=50`` runs many). Each must lose
 no acknowledged durable write and alter no snapshot; the clone must hold exactly its snapshot's content, and the
 resync must finish with the LUN and its snapshot both reading the snapshot's content."""
 
@@ -23,6 +24,17 @@ def test_kill_9_during_writes_and_snapshots_loses_nothing(tmp_path: Path, n: int
     r = trial(tmp_path / f"trial-{n}", n, seed)
     summary = f"seed {seed} (rerun: python tests/crash/run.py 1 --seed {seed}): {r.problems[:10]}"
     assert r.writes_acked > 20 and r.writes_durable_checked > 0, summary  # the trial really ran
+    assert r.lost_acked_writes == 0, summary
+    assert r.altered_snapshots == 0 and r.lost_snapshots == 0, summary
+    assert r.damaged_blocks == 0 and r.integrity_errors == 0, summary
+    assert not r.problems, summary
+
+
+def test_kill_9_of_the_worker_serving_the_luns_during_writes_and_snapshots_loses_nothing(tmp_path: Path) -> None:
+    seed = random.SystemRandom().randrange(1 << 30)
+    r = trial(tmp_path / "worker", 0, seed, "worker")
+    summary = f"seed {seed} (rerun: python tests/crash/run.py 1 --kinds worker --seed {seed}): {r.problems[:10]}"
+    assert r.writes_acked > 20 and r.writes_durable_checked > 0, summary
     assert r.lost_acked_writes == 0, summary
     assert r.altered_snapshots == 0 and r.lost_snapshots == 0, summary
     assert r.damaged_blocks == 0 and r.integrity_errors == 0, summary
