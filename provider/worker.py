@@ -188,6 +188,16 @@ def run(argv: list[str]) -> int:
 
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    # The workers and the control write to the same stderr (the journal): say which worker each line is from.
+    tag = f"@worker{args.index}"
+
+    def tagged(record: logging.LogRecord) -> bool:
+        if not record.name.endswith(tag):
+            record.name += tag
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tagged)
     keep_io_buffers_on_the_heap()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
