@@ -271,7 +271,8 @@ class Control:
         status = 202 if body.kind == "clone" else 201
         try:
             recs, hold_ms = await cross_set.create_set(scat, specs, self.lun_owner, self.call, kind=body.kind,
-                                                       pool=body.pool, set_name=body.set, labels=body.labels)
+                                                       pool=body.pool, set_name=body.set, labels=body.labels,
+                                                       generation=lambda w: self.pool.workers[w].restarts)
         except AlreadyExists as clash:  # a retried request answers what it made, as one process does
             retry = retried_set(scat, specs, body)
             if retry is None:

@@ -167,13 +167,25 @@ def by_worker(specs: Sequence[tuple[str, str]], owner: Callable[[str], int | Non
 async def create_set(cat: SnapshotCatalog, specs: Sequence[tuple[str, str]], owner: Callable[[str], int | None],
                      call: WorkerCall, *, kind: Kind = "differential", pool: str | None = None,
                      set_name: str | None = None, labels: dict[str, str] | None = None,
-                     timeout_s: float = 10.0) -> tuple[list[SnapshotRecord], float]:
+                     timeout_s: float = 10.0, generation: Callable[[int], object] = lambda _: 0
+                     ) -> tuple[list[SnapshotRecord], float]:
     """Take one snapshot set across the workers serving ``specs``' LUNs, ``call(worker, method, params)`` being the
     control's call to a worker; returns the records and the longest hold of any worker in ms. Raises what the
     catalog refuses before anything is held, and HoldTimeout (409) naming the workers when the hold did not take
-    (nothing was taken anywhere)."""
+    (nothing was taken anywhere).
+
+    ``generation(worker)`` changes when a new process is started in a worker's place (its restart count). A worker
+    restarted after its commit may have reopened its pool before the record, and then freed the copies made for its
+    snapshots (they belonged to no recorded snapshot) and stopped preserving for them: before the record that aborts
+    the set, and after it those workers' snapshots are marked invalid rather than left silently wrong. A new process
+    started after the check reads the catalog with the record in it, and keeps the copies."""
     plans = await asyncio.to_thread(cat.plan_snapshots, list(specs), kind, pool, set_name)
     members = by_worker(specs, owner)
+    started = {w: generation(w) for w in members}
+
+    def restarted() -> list[int]:
+        return [w for w in sorted(members) if generation(w) != started[w]]
+
     op = uuid.uuid4().hex
     base: dict[str, Json] = {"op": op}
 
@@ -205,12 +217,23 @@ async def create_set(cat: SnapshotCatalog, specs: Sequence[tuple[str, str]], own
         kinds.update(a["kinds"])
         hold_ms = max(hold_ms, float(a["hold_ms"]))
     try:
+        if restarted():
+            raise HoldTimeout(f"snapshot set {what}: worker(s) {', '.join(map(str, restarted()))} restarted after "
+                              "the commit; nothing was recorded")
         await asyncio.to_thread(cat.record_snapshots, plans, [kinds[p.lun_name] for p in plans], set_name,
                                 [epochs[p.lun_name] for p in plans], hold_ms if set_name is not None else None,
                                 labels)
     except BaseException:
         await tell_all(FINISH, recorded=False)
         raise
+    lost = restarted()
+    if lost:
+        reason = (f"worker {', '.join(map(str, lost))} restarted while the set was being recorded: the copies made "
+                  "for it there may be gone")
+        for p in plans:
+            if owner(p.lun_name) in lost:
+                await asyncio.to_thread(cat.mark_invalid, p.lun_id, [epochs[p.lun_name]], reason)
+        log.error("snapshot set %s: %s; those members are marked invalid", what, reason)
     for w, r in zip(sorted(members), await tell_all(FINISH, recorded=True), strict=True):
         if isinstance(r, BaseException):  # recorded: the worker completes it when it learns (lost) or restarts
             log.error("snapshot set %s: worker %d did not take the news that it is recorded: %s", what, w, r)

@@ -53,8 +53,10 @@ class Workers:
         self.ports = [free_port(), free_port()]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.channels: list[Channel] = []
+        self.generation = [0, 0]  # new processes started in each place
 
     async def start(self, luns: dict[int, list[str]]) -> None:
+        self.luns = luns
         for w in (0, 1):
             mine = self.spawn(w, luns[w])
             ready = asyncio.Event()
@@ -66,12 +68,32 @@ class Workers:
             self.channels.append(Channel(mine, on_message))
             await asyncio.wait_for(ready.wait(), 30)
 
-    def spawn(self, w: int, luns: list[str]) -> socket.socket:
+    async def restart(self, w: int) -> None:
+        """Kill worker ``w`` with -9 and start a new process in its place, as the control's pool does."""
+        self.procs[w].send_signal(signal.SIGKILL)
+        await asyncio.to_thread(self.procs[w].wait, 10)
+        self.channels[w].close()
+        ready = asyncio.Event()
+
+        def on_message(msg: Message, sock: socket.socket | None) -> None:
+            if isinstance(msg, Notice) and msg.event == "ready":
+                ready.set()
+
+        mine = self.spawn(w, self.luns[w], at=w)
+        self.channels[w] = Channel(mine, on_message)
+        self.generation[w] += 1
+        await asyncio.wait_for(ready.wait(), 30)
+
+    def spawn(self, w: int, luns: list[str], at: int | None = None) -> socket.socket:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.procs.append(subprocess.Popen(
+        proc = (subprocess.Popen(
             [sys.executable, "-m", "tests.provider.hold_worker", str(theirs.fileno()), str(self.data),
              str(self.ports[w]), IQN.format(w) if luns else "-", ",".join(luns)], pass_fds=[theirs.fileno()],
             cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}))
+        if at is None:
+            self.procs.append(proc)
+        else:
+            self.procs[at] = proc
         theirs.close()
         return mine
 
@@ -342,5 +364,37 @@ def test_a_set_the_catalog_refuses_after_the_commit_is_taken_back_on_every_worke
             recs, _ = await asyncio.wait_for(cross_set.create_set(cat, [(n, "s") for n in ORDER], owner,
                                                                   workers.call, set_name="s"), 10)
             assert sorted(r.full_name for r in recs) == ["a0@s", "a1@s", "b0@s"]
+
+    asyncio.run(go())
+
+
+@pytest.mark.e2e  # worker processes serving iSCSI to a real client
+def test_a_worker_restarted_after_its_commit_gets_no_silently_wrong_snapshot(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with two_workers(tmp_path) as (workers, cat):
+            # Restarted before the record: nothing is recorded, and worker 0 takes its part back.
+            async def call(w: int, method: str, params: dict[str, Json]) -> Json:
+                answer = await workers.call(w, method, params)
+                if method == cross_set.COMMIT and w == 1:
+                    await workers.restart(1)
+                return answer
+
+            with pytest.raises(HoldTimeout, match="restarted after the commit"):
+                await cross_set.create_set(cat, [(n, "s") for n in ORDER], owner, call, set_name="s",
+                                           generation=workers.generation.__getitem__)
+            assert cat.list_snapshots() == []
+            # Restarted while the record commits: its members are recorded invalid, the others valid.
+            real = cat.record_snapshots
+
+            def record_while_1_restarts(*args: Any, **kwargs: Any) -> None:
+                real(*args, **kwargs)
+                workers.generation[1] += 1
+
+            cat.record_snapshots = record_while_1_restarts  # type: ignore[method-assign]
+            recs, _ = await asyncio.wait_for(cross_set.create_set(
+                cat, [(n, "t") for n in ORDER], owner, workers.call, set_name="t",
+                generation=workers.generation.__getitem__), 10)
+            assert {r.full_name: r.state for r in recs} == {"a0@t": "valid", "b0@t": "invalid", "a1@t": "valid"}
+            assert "worker 1 restarted" in (cat.get_snapshot("b0", "t").invalid_reason or "")
 
     asyncio.run(go())
