@@ -35,6 +35,7 @@ log = logging.getLogger("lunsync.snapshots")
 PREPARE, COMMIT, ABORT = two_phase.Verb.PREPARE.value, two_phase.Verb.COMMIT.value, two_phase.Verb.ABORT.value
 FINISH = "hold.finish"
 METHODS = frozenset({PREPARE, COMMIT, ABORT, FINISH})
+ABORTED_KEPT = 1024
 
 WorkerCall = Callable[[int, str, dict[str, Json]], Awaitable[Json]]
 
@@ -61,7 +62,8 @@ class HoldParticipant:
         self._preparing: dict[str, asyncio.Task[HeldSet]] = {}
         self._held: dict[str, HeldSet] = {}
         self._taken: dict[str, TakenSet] = {}
-        self._aborted: set[str] = set()
+        # Operations aborted here, so that a late prepare of one is refused; the newest only (ids are never reused).
+        self._aborted: dict[str, None] = {}
 
     def service(self) -> SnapshotService:
         svc = self._service()
@@ -117,7 +119,9 @@ class HoldParticipant:
                 "hold_ms": taken.hold_ms}
 
     async def _abort(self, op: str) -> None:
-        self._aborted.add(op)
+        self._aborted[op] = None
+        if len(self._aborted) > ABORTED_KEPT:
+            del self._aborted[next(iter(self._aborted))]
         task = self._preparing.get(op)
         if task is not None:
             task.cancel()  # the prepare's own cleanup releases what it holds
