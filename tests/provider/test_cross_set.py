@@ -398,3 +398,24 @@ def test_a_worker_restarted_after_its_commit_gets_no_silently_wrong_snapshot(tmp
             assert "worker 1 restarted" in (cat.get_snapshot("b0", "t").invalid_reason or "")
 
     asyncio.run(go())
+
+
+@pytest.mark.e2e  # worker processes serving iSCSI to a real client
+def test_clones_across_two_workers_are_filled_by_the_worker_of_each_lun(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with two_workers(tmp_path) as (workers, cat):
+            await write_once(workers, "a0", 3)
+            await write_once(workers, "b0", 5)
+            recs, _ = await cross_set.create_set(cat, [("a0", "c"), ("b0", "c")], owner, workers.call, kind="clone",
+                                                 set_name="c")
+            assert {r.kind for r in recs} == {"clone"}
+            deadline = time.monotonic() + 20
+            while not all(cat.get_snapshot(r.lun_name, r.name).filled for r in recs):
+                assert time.monotonic() < deadline, [cat.get_snapshot(r.lun_name, r.name) for r in recs]
+                await asyncio.sleep(0.1)
+            filled = [cat.get_snapshot(r.lun_name, r.name) for r in recs]
+        data = await read_snapshots(tmp_path / "data", filled, 6)  # from the clones' own files
+        assert parse(data["a0"][3 * 4096:4 * 4096]) == Stamp(10_003, 9, 3, 9)
+        assert parse(data["b0"][5 * 4096:6 * 4096]) == Stamp(10_005, 9, 5, 9)
+
+    asyncio.run(go())
