@@ -1,18 +1,20 @@
 """Running one SCSI task of a connection: the part of the portal's work that happens once per command.
 
-:func:`run` awaits the SCSI layer, turns an unexpected exception into BUSY (a bug costs one command, never the
-connection), counts the command in the statistics with its latency, and hands the response back to the connection
+:func:`start` runs the SCSI layer as far as it goes without waiting (:func:`run` awaits the rest too), turns an
+unexpected exception into BUSY (a bug costs one command, never the connection), counts the command in the statistics with its latency, and hands the response back to the connection
 to be queued. It lives apart from :mod:`lunsync.target.portal`, which owns sockets and asyncio tasks, so that it is
 compiled with the rest of the data path: the portal's protocol class derives from asyncio's, which a native class
-cannot. The portal starts the coroutine by hand and makes an asyncio task of it only if it suspends.
+cannot. A command that never waits (a plain WRITE landing inline) makes no coroutine at all; for any other, the portal
+starts the coroutine by hand and makes an asyncio task of it only if it suspends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Coroutine
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from lunsync.target.connection import Connection
 from lunsync.target.scsi.task import ScsiPort, ScsiResponse, ScsiTask, Status
@@ -41,24 +43,60 @@ class TaskHost(Protocol):
         ...
 
 
-async def run(host: TaskHost, task: ScsiTask) -> None:
-    """Execute ``task`` and queue its response on ``host``'s connection (unless the connection is closing)."""
+def start(host: TaskHost, task: ScsiTask) -> Coroutine[Any, Any, None] | None:
+    """Execute ``task`` as far as it goes without waiting. None when it finished within this call (its response is
+    queued on ``host``'s connection, unless the connection is closing); else the coroutine that finishes it, for the
+    portal to drive. A page-cache READ's device read is that coroutine; a plain WRITE that lands inline needs none."""
     conn = host.conn
     assert conn is not None and conn.scsi is not None
     scsi = conn.scsi
     # perf_counter, not loop.time(): uvloop's clock is cached per loop iteration at millisecond resolution.
     started = perf_counter()
     try:
-        resp = await scsi.execute(task)
+        now = scsi.execute_now(task)
+    except asyncio.CancelledError:
+        _forget(host, task)
+        return None
+    except Exception:
+        log.exception("SCSI task failed unexpectedly (initiator %s)", host.initiator)
+        now = ScsiResponse(Status.BUSY)
+    if isinstance(now, ScsiResponse):
+        _forget(host, task)
+        _answer(host, conn, scsi, task, now, started)
+        return None
+    return _wait(host, conn, scsi, task, now, started)
+
+
+async def run(host: TaskHost, task: ScsiTask) -> None:
+    """Execute ``task`` and queue its response on ``host``'s connection (unless the connection is closing):
+    :func:`start` and then, if it had to wait, the rest."""
+    rest = start(host, task)
+    if rest is not None:
+        await rest
+
+
+async def _wait(host: TaskHost, conn: Connection, scsi: ScsiPort, task: ScsiTask, pending: Awaitable[ScsiResponse],
+                started: float) -> None:
+    try:
+        resp = await pending
     except asyncio.CancelledError:
         return
     except Exception:
         log.exception("SCSI task failed unexpectedly (initiator %s)", host.initiator)
         resp = ScsiResponse(Status.BUSY)
     finally:
-        tasks = host.tasks
-        if tasks:
-            tasks.pop(task.tag, None)
+        _forget(host, task)
+    _answer(host, conn, scsi, task, resp, started)
+
+
+def _forget(host: TaskHost, task: ScsiTask) -> None:
+    tasks = host.tasks
+    if tasks:
+        tasks.pop(task.tag, None)
+
+
+def _answer(host: TaskHost, conn: Connection, scsi: ScsiPort, task: ScsiTask, resp: ScsiResponse,
+            started: float) -> None:
     count(host.stats, host.lun_io, scsi, task, resp, perf_counter() - started)
     if host.closing:
         return

@@ -314,7 +314,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         # every response to the commands of one receive leaves in one vectored write, and no asyncio Task (several
         # microseconds each) is made. Only a command that really waits (fsync, a thread, a lock) becomes a Task.
         # Code on the SCSI path must therefore not rely on asyncio.current_task() before its first suspension.
-        coro = execution.run(self, task)
+        coro = execution.start(self, task)
+        if coro is None:  # finished within the call: no coroutine was made
+            return
         try:
             yielded = coro.send(None)
         except StopIteration:

@@ -24,7 +24,7 @@ from lunsync.target.scsi import sense as S
 from lunsync.target.scsi import spc as _spc  # noqa: F401
 from lunsync.target.scsi import xcopy as _xcopy  # noqa: F401
 from lunsync.target.scsi.lu import LogicalUnit
-from lunsync.target.scsi.registry import DONE, Dir, Request, lookup
+from lunsync.target.scsi.registry import DONE, CommandSpec, Dir, Request, Result, lookup
 from lunsync.target.scsi.sense import CheckCondition, ReservationConflict, SenseKey
 from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfFunction
 
@@ -155,6 +155,13 @@ class ScsiTarget:
 
     async def execute(self, task: ScsiTask) -> ScsiResponse:
         """Run one command to completion and return its status, data and sense."""
+        now = self.execute_now(task)
+        return now if isinstance(now, ScsiResponse) else await now
+
+    def execute_now(self, task: ScsiTask) -> ScsiResponse | Awaitable[ScsiResponse]:
+        """Run one command as far as it goes without waiting: its response when it finished within this call (every
+        check's CHECK CONDITION, a WRITE that landed inline), else an awaitable of the response. Not a coroutine, so
+        a command that never waits costs the per-command path no coroutine object here."""
         lu = self._luns.get(task.lun)
         if lu is not None and self.masked and not self.visible(lu, task.nexus):
             lu = None  # a masked LUN is absent for this initiator
@@ -175,23 +182,11 @@ class ScsiTarget:
                 if lu.legacy_holder is not None or lu.pr.res_type:
                     _pr.check_conflict(lu, spec, task.nexus)
             pending = spec.handler(Request(self, lu, task))
-            if pending is DONE:  # finished inside the call (a WRITE that landed inline): nothing to await
-                return ScsiResponse(_GOOD)
-            result = await pending
-        except CheckCondition as cc:
-            return ScsiResponse(_CHECK, None, cc.sense())
-        except ReservationConflict:
-            return ScsiResponse(Status.RESERVATION_CONFLICT)
-        except Saturated:
-            return ScsiResponse(Status.TASK_SET_FULL)  # SAM-5 §5.3: the LUN's queue is full; retry later
-        except StorageError as exc:
-            write = spec is not None and spec.data is Dir.OUT
-            return ScsiResponse(_CHECK, None, S.storage_error_to_check(exc, write=write).sense())
-        if result is None:
+        except (CheckCondition, ReservationConflict, StorageError) as exc:
+            return _refused(exc, spec)
+        if pending is DONE:  # finished inside the call (a WRITE that landed inline): nothing to await
             return ScsiResponse(_GOOD)
-        if isinstance(result, ScsiResponse):
-            return result
-        return ScsiResponse(_GOOD, result)
+        return _finish(pending, spec)
 
     def data_out_length(self, task: ScsiTask) -> int | None:
         """The number of Data-Out bytes the CDB of ``task`` asks for (its SCSI transfer length), or ``None`` when the
@@ -245,3 +240,28 @@ class ScsiTarget:
                 lu.legacy_holder = None
             lu.prevent.discard(nexus)
             lu.add_ua(nexus, S.I_T_NEXUS_LOSS)
+
+
+async def _finish(pending: Awaitable[Result], spec: CommandSpec) -> ScsiResponse:
+    """The rest of a command whose handler has to wait: its result, or its refusal, as the response."""
+    try:
+        result = await pending
+    except (CheckCondition, ReservationConflict, StorageError) as exc:
+        return _refused(exc, spec)
+    if result is None:
+        return ScsiResponse(_GOOD)
+    if isinstance(result, ScsiResponse):
+        return result
+    return ScsiResponse(_GOOD, result)
+
+
+def _refused(exc: CheckCondition | ReservationConflict | StorageError, spec: CommandSpec | None) -> ScsiResponse:
+    # One except clause per caller with one name: mypyc miscompiled a name reused across two except clauses.
+    if isinstance(exc, CheckCondition):
+        return ScsiResponse(_CHECK, None, exc.sense())
+    if isinstance(exc, ReservationConflict):
+        return ScsiResponse(Status.RESERVATION_CONFLICT)
+    if isinstance(exc, Saturated):
+        return ScsiResponse(Status.TASK_SET_FULL)  # SAM-5 §5.3: the LUN's queue is full; retry later
+    write = spec is not None and spec.data is Dir.OUT
+    return ScsiResponse(_CHECK, None, S.storage_error_to_check(exc, write=write).sense())

@@ -136,6 +136,12 @@ class ScsiPort(Protocol):
         """Run one command to completion; never raises for a SCSI error (those are CHECK CONDITION responses)."""
         ...
 
+    def execute_now(self, task: ScsiTask) -> ScsiResponse | Awaitable[ScsiResponse]:
+        """:meth:`execute` as far as it goes without waiting: the response when the command finished within this
+        call, else an awaitable of it (what the per-command runner uses, to make no coroutine for a command that
+        never waits)."""
+        ...
+
     def data_out_length(self, task: ScsiTask) -> int | None:
         """The Data-Out bytes the CDB asks for, for a write's residual; ``None`` when it moves none."""
         ...

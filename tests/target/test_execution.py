@@ -24,6 +24,9 @@ class FakeScsi:
         self.outcome = outcome
 
     async def execute(self, task: ScsiTask) -> ScsiResponse:
+        return self.execute_now(task)
+
+    def execute_now(self, task: ScsiTask) -> ScsiResponse:
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
@@ -134,3 +137,31 @@ def test_a_task_finishing_outside_the_pump_pumps() -> None:
     outside = Host(ScsiResponse(Status.GOOD, bytearray(4096)), pumping=False)
     run_inline(outside, read_task())
     assert (inside.pumped, outside.pumped) == (0, 1)
+
+
+def test_start_makes_no_coroutine_for_a_command_finished_in_the_call_and_one_for_a_command_that_waits() -> None:
+    host = Host(ScsiResponse(Status.GOOD, bytearray(b"\xcd" * 4096)))
+    assert host.conn is not None
+    task = read_task()
+    host.conn.transfer.running[task.tag] = task
+    assert execution.start(host, task) is None  # answered and counted within the call
+    assert sent(host)[48:48 + 4096] == b"\xcd" * 4096
+    assert host.stats.luns["lun0"].io.reads == 1
+    # A command whose SCSI layer must wait: the coroutine start returns finishes it once the wait ends.
+    loop = asyncio.new_event_loop()
+    try:
+        later: asyncio.Future[ScsiResponse] = loop.create_future()
+        host.conn.scsi.execute_now = lambda task: later  # type: ignore[union-attr,method-assign]
+        task = read_task(8)
+        host.conn.transfer.running[task.tag] = task
+        rest = execution.start(host, task)
+        assert rest is not None
+        assert rest.send(None) is later  # suspended on the SCSI layer's wait
+        assert sent(host) == b"" and host.stats.luns["lun0"].io.reads == 1
+        later.set_result(ScsiResponse(Status.GOOD, bytearray(b"\xef" * 4096)))
+        with pytest.raises(StopIteration):
+            rest.send(None)
+        assert sent(host)[48:48 + 4096] == b"\xef" * 4096
+        assert host.stats.luns["lun0"].io.reads == 2
+    finally:
+        loop.close()

@@ -8,7 +8,7 @@ import struct
 import pytest
 from lunsync.snapshots.device import Buffer
 from lunsync.snapshots.errors import MediumError
-from lunsync.target.scsi.task import Nexus, ScsiTask, Status, TmfFunction
+from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfFunction
 
 from tests.target.scsi.memdev import (
     IDENTITY,
@@ -83,12 +83,10 @@ def test_a_plain_write_lands_inline_and_anything_more_awaits_the_device_write() 
     dev = InlineMemDevice()
     t, lu, _ = make_target(dev)
     s = Session(t)
-    # A write-back WRITE with no gate held goes through the device's inline write, and the dispatcher's coroutine
-    # finishes at its first step: nothing below it suspended or was created to be awaited.
-    coro = t.execute(_task(cdb10(0x2A, 8, 2), b"i" * 1024, 50))
-    with pytest.raises(StopIteration) as done:
-        coro.send(None)
-    assert done.value.value.status == Status.GOOD
+    # A write-back WRITE with no gate held goes through the device's inline write, and the dispatcher answers it
+    # within the call: nothing below it was created to be awaited.
+    done = t.execute_now(_task(cdb10(0x2A, 8, 2), b"i" * 1024, 50))
+    assert isinstance(done, ScsiResponse) and done.status == Status.GOOD
     assert (dev.inline_writes, dev.writes) == (1, 0) and bytes(dev.data[8 * 512 : 10 * 512]) == b"i" * 1024
     # FUA, and every write while the write cache is off, must be durable: the device's write, with fua.
     assert s.cmd(cdb10(0x2A, 0, 1, flags=0x08), b"f" * 512).status == Status.GOOD
