@@ -86,7 +86,7 @@ from typing import Any, Protocol
 
 from lunsync.snapshots.device import BlockDevice, Buffer, FileExtent, FileExtents, InlineWrite, LbaExtent
 from lunsync.snapshots.errors import NotReady, OutOfRange, OutOfSpace, ReadOnly, StorageError
-from lunsync.snapshots.fsutil import copy_range, is_hole, punch, pwrite_full, storage_error
+from lunsync.snapshots.fsutil import is_hole, pread_full, punch, pwrite_full, storage_error
 
 __all__ = ["DEFAULT_STAGING_BYTES", "ZERO", "CowStats", "CowVolume", "Pool", "SnapshotView"]
 
@@ -117,6 +117,7 @@ _LOG_GROW = 64 << 10  # the map log's size is a multiple of this
 # The daemon's default bound, per LUN, on first writes acknowledged before their preservation is durable (WCE=1).
 DEFAULT_STAGING_BYTES = 64 << 20
 _LAND_YIELD = 64  # staged writes landed on the origin between two yields to the event loop
+_EXTENT_MAX = 1 << 20  # the most a preservation batch copies through one buffer (one preadv and one pwritev)
 @dataclass(slots=True)
 class CowStats:
     """Plain integers the metrics collector samples; the hot path never calls Prometheus."""
@@ -612,6 +613,7 @@ class CowVolume:
         self.origin = origin
         # The origin's inline write, when it has one (see write_inline): looked up once, not per write.
         self._origin_inline = origin.write_inline if isinstance(origin, InlineWrite) else None
+        self._bs = origin.block_size  # fixed for the origin's life (a resize changes only its length)
         self.name = name or str(lun_id)
         self.lun_id = lun_id
         self.chunk_size = chunk_size
@@ -1020,9 +1022,14 @@ class CowVolume:
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def write(self, lba: int, data: Buffer, fua: bool = False) -> None:
+    def write(self, lba: int, data: Buffer, fua: bool = False) -> Coroutine[Any, Any, None]:
         """Preserve the chunks this write is the first to change since the newest snapshot, then write. Durability
         as the origin's ``write``; the preserved copies are durable before the origin is touched.
+
+        A write with nothing to preserve, nothing staged and no hold is the origin's own coroutine, not one wrapped
+        in another (once per WRITE command, as :meth:`read`): the check and the origin's ``pwritev``, which runs
+        before its first ``await``, still have no ``await`` between them, and the caller awaits it at once. With
+        every unit it touches preserved a write then costs a plain write plus a dict lookup and a mask test.
 
         The last check and the origin's ``pwritev`` run with no ``await`` between them, so a snapshot taken while
         this write waits for its preservation is seen by the re-check (the chunk then needs a copy for the new epoch
@@ -1036,7 +1043,15 @@ class CowVolume:
         overlaps a staged one is staged behind it; one that may not be staged (FUA, too large, staging paused) waits
         until the staged writes it overlaps have landed, and a FUA write, like :meth:`flush`, until every write staged
         before it has. Past ``staging_bytes`` a write waits for room (back-pressure, never an error)."""
-        bs = self.origin.block_size
+        if self._gate is None and not self._staged:
+            nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+            if self._clear(lba * self._bs, nbytes):
+                return self.origin.write(lba, data, fua)
+        return self._write(lba, data, fua)
+
+    async def _write(self, lba: int, data: Buffer, fua: bool) -> None:
+        """:meth:`write` when it may have to preserve, stage or wait."""
+        bs = self._bs
         nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
         start = lba * bs
         end = lba + nbytes // bs
@@ -1077,8 +1092,9 @@ class CowVolume:
         inline = self._origin_inline
         if inline is None or self._gate is not None or self._staged:
             return False
-        if self._newest and self._need(lba * self.origin.block_size,
-                                       len(data) if not isinstance(data, memoryview) else data.nbytes):
+        start = lba * self._bs
+        nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not self._clear(start, nbytes) and self._needs(start, start + nbytes):
             return False
         return inline(lba, data)
 
@@ -1092,21 +1108,31 @@ class CowVolume:
 
     def _need(self, start: int, nbytes: int) -> list[tuple[int, int]]:
         """What a write of ``nbytes`` at byte ``start`` must preserve first (nothing without snapshots)."""
+        if self._clear(start, nbytes):
+            return []
+        return self._needs(start, start + nbytes)
+
+    def _clear(self, start: int, nbytes: int) -> bool:
+        """Whether a write of ``nbytes`` at byte ``start`` surely has nothing to preserve first (False: look with
+        :meth:`_needs`). The common cases cost no call: no snapshot, or one chunk whose newest copy (for the newest
+        epoch) holds every unit the write touches, a dict lookup or two and a mask test."""
         newest = self._newest
         if not newest or not nbytes:
-            return []
-        first = start // self.chunk_size
-        if first == (start + nbytes - 1) // self.chunk_size and first not in self._inflight:
-            # The common case, one chunk already copied whole for the newest epoch, is two dict lookups.
+            return True
+        cs = self.chunk_size
+        first = start // cs
+        if first == (start + nbytes - 1) // cs and first not in self._inflight:
             cl = self._copies.get(first)
             if cl is not None and cl[-1][0] >= newest:
                 mask = self._masks.get((first, cl[-1][0]))
                 if mask is None:
-                    return []
-                want = self._units(first, start, start + nbytes)
-                if mask & want == want:
-                    return []
-        return self._needs(start, start + nbytes)
+                    return True
+                base = first * cs
+                unit = self.unit
+                lo = (start - base) // unit
+                want = ((1 << ((start + nbytes - 1 - base) // unit + 1)) - 1) & ~((1 << lo) - 1)
+                return mask & want == want
+        return False
 
     # --- write-back staging ---------------------------------------------------------------------------------------
 
@@ -1348,7 +1374,9 @@ class CowVolume:
         if pool is None:
             failed = {c: (self.pool_unavailable or "no pool", want) for c, want, _ in batch}
         else:
-            for c, want, _ in batch:
+            # In chunk order, so that new slots are taken in it too: a run of chunks then lies in a run of slots,
+            # copied as one extent (see _copy_and_commit).
+            for c, want, _ in sorted(batch, key=_chunk_of):
                 if epoch == 0:
                     continue  # the snapshots went away meanwhile
                 covered = self._covered(c, epoch)
@@ -1405,44 +1433,81 @@ class CowVolume:
 
     def _copy_and_commit(self, pool: Pool, items: list[_Item], epoch: int) -> tuple[list[_Item], dict[int, str]]:
         """In a thread: copy the wanted units of each chunk to its slot, then append the maps (each with the CRC of
-        the bytes it copied, read back from the slot file) to the pool's map log, fdatasync'ing the slot file and
-        the log at the same time: one flush round per batch. Only after both returned does the caller let the
-        origin be written, so a crash finds either a record whose copy matches its CRC, or a record that does not
-        match (or none) and an origin still unchanged in those units, which an open treats as not preserved (see
-        :class:`_MapLog`). A new copy of a chunk that is a hole on the origin is recorded as ``ZERO`` (whole: every
-        unit reads zeros): no copy, and when the whole batch is holes, no slot-file sync (only the map log's)."""
+        the bytes it copied) to the pool's map log, fdatasync'ing the slot file and the log at the same time: one
+        flush round per batch. Only after both returned does the caller let the origin be written, so a crash finds
+        either a record whose copy matches its CRC, or a record that does not match (or none) and an origin still
+        unchanged in those units, which an open treats as not preserved (see :class:`_MapLog`). A new copy of a
+        chunk that is a hole on the origin is recorded as ``ZERO`` (whole: every unit reads zeros): no copy, and
+        when the whole batch is holes, no slot-file sync (only the map log's).
+
+        The copies go through one buffer per extent: units that lie next to each other both on the origin and in
+        the slot file (a sequential write's whole chunks, in slots taken in chunk order) are one ``preadv`` and one
+        ``pwritev``, however many chunks they span, and the CRC is taken of the buffer written, so nothing is read
+        back (the bytes an open will read are those bytes, or a torn write the CRC tells apart)."""
         cs, unit = self.chunk_size, self.unit
-        src = self.origin.fileno()
+        src, dst = self.origin.fileno(), self._data_fd
         size = self.origin.num_blocks * self.origin.block_size
         done: list[_Item] = []
         proofs: list[tuple[int, int, int, int, int]] = []
         errors: dict[int, str] = {}
-        copied = False
+        # The copies to make: each item's (extent, offset in it, bytes) pieces; extents are [origin offset, slot
+        # file offset, bytes, the items in it].
+        todo: list[tuple[_Item, int, list[tuple[int, int, int]]]] = []
+        extents: list[tuple[int, int, int, list[int]]] = []
         for it in items:
             c = it.chunk
+            length = min(cs, size - c * cs)
             try:
-                length = min(cs, size - c * cs)
                 if it.new and it.hole_ok and (length <= 0 or is_hole(src, c * cs, length)):
                     done.append(_Item(c, ZERO, FULL, FULL, True))
                     proofs.append((0, 0, 0, 0, 0))
                     continue
-                runs = _runs(it.copy, unit, length)
-                crc = 0
-                for off, n in runs:
-                    copy_range(src, self._data_fd, n, c * cs + off, it.slot * cs + off)
-                for off, n in runs:  # what the slot file holds now (from the page cache), as an open will read it
-                    crc = zlib.crc32(os.pread(self._data_fd, n, it.slot * cs + off), crc)
-                done.append(it)
-                proofs.append((it.copy, cs, unit, length, crc))
-                copied = True
             except OSError as exc:
                 errors[c] = f"copying chunk {c}: {exc.strerror or exc}"
+                continue
+            pieces: list[tuple[int, int, int]] = []
+            for off, n in _runs(it.copy, unit, length):
+                o, d = c * cs + off, it.slot * cs + off
+                if extents:
+                    eo, ed, en, members = extents[-1]
+                    if eo + en == o and ed + en == d and en + n <= _EXTENT_MAX:
+                        pieces.append((len(extents) - 1, en, n))
+                        extents[-1] = (eo, ed, en + n, members)
+                        if members[-1] != len(todo):
+                            members.append(len(todo))
+                        continue
+                pieces.append((len(extents), 0, n))
+                extents.append((o, d, n, [len(todo)]))
+            todo.append((it, length, pieces))
+        buffers: list[memoryview | None] = []
+        for o, d, n, members in extents:
+            buf = memoryview(bytearray(n))  # zeros: past the origin's end a copy reads as zeros, as the origin does
+            try:
+                pread_full(src, buf, o)
+                pwrite_full(dst, buf, d)
+            except OSError as exc:
+                for i in members:
+                    errors[todo[i][0].chunk] = f"copying chunk {todo[i][0].chunk}: {exc.strerror or exc}"
+                buffers.append(None)
+                continue
+            buffers.append(buf)
+        copied = False
+        for it, length, pieces in todo:
+            if it.chunk in errors:
+                continue
+            crc = 0
+            for x, rel, n in pieces:
+                view = buffers[x]
+                assert view is not None
+                crc = zlib.crc32(view[rel:rel + n], crc)
+            done.append(it)
+            proofs.append((it.copy, cs, unit, length, crc))
+            copied = True
         if done:
-            fd = self._data_fd
             try:
                 pool.commit(self.lun_id, [(it.chunk, epoch, it.slot, FULL if it.mask & self._full == self._full
                                            else it.mask) for it in done], proofs,
-                            (lambda: os.fdatasync(fd)) if copied else None)
+                            (lambda: os.fdatasync(dst)) if copied else None)
             except (OSError, sqlite3.Error) as exc:
                 why = f"making copies durable: {getattr(exc, 'strerror', None) or exc}"
                 errors.update({it.chunk: why for it in done})
@@ -1628,6 +1693,10 @@ def _read_segments(fd: int, buf: bytearray, segments: list[tuple[int, int, int]]
                 break
             part = part[got:]
             src += got
+
+
+def _chunk_of(entry: tuple[int, int, asyncio.Future[None]]) -> int:
+    return entry[0]
 
 
 def _runs(units: int, unit: int, length: int) -> list[tuple[int, int]]:

@@ -620,6 +620,74 @@ def test_a_4k_first_write_copies_4k_and_a_later_one_in_the_chunk_copies_its_own_
     run(go())
 
 
+def test_a_write_over_preserved_units_is_the_origins_own_write(tmp_path: Path) -> None:
+    """Once its units are preserved (or with no snapshot at all) a write is the origin's coroutine itself: nothing
+    of the volume wraps it. A write that must preserve, or one over a unit not yet copied, is not."""
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        origin_write = type(vol.origin).write.__code__
+
+        def code(coro: Any) -> Any:
+            c = coro.cr_code
+            coro.close()
+            return c
+
+        assert code(vol.write(0, pat(0x01, U))) is origin_write  # no snapshot
+        await vol.write(0, pat(0x0A, CS))
+        await snap(vol, 1)
+        assert code(vol.write(0, pat(0x0B, U))) is not origin_write  # a first write preserves
+        await vol.write(0, pat(0x0B, U))
+        assert code(vol.write(0, pat(0x0C, U))) is origin_write  # unit 0 is preserved
+        assert code(vol.write(U // BS, pat(0x0C, U))) is not origin_write  # unit 1 is not
+        assert code(vol.write(0, pat(0x0C, 2 * U))) is not origin_write
+        await vol.hold()
+        assert code(vol.write(0, pat(0x0C, U))) is not origin_write  # a held write waits
+        vol.release()
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x0A, CS)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_sequential_write_over_whole_chunks_is_copied_as_one_extent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first write over 4 whole chunks copies them in one preadv and one pwritev (new slots in chunk order, so
+    the chunks lie in a run of slots), with one CRC-checked map record per chunk that a reopen accepts."""
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0xAA, 8 * CS))
+        await snap(vol, 1)
+        calls: list[tuple[str, int, int]] = []
+        real_preadv, real_pwritev = os.preadv, os.pwritev
+
+        def preadv(fd: int, bufs: Any, offset: int, *a: Any) -> int:
+            calls.append(("r", fd, sum(len(memoryview(b)) for b in bufs)))
+            return real_preadv(fd, bufs, offset, *a)
+
+        def pwritev(fd: int, bufs: Any, offset: int, *a: Any) -> int:
+            calls.append(("w", fd, sum(len(memoryview(b)) for b in bufs)))
+            return real_pwritev(fd, bufs, offset, *a)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        await vol.write(2 * CS // BS, pat(0xBB, 4 * CS))
+        monkeypatch.undo()
+        src = vol.origin.fileno()
+        assert [c for c in calls if c[1] == src and c[0] == "r"] == [("r", src, 4 * CS)]
+        assert [c for c in calls if c[1] == vol._data_fd] == [("w", vol._data_fd, 4 * CS)]
+        assert [s for _, _, _, s in log_records(pool.log_path(1))] == [0, 1, 2, 3]
+        await vol.close()
+        pool.close()
+        vol2, pool2 = make(tmp_path, epochs=(1,), create=False)
+        assert vol2.slots_used == 4
+        assert bytes(await vol2.view(1).read(0, 8 * CS // BS)) == pat(0xAA, 8 * CS)
+        assert bytes(await vol2.read(0, 8 * CS // BS)) == pat(0xAA, 2 * CS) + pat(0xBB, 4 * CS) + pat(0xAA, 2 * CS)
+        await vol2.close()
+        pool2.close()
+
+    run(go())
+
+
 def test_a_snapshot_reads_a_unit_from_a_later_copy_and_keeps_it_when_that_snapshot_goes(tmp_path: Path) -> None:
     async def go() -> None:
         vol, pool = make(tmp_path)
