@@ -876,6 +876,46 @@ def test_the_copy_and_its_map_record_are_flushed_at_the_same_time(tmp_path: Path
     run(go())
 
 
+def test_a_batch_of_more_than_a_mebibyte_flushes_its_copies_before_their_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 1 MiB of copies a batch syncs the slot file, then appends records without a CRC (nothing to check at
+    open: the copy was durable first), which a reopen keeps."""
+    from lunsync.snapshots import cow
+
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        n = cow._CRC_MAX_BYTES // CS + 2  # chunks: just past the bound
+        await vol.write(0, pat(0xAA, n * CS))
+        await snap(vol, 1)
+        real_sync, real_append = os.fdatasync, cow._MapLog.append
+        order: list[str] = []
+
+        def fdatasync(fd: int) -> None:
+            order.append("log" if pool._logs.get(1) is not None and fd == pool._logs[1].fd else
+                         "slots" if fd == vol._data_fd else "other")
+            real_sync(fd)
+
+        def append(self: Any, rows: Any, proofs: Any = None, alongside: Any = None) -> None:
+            order.append("append")
+            assert alongside is None and all(p[0] == 0 for p in proofs)
+            real_append(self, rows, proofs, alongside)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(cow._MapLog, "append", append)
+        await vol.write(0, pat(0xBB, n * CS))
+        monkeypatch.undo()
+        assert order == ["slots", "append", "log"]
+        raw = Path(pool.log_path(1)).read_bytes()
+        copied = [cow._LOG_REC.unpack_from(raw, off)[7] for off in range(0, n * cow._LOG_REC.size, cow._LOG_REC.size)]
+        assert copied == [0] * n
+        vol2, pool2 = make(tmp_path, epochs=(1,), create=False)
+        assert vol2.slots_used == n
+        await vol2.close()
+        pool2.close()
+
+    run(go())
+
+
 def test_a_failed_slot_sync_retracts_its_map_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         invalid: list[list[int]] = []
