@@ -73,6 +73,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import heapq
+import itertools
 import logging
 import os
 import sqlite3
@@ -649,7 +651,9 @@ class CowVolume:
         self._staged_at: dict[int, list[_Staged]] = {}
         self._stage_seq = 0  # the last write staged
         self._landed_seq = 0  # every staged write up to this one has reached the origin
-        self._land_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # (seq, tiebreak, future) as a heap: landing a write wakes only the waiters it concerns, however many wait
+        self._land_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_ids = itertools.count()
         self._lander: asyncio.Task[None] | None = None
         self._stage_paused = 0
         # A staged write that could not reach the origin: reported by the next flush (SYNCHRONIZE CACHE).
@@ -1175,7 +1179,7 @@ class CowVolume:
         """Wait until every write staged up to ``seq`` has reached the origin (or failed to, see :meth:`flush`)."""
         while self._landed_seq < seq:
             fut = asyncio.get_running_loop().create_future()
-            self._land_waiters.append((seq, fut))
+            heapq.heappush(self._land_waiters, (seq, next(self._waiter_ids), fut))
             await fut
 
     async def _land(self) -> None:
@@ -1190,7 +1194,11 @@ class CowVolume:
                     if not fut.done():
                         await asyncio.shield(fut)
                     fut.result()
-                await self._write_through(e.lba, e.data, e.lba * bs, len(e.data))
+                start = e.lba * bs
+                if self._clear(start, len(e.data)):  # its copy is durable: the origin's write, with no frame around
+                    await self.origin.write(e.lba, e.data, False)
+                else:
+                    await self._write_through(e.lba, e.data, start, len(e.data))
             except Exception as exc:  # noqa: BLE001 - never write unpreserved; the next flush reports the loss
                 err = exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 log.error("lun %s: a staged write of %d block(s) at %d did not reach the origin: %s", self.name,
@@ -1204,15 +1212,11 @@ class CowVolume:
                     del self._staged_at[c]
             self.stats.staged_bytes -= len(e.data)
             self._landed_seq = e.seq
-            if self._land_waiters:
-                keep = []
-                for seq, fut in self._land_waiters:
-                    if seq <= e.seq:
-                        if not fut.done():
-                            fut.set_result(None)
-                    else:
-                        keep.append((seq, fut))
-                self._land_waiters = keep
+            waiters = self._land_waiters
+            while waiters and waiters[0][0] <= e.seq:
+                fut = heapq.heappop(waiters)[2]
+                if not fut.done():
+                    fut.set_result(None)
             landed += 1
             if landed % _LAND_YIELD == 0:
                 await asyncio.sleep(0)  # a large batch lands without holding every other session's commands
