@@ -8,7 +8,8 @@ form in CI). One recording, then N cuts:
   on the :mod:`fusefs` passthrough, which logs every write and every fsync/fdatasync/fsyncdir with its time. One
   client (an iSCSI session of :mod:`crash.stamps`, one command at a time, so the order is known) drives phases over
   two 8 MiB LUNs: stamped 4 KiB writes (one in four FUA, a SYNCHRONIZE CACHE every ten); snapshot sets of both LUNs,
-  each followed by first writes that must preserve; a clone filling under writes; a resync of a snapshot onto its
+  each followed by first writes that must preserve (one of them a single WRITE of 1.25 MiB, whose batch flushes its
+  copies before their map records); a clone filling under writes; a resync of a snapshot onto its
   origin. Every acknowledgement is timed with the same monotonic clock as the log. The LUNs' write cache is on, so
   the first writes without FUA after a snapshot take the staged path (answered before their copy is durable, landed
   on the LUN after it): the recording counts them from the daemon's metrics, and a recording with none fails.
@@ -58,6 +59,7 @@ from powerloss.replay import replay
 LUN_BYTES = 8 << 20
 BLOCKS = LUN_BYTES // UNIT
 LUNS = (0, 1)
+RUN_BLOCKS = (1 << 20) // UNIT + 64  # a first write past the 1 MiB after which a batch takes two flush rounds
 NAMES = {0: "demo0", 1: "c1"}
 PHASES = ("writes", "snapshots", "clone", "resync")
 EXPOSE_LUN = 9
@@ -154,6 +156,21 @@ class Recorder:
         else:
             self.unsynced[lun].append(w)
 
+    def write_run(self, c: StampClient, lun: int, block: int, n: int) -> None:
+        """One WRITE of ``n`` consecutive blocks, each with a stamp of its own."""
+        data = b""
+        for b in range(block, block + n):
+            self.seq += 1
+            w = Write(self.seq)
+            self.rec.writes.setdefault((lun, b), []).append(w)
+            data += stamp(Stamp(self.seq, lun, b, WRITER))
+        c.write(lun, block, data)
+        now = time.monotonic()
+        for b in range(block, block + n):
+            w = self.rec.writes[(lun, b)][-1]
+            w.acked_t = now
+            self.unsynced[lun].append(w)
+
     def sync(self, c: StampClient, lun: int) -> None:
         c.sync_cache(lun)
         now = time.monotonic()
@@ -216,6 +233,9 @@ class Recorder:
             api.post("/snapshots", json={"snapshots": [f"{NAMES[lun]}@{snap.name}" for lun in LUNS],
                                          "set": snap.name}).raise_for_status()
             snap.answered_t = time.monotonic()
+            # A first write of more than 1 MiB of data: its batch flushes the copies before their map records
+            # (records without a CRC), the other order from the 4 KiB first writes' one flush round.
+            self.write_run(c, 0, self.rng.randrange(BLOCKS // 2 - RUN_BLOCKS), RUN_BLOCKS)
             self.some_writes(c, 60)
             for lun in LUNS:
                 self.sync(c, lun)
