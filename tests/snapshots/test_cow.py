@@ -878,8 +878,8 @@ def test_the_copy_and_its_map_record_are_flushed_at_the_same_time(tmp_path: Path
 
 def test_a_batch_of_more_than_a_mebibyte_flushes_its_copies_before_their_records(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past 1 MiB of copies a batch syncs the slot file, then appends records without a CRC (nothing to check at
-    open: the copy was durable first), which a reopen keeps."""
+    """Past 1 MiB of copies a batch copies whole chunks with copy_file_range, syncs the slot file, then appends
+    records without a CRC (nothing to check at open: the copy was durable first), which a reopen keeps."""
     from lunsync.snapshots import cow
 
     async def go() -> None:
@@ -900,11 +900,27 @@ def test_a_batch_of_more_than_a_mebibyte_flushes_its_copies_before_their_records
             assert alongside is None and all(p[0] == 0 for p in proofs)
             real_append(self, rows, proofs, alongside)
 
+        real_cfr, real_pwritev = os.copy_file_range, os.pwritev
+        offloaded: list[int] = []
+        written: list[int] = []
+
+        def copy_file_range(src: int, dst: int, count: int, *a: Any) -> int:
+            offloaded.append(dst)
+            return real_cfr(src, dst, count, *a)
+
+        def pwritev(fd: int, *a: Any) -> int:
+            written.append(fd)
+            return real_pwritev(fd, *a)
+
         monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+        monkeypatch.setattr(os, "pwritev", pwritev)
         monkeypatch.setattr(cow._MapLog, "append", append)
         await vol.write(0, pat(0xBB, n * CS))
         monkeypatch.undo()
         assert order == ["slots", "append", "log"]
+        # Whole chunks in a run of slots: copied by the kernel, in extents of at most 1 MiB, nothing through a buffer
+        assert len(offloaded) >= 2 and set(offloaded) == {vol._data_fd} and vol._data_fd not in written
         raw = Path(pool.log_path(1)).read_bytes()
         copied = [cow._LOG_REC.unpack_from(raw, off)[7] for off in range(0, n * cow._LOG_REC.size, cow._LOG_REC.size)]
         assert copied == [0] * n
