@@ -115,11 +115,12 @@ uninstall:
 serve: venv
 	$(VENV)/bin/lunsync serve --demo
 
-# The whole suite on the compiled build, then the unit tests again on the pure sources (both builds must hold).
-# The third run: the conformance and multipath suites and the protocol-facing e2e tests again, on a daemon split into
-# a control process and two workers (serve --workers 2; about 3.5 minutes here).
+# The conformance and multipath suites and the protocol-facing e2e tests, which `make test` runs a second time on a
+# daemon split into a control process and two workers (serve --workers 2; about 3 minutes here).
 WORKERS_E2E = tests/e2e/test_conformance.py tests/e2e/test_qemu.py tests/e2e/test_discovery.py tests/e2e/test_auth.py \
 	tests/e2e/test_inq.py tests/e2e/test_security.py tests/e2e/test_malformed.py tests/e2e/test_wire.py
+# The whole suite on the compiled build, the unit tests again on the pure sources (both builds must hold), then
+# WORKERS_E2E with --workers 2.
 test: deps venv native windows ceph-bindings
 	$(NPY) -m pytest -q
 	$(PY) -m pytest -q -m 'not e2e'
