@@ -4,8 +4,12 @@ Drives the real :class:`~lunsync.target.portal.IscsiProtocol` (connection state 
 CowVolume over a FileBackend, statistics) through a transport that only collects what would be sent, and feeds it
 batches of pipelined 4 KiB READ(10) or WRITE(10) commands, as a QD32 initiator's socket reads deliver them. It prints
 microseconds of CPU per command for each layer, so a change to the hot path can be judged without the noise of a
-shared machine's client and scheduler. Run: ``python tests/bench/hotpath.py [N] [--only read|write]`` (``--only`` runs
-one of the two, for a profiler to see it alone).
+shared machine's client and scheduler. After the commands it times the bare system calls on the same file with the
+same offsets (a loop of 4 KiB ``os.pwritev`` and ``os.preadv``), the floor under each figure: what a command costs
+above it is the Python around the call. Run: ``python tests/bench/hotpath.py [N] [--only read|write] [--fill-kib K]``
+(``--only`` runs one of the two, for a profiler to see it alone; ``--fill-kib`` writes the LUN in K KiB pieces before
+the run, 128 by default as the shared bench fills a LUN: on ext4 with large folios the piece size sets the size of
+the page-cache folios, and with them what each later 4 KiB ``pwritev`` costs the kernel).
 """
 
 from __future__ import annotations
@@ -81,9 +85,9 @@ def _feed(proto: IscsiProtocol, blob: bytes) -> None:
     proto.buffer_updated(len(blob))
 
 
-async def _run(n: int, tmp: Path, only: str | None) -> None:
+async def _run(n: int, tmp: Path, only: str | None, fill_kib: int) -> None:
     backend = FileBackend.create(tmp / "lun.img", 1 << 30, 512, overwrite=True)
-    fill = os.urandom(128 << 10)  # as the shared bench fills a LUN: 128 KiB writes
+    fill = os.urandom(fill_kib << 10)  # by default as the shared bench fills a LUN: 128 KiB writes
     for off in range(0, 1 << 30, len(fill)):
         os.pwrite(backend.fileno(), fill, off)
     os.fsync(backend.fileno())  # rewriting pages still under writeback would measure the disk, not the code
@@ -137,8 +141,24 @@ async def _run(n: int, tmp: Path, only: str | None) -> None:
             raise SystemExit(f"hotpath: only {done} of {count} commands completed")
         print(f"{label:18s} {cpu / count * 1e6:6.2f} us CPU/command ({wall / count * 1e6:6.2f} us wall), "
               f"{count} commands in batches of {QD}{note}")
+    _floor(backend.fileno(), n, data, only)
     proto.transport = None
     await cow.close()
+
+
+def _floor(fd: int, n: int, data: bytes, only: str | None) -> None:
+    """The bare system calls under the figures: 4 KiB at the commands' offsets, nothing else in the loop."""
+    offsets = [((i * 7919) % 262144) * 4096 for i in range(n)]
+    buf = bytearray(data)
+    for label, call in (("write", lambda off: os.pwritev(fd, [buf], off)),
+                        ("read", lambda off: os.preadv(fd, [buf], off))):
+        if only is not None and label != only:
+            continue
+        cpu = time.process_time()
+        for off in offsets:
+            call(off)
+        cpu = time.process_time() - cpu
+        print(f"floor: bare 4 KiB os.p{label}v {cpu / n * 1e6:6.2f} us CPU/call, same file and offsets")
 
 
 def main() -> int:
@@ -150,9 +170,16 @@ def main() -> int:
         if only not in ("read", "write"):
             raise SystemExit("hotpath: --only takes read or write")
         del args[i:i + 2]
+    fill_kib = 128
+    if "--fill-kib" in args:
+        i = args.index("--fill-kib")
+        fill_kib = int(args[i + 1]) if i + 1 < len(args) else 0
+        if fill_kib < 4 or (1 << 30) % (fill_kib << 10):
+            raise SystemExit("hotpath: --fill-kib takes a power of two from 4 to 1048576")
+        del args[i:i + 2]
     n = int(args[0]) if args else 100_000
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
-        asyncio.run(_run(n, Path(d), only))
+        asyncio.run(_run(n, Path(d), only, fill_kib))
     return 0
 
 
