@@ -927,7 +927,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @v1.post("/apply", response_model=ApplyOut, summary="make the array match a TOML configuration",
              description="Declarative: what the configuration does not name is removed. Idempotent; `dry_run` only "
                          "plans. Portal changes are recorded and take effect at the next start. Removing a LUN that "
-                         "snapshots still reference is refused (409, naming them); a dry run lists it in `refused`.")
+                         "snapshots still reference is refused (409, naming them); a dry run lists it in `refused`. "
+                         "Under `serve --workers`, so is a plan that would show a LUN on targets of two workers, or "
+                         "move a LUN with snapshots to another worker.")
     async def apply(body: ApplyIn) -> ApplyOut:
         cfg = parse_config(body.config, source=body.source)
         plan = await array.apply(cfg, dry_run=body.dry_run)

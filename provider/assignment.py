@@ -3,17 +3,19 @@
 A target and every LUN mapped on it have one owner, so all per-LUN state (reservations, unit attentions, write gates,
 copy-on-write maps, resync jobs) lives in one process and the data path takes no locks. At start the targets are dealt
 round-robin in catalog order, which spreads N targets over N workers exactly (a hash of the name would put two of two
-targets on one worker half the time); a target that shows a LUN an earlier target shows goes where that one went,
-since a LUN is served by one process only. A target created later goes to the worker owning the fewest, the
+targets on one worker half the time); a target linked by the LUNs it shows to an earlier target goes where that one
+went, since a LUN is served by one process only. A target created later goes to the worker owning the fewest, the
 lowest-numbered on a tie; a deleted one frees its place. During a run a target with LUNs never moves: moving it would
 mean moving its LUNs' live state under its sessions. An empty one (no LUN, no session) may, to the worker of the
-first LUN it maps. Across a restart the deal is made again from the catalog; the sessions reconnect after a restart
+first LUN it maps. :meth:`Assignment.split` checks a whole configuration before ``apply`` writes it: with the
+targets placed as they would be, each LUN must be shown by targets of one worker only, and a LUN that would change
+workers must be free to move. Across a restart the deal is made again from the catalog; the sessions reconnect after a restart
 anyway. Pure: no processes here, only the table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 class Assignment:
@@ -71,3 +73,61 @@ class Assignment:
     def owned_by(self, worker: int) -> list[str]:
         """The targets of ``worker``, in the order they were placed."""
         return [t for t, w in self._owner.items() if w == worker]
+
+    def split(self, targets: Sequence[tuple[str, Sequence[str]]], luns: Iterable[str],
+              home: Callable[[str], int | None], pinned: Callable[[str], bool]) -> list[tuple[str, str]]:
+        """What a configuration would leave unservable, as ``(lun, why)``; empty when every LUN has one worker.
+
+        ``targets`` are the configuration's, in the order the catalog will hold them (the kept ones in their order,
+        then the new ones), each with its LUN names by LUN number; ``luns`` names every LUN of it. New targets are
+        placed as :meth:`place` will place them then (:func:`beside` the earliest target they share LUNs with, else on
+        the least loaded worker); the others keep their worker. A LUN's worker is that of the first target showing it, or 0 when none does. ``home`` is a LUN's
+        worker now (None: a new LUN) and ``pinned`` says a LUN cannot change workers (it has snapshots)."""
+        after = Assignment(self.workers)
+        after._owner = dict(self._owner)
+        first: dict[str, str] = {}
+        for iqn, shows in targets:
+            for name in shows:
+                first.setdefault(name, iqn)
+        near = beside(targets)
+        shown: dict[str, dict[int, list[str]]] = {}
+        for iqn, shows in targets:
+            w = after.place(iqn, near.get(iqn))
+            for name in shows:
+                shown.setdefault(name, {}).setdefault(w, []).append(iqn)
+        out: list[tuple[str, str]] = []
+        for name, by_worker in shown.items():
+            if len(by_worker) > 1:
+                where = "; ".join(f"{', '.join(ts)} on worker {w}" for w, ts in sorted(by_worker.items()))
+                why = (f"would be shown by targets of different workers ({where}): a LUN is served by one worker "
+                       "process, so every target showing it must be of that worker")
+                out.append((name, why))
+        for name in luns:
+            now, then = home(name), after.owner(first[name]) if name in first else 0
+            if now is not None and now != then and pinned(name) and name not in {n for n, _ in out}:
+                why = (f"would move from worker {now} to worker {then}, and a LUN with snapshots does not move "
+                       f"between worker processes; show it on targets of worker {now} only")
+                out.append((name, why))
+        return out
+
+
+def beside(targets: Sequence[tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """Each target (of ``targets``, ``(iqn, LUN names)`` in catalog order) that must share a worker with an earlier
+    one -> the earliest target it is linked to by shown LUNs, directly or through other targets. A LUN is served by
+    one process, so a target showing LUNs of two earlier targets ties all three to one worker."""
+    parent = {iqn: iqn for iqn, _ in targets}
+    order = {iqn: i for i, (iqn, _) in enumerate(targets)}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = t = parent[parent[t]]
+        return t
+
+    shown_by: dict[str, str] = {}
+    for iqn, shows in targets:
+        for name in shows:
+            a, b = root(shown_by.setdefault(name, iqn)), root(iqn)
+            if a != b:
+                a, b = (a, b) if order[a] < order[b] else (b, a)
+                parent[b] = a
+    return {iqn: root(iqn) for iqn, _ in targets if root(iqn) != iqn}

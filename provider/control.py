@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lunsync.provider import routing, systemd
 from lunsync.provider.api_guard import auth_throttle
-from lunsync.provider.assignment import Assignment
+from lunsync.provider.assignment import Assignment, beside
 from lunsync.provider.channel import Channel, ChannelClosed, RemoteError, SessionRouter, control_message
 from lunsync.provider.forward import HttpRequest, HttpResponse, Receive, Scope, Send
 from lunsync.provider.metrics import ApiCounters
@@ -149,17 +149,11 @@ class Control:
         return None
 
     def near(self, only: set[str] | None = None) -> dict[str, str]:
-        """Each target (of ``only``, if given) that shows a LUN an earlier target shows -> that earlier target, where
-        the LUN is served."""
-        out: dict[str, str] = {}
-        for t in self.catalog.list_targets():
-            if only is not None and t.iqn not in only:
-                continue
-            for m in self.catalog.list_mappings(t.iqn):
-                first = self.catalog.lun_mappings(m.name)[0][0]
-                if first != t.iqn:
-                    out.setdefault(t.iqn, first)
-        return out
+        """Each target (of ``only``, if given) linked by the LUNs it shows to an earlier target -> the earliest such
+        target, whose worker must serve it too (:func:`~lunsync.provider.assignment.beside`)."""
+        tied = beside([(t.iqn, [m.name for m in self.catalog.list_mappings(t.iqn)])
+                       for t in self.catalog.list_targets()])
+        return {t: r for t, r in tied.items() if only is None or t in only}
 
     def sync_portal(self) -> None:
         """The portal's directory from the catalog: every target with its ACL and CHAP (no LUNs: those are the
@@ -236,6 +230,8 @@ class Control:
             return await self.create_target(d.iqn, req)
         if isinstance(d, routing.MapLun):
             return await self.map_lun(d, req)
+        if req.method == "POST" and req.path.rstrip("/") == "/v1/apply":
+            return await self.apply(req)
         resp = await self.forward(d.worker, req)
         if resp.ok and req.method not in ("GET", "HEAD"):
             if d.forget_target is not None:
@@ -245,7 +241,7 @@ class Control:
                 self.sets[body["id"]] = d.worker
             if d.bind_set is not None:
                 self.sets[d.bind_set] = d.worker
-            if d.refresh or req.path.rstrip("/") == "/v1/apply":
+            if d.refresh:
                 await self.refresh_workers()
             else:
                 self.sync_portal()
@@ -361,6 +357,53 @@ class Control:
             return _error(409, released["refused"], "conflict")
         resp = await self.forward(t_owner, req)
         await self.refresh_workers()  # a failed mapping gives the LUN back to worker 0
+        return resp
+
+    def apply_refusals(self, req: HttpRequest) -> list[tuple[str, str]]:
+        """What an ``apply`` body would leave unservable (:meth:`Assignment.split`); none for a body the worker's API
+        will refuse anyway (it says why)."""
+        import warnings
+
+        from lunsync.provider.config import parse_config
+        from lunsync.snapshots.snapcat import SnapshotCatalog
+
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("config"), str):
+            return []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = parse_config(str(body["config"]), source=str(body.get("source", "<api>")))
+        except ValueError:  # ConfigError among them
+            return []
+        wanted = {t.iqn: t for t in cfg.targets}
+        kept = [t.iqn for t in self.catalog.list_targets() if t.iqn in wanted]
+        order = kept + [t.iqn for t in cfg.targets if t.iqn not in kept]
+        with_snapshots = {s.lun_name for s in SnapshotCatalog(self.catalog).list_snapshots()}
+        return self.assignment.split([(iqn, [m.name for m in wanted[iqn].luns]) for iqn in order],
+                                     [lun.name for lun in cfg.luns], self.lun_owner, with_snapshots.__contains__)
+
+    async def apply(self, req: HttpRequest) -> HttpResponse:
+        """POST /v1/apply: the whole plan is refused (409) before anything is written if a LUN would be shown by
+        targets of two workers or move with its snapshots; a dry run lists that among its refused steps."""
+        refused = self.apply_refusals(req)
+        body = req.json()
+        dry_run = isinstance(body, dict) and body.get("dry_run") is True
+        if refused and not dry_run:
+            return _error(409, "apply refused: " + "; ".join(f"lun {n!r} {why}" for n, why in refused), "conflict")
+        resp = await self.forward(0, req)
+        if not resp.ok:
+            return resp
+        out = resp.json()
+        if refused and isinstance(out, dict) and isinstance(out.get("plan"), list) and isinstance(
+                out.get("refused"), list):
+            steps = [f"! lun {n} {why}" for n, why in refused]
+            out["plan"] = [*out["plan"], *steps]
+            out["refused"] = [*out["refused"], *steps]
+            out["changed"] = len(out["plan"]) > len(out["refused"])
+            return HttpResponse.of_json(resp.status, out)
+        if not dry_run:
+            await self.refresh_workers()
         return resp
 
     async def fan_out(self, d: routing.FanOut, req: HttpRequest) -> HttpResponse:

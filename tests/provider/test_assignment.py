@@ -4,7 +4,7 @@ told (an empty target, by the control)."""
 from __future__ import annotations
 
 import pytest
-from lunsync.provider.assignment import Assignment
+from lunsync.provider.assignment import Assignment, beside
 
 
 def test_start_deals_round_robin_in_catalog_order() -> None:
@@ -55,3 +55,39 @@ def test_targets_that_show_the_same_lun_go_to_one_worker() -> None:
     assert [a.owner(t) for t in "abcd"] == [0, 0, 1, 0]
     assert a.place("e", near="c") == 1
     assert a.place("f", near="nosuch") == 1  # an unplaced neighbour: the least loaded (1 has c, e; 0 has a, b, d)
+
+
+def test_a_configuration_splitting_a_lun_over_workers_is_named() -> None:
+    a = Assignment(2, ["t0", "t1"])  # t0 on worker 0, t1 on worker 1
+    home = {"x": 0, "y": 1, "free": 0}.get
+    none = frozenset[str]().__contains__
+    # Each LUN on targets of one worker: nothing to say; a new LUN and an unmapped one may go anywhere.
+    assert a.split([("t0", ["x", "free"]), ("t1", ["y", "new"])], ["x", "y", "free", "new"], home, none) == []
+    # x, worker 0's, shown by worker 1's t1 too: refused, naming both workers' targets.
+    [(lun, why)] = a.split([("t0", ["x"]), ("t1", ["y", "x"])], ["x", "y"], home, none)
+    assert lun == "x" and "t0 on worker 0; t1 on worker 1" in why, why
+    # A new target goes beside the first target showing its first LUN, so joining x and y splits y (worker 1's).
+    [(lun, why)] = a.split([("t0", ["x"]), ("t1", ["y"]), ("t2", ["x", "y"])], ["x", "y"], home, none)
+    assert lun == "y" and "t2 on worker 0; t1 on worker 1" in why, why
+    # A new target showing only new LUNs goes to the least loaded worker, with its LUNs: fine.
+    assert a.split([("t0", ["x"]), ("t1", ["y"]), ("t2", ["n1"]), ("t3", ["n1"])], ["x", "y", "n1"], home,
+                   none) == []
+    # An unmapped LUN moves with its first mapping, unless it has snapshots; unmapping one of worker 1's sends it
+    # to worker 0, which is the same move.
+    assert a.split([("t1", ["y", "free"])], ["y", "free"], home, none) == []
+    [(lun, why)] = a.split([("t1", ["y", "free"])], ["y", "free"], home, {"free"}.__contains__)
+    assert lun == "free" and "from worker 0 to worker 1" in why and "snapshots" in why, why
+    [(lun, why)] = a.split([("t1", [])], ["y"], home, {"y"}.__contains__)
+    assert lun == "y" and "from worker 1 to worker 0" in why, why
+    # The placement itself is untouched by the check.
+    assert a.owner("t2") is None and a.owned_by(1) == ["t1"]
+
+
+def test_a_target_joining_two_earlier_targets_luns_ties_all_three_to_one_worker() -> None:
+    # c shows x (a's) and y (b's): a, b and c must be one worker's, or one of x and y is not shown by c.
+    targets = [("a", ["x"]), ("b", ["y"]), ("c", ["x", "y"]), ("d", ["z"]), ("e", ["w"]), ("f", ["w", "z"])]
+    near = beside(targets)
+    assert near == {"b": "a", "c": "a", "e": "d", "f": "d"}
+    a = Assignment(2, [t for t, _ in targets], near)
+    assert a.owned_by(0) == ["a", "b", "c"] and a.owned_by(1) == ["d", "e", "f"]
+    assert a.split(targets, ["x", "y", "z", "w"], lambda _: None, lambda _: False) == []

@@ -186,6 +186,46 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     d.assert_healthy()
 
 
+
+def test_apply_maps_across_workers_as_the_map_route_does(two: Daemon, tmp_path: Any) -> None:
+    """``lunsync apply`` moves an unmapped LUN to the worker of the target it maps it on, and refuses (409, the dry run
+    marking it) a whole plan in which a LUN would be shown by targets of two workers, writing nothing of it."""
+    from dataclasses import replace
+
+    from lunsync.provider.config import dump_config, parse_config
+    from lunsync.snapshots.model import LunConfig, LunMapping
+
+    d = two
+    exported = run([*_cli(d), "export"], check=True).stdout
+    cfg = parse_config(exported)
+    demo, second = (next(t for t in cfg.targets if t.iqn == iqn) for iqn in (DEMO_IQN, T2))
+    # l2 (worker 1's, on the second target) shown by the demo target (worker 0's) as well.
+    split = tmp_path / "split.toml"
+    split.write_text(dump_config(replace(cfg, targets=(replace(demo, luns=(*demo.luns, LunMapping(7, "l2"))),
+                                                       second))))
+    p = run([*_cli(d), "apply", "--dry-run", str(split)], timeout=60)
+    assert p.returncode == 0, describe(p)
+    assert "! lun l2 would be shown by targets of different workers" in p.stdout, describe(p)
+    assert f"{DEMO_IQN} on worker 0; {T2} on worker 1" in p.stdout, describe(p)
+    assert "apply would be refused: 1 step(s)" in p.stdout, describe(p)
+    p = run([*_cli(d), "apply", str(split)], timeout=60)
+    assert p.returncode == 4, describe(p)  # the CLI's exit code for a 409
+    assert "lun 'l2' would be shown by targets of different workers" in p.stderr, describe(p)
+    r = api(d, "POST", "/apply", {"config": split.read_text()})
+    assert r.status_code == 409 and "worker 0" in r.json()["error"] and "worker 1" in r.json()["error"], r.text
+    assert run([*_cli(d), "export"], check=True).stdout == exported  # nothing of the plan was written
+    qemu(d.url(0, iqn=T2), "write -P 0x44 0 64k", "read -P 0x44 0 64k")  # and l2 serves on
+    # A new LUN mapped on the second target goes to worker 1 with it, and serves there.
+    moved = tmp_path / "moved.toml"
+    moved.write_text(dump_config(replace(cfg, luns=(*cfg.luns, LunConfig("l4", 16 * MiB)),
+                                         targets=(demo, replace(second, luns=(*second.luns, LunMapping(4, "l4")))))))
+    p = run([*_cli(d), "apply", str(moved)], timeout=60)
+    assert p.returncode == 0 and "2 change(s) applied" in p.stdout, describe(p)
+    w = status(d)["workers"]
+    assert "l4" in w[1]["luns"] and "l4" not in w[0]["luns"], w
+    qemu(d.url(4, iqn=T2), "write -P 0x45 0 64k", "read -P 0x45 0 64k")
+    d.assert_healthy()
+
 def _login(port: int, iqn: str, isid: int) -> tuple[socket.socket, int]:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     pairs = [("InitiatorName", "iqn.2026-11.org.example:raw"), ("TargetName", iqn), ("SessionType", "Normal")]
