@@ -929,7 +929,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                          "plans. Portal changes are recorded and take effect at the next start. Removing a LUN that "
                          "snapshots still reference is refused (409, naming them); a dry run lists it in `refused`. "
                          "Under `serve --workers`, so is a plan that would show a LUN on targets of two workers, or "
-                         "move a LUN with snapshots to another worker.")
+                         "move a LUN with snapshots, or one a restore writes, to another worker.")
     async def apply(body: ApplyIn) -> ApplyOut:
         cfg = parse_config(body.config, source=body.source)
         plan = await array.apply(cfg, dry_run=body.dry_run)

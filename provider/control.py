@@ -359,9 +359,9 @@ class Control:
         await self.refresh_workers()  # a failed mapping gives the LUN back to worker 0
         return resp
 
-    def apply_refusals(self, req: HttpRequest) -> list[tuple[str, str]]:
+    def apply_refusals(self, req: HttpRequest, restoring: dict[str, str]) -> list[tuple[str, str]]:
         """What an ``apply`` body would leave unservable (:meth:`Assignment.split`); none for a body the worker's API
-        will refuse anyway (it says why)."""
+        will refuse anyway (it says why). ``restoring``: the LUNs a restore writes -> its recovery set."""
         import warnings
 
         from lunsync.provider.config import parse_config
@@ -380,13 +380,28 @@ class Control:
         kept = [t.iqn for t in self.catalog.list_targets() if t.iqn in wanted]
         order = kept + [t.iqn for t in cfg.targets if t.iqn not in kept]
         with_snapshots = {s.lun_name for s in SnapshotCatalog(self.catalog).list_snapshots()}
+
+        def pinned(name: str) -> str | None:
+            if name in restoring:
+                return f"is being restored by recovery {restoring[name]}"
+            return "has snapshots" if name in with_snapshots else None
+
         return self.assignment.split([(iqn, [m.name for m in wanted[iqn].luns]) for iqn in order],
-                                     [lun.name for lun in cfg.luns], self.lun_owner, with_snapshots.__contains__)
+                                     [lun.name for lun in cfg.luns], self.lun_owner, pinned)
 
     async def apply(self, req: HttpRequest) -> HttpResponse:
         """POST /v1/apply: the whole plan is refused (409) before anything is written if a LUN would be shown by
-        targets of two workers or move with its snapshots; a dry run lists that among its refused steps."""
-        refused = self.apply_refusals(req)
+        targets of two workers, or move with its snapshots or under a restore; a dry run lists that among its
+        refused steps."""
+        restoring: dict[str, str] = {}
+        for w in range(self.count):
+            try:
+                st = await self.call(w, "status")
+            except (ChannelClosed, RemoteError):  # a restarting worker's restores wait for it (interrupted)
+                continue
+            if isinstance(st, dict) and isinstance(st.get("restoring"), dict):
+                restoring.update({str(k): str(v) for k, v in st["restoring"].items()})
+        refused = self.apply_refusals(req, restoring)
         body = req.json()
         dry_run = isinstance(body, dict) and body.get("dry_run") is True
         if refused and not dry_run:

@@ -160,7 +160,9 @@ class WorkerProcess:
         if method == "status":
             return {"pid": os.getpid(), "luns": sorted(array.luns), "sessions": len(self.server.sessions),
                     "connections": self.server.counters.connections,
-                    "attention": array.snapshots.attention() if array.snapshots is not None else []}
+                    "attention": array.snapshots.attention() if array.snapshots is not None else [],
+                    "restoring": {n: rs.id for n in array.luns
+                                  if array.recovery is not None and (rs := array.recovery.restoring(n)) is not None}}
         if method == "metrics":
             from prometheus_client import generate_latest
 

@@ -60,25 +60,25 @@ def test_targets_that_show_the_same_lun_go_to_one_worker() -> None:
 def test_a_configuration_splitting_a_lun_over_workers_is_named() -> None:
     a = Assignment(2, ["t0", "t1"])  # t0 on worker 0, t1 on worker 1
     home = {"x": 0, "y": 1, "free": 0}.get
-    none = frozenset[str]().__contains__
+    none = {"-": ""}.get  # nothing is pinned
     # Each LUN on targets of one worker: nothing to say; a new LUN and an unmapped one may go anywhere.
     assert a.split([("t0", ["x", "free"]), ("t1", ["y", "new"])], ["x", "y", "free", "new"], home, none) == []
     # x, worker 0's, shown by worker 1's t1 too: refused, naming both workers' targets.
     [(lun, why)] = a.split([("t0", ["x"]), ("t1", ["y", "x"])], ["x", "y"], home, none)
     assert lun == "x" and "t0 on worker 0; t1 on worker 1" in why, why
-    # A new target goes beside the first target showing its first LUN, so joining x and y splits y (worker 1's).
+    # A new target goes with the earliest target it shares LUNs with (t0), so joining x and y splits y (worker 1's).
     [(lun, why)] = a.split([("t0", ["x"]), ("t1", ["y"]), ("t2", ["x", "y"])], ["x", "y"], home, none)
     assert lun == "y" and "t2 on worker 0; t1 on worker 1" in why, why
     # A new target showing only new LUNs goes to the least loaded worker, with its LUNs: fine.
     assert a.split([("t0", ["x"]), ("t1", ["y"]), ("t2", ["n1"]), ("t3", ["n1"])], ["x", "y", "n1"], home,
                    none) == []
-    # An unmapped LUN moves with its first mapping, unless it has snapshots; unmapping one of worker 1's sends it
-    # to worker 0, which is the same move.
+    # An unmapped LUN moves with its first mapping, unless it has snapshots or a restore writes it; unmapping one of
+    # worker 1's sends it to worker 0, which is the same move.
     assert a.split([("t1", ["y", "free"])], ["y", "free"], home, none) == []
-    [(lun, why)] = a.split([("t1", ["y", "free"])], ["y", "free"], home, {"free"}.__contains__)
+    [(lun, why)] = a.split([("t1", ["y", "free"])], ["y", "free"], home, {"free": "has snapshots"}.get)
     assert lun == "free" and "from worker 0 to worker 1" in why and "snapshots" in why, why
-    [(lun, why)] = a.split([("t1", [])], ["y"], home, {"y"}.__contains__)
-    assert lun == "y" and "from worker 1 to worker 0" in why, why
+    [(lun, why)] = a.split([("t1", [])], ["y"], home, {"y": "is being restored by recovery r1"}.get)
+    assert lun == "y" and "from worker 1 to worker 0" in why and "recovery r1" in why, why
     # The placement itself is untouched by the check.
     assert a.owner("t2") is None and a.owned_by(1) == ["t1"]
 
@@ -90,4 +90,4 @@ def test_a_target_joining_two_earlier_targets_luns_ties_all_three_to_one_worker(
     assert near == {"b": "a", "c": "a", "e": "d", "f": "d"}
     a = Assignment(2, [t for t, _ in targets], near)
     assert a.owned_by(0) == ["a", "b", "c"] and a.owned_by(1) == ["d", "e", "f"]
-    assert a.split(targets, ["x", "y", "z", "w"], lambda _: None, lambda _: False) == []
+    assert a.split(targets, ["x", "y", "z", "w"], lambda _: None, lambda _: None) == []
