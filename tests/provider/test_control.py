@@ -1,6 +1,6 @@
 """``lunsync serve --workers 2`` end to end: two targets on two worker processes driven by qemu-io through the one
 portal, ``status`` per worker, metrics summed over the processes, the control API's answers (forwarded, merged,
-refused with a 4xx that says why), session reinstatement across the hand-off, and a worker killed with -9 in the
+refused with a 4xx that says why), ``apply`` and ``serve --config`` keeping each LUN's targets on one worker, session reinstatement across the hand-off, and a worker killed with -9 in the
 middle of qemu-io's writes: restarted, the initiator logs in again, and every acknowledged write is on the LUN."""
 
 from __future__ import annotations
@@ -224,6 +224,24 @@ def test_apply_maps_across_workers_as_the_map_route_does(two: Daemon, tmp_path: 
     w = status(d)["workers"]
     assert "l4" in w[1]["luns"] and "l4" not in w[0]["luns"], w
     qemu(d.url(4, iqn=T2), "write -P 0x45 0 64k", "read -P 0x45 0 64k")
+    d.assert_healthy()
+
+
+def test_serve_config_puts_targets_linked_by_their_luns_on_one_worker(daemon_factory: Any) -> None:
+    """``serve --config``: c shows x (a's) and y (b's), so a, b and c are dealt to one worker, and c shows both."""
+    from lunsync.provider.config import dump_config
+    from lunsync.snapshots.model import Config, LunConfig, LunMapping, TargetConfig
+
+    require_tools("qemu-io")
+    a, b, c = (f"iqn.2026-11.io.lunsync:{n}" for n in "abc")
+    cfg = Config(luns=(LunConfig("x", 16 * MiB), LunConfig("y", 16 * MiB)),
+                 targets=(TargetConfig(a, luns=(LunMapping(0, "x"),)), TargetConfig(b, luns=(LunMapping(0, "y"),)),
+                          TargetConfig(c, luns=(LunMapping(0, "x"), LunMapping(1, "y")))))
+    d: Daemon = daemon_factory(workers=2, api=True, demo=False, config=dump_config(cfg))
+    w = status(d)["workers"]
+    assert w[0]["targets"] == [a, b, c] and w[0]["luns"] == ["x", "y"] and w[1]["targets"] == [], w
+    qemu(d.url(1, iqn=c), "write -P 0x46 0 64k", "flush")
+    qemu(d.url(0, iqn=b), "read -P 0x46 0 64k")
     d.assert_healthy()
 
 def _login(port: int, iqn: str, isid: int) -> tuple[socket.socket, int]:
