@@ -317,7 +317,7 @@ class SnapshotService:
         origin = cast(Origin, backend)  # the file or block backend: the copy-on-write engine works on their descriptor
         old = self.volumes.get(rec.name)
         if old is not None and old.lun_id == rec.id:
-            old.origin = origin  # reopened with other flags: same maps, same state
+            old.reopen(origin)  # reopened with other flags: same maps, same state
             return old
         prec = self.cat.volume_pool(rec.id)
         epochs = [s.epoch for s in self.cat.list_snapshots(rec.name) if s.lun_id == rec.id and s.needs_cow]

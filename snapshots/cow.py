@@ -616,9 +616,12 @@ class CowVolume:
         if chunk_size <= 0 or chunk_size % origin.block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {origin.block_size}")
         self.origin = origin
-        # The origin's inline write, when it has one (see write_inline): looked up once, not per write.
-        self._origin_inline = origin.write_inline if isinstance(origin, InlineWrite) else None
-        self._bs = origin.block_size  # fixed for the origin's life (a resize changes only its length)
+        self._origin_inline: Callable[[int, Buffer], bool] | None = None
+        self.block_size = self._bs = origin.block_size
+        self.read_only = origin.read_only
+        self.thin = origin.thin
+        self.num_blocks = origin.num_blocks
+        self.reopen(origin)
         self.name = name or str(lun_id)
         self.lun_id = lun_id
         self.chunk_size = chunk_size
@@ -938,21 +941,19 @@ class CowVolume:
 
     # --- BlockDevice ----------------------------------------------------------------------------------------------
 
-    @property
-    def block_size(self) -> int:
-        return self.origin.block_size
+    # The geometry is copied from the origin into plain attributes, not delegated through properties: a WRITE reads
+    # three of them per command and this class is interpreted. They follow the origin through reopen and resize, the
+    # only ways it changes.
 
-    @property
-    def num_blocks(self) -> int:
-        return self.origin.num_blocks
-
-    @property
-    def read_only(self) -> bool:
-        return self.origin.read_only
-
-    @property
-    def thin(self) -> bool:
-        return self.origin.thin
+    def reopen(self, origin: Origin) -> None:
+        """Put ``origin`` (the same LUN's backend, opened again with other flags) under this volume: same maps, same
+        state; its length, flags and inline write are taken from it (the block size is the LUN's, fixed)."""
+        self.origin = origin
+        # The origin's inline write, when it has one (see write_inline): looked up once, not per write.
+        self._origin_inline = origin.write_inline if isinstance(origin, InlineWrite) else None
+        self.read_only = origin.read_only
+        self.thin = origin.thin
+        self.num_blocks = origin.num_blocks
 
     def fileno(self) -> int:
         return self.origin.fileno()
@@ -1312,6 +1313,7 @@ class CowVolume:
         try:
             await self.origin.resize(num_blocks)
         finally:
+            self.num_blocks = self.origin.num_blocks  # also after a failed resize: whatever length the origin has now
             self._leave()
 
     async def close(self) -> None:
