@@ -1251,3 +1251,24 @@ def test_a_staged_write_that_cannot_reach_the_origin_fails_the_next_flush(
         await vol.close()
 
     run(go())
+
+
+def test_the_geometry_follows_a_resize_and_a_reopen(tmp_path: Path) -> None:
+    # The volume keeps its origin's geometry in attributes: a resize and a reopen with other flags must carry over.
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        assert (vol.block_size, vol.num_blocks, vol.read_only) == (BS, SIZE // BS, False)
+        await vol.resize(2 * SIZE // BS)
+        assert vol.num_blocks == 2 * SIZE // BS
+        await vol.write(2 * SIZE // BS - 8, pat(0xC1, 8 * BS))  # the grown tail is writable at once
+        old = vol.origin
+        await old.close()
+        vol.reopen(FileBackend.open(tmp_path / "origin.img", BS, read_only=True))
+        assert (vol.num_blocks, vol.read_only) == (2 * SIZE // BS, True)
+        assert not vol.write_inline(0, pat(0xC2, BS))  # the read-only origin answers it now, not the closed one
+        with pytest.raises(ReadOnly):
+            await vol.write(0, pat(0xC2, BS))
+        assert bytes(await vol.read(2 * SIZE // BS - 8, 8)) == pat(0xC1, 8 * BS)
+        await vol.close()
+
+    run(go())
