@@ -129,13 +129,13 @@ class Control:
 
     def lun_owner(self, name: str) -> int | None:
         try:
-            maps = self.catalog.lun_mappings(name)
+            home = self.catalog.home_target(name)
         except NotFound:
             return None
-        if not maps:
-            return 0  # an unmapped LUN lives on worker 0
-        # The first target's worker, as the workers themselves decide (Array.serves_lun).
-        return self.assignment.owner(maps[0][0])
+        if home is None:
+            return 0  # an unmapped LUN lives on worker 0, unless it was made from a snapshot
+        # The home target's worker, as the workers themselves decide (Array.serves_lun).
+        return self.assignment.owner(home)
 
     def serial_lun(self, serial: str) -> str | None:
         for rec in self.catalog.list_luns():
@@ -344,7 +344,7 @@ class Control:
                                "process, so it can only be mapped on that worker's targets; unmap it first to move "
                                "it", "conflict")
         if has_snapshots:
-            return _error(409, f"lun {d.name!r} has snapshots, kept by worker {have} with the unmapped LUNs, and "
+            return _error(409, f"lun {d.name!r} has snapshots, kept by worker {have}, which serves it unmapped, and "
                                f"target {d.iqn} is served by worker {t_owner} and already in use: a LUN with "
                                "snapshots does not move between worker processes; map it on a target of worker "
                                f"{have} (lunsync status)", "conflict")
@@ -356,7 +356,7 @@ class Control:
         if isinstance(released, dict) and isinstance(released.get("refused"), str):
             return _error(409, released["refused"], "conflict")
         resp = await self.forward(t_owner, req)
-        await self.refresh_workers()  # a failed mapping gives the LUN back to worker 0
+        await self.refresh_workers()  # a failed mapping gives the LUN back to the worker it came from
         return resp
 
     def apply_refusals(self, req: HttpRequest, restoring: dict[str, str]) -> list[tuple[str, str]]:

@@ -116,8 +116,9 @@ class Array:
     # default here; ``lunsync serve`` passes its --write-staging, DEFAULT_STAGING_BYTES unless told otherwise).
     write_staging_bytes: int = 0
     # A worker of ``serve --workers``: the targets (lowercase IQNs) this process serves, None: every one. A LUN is
-    # served by the worker of the first target it is mapped on (catalog order, as the control routes it), so no LUN
-    # is ever open in two processes; an unmapped LUN by the worker with ``holds_unmapped``.
+    # served by the worker of its Catalog.home_target (the first target it is mapped on; unmapped and made from a
+    # snapshot, that of the snapshot's LUN), as the control routes it, so no LUN is ever open in two processes; any
+    # other unmapped LUN by the worker with ``holds_unmapped``.
     owned_targets: set[str] | None = None
     holds_unmapped: bool = True
 
@@ -128,10 +129,10 @@ class Array:
         if self.owned_targets is None:
             return True
         try:
-            maps = self.catalog.lun_mappings(name)
+            home = self.catalog.home_target(name)
         except NotFound:  # a deleted origin's snapshots (a clone outlives it) stay with the unmapped LUNs
             return self.holds_unmapped
-        return self.serves_target(maps[0][0]) if maps else self.holds_unmapped
+        return self.serves_target(home) if home is not None else self.holds_unmapped
 
     async def load(self) -> None:
         if self.snapshots is None:

@@ -4,8 +4,8 @@ Each worker serves the existing API over what it owns, and every worker reads th
 decides where a request goes; it never re-implements an operation. The rules, in :func:`route`:
 
 - a request about one target (``/v1/targets/IQN/...``) goes to the target's owner; one about one LUN
-  (``/v1/luns/NAME/...``, ``/v1/snapshots/LUN@SNAP/...``) to the LUN's: the owner of the targets it is mapped on, or
-  worker 0, which holds every unmapped LUN;
+  (``/v1/luns/NAME/...``, ``/v1/snapshots/LUN@SNAP/...``) to the LUN's: the owner of the targets it is mapped on, or,
+  unmapped, that of the LUN whose snapshot it was made from, else worker 0, which holds the other unmapped LUNs;
 - a new target is placed first (:class:`Place`), then created by its worker; mapping a LUN (:class:`MapLun`) needs
   the control to check or move the LUN;
 - lists whose entries carry live state (targets with their sessions, sessions, snapshots with their fill, recovery
@@ -13,7 +13,8 @@ decides where a request goes; it never re-implements an operation. The rules, in
   pools) go to worker 0;
 - status, portals and the logout of a session are the control's own (:class:`Local`);
 - a snapshot set, a restore or a copy whose LUNs live on several workers is :class:`SpansWorkers`: the control takes
-  a snapshot set by the two-phase hold and answers the others with a 409;
+  a snapshot set by the two-phase hold and answers the others with a 409; a LUN made from a snapshot (a new
+  restore destination, ``POST /v1/luns`` with ``from_snapshot``) goes to the snapshot's worker, which serves it;
 - recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``).
 
 Pure: the placement is passed in as functions, and the decision is a value.
@@ -83,12 +84,19 @@ class SpansWorkers:
 
     what: str
     members: dict[int, list[str]] = field(default_factory=dict)
+    why: str = ""  # what in particular ties the operation to one process
 
     def message(self) -> str:
         where = "; ".join(f"worker {w}: {', '.join(sorted(m))}" for w, m in sorted(self.members.items()))
         return (f"{self.what} spans workers ({where}): its LUNs are served by different worker processes, which "
-                "this daemon cannot yet do as one operation; use LUNs of one worker (lunsync status shows who "
-                "serves what)")
+                f"this daemon cannot yet do as one operation{self.why}; use LUNs of one worker (lunsync status "
+                "shows who serves what)")
+
+
+# A restore's destination serves the snapshot's regions not yet copied by reading them from the snapshot, whose
+# unpreserved regions are the live origin's: only the origin's process reads that consistently.
+RESTORE_WHY = (" (the snapshot's regions not yet copied are read from its live origin, which another worker "
+               "serves; a restore into a new LUN, which the snapshot's worker creates and serves, does not span)")
 
 
 Decision = Forward | FanOut | Local | Place | MapLun | SpansWorkers
@@ -118,11 +126,13 @@ def _by_worker(names: Iterable[str], where: Placement) -> dict[int, list[str]]:
     return out
 
 
-def _one_or_spans(what: str, names: Iterable[str], where: Placement, *, remember_set: bool = False) -> Decision:
-    """Worker 0 when no LUN named is known (the worker's API says what is wrong with them)."""
+def _one_or_spans(what: str, names: Iterable[str], where: Placement, *, remember_set: bool = False,
+                  why: str = "") -> Decision:
+    """Worker 0 when no LUN named is known (the worker's API says what is wrong with them). A destination that does
+    not exist yet is made by the snapshot's worker, which then serves it (Catalog.home_target)."""
     members = _by_worker(names, where)
     if len(members) > 1:
-        return SpansWorkers(what, members)
+        return SpansWorkers(what, members, why)
     return Forward(next(iter(members), 0), remember_set=remember_set)
 
 
@@ -174,10 +184,9 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
     if head == "luns":
         if not rest:
             if write:
+                # A LUN made from a snapshot is served where the snapshot's LUN is (Catalog.home_target).
                 origin = _lun_of(obj.get("from_snapshot"))
-                if origin is not None and (where.lun_owner(origin) or 0) != 0:
-                    return SpansWorkers("a LUN made from a snapshot (a new LUN is unmapped, and lives on worker 0)",
-                                        {0: [str(obj.get("name", "?"))], where.lun_owner(origin) or 0: [origin]})
+                return Forward((where.lun_owner(origin) if origin is not None else None) or 0)
             return Forward(0)
         return Forward(where.lun_owner(rest[0]) or 0)
     if head == "sessions":
@@ -212,7 +221,7 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
                     origin = _lun_of(p.get("snapshot"))
                     dest = p.get("destination")
                     luns += [n for n in (origin, dest if isinstance(dest, str) else origin) if n]
-            return _one_or_spans("a restore", luns, where, remember_set=True)
+            return _one_or_spans("a restore", luns, where, remember_set=True, why=RESTORE_WHY)
         if rest == ["swap"]:
             origin = _lun_of(obj.get("snapshot"))
             return Forward((where.lun_owner(origin) if origin else None) or 0, remember_set=True)
@@ -232,7 +241,7 @@ def _sticky(set_id: str, method: str, obj: dict[str, Json], where: Placement, ad
         members = _by_worker(names, where)
         if any(w != owner for w in members):
             members.setdefault(owner, []).append(f"recovery set {set_id}")
-            return SpansWorkers("a restore", members)
+            return SpansWorkers("a restore", members, RESTORE_WHY)
     return Forward(owner)
 
 

@@ -1037,6 +1037,29 @@ class Catalog:
         with self._read():
             return self._mapped_by(int(self._lun_row(name)["id"]))
 
+    def home_target(self, name: str) -> str | None:
+        """The target whose process serves LUN ``name`` under ``serve --workers``: the first that maps it (catalog
+        order). An unmapped LUN made from a snapshot (a restore's new destination, a LUN created from a snapshot:
+        the newest recovery pair that made it) goes where the snapshot's LUN goes, followed back while unmapped,
+        because the snapshot's regions not yet copied are read from that live origin. None: the LUN lives with the
+        unmapped LUNs. Raises :class:`NotFound` when ``name`` is no LUN."""
+        with self._read() as db:
+            seen: set[str] = set()
+            while True:
+                row = self._lun_row(name)
+                maps = self._mapped_by(int(row["id"]))
+                if maps:
+                    return maps[0][0]
+                seen.add(name)
+                made = db.execute(
+                    "SELECT p.snapshot FROM recovery_pairs p JOIN recovery_sets s ON s.id = p.set_id "
+                    "WHERE p.destination = ? AND p.new_lun = 1 ORDER BY s.created_at DESC LIMIT 1", (name,)).fetchone()
+                origin = str(made[0]).partition("@")[0] if made is not None else None
+                if origin is None or origin in seen or db.execute(
+                        "SELECT 1 FROM luns WHERE name = ?", (origin,)).fetchone() is None:
+                    return None  # made from nothing, or from a deleted origin (its snapshots stay unmapped)
+                name = origin
+
     def _mapped_by(self, lun_id: int) -> tuple[tuple[str, int], ...]:
         rows = self._db.execute(
             "SELECT t.iqn, m.lun FROM mappings m JOIN targets t ON t.id = m.target_id WHERE m.lun_id = ? "

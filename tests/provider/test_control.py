@@ -135,6 +135,7 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     r = api(d, "POST", "/recovery/resync", {"pairs": [{"snapshot": "demo0@x", "destination": "l2"}]})
     assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
     assert "worker 0: demo0" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
+    assert "read from its live origin" in r.json()["error"], r.text
     r = api(d, "POST", "/snapshots/demo0@x/expose", {"target": T2})
     assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
     # EXTENDED COPY from demo0 into worker 1's l2 (named by its NAA) is COPY ABORTED, COPY TARGET DEVICE NOT
@@ -185,6 +186,48 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     assert status(d)["workers"][1]["targets"] == ["iqn.2026-11.io.lunsync:third"]
     d.assert_healthy()
 
+
+
+def test_a_lun_made_from_a_snapshot_is_served_by_the_snapshots_worker(two: Daemon) -> None:
+    """``resync LUN@SNAP --to NEW`` and ``lun create NEW --from LUN@SNAP`` of worker 1's LUN: the new LUN is created and
+    served by worker 1 (the snapshot's regions not yet copied are read from its live origin there), holds the
+    snapshot's data, serves I/O mapped on worker 1's target, and stays on worker 1 unmapped, across a restart too."""
+    d = two
+    qemu(d.url(0, iqn=T2), "write -P 0x51 0 2M", "flush")
+    assert api(d, "POST", "/snapshots", {"snapshots": ["l2@s"]}).status_code == 201
+    qemu(d.url(0, iqn=T2), "write -P 0x52 0 1M", "write -P 0x53 4M 1M", "flush")  # after the snapshot
+    p = run([*_cli(d), "resync", "l2@s", "--to", "r1", "--wait"], timeout=120)
+    assert p.returncode == 0, describe(p)
+    p = run([*_cli(d), "lun", "create", "c1", "--from", "l2@s"], timeout=60)
+    assert p.returncode == 0, describe(p)
+    w = status(d)["workers"]
+    assert {"l2", "r1", "c1"} <= set(w[1]["luns"]) and not {"r1", "c1"} & set(w[0]["luns"]), w
+    # A restore into a new LUN still being written is pinned to worker 1: mapping it on worker 0's target is refused.
+    p = run([*_cli(d), "resync", "l2@s", "--to", "r2", "--rate", "1"], timeout=60)
+    assert p.returncode == 0, describe(p)
+    r = api(d, "POST", f"/targets/{DEMO_IQN}/luns", {"name": "r2"})
+    assert r.status_code == 409 and "being restored" in r.json()["error"] and "worker 1" in r.json()["error"], r.text
+    assert "r2" in status(d)["workers"][1]["luns"]
+    # A restore onto an existing LUN of another worker still spans workers, and says why.
+    r = api(d, "POST", "/recovery/resync", {"pairs": [{"snapshot": "l2@s", "destination": "demo0"}]})
+    assert r.status_code == 409 and "read from its live origin" in r.json()["error"], r.text
+    assert "worker 0: demo0" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
+    # Mapped on worker 1's target, r1 has the snapshot's data (not what l2 was written after it) and takes writes.
+    p = run([*_cli(d), "lun", "map", "r1", "--target", T2, "--lun", "1"], timeout=60)
+    assert p.returncode == 0, describe(p)
+    assert "r1" in status(d)["workers"][1]["luns"]
+    qemu(d.url(1, iqn=T2), "read -P 0x51 0 2M", "read -P 0 4M 1M", "write -P 0x54 1M 64k", "flush",
+         "read -P 0x54 1M 64k", "read -P 0x51 0 1M")
+    qemu(d.url(0, iqn=T2), "read -P 0x52 0 1M", "read -P 0x53 4M 1M")  # and l2 kept its own
+    # A restart deals the LUNs the same way from the catalog: c1 (unmapped) on worker 1 with its origin.
+    d.restart()
+    w = status(d)["workers"]
+    assert {"l2", "r1", "c1", "r2"} <= set(w[1]["luns"]) and not {"r1", "c1", "r2"} & set(w[0]["luns"]), w
+    p = run([*_cli(d), "lun", "map", "c1", "--target", T2, "--lun", "2"], timeout=60)
+    assert p.returncode == 0, describe(p)
+    qemu(d.url(2, iqn=T2), "read -P 0x51 0 2M", "read -P 0 4M 1M", "write -P 0x55 0 4k", "read -P 0x55 0 4k")
+    qemu(d.url(1, iqn=T2), "read -P 0x54 1M 64k")
+    d.assert_healthy()
 
 
 def test_apply_maps_across_workers_as_the_map_route_does(two: Daemon, tmp_path: Any) -> None:

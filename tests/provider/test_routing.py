@@ -58,14 +58,17 @@ def test_snapshot_sets_restores_and_exposures_over_two_workers_span_workers() ->
     assert route("POST", "/v1/snapshots", {"snapshots": ["b0@s", "b1@s"]}, WHERE) == Forward(1)
     d = route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "a0"}]}, WHERE)
     assert isinstance(d, SpansWorkers) and d.members == {1: ["b0"], 0: ["a0"]}
+    assert "read from its live origin" in d.message(), d.message()
     assert route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s"}]}, WHERE) == Forward(
         1, remember_set=True)
     d = route("POST", "/v1/snapshots/b0@s/expose", {"target": A}, WHERE)
     assert isinstance(d, SpansWorkers)
     assert route("POST", "/v1/snapshots/b0@s/expose", {"target": B}, WHERE) == Forward(1)
-    d = route("POST", "/v1/luns", {"name": "n", "from_snapshot": "b0@s"}, WHERE)
-    assert isinstance(d, SpansWorkers)
+    # A LUN made from a snapshot is made (and served) by the snapshot's worker, as is a restore into a new LUN.
+    assert route("POST", "/v1/luns", {"name": "n", "from_snapshot": "b0@s"}, WHERE) == Forward(1)
     assert route("POST", "/v1/luns", {"name": "n", "from_snapshot": "a0@s"}, WHERE) == Forward(0)
+    assert route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "new"}]},
+                 WHERE) == Forward(1, remember_set=True)
 
 
 def test_sets_stick_to_the_worker_that_made_them() -> None:

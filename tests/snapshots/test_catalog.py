@@ -377,6 +377,44 @@ def test_map_errors_and_multipath(cat: Catalog) -> None:
     assert cat.lun_mappings("db1") == ()
 
 
+def _made(cat: Catalog, set_id: str, at: float, snapshot: str, dest: str, new_lun: bool = True) -> None:
+    from lunsync.snapshots.catalog import RecoveryPairRow, RecoverySetRow
+
+    cat.save_recovery_set(RecoverySetRow(set_id, "done", "{}", None, "[]", at, at, at, at),
+                          [RecoveryPairRow(snapshot, dest, new_lun, "done", 0, 0, 0, 0, None, None)])
+
+
+def test_home_target_of_a_lun_made_from_a_snapshot_is_its_origins(cat: Catalog) -> None:
+    """serve --workers places a LUN by its home target: the first mapping; unmapped and made from a snapshot, the
+    origin's (followed back while unmapped); else none (it lives with the unmapped LUNs)."""
+    for name in ("orig", "new", "newer", "plain", "onto"):
+        cat.create_lun(name, GiB)
+    cat.create_target(IQN)
+    cat.create_target(IQN_B)
+    cat.map_lun(IQN_B, "orig", 0)
+    cat.map_lun(IQN, "orig", 1)
+    assert cat.home_target("orig") == IQN  # the first target in catalog order, not the first mapped
+    assert cat.home_target("plain") is None
+    _made(cat, "r1", 1.0, "orig@s", "new")
+    _made(cat, "r2", 2.0, "new@t", "newer")
+    _made(cat, "r3", 3.0, "orig@s", "onto", new_lun=False)  # a restore onto an existing LUN does not place it
+    _made(cat, "r4", 4.0, "new@u", "new", new_lun=False)  # nor does a later restore of it from its own snapshot
+    assert cat.home_target("new") == cat.home_target("newer") == IQN
+    assert cat.home_target("onto") is None
+    cat.map_lun(IQN_B, "new", 5)
+    assert cat.home_target("new") == IQN_B and cat.home_target("newer") == IQN_B  # mapped, it is its target's
+    cat.unmap_lun(IQN_B, 5)
+    _made(cat, "r5", 5.0, "newer@v", "new")  # a cycle of unmapped LUNs ends with the unmapped ones
+    cat.unmap_lun(IQN_B, 0)
+    cat.unmap_lun(IQN, 1)
+    assert cat.home_target("new") is None and cat.home_target("newer") is None
+    cat.delete_lun("orig")  # made from a deleted origin: with the unmapped LUNs
+    _made(cat, "r6", 6.0, "orig@s", "plain")
+    assert cat.home_target("plain") is None
+    with pytest.raises(NotFound):
+        cat.home_target("nosuch")
+
+
 def test_acls(cat: Catalog) -> None:
     cat.create_target(IQN)
     assert cat.list_acls(IQN) == ()
