@@ -75,14 +75,17 @@ class Assignment:
         return [t for t, w in self._owner.items() if w == worker]
 
     def split(self, targets: Sequence[tuple[str, Sequence[str]]], luns: Iterable[str],
-              home: Callable[[str], int | None], pinned: Callable[[str], str | None]) -> list[tuple[str, str]]:
+              home: Callable[[str], int | None], pinned: Callable[[str], str | None],
+              made_from: Callable[[str], str | None] = lambda _: None) -> list[tuple[str, str]]:
         """What a configuration would leave unservable, as ``(lun, why)``; empty when every LUN has one worker.
 
         ``targets`` are the configuration's, in the order the catalog will hold them (the kept ones in their order,
         then the new ones), each with its LUN names by LUN number; ``luns`` names every LUN of it. New targets are
         placed as :meth:`place` will place them then (:func:`beside` the earliest target they share LUNs with, else on
-        the least loaded worker); the others keep their worker. A LUN's worker is that of the first target showing it, or 0 when none does. ``home`` is a LUN's
-        worker now (None: a new LUN) and ``pinned`` why a LUN cannot change workers (None: it can)."""
+        the least loaded worker); the others keep their worker. A LUN's worker is that of the first target showing it;
+        one no target shows goes with the LUN it was made from (``made_from``, followed back), else to worker 0.
+        ``home`` is a LUN's worker now (None: a new LUN) and ``pinned`` why a LUN cannot change workers (None: it
+        can)."""
         after = Assignment(self.workers)
         after._owner = dict(self._owner)
         first: dict[str, str] = {}
@@ -102,8 +105,16 @@ class Assignment:
                 why = (f"would be shown by targets of different workers ({where}): a LUN is served by one worker "
                        "process, so every target showing it must be of that worker")
                 out.append((name, why))
+        def unshown(name: str) -> int:
+            seen = {name}
+            while (origin := made_from(name)) is not None and origin not in seen:
+                if origin in first:
+                    return after.owner(first[origin]) or 0
+                seen.add(name := origin)
+            return 0
+
         for name in luns:
-            now, then = home(name), after.owner(first[name]) if name in first else 0
+            now, then = home(name), after.owner(first[name]) if name in first else unshown(name)
             stays = pinned(name) if now is not None and now != then else None
             if stays is not None and name not in {n for n, _ in out}:
                 why = (f"would move from worker {now} to worker {then}, and it {stays}, which keeps it on its worker "

@@ -387,7 +387,7 @@ class Control:
             return "has snapshots" if name in with_snapshots else None
 
         return self.assignment.split([(iqn, [m.name for m in wanted[iqn].luns]) for iqn in order],
-                                     [lun.name for lun in cfg.luns], self.lun_owner, pinned)
+                                     [lun.name for lun in cfg.luns], self.lun_owner, pinned, self.catalog.made_from)
 
     async def apply(self, req: HttpRequest) -> HttpResponse:
         """POST /v1/apply: the whole plan is refused (409) before anything is written if a LUN would be shown by

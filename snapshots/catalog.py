@@ -1039,26 +1039,32 @@ class Catalog:
 
     def home_target(self, name: str) -> str | None:
         """The target whose process serves LUN ``name`` under ``serve --workers``: the first that maps it (catalog
-        order). An unmapped LUN made from a snapshot (a restore's new destination, a LUN created from a snapshot:
-        the newest recovery pair that made it) goes where the snapshot's LUN goes, followed back while unmapped,
-        because the snapshot's regions not yet copied are read from that live origin. None: the LUN lives with the
-        unmapped LUNs. Raises :class:`NotFound` when ``name`` is no LUN."""
-        with self._read() as db:
+        order). An unmapped LUN made from a snapshot (:meth:`made_from`) goes where the snapshot's LUN goes, followed
+        back while unmapped, because the snapshot's regions not yet copied are read from that live origin. None: the
+        LUN lives with the unmapped LUNs. Raises :class:`NotFound` when ``name`` is no LUN."""
+        with self._read():
             seen: set[str] = set()
             while True:
-                row = self._lun_row(name)
-                maps = self._mapped_by(int(row["id"]))
+                maps = self._mapped_by(int(self._lun_row(name)["id"]))
                 if maps:
                     return maps[0][0]
                 seen.add(name)
-                made = db.execute(
-                    "SELECT p.snapshot FROM recovery_pairs p JOIN recovery_sets s ON s.id = p.set_id "
-                    "WHERE p.destination = ? AND p.new_lun = 1 ORDER BY s.created_at DESC LIMIT 1", (name,)).fetchone()
-                origin = str(made[0]).partition("@")[0] if made is not None else None
-                if origin is None or origin in seen or db.execute(
-                        "SELECT 1 FROM luns WHERE name = ?", (origin,)).fetchone() is None:
-                    return None  # made from nothing, or from a deleted origin (its snapshots stay unmapped)
+                origin = self.made_from(name)
+                if origin is None or origin in seen:
+                    return None
                 name = origin
+
+    def made_from(self, name: str) -> str | None:
+        """The LUN whose snapshot LUN ``name`` was made from (a restore's new destination, a LUN created from a
+        snapshot: the newest recovery pair that created it), if that LUN still exists."""
+        with self._read() as db:
+            made = db.execute(
+                "SELECT p.snapshot FROM recovery_pairs p JOIN recovery_sets s ON s.id = p.set_id "
+                "WHERE p.destination = ? AND p.new_lun = 1 ORDER BY s.created_at DESC LIMIT 1", (name,)).fetchone()
+            origin = str(made[0]).partition("@")[0] if made is not None else None
+            if origin is None or db.execute("SELECT 1 FROM luns WHERE name = ?", (origin,)).fetchone() is None:
+                return None  # made from nothing, or from a deleted origin (its snapshots stay with the unmapped)
+            return origin
 
     def _mapped_by(self, lun_id: int) -> tuple[tuple[str, int], ...]:
         rows = self._db.execute(

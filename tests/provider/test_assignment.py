@@ -79,6 +79,16 @@ def test_a_configuration_splitting_a_lun_over_workers_is_named() -> None:
     assert lun == "free" and "from worker 0 to worker 1" in why and "snapshots" in why, why
     [(lun, why)] = a.split([("t1", [])], ["y"], home, {"y": "is being restored by recovery r1"}.get)
     assert lun == "y" and "from worker 1 to worker 0" in why and "recovery r1" in why, why
+    # An unmapped LUN made from y's snapshot lives on worker 1 with y and stays there unmapped, even pinned; it
+    # follows y if y's mapping goes to worker 0 (and is named if it is pinned), and a cycle ends on worker 0.
+    made = {"r": "y", "rr": "r", "c1": "c2", "c2": "c1"}.get
+    home2 = {"x": 0, "y": 1, "r": 1, "rr": 1, "c1": 1, "c2": 1}.get
+    pinned = {"r": "has snapshots", "rr": "has snapshots", "c1": "has snapshots"}.get
+    assert a.split([("t0", ["x"]), ("t1", ["y"])], ["x", "y", "r", "rr"], home2, pinned, made) == []
+    refused = a.split([("t0", ["x", "y"]), ("t1", [])], ["x", "y", "r", "rr"], home2, pinned, made)
+    assert [n for n, _ in refused] == ["r", "rr"] and "from worker 1 to worker 0" in refused[0][1], refused
+    [(lun, why)] = a.split([("t0", ["x"]), ("t1", ["y"])], ["c1", "c2"], home2, pinned, made)
+    assert lun == "c1" and "from worker 1 to worker 0" in why, why
     # The placement itself is untouched by the check.
     assert a.owner("t2") is None and a.owned_by(1) == ["t1"]
 

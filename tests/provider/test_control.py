@@ -188,7 +188,7 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
 
 
 
-def test_a_lun_made_from_a_snapshot_is_served_by_the_snapshots_worker(two: Daemon) -> None:
+def test_a_lun_made_from_a_snapshot_is_served_by_the_snapshots_worker(two: Daemon, tmp_path: Any) -> None:
     """``resync LUN@SNAP --to NEW`` and ``lun create NEW --from LUN@SNAP`` of worker 1's LUN: the new LUN is created and
     served by worker 1 (the snapshot's regions not yet copied are read from its live origin there), holds the
     snapshot's data, serves I/O mapped on worker 1's target, and stays on worker 1 unmapped, across a restart too."""
@@ -208,6 +208,12 @@ def test_a_lun_made_from_a_snapshot_is_served_by_the_snapshots_worker(two: Daemo
     r = api(d, "POST", f"/targets/{DEMO_IQN}/luns", {"name": "r2"})
     assert r.status_code == 409 and "being restored" in r.json()["error"] and "worker 1" in r.json()["error"], r.text
     assert "r2" in status(d)["workers"][1]["luns"]
+    # apply of the array as it is moves nothing: r2 (unmapped, being restored) stays with its origin's worker.
+    exported = run([*_cli(d), "export"], check=True).stdout
+    now = tmp_path / "now.toml"
+    now.write_text(exported)
+    p = run([*_cli(d), "apply", str(now)], timeout=60)
+    assert p.returncode == 0 and "refused" not in p.stdout + p.stderr, describe(p)
     # A restore onto an existing LUN of another worker still spans workers, and says why.
     r = api(d, "POST", "/recovery/resync", {"pairs": [{"snapshot": "l2@s", "destination": "demo0"}]})
     assert r.status_code == 409 and "read from its live origin" in r.json()["error"], r.text
