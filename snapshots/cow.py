@@ -1100,10 +1100,11 @@ class CowVolume:
         inline = self._origin_inline
         if inline is None or self._gate is not None or self._staged:
             return False
-        start = lba * self._bs
-        nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if not self._clear(start, nbytes) and self._needs(start, start + nbytes):
-            return False
+        if self._newest:  # with no snapshot nothing needs preserving: _clear's first test, without the call
+            start = lba * self._bs
+            nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
+            if not self._clear(start, nbytes) and self._needs(start, start + nbytes):
+                return False
         return inline(lba, data)
 
     async def _write_through(self, lba: int, data: Buffer, start: int, nbytes: int) -> None:
