@@ -411,7 +411,13 @@ class Array:
         if mapping is None:
             self.catalog.get_lun(name)  # NotFound for an unknown LUN, before the more specific message below
             raise NotFound(f"lun {name!r} is not mapped on {iqn}")
-        m = self.catalog.unmap_lun(iqn, mapping.lun)
+        with self.catalog.transaction():
+            m = self.catalog.unmap_lun(iqn, mapping.lun)
+            if self.owned_targets is not None:
+                # Under serve --workers an unmap moves the LUN, and the LUNs made from its snapshots, to another
+                # worker when it was their home target; one a restore writes stays (the rollback keeps the mapping).
+                self._refuse_if_restoring([n for n in self.luns if not self.serves_lun(n)],
+                                          f"moved to another worker process by unmapping {name} from {iqn}")
         self.build_target(iqn)
         log.info("lun %s unmapped from %s (was LUN %d)", m.name, iqn, m.lun)
         return m

@@ -208,6 +208,10 @@ def test_a_lun_made_from_a_snapshot_is_served_by_the_snapshots_worker(two: Daemo
     r = api(d, "POST", f"/targets/{DEMO_IQN}/luns", {"name": "r2"})
     assert r.status_code == 409 and "being restored" in r.json()["error"] and "worker 1" in r.json()["error"], r.text
     assert "r2" in status(d)["workers"][1]["luns"]
+    # Nor does unmapping its origin from worker 1's target move it (the origin stays mapped).
+    r = api(d, "DELETE", f"/targets/{T2}/luns/l2")
+    assert r.status_code == 409 and "'r2' is being restored" in r.json()["error"], r.text
+    assert {"l2", "r2"} <= set(status(d)["workers"][1]["luns"])
     # apply of the array as it is moves nothing: r2 (unmapped, being restored) stays with its origin's worker.
     exported = run([*_cli(d), "export"], check=True).stdout
     now = tmp_path / "now.toml"
