@@ -162,7 +162,7 @@ class Array:
             log.warning("lun %s: backing file holds %s, catalog says %s: growing it", rec.name, format_size(have),
                         format_size(rec.size_bytes))
             try:
-                await live.device.resize(rec.num_blocks)
+                await live.lu.device.resize(rec.num_blocks)  # through the volume, which keeps the geometry
             except (StorageError, OSError) as e:  # serve what is there rather than not at all; the log says why
                 log.error("lun %s: cannot grow the backing file: %s", rec.name, e)
         elif have > rec.size_bytes and have % rec.block_size == 0:
@@ -388,11 +388,13 @@ class Array:
         live = self.luns[rec.name]
         if not rec.thin and isinstance(live.device, FileBackend):
             _check_space(self.catalog.lun_path(rec), size_bytes - rec.size_bytes)
-        await live.device.resize(size_bytes // rec.block_size)
+        # Through the device the LU serves (the copy-on-write volume, or a restore's), never the backend under it:
+        # the volume keeps the LUN's geometry and a restore's bitmap grows with it.
+        await live.lu.device.resize(size_bytes // rec.block_size)
         try:
             rec = self.catalog.resize_lun(name, size_bytes)
         except BaseException:
-            await live.device.resize(rec.num_blocks)
+            await live.lu.device.resize(rec.num_blocks)
             raise
         live.lu.notify_capacity_changed()
         log.info("lun %s grown to %s", rec.name, format_size(rec.size_bytes))
@@ -500,7 +502,7 @@ class Array:
                 live.lu.device = self._cow(rec, live.device)
                 await dev.close()
             if live.device.num_blocks < rec.num_blocks:
-                await live.device.resize(rec.num_blocks)
+                await live.lu.device.resize(rec.num_blocks)
                 live.lu.notify_capacity_changed()
         wanted = {t.iqn for t in self.catalog.list_targets() if self.serves_target(t.iqn)}
         for iqn in wanted:
