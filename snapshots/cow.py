@@ -861,8 +861,9 @@ class CowVolume:
     def hold_nowait(self) -> bool:
         """Hold new writes at once, without yielding; True when nothing is in flight (the hold is complete), else
         :meth:`drain` must be awaited. Holding several volumes in one step is what lets a snapshot set fix its
-        point in time without a trip through the event loop (writes never count as in flight: only unmaps and
-        resizes do, see :meth:`write`, and staged writes until they reach the origin)."""
+        point in time without a trip through the event loop (a write counts as in flight only while its origin, which
+        sends it to its threads, has yet to land it; unmaps and resizes do too, see :meth:`write`, and staged writes
+        until they reach the origin)."""
         if self._gate is not None:
             raise RuntimeError(f"lun {self.name} is already held")
         self._gate = asyncio.Event()
@@ -1034,10 +1035,10 @@ class CowVolume:
         """Preserve the chunks this write is the first to change since the newest snapshot, then write. Durability
         as the origin's ``write``; the preserved copies are durable before the origin is touched.
 
-        A write with nothing to preserve, nothing staged and no hold is the origin's own coroutine, not one wrapped
-        in another (once per WRITE command, as :meth:`read`): the check and the origin's ``pwritev``, which runs
-        before its first ``await``, still have no ``await`` between them, and the caller awaits it at once. With
-        every unit it touches preserved a write then costs a plain write plus a dict lookup and a mask test.
+        A write with nothing to preserve, nothing staged and no hold lands in this call, through the origin's inline
+        write (no ``await`` between the check and the ``pwritev``), and what is returned only finishes it (a FUA
+        write's flush). With every unit it touches preserved a write then costs a plain write plus a dict lookup and
+        a mask test. When the origin sends its writes to its threads, the write takes the counted path instead.
 
         The last check and the origin's ``pwritev`` run with no ``await`` between them, so a snapshot taken while
         this write waits for its preservation is seen by the re-check (the chunk then needs a copy for the new epoch
@@ -1053,8 +1054,17 @@ class CowVolume:
         before it has. Past ``staging_bytes`` a write waits for room (back-pressure, never an error)."""
         if self._gate is None and not self._staged:
             nbytes = len(data) if not isinstance(data, memoryview) else data.nbytes
-            if self._clear(lba * self._bs, nbytes):
-                return self.origin.write(lba, data, fua)
+            inline = self._origin_inline
+            if inline is not None and self._clear(lba * self._bs, nbytes):
+                # Only a write that lands right here may skip the in-flight count: one that the origin sends to its
+                # threads (a store that may hang, or after a stall) yields before it lands, and a hold must wait
+                # for it (see _write_through).
+                try:
+                    landed = inline(lba, data)
+                except (StorageError, ValueError) as exc:  # raised when awaited, as from the coroutine it stands for
+                    return _failed(exc)
+                if landed:
+                    return self.origin.flush() if fua else _nothing()
         return self._write(lba, data, fua)
 
     async def _write(self, lba: int, data: Buffer, fua: bool) -> None:
@@ -1109,11 +1119,28 @@ class CowVolume:
 
     async def _write_through(self, lba: int, data: Buffer, start: int, nbytes: int) -> None:
         """Preserve what the write needs for the newest epoch, then write the origin's page cache (no FUA)."""
-        while need := self._need(start, nbytes):
-            await self._preserve(need)
-        # From the last check to the page cache without yielding (FileBackend and BlockDevBackend write before their
-        # first await); a FUA write's flush comes after, and the data it waits for is already in the origin.
-        await self.origin.write(lba, data, False)
+        while True:
+            while need := self._need(start, nbytes):
+                await self._preserve(need)
+            if self._gate is None:
+                break
+            # A hold closed while this write waited for its copy: it does not count the write (see hold_nowait),
+            # so the write must not land until the hold is released, and then it checks again against the epoch
+            # the hold may have added.
+            await self._wait_gate()
+        # From the last check to the page cache without yielding when the origin writes inline; a FUA write's flush
+        # comes after, and the data it waits for is already in the origin. An origin whose writes go to its threads
+        # now (a store that may hang, or for a while after a stall) yields before its data lands: that write counts
+        # as in flight, so that a hold waits for it. Else a snapshot taken meanwhile would miss the copy of blocks
+        # the write then overwrites.
+        inline = self._origin_inline
+        if inline is not None and inline(lba, data):
+            return
+        self._active += 1
+        try:
+            await self.origin.write(lba, data, False)
+        finally:
+            self._leave()
 
     def _need(self, start: int, nbytes: int) -> list[tuple[int, int]]:
         """What a write of ``nbytes`` at byte ``start`` must preserve first (nothing without snapshots)."""
@@ -1709,6 +1736,14 @@ class SnapshotView:
 
     async def close(self) -> None:
         return None  # the volume owns every descriptor
+
+
+async def _nothing() -> None:
+    """What :meth:`CowVolume.write` hands back for a write that has already landed."""
+
+
+async def _failed(exc: BaseException) -> None:
+    raise exc
 
 
 def _read_segments(fd: int, buf: bytearray, segments: list[tuple[int, int, int]]) -> None:

@@ -317,6 +317,7 @@ CHILD = textwrap.dedent("""
         kill_at = rng.randrange(50, 400)
         n = 0
         epoch = 0
+        recorded = 0  # the newest epoch whose record is durable (a FUA write may finish during a hold)
         acked = {}
         async def writer(w):
             nonlocal n
@@ -326,7 +327,7 @@ CHILD = textwrap.dedent("""
                 data = os.urandom(blocks * BS)
                 await vol.write(lba, data, fua=rng.random() < 0.3)
                 n += 1
-                if n >= kill_at and epoch:  # on a busy machine the writes can outrun the first snapshot
+                if n >= kill_at and recorded:  # on a busy machine the writes can outrun the first snapshot
                     os.kill(os.getpid(), signal.SIGKILL)
                 await asyncio.sleep(0)
         tasks = [asyncio.create_task(writer(w)) for w in range(4)]
@@ -344,6 +345,7 @@ CHILD = textwrap.dedent("""
                 f.flush(); os.fsync(f.fileno())
             os.replace(os.path.join(tmp, "snaps.json.tmp"), os.path.join(tmp, "snaps.json"))
             vol.add_snapshot(epoch)
+            recorded = epoch
             vol.release()
     asyncio.run(main())
 """)
@@ -620,46 +622,83 @@ def test_a_4k_first_write_copies_4k_and_a_later_one_in_the_chunk_copies_its_own_
     run(go())
 
 
-class SpyOrigin:
-    """An origin that hands out, and remembers, the coroutines of its backend's ``write`` (the backend may be
-    compiled, whose methods cannot be replaced)."""
-
-    def __init__(self, inner: FileBackend) -> None:
-        self.inner = inner
-        self.coros: list[Any] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def write(self, lba: int, data: Any, fua: bool = False) -> Any:
-        coro = self.inner.write(lba, data, fua)
-        self.coros.append(coro)
-        return coro
+def _on_origin(path: Path, offset: int, n: int) -> bytes:
+    """What the origin file holds now (its page cache, read through a descriptor of its own)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
 
 
-def test_a_write_over_preserved_units_is_the_origins_own_write(tmp_path: Path) -> None:
-    """Once its units are preserved (or with no snapshot at all) a write is the origin's coroutine itself: nothing
-    of the volume wraps it. A write that must preserve, or one over a unit not yet copied, is not."""
+def test_a_write_over_preserved_units_lands_in_the_call(tmp_path: Path) -> None:
+    """Once its units are preserved (or with no snapshot at all) a write lands in the call itself, through the
+    origin's inline write, before its coroutine is awaited. A write that must preserve, one over a unit not yet
+    copied, and a held one do not."""
     async def go() -> None:
-        origin = SpyOrigin(FileBackend.create(tmp_path / "origin.img", SIZE, BS))
-        vol = CowVolume(origin, Pool("p", str(tmp_path / "pool")), 1, CS, name="lun")  # type: ignore[arg-type]
+        path = tmp_path / "origin.img"
+        vol = CowVolume(FileBackend.create(path, SIZE, BS), Pool("p", str(tmp_path / "pool")), 1, CS, name="lun")
 
-        def direct(coro: Any) -> bool:
-            was = bool(origin.coros) and coro is origin.coros[-1]
+        def landed_in_call(lba: int, data: bytes, at: int, expect: bytes) -> bool:
+            coro = vol.write(lba, data)
+            was = _on_origin(path, at, len(expect)) == expect
             coro.close()
             return was
 
-        assert direct(vol.write(0, pat(0x01, U)))  # no snapshot
+        assert landed_in_call(0, pat(0x01, U), 0, pat(0x01, U))  # no snapshot
         await vol.write(0, pat(0x0A, CS))
         await snap(vol, 1)
-        assert not direct(vol.write(0, pat(0x0B, U)))  # a first write preserves
+        assert not landed_in_call(0, pat(0x0B, U), 0, pat(0x0B, U))  # a first write preserves
         await vol.write(0, pat(0x0B, U))
-        assert direct(vol.write(0, pat(0x0C, U)))  # unit 0 is preserved
-        assert not direct(vol.write(U // BS, pat(0x0C, U)))  # unit 1 is not
-        assert not direct(vol.write(0, pat(0x0C, 2 * U)))
+        assert landed_in_call(0, pat(0x0C, U), 0, pat(0x0C, U))  # unit 0 is preserved
+        assert not landed_in_call(U // BS, pat(0x0C, U), U, pat(0x0C, U))  # unit 1 is not
+        assert not landed_in_call(0, pat(0x0D, 2 * U), 0, pat(0x0D, U))
         await vol.hold()
-        assert not direct(vol.write(0, pat(0x0C, U)))  # a held write waits
+        assert not landed_in_call(0, pat(0x0E, U), 0, pat(0x0E, U))  # a held write waits
         vol.release()
+        assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x0A, CS)
+        await vol.close()
+
+    run(go())
+
+
+def test_a_write_the_origin_sends_to_its_threads_is_waited_for_by_a_hold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An origin whose writes go to its threads (a store that may hang, or for a while after a stalled write) yields
+    before its data lands. Such a write counts as in flight, so a snapshot's hold waits for it: had the hold not, the
+    write would land after the snapshot without the copy it needs, and the snapshot would change under its reader
+    (the kill -9 trials caught it on a loaded machine)."""
+    import threading
+
+    async def go() -> None:
+        vol, _ = make(tmp_path)
+        await vol.write(0, pat(0x0A, CS))
+        await snap(vol, 1)
+        await vol.write(0, pat(0x0B, U))  # unit 0 now preserved for snapshot 1: the next write needs no copy
+        fd = vol.fileno()
+        entered, go_on = threading.Event(), threading.Event()
+        real = os.pwritev
+
+        def pwritev(f: int, bufs: Any, offset: int, *a: Any) -> int:
+            if f == fd and threading.current_thread() is not threading.main_thread():
+                entered.set()
+                go_on.wait(10)
+            return real(f, bufs, offset, *a)
+
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        vol.origin._offload_writes = True  # type: ignore[attr-defined]
+        writer = asyncio.create_task(vol.write(0, pat(0x0C, U)))
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        assert not vol.hold_nowait(), "the hold did not count the write still in the origin's thread"
+        go_on.set()
+        await vol.drain()
+        vol.add_snapshot(2)
+        vol.release()
+        await writer
+        taken = bytes(await vol.view(2).read(0, U // BS))
+        assert taken == pat(0x0C, U)
+        await vol.write(0, pat(0x0D, U))
+        assert bytes(await vol.view(2).read(0, U // BS)) == taken
         assert bytes(await vol.view(1).read(0, CS // BS)) == pat(0x0A, CS)
         await vol.close()
 
