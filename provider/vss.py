@@ -963,8 +963,11 @@ class RecoveryManager:
         for rs in self.store.load_all():
             self.sets[rs.id] = rs
         for rs in self.list_sets():
-            if rs.state is RecoveryState.PRE_RESTORE:
-                self._move(rs, Event.FAIL, "the daemon restarted during pre-restore")
+            if rs.state in (RecoveryState.PENDING, RecoveryState.PRE_RESTORE):
+                # Not yet recovered: its requester was never told the restore started (a one-shot resync's set is
+                # recorded at each step before its answer), and a set left pending would hold its destinations
+                # for good. VSS fails a restore its provider lost; the requester starts again.
+                self._move(rs, Event.FAIL, f"the daemon restarted during {rs.state.value}")
             elif rs.state is RecoveryState.RESYNCING:
                 jobs = []
                 try:

@@ -296,13 +296,13 @@ class Check:
             r = api.get(f"/recovery/{rec.resync_id}")
             if r.status_code == 200:
                 final = api.post(f"/recovery/{rec.resync_id}/wait", params={"timeout_s": 120}).json()
-                # A set the cut caught in pre-restore, before RecoverSet, is failed by the restart, as VSS fails
-                # it (the requester was never answered and starts again): its destination never served the
+                # A set the cut caught before RecoverSet (pending or pre-restore) is failed by the restart, as VSS
+                # fails it (the requester was never answered and starts again): its destination never served the
                 # snapshot, so demo0 is checked below as a LUN of its own writes.
-                unanswered_pre_restore = (final["state"] == "failed" and rec.resync_answered_t >= self.cut_t
-                                          and "during pre-restore" in (final.get("error") or ""))
-                resynced = not unanswered_pre_restore
-                if final["state"] != "done" and not unanswered_pre_restore:
+                unanswered_unrecovered = (final["state"] == "failed" and rec.resync_answered_t >= self.cut_t
+                                          and "the daemon restarted during" in (final.get("error") or ""))
+                resynced = not unanswered_unrecovered
+                if final["state"] != "done" and not unanswered_unrecovered:
                     res.wrong_resyncs += 1
                     res.problems.append(f"resync {rec.resync_id} ended {final['state']} after the restart")
             elif rec.resync_answered_t < self.cut_t:

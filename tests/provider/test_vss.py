@@ -384,6 +384,28 @@ def test_restart_resumes_a_resyncing_set(tmp_path: Path) -> None:
     run(main())
 
 
+def test_restart_fails_a_set_not_yet_recovered_and_frees_its_destination(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng, mgr, store = setup(tmp_path)
+        eng.add_lun("lab", bytes(SIZE))
+        waiting = mgr.create_set()
+        mgr.add_pair(waiting.id, "db0@s1", "lab")  # a one-shot resync cut here was never answered
+        masked = mgr.create_set()
+        mgr.add_pair(masked.id, "db0@s1", "db0")
+        await mgr.pre_restore(masked.id)
+        again = RecoveryManager(eng, store, commit_interval_s=0.0)
+        await again.load()
+        for rs, during in ((waiting, "pending"), (masked, "pre-restore")):
+            got = again.get(rs.id)
+            assert got.state is RecoveryState.FAILED
+            assert got.error == f"the daemon restarted during {during}"
+            assert [p.state for p in got.pairs] == ["failed"]
+        assert again.restoring("lab") is None and again.restoring("db0") is None
+        assert store.sets[waiting.id]["state"] == "failed"
+
+    run(main())
+
+
 def test_dry_run_counts_only_changed_chunks_for_the_origin(tmp_path: Path) -> None:
     _, mgr, _ = setup(tmp_path)
     out = asyncio.run(mgr.dry_run([("db0@s1", None), ("db0@s1", "elsewhere")]))
