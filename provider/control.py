@@ -27,15 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lunsync.provider import routing, systemd
+from lunsync.provider import remote_snapshot, routing, systemd
 from lunsync.provider.api_guard import auth_throttle
 from lunsync.provider.assignment import Assignment, beside
 from lunsync.provider.channel import Channel, ChannelClosed, RemoteError, SessionRouter, control_message
 from lunsync.provider.forward import HttpRequest, HttpResponse, Receive, Scope, Send
 from lunsync.provider.metrics import ApiCounters
-from lunsync.provider.rpc import Json, Message
+from lunsync.provider.rpc import Call, Json, Message, Reply
 from lunsync.provider.workers import WorkerPool
-from lunsync.snapshots.catalog import NotFound
+from lunsync.snapshots.catalog import CatalogError, NotFound
 from lunsync.target.directory import ChapCredentials, Directory, TargetEntry
 from lunsync.target.portal import Server
 from lunsync.target.scsi.target import ScsiTarget
@@ -79,7 +79,9 @@ class Control:
         self.server = Server(self.directory, self.prep.settings, hand_off=SessionRouter(self._channel_of))
         self.pool = WorkerPool(self.count, self.command, self._on_message, self._on_down)
         self.lock = asyncio.Lock()  # changes run one at a time: a LUN moving between workers is never seen halfway
-        self.placement = routing.Placement(self.assignment.owner, self.lun_owner, self.sets.get, self.serial_lun)
+        self.placement = routing.Placement(self.assignment.owner, self.lun_owner, self.sets.get, self.serial_lun,
+                                           self.exposed_on)
+        self._relays: set[asyncio.Task[None]] = set()  # workers' calls being answered
 
     # -- workers ------------------------------------------------------------------------------------------------------
 
@@ -102,7 +104,41 @@ class Control:
         return self.pool.channel(owner) if owner is not None else None
 
     def _on_message(self, index: int, msg: Message, sock: object) -> None:
+        if isinstance(msg, Call):
+            # The channel it came on, even before its worker is ready: a restore it resumes reads as it starts.
+            ch = self.pool.workers[index].channel
+            if ch is not None:
+                task = asyncio.get_running_loop().create_task(self._answer_worker(index, ch, msg))
+                self._relays.add(task)
+                task.add_done_callback(self._relays.discard)
+            return
         control_message(self.server, msg)
+
+    async def _answer_worker(self, index: int, ch: Channel, call: Call) -> None:
+        """A worker's call: ``snapshot-read`` (:mod:`lunsync.provider.remote_snapshot`) goes on to the worker that
+        serves the snapshot's LUN, and its answer comes back; a worker that is down is a 503, which the reader
+        takes as out of reach for now."""
+        if call.method != remote_snapshot.METHOD:
+            ch.send(Reply(call.id, error=f"unknown call {call.method!r}", status=500))
+            return
+        ref = call.params.get("snapshot")
+        lun = ref.partition("@")[0] if isinstance(ref, str) else ""
+        owner = self.lun_owner(lun)
+        if owner is None:
+            ch.send(Reply(call.id, error=f"no lun {lun!r} for snapshot {ref!r}", status=404))
+            return
+        if owner == index:  # the LUN moved to the reader itself: it must read its own view, which it will reopen
+            ch.send(Reply(call.id, error=f"lun {lun!r} is served by worker {index} now", status=503))
+            return
+        try:
+            result = await self.call(owner, call.method, call.params)
+        except ChannelClosed as e:
+            ch.send(Reply(call.id, error=f"worker {owner}, which serves lun {lun!r}, is down ({e})", status=503))
+            return
+        except RemoteError as e:
+            ch.send(Reply(call.id, error=f"worker {owner}: {e}", status=e.status))
+            return
+        ch.send(Reply(call.id, result))
 
     def _on_down(self, index: int) -> None:
         lost = self.server.remote_sessions_lost(lambda st: self.assignment.owner(st.target_name) == index)
@@ -147,6 +183,14 @@ class Control:
             if snap.serial == serial:
                 return snap.lun_name
         return None
+
+    def exposed_on(self, snapshot: str) -> str | None:
+        from lunsync.snapshots.snapcat import SnapshotCatalog, parse_snapshot_name
+
+        try:
+            return SnapshotCatalog(self.catalog).get_snapshot(*parse_snapshot_name(snapshot)).exposed_target
+        except CatalogError:  # no such snapshot, a bad name: the LUN's worker answers that
+            return None
 
     def near(self, only: set[str] | None = None) -> dict[str, str]:
         """Each target (of ``only``, if given) linked by the LUNs it shows to an earlier target -> the earliest such

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,8 @@ class Array:
     # other unmapped LUN by the worker with ``holds_unmapped``.
     owned_targets: set[str] | None = None
     holds_unmapped: bool = True
+    # A worker's call to the control: how it reads a snapshot that another worker serves (remote_snapshot).
+    remote_call: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
 
     def serves_target(self, iqn: str) -> bool:
         return self.owned_targets is None or iqn.lower() in self.owned_targets
@@ -287,7 +289,13 @@ class Array:
 
     async def delete_target(self, iqn: str, *, force: bool = False) -> None:
         iqn = self.catalog.get_target(iqn).iqn
-        self.catalog.delete_target(iqn, force=force)
+        with self.catalog.transaction():
+            self.catalog.delete_target(iqn, force=force)
+            if self.owned_targets is not None and force:
+                # As an unmap (unmap_lun): the LUNs it showed move to another worker when it was their home target;
+                # one a restore writes stays, and the target with it (the rollback).
+                self._refuse_if_restoring([n for n in self.luns if not self.serves_lun(n)],
+                                          f"moved to another worker process by deleting target {iqn}")
         self.directory.remove(iqn)
         n = self._logout(lambda r: r.target is not None and r.target.name == iqn)
         log.info("target %s deleted (%d session(s) logged out)", iqn, n)

@@ -89,11 +89,21 @@ class ArrayEngine:
     def snapshots(self) -> Sequence[SnapshotRef]:
         return [_snap_ref(r) for r in self.snaps.cat.list_snapshots() if r.state == "valid"]
 
+    def _remote(self, rec: SnapshotRecord) -> bool:
+        """True for a snapshot whose LUN another worker serves: read through it, never opened here."""
+        return self.array.remote_call is not None and not self.array.serves_lun(rec.lun_name)
+
     async def snapshot_view(self, snap: SnapshotRef) -> BlockDevice:
-        return await self.snaps.open_view_async(self._snap_rec(snap.ref))
+        from lunsync.provider.remote_snapshot import remote_view
+
+        rec = self._snap_rec(snap.ref)
+        remote = remote_view(self.array, rec)
+        return remote if remote is not None else await self.snaps.open_view_async(rec)
 
     async def changed_chunks(self, snap: SnapshotRef) -> set[int] | None:
         rec = self._snap_rec(snap.ref)
+        if self._remote(rec):
+            return None  # another worker's map: every region is copied
         if rec.kind == "rbd":  # the store diffs its snapshot against its head itself, over the network: a thread
             view = await self.snaps.open_view_async(rec)
             if not isinstance(view, ChangedRegions):
@@ -112,8 +122,8 @@ class ArrayEngine:
 
     async def allocated_chunks(self, snap: SnapshotRef) -> set[int] | None:
         rec = self._snap_rec(snap.ref)
-        if rec.kind != "rbd":
-            return None  # lunsync's own snapshots: every chunk is copied
+        if rec.kind != "rbd" or self._remote(rec):
+            return None  # lunsync's own snapshots, and another worker's: every chunk is copied
         view = await self.snaps.open_view_async(rec)
         if not isinstance(view, AllocatedRegions):
             return None

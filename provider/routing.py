@@ -6,15 +6,18 @@ decides where a request goes; it never re-implements an operation. The rules, in
 - a request about one target (``/v1/targets/IQN/...``) goes to the target's owner; one about one LUN
   (``/v1/luns/NAME/...``, ``/v1/snapshots/LUN@SNAP/...``) to the LUN's: the owner of the targets it is mapped on, or,
   unmapped, that of the LUN whose snapshot it was made from, else worker 0, which holds the other unmapped LUNs;
+  exposing a snapshot (and unexposing it) to the owner of the target it is exposed on;
 - a new target is placed first (:class:`Place`), then created by its worker; mapping a LUN (:class:`MapLun`) needs
   the control to check or move the LUN;
 - lists whose entries carry live state (targets with their sessions, sessions, snapshots with their fill, recovery
   sets) go to every worker and are merged (:class:`FanOut`); lists that are the catalog's alone (LUNs, export,
   pools) go to worker 0;
 - status, portals and the logout of a session are the control's own (:class:`Local`);
-- a snapshot set, a restore or a copy whose LUNs live on several workers is :class:`SpansWorkers`: the control takes
-  a snapshot set by the two-phase hold and answers the others with a 409; a LUN made from a snapshot (a new
-  restore destination, ``POST /v1/luns`` with ``from_snapshot``) goes to the snapshot's worker, which serves it;
+- a snapshot set whose LUNs live on several workers is :class:`SpansWorkers`, which the control takes by the two-phase
+  hold; a restore goes to the worker serving its destinations, wherever the snapshot is (its reads cross to the
+  snapshot's worker: :mod:`lunsync.provider.remote_snapshot`), and one whose destinations are on several workers is
+  refused with a 409; a LUN made from a snapshot (a new restore destination, ``POST /v1/luns`` with
+  ``from_snapshot``) goes to the snapshot's worker, which serves it;
 - recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``).
 
 Pure: the placement is passed in as functions, and the decision is a value.
@@ -93,10 +96,10 @@ class SpansWorkers:
                 "shows who serves what)")
 
 
-# A restore's destination serves the snapshot's regions not yet copied by reading them from the snapshot, whose
-# unpreserved regions are the live origin's: only the origin's process reads that consistently.
-RESTORE_WHY = (" (the snapshot's regions not yet copied are read from its live origin, which another worker "
-               "serves; a restore into a new LUN, which the snapshot's worker creates and serves, does not span)")
+# A restore runs in the worker that serves its destinations (the snapshot may be another worker's: its reads go
+# there, lunsync.provider.remote_snapshot), and one recovery set lives in one worker.
+RESTORE_WHY = (" (a recovery set is run by the worker that serves its destination LUNs, so its destinations must "
+               "all be one worker's; restore each worker's LUNs in a set of its own)")
 
 
 Decision = Forward | FanOut | Local | Place | MapLun | SpansWorkers
@@ -105,12 +108,14 @@ Decision = Forward | FanOut | Local | Place | MapLun | SpansWorkers
 @dataclass(frozen=True, slots=True)
 class Placement:
     """What routing needs to know: the owner of a target, of a LUN (None: no such LUN), of a recovery or VSS set
-    id (None: not seen), and the LUN a snapshot ``LUN@SNAP`` or a VSS serial belongs to."""
+    id (None: not seen), the LUN a snapshot ``LUN@SNAP`` or a VSS serial belongs to, and where a snapshot is
+    exposed."""
 
     target_owner: Callable[[str], int | None]
     lun_owner: Callable[[str], int | None]
     set_owner: Callable[[str], int | None]
     serial_lun: Callable[[str], str | None] = lambda _: None
+    exposed_on: Callable[[str], str | None] = lambda _: None  # the target a snapshot ``LUN@SNAP`` is exposed on
 
 
 def _lun_of(snapshot: object) -> str | None:
@@ -204,23 +209,20 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
         owner = where.lun_owner(lun) if lun is not None else None
         if owner is None:
             return Forward(0)
-        if rest[1:] == ["expose"] and method == "POST":
-            target = obj.get("target")
+        if rest[1:] == ["expose"]:
+            # An exposure is served by its target's worker, which reads the snapshot from the LUN's worker when they
+            # differ (lunsync.provider.remote_snapshot).
+            target = obj.get("target") if method == "POST" else where.exposed_on(rest[0])
             t_owner = where.target_owner(target) if isinstance(target, str) else None
-            if t_owner is not None and t_owner != owner:
-                return SpansWorkers(f"exposing {rest[0]} on {target}", {owner: [str(lun)], t_owner: [str(target)]})
+            if t_owner is not None:
+                return Forward(t_owner)
         return Forward(owner)
     if head == "recovery":
         if not rest:
             return FanOut("concat") if not write else Forward(0, remember_set=True)
         if rest == ["resync"]:
             pairs = obj.get("pairs") if isinstance(obj.get("pairs"), list) else []
-            luns: list[str] = []
-            for p in pairs or []:
-                if isinstance(p, dict):
-                    origin = _lun_of(p.get("snapshot"))
-                    dest = p.get("destination")
-                    luns += [n for n in (origin, dest if isinstance(dest, str) else origin) if n]
+            luns = [n for p in pairs or [] if isinstance(p, dict) and (n := _runs_on(p, where))]
             return _one_or_spans("a restore", luns, where, remember_set=True, why=RESTORE_WHY)
         if rest == ["swap"]:
             origin = _lun_of(obj.get("snapshot"))
@@ -231,14 +233,24 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
     return Forward(0)
 
 
+def _runs_on(pair: dict[str, Json], where: Placement) -> str | None:
+    """The LUN whose worker runs a restore pair: its destination's, or, for a destination not made yet (or the
+    snapshot's own origin), the snapshot's LUN, whose worker creates and serves it."""
+    origin = _lun_of(pair.get("snapshot"))
+    dest = pair.get("destination")
+    if isinstance(dest, str) and where.lun_owner(dest) is not None:
+        return dest
+    return origin
+
+
 def _sticky(set_id: str, method: str, obj: dict[str, Json], where: Placement, adds: str) -> Decision:
-    """A request about a set that lives in one worker; a pair added must be of the same worker's LUNs."""
+    """A request about a set that lives in one worker; a pair added must be restored into that worker's LUNs."""
     owner = where.set_owner(set_id)
     if owner is None:
         return FanOut("find")
     if method == "POST" and "snapshot" in obj:
-        names = [n for n in (_lun_of(obj.get("snapshot")), obj.get("destination")) if isinstance(n, str)]
-        members = _by_worker(names, where)
+        runs = _runs_on(obj, where)
+        members = _by_worker([runs] if runs else [], where)
         if any(w != owner for w in members):
             members.setdefault(owner, []).append(f"recovery set {set_id}")
             return SpansWorkers("a restore", members, RESTORE_WHY)

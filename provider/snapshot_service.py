@@ -752,6 +752,14 @@ class SnapshotService:
                 # Its view (or clone file) serves the destination's uncopied regions and feeds the copier.
                 raise InUse(f"snapshot {rec.full_name} is the source of recovery {recovery.id} "
                             f"({recovery.state.value}); cancel it or let it finish first")
+            if self.array.owned_targets is not None:
+                # A restore onto another worker's LUN reads this worker's view (remote_snapshot): its set is that
+                # worker's, so it is found in the catalog.
+                for row, pairs in self.array.catalog.recovery_sets():
+                    if row.state not in ("done", "failed", "cancelled") and any(
+                            p.snapshot == rec.full_name for p in pairs):
+                        raise InUse(f"snapshot {rec.full_name} is the source of recovery {row.id} ({row.state}), "
+                                    "run by another worker; cancel it or let it finish first")
             if rec.kind == "rbd":
                 await self._delete_store_snapshot(rec)
                 return rec
@@ -983,7 +991,12 @@ class SnapshotService:
         return self.open_view(rec)
 
     async def _make_lu(self, rec: SnapshotRecord) -> LogicalUnit:
-        return LogicalUnit(await self.open_view_async(rec), rec.identity, name=rec.full_name)
+        from lunsync.provider.remote_snapshot import remote_view
+
+        # Exposed on a target of this worker while another serves its LUN: read there, read-only here.
+        remote = remote_view(self.array, rec)
+        device = remote if remote is not None else await self.open_view_async(rec)
+        return LogicalUnit(device, rec.identity, name=rec.full_name)
 
     async def expose(self, lun: str, name: str, target: str, number: int | None = None) -> SnapshotRecord:
         async with self._lock:

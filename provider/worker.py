@@ -7,7 +7,9 @@ the unmapped LUNs), resumes their restores, and says ``ready``. It has no listen
 socket and state, over the channel (:func:`lunsync.provider.channel.serve_sessions`). It answers the control's calls:
 ``http`` runs a forwarded API request through this worker's own FastAPI app (:mod:`lunsync.provider.forward`),
 the hold calls of a snapshot set over several workers (:mod:`lunsync.provider.cross_set`),
-``refresh`` re-reads the catalog for what changed hands, ``release`` closes an unmapped LUN another worker is about to
+``snapshot-read`` reads a snapshot of one of its LUNs for another worker (:mod:`lunsync.provider.remote_snapshot`), and
+the worker asks the control the same for a snapshot it does not serve; ``refresh`` re-reads the catalog for what
+changed hands, ``release`` closes an unmapped LUN another worker is about to
 take, ``status`` and ``metrics`` say what it serves and counts. It stops when its channel closes (the control's
 request, or its death), draining in-flight commands and flushing every LUN as a single daemon does.
 
@@ -28,12 +30,14 @@ import signal
 import socket
 import sys
 
-from lunsync.provider.channel import Channel, report_closed_sessions, serve_sessions
+from lunsync.provider import remote_snapshot
+from lunsync.provider.channel import Channel, ChannelClosed, report_closed_sessions, serve_sessions
 from lunsync.provider.cross_set import METHODS as HOLD_METHODS
 from lunsync.provider.cross_set import HoldParticipant
 from lunsync.provider.forward import BadForward, HttpRequest, run_asgi
 from lunsync.provider.rpc import Call, Json, Message, Notice, Reply
 from lunsync.snapshots.catalog import CatalogError
+from lunsync.snapshots.errors import NotReady, Unreachable
 
 log = logging.getLogger("lunsync.worker")
 
@@ -79,6 +83,7 @@ class WorkerProcess:
         self.array = Array(data_dir, self.catalog, ceph=self.catalog.get_ceph(),
                            write_staging_bytes=a.write_staging, owned_targets={t.lower() for t in a.target},
                            holds_unmapped=a.holds_unmapped)
+        self.array.remote_call = self.call_control
         await self.array.load()
         self.server = Server(self.array.directory, settings)
         self.array.server = self.server
@@ -93,6 +98,13 @@ class WorkerProcess:
         self.channel.send(Notice("ready", {"pid": os.getpid()}))
         log.info("worker %d serving %d target(s), %d LUN(s)", a.index, len(self.array.directory.targets),
                  len(self.array.luns))
+
+    async def call_control(self, method: str, params: dict[str, Json]) -> Json:
+        """Ask the control (a snapshot another worker serves: :mod:`lunsync.provider.remote_snapshot`)."""
+        channel = getattr(self, "channel", None)
+        if channel is None:  # still starting: the control's channel is not read yet
+            raise ChannelClosed("the control channel is not open yet")
+        return await channel.call(method, params)
 
     async def stop(self) -> None:
         from lunsync.provider import resync_array
@@ -116,6 +128,9 @@ class WorkerProcess:
         except BadForward as e:
             self.channel.send(Reply(call.id, error=str(e), status=500))
             return
+        except NotReady as e:  # a LUN closing or moving, a snapshot's origin not open (yet): the caller retries
+            self.channel.send(Reply(call.id, error=str(e), status=503))
+            return
         except CatalogError as e:  # a hold call refused (the control says which worker and why)
             from lunsync.provider.api import _status_of
 
@@ -133,6 +148,10 @@ class WorkerProcess:
             return (await run_asgi(self.app, HttpRequest.from_params(params))).to_result()
         if method in HOLD_METHODS:
             return await self.holds.call(method, params)
+        if method == remote_snapshot.METHOD:
+            if array.snapshots is None:
+                raise Unreachable("snapshots are not open yet")
+            return await remote_snapshot.serve_read(array.snapshots, params)
         if method == "refresh":
             # What changed hands: close LUNs that are no longer ours (open=False, first on every worker), then open
             # what is ours now (open=True).

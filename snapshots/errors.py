@@ -36,6 +36,12 @@ class NotReady(StorageError):
     """The device is being torn down, or its backing file is gone."""
 
 
+class Unreachable(NotReady):
+    """The device is served by another process that is out of reach for now (a worker restarting): the same answer
+    to an initiator (NOT READY, which it retries), but a copier that reads it waits and tries again instead of
+    failing."""
+
+
 class Saturated(StorageError):
     """The device's own I/O queue is full (its storage is slow or stuck): the command is refused now, and the SCSI
     layer answers TASK SET FULL, instead of queueing without bound behind what does not complete."""

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from lunsync.snapshots import fsutil
 from lunsync.snapshots.device import BlockDevice, Buffer, CopyTarget, FileExtents, LbaExtent
-from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError
+from lunsync.snapshots.errors import NotReady, OutOfRange, ReadOnly, StorageError, Unreachable
 from lunsync.snapshots.progress import RateWindow
 
 __all__ = [
@@ -60,6 +60,10 @@ HOLE_BATCH_BYTES = 1 << 30
 # The bitmap is committed at most this often by the copier (each commit is an fdatasync of the destination plus the
 # bitmap write); flushes from initiators commit whenever they come.
 DEFAULT_COMMIT_INTERVAL_S = 1.0
+# A source out of reach (its worker restarting, which takes a few seconds) is tried again after this, doubling up to
+# the maximum: soon enough that the copy goes on within a second or two of its return.
+UNREACHABLE_WAIT_S = 0.1
+UNREACHABLE_WAIT_MAX_S = 1.0
 
 
 # --- the persistent bitmap ----------------------------------------------------------------------------------------
@@ -401,6 +405,7 @@ class ResyncVolume:
         self._window = RateWindow()
         self._window.add(clock(), max(0, bytes_total - min(bytes_total, bitmap.pending * region_bytes)))
         self.on_commit: Callable[[ResyncProgress], None] | None = None
+        self.source_unreachable: str | None = None  # why the copier is waiting for its source, while it is
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -780,6 +785,7 @@ class ResyncVolume:
 
     async def _run(self) -> None:
         last_commit = self._clock()
+        wait_s = UNREACHABLE_WAIT_S
         background: asyncio.Task[None] | None = None
         try:
             while not self._stop and self.bitmap.pending:
@@ -807,8 +813,24 @@ class ResyncVolume:
                             if i + 1 < len(mine):
                                 run_start = mine[i + 1]
                     ok = True
+                except Unreachable as exc:
+                    # The source is served by another process that is down for now: the batch stays pending (what
+                    # of it was written is copied again) and the copier tries again until the source is back.
+                    if self.source_unreachable is None:
+                        log.warning("resync %s: the source is out of reach (%s); the copy waits for it",
+                                    self.store.path, exc)
+                    self.source_unreachable = str(exc)
                 finally:
                     self._release(mine, ok)
+                if not ok:
+                    self._cursor = first
+                    await asyncio.sleep(wait_s)
+                    wait_s = min(2 * wait_s, UNREACHABLE_WAIT_MAX_S)
+                    continue
+                if self.source_unreachable is not None:
+                    log.info("resync %s: the source is back; the copy goes on", self.store.path)
+                    self.source_unreachable = None
+                wait_s = UNREACHABLE_WAIT_S
                 self.bytes_copied += moved
                 seconds = time.perf_counter() - t0
                 self._window.add(self._clock(), self._bytes_done())

@@ -51,19 +51,28 @@ def test_lists_fan_out_and_the_catalogs_own_go_to_worker_0() -> None:
     assert route("DELETE", "/v1/sessions/7", None, WHERE) == Local("logout", "7")
 
 
-def test_snapshot_sets_restores_and_exposures_over_two_workers_span_workers() -> None:
+def test_snapshot_sets_span_workers_restores_and_exposures_go_where_they_are_served() -> None:
     d = route("POST", "/v1/snapshots", {"snapshots": ["a0@s", "b0@s", "b1@s"]}, WHERE)
     assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["b0", "b1"]}
     assert "spans workers" in d.message() and "worker 1: b0, b1" in d.message()
     assert route("POST", "/v1/snapshots", {"snapshots": ["b0@s", "b1@s"]}, WHERE) == Forward(1)
-    d = route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "a0"}]}, WHERE)
-    assert isinstance(d, SpansWorkers) and d.members == {1: ["b0"], 0: ["a0"]}
-    assert "read from its live origin" in d.message(), d.message()
+    # A restore runs where its destination is served, whatever worker the snapshot's LUN is on; one whose
+    # destinations are two workers' spans (a recovery set lives in one worker).
+    assert route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "a0"}]},
+                 WHERE) == Forward(0, remember_set=True)
+    d = route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "a0"},
+                                                        {"snapshot": "b0@t", "destination": "b1"}]}, WHERE)
+    assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["b1"]}
+    assert "destination LUNs" in d.message(), d.message()
     assert route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s"}]}, WHERE) == Forward(
         1, remember_set=True)
-    d = route("POST", "/v1/snapshots/b0@s/expose", {"target": A}, WHERE)
-    assert isinstance(d, SpansWorkers)
+    # An exposure is served by its target's worker, wherever the snapshot's LUN is; unexposing goes there too.
+    assert route("POST", "/v1/snapshots/b0@s/expose", {"target": A}, WHERE) == Forward(0)
     assert route("POST", "/v1/snapshots/b0@s/expose", {"target": B}, WHERE) == Forward(1)
+    exposed = routing.Placement(WHERE.target_owner, WHERE.lun_owner, WHERE.set_owner, WHERE.serial_lun,
+                                {"b0@s": A}.get)
+    assert route("DELETE", "/v1/snapshots/b0@s/expose", None, exposed) == Forward(0)
+    assert route("DELETE", "/v1/snapshots/b0@t/expose", None, exposed) == Forward(1)
     # A LUN made from a snapshot is made (and served) by the snapshot's worker, as is a restore into a new LUN.
     assert route("POST", "/v1/luns", {"name": "n", "from_snapshot": "b0@s"}, WHERE) == Forward(1)
     assert route("POST", "/v1/luns", {"name": "n", "from_snapshot": "a0@s"}, WHERE) == Forward(0)
@@ -76,6 +85,10 @@ def test_sets_stick_to_the_worker_that_made_them() -> None:
     assert route("GET", "/v1/recovery/unknown", None, WHERE) == FanOut("find")
     assert isinstance(route("POST", "/v1/recovery/rs1/pairs", {"snapshot": "a0@s"}, WHERE), SpansWorkers)
     assert route("POST", "/v1/recovery/rs1/pairs", {"snapshot": "b1@s"}, WHERE) == Forward(1)
+    # Into worker 1's LUN from worker 0's snapshot: the set's worker runs it.
+    assert route("POST", "/v1/recovery/rs1/pairs", {"snapshot": "a0@s", "destination": "b0"}, WHERE) == Forward(1)
+    assert isinstance(route("POST", "/v1/recovery/rs1/pairs", {"snapshot": "b0@s", "destination": "a0"}, WHERE),
+                      SpansWorkers)
     # VSS snapshot sets: the first LUN (by its serial) binds the set; a LUN of another worker later spans.
     begin = {"snapshot_id": "x", "luns": [{"serial": "SB0"}]}
     assert route("POST", "/v1/provider/snapshot-sets/vs1/begin-prepare", begin, WHERE) == Forward(1, bind_set="vs1")
