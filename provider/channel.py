@@ -54,7 +54,7 @@ class Channel:
         self.on_closed = on_closed
         self.decoder = FrameDecoder()
         self.closed = False
-        self._out: collections.deque[tuple[bytes, int | None]] = collections.deque()
+        self._out: collections.deque[tuple[bytes | memoryview, int | None]] = collections.deque()
         self._fds: collections.deque[int] = collections.deque()
         self._calls: dict[int, asyncio.Future[Json]] = {}
         self._next_id = 0
@@ -90,7 +90,7 @@ class Channel:
             if fd is not None:
                 os.close(fd)  # it is in the kernel's hands now, with the first byte sent
             if n < len(data):
-                out[0] = (data[n:], None)
+                out[0] = (memoryview(data)[n:], None)  # a view: a large reply is not copied again per send
             else:
                 out.popleft()
         if self._writing:

@@ -10,8 +10,8 @@ travel over the control's channels (``snapshot-read``: the worker asks the contr
 worker and relays the answer), not over a channel of their own between the two workers: the control already knows
 which worker serves which LUN and whether it is up, follows a LUN that moves and a worker that restarts with no
 second connection to set up, hand out or reconnect, and a restore is a bounded background copy, for which the relay
-costs throughput (measured in the README) but not correctness. The data travel as base64 in the channel's JSON
-frames, cut into pieces of at most :data:`PIECE_BYTES` to stay well inside a frame. A read while the snapshot's
+costs throughput (measured in the README) but not correctness. The data travel as raw bytes after their reply's frame
+(:mod:`lunsync.provider.rpc`), in pieces of at most :data:`PIECE_BYTES`. A read while the snapshot's
 worker is down (or restarting) raises :class:`~lunsync.snapshots.errors.Unreachable`: an initiator gets NOT READY,
 which it retries, never data from anywhere else, and the resync copier waits and tries again.
 """
@@ -19,8 +19,6 @@ which it retries, never data from anywhere else, and the resync copier waits and
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -35,8 +33,8 @@ if TYPE_CHECKING:
     from lunsync.snapshots.snapcat import SnapshotRecord
 
 METHOD = "snapshot-read"
-# 2 MiB of data is 2.7 MiB of base64, well inside the channel's 8 MiB frame; several pieces are in flight at once.
-PIECE_BYTES = 2 << 20
+# Well inside the channel's 8 MiB frame; several pieces are in flight at once.
+PIECE_BYTES = 4 << 20
 IN_FLIGHT = 4
 
 Call = Callable[[str, dict[str, Json]], Awaitable[Json]]
@@ -77,10 +75,7 @@ class RemoteSnapshot:
             if e.status == 503:
                 raise Unreachable(f"snapshot {self.ref}: {e}") from None
             raise MediumError(f"snapshot {self.ref}: reading {blocks} blocks at {lba} failed: {e}", lba) from None
-        try:
-            data = base64.b64decode(str(out["data"]), validate=True) if isinstance(out, dict) else b""
-        except (KeyError, binascii.Error):
-            data = b""
+        data = out if isinstance(out, bytes) else b""
         if len(data) != blocks * self._bs:
             raise MediumError(f"snapshot {self.ref}: {len(data)} bytes came back for {blocks} blocks at {lba}", lba)
         return data
@@ -131,9 +126,9 @@ def remote_view(array: Array, rec: SnapshotRecord) -> RemoteSnapshot | None:
     return RemoteSnapshot(rec.full_name, rec.block_size, rec.size_bytes // rec.block_size, call)
 
 
-async def serve_read(snaps: SnapshotService, params: dict[str, Json]) -> Json:
+async def serve_read(snaps: SnapshotService, params: dict[str, Json]) -> bytes:
     """The snapshot's worker's side of ``snapshot-read``: read its own view of the snapshot (coherent with the
-    preservations its origin makes), answer the blocks as base64."""
+    preservations its origin makes), answer the blocks (raw bytes after the reply's frame)."""
     from lunsync.snapshots.catalog import Invalid
     from lunsync.snapshots.snapcat import parse_snapshot_name
 
@@ -148,5 +143,4 @@ async def serve_read(snaps: SnapshotService, params: dict[str, Json]) -> Json:
     if blocks * rec.block_size > PIECE_BYTES:
         raise Invalid(f"{METHOD}: {blocks} blocks is more than one piece ({PIECE_BYTES} bytes)")
     view = await snaps.open_view_async(rec)
-    data = await view.read(lba, blocks)
-    return {"data": base64.b64encode(data).decode("ascii")}
+    return bytes(await view.read(lba, blocks))

@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON, one object with a ``kind``. There are four
 kinds, each a frozen dataclass: :class:`Call` asks the other side to do something and is answered by exactly one
-:class:`Reply` with the same ``id`` (a result, or an error with the HTTP status the API answers with); :class:`Notice`
+:class:`Reply` with the same ``id`` (a result, or an error with the HTTP status the API answers with; a result of
+raw bytes, a snapshot's blocks, follows its frame as it is, since base64 inside JSON costs more CPU than the copy); :class:`Notice`
 tells something and wants no answer (a session that ended, a worker that is ready); :class:`HandOff` carries a logged-in
 session (:class:`lunsync.target.handoff.SessionState`) and travels with its socket as SCM_RIGHTS ancillary data. JSON
 because every value here already is JSON for the REST API, a length prefix because a stream has no message
@@ -43,10 +44,11 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The outcome of Call ``id``: ``result`` when ``error`` is None, else ``error`` and its HTTP ``status``."""
+    """The outcome of Call ``id``: ``result`` when ``error`` is None, else ``error`` and its HTTP ``status``. A
+    ``result`` that is ``bytes`` (a snapshot's blocks) travels as themselves after the JSON, not inside it."""
 
     id: int
-    result: Json = None
+    result: Json | bytes = None
     error: str | None = None
     status: int = 200
 
@@ -74,6 +76,13 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Call):
         obj: dict[str, Json] = {"kind": "call", "id": msg.id, "method": msg.method, "params": msg.params}
     elif isinstance(msg, Reply):
+        if isinstance(msg.result, bytes):
+            if len(msg.result) > MAX_FRAME:
+                raise RpcError(f"reply data of {len(msg.result)} bytes exceeds the {MAX_FRAME}-byte limit")
+            obj = {"kind": "reply", "id": msg.id, "result": None, "error": msg.error, "status": msg.status,
+                   "blob": len(msg.result)}
+            head = json.dumps(obj, separators=(",", ":")).encode()
+            return b"".join((_LEN.pack(len(head)), head, msg.result))
         obj = {"kind": "reply", "id": msg.id, "result": msg.result, "error": msg.error, "status": msg.status}
     elif isinstance(msg, Notice):
         obj = {"kind": "notice", "event": msg.event, "params": msg.params}
@@ -93,8 +102,9 @@ _KEYS = {
 }
 
 
-def decode_body(body: bytes) -> Message:
-    """The message in one frame's JSON (without its length prefix)."""
+def decode_body(body: bytes) -> Message | _Blob:
+    """The message in one frame's JSON (without its length prefix); a reply whose data follow the frame is a
+    ``_Blob`` header, which :class:`FrameDecoder` completes."""
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -107,7 +117,7 @@ def decode_body(body: bytes) -> Message:
     want = _KEYS.get(kind) if isinstance(kind, str) else None
     if want is None:
         raise RpcError(f"unknown message kind {kind!r}")
-    if set(obj) != want:
+    if set(obj) != want and not (kind == "reply" and set(obj) == want | {"blob"}):
         raise RpcError(f"{kind} message has fields {sorted(obj)}, expected {sorted(want)}")
     if kind == "call":
         return Call(_int(obj, "id"), _str(obj, "method"), _obj(obj, "params"))
@@ -118,6 +128,11 @@ def decode_body(body: bytes) -> Message:
         status = _int(obj, "status")
         if not 100 <= status <= 599:
             raise RpcError(f"reply status {status} is not an HTTP status")
+        if "blob" in obj:
+            if obj["result"] is not None or error is not None:
+                raise RpcError("a reply with data has no other result and no error")
+            # The data follow the frame: FrameDecoder reads them into ``result``.
+            return _Blob(_int(obj, "id"), _int(obj, "blob"), status)
         return Reply(_int(obj, "id"), obj["result"], error, status)
     if kind == "notice":
         return Notice(_str(obj, "event"), _obj(obj, "params"))
@@ -148,17 +163,37 @@ def _obj(obj: dict[str, Json], key: str) -> dict[str, Json]:
     return v
 
 
+@dataclass(frozen=True, slots=True)
+class _Blob:
+    """A reply's header whose ``size`` bytes of data follow it on the stream."""
+
+    id: int
+    size: int
+    status: int
+
+
 class FrameDecoder:
     """Whole messages out of a byte stream, however it was cut."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._blob: _Blob | None = None  # a reply whose data are still arriving
 
     def feed(self, data: bytes) -> list[Message]:
         self._buf += data
         out: list[Message] = []
         buf = self._buf
-        while len(buf) >= _LEN.size:
+        while True:
+            blob = self._blob
+            if blob is not None:
+                if len(buf) < blob.size:
+                    break
+                out.append(Reply(blob.id, bytes(buf[:blob.size]), None, blob.status))
+                del buf[:blob.size]
+                self._blob = None
+                continue
+            if len(buf) < _LEN.size:
+                break
             (n,) = _LEN.unpack_from(buf)
             if n > MAX_FRAME:
                 raise RpcError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
@@ -166,10 +201,16 @@ class FrameDecoder:
                 break
             body = bytes(buf[_LEN.size:_LEN.size + n])
             del buf[:_LEN.size + n]
-            out.append(decode_body(body))
+            msg = decode_body(body)
+            if isinstance(msg, _Blob):
+                if msg.size > MAX_FRAME:
+                    raise RpcError(f"reply data of {msg.size} bytes exceeds the {MAX_FRAME}-byte limit")
+                self._blob = msg
+                continue
+            out.append(msg)
         return out
 
     @property
     def buffered(self) -> int:
         """Bytes of a frame not yet complete (a channel that closes with some is cut mid-message)."""
-        return len(self._buf)
+        return len(self._buf) + (1 if self._blob is not None else 0)

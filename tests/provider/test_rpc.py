@@ -18,7 +18,8 @@ STATE = SessionState("iqn.2026-11.org.example:host1", "", 0x23D000000001, 7, 0, 
                      keys.NegotiatedParams.defaults(), "chap", 10, 2, 129, "127.0.0.1:40000", b"\x23" * 48,
                      b"\x01\x00" * 30)
 MESSAGES = [Call(1, "snapshot.prepare", {"luns": ["a", "b"], "timeout_s": 2.5}), Reply(1, {"held": 2}),
-            Reply(2, None, "lun 'x' does not exist", 404), Notice("session-closed", {"tsih": 7}), HandOff(STATE)]
+            Reply(2, None, "lun 'x' does not exist", 404), Reply(3, b"\x00\x01" * 300 + b"{"),
+            Notice("session-closed", {"tsih": 7}), Reply(4, b""), HandOff(STATE)]
 
 
 def test_each_kind_round_trips() -> None:
@@ -42,6 +43,38 @@ def test_a_stream_cut_anywhere_gives_the_same_messages(cuts: list[int]) -> None:
     for a, b in itertools.pairwise(points):
         got += dec.feed(stream[a:b])
     assert got == MESSAGES and dec.buffered == 0
+
+
+def test_a_reply_of_bytes_follows_its_frame_as_it_is() -> None:
+    data = bytes(range(256)) * 4
+    frame = encode(Reply(9, data))
+    (n,) = struct.unpack(">I", frame[:4])
+    assert json.loads(frame[4:4 + n]) == {"kind": "reply", "id": 9, "result": None, "error": None, "status": 200,
+                                          "blob": len(data)}
+    assert frame[4 + n:] == data
+    dec = FrameDecoder()
+    assert dec.feed(frame[:-1]) == [] and dec.buffered > 0
+    assert dec.feed(frame[-1:]) == [Reply(9, data)] and dec.buffered == 0
+    # The header of a reply with data is complete only with them: a close before is a cut frame.
+    header_only = FrameDecoder()
+    assert header_only.feed(frame[:4 + n]) == [] and header_only.buffered > 0
+
+
+@pytest.mark.parametrize("body", [
+    b'{"kind": "reply", "id": 1, "result": 5, "error": null, "status": 200, "blob": 3}',
+    b'{"kind": "reply", "id": 1, "result": null, "error": "x", "status": 500, "blob": 3}',
+    b'{"kind": "reply", "id": 1, "result": null, "error": null, "status": 200, "blob": -3}',
+    b'{"kind": "call", "id": 1, "method": "x", "params": {}, "blob": 3}',
+])
+def test_malformed_data_replies_are_rpc_errors(body: bytes) -> None:
+    with pytest.raises(RpcError):
+        decode_body(body)
+
+
+def test_oversized_reply_data_are_refused() -> None:
+    head = b'{"kind":"reply","id":1,"result":null,"error":null,"status":200,"blob":%d}' % (MAX_FRAME + 1)
+    with pytest.raises(RpcError, match="exceeds"):
+        FrameDecoder().feed(struct.pack(">I", len(head)) + head)
 
 
 @pytest.mark.parametrize("body", [
