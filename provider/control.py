@@ -13,7 +13,8 @@ catalog, and after one that may move LUNs it has every worker re-read which LUNs
 first. ``/metrics`` is every process's exposition summed at scrape time. :meth:`Control.call` is the one way to ask
 a worker something. A snapshot set over LUNs of several workers is taken by the two-phase hold of
 :mod:`lunsync.provider.cross_set`; other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is
-refused with a 409 that names the workers.
+refused with a 409 that names the workers. Under ``--gateway`` the control also runs the gateway's index rounds
+(:mod:`lunsync.provider.control_gateway`), while each worker shares the rbd LUNs it serves.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class Control:
                 o.log_format]
         if o.hooks:
             argv += ["--hooks", os.path.abspath(o.hooks)]
+        if o.gateway is not None:
+            g = o.gateway
+            argv += ["--gateway", g.gateway_id, "--port-group", str(g.port_group), "--gateway-pool", g.pool,
+                     "--lease", str(g.lease_s)]
         if index == 0:
             argv.append("--holds-unmapped")
         for iqn in self.assignment.owned_by(index):
@@ -607,9 +612,18 @@ async def serve_workers(opts: ServeOptions, prep: Prepared, ready: asyncio.Event
     count = opts.workers or os.cpu_count() or 1
     if count < 1:
         raise ValueError(f"--workers takes a number of processes, at least 1, not {count}")
+    if opts.gateway is not None:
+        prep.settings.tpgt = opts.gateway.port_group  # the portal's TPGT is this gateway's port group
     control = Control(opts, prep, count, ensure_token(prep.data_dir),
                       ensure_token(prep.data_dir, READ_ONLY_TOKEN_FILENAME))
+    index = None
+    if opts.gateway is not None:
+        from lunsync.provider import control_gateway
+
+        index = await control_gateway.join_gateways(control, opts.gateway)
     await control.pool.start()
+    if index is not None:
+        await index.start()  # before any initiator: the other gateways' LUNs are served from the start
     log.info("%d worker(s) ready: %s", count, "; ".join(
         f"worker {w.index} (pid {w.pid}): {', '.join(control.assignment.owned_by(w.index)) or 'no targets'}"
         for w in control.pool.workers))
@@ -645,7 +659,9 @@ async def serve_workers(opts: ServeOptions, prep: Prepared, ready: asyncio.Event
     for h in http:
         await h.stop()
     await control.server.stop()
-    await control.pool.stop()
+    if index is not None:
+        await control_gateway.leave(index)
+    await control.pool.stop()  # the workers release their leases: the other gateways own the LUNs at once
     prep.catalog.close()
     log.info("stopped")
     return 0

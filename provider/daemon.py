@@ -541,6 +541,8 @@ class Array:
         if self.snapshots is not None:
             await self.snapshots.stop_flatten(live.name)
         vol = self.snapshots.volumes.pop(live.name, None) if self.snapshots is not None else None
+        if self.gateways is not None:
+            await self.gateways.unshare(live.name, unpublish=False)  # its lease, for the worker that takes it next
         await live.device.close()
         if vol is not None:
             vol.close_pool()
@@ -782,8 +784,6 @@ def stop_event() -> asyncio.Event:
 
 async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
     if opts.workers is not None:
-        if opts.gateway is not None:
-            raise ValueError("--workers and --gateway do not go together: a gateway serves as one process")
         from lunsync.provider.control import serve_workers
 
         return await serve_workers(opts, prepare(opts), ready)

@@ -1,16 +1,19 @@
 """The daemon side of several gateways serving the same RBD-backed LUNs (``lunsync serve --gateway ID --port-group N``).
 
-:class:`SharedLuns` turns each of this daemon's ``rbd`` LUNs into a shared one: its persistent reservations move to
-the LUN's RADOS object (:class:`lunsync.provider.gateway.RadosPrStore`), it reports every gateway's port group with the
-lease holder's active/optimized (:class:`lunsync.target.scsi.alua.AluaGroups`), and an
-:class:`~lunsync.provider.gateway.OwnershipKeeper` keeps or contends for that lease. A sync task, every
-``sync_s``, publishes the configuration of this gateway's shared LUNs to ``lunsync.luns`` (image, identity, size,
-targets and LUN numbers), creates here the ones another gateway published (same NAA and serial, the image opened,
-never created) once they are mapped on a target, and refreshes the port-group list so a gateway that joins later is
-reported too. The index's mappings are every gateway's: a map or unmap on one gateway is published, and the others
-make theirs the same at their next round (a change made here since the last round wins over the index's, and is
-published). A LUN deleted on one gateway becomes a tombstone in the index, and the others unmap and forget it (its
-image stays) at their next round.
+:class:`SharedLuns`, in the process that serves the LUNs, turns each of its ``rbd`` LUNs into a shared one: its
+persistent reservations move to the LUN's RADOS object (:class:`lunsync.provider.gateway.RadosPrStore`), it reports
+every gateway's port group with the lease holder's active/optimized (:class:`lunsync.target.scsi.alua.AluaGroups`),
+and an :class:`~lunsync.provider.gateway.OwnershipKeeper` keeps or contends for that lease. :class:`IndexSync`, where
+the catalog's changes are decided, runs a round every ``sync_s``: it publishes the configuration of this gateway's
+shared LUNs to ``lunsync.luns`` (image, identity, size, targets and LUN numbers), creates here the ones another
+gateway published (same NAA and serial, the image opened, never created) once they are mapped on a target, and
+refreshes the port-group list so a gateway that joins later is reported too. The index's mappings are every
+gateway's: a map or unmap on one gateway is published, and the others make theirs the same at their next round (a
+change made here since the last round wins over the index's, and is published). A LUN deleted on one gateway becomes
+a tombstone in the index, and the others unmap and forget it (its image stays) at their next round. In one process
+both live in the daemon (:func:`attach`); under ``serve --workers`` each worker shares the LUNs it serves and the
+control runs the rounds, routing each change to the worker that serves it (per-LUN state has one owner, the
+worker; the catalog's placement is the control's).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lunsync.provider.gateway import GatewayLink, OwnershipKeeper, RadosPrStore, connect
 from lunsync.provider.lease import Lease
@@ -29,7 +32,8 @@ from lunsync.target.scsi.pr import PrState
 
 if TYPE_CHECKING:
     from lunsync.provider.daemon import Array, LiveLun
-    from lunsync.snapshots.catalog import LunRecord
+    from lunsync.snapshots.catalog import Catalog, LunRecord
+    from lunsync.snapshots.model import CephConfig
 
 log = logging.getLogger("lunsync.gateway")
 
@@ -70,15 +74,15 @@ class _Shared:
 
 @dataclass
 class SharedLuns:
+    """The shared LUNs of the process that serves them: each one's PR store, ALUA groups and lease (under ``serve
+    --workers`` each worker has its own, over the LUNs it serves)."""
+
     array: Array
     settings: GatewaySettings
     link: GatewayLink
     groups: dict[str, int] = field(default_factory=dict)  # gateway id -> port group
     shared: dict[str, _Shared] = field(default_factory=dict)
-    _published: dict[str, str] = field(default_factory=dict)  # what this gateway last wrote to the index, by name
-    _task: asyncio.Task[None] | None = None
-
-    # -- one LUN ----------------------------------------------------------------------------------------------------
+    index: IndexSync | None = None  # the index rounds, when they run in this process (one process serving)
 
     def _port_groups(self) -> dict[int, tuple[int, ...]]:
         groups: dict[int, tuple[int, ...]] = {g: (g,) for g in self.groups.values()}
@@ -105,8 +109,9 @@ class SharedLuns:
         log.info("lun %s shared: port groups %s, lease %d s", rec.name, sorted(lu.alua.groups), self.settings.lease_s)
 
     async def unshare(self, name: str, *, unpublish: bool, naa: str = "") -> None:
-        """Stop sharing ``name`` (its lease released at once, so another gateway owns it within a sync period); with
-        ``unpublish`` the LUN (NAA ``naa``) was deleted: its index entry becomes a tombstone."""
+        """Stop sharing ``name`` (its lease released at once, so another gateway, or the worker of this one that
+        serves it next, owns it within a sync period); with ``unpublish`` the LUN (NAA ``naa``) was deleted: its
+        index entry becomes a tombstone."""
         s = self.shared.pop(name, None)
         if s is not None:
             s.task.cancel()
@@ -114,13 +119,117 @@ class SharedLuns:
             await asyncio.to_thread(s.store.close_sync)
             await asyncio.to_thread(s.keeper.close_sync)
         if unpublish:
-            self._published.pop(name, None)
+            if self.index is not None:
+                self.index.forget(name)
             await asyncio.to_thread(self.link.withdraw_lun_sync, name, naa)
 
-    # -- the index --------------------------------------------------------------------------------------------------
+    def set_groups(self, groups: dict[str, int]) -> None:
+        """Every gateway's port group, as the last round read it: each shared LU reports them all."""
+        self.groups = dict(groups)
+        wanted = self._port_groups()
+        for name, s in self.shared.items():
+            alua = s.keeper.lu.alua
+            if alua is not None and alua.set_groups(wanted):
+                log.info("lun %s: port groups now %s", name, sorted(wanted))
+
+    async def close(self) -> None:
+        if self.index is not None:
+            await self.index.stop()
+        for name in list(self.shared):
+            await self.unshare(name, unpublish=False)
+        await asyncio.to_thread(self.link.close)
+
+
+class Members(Protocol):
+    """What an index round changes, done where this gateway's LUNs and catalog are managed: the array itself in one
+    process (:class:`ArrayMembers`), the control process under ``serve --workers``, which routes each change to the
+    worker that serves it (:mod:`lunsync.provider.control_gateway`)."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    def served(self, rec: LunRecord) -> bool:
+        """Is ``rec`` (an rbd LUN) shared by this gateway, so its configuration is this gateway's to publish?"""
+
+    async def regroup(self, groups: dict[str, int]) -> None:
+        """Every shared LU reports these port groups (gateway id -> port group)."""
+
+    async def import_lun(self, doc: dict[str, Any]) -> None:
+        """Record a LUN another gateway published (its identity kept, the image never created) and, where the LUNs
+        are served by this process, open it; undo the record if it cannot be served."""
+
+    async def create_target(self, iqn: str) -> None: ...
+
+    async def map_lun(self, iqn: str, name: str, number: int) -> None: ...
+
+    async def unmap_lun(self, iqn: str, name: str) -> None: ...
+
+    async def delete_lun(self, name: str) -> None: ...
+
+
+@dataclass
+class ArrayMembers:
+    """:class:`Members` in one process: the array's own operations."""
+
+    array: Array
+    shared: SharedLuns
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.array.catalog
+
+    def served(self, rec: LunRecord) -> bool:
+        return rec.name in self.shared.shared
+
+    async def regroup(self, groups: dict[str, int]) -> None:
+        self.shared.set_groups(groups)
+
+    async def import_lun(self, doc: dict[str, Any]) -> None:
+        record_import(self.catalog, doc)
+        try:
+            await self.array.open_lun(str(doc["name"]))
+        except Exception:
+            self.catalog.delete_lun(str(doc["name"]))
+            raise
+
+    async def create_target(self, iqn: str) -> None:
+        await self.array.create_target(iqn)
+
+    async def map_lun(self, iqn: str, name: str, number: int) -> None:
+        await self.array.map_lun(iqn, name, number)
+
+    async def unmap_lun(self, iqn: str, name: str) -> None:
+        await self.array.unmap_lun(iqn, name)
+
+    async def delete_lun(self, name: str) -> None:
+        await self.array.delete_lun(name)
+
+
+def record_import(catalog: Catalog, doc: dict[str, Any]) -> None:
+    """The catalog record of a LUN another gateway published, with the published identity."""
+    catalog.create_lun(str(doc["name"]), int(doc["size_bytes"]), path=str(doc["path"]),
+                       block_size=int(doc["block_size"]), read_only=bool(doc.get("read_only", False)), backend="rbd",
+                       naa=str(doc["naa"]), serial=str(doc["serial"]))
+
+
+@dataclass
+class IndexSync:
+    """The rounds against the cluster's index (``lunsync.luns``) and gateway list, every ``sync_s``: in the one
+    process of a gateway, or in the control of a gateway split into workers (the catalog's changes are the
+    control's to place)."""
+
+    settings: GatewaySettings
+    link: GatewayLink
+    members: Members
+    _published: dict[str, str] = field(default_factory=dict)  # what this gateway last wrote to the index, by name
+    _task: asyncio.Task[None] | None = None
+
+    def forget(self, name: str) -> None:
+        """``name`` was deleted here (and its tombstone written)."""
+        self._published.pop(name, None)
 
     def _doc(self, rec: LunRecord) -> dict[str, Any]:
-        cat = self.array.catalog
+        cat = self.members.catalog
         maps = [{"iqn": t.iqn, "lun": m.lun} for t in cat.list_targets() for m in cat.list_mappings(t.iqn)
                 if m.name == rec.name]
         return {"name": rec.name, "path": rec.path, "size_bytes": rec.size_bytes, "block_size": rec.block_size,
@@ -129,46 +238,39 @@ class SharedLuns:
     async def _import(self, doc: dict[str, Any]) -> None:
         """Create a LUN another gateway published: its record with the published identity, its image opened (never
         created), its targets and LUN numbers."""
-        array, cat = self.array, self.array.catalog
+        members, cat = self.members, self.members.catalog
         name = str(doc["name"])
-        cat.create_lun(name, int(doc["size_bytes"]), path=str(doc["path"]), block_size=int(doc["block_size"]),
-                       read_only=bool(doc.get("read_only", False)), backend="rbd", naa=str(doc["naa"]),
-                       serial=str(doc["serial"]))
-        try:
-            await array.open_lun(name)
-        except Exception:
-            cat.delete_lun(name)
-            raise
+        await members.import_lun(doc)
         known = {t.iqn for t in cat.list_targets()}
         for m in doc.get("targets", []):
             iqn, number = str(m["iqn"]), int(m["lun"])
-            if iqn not in known:
-                await array.create_target(iqn)
-                known.add(iqn)
-            if not any(x.name == name for x in cat.list_mappings(iqn)):
-                try:
-                    await array.map_lun(iqn, name, number)
-                except Exception as e:  # noqa: BLE001 - the LUN is served; only this target's mapping is missing
-                    log.warning("lun %s: cannot show it as LUN %d of %s here as on the other gateways: %s", name,
-                                number, iqn, e)
+            try:
+                if iqn not in known:
+                    await members.create_target(iqn)
+                    known.add(iqn)
+                if not any(x.name == name for x in cat.list_mappings(iqn)):
+                    await members.map_lun(iqn, name, number)
+            except Exception as e:  # noqa: BLE001 - the LUN is served; only this target's mapping is missing
+                log.warning("lun %s: cannot show it as LUN %d of %s here as on the other gateways: %s", name,
+                            number, iqn, e)
         log.info("lun %s imported from the cluster (image %s, naa %s)", name, doc["path"], doc["naa"])
 
     async def _follow(self, name: str, entry: dict[str, Any]) -> None:
         """Make this gateway's mappings of ``name`` the index's: unmap what another gateway unmapped, map what it
         mapped."""
-        array, cat = self.array, self.array.catalog
+        members, cat = self.members, self.members.catalog
         want = set(_targets(entry))
         have = {(t.iqn, m.lun) for t in cat.list_targets() for m in cat.list_mappings(t.iqn) if m.name == name}
         for iqn, number in sorted(have - want):
-            await array.unmap_lun(iqn, name)
+            await members.unmap_lun(iqn, name)
             log.info("lun %s: unmapped from %s (LUN %d) here too, as on another gateway", name, iqn, number)
         known = {t.iqn for t in cat.list_targets()}
         for iqn, number in sorted(want - have):
             try:
                 if iqn not in known:
-                    await array.create_target(iqn)
+                    await members.create_target(iqn)
                     known.add(iqn)
-                await array.map_lun(iqn, name, number)
+                await members.map_lun(iqn, name, number)
                 log.info("lun %s: mapped on %s as LUN %d here too, as on another gateway", name, iqn, number)
             except Exception as e:  # noqa: BLE001 - that number may be another LUN's here; the rest still follows
                 log.warning("lun %s: cannot show it as LUN %d of %s here as on the other gateways: %s", name,
@@ -176,12 +278,12 @@ class SharedLuns:
 
     async def _withdraw(self, name: str) -> None:
         """``name`` was deleted on another gateway: unmap it everywhere here and forget it (its image stays)."""
-        cat = self.array.catalog
+        members, cat = self.members, self.members.catalog
         try:
             for t in cat.list_targets():
                 if any(m.name == name for m in cat.list_mappings(t.iqn)):
-                    await self.array.unmap_lun(t.iqn, name)
-            await self.array.delete_lun(name)
+                    await members.unmap_lun(t.iqn, name)
+            await members.delete_lun(name)
         except Exception as e:  # noqa: BLE001 - snapshots or a restore keep it here; it is no longer mapped, at least
             log.warning("lun %s was deleted on another gateway; unmapped here, but kept: %s", name, e)
             return
@@ -190,16 +292,11 @@ class SharedLuns:
     async def sync(self) -> None:
         """One round: refresh the port groups, follow the index (mappings changed and LUNs deleted on other
         gateways), publish what changed here, import what is new elsewhere."""
-        self.groups = await asyncio.to_thread(self.link.port_groups_sync)
-        groups = self._port_groups()
-        for name, s in self.shared.items():
-            alua = s.keeper.lu.alua
-            if alua is not None and alua.set_groups(groups):
-                log.info("lun %s: port groups now %s", name, sorted(groups))
-        cat = self.array.catalog
+        await self.members.regroup(await asyncio.to_thread(self.link.port_groups_sync))
+        cat = self.members.catalog
         index = await asyncio.to_thread(self.link.luns_sync)
         for rec in cat.list_luns():
-            if rec.backend != "rbd" or rec.name not in self.shared:
+            if rec.backend != "rbd" or not self.members.served(rec):
                 continue
             entry, seen = index.get(rec.name), self._published.get(rec.name)
             if entry is not None and entry.get("naa") != rec.naa:
@@ -242,39 +339,56 @@ class SharedLuns:
             except Exception:  # the cluster unreachable for a while: keep serving, try again next round
                 log.warning("gateway sync failed", exc_info=True)
 
-    # -- lifecycle --------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """The first round now (before any initiator: the other gateways' LUNs are served from the start), then one
+        every ``sync_s``."""
+        await self.sync()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway sync")
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for name in list(self.shared):
-            await self.unshare(name, unpublish=False)
-        await asyncio.to_thread(self.link.close)
+            self._task = None
 
 
-async def attach(array: Array, settings: GatewaySettings) -> SharedLuns:
-    """Join the gateways: register, share every local ``rbd`` LUN, import the others' LUNs, then keep in sync."""
-    ceph = array.ceph
+async def join(ceph: CephConfig, settings: GatewaySettings, *, register: bool) -> GatewayLink:
+    """Connect to the cluster as this gateway (``register``: and record it with its port group)."""
     try:
         handle = await asyncio.to_thread(connect, ceph.conf_path, ceph.keyring, ceph.client, ceph.connect_timeout_s)
         link = GatewayLink(handle, settings.pool, settings.gateway_id, settings.port_group)
-        await asyncio.to_thread(link.register_sync)
+        if register:
+            await asyncio.to_thread(link.register_sync)
     except Exception as e:  # noqa: BLE001 - librados raises its own family; without the cluster there is no gateway
         raise OSError(f"gateway {settings.gateway_id}: cannot join through the cluster ({ceph.conf_path} as "
                       f"{ceph.client}, pool {settings.pool}): {e}") from None
+    if register:
+        groups = await asyncio.to_thread(link.port_groups_sync)
+        clash = [gw for gw, g in groups.items() if g == settings.port_group and gw != settings.gateway_id]
+        if clash:
+            log.warning("port group %d is also registered by gateway %s: give each gateway its own",
+                        settings.port_group, ", ".join(clash))
+    return link
+
+
+async def share_served(array: Array, settings: GatewaySettings, link: GatewayLink) -> SharedLuns:
+    """Share every ``rbd`` LUN ``array`` serves (and, through :meth:`Array.open_lun`, every one it opens later)."""
     shared = SharedLuns(array, settings, link)
     shared.groups = await asyncio.to_thread(link.port_groups_sync)
-    clash = [gw for gw, g in shared.groups.items() if g == settings.port_group and gw != settings.gateway_id]
-    if clash:
-        log.warning("port group %d is also registered by gateway %s: give each gateway its own",
-                    settings.port_group, ", ".join(clash))
     array.gateways = shared
     for rec in array.catalog.list_luns():
         if rec.backend == "rbd" and rec.name in array.luns:
             await shared.share(array.luns[rec.name], rec)
-    await shared.sync()
-    shared._task = asyncio.get_running_loop().create_task(shared._run(), name="gateway sync")
+    return shared
+
+
+async def attach(array: Array, settings: GatewaySettings) -> SharedLuns:
+    """Join the gateways as one process: register, share every local ``rbd`` LUN, import the others' LUNs, then
+    keep in sync."""
+    link = await join(array.ceph, settings, register=True)
+    shared = await share_served(array, settings, link)
+    shared.index = IndexSync(settings, link, ArrayMembers(array, shared))
+    await shared.index.start()
     log.info("gateway %s (port group %d) joined: gateways %s", settings.gateway_id, settings.port_group,
              ", ".join(f"{gw}={g}" for gw, g in sorted(shared.groups.items())))
     return shared

@@ -10,7 +10,9 @@ the hold calls of a snapshot set over several workers (:mod:`lunsync.provider.cr
 ``snapshot-read`` reads a snapshot of one of its LUNs for another worker (:mod:`lunsync.provider.remote_snapshot`), and
 the worker asks the control the same for a snapshot it does not serve; ``refresh`` re-reads the catalog for what
 changed hands, ``release`` closes an unmapped LUN another worker is about to
-take, ``status`` and ``metrics`` say what it serves and counts. It stops when its channel closes (the control's
+take, ``status`` and ``metrics`` say what it serves and counts. Under ``--gateway`` it shares the rbd LUNs it serves
+(their PR store, ALUA groups and lease: :mod:`lunsync.provider.shared_luns`), and ``gateway_groups`` passes on the
+port groups the control's index round read. It stops when its channel closes (the control's
 request, or its death), draining in-flight commands and flushing every LUN as a single daemon does.
 
 The catalog is SQLite in WAL mode with a busy timeout, so the workers open it themselves and commit their own LUNs'
@@ -55,6 +57,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--api-max-body", type=int, default=1 << 20)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", default="text")
+    ap.add_argument("--gateway", default=None, help="the gateway id of the daemon (serve --gateway)")
+    ap.add_argument("--port-group", type=int, default=1)
+    ap.add_argument("--gateway-pool", default="rbd")
+    ap.add_argument("--lease", type=int, default=10)
     return ap.parse_args(argv)
 
 
@@ -84,7 +90,20 @@ class WorkerProcess:
                            write_staging_bytes=a.write_staging, owned_targets={t.lower() for t in a.target},
                            holds_unmapped=a.holds_unmapped)
         self.array.remote_call = self.call_control
+        gateway = None
+        if a.gateway is not None:
+            from lunsync.provider.shared_luns import GatewaySettings
+
+            gateway = GatewaySettings(a.gateway, a.port_group, a.gateway_pool, a.lease)
+            self.array.port_group = settings.tpgt = gateway.port_group
         await self.array.load()
+        if gateway is not None:
+            from lunsync.provider import shared_luns
+
+            # This worker's shared LUNs (PR store, ALUA, lease) before any session reaches them; the control
+            # registered the gateway and runs the index rounds.
+            link = await shared_luns.join(self.array.ceph, gateway, register=False)
+            await shared_luns.share_served(self.array, gateway, link)
         self.server = Server(self.array.directory, settings)
         self.array.server = self.server
         await resync_array.attach(self.array, load_hooks(a.hooks) if a.hooks else {})
@@ -182,6 +201,11 @@ class WorkerProcess:
                     "attention": array.snapshots.attention() if array.snapshots is not None else [],
                     "restoring": {n: rs.id for n in array.luns
                                   if array.recovery is not None and (rs := array.recovery.restoring(n)) is not None}}
+        if method == "gateway_groups":
+            groups = params.get("groups")
+            if array.gateways is not None and isinstance(groups, dict):
+                array.gateways.set_groups({str(k): int(str(v)) for k, v in groups.items()})
+            return None
         if method == "metrics":
             from prometheus_client import generate_latest
 

@@ -1,7 +1,9 @@
 """Two gateways, one LUN: two real daemons (gateway A on 127.0.0.1, gateway B on 127.0.0.2, as two hosts) serving the
 same RBD image of the test cluster. A is configured with the LUN; B has only the cluster and learns the LUN from
 RADOS. Real clients drive them: libiscsi's multipath suite with one path through each gateway, a Windows-cluster PR
-cycle split across them, and qemu-io writing through B while A is killed (-9), with ALUA ownership moving to B."""
+cycle split across them, and qemu-io writing through B while A is killed (-9), with ALUA ownership moving to B. B
+runs split into worker processes (``serve --workers 2``), so its LUN's lease, ALUA state and PR store live in the
+worker serving it while its control follows the cluster's index."""
 
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ luns = [{{ lun = 0, name = "{image}" }}]
     common = ["--gateway-pool", POOL, "--lease", str(LEASE_S)]
     a = Gateway(tmp_path / "a", config=config_a, demo=False, host="127.0.0.1", api=True,
                 extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
+    # B is split into a control and two workers (serve --workers 2), A is as the run makes every daemon (one
+    # process, unless LUNSYNC_E2E_WORKERS): a gateway is one gateway to the others and to initiators either way.
     b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2", metrics=True,
-                extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
+                workers=2, extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
     for g in (a, b):
         g.iqn, g.image, g.ceph_conf = iqn, f"{POOL}/{image}", str(ceph_cluster.conf)
     try:
