@@ -3,8 +3,8 @@
 The iSCSI data path (PDU codec, connection, the per-command task runner and statistics, SCSI dispatch with the
 READ/WRITE handlers and the logical unit) and the file and block backends under it are compiled with mypyc from the
 same typed sources, which stay the source of truth and run as they are. The rest of the storage engine (snapshots/:
-the copy-on-write volume, resync, the catalog) is not compiled: a WRITE that needs nothing of the volume passes it by
-(InlineWrite), and its tests still replace methods of live objects. LUNSYNC_PURE=1 builds a pure-Python package. An in-place build (an editable install) is always pure: a native
+resync, the catalog) is not compiled, except the copy-on-write volume and its pool (snapshots/cow.py), which every
+first write after a snapshot runs through; what its tests replace on live objects are attributes it calls for that. LUNSYNC_PURE=1 builds a pure-Python package. An in-place build (an editable install) is always pure: a native
 module next to its .py would shadow every later edit of it.
 """
 
@@ -36,6 +36,7 @@ NATIVE = [
     "target/stats.py",
     "target/execution.py",
     "snapshots/backend.py",
+    "snapshots/cow.py",
 ]
 
 

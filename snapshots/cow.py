@@ -121,8 +121,23 @@ DEFAULT_STAGING_BYTES = 64 << 20
 _LAND_YIELD = 64  # staged writes landed on the origin between two yields to the event loop
 _EXTENT_MAX = 1 << 20  # the most a preservation batch copies through one buffer (one preadv and one pwritev)
 # A batch that copies more than this flushes its copies before writing their map records, which then carry no CRC
-# (see CowVolume._copy_and_commit); a smaller one flushes both at once.
+# (see CowVolume._copy_now); a smaller one flushes both at once.
 _CRC_MAX_BYTES = 1 << 20
+
+
+class _Commit(Protocol):
+    """The pool's commit, as the attribute that calls it (see Pool._commit)."""
+
+    def __call__(self, lun_id: int, rows: Sequence[tuple[int, int, int, int]],
+                 proofs: Sequence[tuple[int, int, int, int, int]] | None = None,
+                 sync_data: Callable[[], None] | None = None) -> None: ...
+
+
+# The map log's append, as the attribute that calls it (see _MapLog._append).
+_Append = Callable[[Sequence[tuple[int, int, int, int]], Sequence[tuple[int, int, int, int, int]] | None,
+                    Callable[[], None] | None], None]
+
+
 @dataclass(slots=True)
 class CowStats:
     """Plain integers the metrics collector samples; the hot path never calls Prometheus."""
@@ -174,6 +189,9 @@ class _MapLog:
         self.rows: list[tuple[int, int, int, int]] = []
         self.end = 0
         self.lock = threading.Lock()
+        # The append the pool calls: an attribute, so that a test can watch it on this log (a compiled class's
+        # methods cannot be replaced).
+        self.append: _Append = self._append
         raw = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
         self.size = len(raw)
         self.stale_tail = False
@@ -243,9 +261,9 @@ class _MapLog:
         finally:
             os.close(fd)
 
-    def append(self, rows: Sequence[tuple[int, int, int, int]],
-               proofs: Sequence[tuple[int, int, int, int, int]] | None = None,
-               alongside: Callable[[], None] | None = None) -> None:
+    def _append(self, rows: Sequence[tuple[int, int, int, int]],
+                proofs: Sequence[tuple[int, int, int, int, int]] | None,
+                alongside: Callable[[], None] | None) -> None:
         """Write and fdatasync ``rows``: durable when this returns. ``proofs`` are each row's ``(copied units,
         chunk size, unit, length, CRC-32 of the copied bytes)`` (none for a row that copied nothing);
         ``alongside`` (the slot file's fdatasync) runs in another thread at the same time, and both must succeed.
@@ -337,6 +355,8 @@ class Pool:
             raise
         self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
         self._logs: dict[int, _MapLog] = {}
+        # Record rows durably (see _commit): an attribute, so that a test can watch the commits of this pool.
+        self.commit: _Commit = self._commit
         # Why the pool takes no new copies (its map log cannot be checkpointed); None once a checkpoint succeeds.
         self.degraded: str | None = None
 
@@ -461,13 +481,13 @@ class Pool:
                                                          (lun_id,))}
         return out | {e for _, e, s, _ in self._log(lun_id).rows if s == INVALIDATED}
 
-    def commit(self, lun_id: int, rows: Sequence[tuple[int, int, int, int]],
-               proofs: Sequence[tuple[int, int, int, int, int]] | None = None,
-               sync_data: Callable[[], None] | None = None) -> None:
+    def _commit(self, lun_id: int, rows: Sequence[tuple[int, int, int, int]],
+                proofs: Sequence[tuple[int, int, int, int, int]] | None = None,
+                sync_data: Callable[[], None] | None = None) -> None:
         """Record ``(chunk, epoch, slot, mask)`` rows durably (one append and fdatasync of the map log). A row for a
         copy already recorded adds its units. The slots' data is either durable already or made so by
         ``sync_data``, run at the same time as the log's fdatasync; ``proofs`` then carry each row's CRC of the
-        bytes it copied (see :meth:`_MapLog.append`), by which an open tells whether they got there. Blocking."""
+        bytes it copied (see :meth:`_MapLog._append`), by which an open tells whether they got there. Blocking."""
         log_ = self._log(lun_id)
         with log_.lock:
             if log_.stale_tail:
@@ -644,6 +664,10 @@ class CowVolume:
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._pending: dict[int, tuple[int, asyncio.Future[None]]] = {}  # chunk -> (units wanted, future)
         self._runner: asyncio.Task[None] | None = None
+        # What a batch runs in its thread (see _copy_now): an attribute, so that a test can hold a batch's copy
+        # (a compiled class's methods cannot be replaced).
+        self._copy_and_commit: Callable[[Pool, list[_Item], int], tuple[list[_Item], dict[int, str]]] = \
+            self._copy_now
         self._active = 0
         self._gate: asyncio.Event | None = None
         self._drained: asyncio.Future[None] | None = None
@@ -1412,7 +1436,7 @@ class CowVolume:
             failed = {c: (self.pool_unavailable or "no pool", want) for c, want, _ in batch}
         else:
             # In chunk order, so that new slots are taken in it too: a run of chunks then lies in a run of slots,
-            # copied as one extent (see _copy_and_commit).
+            # copied as one extent (see _copy_now).
             for c, want, _ in sorted(batch, key=_chunk_of):
                 if epoch == 0:
                     continue  # the snapshots went away meanwhile
@@ -1468,7 +1492,7 @@ class CowVolume:
         self._next_slot += 1
         return slot
 
-    def _copy_and_commit(self, pool: Pool, items: list[_Item], epoch: int) -> tuple[list[_Item], dict[int, str]]:
+    def _copy_now(self, pool: Pool, items: list[_Item], epoch: int) -> tuple[list[_Item], dict[int, str]]:
         """In a thread: copy the wanted units of each chunk to its slot, then append the maps (each with the CRC of
         the bytes it copied) to the pool's map log, fdatasync'ing the slot file and the log at the same time: one
         flush round per batch. Only after both returned does the caller let the origin be written, so a crash finds

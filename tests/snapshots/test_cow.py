@@ -943,7 +943,8 @@ def test_a_batch_of_more_than_a_mebibyte_flushes_its_copies_before_their_records
         n = cow._CRC_MAX_BYTES // CS + 2  # chunks: just past the bound
         await vol.write(0, pat(0xAA, n * CS))
         await snap(vol, 1)
-        real_sync, real_append = os.fdatasync, cow._MapLog.append
+        maplog = pool._log(1)
+        real_sync, real_append = os.fdatasync, maplog.append
         order: list[str] = []
 
         def fdatasync(fd: int) -> None:
@@ -951,10 +952,10 @@ def test_a_batch_of_more_than_a_mebibyte_flushes_its_copies_before_their_records
                          "slots" if fd == vol._data_fd else "other")
             real_sync(fd)
 
-        def append(self: Any, rows: Any, proofs: Any = None, alongside: Any = None) -> None:
+        def append(rows: Any, proofs: Any, alongside: Any) -> None:
             order.append("append")
             assert alongside is None and all(p[0] == 0 for p in proofs)
-            real_append(self, rows, proofs, alongside)
+            real_append(rows, proofs, alongside)
 
         real_cfr, real_pwritev = os.copy_file_range, os.pwritev
         offloaded: list[int] = []
@@ -971,7 +972,7 @@ def test_a_batch_of_more_than_a_mebibyte_flushes_its_copies_before_their_records
         monkeypatch.setattr(os, "fdatasync", fdatasync)
         monkeypatch.setattr(os, "copy_file_range", copy_file_range)
         monkeypatch.setattr(os, "pwritev", pwritev)
-        monkeypatch.setattr(cow._MapLog, "append", append)
+        monkeypatch.setattr(maplog, "append", append)
         await vol.write(0, pat(0xBB, n * CS))
         monkeypatch.undo()
         assert order == ["slots", "append", "log"]
