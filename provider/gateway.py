@@ -18,6 +18,12 @@ Everything lives in the RADOS namespace ``lunsync`` of the gateway pool:
   it by its own clock) whose cookie is the holder's gateway id, with an ``owner`` xattr naming the holder for the
   others. :class:`OwnershipKeeper` drives :class:`lunsync.provider.lease.Lease` against it and tells the LU the
   owning port group (active/optimized; the others active/non-optimized).
+- ``lunsync.gateways`` is also the channel of write holds that span gateways (:class:`PeerHolds`): every gateway
+  watches it, a gateway taking a snapshot set notifies "hold these NAAs" and snapshots only once every watcher has
+  acknowledged (each has held new writes to those LUNs and seen its writes in flight acknowledged), then notifies
+  "release". A watcher that does not acknowledge within ``HOLD_ACK_TIMEOUT_S`` fails the set; a hold whose release
+  never comes ends by itself after the time the notify names. The watch's timeout is the lease's, so the cluster
+  drops a dead gateway's watch (and sets stop waiting for it) as soon as its LUNs' ownership moves.
 
 librados blocks, so every call runs in a thread; the watch callback arrives on librados' own thread and hands the
 document to the event loop.
@@ -26,10 +32,14 @@ document to the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import errno
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +57,12 @@ _OWNER_XATTR = "owner"
 _NOTIFY_TIMEOUT_MS = 5000
 _ADOPT_TIMEOUT_S = 4.0
 _OMAP_MAX = 100000
+# How long a gateway taking a snapshot set waits for every other gateway to hold its writes. librados counts a
+# notify's timeout in whole seconds (under one second is its 10 s default), so this is the shortest bound there is;
+# a healthy gateway answers in about a millisecond on one host.
+HOLD_ACK_TIMEOUT_S = 2
+_RELEASE_TIMEOUT_MS = 2000
+_EARLY_RELEASES = 256  # releases that arrived before their hold, remembered (a late hold is then not taken)
 
 
 def _rados() -> Any:
@@ -54,6 +70,24 @@ def _rados() -> Any:
     import rados
 
     return rados
+
+
+def _create(io: Any, oid: str) -> None:
+    """Make the object exist (empty), unless it does."""
+    rados = _rados()
+    with rados.WriteOpCtx() as op:
+        op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)
+        io.operate_write_op(op, oid)
+
+
+def _close_watch(watch: Any, io: Any, oid: str) -> None:
+    """Close a watch on ``oid`` (if any) and its ioctx."""
+    if watch is not None:
+        try:
+            watch.close()
+        except Exception:  # the cluster may already be gone; closing must not fail shutdown
+            log.debug("watch on %s: close failed", oid, exc_info=True)
+    io.close()
 
 
 def pr_oid(naa: str) -> str:
@@ -68,8 +102,10 @@ def connect(conf_path: str, keyring: str, client: str, timeout_s: int) -> Any:
     """A connected ``rados.Rados`` (cephx as ``client`` with ``keyring``). Blocking."""
     rados = _rados()
     conf = {"keyring": keyring} if keyring else {}
+    # The objecter pings every watch once a tick (5 s by default); a tick of 1 s keeps a watch whose timeout is as
+    # short as a lease (down to 2 s) alive, so that the cluster can forget a dead gateway's watch that soon.
     conf.update({"rados_osd_op_timeout": str(timeout_s), "rados_mon_op_timeout": str(timeout_s),
-                 "client_mount_timeout": str(timeout_s)})
+                 "client_mount_timeout": str(timeout_s), "objecter_tick_interval": "1"})
     handle = rados.Rados(conffile=conf_path, conf=conf, name=client)
     handle.connect(timeout=timeout_s)
     return handle
@@ -158,10 +194,7 @@ class RadosPrStore:
 
     def open_sync(self) -> dict[str, Any]:
         """Create the object if absent and return the state it holds (empty: no registrations)."""
-        rados = _rados()
-        with rados.WriteOpCtx() as op:
-            op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)
-            self.io.operate_write_op(op, self.oid)
+        _create(self.io, self.oid)
         doc, self.seen = self._read()
         self.applied = self.seen
         return doc
@@ -173,13 +206,8 @@ class RadosPrStore:
         lu.on_reset = self.announce_reset
 
     def close_sync(self) -> None:
-        if self._watch is not None:
-            try:
-                self._watch.close()
-            except Exception:  # the cluster may already be gone; closing must not fail shutdown
-                log.debug("pr watch on %s: close failed", self.oid, exc_info=True)
-            self._watch = None
-        self.io.close()
+        _close_watch(self._watch, self.io, self.oid)
+        self._watch = None
 
     # -- PrStore ----------------------------------------------------------------------------------------------------
 
@@ -368,3 +396,167 @@ class OwnershipKeeper:
 
     def close_sync(self) -> None:
         self.io.close()
+
+
+class PeersNotHeld(Exception):
+    """Not every gateway acknowledged a write hold within the bound; the holds that were taken are released."""
+
+
+@dataclass
+class _PeerHold:
+    lus: list[LogicalUnit]
+    released: asyncio.Event
+    task: asyncio.Task[None] | None = None
+
+
+class PeerHolds:
+    """Write holds on shared LUNs that span every gateway, through watch/notify on ``lunsync.gateways``.
+
+    The taking side (:meth:`hold_sync`, :meth:`release_sync`, both blocking) notifies ``{"event": "hold", "id",
+    "naas", "expires_s"}`` and returns once every watching gateway has acknowledged, or raises
+    :class:`PeersNotHeld`. The watching side holds the write gate of each named LUN it serves (``resolve`` maps NAAs
+    to this gateway's LUs) and acknowledges only once it holds every one, i.e. its writes to them in flight have been
+    acknowledged and new ones queue; it releases them on the matching ``release`` or after ``expires_s``, whichever
+    comes first, so a taker that died mid-set never leaves another gateway's writes held."""
+
+    def __init__(self, link: GatewayLink, resolve: Callable[[Sequence[str]], list[LogicalUnit]],
+                 watch_timeout_s: int) -> None:
+        self.link = link
+        self.resolve = resolve
+        self.watch_timeout_s = watch_timeout_s
+        self.io = link.ioctx()
+        self.oid = GATEWAYS_OID
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch: Any = None
+        self._holds: dict[str, _PeerHold] = {}  # hold id -> what this gateway holds for another's set (event loop)
+        self._early: dict[str, None] = {}  # ids released before their hold arrived (ordered: oldest first)
+
+    # -- set-up (blocking) ------------------------------------------------------------------------------------------
+
+    def open_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        _create(self.io, self.oid)
+        self._watch = self.io.watch(self.oid, self._notified, self._watch_error, self.watch_timeout_s)
+
+    def close_sync(self) -> None:
+        _close_watch(self._watch, self.io, self.oid)
+        self._watch = None
+
+    # -- the taking gateway (blocking) ------------------------------------------------------------------------------
+
+    def hold_sync(self, hold_id: str, naas: Sequence[str], expires_s: float) -> None:
+        """Every other gateway holds writes to ``naas`` on return. Raises :class:`PeersNotHeld` when one did not
+        acknowledge within ``HOLD_ACK_TIMEOUT_S`` (the caller releases ``hold_id`` then, as always)."""
+        rados = _rados()
+        msg = json.dumps({"event": "hold", "id": hold_id, "from": self.link.gateway_id, "naas": list(naas),
+                          "expires_s": expires_s})
+        try:
+            self.io.notify(self.oid, msg, HOLD_ACK_TIMEOUT_S * 1000)
+        except rados.TimedOut:
+            raise PeersNotHeld(f"not every gateway held its writes within {HOLD_ACK_TIMEOUT_S} s (one that stopped "
+                               "is waited for until its lease runs out)") from None
+        except rados.Error as e:
+            raise PeersNotHeld(f"the other gateways could not be asked to hold their writes: {e}") from None
+
+    def release_sync(self, hold_id: str) -> None:
+        """Tell every gateway that hold ``hold_id`` is over. A gateway that misses it releases at its expiry."""
+        msg = json.dumps({"event": "release", "id": hold_id, "from": self.link.gateway_id})
+        try:
+            self.io.notify(self.oid, msg, _RELEASE_TIMEOUT_MS)
+        except _rados().Error as e:
+            log.warning("hold %s: not every gateway acknowledged its release (each ends it by itself): %s", hold_id, e)
+
+    # -- the watching gateways (librados' threads, then the event loop) ---------------------------------------------
+
+    def _notified(self, notify_id: int, notifier_id: str, watch_id: int, data: bytes) -> None:
+        loop = self._loop
+        try:
+            msg = json.loads(data)
+            if str(msg["from"]) == self.link.gateway_id or loop is None:
+                return
+            event, hold_id = str(msg["event"]), str(msg["id"])
+            if event == "release":
+                loop.call_soon_threadsafe(self._release, hold_id)
+                return
+            if event != "hold":
+                return
+            naas, expires_s, sender = [str(n) for n in msg["naas"]], float(msg["expires_s"]), str(msg["from"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: ignoring a notify that is neither a hold nor a release", self.oid)
+            return
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self._begin, hold_id, naas, expires_s, sender, ready)
+        try:
+            ready.result(HOLD_ACK_TIMEOUT_S)  # acknowledge only once held: the taker snapshots after every ack
+        except concurrent.futures.TimeoutError:
+            log.warning("hold %s of gateway %s: writes did not drain within %d s; its set fails", hold_id, sender,
+                        HOLD_ACK_TIMEOUT_S)
+
+    def _begin(self, hold_id: str, naas: list[str], expires_s: float, sender: str,
+               ready: concurrent.futures.Future[None]) -> None:
+        if hold_id in self._early or hold_id in self._holds:
+            self._early.pop(hold_id, None)
+            ready.set_result(None)
+            return
+        lus = self.resolve(naas)
+        if not lus:
+            ready.set_result(None)  # none of those LUNs is served here
+            return
+        hold = self._holds[hold_id] = _PeerHold(lus, asyncio.Event())
+        hold.task = asyncio.get_running_loop().create_task(self._keep(hold_id, hold, expires_s, sender, ready),
+                                                           name=f"hold {hold_id}")
+
+    async def _keep(self, hold_id: str, hold: _PeerHold, expires_s: float, sender: str,
+                    ready: concurrent.futures.Future[None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            async with contextlib.AsyncExitStack() as gates:
+                try:
+                    async with asyncio.timeout(expires_s):
+                        for lu in hold.lus:
+                            await gates.enter_async_context(lu.gate.exclusive(0, lu.num_blocks))
+                        held = time.perf_counter()
+                        if not ready.done():
+                            ready.set_result(None)
+                        await hold.released.wait()
+                except TimeoutError:
+                    log.warning("hold %s of gateway %s: no release within %.1f s; writes resume", hold_id, sender,
+                                expires_s)
+                    return
+            log.info("hold %s of gateway %s: writes held %.2f ms (drain %.2f)", hold_id, sender,
+                     (time.perf_counter() - t0) * 1000, (held - t0) * 1000)
+        finally:
+            if not ready.done():
+                ready.set_result(None)
+            self._holds.pop(hold_id, None)
+
+    def _release(self, hold_id: str) -> None:
+        hold = self._holds.get(hold_id)
+        if hold is not None:
+            hold.released.set()
+            return
+        self._early[hold_id] = None  # its hold has not arrived yet (librados delivers notifies on several threads)
+        while len(self._early) > _EARLY_RELEASES:
+            del self._early[next(iter(self._early))]
+
+    def _watch_error(self, err: int) -> None:
+        log.warning("%s: hold watch lost (%d); re-establishing", self.oid, err)
+        try:
+            old, self._watch = self._watch, None
+            if old is not None:
+                old.close()
+            self._watch = self.io.watch(self.oid, self._notified, self._watch_error, self.watch_timeout_s)
+        except Exception:  # until it is back, this gateway does not hold for the others' sets
+            log.exception("%s: cannot re-establish the hold watch", self.oid)
+
+    async def close(self) -> None:
+        """Release every hold this gateway keeps for another's set (the daemon is stopping)."""
+        for hold in list(self._holds.values()):
+            hold.released.set()
+        tasks = [h.task for h in self._holds.values() if h.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def new_hold_id() -> str:
+    return uuid.uuid4().hex

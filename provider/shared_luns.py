@@ -13,7 +13,10 @@ change made here since the last round wins over the index's, and is published). 
 a tombstone in the index, and the others unmap and forget it (its image stays) at their next round. In one process
 both live in the daemon (:func:`attach`); under ``serve --workers`` each worker shares the LUNs it serves and the
 control runs the rounds, routing each change to the worker that serves it (per-LUN state has one owner, the
-worker; the catalog's placement is the control's).
+worker; the catalog's placement is the control's). A snapshot set over shared LUNs holds their writes on every
+gateway, not only on the one taking it (:meth:`SharedLuns.hold_peers`, through
+:class:`~lunsync.provider.gateway.PeerHolds`, one per serving process): a host whose dependent writes go down both
+paths then finds them in the set in their order.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lunsync.provider.gateway import GatewayLink, OwnershipKeeper, RadosPrStore, connect
+from lunsync.provider.gateway import GatewayLink, OwnershipKeeper, PeerHolds, RadosPrStore, connect
 from lunsync.provider.lease import Lease
 from lunsync.target.scsi.alua import AluaGroups
 from lunsync.target.scsi.pr import PrState
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
     from lunsync.provider.daemon import Array, LiveLun
     from lunsync.snapshots.catalog import Catalog, LunRecord
     from lunsync.snapshots.model import CephConfig
+    from lunsync.target.scsi.lu import LogicalUnit
 
 log = logging.getLogger("lunsync.gateway")
 
@@ -83,6 +89,11 @@ class SharedLuns:
     groups: dict[str, int] = field(default_factory=dict)  # gateway id -> port group
     shared: dict[str, _Shared] = field(default_factory=dict)
     index: IndexSync | None = None  # the index rounds, when they run in this process (one process serving)
+    holds: PeerHolds | None = None
+    # The notifies of a set's hold sit on its critical path: a thread of their own, not the default executor's
+    # queue behind the LUNs' flushes.
+    _hold_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="gateway-hold"))
 
     def _port_groups(self) -> dict[int, tuple[int, ...]]:
         groups: dict[int, tuple[int, ...]] = {g: (g,) for g in self.groups.values()}
@@ -123,6 +134,34 @@ class SharedLuns:
                 self.index.forget(name)
             await asyncio.to_thread(self.link.withdraw_lun_sync, name, naa)
 
+    # -- write holds across gateways ---------------------------------------------------------------------------------
+
+    def _lus_of(self, naas: Sequence[str]) -> list[LogicalUnit]:
+        """This process's LUs of the shared LUNs with those NAAs."""
+        wanted = set(naas)
+        return [live.lu for name, s in self.shared.items() if s.keeper.naa in wanted
+                and (live := self.array.luns.get(name)) is not None]
+
+    def shares(self, name: str) -> bool:
+        return name in self.shared
+
+    async def hold_peers(self, names: Sequence[str], hold_id: str, expires_s: float) -> None:
+        """Every other gateway holds new writes to the shared LUNs ``names`` (its writes to them in flight
+        acknowledged) on return, until :meth:`release_peers` of ``hold_id`` or ``expires_s``. Raises
+        :class:`~lunsync.provider.gateway.PeersNotHeld` when one did not hold in time; release ``hold_id``
+        either way."""
+        naas = [self.shared[n].keeper.naa for n in names if n in self.shared]
+        if not naas or self.holds is None:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._hold_executor, self.holds.hold_sync, hold_id, naas, expires_s)
+
+    def release_peers(self, hold_id: str) -> None:
+        """End hold ``hold_id`` on the other gateways. Returns at once: the writes held here are released by the
+        caller, and the others' as the notify reaches them (a missed one ends at its expiry)."""
+        if self.holds is not None:
+            asyncio.get_running_loop().run_in_executor(self._hold_executor, self.holds.release_sync, hold_id)
+
     def set_groups(self, groups: dict[str, int]) -> None:
         """Every gateway's port group, as the last round read it: each shared LU reports them all."""
         self.groups = dict(groups)
@@ -135,6 +174,10 @@ class SharedLuns:
     async def close(self) -> None:
         if self.index is not None:
             await self.index.stop()
+        if self.holds is not None:
+            await self.holds.close()
+            await asyncio.to_thread(self.holds.close_sync)
+        self._hold_executor.shutdown()
         for name in list(self.shared):
             await self.unshare(name, unpublish=False)
         await asyncio.to_thread(self.link.close)
@@ -375,6 +418,9 @@ async def share_served(array: Array, settings: GatewaySettings, link: GatewayLin
     """Share every ``rbd`` LUN ``array`` serves (and, through :meth:`Array.open_lun`, every one it opens later)."""
     shared = SharedLuns(array, settings, link)
     shared.groups = await asyncio.to_thread(link.port_groups_sync)
+    holds = PeerHolds(link, shared._lus_of, settings.lease_s)
+    await asyncio.to_thread(holds.open_sync, asyncio.get_running_loop())
+    shared.holds = holds
     array.gateways = shared
     for rec in array.catalog.list_luns():
         if rec.backend == "rbd" and rec.name in array.luns:

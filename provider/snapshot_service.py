@@ -18,11 +18,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar, cast
 
+from lunsync.provider.gateway import PeersNotHeld, new_hold_id
 from lunsync.snapshots.backend import FileBackend
 from lunsync.snapshots.backup import BackupManifest
 from lunsync.snapshots.catalog import CatalogError, InUse, Invalid, LunRecord, NotFound
@@ -567,8 +568,17 @@ class SnapshotService:
         gates = contextlib.AsyncExitStack()
         try:
             if busy or held_stores:  # else the hold is complete: no trip through the event loop
-                await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores]),
+                await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores],
+                                                      self._peer_hold([p.lun_name for p, _, _ in held_stores],
+                                                                      gates)),
                                        self.hold_timeout_s)
+        except PeersNotHeld as e:
+            await gates.aclose()
+            for v in vols:
+                v.release()
+            self.counters.hold_timeouts += 1
+            log.warning("snapshot set %s abandoned: %s", what, e)
+            raise HoldTimeout(f"{e}; nothing was recorded") from None
         except TimeoutError:
             await gates.aclose()
             for v in vols:
@@ -709,15 +719,40 @@ class SnapshotService:
         live = self.array.luns.get(lun)
         return live.device if live is not None and isinstance(live.device, StoreSnapshots) else None
 
+    def _peer_hold(self, names: Sequence[str], gates: contextlib.AsyncExitStack) -> Awaitable[None] | None:
+        """When this daemon is one of several gateways and some of ``names`` are shared LUNs: what holds their writes
+        on the other gateways too (its release is pushed onto ``gates``, so every way out of the hold ends it)."""
+        peers = self.array.gateways
+        if peers is None or not any(peers.shares(n) for n in names):
+            return None
+        hold_id = new_hold_id()
+        gates.callback(peers.release_peers, hold_id)
+        # A peer's hold outlives this one's bound a little: the release normally ends it well before.
+        return peers.hold_peers(names, hold_id, self.hold_timeout_s + 1.0)
+
     @staticmethod
     async def _hold_all(busy: Sequence[CowVolume], gates: contextlib.AsyncExitStack,
-                        lus: Sequence[LogicalUnit]) -> None:
+                        lus: Sequence[LogicalUnit], peers: Awaitable[None] | None = None) -> None:
         """Complete the hold: drain the copy-on-write volumes still busy, and hold every store LUN's write gate (its
-        writes in flight acknowledged, new ones queued) in ``gates``."""
-        if busy:
-            await asyncio.gather(*(v.drain() for v in busy))
-        for lu in lus:
-            await gates.enter_async_context(lu.gate.exclusive(0, lu.num_blocks))
+        writes in flight acknowledged, new ones queued) in ``gates``; meanwhile, ``peers`` holds the other
+        gateways' writes to the shared ones."""
+        async def local() -> None:
+            if busy:
+                await asyncio.gather(*(v.drain() for v in busy))
+            for lu in lus:
+                await gates.enter_async_context(lu.gate.exclusive(0, lu.num_blocks))
+
+        if peers is None:
+            await local()
+            return
+        both = [asyncio.ensure_future(local()), asyncio.ensure_future(peers)]
+        try:
+            await asyncio.gather(*both)
+        except BaseException:
+            for t in both:
+                t.cancel()
+            await asyncio.gather(*both, return_exceptions=True)
+            raise
 
     async def _store_snapshots(self, members: Sequence[tuple[SnapshotPlan, StoreSnapshots]]
                                ) -> list[tuple[SnapshotPlan, StoreSnapshots]]:

@@ -1,13 +1,13 @@
 """Benchmark of RBD snapshots and restores through the real daemon (not a test; ``make bench`` runs it, or by hand):
 
-    .venv/bin/python tests/bench/rbd_snapshots.py [--sets 20] [--images 8] [--size-mib 256]
+    .venv/bin/python tests/bench/rbd_snapshots.py [--sets 20] [--images 8] [--size-mib 256] [--gateways 2]
 
 It starts a one-node Ceph cluster (tests/ceph_cluster.py) and a daemon pointed at it, and reports:
 
 1. write hold of an RBD snapshot set across ``--images`` RBD LUNs, as the engine measures it (``hold_ms`` of each
    ``POST /v1/snapshots``: from closing the first member's write gate to releasing the last, the RBD snapshots
-   created in between), while an initiator keeps writing 4 KiB blocks to two of the LUNs; min, median and max over
-   ``--sets`` sets (target: under 10 ms);
+   created in between), while two initiators keep writing 4 KiB blocks, each to two of the LUNs; min, median and
+   max over ``--sets`` sets (target: under 10 ms);
 2. first redirected read of a resync from an RBD snapshot to its origin: an initiator already logged in sends a
    4 KiB READ of a region the resync has still to copy right after ``POST /v1/recovery/resync`` returns; the time
    from the request to that read's data, which must be the snapshot's (target: under 50 ms), and the bytes the job
@@ -18,11 +18,17 @@ Beside 1., in the same run and on the same cluster, the floor that lunsync canno
 stalls a writer of that image that librbd itself holds while the monitor commits the new snapshot id, and how long
 ``--images`` snapshots of as many images take when all are created at once, each on its own thread. The sets and the
 baseline alternate, so a busy moment of the machine weighs on both.
+
+With ``--gateways 2`` the daemon is gateway ``gw-a`` and a second gateway (``gw-b``, on 127.0.0.2) serves the same
+images, with a writer of its own on two of them: every set then also holds gw-b's writes (a notify round trip through
+the cluster), and the figure is that set's hold; gw-b's own hold of its writes, from its log, is printed beside it.
+The resync part is skipped then.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -72,13 +78,13 @@ class Looping:
 class Writer(Looping):
     """4 KiB WRITE(10)s in a loop on some LUNs over one session, counting those acknowledged."""
 
-    def __init__(self, port: int, luns: list[int]) -> None:
+    def __init__(self, port: int, luns: list[int], host: str = "127.0.0.1") -> None:
         super().__init__()
-        self.port, self.luns = port, luns
+        self.port, self.luns, self.host = port, luns, host
         self.done = 0
 
     def _loop(self) -> None:
-        with RawInitiator("127.0.0.1", self.port, timeout=10) as ri:
+        with RawInitiator(self.host, self.port, timeout=10) as ri:
             ri.login(DEMO_IQN)
             i = 0
             while not self._stop.is_set():
@@ -151,12 +157,18 @@ def main() -> int:
     ap.add_argument("--sets", type=int, default=20)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--size-mib", type=int, default=256, help="each LUN's size")
+    ap.add_argument("--gateways", type=int, choices=(1, 2), default=1,
+                    help="2: a second gateway serves the images too, and every set holds its writes")
     a = ap.parse_args()
     cluster = start_cluster()
     print(f"ceph cluster up in {cluster.start_seconds:.1f} s")
     try:
         with tempfile.TemporaryDirectory(prefix="lunsync-bench-rbd-") as tmp:
-            d = Daemon(Path(tmp), config=ceph_section(cluster.conf, cluster.keyring), demo_size="16MiB", api=True)
+            gw = ["--gateway-pool", POOL]
+            d = Daemon(Path(tmp), config=ceph_section(cluster.conf, cluster.keyring), demo_size="16MiB", api=True,
+                       extra_args=["--gateway", "gw-a", "--port-group", "1", *gw] if a.gateways == 2 else [])
+            peer = Daemon(Path(tmp) / "b", config=ceph_section(cluster.conf, cluster.keyring), demo=False,
+                          host="127.0.0.2", extra_args=["--gateway", "gw-b", "--port-group", "2", *gw])
             d.start()
             try:
                 http = httpx.Client(base_url=d.api_url + "/v1", headers={"Authorization": f"Bearer {d.api_token}"},
@@ -168,8 +180,14 @@ def main() -> int:
                     r.raise_for_status()
                     http.post(f"/targets/{DEMO_IQN}/luns", json={"name": name, "lun": i + 1}).raise_for_status()
                 holds = []
+                if a.gateways == 2:
+                    peer.start()
+                    peer.wait_for_log(rf"lun {names[-1]} imported from the cluster", timeout=60)
+                    mark = peer.log_mark()
                 with LibrbdAlone(cluster.conf, cluster.keyring, a.images, a.size_mib * MiB) as alone, \
-                        Writer(d.port, [1, 2]) as w:
+                        Writer(d.port, [1, 2]) as w, \
+                        Writer(peer.port if a.gateways == 2 else d.port, [3, 4],
+                               peer.host if a.gateways == 2 else d.host) as w2:
                     time.sleep(0.5)
                     for s in range(a.sets):
                         r = http.post("/snapshots", json={"snapshots": [f"{n}@set{s}" for n in names],
@@ -179,18 +197,26 @@ def main() -> int:
                         assert {x["kind"] for x in body["snapshots"]} == {"rbd"}, body
                         holds.append(float(body["hold_ms"]))
                         alone.round(s)
-                    writes = w.done
+                    writes = w.done + w2.done
+                where = "through gw-a on 2 of them and through gw-b on 2 others" if a.gateways == 2 else "on 4 of them"
                 print(f"RBD snapshot set of {a.images} images x {a.size_mib} MiB, {a.sets} sets, 4 KiB writes "
-                      f"running on 2 of them ({writes} acknowledged): writes held {spread(holds)} ms (engine's "
+                      f"running {where} ({writes} acknowledged): writes held {spread(holds)} ms (engine's "
                       "hold_ms; target < 10 ms)")
+                if a.gateways == 2:
+                    peer_holds = [float(x) for x in re.findall(r"of gateway gw-a: writes held ([0-9.]+) ms",
+                                                               peer.log_since(mark))]
+                    print(f"gw-b held its writes for each set {spread(peer_holds)} ms ({len(peer_holds)} holds, "
+                          "from the hold's arrival to its release, by its log)")
                 print(f"librbd alone, same cluster, same run: one image's snapshot stalled a writer of that image "
                       f"{spread(alone.stalls)} ms (the write librbd held longest during each); {a.images} images' "
                       f"snapshots created at once took {spread(alone.sets)} ms")
                 for s in range(a.sets):
                     for n in names:
                         http.delete(f"/snapshots/{n}@set{s}").raise_for_status()
-                first_read(d, http, cluster.conf)
+                if a.gateways == 1:
+                    first_read(d, http, cluster.conf)
             finally:
+                peer.close()
                 d.close()
     finally:
         cluster.stop()

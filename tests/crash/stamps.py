@@ -122,10 +122,11 @@ class Turns:
             if self.error is not None:
                 raise AssertionError(f"a writer failed: {self.error!r}")
 
-    def write_turns(self, client: StampClient, lun: int, i: int, writers: int) -> None:
+    def write_turns(self, client: StampClient, lun: int, i: int, writers: int, base: int = 0) -> None:
         """Writer ``i`` of ``writers`` (run in its own thread, until :attr:`stop`): write ``n`` with
-        ``n % writers == i`` goes to LUN ``lun`` at block ``n // writers``, stamped ``(n, i, n // writers, i)``. A
-        failure is kept in :attr:`error` for the main thread; the client is closed at the end."""
+        ``n % writers == i`` goes to LUN ``lun`` at block ``base + n // writers``, stamped ``(n, i, base + n //
+        writers, i)`` (``base`` keeps writers that share a LUN apart). A failure is kept in :attr:`error` for the
+        main thread; the client is closed at the end."""
         try:
             while True:
                 with self.cond:
@@ -133,7 +134,7 @@ class Turns:
                     if self.stop:
                         return
                     n = self.next
-                client.write(lun, n // writers, stamp(Stamp(n, i, n // writers, i)))
+                client.write(lun, base + n // writers, stamp(Stamp(n, i, base + n // writers, i)))
                 with self.cond:
                     self.acked = n
                     self.next = n + 1

@@ -8,16 +8,22 @@ worker serving it while its control follows the cluster's index."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import struct
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from ceph_cluster import POOL, CephCluster
+from crash.stamps import Stamp, StampClient, Turns, parse
 from e2e.harness import Daemon, describe, lunsync_command, require_tools, run
 from e2e.test_conformance import MULTIPATH_SUITE, MULTIPATH_TESTS, conformance
 from iscsi_scapy import RawInitiator, cdb_inquiry
@@ -367,5 +373,146 @@ def test_unmap_map_and_delete_on_a_reach_b(gateways: tuple[Gateway, Gateway], ce
         assert write1(ini) == 0
     p = run(["rbd", "-c", str(ceph_cluster.conf), "info", f"{POOL}/{image}"], timeout=60)
     assert p.returncode == 0, describe(p)  # deleting the LUN kept its image
+    a.assert_healthy()
+    b.assert_healthy()
+
+
+# Writers of the set test: (gateway, LUN number). One in four goes through A, so that while A holds its writes the
+# shared sequence runs on through B for several writes, across both LUNs, while A's snapshots are being created.
+SET_WRITERS = [("a", 1), ("b", 2), ("b", 1), ("b", 2), ("a", 2), ("b", 1), ("b", 2), ("b", 1)]
+SET_REGION = 512  # stamped blocks per writer (each writer has its own region of its LUN)
+
+
+def _layering_luns(a: Gateway, b: Gateway, count: int) -> list[str]:
+    """``count`` more shared LUNs (LUN 1, 2, ...), each an image made with the layering feature alone and attached
+    on A, served by B once its sync has imported them. Without exclusive-lock nothing in librbd serializes the
+    gateways' writes to an image, so nothing but lunsync's hold keeps B's writes out of A's snapshots."""
+    env = {"LUNSYNC_API": a.api_url, "LUNSYNC_DATA_DIR": str(a.data_dir)}
+    names = [f"{a.iqn.rsplit(':', 1)[1]}-{i}" for i in range(1, count + 1)]
+    for i, name in enumerate(names, 1):
+        p = run(["rbd", "-c", a.ceph_conf, "create", "--size", "32M", "--image-feature", "layering",
+                 f"{POOL}/{name}"], timeout=60)
+        assert p.returncode == 0, describe(p)
+        for args in (["lun", "create", name, "--backend", "rbd", "--pool", POOL, "--image", name],
+                     ["lun", "map", name, "--target", a.iqn, "--lun", str(i)]):
+            p = run([*lunsync_command(), *args, "--json"], env=env, timeout=120)
+            assert p.returncode == 0, describe(p)
+
+    def on_b() -> bool:
+        with session(b, NODE1) as ini:
+            return set(range(1, count + 1)) <= report_luns(ini)
+
+    wait_for(on_b, 15, f"B never served {names}\n{b.log_tail()}")
+    return names
+
+
+def hold_watchers(g: Gateway) -> int:
+    """How many watches the cluster keeps on the gateways' shared object: one per gateway, and for up to a lease
+    those of gateways killed since (an earlier test's)."""
+    p = run(["rados", "-c", g.ceph_conf, "-p", POOL, "-N", "lunsync", "listwatchers", "lunsync.gateways"], timeout=60)
+    assert p.returncode == 0, describe(p)
+    return p.stdout.count("watcher=")
+
+
+def no_stale_watches(*gateways: Gateway) -> None:
+    """Wait until the only watches are these gateways' (one per process that serves LUNs: each worker)."""
+    want = sum(g.workers or 1 for g in gateways)
+    wait_for(lambda: hold_watchers(gateways[0]) == want, 4 * LEASE_S,
+             f"{hold_watchers(gateways[0])} watches on lunsync.gateways, not {want}")
+
+
+def test_a_set_taken_on_a_holds_the_writes_on_b_too(gateways: tuple[Gateway, Gateway]) -> None:
+    """Two shared LUNs written through both gateways on one causal sequence (write n + 1 is issued once n is
+    acknowledged, whichever gateway and LUN took it). Sets taken through A's API: each set's two RBD snapshots
+    together must hold a gap-free prefix of the sequence, which they do only if B held its writes too while A
+    snapshotted; B's log says it held them."""
+    a, b = gateways
+    luns = _layering_luns(a, b, 2)  # LUN 1 and LUN 2
+    api = httpx.Client(base_url=a.api_url + "/v1", headers={"Authorization": f"Bearer {a.api_token}"}, timeout=60)
+    by_name = {"a": a, "b": b}
+    turns, writers = Turns(), len(SET_WRITERS)
+    clients = [StampClient(by_name[g].host, by_name[g].port, a.iqn, f"iqn.2026-11.io.lunsync:gw-setw{i}",
+                           0x400000D00000 + i) for i, (g, _) in enumerate(SET_WRITERS)]
+    threads = [threading.Thread(target=turns.write_turns, args=(c, lun, i, writers, i * SET_REGION), daemon=True)
+               for i, (c, (_, lun)) in enumerate(zip(clients, SET_WRITERS, strict=True))]
+    no_stale_watches(a, b)
+    mark = b.log_mark()
+    for t in threads:
+        t.start()
+    bounds: list[tuple[int, int]] = []
+    sets, gap = 4, 48
+    try:
+        for k in range(sets):
+            turns.wait_acked((k + 1) * gap + (bounds[-1][1] if bounds else 0))
+            before = turns.acked
+            r = api.post("/snapshots", json={"snapshots": [f"{n}@g{k}" for n in luns], "set": f"g{k}"})
+            assert r.is_success, r.text
+            bounds.append((before, turns.acked))
+        turns.wait_acked(bounds[-1][1] + gap)
+    finally:
+        turns.finish()
+        for t in threads:
+            t.join(30)
+    assert turns.error is None, repr(turns.error)
+    held = re.findall(r"hold \w+ of gateway gw-a: writes held ([0-9.]+) ms", b.log_since(mark))
+    assert len(held) == sets, f"B held {len(held)} times for {sets} sets\n{b.log_tail()}"
+    per_writer = -(-(turns.acked + 1) // writers)
+    reader = StampClient(a.host, a.port, a.iqn, "iqn.2026-11.io.lunsync:gw-setr", 0x400000D000FF)
+    try:
+        for k, (before, after) in enumerate(bounds):
+            seen: set[int] = set()
+            for j, name in enumerate(luns):
+                api.post(f"/snapshots/{name}@g{k}/expose", json={"target": a.iqn, "lun": 11 + j}).raise_for_status()
+            for i, (_, lun) in enumerate(SET_WRITERS):
+                data = reader.read(10 + lun, i * SET_REGION, per_writer)
+                for off in range(per_writer):
+                    got = parse(data[off * 4096:(off + 1) * 4096])
+                    assert got != "damaged", f"g{k}: writer {i}'s block {off} is damaged"
+                    if got is not None:
+                        assert isinstance(got, Stamp) and (got.writer, got.block) == (i, i * SET_REGION + off), got
+                        seen.add(got.seq)
+            for j, name in enumerate(luns):
+                api.delete(f"/snapshots/{name}@g{k}/expose").raise_for_status()
+            last = max(seen)
+            missing = sorted(set(range(last + 1)) - seen)
+            assert not missing, f"g{k}: not one point in time: {missing[:10]} missing below {last}"
+            assert before <= last <= after + 1, (k, before, last, after)
+    finally:
+        reader.close()
+    a.assert_healthy()
+    b.assert_healthy()
+
+
+def test_a_set_fails_cleanly_while_a_gateway_does_not_hold(gateways: tuple[Gateway, Gateway]) -> None:
+    """Gateway B stopped (SIGSTOP: its watch stays registered, it answers nothing): a set on A over the shared LUN
+    is refused within the acknowledgement bound, nothing is taken, and A's writes go on; once B runs again, it holds
+    for the next set and its writes, held or not meanwhile, go on too."""
+    a, b = gateways
+    lun = a.image.split("/", 1)[1]
+    api = httpx.Client(base_url=a.api_url + "/v1", headers={"Authorization": f"Bearer {a.api_token}"}, timeout=60)
+    assert b.proc is not None
+    no_stale_watches(a, b)
+    with session(a, NODE1) as ia:
+        clear_ua(ia)
+        os.killpg(b.proc.pid, signal.SIGSTOP)  # the control and its workers
+        try:
+            t0 = time.monotonic()
+            r = api.post("/snapshots", json={"snapshots": [f"{lun}@stopped"], "set": "stopped"})
+            took = time.monotonic() - t0
+            assert r.status_code == 409 and "not every gateway held its writes" in r.text, r.text
+            assert took < 5, took  # the acknowledgement bound (2 s), not the hold's (10 s)
+            assert write1(ia) == GOOD  # A's own hold was released with the set
+        finally:
+            os.killpg(b.proc.pid, signal.SIGCONT)
+    assert not [s for s in api.get("/snapshots").json() if s["name"] == f"{lun}@stopped"]
+    p = run(["rbd", "-c", a.ceph_conf, "snap", "ls", a.image], timeout=60)
+    assert p.returncode == 0 and "lunsync.stopped" not in p.stdout, describe(p)
+    mark = b.log_mark()
+    r = api.post("/snapshots", json={"snapshots": [f"{lun}@after"], "set": "after"})
+    assert r.is_success, r.text
+    b.wait_for_log(r"hold \w+ of gateway gw-a: writes held", since=mark, timeout=10)
+    with session(b, NODE2) as ib:
+        clear_ua(ib)
+        assert write1(ib) == GOOD
     a.assert_healthy()
     b.assert_healthy()

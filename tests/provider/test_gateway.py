@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from ceph_cluster import POOL, CephCluster
-from lunsync.provider.gateway import GatewayLink, OwnershipKeeper, RadosPrStore, connect
+from lunsync.provider.gateway import GatewayLink, OwnershipKeeper, PeerHolds, RadosPrStore, connect
 from lunsync.provider.lease import Lease
 from lunsync.target.scsi.alua import AluaGroups
 from lunsync.target.scsi.lu import LogicalUnit
@@ -155,5 +156,59 @@ def test_lease_moves_ownership_when_the_owner_stops(links: tuple[GatewayLink, Ga
         assert a.lu.alua is not None and a.lu.alua.owner == 1 and loop.time() - t0 < 1.0
         task_a.cancel()
         await asyncio.gather(task_a, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+def _watchers(cluster: CephCluster) -> int:
+    p = subprocess.run(["rados", "-c", str(cluster.conf), "-p", POOL, "-N", "lunsync", "listwatchers",
+                        "lunsync.gateways"], capture_output=True, text=True, timeout=60, check=False)
+    return p.stdout.count("watcher=") if p.returncode == 0 else -1
+
+
+def test_peer_holds_hold_release_and_expire(links: tuple[GatewayLink, GatewayLink],
+                                            ceph_cluster: CephCluster) -> None:
+    """Gateway A asks B, through watch/notify on lunsync.gateways, to hold writes to a LUN B serves: B's write
+    gate is held when A's call returns (a write through B waits), and opens on A's release; a hold whose release
+    never comes ends at its expiry; a release that overtook its hold leaves nothing held; a LUN B does not serve is
+    acknowledged at once."""
+    async def run() -> None:
+        naa = uuid.uuid4().hex
+        b = Gateway(links[1], naa)
+        loop = asyncio.get_running_loop()
+        peers = [PeerHolds(links[0], lambda naas: [], 3), PeerHolds(links[1], lambda naas: [b.lu] if naa in naas
+                                                                       else [], 3)]
+        for p in peers:
+            await asyncio.to_thread(p.open_sync, loop)
+        try:
+            for _ in range(80):  # the watches of gateways an earlier test killed lapse within their lease
+                if await asyncio.to_thread(_watchers, ceph_cluster) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            await b.cmd(NODE1, bytes(6))  # POWER ON consumed
+            a = peers[0]
+
+            async def write_took() -> float:
+                t = loop.time()
+                assert (await b.write(NODE1)).status == Status.GOOD
+                return loop.time() - t
+
+            await asyncio.to_thread(a.hold_sync, "h1", [naa], 10.0)
+            assert b.lu.gate.active == 1  # held on return: the taker snapshots now
+            loop.call_later(0.3, lambda: loop.run_in_executor(None, a.release_sync, "h1"))
+            assert await write_took() > 0.25  # it waited for the release, then landed
+            assert b.lu.gate.active == 0
+            await asyncio.to_thread(a.hold_sync, "h2", [naa], 0.5)  # its release never comes
+            assert 0.3 < await write_took() < 3.0
+            await asyncio.to_thread(a.release_sync, "h3")  # overtakes its hold
+            await asyncio.to_thread(a.hold_sync, "h3", [naa], 10.0)
+            assert b.lu.gate.active == 0 and await write_took() < 0.2
+            await asyncio.to_thread(a.hold_sync, "h4", [uuid.uuid4().hex], 10.0)  # not served by B
+            assert b.lu.gate.active == 0
+        finally:
+            for p in peers:
+                await p.close()
+                await asyncio.to_thread(p.close_sync)
+            await asyncio.to_thread(b.store.close_sync)
 
     asyncio.run(run())
