@@ -17,8 +17,10 @@ writes with no snapshot and with one. The daemon's staging bound (``--write-stag
 their copy is durable: qemu's writes carry no FUA and the write cache is on) is set to an eighth of a pass's bytes,
 or ``STAGING_MIB`` if given: each 4 KiB case reports its burst (the first eighth of a pass, which fills the staging
 area) and its sustained rate (the other seven eighths: 7x the bound, written with the staging full). The run prints
-the bound and the daemon's count of staged writes and of writes that waited for room. The cases alternate for ROUNDS
-rounds (3) and each figure is the median.
+the bound, the daemon's count of staged writes and of writes that waited for room, and the daemon's CPU time (user
+and system, every thread, from /proc) per sustained write of each 4 KiB case. The cases alternate for ROUNDS rounds
+(3) and each figure is the median. ``CASES`` (comma-separated, ``none`` and ``none-again`` among them) runs only
+those cases.
 
 ``python tests/snapshots/bench_cow.py set`` starts ``lunsync serve``, creates 8 thin LUNs of 10 GiB, runs 4 KiB
 random writes on them through the daemon's own volumes via qemu-io, and creates a snapshot set of all 8 through the
@@ -145,6 +147,12 @@ def _count(daemon: Any, lun: str, into: dict[str, float]) -> None:
         print(f"  {lun}: " + ", ".join(f"{k} {v:g}" for k, v in into.items()), flush=True)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far, its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _iscsi_case(c: Any, daemon: Any, case: str, n: int, size_mib: int, counters: dict[str, float]
                 ) -> dict[str, float]:
     """One case on a fresh LUN ``b<n>`` (the API client ``c`` of the harness's ``daemon``), deleted after."""
@@ -170,8 +178,11 @@ def _iscsi_case(c: Any, daemon: Any, case: str, n: int, size_mib: int, counters:
             return {"sustained": _qemu_bench(url, min(size, 256 << 20) // (128 << 10), 128 << 10, 128 << 10)}
         # The burst: the first eighth of a pass; then the rest of it, every write still a first write.
         burst = _qemu_bench(url, passes // 8, 4096, STRIDE)
+        assert daemon.proc is not None
+        cpu = _cpu_seconds(daemon.proc.pid)
         rest = _qemu_bench(url, passes - passes // 8, 4096, STRIDE, offset=passes // 8 * STRIDE)
-        return {"burst": burst, "sustained": rest}
+        cpu = _cpu_seconds(daemon.proc.pid) - cpu
+        return {"burst": burst, "sustained": rest, "cpu_us": cpu / (passes - passes // 8) * 1e6}
     finally:
         _count(daemon, name, counters)
         for i in range(8):
@@ -186,7 +197,9 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
     import httpx
     from e2e.harness import Daemon
 
-    runs: dict[str, list[dict[str, float]]] = {k: [] for k in ISCSI_CASES}
+    # CASES (comma-separated, some of ISCSI_CASES with none and none-again among them): a shorter run of those only.
+    cases = tuple(os.environ["CASES"].split(",")) if os.environ.get("CASES") else ISCSI_CASES
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
     passes = (size_mib << 20) // STRIDE
     staging = int(os.environ["STAGING_MIB"]) << 20 if os.environ.get("STAGING_MIB") else passes // 8 * 4096
     counters: dict[str, float] = {}
@@ -199,12 +212,13 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
                               headers={"Authorization": f"Bearer {daemon.api_token}"}) as c:
                 n = 0
                 for r in range(rounds):
-                    for case in ISCSI_CASES:
+                    for case in cases:
                         n += 1
                         got = _iscsi_case(c, daemon, case, n, size_mib, counters)
                         runs[case].append(got)
-                        print(f"round {r + 1} {case}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in got.items()),
-                              flush=True)
+                        print(f"round {r + 1} {case}: " + ", ".join(
+                            f"daemon CPU {v:.1f} us per sustained write" if k == "cpu_us" else f"{k} {v:,.0f}/s"
+                            for k, v in got.items()), flush=True)
         finally:
             daemon.close()
     med = {case: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for case, rs in runs.items()}
@@ -218,12 +232,19 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
     for kind in ("burst", "sustained"):
         aa = noise[kind] / none[kind]
         print(f"  {kind}: none {none[kind]:,.0f}/s; A/A noise (none again / none) {aa:.2f}")
-        print(f"    1 snapshot / none        = {med['one'][kind] / none[kind]:.2f}")
-        print(f"    8 snapshots / 1          = {med['eight'][kind] / med['one'][kind]:.2f}")
-        print(f"    all preserved / none     = {med['preserved'][kind] / none[kind]:.2f}")
-    print(f"  128 KiB sequential, 1 snapshot / none = {med['seq-one']['sustained'] / med['seq-none']['sustained']:.2f} "
-          f"({med['seq-one']['sustained'] * 128 / 1024:,.0f} vs {med['seq-none']['sustained'] * 128 / 1024:,.0f} "
-          f"MiB/s)")
+        if "one" in med:
+            print(f"    1 snapshot / none        = {med['one'][kind] / none[kind]:.2f}")
+        if "eight" in med and "one" in med:
+            print(f"    8 snapshots / 1          = {med['eight'][kind] / med['one'][kind]:.2f}")
+        if "preserved" in med:
+            print(f"    all preserved / none     = {med['preserved'][kind] / none[kind]:.2f}")
+    print("  daemon CPU per sustained write: " + ", ".join(
+        f"{case} {m['cpu_us']:.1f} us" for case, m in med.items() if "cpu_us" in m))
+    if "seq-one" in med and "seq-none" in med:
+        print(f"  128 KiB sequential, 1 snapshot / none = "
+              f"{med['seq-one']['sustained'] / med['seq-none']['sustained']:.2f} "
+              f"({med['seq-one']['sustained'] * 128 / 1024:,.0f} vs {med['seq-none']['sustained'] * 128 / 1024:,.0f} "
+              f"MiB/s)")
     print(json.dumps({"size_mib": size_mib, "rounds": rounds, "staging_bytes": staging, "medians": med,
                       "counters": counters}))
 
