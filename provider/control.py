@@ -11,15 +11,18 @@ its channel, and answers what the worker answered; lists are gathered from every
 portals are answered here. After a change the control re-reads what its portal needs (targets, ACLs, CHAP) from the
 catalog, and after one that may move LUNs it has every worker re-read which LUNs it serves, the ones giving LUNs up
 first. ``/metrics`` is every process's exposition summed at scrape time. :meth:`Control.call` is the one way to ask
-a worker something. A snapshot set over LUNs of several workers is taken by the two-phase hold of
-:mod:`lunsync.provider.cross_set`; other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is
-refused with a 409 that names the workers. Under ``--gateway`` the control also runs the gateway's index rounds
+a worker something, and the control answers a worker's calls too: it relays the reads of a snapshot that another
+worker serves (:mod:`lunsync.provider.remote_snapshot`). A snapshot set over LUNs of several workers is taken by the
+two-phase hold of :mod:`lunsync.provider.cross_set` (a VSS snapshot set's too, asked by the worker holding the set);
+other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409 that names the
+workers. Under ``--gateway`` the control also runs the gateway's index rounds
 (:mod:`lunsync.provider.control_gateway`), while each worker shares the rbd LUNs it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -122,7 +125,17 @@ class Control:
     async def _answer_worker(self, index: int, ch: Channel, call: Call) -> None:
         """A worker's call: ``snapshot-read`` (:mod:`lunsync.provider.remote_snapshot`) goes on to the worker that
         serves the snapshot's LUN, and its answer comes back; a worker that is down is a 503, which the reader
-        takes as out of reach for now."""
+        takes as out of reach for now. ``snapshot-set`` and ``snapshot-delete`` are a VSS snapshot set's, over LUNs
+        of several workers (:meth:`vss_call`)."""
+        if call.method in ("snapshot-set", "snapshot-delete"):
+            resp = await self.vss_call(call.method, call.params)
+            body = resp.json()
+            if resp.ok:
+                ch.send(Reply(call.id, body))
+            else:
+                error = body.get("error") if isinstance(body, dict) else None
+                ch.send(Reply(call.id, error=str(error or resp.status), status=resp.status))
+            return
         if call.method != remote_snapshot.METHOD:
             ch.send(Reply(call.id, error=f"unknown call {call.method!r}", status=500))
             return
@@ -295,6 +308,19 @@ class Control:
             else:
                 self.sync_portal()
         return resp
+
+    async def vss_call(self, method: str, params: dict[str, Json]) -> HttpResponse:
+        """A VSS snapshot set's worker, whose set holds LUNs of other workers: its commit takes the snapshots as one
+        set through the two-phase hold (``snapshot-set``, as ``POST /v1/snapshots``), its abort deletes each
+        snapshot on its LUN's worker (``snapshot-delete``). Both come while the VSS request that caused them holds
+        the control's lock, so they do not take it again."""
+        if method == "snapshot-set":
+            body = json.dumps({"snapshots": params.get("snapshots"), "set": params.get("set")}).encode()
+            return await self.snapshot_set(HttpRequest("POST", "/v1/snapshots", "",
+                                                       (("content-type", "application/json"),), body))
+        ref = str(params.get("snapshot"))
+        return await self.forward(self.lun_owner(ref.partition("@")[0]) or 0,
+                                  HttpRequest("DELETE", f"/v1/snapshots/{ref}", "", (), b""))
 
     async def snapshot_set(self, req: HttpRequest) -> HttpResponse:
         """POST /v1/snapshots over LUNs of several workers: one point in time by the two-phase hold

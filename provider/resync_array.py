@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from lunsync.provider.config import HookConfig
 from lunsync.provider.recovery_store import CatalogRecoveryStore
-from lunsync.provider.vss import HardwareProvider, LunRef, RecoveryManager, RecoverySet, SnapshotRef
+from lunsync.provider.vss import (
+    HardwareProvider,
+    LunRef,
+    RecoveryManager,
+    RecoverySet,
+    SnapshotRef,
+    VssCode,
+    VssError,
+)
 from lunsync.snapshots.catalog import Invalid, LunRecord, NotFound
 from lunsync.snapshots.device import AllocatedRegions, BlockDevice, ChangedRegions
 from lunsync.snapshots.model import LunIdentity, split_rbd_spec
@@ -221,12 +229,31 @@ class ArrayEngine:
 
     # -- snapshots --
 
+    async def _ask_control(self, method: str, params: dict[str, Any]) -> Any:
+        call = self.array.remote_call
+        assert call is not None
+        from lunsync.provider.channel import ChannelClosed, RemoteError
+
+        try:
+            return await call(method, params)
+        except (ChannelClosed, RemoteError) as e:
+            code = VssCode.OBJECT_NOT_FOUND if getattr(e, "status", 0) == 404 else VssCode.PROVIDER_VETO
+            raise VssError(code, str(e)) from None
+
     async def create_snapshots(self, luns: Sequence[str], set_name: str) -> list[SnapshotRef]:
+        if self.array.remote_call is not None and not all(self.array.serves_lun(n) for n in luns):
+            # LUNs of several workers: one point in time by the control's two-phase hold, as POST /v1/snapshots.
+            names = [f"{n}@{set_name}" for n in luns]
+            await self._ask_control("snapshot-set", {"snapshots": names, "set": set_name})
+            return [_snap_ref(self._snap_rec(n)) for n in names]
         recs, _ = await self.snaps.create([(lun, set_name) for lun in luns], set_name=set_name)
         return [_snap_ref(r) for r in recs]
 
     async def delete_snapshot(self, ref: str) -> None:
         rec = self._snap_rec(ref)
+        if self.array.remote_call is not None and not self.array.serves_lun(rec.lun_name):
+            await self._ask_control("snapshot-delete", {"snapshot": rec.full_name})  # its LUN's worker deletes it
+            return
         await self.snaps.delete(rec.lun_name, rec.name)
 
     async def expose_snapshot(self, ref: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ decides where a request goes; it never re-implements an operation. The rules, in
   snapshot's worker: :mod:`lunsync.provider.remote_snapshot`), and one whose destinations are on several workers is
   refused with a 409; a LUN made from a snapshot (a new restore destination, ``POST /v1/luns`` with
   ``from_snapshot``) goes to the snapshot's worker, which serves it;
-- recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``).
+- recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``); a
+  VSS snapshot set may hold LUNs of several workers (its commit goes through the control's two-phase hold).
 
 Pure: the placement is passed in as functions, and the decision is a value.
 """
@@ -142,11 +143,12 @@ def _one_or_spans(what: str, names: Iterable[str], where: Placement, *, remember
 
 
 def _serials(value: Json) -> list[str]:
-    """Every ``serial`` string in a VSS body (VDS_LUN_INFORMATION objects carry the LUN's serial number)."""
+    """Every ``serial`` (or ``serial_number``) string in a VSS body (VDS_LUN_INFORMATION objects carry the LUN's
+    serial number)."""
     found: list[str] = []
     if isinstance(value, dict):
         for k, v in value.items():
-            if k == "serial" and isinstance(v, str):
+            if k in ("serial", "serial_number") and isinstance(v, str):
                 found.append(v)
             else:
                 found += _serials(v)
@@ -258,21 +260,24 @@ def _sticky(set_id: str, method: str, obj: dict[str, Json], where: Placement, ad
 
 
 def _provider(rest: list[str], method: str, body: Json, where: Placement) -> Decision:
-    """The VSS provider routes name LUNs by their VDS information; the serial says which LUN (or snapshot)."""
+    """The VSS provider routes name LUNs by their VDS information; the serial says which LUN (or snapshot). A VSS
+    snapshot set lives in the worker its first LUN is served by, which takes LUNs of any worker into it: its commit
+    asks the control for the snapshots when they are several workers' (one point in time by the two-phase hold)."""
     names = [n for n in (where.serial_lun(s) for s in _serials(body)) if n]
     if rest[:1] == ["snapshot-sets"] and len(rest) >= 2:
         set_id = rest[1]
         owner = where.set_owner(set_id)
-        members = _by_worker(names, where)
         if owner is not None:
-            if any(w != owner for w in members):
-                members.setdefault(owner, []).append(f"snapshot set {set_id}")
-                return SpansWorkers("a VSS snapshot set", members)
             return Forward(owner)
-        if len(members) > 1:
-            return SpansWorkers("a VSS snapshot set", members)
+        members = _by_worker(names, where)
         return Forward(next(iter(members), 0), bind_set=set_id)
     if rest[:1] == ["async"] and len(rest) >= 2:
         owner = where.set_owner(rest[1])
         return Forward(owner) if owner is not None else FanOut("find")
+    if rest == ["resync-luns"] and isinstance(body, dict):
+        # Run by the worker serving the LUNs restored into; the snapshots may be another worker's (remote_snapshot).
+        names = [n for n in (where.serial_lun(s) for s in _serials(body.get("target_luns"))) if n]
+    sid = body.get("snapshot_set_id") if isinstance(body, dict) else None
+    if isinstance(sid, str) and (owner := where.set_owner(sid)) is not None:
+        return Forward(owner)  # GetTargetLuns of a set: the set's worker knows its snapshots
     return _one_or_spans("a VSS operation", names, where, remember_set=rest == ["resync-luns"])

@@ -360,3 +360,43 @@ def test_a_worker_killed_mid_write_is_restarted_and_no_acknowledged_write_is_los
     qemu(d.url(0), "write -P 0x77 0 4k", "read -P 0x77 0 4k")
     assert "worker 1 (pid" in d.log_text() and "SIGKILL" in d.log_text()
 
+
+
+def test_a_vss_snapshot_set_over_two_workers_is_taken_by_the_two_phase_hold(two: Daemon) -> None:
+    """The provider's snapshot set (BeginPrepare .. Commit) with demo0 (worker 0) and l2 (worker 1): one set, one
+    point in time, each snapshot served by its LUN's worker; GetTargetLuns of the set and AbortSnapshots reach both."""
+    d = two
+    qemu(d.url(0), "write -P 0x61 0 1M", "flush")
+    qemu(d.url(0, iqn=T2), "write -P 0x62 0 1M", "flush")
+    luns = api(d, "GET", "/provider/luns").json()["luns"]
+    info = {x["name"]: x["lun_information"] for x in luns}
+    sid = "7e11"
+    for snap_id, name in (("a", "demo0"), ("b", "l2")):
+        r = api(d, "POST", f"/provider/snapshot-sets/{sid}/begin-prepare", {"snapshot_id": snap_id,
+                                                                           "luns": [info[name]]})
+        assert r.status_code == 200 and r.json()["luns"] == [name], r.text
+    for step in ("end-prepare", "pre-commit", "commit"):
+        r = api(d, "POST", f"/provider/snapshot-sets/{sid}/{step}")
+        assert r.status_code == 200, (step, r.text)
+    assert sorted(r.json()["snapshots"]) == [f"demo0@vss-{sid}", f"l2@vss-{sid}"], r.text
+    qemu(d.url(0, iqn=T2), "write -P 0x63 0 1M", "flush")  # after the point in time
+    snaps = {s["name"]: s for s in api(d, "GET", "/snapshots").json()}
+    one, two_ = snaps[f"demo0@vss-{sid}"], snaps[f"l2@vss-{sid}"]
+    assert one["set"] == two_["set"] == f"vss-{sid}" and one["created_at"] == two_["created_at"], (one, two_)
+    r = api(d, "POST", f"/provider/snapshot-sets/{sid}/post-commit", {"count": 2})
+    assert r.status_code == 200, r.text
+    r = api(d, "POST", "/provider/get-target-luns", {"luns": [info["demo0"], info["l2"]], "snapshot_set_id": sid})
+    assert r.status_code == 200 and [x["snapshot"] for x in r.json()["luns"]] == [
+        f"demo0@vss-{sid}", f"l2@vss-{sid}"], r.text
+    # l2's snapshot, kept by worker 1, holds what l2 held at the commit.
+    r = api(d, "POST", f"/snapshots/l2@vss-{sid}/expose", {"target": T2})
+    assert r.status_code == 201, r.text
+    p = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x62 0 1M", d.url(int(r.json()["exposed"]["lun"]),
+                                                                            iqn=T2)], timeout=60)
+    assert p.returncode == 0 and "verification failed" not in p.stdout, describe(p)
+    assert api(d, "DELETE", f"/snapshots/l2@vss-{sid}/expose").status_code in (200, 204)
+    # AbortSnapshots deletes both, each on its LUN's worker.
+    r = api(d, "POST", f"/provider/snapshot-sets/{sid}/abort")
+    assert r.status_code == 200 and r.json()["state"] == "aborted", r.text
+    assert not [s for s in api(d, "GET", "/snapshots").json() if s["name"].endswith(f"@vss-{sid}")]
+    d.assert_healthy()

@@ -93,7 +93,12 @@ def test_sets_stick_to_the_worker_that_made_them() -> None:
     begin = {"snapshot_id": "x", "luns": [{"serial": "SB0"}]}
     assert route("POST", "/v1/provider/snapshot-sets/vs1/begin-prepare", begin, WHERE) == Forward(1, bind_set="vs1")
     other = routing.Placement(WHERE.target_owner, WHERE.lun_owner, {"vs1": 1}.get, WHERE.serial_lun)
-    d = route("POST", "/v1/provider/snapshot-sets/vs1/begin-prepare", {"luns": [{"serial": "SA0"}]}, other)
-    assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["snapshot set vs1"]}
+    # A LUN of another worker joins the set on its worker (whose commit asks the control for the snapshots).
+    assert route("POST", "/v1/provider/snapshot-sets/vs1/begin-prepare", {"luns": [{"serial_number": "SA0"}]},
+                 other) == Forward(1)
+    assert route("POST", "/v1/provider/get-target-luns", {"luns": [{"serial": "SA0"}, {"serial": "SB0"}],
+                                                          "snapshot_set_id": "vs1"}, other) == Forward(1)
+    d = route("POST", "/v1/provider/locate-luns", {"luns": [{"serial": "SA0"}, {"serial_number": "SB0"}]}, other)
+    assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["b0"]}
     assert route("POST", "/v1/provider/snapshot-sets/vs1/commit", {}, other) == Forward(1)
     assert route("POST", "/v1/provider/async/rs1/wait", {}, WHERE) == Forward(1)
