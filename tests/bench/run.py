@@ -3,23 +3,30 @@
 Starts ``lunsync serve --demo`` (thin 1 GiB LUN, write cache on) in a temporary data dir on a free loopback port,
 runs ``SHARED/tools/bench`` against it (tgt started by that tool beside it, A B A B), then the snapshot and resync
 benchmarks in ``tests/snapshots`` and ``tests/provider``, the RBD one in ``tests/bench/bench_rbd.py``, and three runs
-of ``tests/bench/hotpath.py`` (CPU per command without a client). Prints one table headed with the date and the
-machine, the form the README quotes. Figures are ratios from one run; absolute numbers depend on how busy the machine
+of ``tests/bench/hotpath.py`` (CPU per command without a client). The copy-on-write iSCSI bench runs twice: on the
+temporary directory's file system, and on a fresh XFS file system with reflink on a loop device (an image of
+``XFS_GIB`` GiB, 4, fully allocated and attached with direct I/O, so that neither the image's own block allocation
+nor a second page cache enters the figures), where the pool's large copies are reflinks; that run is skipped with
+its reason when the machine cannot make one (not root, no ``mkfs.xfs``, no loop device). Prints one table headed
+with the date and the machine, the form the README quotes. Figures are ratios from one run; absolute numbers depend on how busy the machine
 is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lunsync.target import native
@@ -86,9 +93,57 @@ def steer_pid_for_tgtadm() -> None:
             subprocess.run(["true"], check=False)
 
 
-def run(cmd: list[str], timeout: int) -> str:
+@contextlib.contextmanager
+def xfs_mount(where: Path) -> Iterator[Path | str]:
+    """A fresh XFS file system with reflink mounted under ``where`` from a loop device, unmounted, detached and
+    deleted after; or, instead of its mount point, why there is none."""
+    if os.geteuid() != 0:
+        yield "skipped: a loop device needs root"
+        return
+    if shutil.which("mkfs.xfs") is None or shutil.which("losetup") is None:
+        yield "skipped: mkfs.xfs (xfsprogs) or losetup not installed"
+        return
+    image, mnt = where / "xfs.img", where / "xfs"
+    with contextlib.ExitStack() as undo:
+        try:
+            fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            undo.callback(image.unlink)
+            try:
+                os.posix_fallocate(fd, 0, int(os.environ.get("XFS_GIB", "4")) << 30)
+            finally:
+                os.close(fd)
+            subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, text=True,
+                           check=True)
+            loop = subprocess.run(["losetup", "-f", "--show", "--direct-io=on", str(image)], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+            undo.callback(subprocess.run, ["losetup", "-d", loop], check=False)
+            mnt.mkdir()
+            subprocess.run(["mount", loop, str(mnt)], capture_output=True, text=True, check=True)
+            undo.callback(subprocess.run, ["umount", str(mnt)], check=False)
+        except subprocess.CalledProcessError as exc:
+            yield f"skipped: {' '.join(exc.cmd[:2])} failed: {exc.stderr.strip()}"
+            return
+        except OSError as exc:
+            yield f"skipped: no XFS image: {exc}"
+            return
+        yield mnt
+
+
+def on_xfs(cmd: list[str]) -> tuple[str, str]:
+    """``cmd`` run again with ``BENCH_DIR`` on a fresh XFS file system: its section of the table."""
+    title = f"the same on XFS with reflink (loop device): BENCH_DIR=XFS {' '.join(cmd[1:])}"
+    with tempfile.TemporaryDirectory(prefix="lunsync-xfs-", dir=os.environ.get("BENCH_DIR", "/var/tmp")) as t, \
+            xfs_mount(Path(t)) as mnt:
+        if isinstance(mnt, str):
+            print(f"{title}: {mnt}", flush=True)
+            return title, mnt
+        return title, run(cmd, 1800, {"BENCH_DIR": str(mnt)})
+
+
+def run(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> str:
     print("+", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=REPO, check=False)
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=REPO, check=False,
+                       env=None if env is None else {**os.environ, **env})
     out = p.stdout + (f"\n[exit {p.returncode}] {p.stderr[-2000:]}" if p.returncode else "")
     print(out, flush=True)
     return out
@@ -143,6 +198,8 @@ def main() -> int:
     for title, cmd in own:
         if (REPO / cmd[1]).exists():
             sections.append((title, run(cmd, timeout=1800)))
+            if cmd[1:] == ["tests/snapshots/bench_cow.py", "iscsi"]:
+                sections.append(on_xfs(cmd))
     print()
     print(f"lunsync benchmarks, {datetime.date.today().isoformat()}, {machine()}, {native.describe()} build "
           f"({sys.executable})")

@@ -20,7 +20,8 @@ area) and its sustained rate (the other seven eighths: 7x the bound, written wit
 the bound, the daemon's count of staged writes and of writes that waited for room, and the daemon's CPU time (user
 and system, every thread, from /proc) per sustained write of each 4 KiB case. The cases alternate for ROUNDS rounds
 (3) and each figure is the median. ``CASES`` (comma-separated, ``none`` and ``none-again`` among them) runs only
-those cases.
+those cases. ``BENCH_DIR`` places the daemon's data dir, and with it the LUNs and the pool, on one file system (the
+run names its type): on XFS or btrfs the large copies of a preservation batch are reflinks.
 
 ``python tests/snapshots/bench_cow.py set`` starts ``lunsync serve``, creates 8 thin LUNs of 10 GiB, runs 4 KiB
 random writes on them through the daemon's own volumes via qemu-io, and creates a snapshot set of all 8 through the
@@ -204,6 +205,8 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
     staging = int(os.environ["STAGING_MIB"]) << 20 if os.environ.get("STAGING_MIB") else passes // 8 * 4096
     counters: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        fstype = subprocess.run(["stat", "-f", "-c", "%T", d], capture_output=True, text=True,
+                                check=False).stdout.strip() or "?"
         daemon = Daemon(Path(d), api=True, demo_size="64MiB", metrics=True,
                         extra_args=["--write-staging", str(staging)])
         daemon.start()
@@ -224,7 +227,7 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
     med = {case: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for case, rs in runs.items()}
     none, noise = med["none"], med["none-again"]
     print(f"through iSCSI (qemu-img bench, QD32, 4 KiB at a {STRIDE >> 10} KiB stride; {size_mib} MiB filled LUN, "
-          f"median of {rounds}); staging bound {staging / (1 << 20):.2f} MiB per LUN: burst = the first "
+          f"median of {rounds}; data dir and pool on {fstype}); staging bound {staging / (1 << 20):.2f} MiB per LUN: burst = the first "
           f"{passes // 8 * 4096 / (1 << 20):.2f} MiB of first writes, sustained = the next "
           f"{(passes - passes // 8) * 4096 / staging:.1f}x the bound")
     print(f"  daemon: {counters['lunsync_cow_staged_writes_total']:,.0f} writes staged, "
@@ -245,8 +248,8 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
               f"{med['seq-one']['sustained'] / med['seq-none']['sustained']:.2f} "
               f"({med['seq-one']['sustained'] * 128 / 1024:,.0f} vs {med['seq-none']['sustained'] * 128 / 1024:,.0f} "
               f"MiB/s)")
-    print(json.dumps({"size_mib": size_mib, "rounds": rounds, "staging_bytes": staging, "medians": med,
-                      "counters": counters}))
+    print(json.dumps({"size_mib": size_mib, "rounds": rounds, "fs": fstype, "staging_bytes": staging,
+                      "medians": med, "counters": counters}))
 
 
 def set_hold(rounds: int = 5) -> None:
