@@ -205,7 +205,7 @@ def iscsi(size_mib: int = 1024, rounds: int = 3) -> None:
     staging = int(os.environ["STAGING_MIB"]) << 20 if os.environ.get("STAGING_MIB") else passes // 8 * 4096
     counters: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
-        fstype = subprocess.run(["stat", "-f", "-c", "%T", d], capture_output=True, text=True,
+        fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", d], capture_output=True, text=True,
                                 check=False).stdout.strip() or "?"
         daemon = Daemon(Path(d), api=True, demo_size="64MiB", metrics=True,
                         extra_args=["--write-staging", str(staging)])
