@@ -24,9 +24,8 @@ from lunsync.target.errors import LoginStatus
 from lunsync.target.handoff import SessionState
 from lunsync.target.login import LoginResult
 from lunsync.target.pdu import TaskMgmtRequest
-from lunsync.target.scsi.task import ScsiTask
 from lunsync.target.session import SessionTable, TmfOutcome
-from lunsync.target.stats import CommandStats, IoCounts
+from lunsync.target.stats import CommandStats
 from lunsync.target.throttle import LoginThrottle
 
 log = logging.getLogger("lunsync.iscsi")
@@ -88,16 +87,16 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: cx.Connection | None = None
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # The per-command half, compiled; it holds the state each command reads (see lunsync.target.execution).
+        self.run = execution.TaskRunner(self, server.stats)
+        self.tasks = self.run.tasks  # commands that suspended, by tag
+        self.lun_io = self.run.lun_io  # per LUN number of this session, for the API's session list
         self.peer = "?"
-        self.closing = False
         self.timer: asyncio.TimerHandle | None = None
         self.write_paused = False
         self.logged_in = False
         self.done = asyncio.Event()
-        self.pumping = False
         self.close_reason: str | None = None
-        self.lun_io: dict[int, IoCounts] = {}  # per LUN number of this session, for the API's session list
 
     # -- asyncio callbacks --------------------------------------------------------------------------------------------
 
@@ -115,7 +114,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             except OSError:
                 pass
         s = self.server.settings
-        self.conn = cx.Connection(
+        self.conn = self.run.conn = cx.Connection(
             self.server.directory, peer=self.peer, local=local, tpgt=s.tpgt, now=self.loop.time(),
             nop_interval_s=s.nop_interval_s, nop_timeout_s=s.nop_timeout_s, login_timeout_s=s.login_timeout_s,
             target_limits=self.server.target_limits(), allocate_tsih=self.server.sessions.allocate_tsih,
@@ -183,6 +182,15 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         return self.server.stats
 
     @property
+    def closing(self) -> bool:
+        """The connection is going: nothing more is read, and a task that finishes now sends nothing."""
+        return self.run.closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.run.closing = value
+
+    @property
     def source(self) -> str:
         return self.peer.rpartition(":")[0] or self.peer
 
@@ -236,13 +244,14 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def pump(self) -> None:
         conn = self.conn
         assert conn is not None
-        if self.pumping:
+        run = self.run
+        if run.pumping:
             return  # re-entered from an event handler: the outer pump sends everything
-        self.pumping = True
+        run.pumping = True
         try:
-            self._pump_events(conn)
+            run.run_events()  # SCSI tasks run there; every other event comes back to self.event
         finally:
-            self.pumping = False
+            run.pumping = False
         out = conn.take_output()
         if conn.phase is cx.Phase.HANDED_OFF:
             self._give(out)
@@ -252,26 +261,22 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self.close_reason is not None:
             self.close()
 
-    def _pump_events(self, conn: cx.Connection) -> None:
-        box = conn.box
-        while box.events:
-            for ev in conn.take_events():
-                if isinstance(ev, cx.Execute):
-                    self._execute(ev.task)
-                elif isinstance(ev, cx.TaskManagement):
-                    self.server.task_management(self, ev.request)
-                elif isinstance(ev, cx.LoggedIn):
-                    self.logged_in = True
-                    self.server.logged_in(self, ev.result)
-                elif isinstance(ev, cx.LoginFailed):
-                    self.server.login_failed(self, ev)
-                elif isinstance(ev, cx.LoggedOut):
-                    self.server.counters.logouts += 1
-                    log.info("logout initiator=%s addr=%s target=%s", self.initiator, self.peer, self.target_name)
-                elif isinstance(ev, cx.Rejected):
-                    self.server.counters.rejects[ev.reason.name.lower()] += 1
-                elif isinstance(ev, cx.Close):
-                    self.close_reason = ev.reason
+    def event(self, ev: cx.Event) -> None:
+        """An event of the connection other than a SCSI task (those the runner runs itself), in its order."""
+        if isinstance(ev, cx.TaskManagement):
+            self.server.task_management(self, ev.request)
+        elif isinstance(ev, cx.LoggedIn):
+            self.logged_in = True
+            self.server.logged_in(self, ev.result)
+        elif isinstance(ev, cx.LoginFailed):
+            self.server.login_failed(self, ev)
+        elif isinstance(ev, cx.LoggedOut):
+            self.server.counters.logouts += 1
+            log.info("logout initiator=%s addr=%s target=%s", self.initiator, self.peer, self.target_name)
+        elif isinstance(ev, cx.Rejected):
+            self.server.counters.rejects[ev.reason.name.lower()] += 1
+        elif isinstance(ev, cx.Close):
+            self.close_reason = ev.reason
 
     @property
     def login_result(self) -> LoginResult | None:
@@ -309,19 +314,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     # -- SCSI tasks ---------------------------------------------------------------------------------------------------
 
-    def _execute(self, task: ScsiTask) -> None:
-        # Run the command inline until it first has to wait. A page-cache read or write completes right here, so
-        # every response to the commands of one receive leaves in one vectored write, and no asyncio Task (several
-        # microseconds each) is made. Only a command that really waits (fsync, a thread, a lock) becomes a Task.
-        # Code on the SCSI path must therefore not rely on asyncio.current_task() before its first suspension.
-        coro = execution.start(self, task)
-        if coro is None:  # finished within the call: no coroutine was made
-            return
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
-        self.tasks[task.tag] = self.loop.create_task(_finish(coro, yielded))
+    def spawn(self, tag: int, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        # The runner ran the command inline until it first had to wait. A page-cache read or write completes right
+        # there, so every response to the commands of one receive leaves in one vectored write, and no asyncio Task
+        # (several microseconds each) is made. Only a command that really waits (fsync, a thread, a lock) gets here.
+        self.tasks[tag] = self.loop.create_task(_finish(coro, yielded))
 
     def abort(self, tag: int) -> bool:
         assert self.conn is not None

@@ -8,11 +8,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from lunsync.target import execution
 from lunsync.target.connection import Connection, Phase
 from lunsync.target.directory import Directory
+from lunsync.target.events import Event, Execute, LoggedOut, Rejected
+from lunsync.target.execution import TaskRunner
+from lunsync.target.pdu import RejectReason
 from lunsync.target.scsi.task import Nexus, ScsiResponse, ScsiTask, Status, TmfFunction
-from lunsync.target.stats import CommandStats, IoCounts
+from lunsync.target.stats import CommandStats
 
 NEXUS = Nexus("iqn.2026-11.org.example:host", 0x23D000000001, "iqn.2026-11.io.lunsync:t")
 
@@ -46,21 +48,12 @@ class FakeScsi:
 
 
 class Host:
-    def __init__(self, outcome: ScsiResponse | BaseException, *, closing: bool = False, pumping: bool = True) -> None:
-        conn = Connection(Directory())
-        conn.phase = Phase.FULL_FEATURE
-        conn.scsi = conn.transfer.scsi = FakeScsi(outcome)
-        self.conn: Connection | None = conn
-        self.closing = closing
-        self.pumping = pumping
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.lun_io: dict[int, IoCounts] = {}
-        self._stats = CommandStats()
-        self.pumped = 0
+    """The portal side of a runner: counts its pumps, and records what it is handed."""
 
-    @property
-    def stats(self) -> CommandStats:
-        return self._stats
+    def __init__(self) -> None:
+        self.pumped = 0
+        self.spawned: list[tuple[int, object]] = []
+        self.events: list[Event] = []
 
     @property
     def initiator(self) -> str:
@@ -69,99 +62,168 @@ class Host:
     def pump(self) -> None:
         self.pumped += 1
 
+    def spawn(self, tag: int, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self.spawned.append((tag, yielded))
+        coro.close()
+
+    def event(self, ev: Event) -> None:
+        self.events.append(ev)
+
+
+def runner(outcome: ScsiResponse | BaseException, *, closing: bool = False, pumping: bool = True) -> TaskRunner:
+    conn = Connection(Directory())
+    conn.phase = Phase.FULL_FEATURE
+    conn.scsi = conn.transfer.scsi = FakeScsi(outcome)
+    run = TaskRunner(Host(), CommandStats(), conn)
+    run.closing = closing
+    run.pumping = pumping
+    return run
+
+
+def host_of(run: TaskRunner) -> Host:
+    assert isinstance(run.host, Host)
+    return run.host
+
 
 def read_task(tag: int = 7) -> ScsiTask:
     return ScsiTask(NEXUS, 0, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]), tag, None, 4096, 0)
 
 
-def run_inline(host: Host, task: ScsiTask) -> None:
-    """Start the runner as the portal does and check it finished without suspending."""
-    assert host.conn is not None
-    host.conn.transfer.running[task.tag] = task  # what DataTransfer.command records when it hands a task out
-    coro: Coroutine[Any, Any, None] = execution.run(host, task)
+def run_inline(run: TaskRunner, task: ScsiTask) -> None:
+    """Run the task through the runner's coroutine entry and check it finished without suspending."""
+    assert run.conn is not None
+    run.conn.transfer.running[task.tag] = task  # what DataTransfer.command records when it hands a task out
+    coro: Coroutine[Any, Any, None] = run.run(task)
     with pytest.raises(StopIteration):
         coro.send(None)
 
 
-def sent(host: Host) -> bytes:
-    assert host.conn is not None
-    return b"".join(bytes(b) for b in host.conn.take_output())
+def sent(run: TaskRunner) -> bytes:
+    assert run.conn is not None
+    return b"".join(bytes(b) for b in run.conn.take_output())
 
 
 def test_a_good_read_is_answered_and_counted_with_its_bytes() -> None:
-    host = Host(ScsiResponse(Status.GOOD, bytearray(b"\xab" * 4096)))
-    run_inline(host, read_task())
-    out = sent(host)
+    run = runner(ScsiResponse(Status.GOOD, bytearray(b"\xab" * 4096)))
+    run_inline(run, read_task())
+    out = sent(run)
     assert out[0] == 0x25 and out[1] & 0x01  # Data-In with the status folded in
     assert out[3] == Status.GOOD and out[48:48 + 4096] == b"\xab" * 4096
-    io = host.stats.luns["lun0"].io
+    io = run.stats.luns["lun0"].io
     assert (io.reads, io.read_bytes) == (1, 4096)
-    assert host.lun_io[0].reads == 1
+    assert run.lun_io[0].reads == 1
 
 
 def test_an_unexpected_exception_answers_busy_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    host = Host(RuntimeError("bug in a handler"))
+    run = runner(RuntimeError("bug in a handler"))
     task = read_task()
-    host.tasks[task.tag] = None  # type: ignore[assignment]  # only its removal is checked
+    run.tasks[task.tag] = None  # type: ignore[assignment]  # only its removal is checked
     with caplog.at_level(logging.ERROR, logger="lunsync.iscsi"):
-        run_inline(host, task)
-    out = sent(host)
+        run_inline(run, task)
+    out = sent(run)
     assert out[0] == 0x21 and out[3] == Status.BUSY  # a SCSI Response, status BUSY
     assert "SCSI task failed unexpectedly" in caplog.text and NEXUS.initiator_name in caplog.text
-    io = host.stats.luns["lun0"].io
+    io = run.stats.luns["lun0"].io
     assert (io.reads, io.read_bytes) == (1, 0)  # a command that moved nothing
-    assert task.tag not in host.tasks
+    assert task.tag not in run.tasks
 
 
 def test_a_cancelled_task_is_neither_answered_nor_counted() -> None:
-    host = Host(asyncio.CancelledError())
+    run = runner(asyncio.CancelledError())
     task = read_task()
-    host.tasks[task.tag] = None  # type: ignore[assignment]
-    run_inline(host, task)
-    assert sent(host) == b""
-    assert "lun0" not in host.stats.luns
-    assert task.tag not in host.tasks
+    run.tasks[task.tag] = None  # type: ignore[assignment]
+    run_inline(run, task)
+    assert sent(run) == b""
+    assert "lun0" not in run.stats.luns
+    assert task.tag not in run.tasks
 
 
 def test_a_closing_connection_counts_but_sends_nothing() -> None:
-    host = Host(ScsiResponse(Status.GOOD, bytearray(4096)), closing=True)
-    run_inline(host, read_task())
-    assert sent(host) == b""
-    assert host.stats.luns["lun0"].io.reads == 1
-    assert host.pumped == 0
+    run = runner(ScsiResponse(Status.GOOD, bytearray(4096)), closing=True)
+    run_inline(run, read_task())
+    assert sent(run) == b""
+    assert run.stats.luns["lun0"].io.reads == 1
+    assert host_of(run).pumped == 0
 
 
 def test_a_task_finishing_outside_the_pump_pumps() -> None:
-    inside = Host(ScsiResponse(Status.GOOD, bytearray(4096)), pumping=True)
+    inside = runner(ScsiResponse(Status.GOOD, bytearray(4096)), pumping=True)
     run_inline(inside, read_task())
-    outside = Host(ScsiResponse(Status.GOOD, bytearray(4096)), pumping=False)
+    outside = runner(ScsiResponse(Status.GOOD, bytearray(4096)), pumping=False)
     run_inline(outside, read_task())
-    assert (inside.pumped, outside.pumped) == (0, 1)
+    assert (host_of(inside).pumped, host_of(outside).pumped) == (0, 1)
 
 
 def test_start_makes_no_coroutine_for_a_command_finished_in_the_call_and_one_for_a_command_that_waits() -> None:
-    host = Host(ScsiResponse(Status.GOOD, bytearray(b"\xcd" * 4096)))
-    assert host.conn is not None
+    run = runner(ScsiResponse(Status.GOOD, bytearray(b"\xcd" * 4096)))
+    assert run.conn is not None
     task = read_task()
-    host.conn.transfer.running[task.tag] = task
-    assert execution.start(host, task) is None  # answered and counted within the call
-    assert sent(host)[48:48 + 4096] == b"\xcd" * 4096
-    assert host.stats.luns["lun0"].io.reads == 1
+    run.conn.transfer.running[task.tag] = task
+    assert run.start(task) is None  # answered and counted within the call
+    assert sent(run)[48:48 + 4096] == b"\xcd" * 4096
+    assert run.stats.luns["lun0"].io.reads == 1
     # A command whose SCSI layer must wait: the coroutine start returns finishes it once the wait ends.
     loop = asyncio.new_event_loop()
     try:
         later: asyncio.Future[ScsiResponse] = loop.create_future()
-        host.conn.scsi.execute_now = lambda task: later  # type: ignore[union-attr,method-assign]
+        run.conn.scsi.execute_now = lambda task: later  # type: ignore[union-attr,method-assign]
         task = read_task(8)
-        host.conn.transfer.running[task.tag] = task
-        rest = execution.start(host, task)
+        run.conn.transfer.running[task.tag] = task
+        rest = run.start(task)
         assert rest is not None
         assert rest.send(None) is later  # suspended on the SCSI layer's wait
-        assert sent(host) == b"" and host.stats.luns["lun0"].io.reads == 1
+        assert sent(run) == b"" and run.stats.luns["lun0"].io.reads == 1
         later.set_result(ScsiResponse(Status.GOOD, bytearray(b"\xef" * 4096)))
         with pytest.raises(StopIteration):
             rest.send(None)
-        assert sent(host)[48:48 + 4096] == b"\xef" * 4096
-        assert host.stats.luns["lun0"].io.reads == 2
+        assert sent(run)[48:48 + 4096] == b"\xef" * 4096
+        assert run.stats.luns["lun0"].io.reads == 2
     finally:
         loop.close()
+
+
+def test_run_events_runs_each_task_inline_and_hands_every_other_event_to_the_portal_in_order() -> None:
+    run = runner(ScsiResponse(Status.GOOD, bytearray(b"\x11" * 4096)))
+    assert run.conn is not None
+    box = run.conn.box
+    first, second = read_task(1), read_task(2)
+    for t in (first, second):
+        run.conn.transfer.running[t.tag] = t
+    rejected = Rejected(RejectReason.PROTOCOL_ERROR, "x")
+    logged_out = LoggedOut(0)
+    host = host_of(run)
+    seen: list[tuple[str, int]] = []
+    host.event = lambda ev: seen.append(  # type: ignore[method-assign]
+        (type(ev).__name__, run.stats.luns["lun0"].io.reads))
+    box.events.extend([Execute(first), rejected, Execute(second), logged_out])
+    run.run_events()
+    # Each event saw exactly the tasks before it done: one read before the Reject, two before the LoggedOut.
+    assert seen == [("Rejected", 1), ("LoggedOut", 2)]
+    assert box.events == [] and sent(run).count(b"\x11" * 4096) == 2
+
+
+def test_run_events_takes_events_raised_while_it_runs_and_spawns_a_task_that_waits() -> None:
+    run = runner(ScsiResponse(Status.GOOD, bytearray(4096)))
+    assert run.conn is not None
+    box = run.conn.box
+    host = host_of(run)
+    later = read_task(9)
+    run.conn.transfer.running[later.tag] = later
+
+    def event(ev: Event) -> None:
+        host.events.append(ev)
+        if isinstance(ev, Rejected):  # a handler that raises another event: taken in the same call
+            box.events.append(Execute(later))
+
+    host.event = event  # type: ignore[method-assign]
+    loop = asyncio.new_event_loop()
+    try:
+        pending: asyncio.Future[ScsiResponse] = loop.create_future()
+        run.conn.scsi.execute_now = lambda task: pending  # type: ignore[union-attr,method-assign]
+        box.events.append(Rejected(RejectReason.PROTOCOL_ERROR, "x"))
+        run.run_events()
+    finally:
+        loop.close()
+    assert [type(e).__name__ for e in host.events] == ["Rejected"]
+    assert host.spawned == [(9, pending)]  # suspended on the SCSI layer's wait: the portal carries it on
+    assert sent(run) == b"" and "lun0" not in run.stats.luns
