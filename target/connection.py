@@ -92,7 +92,13 @@ _ADMIT_NOW: Final = Admit.NOW
 DISCOVERY_ALLOWED: Final = frozenset({Op.TEXT_REQ, Op.LOGOUT_REQ, Op.NOP_OUT})
 # PDUs that carry a CmdSN and so pass through the command window (RFC 7143 §4.2.2).
 _SEQUENCED_OPS: Final = frozenset(int(o) for o in (Op.SCSI_CMD, Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ))
+_NO_DATA: Final = memoryview(b"")  # the data segment of a PDU without one: one view for all, not a slice each
 _Sequenced = pdu.ScsiCommand | pdu.NopOut | pdu.TextRequest | pdu.TaskMgmtRequest | pdu.LogoutRequest
+
+
+def _bhs(view: memoryview, s: int) -> bytes:
+    """A copy of the BHS at ``s`` (what a Reject quotes, RFC 7143 §11.17.1)."""
+    return bytes(view[s:s + pdu.BHS_LEN])
 
 
 class Connection:
@@ -180,19 +186,22 @@ class Connection:
         self.last_rx = now
         view = self.view
         box = self.box
-        while self.phase not in _STOPPED:
-            avail = self.end - self.start
-            if avail < pdu.BHS_LEN:
+        while True:
+            phase = self.phase
+            if phase is not _FULL_FEATURE and phase in _STOPPED:
                 break
             s = self.start
-            bhs = view[s:s + pdu.BHS_LEN]
-            dlen = pdu.data_segment_length(bhs)
-            ahs = bhs[4] * 4
+            avail = self.end - s
+            if avail < pdu.BHS_LEN:
+                break
+            # The length fields straight from the receive buffer (RFC 7143 §11.2): no slice of it per PDU.
+            ahs = view[s + 4] * 4
+            dlen = (view[s + 5] << 16) | (view[s + 6] << 8) | view[s + 7]
             limit = self.max_recv
             if dlen > limit:
                 self._fatal(f"data segment of {dlen} bytes exceeds MaxRecvDataSegmentLength {limit}")
                 break
-            total = pdu.frame_length(bhs, box.header_digest, box.data_digest)
+            total = pdu.frame_size(ahs, dlen, box.header_digest, box.data_digest)
             if avail < total:
                 if total > len(self.buf):
                     self._fatal("PDU larger than the receive buffer")
@@ -205,7 +214,7 @@ class Connection:
             self._compact()
 
     def _one_pdu(self, view: memoryview, s: int, ahs: int, dlen: int) -> None:
-        bhs = view[s:s + pdu.BHS_LEN]
+        # The BHS is read where it lies in the receive buffer; only an answer that quotes it (a Reject) copies it.
         p = s + pdu.BHS_LEN + ahs
         box = self.box
         if box.header_digest:
@@ -215,14 +224,14 @@ class Connection:
                 self._fatal("header digest error")
                 return
             p += 4
-        data = view[p:p + dlen]
+        data = view[p:p + dlen] if dlen else _NO_DATA
         if dlen and box.data_digest:
             pad = pdu.pad_len(dlen)
             want = int.from_bytes(view[p + dlen + pad:p + dlen + pad + 4], "little")
             if pdu.crc32c(view[p:p + dlen + pad]) != want:
-                self._reject(bytes(bhs), RejectReason.DATA_DIGEST_ERROR, "data digest error")
+                self._reject(_bhs(view, s), RejectReason.DATA_DIGEST_ERROR, "data digest error")
                 return
-        op = bhs[0] & 0x3F
+        op = view[s] & 0x3F
         phase = self.phase
         if op not in (_FULL_FEATURE_OPS if phase is _FULL_FEATURE else ALLOWED[phase]):
             if self.phase == Phase.LOGIN:
@@ -232,7 +241,7 @@ class Connection:
                     seq = self.seq
                     box.send(pdu.encode_login_response(
                         transit=False, cont=False, csg=first.csg, nsg=0, isid=first.isid, tsih=0,
-                        itt=int.from_bytes(bhs[16:20], "big"), stat_sn=seq.next_stat_sn(),
+                        itt=int.from_bytes(view[s + 16:s + 20], "big"), stat_sn=seq.next_stat_sn(),
                         exp_cmd_sn=seq.exp_cmd_sn, max_cmd_sn=seq.max_cmd_sn,
                         status_class=LoginStatus.INVALID_DURING_LOGIN >> 8,
                         status_detail=LoginStatus.INVALID_DURING_LOGIN & 0xFF, length=0))
@@ -240,17 +249,17 @@ class Connection:
                                                    f"opcode 0x{op:02x} during login"))
                 self._fatal(f"opcode 0x{op:02x} before login completed")
             elif op == Op.LOGIN_REQ:
-                self._reject(bytes(bhs), RejectReason.PROTOCOL_ERROR, "login request in full feature phase")
+                self._reject(_bhs(view, s), RejectReason.PROTOCOL_ERROR, "login request in full feature phase")
             else:
-                self._reject(bytes(bhs), RejectReason.COMMAND_NOT_SUPPORTED, f"opcode 0x{op:02x} not supported")
+                self._reject(_bhs(view, s), RejectReason.COMMAND_NOT_SUPPORTED, f"opcode 0x{op:02x} not supported")
             return
         if self.result is not None and self.result.discovery and op not in DISCOVERY_ALLOWED:
-            self._reject(bytes(bhs), RejectReason.PROTOCOL_ERROR, "only Text, NOP and Logout in discovery sessions")
+            self._reject(_bhs(view, s), RejectReason.PROTOCOL_ERROR, "only Text, NOP and Logout in discovery sessions")
             return
         try:
-            decoded = pdu.decode(bhs)
+            decoded = pdu.decode(view, s)
         except pdu.DecodeError as bad:
-            self._reject(bytes(bhs), bad.reason, str(bad))
+            self._reject(_bhs(view, s), bad.reason, str(bad))
             return
         try:
             if op == 0x05:  # Data-Out
@@ -262,12 +271,12 @@ class Connection:
                 assert isinstance(decoded, pdu.LoginRequest)
                 self._login(decoded, bytes(data))
             else:  # SNACK: ErrorRecoveryLevel 0 has none (RFC 7143 §11.16)
-                self._reject(bytes(bhs), RejectReason.SNACK_REJECT, "SNACK at ErrorRecoveryLevel 0")
+                self._reject(_bhs(view, s), RejectReason.SNACK_REJECT, "SNACK at ErrorRecoveryLevel 0")
         except ProtocolError as e:
             if e.fatal:
                 self._fatal(str(e))
             else:
-                self._reject(bytes(bhs), e.reason, str(e), e.data_sn)
+                self._reject(_bhs(view, s), e.reason, str(e), e.data_sn)
 
     # -- output helpers -----------------------------------------------------------------------------------------------
 

@@ -123,11 +123,14 @@ def decode_lun(raw: int) -> int:
 
 def frame_length(bhs: bytes | bytearray | memoryview, header_digest: bool, data_digest: bool) -> int:
     """Total bytes of the PDU whose BHS is ``bhs``: BHS, AHS, digests, data and padding."""
-    ahs = bhs[4] * 4
-    dlen = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
-    n = BHS_LEN + ahs + (DIGEST_LEN if header_digest else 0)
-    if dlen:
-        n += dlen + pad_len(dlen) + (DIGEST_LEN if data_digest else 0)
+    return frame_size(bhs[4] * 4, (bhs[5] << 16) | (bhs[6] << 8) | bhs[7], header_digest, data_digest)
+
+
+def frame_size(ahs_length: int, data_length: int, header_digest: bool, data_digest: bool) -> int:
+    """:func:`frame_length` from the BHS's two length fields, for a caller that has read them already."""
+    n = BHS_LEN + ahs_length + (DIGEST_LEN if header_digest else 0)
+    if data_length:
+        n += data_length + pad_len(data_length) + (DIGEST_LEN if data_digest else 0)
     return n
 
 
@@ -330,48 +333,49 @@ def opcode_of(bhs: bytes | bytearray | memoryview) -> int:
     return bhs[0] & 0x3F
 
 
-def decode(bhs: bytes | bytearray | memoryview) -> InitiatorPdu:
-    """Decode a 48-byte initiator BHS. Raises :class:`DecodeError` for anything a target must not accept."""
-    if len(bhs) < BHS_LEN:
+def decode(bhs: bytes | bytearray | memoryview, at: int = 0) -> InitiatorPdu:
+    """Decode the 48-byte initiator BHS at offset ``at`` of ``bhs`` (the receive buffer is decoded in place, with no
+    slice per PDU). Raises :class:`DecodeError` for anything a target must not accept."""
+    if at < 0 or len(bhs) - at < BHS_LEN:
         raise DecodeError("short basic header segment")
-    if bhs[0] & 0x3F == 0x01:  # SCSI Command: the hot path, so plain ints rather than enum comparisons
-        b0, flags, word4, word8, itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, 0)
+    if bhs[at] & 0x3F == 0x01:  # SCSI Command: the hot path, so plain ints rather than enum comparisons
+        b0, flags, word4, word8, itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, at)
         lun = (word8 >> 48) & 0xFF if not word8 & 0xFF00_FFFF_FFFF_FFFF else decode_lun(word8)
         return ScsiCommand(
             bool(b0 & 0x40), bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20), flags & 0x07,
             lun, itt, edtl, cmd_sn, exp_stat_sn, cdb, (word4 >> 24) * 4, word4 & 0xFFFFFF,
         )
-    b0, flags, s2, s3, word4, word8, itt = _COMMON.unpack_from(bhs, 0)
+    b0, flags, s2, s3, word4, word8, itt = _COMMON.unpack_from(bhs, at)
     op = b0 & 0x3F
     immediate = bool(b0 & 0x40)
     dlen = word4 & 0xFFFFFF
     if op == 0x05:
-        ttt, _, exp_stat_sn, _, data_sn, offset = _DATA_OUT.unpack_from(bhs, 20)
+        ttt, _, exp_stat_sn, _, data_sn, offset = _DATA_OUT.unpack_from(bhs, at + 20)
         return DataOut(bool(flags & 0x80), decode_lun(word8), itt, ttt, exp_stat_sn, data_sn, offset, dlen)
     if op == Op.NOP_OUT:
-        ttt, cmd_sn, exp_stat_sn = _NOP_OUT.unpack_from(bhs, 20)
+        ttt, cmd_sn, exp_stat_sn = _NOP_OUT.unpack_from(bhs, at + 20)
         return NopOut(immediate, decode_lun(word8), itt, ttt, cmd_sn, exp_stat_sn, dlen)
     if op == Op.LOGIN_REQ:
-        isid_b, tsih, itt, cid, cmd_sn, exp_stat_sn = _LOGIN_REQ.unpack_from(bhs, 8)
+        isid_b, tsih, itt, cid, cmd_sn, exp_stat_sn = _LOGIN_REQ.unpack_from(bhs, at + 8)
         return LoginRequest(
             bool(flags & 0x80), bool(flags & 0x40), (flags >> 2) & 3, flags & 3, s2, s3,
             int.from_bytes(isid_b, "big"), tsih, itt, cid, cmd_sn, exp_stat_sn, dlen,
         )
     if op == Op.TEXT_REQ:
-        ttt, cmd_sn, exp_stat_sn = _TEXT_REQ.unpack_from(bhs, 20)
+        ttt, cmd_sn, exp_stat_sn = _TEXT_REQ.unpack_from(bhs, at + 20)
         return TextRequest(
             immediate, bool(flags & 0x80), bool(flags & 0x40), decode_lun(word8), itt, ttt, cmd_sn, exp_stat_sn, dlen
         )
     if op == Op.TMF_REQ:
-        rtt, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn = _TMF.unpack_from(bhs, 20)
+        rtt, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn = _TMF.unpack_from(bhs, at + 20)
         return TaskMgmtRequest(
             immediate, flags & 0x7F, decode_lun(word8), itt, rtt, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn
         )
     if op == Op.LOGOUT_REQ:
-        cid, cmd_sn, exp_stat_sn = _LOGOUT_REQ.unpack_from(bhs, 20)
+        cid, cmd_sn, exp_stat_sn = _LOGOUT_REQ.unpack_from(bhs, at + 20)
         return LogoutRequest(immediate, flags & 0x7F, itt, cid, cmd_sn, exp_stat_sn)
     if op == Op.SNACK:
-        ttt, exp_stat_sn, beg_run, run_length = _SNACK.unpack_from(bhs, 20)
+        ttt, exp_stat_sn, beg_run, run_length = _SNACK.unpack_from(bhs, at + 20)
         return Snack(flags & 0x0F, itt, ttt, exp_stat_sn, beg_run, run_length)
     raise DecodeError(f"opcode 0x{op:02x} is not an initiator opcode", RejectReason.PROTOCOL_ERROR)
 

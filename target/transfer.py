@@ -71,12 +71,17 @@ class DataTransfer:
         self.pending_bytes = 0
         self.mrdsl_out = 8192  # what the initiator can receive; 8192 until negotiated (RFC 7143 §13.12)
         self.burst = 262144
+        # The two keys every write consults, copied out of the (interpreted, frozen) parameters when they are set.
+        self.immediate_data = False
+        self.first_burst = 0
 
     def negotiated(self, params: keys.NegotiatedParams) -> None:
         """Login or a Text negotiation settled the parameters; Data-In is cut by them from now on."""
         self.params = params
         self.mrdsl_out = params.max_recv_data_segment_length
         self.burst = params.max_burst_length
+        self.immediate_data = params.immediate_data
+        self.first_burst = params.first_burst_length
 
     def data_out(self, d: pdu.DataOut, data: memoryview) -> None:
         """A Data-Out PDU. A broken sequence ends its task with CHECK CONDITION; a PDU naming no task raises a
@@ -99,12 +104,12 @@ class DataTransfer:
         p = self.params
         if dlen and not c.write:
             raise ProtocolError("data segment on a command without the W bit", RejectReason.PROTOCOL_ERROR)
-        if dlen and not p.immediate_data:
+        if dlen and not self.immediate_data:
             raise ProtocolError("immediate data not negotiated", RejectReason.PROTOCOL_ERROR)
         if dlen > edtl and c.write:
             raise ProtocolError("immediate data longer than the expected transfer length",
                                 RejectReason.PROTOCOL_ERROR)
-        first_burst = min(p.first_burst_length, edtl)
+        first_burst = min(self.first_burst, edtl)
         if dlen > first_burst:
             raise ProtocolError("immediate data beyond FirstBurstLength", RejectReason.PROTOCOL_ERROR)
         # An Extended CDB AHS only carries CDB bytes beyond the 16th, which only variable-length CDBs (opcode 0x7F)

@@ -74,6 +74,9 @@ _DATA_OUT: Final[dict[int, Callable[[bytes, int], int]]] = {
 
 _GOOD: Final = Status.GOOD
 _CHECK: Final = Status.CHECK_CONDITION
+# The answer of every command that finished GOOD with nothing to return (each plain WRITE): one object for all of them,
+# as a response is never altered once made.
+_GOOD_RESPONSE: Final = ScsiResponse(_GOOD)
 
 
 class ScsiTarget:
@@ -185,7 +188,7 @@ class ScsiTarget:
         except (CheckCondition, ReservationConflict, StorageError) as exc:
             return _refused(exc, spec)
         if pending is DONE:  # finished inside the call (a WRITE that landed inline): nothing to await
-            return ScsiResponse(_GOOD)
+            return _GOOD_RESPONSE
         return _finish(pending, spec)
 
     def data_out_length(self, task: ScsiTask) -> int | None:
@@ -249,7 +252,7 @@ async def _finish(pending: Awaitable[Result], spec: CommandSpec) -> ScsiResponse
     except (CheckCondition, ReservationConflict, StorageError) as exc:
         return _refused(exc, spec)
     if result is None:
-        return ScsiResponse(_GOOD)
+        return _GOOD_RESPONSE
     if isinstance(result, ScsiResponse):
         return result
     return ScsiResponse(_GOOD, result)

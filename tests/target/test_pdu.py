@@ -126,3 +126,13 @@ def test_encode_read_answer_matches_the_general_data_in_encoder() -> None:
     for lun in (0, 3, 300):
         want = pdu.encode_data_in(0xABCD, lun, 0, 0, 4096, True, status=0, stat_sn=5, exp_cmd_sn=6, max_cmd_sn=70)
         assert pdu.encode_read_answer(0xABCD, lun, 4096, 5, 6, 70) == want
+
+
+def test_decode_at_an_offset_reads_the_bhs_in_place() -> None:
+    # The connection decodes a PDU where it lies in its receive buffer; the answer is the copy's.
+    buf = memoryview(b"\xee" * 13 + READ10 + b"\xee" * 7)
+    assert pdu.decode(buf, 13) == pdu.decode(READ10)
+    for raw in (NOP_OUT, LOGIN[:48]):  # the other opcodes' fields, at their offsets from the BHS
+        assert pdu.decode(memoryview(b"\xee" * 5 + raw), 5) == pdu.decode(raw)
+    with pytest.raises(pdu.DecodeError):
+        pdu.decode(buf, len(buf) - 47)  # fewer than 48 bytes from there

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import pytest
-from lunsync.target.stats import LATENCY_BOUNDS_S, OP_NAMES, OP_OF_OPCODE, CommandStats, IoCounts, Op
+from lunsync.target.stats import LATENCY_BOUNDS_S, OP_NAMES, OP_OF_OPCODE, CommandStats, IoCounts, Op, bucket
 
 
 @pytest.mark.parametrize(("opcode", "op"), [
@@ -67,3 +68,11 @@ def test_a_stall_does_not_move_the_median_baseline() -> None:
     s.observe(int(Op.WRITE), 20.0)
     m = s.median_s((int(Op.READ), int(Op.WRITE)))
     assert m is not None and 0.00005 <= m <= 0.0001, m
+
+
+def test_bucket_is_bisect_left_on_the_bounds() -> None:
+    probes = [0.0, 1e-9, 2.5e-5, *LATENCY_BOUNDS_S, *(b * 1.0001 for b in LATENCY_BOUNDS_S),
+              *(b * 0.9999 for b in LATENCY_BOUNDS_S), 10.0, 1e9]
+    for seconds in probes:
+        assert bucket(seconds) == bisect.bisect_left(LATENCY_BOUNDS_S, seconds), seconds
+    assert bucket(1e9) == len(LATENCY_BOUNDS_S)  # above the last bound: the implicit +Inf bucket
