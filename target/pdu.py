@@ -392,6 +392,12 @@ _TEXT_RSP: Final = struct.Struct(">BBxxB3sQIIIII12x")  # §11.11
 _LOGOUT_RSP: Final = struct.Struct(">BBBxB3s8xI4xIII4xHH4x")  # §11.15
 _REJECT: Final = struct.Struct(">BBBxB3s8xI4xIIII8x")  # §11.17
 _ASYNC: Final = struct.Struct(">BBxxB3sQI4xIIIBBHHH4x")  # §11.9
+# The two answers of nearly every command, with their constant fields left to pad bytes or one bytes argument: the
+# encoder converts only what varies (7 and 8 arguments instead of 13).
+_GOOD_RSP: Final = struct.Struct(">2sxB12xI4xIIII8x")  # §11.4: no residual, no data segment, COMMAND COMPLETED
+_READ_ANSWER: Final = struct.Struct(">2s2xIQIIIII12x")  # §11.7: final, status folded in, GOOD, DataSN 0, offset 0
+_RSP_OP_FLAGS: Final = bytes((0x21, 0x80))
+_READ_OP_FLAGS: Final = bytes((0x25, 0x81))
 
 
 def _lun_word(lun: int) -> int:
@@ -446,14 +452,13 @@ def encode_scsi_response(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, m
                          exp_data_sn: int = 0) -> bytes:
     """A SCSI Response with no residual, no data segment and response COMMAND COMPLETED: the common write's answer,
     without building a :class:`ScsiResponse` first. ``exp_data_sn`` counts the R2Ts sent for the write (§11.4.8)."""
-    return _SCSI_RSP.pack(0x21, 0x80, 0, status, 0, itt, 0, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn, 0, 0)
+    return _GOOD_RSP.pack(_RSP_OP_FLAGS, status, itt, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn)
 
 
 def encode_read_answer(itt: int, lun: int, length: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> bytes:
     """The common read's one Data-In: final, GOOD status folded in, no residual (what :func:`encode_data_in` gives
     for ``data_sn=0, offset=0, final=True, status=0``), without the keyword handling of the general encoder."""
-    return _DATA_IN.pack(0x25, 0x81, 0, length, _lun_word(lun), itt, RSVD_TAG, stat_sn, exp_cmd_sn, max_cmd_sn, 0, 0,
-                         0)
+    return _READ_ANSWER.pack(_READ_OP_FLAGS, length, _lun_word(lun), itt, RSVD_TAG, stat_sn, exp_cmd_sn, max_cmd_sn)
 
 
 def encode_data_in(

@@ -120,12 +120,18 @@ def test_encode_scsi_response_matches_the_dataclass_encoding() -> None:
         want = pdu.ScsiResponse(0x1234ABCD, status, 7, 8, 40).encode()
         assert pdu.encode_scsi_response(0x1234ABCD, status, 7, 8, 40) == want
         assert len(want) == pdu.BHS_LEN
+    # Every field at its widest, and the ExpDataSN of a write that was sent R2Ts.
+    want = pdu.ScsiResponse(0xFFFFFFFE, 0x02, 0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, exp_data_sn=3).encode()
+    assert pdu.encode_scsi_response(0xFFFFFFFE, 0x02, 0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, 3) == want
 
 
 def test_encode_read_answer_matches_the_general_data_in_encoder() -> None:
     for lun in (0, 3, 300):
         want = pdu.encode_data_in(0xABCD, lun, 0, 0, 4096, True, status=0, stat_sn=5, exp_cmd_sn=6, max_cmd_sn=70)
         assert pdu.encode_read_answer(0xABCD, lun, 4096, 5, 6, 70) == want
+    want = pdu.encode_data_in(0xFFFFFFFE, 16383, 0, 0, 0xFFFFFC, True, status=0, stat_sn=0xFFFFFFFF,
+                              exp_cmd_sn=0x80000000, max_cmd_sn=1)
+    assert pdu.encode_read_answer(0xFFFFFFFE, 16383, 0xFFFFFC, 0xFFFFFFFF, 0x80000000, 1) == want
 
 
 def test_decode_at_an_offset_reads_the_bhs_in_place() -> None:
