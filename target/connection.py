@@ -125,6 +125,7 @@ class Connection:
         self.phase = Phase.LOGIN
         self.login = LoginMachine(directory, tpgt=tpgt, target_limits=target_limits)
         self.result: LoginResult | None = None
+        self.discovery = False  # result.discovery, as a native attribute: every PDU tests it
         self.nexus: Nexus | None = None
         self.scsi: ScsiPort | None = None  # the logged-in target's SCSI side; None in login and discovery
         self._allocate_tsih = allocate_tsih or (lambda: 1)
@@ -253,7 +254,7 @@ class Connection:
             else:
                 self._reject(_bhs(view, s), RejectReason.COMMAND_NOT_SUPPORTED, f"opcode 0x{op:02x} not supported")
             return
-        if self.result is not None and self.result.discovery and op not in DISCOVERY_ALLOWED:
+        if self.discovery and op not in DISCOVERY_ALLOWED:
             self._reject(_bhs(view, s), RejectReason.PROTOCOL_ERROR, "only Text, NOP and Logout in discovery sessions")
             return
         try:
@@ -349,6 +350,7 @@ class Connection:
     def _full_feature(self, result: LoginResult, transition: Transition) -> None:
         """Enter the session's parameters (digests framing what follows, Data-In cutting, the nexus) and move on."""
         self.result = result
+        self.discovery = result.discovery
         box = self.box
         p = result.params
         box.header_digest = p.header_digest

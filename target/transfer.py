@@ -230,7 +230,13 @@ class DataTransfer:
     def complete(self, task: ScsiTask, resp: ScsiResponse, live: bool) -> None:
         """The SCSI layer finished ``task``: queue its Data-In and/or SCSI Response, unless it was aborted or the
         connection is no longer ``live``."""
-        if self.running.pop(task.tag, None) is None or not live:
+        running = self.running
+        tag = task.tag
+        # ``in`` and ``del`` are compiled dict operations; ``pop`` with a default is a method call.
+        if tag not in running:
+            return
+        del running[tag]
+        if not live:
             return
         seq = self.seq
         seq.inflight -= 1  # Sequencer.task_done, inlined: this runs for every command
