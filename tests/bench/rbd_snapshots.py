@@ -85,7 +85,8 @@ class Writer(Looping):
 
     def _loop(self) -> None:
         with RawInitiator(self.host, self.port, timeout=10) as ri:
-            ri.login(DEMO_IQN)
+            # Each writer its own initiator: a second login of the same one would reinstate (end) the first's session.
+            ri.login(DEMO_IQN, f"iqn.2026-11.io.lunsync:bench-writer-{self.luns[0]}")
             i = 0
             while not self._stop.is_set():
                 lun = self.luns[i % len(self.luns)]
