@@ -252,7 +252,8 @@ class LunMappingOut(BaseModel):
 
 class FlattenOut(BaseModel):
     state: Literal["running", "done", "failed", "stopped"] = Field(
-        description="stopped: the daemon stopped before it was done (POST /v1/luns/NAME/flatten goes on from there)")
+        description="stopped: the LUN's device closed before it was done; it goes on when the LUN is served again "
+                    "(a restarted daemon resumes it)")
     percent: float
     objects_done: int
     objects_total: int
@@ -274,7 +275,7 @@ class LunOut(BaseModel):
     serial: str
     mappings: list[LunMappingOut]
     labels: dict[str, str]
-    flatten: FlattenOut | None = Field(None, description="an RBD clone's latest flatten since the daemon started")
+    flatten: FlattenOut | None = Field(None, description="an RBD clone's latest flatten (kept in the catalog across restarts)")
 
 
 class ResizeIn(_In):

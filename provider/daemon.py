@@ -509,6 +509,8 @@ class Array:
                 live.device = await asyncio.to_thread(open_store, rec.backend, self._store(rec))
                 live.lu.device = self._cow(rec, live.device)
                 await dev.close()
+                if self.snapshots is not None:
+                    self.snapshots.resume_flatten(name)  # on the device opened anew
             if live.device.num_blocks < rec.num_blocks:
                 await live.lu.device.resize(rec.num_blocks)
                 live.lu.notify_capacity_changed()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -390,6 +391,9 @@ class SnapshotService:
                     log.error("snapshot %s: cannot expose it again: %s", rec.full_name, e)
         for iqn in targets:
             self.array.build_target(iqn)
+        for job in self.cat.flatten_jobs():  # with serve --workers, in the worker serving the LUN
+            if job.lun in self.array.luns:
+                self.resume_flatten(job.lun)
         # In the background: after a crash the image's lock may still be the dead daemon's until the cluster gives
         # up on it (half a minute), and serving must not wait for that.
         self._sweeper = asyncio.get_running_loop().create_task(self._remove_leftover_store_snapshots(),
@@ -874,19 +878,56 @@ class SnapshotService:
             self.start_flatten(new_lun)
         return made
 
-    def start_flatten(self, lun: str) -> FlattenJob:
+    def start_flatten(self, lun: str, *, started_at: float | None = None) -> FlattenJob:
         """Start making LUN ``lun``, a clone of a store's snapshot, independent of that snapshot (RBD flatten) in the
         background, while it serves I/O; the job (``flattens[lun]``) shows the progress. A flatten already running
-        is returned as it is. Once the job is ``done`` the copy is durable and the snapshot may be deleted."""
+        is returned as it is. Once the job is ``done`` the copy is durable and the snapshot may be deleted.
+
+        The job is in the catalog before this returns, ``running`` until it ends: one stopped with its device (the
+        daemon stopping, the LUN reopened) goes on when the LUN is served again (:meth:`resume_flatten`;
+        ``started_at`` is then the first start's)."""
         st = self._store_of(lun)
         if st is None:
             raise Invalid(f"lun {lun!r} is not on a store that clones (an RBD image)")
         job = self.flattens.get(lun)
         if job is not None and job.state == "running":
             return job
-        job = self.flattens[lun] = FlattenJob(lun, time.time())
+        job = FlattenJob(lun, time.time() if started_at is None else started_at)
+        self.cat.record_flatten(lun, "running", job.started_at)
+        self.flattens[lun] = job
         job.task = asyncio.get_running_loop().create_task(self._flatten(st, job), name=f"flatten-{lun}")
         return job
+
+    def resume_flatten(self, lun: str) -> None:
+        """Take up LUN ``lun``'s flatten where the catalog left it: go on with one ``stopped`` (librbd stopped it
+        between objects), show one that ended as it ended. One still ``running`` there was cut by a crash: it is
+        shown ``failed``, and not flattened again by itself, since a flatten run again after librbd was killed in
+        the middle of one has left objects uncopied (on Ceph 16.2), while the clone, still attached to its parent,
+        reads them from there."""
+        rec = next((r for r in self.cat.flatten_jobs() if r.lun == lun), None)
+        if rec is None or (lun in self.flattens and self.flattens[lun].state == "running"):
+            return
+        if rec.state == "running":
+            error = ("the daemon died while flattening (kill -9, a crash, power loss); the clone still depends on "
+                     "its snapshot. Check it against the snapshot before flattening it again: a flatten run again "
+                     "after one that librbd could not finish may leave objects uncopied")
+            finished = time.time()
+            self.cat.record_flatten(lun, "failed", rec.started_at, finished_at=finished, done=rec.done,
+                                    total=rec.total, error=error)
+            self.flattens[lun] = FlattenJob(lun, rec.started_at, "failed", rec.done, rec.total, finished, error)
+            log.error("lun %s: its flatten was cut by a crash: %s", lun, error)
+            return
+        if rec.state != "stopped":
+            self.flattens[lun] = FlattenJob(lun, rec.started_at, rec.state, rec.done, rec.total, rec.finished_at,
+                                            rec.error)
+            return
+        try:
+            self.start_flatten(lun, started_at=rec.started_at)
+        except (CatalogError, StorageError, OSError) as e:  # its LUN is not served on a store now: say so, go on
+            log.error("lun %s: cannot resume its flatten: %s", lun, e)
+            return
+        log.info("lun %s: flatten resumed (first started %s)", lun,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.started_at)))
 
     async def stop_flatten(self, lun: str) -> None:
         """Stop a flatten of ``lun`` that is running, at its next object, and wait for it: before the LUN's device
@@ -896,8 +937,7 @@ class SnapshotService:
             job.stop = True
             await asyncio.wait([job.task])
 
-    @staticmethod
-    async def _flatten(st: StoreSnapshots, job: FlattenJob) -> None:
+    async def _flatten(self, st: StoreSnapshots, job: FlattenJob) -> None:
         def progress(done: int, total: int) -> bool:  # on the store's thread: plain stores, read on the loop
             job.done, job.total = done, total
             return not job.stop
@@ -915,9 +955,15 @@ class SnapshotService:
                 log.info("lun %s flattened in %.1f s: it no longer depends on a snapshot", job.lun,
                          time.perf_counter() - started)
             else:
-                log.warning("lun %s: flatten stopped at %d of %d objects (the daemon stopped); flatten it again to "
-                            "go on", job.lun, job.done, job.total)
+                log.warning("lun %s: flatten stopped at %d of %d objects (its device is closing); it goes on when "
+                            "the LUN is served again", job.lun, job.done, job.total)
         job.finished_at = time.time()
+        try:
+            await self._catalog_thread(functools.partial(
+                self.cat.record_flatten, job.lun, job.state, job.started_at, finished_at=job.finished_at,
+                done=job.done, total=job.total, error=job.error))
+        except (CatalogError, sqlite3.Error) as e:  # the LUN was deleted meanwhile, or the catalog is failing
+            log.error("lun %s: the flatten's end (%s) is not recorded: %s", job.lun, job.state, e)
 
     async def measure_store_space(self, recs: Sequence[SnapshotRecord]) -> None:
         """Ask the stores (RBD) what they keep for each of their snapshots among ``recs``, in a thread, for

@@ -485,12 +485,25 @@ def _schema_v7_store_snapshots(db: sqlite3.Connection) -> None:
         db.execute("PRAGMA writable_schema = OFF")
 
 
+def _schema_v8_flatten_jobs(db: sqlite3.Connection) -> None:
+    # The latest flatten of an RBD clone LUN (lunsync lun flatten), so that a daemon stopped mid-flatten resumes it at
+    # start, one that died mid-flatten says so, and both still report it afterwards. One row per LUN, gone with the LUN. Times are Unix seconds.
+    db.execute("""CREATE TABLE flatten_jobs (
+        lun_id INTEGER PRIMARY KEY REFERENCES luns(id) ON DELETE CASCADE,
+        state TEXT NOT NULL CHECK (state IN ('running', 'stopped', 'done', 'failed')),
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        objects_done INTEGER NOT NULL DEFAULT 0 CHECK (objects_done >= 0),
+        objects_total INTEGER NOT NULL DEFAULT 0 CHECK (objects_total >= 0),
+        error TEXT)""")
+
+
 # Migration i takes the schema from version i to i + 1 (PRAGMA user_version), inside one transaction with foreign keys
 # enforced. Append new ones; never edit one that has shipped. Use db.execute per statement: executescript() would
 # commit the enclosing transaction.
 MIGRATIONS: tuple[Migration, ...] = (_schema_v1, _schema_v2_snapshots, _schema_v3_recovery,
                                      _schema_v4_file_ownership, _schema_v5_backends, _schema_v6_labels,
-                                     _schema_v7_store_snapshots)
+                                     _schema_v7_store_snapshots, _schema_v8_flatten_jobs)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -32,7 +32,7 @@ from lunsync.snapshots.catalog import (
 )
 from lunsync.snapshots.model import MAX_LUN_NUMBER, LunIdentity, rfc3339
 
-__all__ = ["DEFAULT_POOL", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotPlan", "SnapshotRecord",
+__all__ = ["DEFAULT_POOL", "FlattenRecord", "Kind", "PoolRecord", "SnapshotCatalog", "SnapshotPlan", "SnapshotRecord",
            "parse_snapshot_name", "validate_name"]
 
 DEFAULT_POOL = "default"
@@ -135,6 +135,19 @@ _SNAP_SELECT = """
     LEFT JOIN snapshot_exposures e ON e.snapshot_id = s.id
     LEFT JOIN targets t ON t.id = e.target_id
 """
+
+
+@dataclass(frozen=True, slots=True)
+class FlattenRecord:
+    """A LUN's latest flatten as the catalog holds it (:meth:`SnapshotCatalog.record_flatten`)."""
+
+    lun: str
+    state: str  # running, stopped, done, failed
+    started_at: float
+    finished_at: float | None
+    done: int
+    total: int
+    error: str | None
 
 
 def _names(n: int) -> str:
@@ -422,6 +435,24 @@ class SnapshotCatalog:
         with self.catalog.transaction() as db:
             db.execute("UPDATE snapshots SET filled_chunks = ?, filled = ? WHERE id = ?",
                        (filled_chunks, int(filled), snap_id))
+
+    def record_flatten(self, lun_name: str, state: str, started_at: float, *, finished_at: float | None = None,
+                       done: int = 0, total: int = 0, error: str | None = None) -> None:
+        """Record LUN ``lun_name``'s latest flatten (replacing the one before): ``running`` from its start until it
+        ends ``done``, ``failed`` or ``stopped`` (its device closed first); a LUN deleted meanwhile takes its row
+        with it."""
+        with self.catalog.transaction() as db:
+            db.execute("""INSERT OR REPLACE INTO flatten_jobs
+                          (lun_id, state, started_at, finished_at, objects_done, objects_total, error)
+                          SELECT id, ?, ?, ?, ?, ?, ? FROM luns WHERE name = ?""",
+                       (state, started_at, finished_at, done, total, error, lun_name))
+
+    def flatten_jobs(self) -> list[FlattenRecord]:
+        """Every LUN's latest flatten, as last recorded."""
+        with self.catalog.transaction(write=False) as db:
+            rows = db.execute("""SELECT l.name, f.state, f.started_at, f.finished_at, f.objects_done, f.objects_total,
+                                        f.error FROM flatten_jobs f JOIN luns l ON l.id = f.lun_id ORDER BY l.name""")
+            return [FlattenRecord(*r) for r in rows.fetchall()]
 
     def release_origin(self, lun_name: str) -> list[SnapshotRecord]:
         """Before the LUN ``lun_name`` is deleted: detach its filled clones (they no longer need it) and drop its

@@ -125,3 +125,15 @@ def test_delete_pool_refuses_while_used_and_names_the_users(sc: SnapshotCatalog,
     sc.create_pool("empty", str(tmp_path / "empty"))
     assert sc.delete_pool("empty").name == "empty"
     assert "empty" not in [p.name for p in sc.list_pools()]
+
+
+def test_a_flatten_record_replaces_the_one_before_and_goes_with_its_lun(sc: SnapshotCatalog) -> None:
+    sc.record_flatten("l0", "running", 100.0)
+    sc.record_flatten("l1", "running", 200.0)
+    sc.record_flatten("l0", "failed", 100.0, finished_at=150.0, done=3, total=8, error="cut")
+    assert [(j.lun, j.state, j.started_at, j.finished_at, j.done, j.total, j.error) for j in sc.flatten_jobs()] == [
+        ("l0", "failed", 100.0, 150.0, 3, 8, "cut"), ("l1", "running", 200.0, None, 0, 0, None)]
+    sc.catalog.delete_lun("l1")
+    assert [j.lun for j in sc.flatten_jobs()] == ["l0"]
+    sc.record_flatten("gone", "running", 1.0)  # no such LUN: nothing recorded
+    assert [j.lun for j in sc.flatten_jobs()] == ["l0"]
