@@ -531,6 +531,9 @@ class Array:
                 log.info("lun %s: another worker serves it now", name)
                 continue
             old = (before or {}).get(name)
+            if old is not None and old.backend == "rbd" and self.gateways is not None:
+                # As lun delete does: a tombstone, so that the other gateways stop serving it too.
+                await self.gateways.unshare(name, unpublish=True, naa=old.naa)
             if old is not None:
                 path = self.catalog.lun_path(old)
                 if path not in in_use and removable(old, path):

@@ -516,3 +516,19 @@ def test_a_set_fails_cleanly_while_a_gateway_does_not_hold(gateways: tuple[Gatew
         assert write1(ib) == GOOD
     a.assert_healthy()
     b.assert_healthy()
+
+
+def test_apply_dropping_a_shared_lun_reaches_b(gateways: tuple[Gateway, Gateway]) -> None:
+    """``lunsync apply`` of a configuration without the shared LUN removes it on A and leaves a tombstone, as
+    ``lun delete`` does: B unmaps and forgets it at its next round."""
+    a, b = gateways
+    assert "was deleted on another gateway" not in b.log_text()
+    conf = a.workdir / "without.toml"
+    conf.write_text(f'[[target]]\niqn = "{a.iqn}"\nluns = []\n')
+    env = {"LUNSYNC_API": a.api_url, "LUNSYNC_DATA_DIR": str(a.data_dir)}
+    p = run([*lunsync_command(), "apply", str(conf), "--json"], env=env, timeout=120)
+    assert p.returncode == 0, describe(p)
+    wait_for(lambda: "was deleted on another gateway: unmapped and forgotten here" in b.log_text(), 15,
+             f"B never forgot the LUN\n{b.log_tail()}")
+    a.assert_healthy()
+    b.assert_healthy()
