@@ -104,7 +104,7 @@ class TaskRunner:
             self._forget(task)
             return None
         except Exception:
-            log.exception("SCSI task failed unexpectedly (initiator %s)", self.host.initiator)
+            log.exception("SCSI task failed unexpectedly (initiator %s)", self._initiator())
             now = ScsiResponse(Status.BUSY)
         if isinstance(now, ScsiResponse):
             self._forget(task)
@@ -126,11 +126,19 @@ class TaskRunner:
         except asyncio.CancelledError:
             return
         except Exception:
-            log.exception("SCSI task failed unexpectedly (initiator %s)", self.host.initiator)
+            log.exception("SCSI task failed unexpectedly (initiator %s)", self._initiator())
             resp = ScsiResponse(Status.BUSY)
         finally:
             self._forget(task)
         self._answer(conn, scsi, task, resp, started)
+
+    def _initiator(self) -> str:
+        # The portal holds its runner, not the other way round (a weak proxy): a task that fails after its
+        # connection was dropped finds no portal to name it.
+        try:
+            return self.host.initiator
+        except ReferenceError:
+            return "(connection gone)"
 
     def _forget(self, task: ScsiTask) -> None:
         tasks = self.tasks
