@@ -13,8 +13,9 @@ catalog, and after one that may move LUNs it has every worker re-read which LUNs
 first. ``/metrics`` is every process's exposition summed at scrape time. :meth:`Control.call` is the one way to ask
 a worker something, and the control answers a worker's calls too: it relays the reads of a snapshot that another
 worker serves (:mod:`lunsync.provider.remote_snapshot`). A snapshot set over LUNs of several workers is taken by the
-two-phase hold of :mod:`lunsync.provider.cross_set` (a VSS snapshot set's too, asked by the worker holding the set);
-other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409 that names the
+two-phase hold of :mod:`lunsync.provider.cross_set` (a VSS snapshot set's too, asked by the worker holding the set),
+and a recovery set over destinations of several workers is started in parts, one per worker, by the same two phases
+and shown as one set (:mod:`lunsync.provider.cross_recovery`); other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409 that names the
 workers. Under ``--gateway`` the control also runs the gateway's index rounds
 (:mod:`lunsync.provider.control_gateway`), while each worker shares the rbd LUNs it serves.
 """
@@ -35,6 +36,7 @@ from lunsync.provider import remote_snapshot, routing, systemd
 from lunsync.provider.api_guard import auth_throttle
 from lunsync.provider.assignment import Assignment, beside
 from lunsync.provider.channel import Channel, ChannelClosed, RemoteError, SessionRouter, control_message
+from lunsync.provider.cross_recovery import CrossRecovery, merged_list
 from lunsync.provider.forward import HttpRequest, HttpResponse, Receive, Scope, Send
 from lunsync.provider.metrics import ApiCounters
 from lunsync.provider.rpc import Call, Json, Message, Reply
@@ -83,8 +85,12 @@ class Control:
         self.server = Server(self.directory, self.prep.settings, hand_off=SessionRouter(self._channel_of))
         self.pool = WorkerPool(self.count, self.command, self._on_message, self._on_down)
         self.lock = asyncio.Lock()  # changes run one at a time: a LUN moving between workers is never seen halfway
+        self.recovery_sets = CrossRecovery(self.call, self.forward, self.lun_owner, self._runs_on, lambda: [
+            (row.id, row.state, row.started_at, [p.destination for p in pairs])
+            for row, pairs in self.catalog.recovery_sets()])
+        self.recovery_sets.load()
         self.placement = routing.Placement(self.assignment.owner, self.lun_owner, self.sets.get, self.serial_lun,
-                                           self.exposed_on)
+                                           self.exposed_on, self.recovery_sets.spans)
         self._relays: set[asyncio.Task[None]] = set()  # workers' calls being answered
 
     # -- workers ------------------------------------------------------------------------------------------------------
@@ -180,6 +186,9 @@ class Control:
             return _error(e.status, f"worker {worker}: {e}", "internal")
 
     # -- placement ----------------------------------------------------------------------------------------------------
+
+    def _runs_on(self, pair: dict[str, Json]) -> str | None:
+        return routing.runs_on(pair, self.placement)
 
     def lun_owner(self, name: str) -> int | None:
         try:
@@ -279,7 +288,31 @@ class Control:
         if d.what == routing.SNAPSHOT_SET and req.method == "POST":
             async with self.lock:
                 return await self.snapshot_set(req)
+        if d.what == routing.RECOVERY_SET:
+            return await self.recovery_set(req)
         return _error(409, d.message(), "conflict")
+
+    async def recovery_set(self, req: HttpRequest) -> HttpResponse:
+        """A recovery set over destinations of several workers (:mod:`lunsync.provider.cross_recovery`): made in
+        one call under the control's lock (no LUN moves meanwhile), or asked about (a wait or post-restore may
+        take long, so neither holds the lock)."""
+        from lunsync.provider.api_provider import ResyncIn
+        from pydantic import ValidationError
+
+        rest = req.path.rstrip("/").split("/v1/recovery/", 1)[-1].split("/")
+        if rest[0] != "resync":
+            if rest[1:] == ["cancel"]:
+                async with self.lock:
+                    return await self.recovery_sets.request(rest[0], req)
+            return await self.recovery_sets.request(rest[0], req)
+        try:
+            body = ResyncIn.model_validate(req.json())
+        except ValidationError as e:
+            return _error(422, str(e), "invalid")
+        raw = req.json()
+        assert isinstance(raw, dict)
+        async with self.lock:
+            return await self.recovery_sets.create(raw, body.options())
 
     async def decide(self, d: routing.Decision, req: HttpRequest) -> HttpResponse:
         if isinstance(d, routing.SpansWorkers):
@@ -523,7 +556,9 @@ class Control:
                 if mine or key not in merged:
                     merged[key] = item
         out = list(merged.values())
-        if d.merge == "concat" and d.key == "tsih":
+        if d.merge == "recovery":
+            out = list(merged_list([x for x in out if isinstance(x, dict)]))
+        elif d.merge == "concat" and d.key == "tsih":
             from lunsync.provider.api import _session_out
 
             for tsih, proto in self.server.sessions.items():
@@ -648,6 +683,9 @@ async def serve_workers(opts: ServeOptions, prep: Prepared, ready: asyncio.Event
 
         index = await control_gateway.join_gateways(control, opts.gateway)
     await control.pool.start()
+    # The workers have resumed or failed their recovery sets: a set across workers that a kill caught between its
+    # parts' starts has the parts that did start failed too.
+    await control.recovery_sets.settle(list(control.recovery_sets.parts))
     if index is not None:
         await index.start()  # before any initiator: the other gateways' LUNs are served from the start
     log.info("%d worker(s) ready: %s", count, "; ".join(

@@ -15,8 +15,9 @@ decides where a request goes; it never re-implements an operation. The rules, in
 - status, portals and the logout of a session are the control's own (:class:`Local`);
 - a snapshot set whose LUNs live on several workers is :class:`SpansWorkers`, which the control takes by the two-phase
   hold; a restore goes to the worker serving its destinations, wherever the snapshot is (its reads cross to the
-  snapshot's worker: :mod:`lunsync.provider.remote_snapshot`), and one whose destinations are on several workers is
-  refused with a 409; a LUN made from a snapshot (a new restore destination, ``POST /v1/luns`` with
+  snapshot's worker: :mod:`lunsync.provider.remote_snapshot`); one made in one call whose destinations are on
+  several workers, and any request about such a set, is :class:`SpansWorkers` too, which the control runs as one
+  set of per-worker parts (:mod:`lunsync.provider.cross_recovery`); a LUN made from a snapshot (a new restore destination, ``POST /v1/luns`` with
   ``from_snapshot``) goes to the snapshot's worker, which serves it;
 - recovery sets and VSS snapshot sets live in the worker that made them, so their ids stick to it (``set_owner``); a
   VSS snapshot set may hold LUNs of several workers (its commit goes through the control's two-phase hold).
@@ -49,7 +50,8 @@ class Forward:
 @dataclass(frozen=True, slots=True)
 class FanOut:
     """Ask every worker and merge: ``targets`` (each target from its owner), ``snapshots`` (each from its LUN's
-    owner), ``concat`` (recovery sets, sessions: every worker's, by ``key``), ``find`` (the first that is not 404)."""
+    owner), ``concat`` (sessions: every worker's, by ``key``), ``recovery`` (recovery sets: every worker's, the parts of a set
+    across workers shown as that set), ``find`` (the first that is not 404)."""
 
     merge: str
     key: str = "id"
@@ -79,7 +81,10 @@ class MapLun:
     name: str
 
 
-SNAPSHOT_SET = "a snapshot set"  # the one SpansWorkers the control carries out (lunsync.provider.cross_set)
+# The SpansWorkers the control carries out: a snapshot set (lunsync.provider.cross_set) and a recovery set, made in
+# one call or asked about (lunsync.provider.cross_recovery).
+SNAPSHOT_SET = "a snapshot set"
+RECOVERY_SET = "a recovery set"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +103,11 @@ class SpansWorkers:
 
 
 # A restore runs in the worker that serves its destinations (the snapshot may be another worker's: its reads go
-# there, lunsync.provider.remote_snapshot), and one recovery set lives in one worker.
-RESTORE_WHY = (" (a recovery set is run by the worker that serves its destination LUNs, so its destinations must "
-               "all be one worker's; restore each worker's LUNs in a set of its own)")
+# there, lunsync.provider.remote_snapshot). A set made step by step lives in one worker; one made in one call
+# (POST /v1/recovery/resync) may span workers.
+RESTORE_WHY = (" (a recovery set made step by step lives in the worker that serves its destination LUNs, so its "
+               "destinations must all be one worker's; give every pair in one POST /v1/recovery/resync for a set "
+               "across workers)")
 
 
 Decision = Forward | FanOut | Local | Place | MapLun | SpansWorkers
@@ -117,6 +124,7 @@ class Placement:
     set_owner: Callable[[str], int | None]
     serial_lun: Callable[[str], str | None] = lambda _: None
     exposed_on: Callable[[str], str | None] = lambda _: None  # the target a snapshot ``LUN@SNAP`` is exposed on
+    spanning_set: Callable[[str], bool] = lambda _: False  # a recovery set whose parts are several workers'
 
 
 def _lun_of(snapshot: object) -> str | None:
@@ -221,11 +229,13 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
         return Forward(owner)
     if head == "recovery":
         if not rest:
-            return FanOut("concat") if not write else Forward(0, remember_set=True)
+            return FanOut("recovery") if not write else Forward(0, remember_set=True)
+        if where.spanning_set(rest[0]):
+            return SpansWorkers(RECOVERY_SET)
         if rest == ["resync"]:
             pairs = obj.get("pairs") if isinstance(obj.get("pairs"), list) else []
-            luns = [n for p in pairs or [] if isinstance(p, dict) and (n := _runs_on(p, where))]
-            return _one_or_spans("a restore", luns, where, remember_set=True, why=RESTORE_WHY)
+            luns = [n for p in pairs or [] if isinstance(p, dict) and (n := runs_on(p, where))]
+            return _one_or_spans(RECOVERY_SET, luns, where, remember_set=True, why=RESTORE_WHY)
         if rest == ["swap"]:
             origin = _lun_of(obj.get("snapshot"))
             return Forward((where.lun_owner(origin) if origin else None) or 0, remember_set=True)
@@ -235,7 +245,7 @@ def route(method: str, path: str, body: Json, where: Placement) -> Decision:
     return Forward(0)
 
 
-def _runs_on(pair: dict[str, Json], where: Placement) -> str | None:
+def runs_on(pair: dict[str, Json], where: Placement) -> str | None:
     """The LUN whose worker runs a restore pair: its destination's, or, for a destination not made yet (or the
     snapshot's own origin), the snapshot's LUN, whose worker creates and serves it."""
     origin = _lun_of(pair.get("snapshot"))
@@ -251,7 +261,7 @@ def _sticky(set_id: str, method: str, obj: dict[str, Json], where: Placement, ad
     if owner is None:
         return FanOut("find")
     if method == "POST" and "snapshot" in obj:
-        runs = _runs_on(obj, where)
+        runs = runs_on(obj, where)
         members = _by_worker([runs] if runs else [], where)
         if any(w != owner for w in members):
             members.setdefault(owner, []).append(f"recovery set {set_id}")

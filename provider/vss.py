@@ -515,9 +515,12 @@ class RecoveryManager:
                 defined = ", ".join(sorted(self.hooks)) or "none (see lunsync serve --hooks)"
                 raise VssError(VssCode.INVALID_ARG, f"unknown hook {name!r}: the server defines {defined}")
 
-    def create_set(self, options: Options | None = None) -> RecoverySet:
+    def create_set(self, options: Options | None = None, *, set_id: str | None = None) -> RecoverySet:
+        """A new, empty set; ``set_id`` is given by the control for its part of a set across workers."""
         self.check_hooks(options or Options())
-        rs = RecoverySet(id=uuid.uuid4().hex[:12], options=options or Options(), created_at=self._clock())
+        if set_id is not None and set_id in self.sets:
+            raise VssError(VssCode.INVALID_ARG, f"recovery set {set_id} already exists")
+        rs = RecoverySet(id=set_id or uuid.uuid4().hex[:12], options=options or Options(), created_at=self._clock())
         self.sets[rs.id] = rs
         self._save(rs)
         return rs
@@ -785,15 +788,20 @@ class RecoveryManager:
             h2.update(await dst.read(lba, n))
         return h1.digest() == h2.digest()
 
-    async def cancel(self, set_id: str) -> RecoverySet:
+    async def cancel(self, set_id: str, *, failed: str | None = None) -> RecoverySet:
+        """Stop the set's copiers; the set is cancelled, or ``failed`` with that reason (a set across workers whose
+        other part did not start: :mod:`lunsync.provider.cross_recovery`)."""
         rs = self.get(set_id)
         jobs = self._jobs.pop(rs.id, [])
         # The state moves first, so the watcher that sees the copiers stop knows it was a cancel, not a failure.
-        self._move(rs, Event.CANCEL, "cancelled by request")
+        if failed is None:
+            self._move(rs, Event.CANCEL, "cancelled by request")
+        else:
+            self._move(rs, Event.FAIL, failed)
         for j in jobs:
             await j.volume.cancel()
             self._apply_progress(j.pair, j.volume.progress())
-            j.pair.state = "cancelled"
+            j.pair.state = rs.state.value
             self.engine.install(j.pair.destination, None)
         self._unmask(rs)
         self._release(rs)
@@ -860,21 +868,30 @@ class RecoveryManager:
 
     # -- one-shot forms --
 
-    async def resync(self, pairs: Sequence[tuple[str, str | None]], options: Options | None = None) -> RecoverySet:
-        """Create, fill, pre-restore and recover a set in one call (ResyncLuns, ``lunsync resync``). A request
-        refused up front (unknown snapshot, destination busy) leaves no set behind."""
+    async def prepare(self, pairs: Sequence[tuple[str, str | None]], options: Options | None = None, *,
+                      set_id: str | None = None) -> RecoverySet:
+        """Create, fill and pre-restore a set: everything of :meth:`resync` before RecoverSet, which is also a
+        worker's first phase of a set across workers (:mod:`lunsync.provider.cross_recovery`). A request refused up
+        front (unknown snapshot, destination busy) leaves no set behind; one refused later leaves it failed."""
         for ref, dest in pairs:
             d = dest or self._snapshot(ref).origin
             owner = self._busy.get(d)
             if owner is not None:
                 raise VssError(VssCode.RESYNC_IN_PROGRESS, f"{d} is being resynced by recovery set {owner}")
-        rs = self.create_set(options)
+        rs = self.create_set(options, set_id=set_id)
         try:
             for snap, dest in pairs:
                 self.add_pair(rs.id, snap, dest)
+            await self.pre_restore(rs.id)
         except VssError as e:
-            self._move(rs, Event.FAIL, str(e))
+            if rs.state not in TERMINAL:
+                self._move(rs, Event.FAIL, str(e))
             raise
+        return rs
+
+    async def resync(self, pairs: Sequence[tuple[str, str | None]], options: Options | None = None) -> RecoverySet:
+        """Create, fill, pre-restore and recover a set in one call (ResyncLuns, ``lunsync resync``)."""
+        rs = await self.prepare(pairs, options)
         try:
             await self.recover(rs.id)
         except VssError as e:

@@ -32,12 +32,13 @@ import signal
 import socket
 import sys
 
-from lunsync.provider import remote_snapshot
+from lunsync.provider import cross_recovery, remote_snapshot
 from lunsync.provider.channel import Channel, ChannelClosed, report_closed_sessions, serve_sessions
 from lunsync.provider.cross_set import METHODS as HOLD_METHODS
 from lunsync.provider.cross_set import HoldParticipant
 from lunsync.provider.forward import BadForward, HttpRequest, run_asgi
 from lunsync.provider.rpc import Call, Json, Message, Notice, Reply
+from lunsync.provider.vss import VssError
 from lunsync.snapshots.catalog import CatalogError
 from lunsync.snapshots.errors import NotReady, Unreachable
 
@@ -150,6 +151,9 @@ class WorkerProcess:
         except NotReady as e:  # a LUN closing or moving, a snapshot's origin not open (yet): the caller retries
             self.channel.send(Reply(call.id, error=str(e), status=503))
             return
+        except VssError as e:  # a part of a recovery set across workers refused: its status, as the API's
+            self.channel.send(Reply(call.id, error=e.message, status=e.code.http_status))
+            return
         except CatalogError as e:  # a hold call refused (the control says which worker and why)
             from lunsync.provider.api import _status_of
 
@@ -167,6 +171,8 @@ class WorkerProcess:
             return (await run_asgi(self.app, HttpRequest.from_params(params))).to_result()
         if method in HOLD_METHODS:
             return await self.holds.call(method, params)
+        if method in cross_recovery.METHODS:
+            return await cross_recovery.serve(array.recovery, method, params)
         if method == remote_snapshot.METHOD:
             if array.snapshots is None:
                 raise Unreachable("snapshots are not open yet")

@@ -130,14 +130,22 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     assert r.status_code == 200 and [s["name"] for s in r.json()["snapshots"]] == ["demo0@x", "l2@x"], r.text
     r = api(d, "POST", "/snapshots", {"snapshots": ["demo0@x", "l2@x"], "set": "x", "labels": {"k": "v"}})
     assert r.status_code == 409 and "different spec" in r.json()["error"], r.text
-    # A restore into LUNs of two workers (one recovery set, run by one worker) is refused with a 409 that names each
-    # worker's part. (A restore onto another worker's LUN
-    # runs: tests/provider/test_remote_snapshot.py.)
+    # A restore into LUNs of two workers in one call is one set of a part per worker (it runs:
+    # tests/provider/test_cross_recovery.py); its dry run is each worker's, in the order asked.
     r = api(d, "POST", "/recovery/resync", {"pairs": [{"snapshot": "demo0@x", "destination": "l2"},
-                                                      {"snapshot": "l2@x", "destination": "demo0"}]})
+                                                      {"snapshot": "l2@x", "destination": "demo0"}], "dry_run": True})
+    assert r.status_code == 200 and [p["destination"] for p in r.json()["pairs"]] == ["l2", "demo0"], r.text
+    assert r.json()["bytes"] == sum(p["bytes"] for p in r.json()["pairs"]) > 0, r.text
+    # A set made step by step lives in one worker: a pair into another worker's LUN is refused with a 409 that
+    # names each worker's part. (A restore onto another worker's LUN runs: tests/provider/test_remote_snapshot.py.)
+    r = api(d, "POST", "/recovery", {})
+    assert r.status_code == 201, r.text
+    step = r.json()["id"]
+    r = api(d, "POST", f"/recovery/{step}/pairs", {"snapshot": "demo0@x", "destination": "l2"})
     assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
-    assert "worker 0: demo0" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
+    assert "worker 0: recovery set" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
     assert "destination LUNs" in r.json()["error"], r.text
+    assert api(d, "POST", f"/recovery/{step}/cancel").status_code == 200
     # Exposed on worker 1's target, worker 0's snapshot is served there (read across: test_remote_snapshot.py).
     r = api(d, "POST", "/snapshots/demo0@x/expose", {"target": T2})
     assert r.status_code == 201 and r.json()["exposed"] == {"target": T2, "lun": 1}, r.text

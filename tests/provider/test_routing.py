@@ -42,7 +42,7 @@ def test_lists_fan_out_and_the_catalogs_own_go_to_worker_0() -> None:
     assert route("GET", "/v1/targets", None, WHERE) == FanOut("targets")
     assert route("GET", "/v1/sessions", None, WHERE) == FanOut("concat", "tsih")
     assert route("GET", "/v1/snapshots", None, WHERE) == FanOut("snapshots")
-    assert route("GET", "/v1/recovery", None, WHERE) == FanOut("concat")
+    assert route("GET", "/v1/recovery", None, WHERE) == FanOut("recovery")
     assert route("GET", "/v1/luns", None, WHERE) == Forward(0)
     assert route("GET", "/v1/export", None, WHERE) == Forward(0)
     assert route("GET", "/openapi.json", None, WHERE) == Forward(0)
@@ -57,13 +57,19 @@ def test_snapshot_sets_span_workers_restores_and_exposures_go_where_they_are_ser
     assert "spans workers" in d.message() and "worker 1: b0, b1" in d.message()
     assert route("POST", "/v1/snapshots", {"snapshots": ["b0@s", "b1@s"]}, WHERE) == Forward(1)
     # A restore runs where its destination is served, whatever worker the snapshot's LUN is on; one whose
-    # destinations are two workers' spans (a recovery set lives in one worker).
+    # destinations are two workers' spans (the control runs it in parts), and so does any request about such a set.
     assert route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "a0"}]},
                  WHERE) == Forward(0, remember_set=True)
     d = route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s", "destination": "a0"},
                                                         {"snapshot": "b0@t", "destination": "b1"}]}, WHERE)
-    assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["b1"]}
+    assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["b1"]} and d.what == routing.RECOVERY_SET
     assert "destination LUNs" in d.message(), d.message()
+    spanning = routing.Placement(WHERE.target_owner, WHERE.lun_owner, WHERE.set_owner, WHERE.serial_lun,
+                                 WHERE.exposed_on, {"0123456789ab"}.__contains__)
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("POST", "/wait"), ("POST", "/pairs")):
+        d = route(method, f"/v1/recovery/0123456789ab{path}", {}, spanning)
+        assert d == SpansWorkers(routing.RECOVERY_SET), (method, path, d)
+    assert route("GET", "/v1/recovery/0123456789ab", None, WHERE) == FanOut("find")
     assert route("POST", "/v1/recovery/resync", {"pairs": [{"snapshot": "b0@s"}]}, WHERE) == Forward(
         1, remember_set=True)
     # An exposure is served by its target's worker, wherever the snapshot's LUN is; unexposing goes there too.
