@@ -290,7 +290,47 @@ class Control:
                 return await self.snapshot_set(req)
         if d.what == routing.RECOVERY_SET:
             return await self.recovery_set(req)
+        if d.what == routing.RESYNC_LUNS and req.method == "POST":
+            return await self.resync_luns(req)
         return _error(409, d.message(), "conflict")
+
+    async def resync_luns(self, req: HttpRequest) -> HttpResponse:
+        """VSS's ResyncLuns onto LUNs of several workers: each (snapshot LUN, LUN) described by VSS named from the
+        catalog by its serial, then the recovery set across workers that ``POST /v1/recovery/resync`` makes,
+        answered as VSS's async handle (its refusals in VSS's form)."""
+        from lunsync.provider.api_provider import ResyncLunsIn
+        from lunsync.provider.vss import RecoverySet, RecoveryState, VssCode, VssError, async_handle
+        from lunsync.snapshots.snapcat import SnapshotCatalog
+        from pydantic import ValidationError
+
+        def refused(e: VssError) -> HttpResponse:
+            return HttpResponse.of_json(e.code.http_status, e.as_dict())
+
+        try:
+            body = ResyncLunsIn.model_validate(req.json())
+        except ValidationError as e:
+            return refused(VssError(VssCode.INVALID_ARG, str(e)))
+        if len(body.source_luns) != len(body.target_luns):
+            return refused(VssError(VssCode.INVALID_ARG, "ResyncLuns needs as many targets as sources"))
+        snaps = {s.serial: s.full_name for s in SnapshotCatalog(self.catalog).list_snapshots()}
+        luns = {r.serial: r.name for r in self.catalog.list_luns()}
+        pairs: list[Json] = []
+        for src, dst in zip(body.source_luns, body.target_luns, strict=True):
+            ref = next((snaps[s] for s in routing.serials(src) if s in snaps), None)
+            name = next((luns[s] for s in routing.serials(dst) if s in luns), None)
+            if ref is None or name is None:
+                return refused(VssError(VssCode.OBJECT_NOT_FOUND, f"no {'snapshot' if ref is None else ''} LUN "
+                                                                  f"matches {src if ref is None else dst}"))
+            pairs.append({"snapshot": ref, "destination": name})
+        async with self.lock:
+            resp = await self.recovery_sets.create({"pairs": pairs}, body.options())
+        st = resp.json()
+        if not resp.ok:
+            code = {404: VssCode.OBJECT_NOT_FOUND, 400: VssCode.INVALID_ARG}.get(resp.status, VssCode.PROVIDER_VETO)
+            return refused(VssError(code, str(st.get("error") if isinstance(st, dict) else st)))
+        assert isinstance(st, dict)
+        handle = async_handle(RecoverySet(id=str(st["id"]), state=RecoveryState(str(st["state"]))))
+        return HttpResponse.of_json(202, handle, (("location", str(handle["query"])),))
 
     async def recovery_set(self, req: HttpRequest) -> HttpResponse:
         """A recovery set over destinations of several workers (:mod:`lunsync.provider.cross_recovery`): made in
@@ -299,8 +339,10 @@ class Control:
         from lunsync.provider.api_provider import ResyncIn
         from pydantic import ValidationError
 
-        rest = req.path.rstrip("/").split("/v1/recovery/", 1)[-1].split("/")
-        if rest[0] != "resync":
+        # /v1/recovery/ID[/...] or VSS's /v1/provider/async/ID[/...]
+        path = req.path.strip("/").split("/")
+        rest = path[2:] if path[1:2] == ["recovery"] else path[3:]
+        if rest[:1] != ["resync"]:
             if rest[1:] == ["cancel"]:
                 async with self.lock:
                     return await self.recovery_sets.request(rest[0], req)

@@ -313,28 +313,31 @@ class CrossRecovery:
         total = sum(int(p.get("bytes", 0)) for p in out if isinstance(p, dict))
         return HttpResponse.of_json(200, {"dry_run": True, "bytes": total, "pairs": out})
 
-    async def _each(self, set_id: str, method: str, tail: str, query: str = "") -> list[HttpResponse]:
+    async def _each(self, set_id: str, method: str, tail: str, query: str = "", base: str = "/v1/recovery"
+                    ) -> list[HttpResponse]:
         parts = self.parts.get(set_id, {})
         return list(await asyncio.gather(*(self._forward(self._part_worker(part, dest), HttpRequest(
-            method, f"/v1/recovery/{part}{tail}", query, (), b"")) for part, dest in sorted(parts.items()))))
+            method, f"{base}/{part}{tail}", query, (), b"")) for part, dest in sorted(parts.items()))))
 
-    async def show(self, set_id: str, method: str = "GET", tail: str = "", query: str = "") -> HttpResponse:
-        answers = await self._each(set_id, method, tail, query)
+    async def show(self, set_id: str, method: str = "GET", tail: str = "", query: str = "",
+                   base: str = "/v1/recovery") -> HttpResponse:
+        answers = await self._each(set_id, method, tail, query, base)
         bad = next((r for r in answers if not r.ok), None)
         if bad is not None:
             return bad  # a part's worker restarting answers 503 with Retry-After: ask again
         return HttpResponse.of_json(200, merged_status(set_id, [r.json() for r in answers]))
 
     async def request(self, set_id: str, req: HttpRequest) -> HttpResponse:
-        """A request about set ``set_id`` (``/v1/recovery/<id>[/...]``): status, wait, post-restore and cancel are
-        each part's, merged; the steps of the one-by-one workflow do not apply to a set started in one call."""
-        tail = req.path.rstrip("/").split(f"/v1/recovery/{set_id}", 1)[1]
+        """A request about set ``set_id`` (``/v1/recovery/<id>[/...]``, or VSS's ``/v1/provider/async/<id>[/...]``,
+        whose refusals are VSS's): status, wait, post-restore and cancel are each part's, merged; the steps of the
+        one-by-one workflow do not apply to a set started in one call."""
+        base, _, tail = req.path.rstrip("/").partition(f"/{set_id}")
         if req.method == "GET" and tail == "":
-            return await self.show(set_id)
+            return await self.show(set_id, base=base)
         if req.method == "POST" and tail in ("/wait", "/post-restore", "/cancel"):
             if tail == "/cancel":
-                await self._each(set_id, "POST", tail)
-                return await self.show(set_id)
-            return await self.show(set_id, "POST", tail, req.query)
+                await self._each(set_id, "POST", tail, base=base)
+                return await self.show(set_id, base=base)
+            return await self.show(set_id, "POST", tail, req.query, base)
         return _error(409, f"recovery set {set_id} spans workers ({', '.join(sorted(self.parts[set_id]))}): it was "
                            "started in one call and takes no other step (status, wait, post-restore, cancel)")

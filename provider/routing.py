@@ -85,6 +85,7 @@ class MapLun:
 # one call or asked about (lunsync.provider.cross_recovery).
 SNAPSHOT_SET = "a snapshot set"
 RECOVERY_SET = "a recovery set"
+RESYNC_LUNS = "a VSS ResyncLuns"  # a recovery set made from VSS's LUN descriptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ def _one_or_spans(what: str, names: Iterable[str], where: Placement, *, remember
     return Forward(next(iter(members), 0), remember_set=remember_set)
 
 
-def _serials(value: Json) -> list[str]:
+def serials(value: Json) -> list[str]:
     """Every ``serial`` (or ``serial_number``) string in a VSS body (VDS_LUN_INFORMATION objects carry the LUN's
     serial number)."""
     found: list[str] = []
@@ -159,10 +160,10 @@ def _serials(value: Json) -> list[str]:
             if k in ("serial", "serial_number") and isinstance(v, str):
                 found.append(v)
             else:
-                found += _serials(v)
+                found += serials(v)
     elif isinstance(value, list):
         for v in value:
-            found += _serials(v)
+            found += serials(v)
     return found
 
 
@@ -273,7 +274,7 @@ def _provider(rest: list[str], method: str, body: Json, where: Placement) -> Dec
     """The VSS provider routes name LUNs by their VDS information; the serial says which LUN (or snapshot). A VSS
     snapshot set lives in the worker its first LUN is served by, which takes LUNs of any worker into it: its commit
     asks the control for the snapshots when they are several workers' (one point in time by the two-phase hold)."""
-    names = [n for n in (where.serial_lun(s) for s in _serials(body)) if n]
+    names = [n for n in (where.serial_lun(s) for s in serials(body)) if n]
     if rest[:1] == ["snapshot-sets"] and len(rest) >= 2:
         set_id = rest[1]
         owner = where.set_owner(set_id)
@@ -282,11 +283,16 @@ def _provider(rest: list[str], method: str, body: Json, where: Placement) -> Dec
         members = _by_worker(names, where)
         return Forward(next(iter(members), 0), bind_set=set_id)
     if rest[:1] == ["async"] and len(rest) >= 2:
+        if where.spanning_set(rest[1]):
+            return SpansWorkers(RECOVERY_SET)
         owner = where.set_owner(rest[1])
         return Forward(owner) if owner is not None else FanOut("find")
     if rest == ["resync-luns"] and isinstance(body, dict):
         # Run by the worker serving the LUNs restored into; the snapshots may be another worker's (remote_snapshot).
-        names = [n for n in (where.serial_lun(s) for s in _serials(body.get("target_luns"))) if n]
+        names = [n for n in (where.serial_lun(s) for s in serials(body.get("target_luns"))) if n]
+        members = _by_worker(names, where)
+        if len(members) > 1:
+            return SpansWorkers(RESYNC_LUNS, members)
     sid = body.get("snapshot_set_id") if isinstance(body, dict) else None
     if isinstance(sid, str) and (owner := where.set_owner(sid)) is not None:
         return Forward(owner)  # GetTargetLuns of a set: the set's worker knows its snapshots

@@ -403,6 +403,22 @@ def test_a_vss_snapshot_set_over_two_workers_is_taken_by_the_two_phase_hold(two:
                                                                             iqn=T2)], timeout=60)
     assert p.returncode == 0 and "verification failed" not in p.stdout, describe(p)
     assert api(d, "DELETE", f"/snapshots/l2@vss-{sid}/expose").status_code in (200, 204)
+    # ResyncLuns of both snapshot LUNs onto their LUNs, which two workers serve: one recovery set across workers,
+    # followed through VSS's async handle; l2 holds what it held at the commit again.
+    targets = api(d, "POST", "/provider/get-target-luns", {
+        "luns": [info["demo0"], info["l2"]], "snapshot_set_id": sid}).json()["luns"]
+    r = api(d, "POST", "/provider/resync-luns", {"source_luns": [t["target"] for t in targets],
+                                                 "target_luns": [info["demo0"], info["l2"]]})
+    assert r.status_code == 202 and r.headers["location"] == r.json()["query"], r.text
+    rs = r.json()["id"]
+    r = api(d, "POST", f"/provider/async/{rs}/wait?timeout_s=25")
+    assert r.status_code == 200 and r.json()["state"] == "done", r.text
+    assert [(p["snapshot"], p["destination"]) for p in r.json()["pairs"]] == [
+        (f"demo0@vss-{sid}", "demo0"), (f"l2@vss-{sid}", "l2")], r.text
+    qemu(d.url(0, iqn=T2), "read -P 0x62 0 1M")
+    r = api(d, "POST", "/provider/resync-luns", {"source_luns": [targets[0]["target"], info["demo0"]],
+                                                 "target_luns": [info["demo0"], info["l2"]]})
+    assert r.status_code == 404 and r.json()["code"] == "VSS_E_OBJECT_NOT_FOUND", r.text
     # AbortSnapshots deletes both, each on its LUN's worker.
     r = api(d, "POST", f"/provider/snapshot-sets/{sid}/abort")
     assert r.status_code == 200 and r.json()["state"] == "aborted", r.text

@@ -108,3 +108,13 @@ def test_sets_stick_to_the_worker_that_made_them() -> None:
     assert isinstance(d, SpansWorkers) and d.members == {0: ["a0"], 1: ["b0"]}
     assert route("POST", "/v1/provider/snapshot-sets/vs1/commit", {}, other) == Forward(1)
     assert route("POST", "/v1/provider/async/rs1/wait", {}, WHERE) == Forward(1)
+    # ResyncLuns into LUNs of two workers is a recovery set across workers, which VSS follows by its handle.
+    d = route("POST", "/v1/provider/resync-luns", {"source_luns": [{"serial": "SX"}, {"serial": "SY"}],
+                                                   "target_luns": [{"serial": "SA0"}, {"serial": "SB0"}]}, WHERE)
+    assert d == SpansWorkers(routing.RESYNC_LUNS, {0: ["a0"], 1: ["b0"]}), d
+    assert route("POST", "/v1/provider/resync-luns", {"source_luns": [{"serial": "SX"}],
+                                                      "target_luns": [{"serial": "SB0"}]}, WHERE) == Forward(
+        1, remember_set=True)
+    spanning = routing.Placement(WHERE.target_owner, WHERE.lun_owner, WHERE.set_owner, WHERE.serial_lun,
+                                 WHERE.exposed_on, {"0123456789ab"}.__contains__)
+    assert route("POST", "/v1/provider/async/0123456789ab/wait", {}, spanning) == SpansWorkers(routing.RECOVERY_SET)
