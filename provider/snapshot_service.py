@@ -110,7 +110,8 @@ class HeldSet:
     cow_epochs: list[int]
     cow_plans: list[SnapshotPlan]
     stores: list[tuple[SnapshotPlan, StoreSnapshots]]  # the members whose store takes the snapshot (RBD)
-    gates: contextlib.AsyncExitStack  # their LUNs' write gates, held
+    gates: contextlib.AsyncExitStack  # their LUNs' write gates (and the other gateways' holds), held
+    store_gates: list[contextlib.AsyncExitStack]  # per store member: its LUN's gate alone (also closed by ``gates``)
     requested: float
     started: float  # perf_counter when the hold closed
     drained: float
@@ -126,8 +127,9 @@ class TakenSet:
     held: HeldSet
     made: list[tuple[SnapshotPlan, StoreSnapshots]]
     members: set[tuple[int, int]]  # (lun id, epoch) of the copy-on-write members
-    hold_ms: float
+    hold_ms: float  # the longest any member's writes were held
     released: float
+    lun_hold_ms: dict[str, float] = field(default_factory=dict)  # per member LUN, how long its writes were held
     times: list[float] = field(default_factory=list)  # the catalog transaction's start and end, when local
 
 
@@ -570,9 +572,13 @@ class SnapshotService:
             for v in vols:
                 v.resume_staging()
         gates = contextlib.AsyncExitStack()
+        store_gates = [contextlib.AsyncExitStack() for _ in held_stores]
+        for g in store_gates:
+            gates.push_async_callback(g.aclose)  # every way out of the hold ends each; a second aclose is a no-op
         try:
             if busy or held_stores:  # else the hold is complete: no trip through the event loop
-                await asyncio.wait_for(self._hold_all(busy, gates, [lu for _, _, lu in held_stores],
+                await asyncio.wait_for(self._hold_all(busy, [(lu, g) for (_, _, lu), g in
+                                                             zip(held_stores, store_gates, strict=True)],
                                                       self._peer_hold([p.lun_name for p, _, _ in held_stores],
                                                                       gates)),
                                        self.hold_timeout_s)
@@ -597,7 +603,8 @@ class SnapshotService:
                 v.release()
             raise
         return HeldSet(what, set_name, plans, kinds, epochs, vols, cow_epochs, cow_plans,
-                       [(p, st) for p, st, _ in held_stores], gates, requested, started, time.perf_counter())
+                       [(p, st) for p, st, _ in held_stores], gates, store_gates, requested, started,
+                       time.perf_counter())
 
     def _expire(self, held: HeldSet) -> None:
         """The prepare's own deadline: neither commit nor abandon came."""
@@ -635,13 +642,14 @@ class SnapshotService:
             held.watchdog.cancel()
         added: list[CowVolume] = []
         made: list[tuple[SnapshotPlan, StoreSnapshots]] = []
+        lun_released: dict[str, float] = {}
         try:
             try:
                 for vol, epoch in zip(held.vols, held.cow_epochs, strict=True):
                     vol.add_snapshot(epoch)
                     added.append(vol)
                 if held.stores:
-                    made = await self._store_snapshots(held.stores)
+                    made = await self._store_snapshots(held.stores, held.store_gates, lun_released)
             except BaseException:
                 for vol, epoch in zip(added, held.cow_epochs, strict=False):
                     vol.forget_epoch(epoch)  # still held: nothing was preserved for it
@@ -656,7 +664,9 @@ class SnapshotService:
             raise
         members = {(p.lun_id, e) for p, e in zip(held.cow_plans, held.cow_epochs, strict=True)}
         self._recording = (members, asyncio.get_running_loop().create_future())
-        return TakenSet(held, made, members, (released - held.started) * 1000, released)
+        lun_hold_ms = {p.lun_name: (lun_released.get(p.lun_name, released) - held.started) * 1000
+                       for p in held.plans}
+        return TakenSet(held, made, members, (released - held.started) * 1000, released, lun_hold_ms)
 
     async def finish(self, taken: TakenSet, *, recorded: bool) -> list[SnapshotRecord]:
         """After the catalog record of a committed set: ``recorded`` says whether it committed. If it did, mark what
@@ -712,9 +722,11 @@ class SnapshotService:
         durable = (f"durable in the catalog {(times[1] - held.requested) * 1000:.2f} ms after the request: waited "
                    f"{(times[0] - taken.released) * 1000:.2f} ms for the commit thread, transaction "
                    f"{(times[1] - times[0]) * 1000:.2f} ms" if len(times) == 2 else "recorded by the coordinator")
-        log.info("snapshot%s %s taken (%s, writes held %.2f ms: drain %.2f; %s; returned after %.2f ms)",
+        per_lun = "" if len(taken.lun_hold_ms) < 2 else " (per LUN: " + ", ".join(
+            f"{n} {ms:.2f}" for n, ms in sorted(taken.lun_hold_ms.items())) + ")"
+        log.info("snapshot%s %s taken (%s, writes held %.2f ms%s: drain %.2f; %s; returned after %.2f ms)",
                  " set " + held.set_name if held.set_name else "", ", ".join(r.full_name for r in recs),
-                 "/".join(sorted(set(held.kinds))), hold_ms, (held.drained - held.started) * 1000, durable,
+                 "/".join(sorted(set(held.kinds))), hold_ms, per_lun, (held.drained - held.started) * 1000, durable,
                  (time.perf_counter() - held.requested) * 1000)
         return recs
 
@@ -735,16 +747,16 @@ class SnapshotService:
         return peers.hold_peers(names, hold_id, self.hold_timeout_s + 1.0)
 
     @staticmethod
-    async def _hold_all(busy: Sequence[CowVolume], gates: contextlib.AsyncExitStack,
-                        lus: Sequence[LogicalUnit], peers: Awaitable[None] | None = None) -> None:
+    async def _hold_all(busy: Sequence[CowVolume], lus: Sequence[tuple[LogicalUnit, contextlib.AsyncExitStack]],
+                        peers: Awaitable[None] | None = None) -> None:
         """Complete the hold: drain the copy-on-write volumes still busy, and hold every store LUN's write gate (its
-        writes in flight acknowledged, new ones queued) in ``gates``; meanwhile, ``peers`` holds the other
-        gateways' writes to the shared ones."""
+        writes in flight acknowledged, new ones queued) in the stack paired with it; meanwhile, ``peers`` holds the
+        other gateways' writes to the shared ones."""
         async def local() -> None:
             if busy:
                 await asyncio.gather(*(v.drain() for v in busy))
-            for lu in lus:
-                await gates.enter_async_context(lu.gate.exclusive(0, lu.num_blocks))
+            for lu, gate in lus:
+                await gate.enter_async_context(lu.gate.exclusive(0, lu.num_blocks))
 
         if peers is None:
             await local()
@@ -758,14 +770,31 @@ class SnapshotService:
             await asyncio.gather(*both, return_exceptions=True)
             raise
 
-    async def _store_snapshots(self, members: Sequence[tuple[SnapshotPlan, StoreSnapshots]]
+    async def _store_snapshots(self, members: Sequence[tuple[SnapshotPlan, StoreSnapshots]],
+                               gates: Sequence[contextlib.AsyncExitStack], released: dict[str, float]
                                ) -> list[tuple[SnapshotPlan, StoreSnapshots]]:
         """Take every member's store snapshot at once, each on its own thread (each is a round trip to the
-        cluster). All or none: when one fails, those made are removed again and the failure is raised."""
+        cluster), and release each member's writes (its stack in ``gates``) as soon as its own snapshot is made,
+        noting when in ``released``. All or none: when one fails, those made are removed again and the failure is
+        raised.
+
+        Releasing one member before the others' snapshots exist keeps the set one point in time: every member was
+        held (its writes in flight acknowledged) before any snapshot was begun, so no write acknowledged before
+        that instant is missing from its snapshot; and a write let through on a member afterwards cannot be in that
+        member's snapshot, which already exists. A host that issues a write to another member only after such a
+        write is acknowledged finds that member still held until its own snapshot exists, so the dependent write
+        is not in the set either."""
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self._store_executor, st.create_snapshot, p.name) for p, st in members),
-            return_exceptions=True)
+
+        async def one(p: SnapshotPlan, st: StoreSnapshots, gate: contextlib.AsyncExitStack) -> None:
+            try:
+                await loop.run_in_executor(self._store_executor, st.create_snapshot, p.name)
+            finally:  # made or failed, its writes need not wait for the others (a failed set removes the made)
+                await gate.aclose()
+                released[p.lun_name] = time.perf_counter()
+
+        results = await asyncio.gather(*(one(p, st, g) for (p, st), g in zip(members, gates, strict=True)),
+                                       return_exceptions=True)
         made = [m for m, r in zip(members, results, strict=True) if not isinstance(r, BaseException)]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
