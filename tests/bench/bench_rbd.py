@@ -3,8 +3,11 @@
 Starts the one-node test cluster (:mod:`ceph_cluster`), then, in turn for each round, ``rbd bench --io-type write``
 and ``--io-type read`` (``--io-size 128K --io-pattern seq``, ``--io-threads`` deep) on one image, and ``qemu-img
 bench`` with the same size, pattern and depth over ``iscsi://`` to a ``lunsync serve`` whose LUN is another image of
-the same size on the same cluster (librbd's settings the same for both: the cluster's ``ceph.conf``). Prints each
-run's MiB/s and, per direction, the ratio of the medians; the target is at least 0.7. ``make bench`` runs it with its
+the same size on the same cluster (librbd's settings the same for both: the cluster's ``ceph.conf``, whose librbd
+cache is Ceph's default, on and write-through until the first flush; rbd bench opens its image anew for each run and
+flushes once at its end, while the daemon keeps its image open, and the SYNCHRONIZE CACHE qemu-img sends as it
+closes its first write run turns the gateway's cache to write-back for the runs after). Prints each run's MiB/s and,
+per direction, the ratio of the medians; the target is at least 0.7. ``make bench`` runs it with its
 defaults; ``--total 64M --rounds 1`` is a smoke run.
 """
 
