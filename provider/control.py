@@ -15,7 +15,8 @@ a worker something, and the control answers a worker's calls too: it relays the 
 worker serves (:mod:`lunsync.provider.remote_snapshot`). A snapshot set over LUNs of several workers is taken by the
 two-phase hold of :mod:`lunsync.provider.cross_set` (a VSS snapshot set's too, asked by the worker holding the set),
 and a recovery set over destinations of several workers is started in parts, one per worker, by the same two phases
-and shown as one set (:mod:`lunsync.provider.cross_recovery`); other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409 that names the
+and shown as one set (:mod:`lunsync.provider.cross_recovery`; VSS's ResyncLuns too); a VSS call that acts on
+each LUN by itself is given to each worker with its own LUNs; other work that spans workers (:class:`~lunsync.provider.routing.SpansWorkers`) is refused with a 409 that names the
 workers. Under ``--gateway`` the control also runs the gateway's index rounds
 (:mod:`lunsync.provider.control_gateway`), while each worker shares the rbd LUNs it serves.
 """
@@ -292,7 +293,50 @@ class Control:
             return await self.recovery_set(req)
         if d.what == routing.RESYNC_LUNS and req.method == "POST":
             return await self.resync_luns(req)
+        if d.what == routing.PER_LUN_VSS and req.method == "POST":
+            async with self.lock:
+                return await self.per_lun_vss(req)
         return _error(409, d.message(), "conflict")
+
+    async def per_lun_vss(self, req: HttpRequest) -> HttpResponse:
+        """A VSS call that acts on each LUN it names by itself (:data:`routing.PER_LUN_ROUTES`), over LUNs of
+        several workers: each worker, in order, gets the call with its own LUNs of every list; the answers' lists
+        are put back in the request's order (a list as long as the request's, LUN by LUN) or joined. A worker that
+        refuses ends the call with its refusal, what the workers before it did standing, as one process stops at
+        the LUN it refuses."""
+        body = req.json()
+        if not isinstance(body, dict):
+            return HttpResponse.of_json(400, {"error": "a JSON object is needed", "code": "E_INVALIDARG"})
+        lists = {k: v for k, v in body.items() if isinstance(v, list)}
+        where: dict[str, list[int]] = {}  # list -> the worker of each of its LUNs
+        for key, items in lists.items():
+            where[key] = []
+            for item in items:
+                name = next((n for n in (self.serial_lun(s) for s in routing.serials(item)) if n), None)
+                where[key].append((self.lun_owner(name) if name else None) or 0)
+        merged: dict[str, Json] = {}
+        for w in sorted({w for ws in where.values() for w in ws}):
+            mine = {k: [i for i, x in enumerate(where[k]) if x == w] for k in lists}
+            sub = {**body, **{k: [lists[k][i] for i in idx] for k, idx in mine.items()}}
+            resp = await self.forward(w, HttpRequest("POST", req.path, req.query,
+                                                     (("content-type", "application/json"),),
+                                                     json.dumps(sub).encode()))
+            if not resp.ok:
+                return resp
+            out = resp.json()
+            for k, v in out.items() if isinstance(out, dict) else ():
+                if not isinstance(v, list):
+                    merged.setdefault(k, v)
+                elif k in lists and len(v) == len(mine[k]):  # one answer per LUN asked: in the request's place
+                    have = merged.setdefault(k, [None] * len(lists[k]))
+                    assert isinstance(have, list)
+                    for i, x in zip(mine[k], v, strict=True):
+                        have[i] = x
+                else:
+                    have = merged.setdefault(k, [])
+                    assert isinstance(have, list)
+                    have.extend(v)
+        return HttpResponse.of_json(200, merged)
 
     async def resync_luns(self, req: HttpRequest) -> HttpResponse:
         """VSS's ResyncLuns onto LUNs of several workers: each (snapshot LUN, LUN) described by VSS named from the

@@ -86,6 +86,10 @@ class MapLun:
 SNAPSHOT_SET = "a snapshot set"
 RECOVERY_SET = "a recovery set"
 RESYNC_LUNS = "a VSS ResyncLuns"  # a recovery set made from VSS's LUN descriptions
+# VSS calls that act on each LUN they name by itself, as one process does one after the other: each worker is asked
+# about its own LUNs (LocateLuns, OnLunStateChange, OnReuseLuns, GetTargetLuns without a set).
+PER_LUN_VSS = "a VSS call per LUN"
+PER_LUN_ROUTES = frozenset({"locate-luns", "on-lun-state-change", "on-reuse-luns", "get-target-luns"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,4 +300,6 @@ def _provider(rest: list[str], method: str, body: Json, where: Placement) -> Dec
     sid = body.get("snapshot_set_id") if isinstance(body, dict) else None
     if isinstance(sid, str) and (owner := where.set_owner(sid)) is not None:
         return Forward(owner)  # GetTargetLuns of a set: the set's worker knows its snapshots
+    if len(rest) == 1 and rest[0] in PER_LUN_ROUTES and len(_by_worker(names, where)) > 1:
+        return SpansWorkers(PER_LUN_VSS, _by_worker(names, where))
     return _one_or_spans("a VSS operation", names, where, remember_set=rest == ["resync-luns"])

@@ -419,6 +419,20 @@ def test_a_vss_snapshot_set_over_two_workers_is_taken_by_the_two_phase_hold(two:
     r = api(d, "POST", "/provider/resync-luns", {"source_luns": [targets[0]["target"], info["demo0"]],
                                                  "target_luns": [info["demo0"], info["l2"]]})
     assert r.status_code == 404 and r.json()["code"] == "VSS_E_OBJECT_NOT_FOUND", r.text
+    # The calls that act LUN by LUN, over both workers' LUNs: each worker does its own, answered in the order asked.
+    snap_infos = [t["target"] for t in targets]
+    r = api(d, "POST", "/provider/locate-luns", {"luns": snap_infos[::-1]})
+    assert r.status_code == 200, r.text
+    assert [(x["snapshot"], x["target"]) for x in r.json()["luns"]] == [(f"l2@vss-{sid}", T2),
+                                                                        (f"demo0@vss-{sid}", DEMO_IQN)], r.text
+    p = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x62 0 1M", d.url(int(r.json()["luns"][0]["lun"]),
+                                                                            iqn=T2)], timeout=60)
+    assert p.returncode == 0 and "verification failed" not in p.stdout, describe(p)
+    r = api(d, "POST", "/provider/on-lun-state-change", {"snapshot_luns": snap_infos, "flags": 0x800 | 0x100})
+    assert r.status_code == 200 and r.json()["flags"] == 0x900, r.text
+    assert sorted(r.json()["actions"]) == sorted([f"read-write demo0@vss-{sid}", f"masked demo0@vss-{sid}",
+                                                  f"read-write l2@vss-{sid}", f"masked l2@vss-{sid}"]), r.text
+    assert all(s["exposed"] is None for s in api(d, "GET", "/snapshots").json() if s["name"].endswith(f"@vss-{sid}"))
     # AbortSnapshots deletes both, each on its LUN's worker.
     r = api(d, "POST", f"/provider/snapshot-sets/{sid}/abort")
     assert r.status_code == 200 and r.json()["state"] == "aborted", r.text
