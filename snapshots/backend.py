@@ -8,15 +8,17 @@ mapping. The hot path stays on the event loop while the page cache can serve it:
 inline and only go to a thread on a cache miss, writes are ``pwritev`` into the page cache, and everything that
 waits for a disk (fdatasync, hole punching, allocation, resize) runs on the backend's own I/O threads.
 
-A stuck store stays its LUN's problem. Each backend owns a small pool of I/O threads (tgt's backing-store threads),
-so a LUN whose storage hangs holds its own threads and never the ones other LUNs flush on. Its writes go to those
-threads too when its file system is one whose page-cache writes may wait on a server or a user-space process
-(FUSE, NFS, SMB, Ceph: :func:`~lunsync.snapshots.fsutil.may_hang`), and for a while after an inline write stalled
-the loop (more than ``STALL_S``); elsewhere they stay inline, where they cost no thread hop. Reads of stores without
-RWF_NOWAIT go to the threads as well. When ``IO_QUEUE_LIMIT`` commands wait on one backend's threads, the next is
-refused with :class:`~lunsync.snapshots.errors.Saturated` (TASK SET FULL), so a stuck LUN's queue cannot grow without
-bound. This state belongs to the backend, so it moves with the LUN. Each backend keeps plain integer
-counters that a metrics collector samples; nothing here talks to Prometheus.
+A stuck store stays its LUN's problem. Each backend owns a small pool of I/O threads (tgt's backing-store threads), so a
+LUN whose storage hangs holds its own threads and never the ones other LUNs flush on. Its writes go to those threads too
+when its file system is one whose page-cache writes may wait on a server or a user-space process (FUSE, NFS, SMB, Ceph:
+:func:`~lunsync.snapshots.fsutil.may_hang`), and for a while after an inline write stalled the loop (more than
+``STALL_S``); elsewhere they stay inline, where they cost no thread hop. Reads of stores without RWF_NOWAIT go to the
+threads as well. When ``IO_QUEUE_LIMIT`` commands are on one backend's threads, the next ones wait for a place in
+arrival order; once none of them finished for ``QUEUE_WAIT_S`` the waiting ones are refused with
+:class:`~lunsync.snapshots.errors.Saturated` (TASK SET FULL), so a stuck LUN's queue cannot grow without bound, while a
+slow one (its writes here after a stall, under load) is never refused. This state belongs to the backend, so it moves
+with the LUN. Each backend keeps plain integer counters that a metrics collector samples; nothing here talks to
+Prometheus.
 
 This module is compiled with mypyc (setup.py) along with the SCSI layer: a plain WRITE reaches ``pwritev`` through
 :meth:`write_inline` with no coroutine, and the RBD backend, which stays interpreted, subclasses :class:`StoreBase`.
@@ -39,6 +41,7 @@ import os
 import stat
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,7 +73,8 @@ BLOCK_SIZES = (512, 4096)
 log = logging.getLogger("lunsync.backend")
 
 IO_THREADS = 4  # per backend, started on first use
-IO_QUEUE_LIMIT = 64  # commands waiting on one backend's threads before the next is refused (TASK SET FULL)
+IO_QUEUE_LIMIT = 64  # commands on one backend's threads; the next ones wait for a place
+QUEUE_WAIT_S = 2.0  # a waiting command is refused (TASK SET FULL) when no job finished on the threads for this long
 STALL_S = 0.05  # an inline write this slow held the event loop: the LUN's writes go to its threads for a while
 STALL_HOLD_S = 30.0
 # Read twice per inline write: a module global costs the compiled build a dict lookup, ``time.monotonic`` an attribute
@@ -176,7 +180,9 @@ class _FdBackend(StoreBase):
         self._nowait = os.RWF_NOWAIT
         # The LUN's own I/O threads (see the module docstring), and whether its writes go there.
         self._executor: ThreadPoolExecutor | None = None
-        self._queued = 0
+        self._queued = 0  # commands on the threads (running or queued in the executor), at most IO_QUEUE_LIMIT
+        self._room_waiters: deque[asyncio.Future[None]] = deque()  # commands waiting for one of those places
+        self._finished = 0  # jobs the threads finished (any outcome); written on the threads
         self._offload_writes = may_hang(fd)
         self._inline_after = 0.0  # monotonic time after which a stalled LUN writes inline again
         # Flush coalescing: ``_flush_waiting`` is the future of the next fdatasync, which has not started yet; every
@@ -249,19 +255,61 @@ class _FdBackend(StoreBase):
         """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix=f"io-{os.path.basename(self.path)}")
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._run_job, fn, *args)
         self._jobs.add(fut)
         fut.add_done_callback(self._job_done)
         return await asyncio.shield(fut)
 
+    def _run_job(self, fn: Callable[..., _T], *args: object) -> _T:
+        # On an I/O thread. The count is what tells a slow store from a stuck one (see _room); it is kept here, not in
+        # a loop callback, so that a loop that fell behind (the very reason writes came here) still sees it move.
+        try:
+            return fn(*args)
+        finally:
+            self._finished += 1
+
     async def _queued_io(self, fn: Callable[..., _T], *args: object) -> _T:
-        """A read or write on the LUN's threads, refused while as many already wait there (the store is stuck)."""
-        if self._queued >= IO_QUEUE_LIMIT:
-            raise Saturated(f"{self.path}: {self._queued} commands wait on its storage")
-        self._queued += 1
+        """A read or write on the LUN's threads. Past IO_QUEUE_LIMIT it waits its turn, and is refused only when
+        none of the commands on the threads finished for QUEUE_WAIT_S (the store is stuck)."""
+        if self._queued >= IO_QUEUE_LIMIT or self._room_waiters:
+            await self._room()  # the place of a command that finished is handed to this one
+            if self._closed:
+                self._release()
+                self._live_fd()
+        else:
+            self._queued += 1
         try:
             return await self._in_thread(fn, *args)
         finally:
+            self._release()
+
+    async def _room(self) -> None:
+        """Wait, in arrival order, until a command on the threads finishes and hands its place over. A slow store
+        (writes sent here after a stall, a busy NFS server) only makes the command wait: answering TASK SET FULL to
+        a store that keeps finishing work made initiators give up on writes after their few retries. Refused with
+        Saturated once no job finished on the threads for QUEUE_WAIT_S."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(fut)
+        try:
+            while not fut.done():
+                finished = self._finished
+                await asyncio.wait((fut,), timeout=QUEUE_WAIT_S)
+                if not fut.done() and self._finished == finished:
+                    raise Saturated(f"{self.path}: {self._queued} commands wait on its storage, none finished in "
+                                    f"{QUEUE_WAIT_S:g} s")
+        except BaseException:
+            if fut.done():
+                self._release()  # handed a place just as it gave up (cancelled): pass it on
+            else:
+                self._room_waiters.remove(fut)
+            raise
+
+    def _release(self) -> None:
+        """A command leaves the threads' queue: its place goes to the first command waiting for one, if any."""
+        waiters = self._room_waiters
+        if waiters:
+            waiters.popleft().set_result(None)
+        else:
             self._queued -= 1
 
     def _job_done(self, fut: asyncio.Future[Any]) -> None:

@@ -1093,3 +1093,104 @@ def test_a_hung_store_writes_on_its_own_threads_and_refuses_past_its_queue(tmp_p
                 await dev.close()
 
         asyncio.run(main())
+
+
+# --- a slow store against a stuck one ---------------------------------------------------------------------------------
+
+
+def _stall_then_slow(dev: FileBackend, monkeypatch: pytest.MonkeyPatch, job_s: float) -> None:
+    """Send ``dev``'s writes to its threads the way a loaded host does (one inline write held the loop past STALL_S),
+    and make every write there take ``job_s``."""
+    real = os.pwritev
+
+    def stalling(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        time.sleep(STALL_S * 1.5)
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "pwritev", stalling)
+    assert dev.write_inline(0, bytes(512)) is True
+    assert dev.write_inline(0, bytes(512)) is False  # its writes go to its threads now
+
+    def slow(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        time.sleep(job_s)
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "pwritev", slow)
+
+
+def test_writes_past_the_queue_of_a_slow_store_wait_their_turn_instead_of_task_set_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a stall a LUN's writes go to its few threads; many sessions' writes then queue past IO_QUEUE_LIMIT.
+    While the threads keep finishing work, none of them is refused, even one that waits far longer than
+    QUEUE_WAIT_S: answering TASK SET FULL there made qemu give up on a write after its retries (the soak's failure)."""
+    from lunsync.snapshots import backend
+    from lunsync.snapshots.backend import IO_QUEUE_LIMIT
+
+    monkeypatch.setattr(backend, "QUEUE_WAIT_S", 0.1)
+    n = IO_QUEUE_LIMIT + 40
+
+    async def main() -> None:
+        dev = make(tmp_path)
+        _stall_then_slow(dev, monkeypatch, 0.02)  # 4 threads: the last write waits about 0.25 s
+        t = time.monotonic()
+        results = await asyncio.gather(*(dev.write(i, bytes([i % 255 + 1]) * 512) for i in range(n)),
+                                       return_exceptions=True)
+        waited = time.monotonic() - t
+        assert [r for r in results if r is not None] == []
+        assert waited > 0.1 * 2  # the last ones waited well past QUEUE_WAIT_S, and were served
+        monkeypatch.undo()
+        for i in (0, IO_QUEUE_LIMIT, n - 1):
+            assert bytes(await dev.read(i, 1)) == bytes([i % 255 + 1]) * 512
+        assert dev.writes == n + 1
+        await dev.close()
+
+    run(main())
+
+
+def test_a_stuck_store_refuses_past_its_queue_once_nothing_finished_for_queue_wait_s(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads that finish nothing for QUEUE_WAIT_S: a command waiting for a place gets Saturated (TASK SET FULL); a
+    waiting command that is cancelled gives its turn up; once the store moves again every place is free."""
+    from lunsync.snapshots import backend
+    from lunsync.snapshots.backend import IO_QUEUE_LIMIT
+    from lunsync.snapshots.errors import Saturated
+
+    monkeypatch.setattr(backend, "QUEUE_WAIT_S", 0.2)
+    stuck = threading.Event()
+
+    async def main() -> None:
+        dev = make(tmp_path)
+        _stall_then_slow(dev, monkeypatch, 0)
+        real = os.pwritev
+
+        def hanging(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+            stuck.wait(30)
+            return real(fd, buffers, offset, *flags)
+
+        monkeypatch.setattr(os, "pwritev", hanging)
+        try:
+            held = [asyncio.ensure_future(dev.write(i, bytes([i + 1]) * 512)) for i in range(IO_QUEUE_LIMIT)]
+            await asyncio.sleep(0.05)
+            assert not any(w.done() for w in held)
+            cancelled = asyncio.ensure_future(dev.write(IO_QUEUE_LIMIT, bytes(512)))
+            await asyncio.sleep(0.05)
+            cancelled.cancel()
+            t = time.monotonic()
+            with pytest.raises(Saturated):
+                await dev.write(IO_QUEUE_LIMIT + 1, bytes(512))
+            assert time.monotonic() - t >= 0.2
+            assert cancelled.cancelled()
+        finally:
+            stuck.set()
+        await asyncio.wait_for(asyncio.gather(*held), 30)
+        # No place was lost to the refused or the cancelled command: the whole queue is there again (the LUN still
+        # writes on its threads, within the stall's hold).
+        monkeypatch.setattr(os, "pwritev", real)
+        assert dev.write_inline(0, bytes(512)) is False
+        await asyncio.gather(*(dev.write(i, b"z" * 512) for i in range(2 * IO_QUEUE_LIMIT)))
+        assert dev._queued == 0 and not dev._room_waiters
+        monkeypatch.undo()
+        assert bytes(await dev.read(IO_QUEUE_LIMIT - 1, 1)) == b"z" * 512
+        await dev.close()
+
+    run(main())

@@ -1,13 +1,14 @@
 """Soak the live daemon: ``python tests/soak/run.py --duration 300`` runs many sessions of verified I/O for a while.
 
 This module owns the soak run. It starts ``lunsync serve`` with several LUNs in one target and runs one long-lived
-qemu-io (libiscsi) process per session, fed commands on stdin: each round issues ``--qd`` asynchronous requests at
-once (``aio_write -P`` of a fresh pattern to half the session's slots, ``aio_read -P`` of the last pattern written to
-the other half, alternating), then ``aio_flush``. Each session owns its own range of one LUN, so every read has a
-known expected pattern and qemu-io verifies it. Half-way through, a snapshot of the first LUN is taken and resynced
-to a new LUN with ``lunsync resync --wait --verify`` while the load continues. At the end it checks: 0 I/O errors and
-0 verification failures, the daemon never died and logged no traceback, VmRSS stayed under the bound, and the
-daemon's open descriptors came back (no socket left open; new files only those of the snapshot and the new LUN).
+qemu-io (libiscsi) process per session, fed commands on stdin: each round issues ``--qd`` asynchronous requests at once
+(``aio_write -P`` of a fresh pattern to half the session's slots, ``aio_read -P`` of the last pattern written to the
+other half, alternating), then ``aio_flush``. Each session owns its own range of one LUN, so every read has a known
+expected pattern and qemu-io verifies it; qemu's retries of a command the target refused (BUSY, TASK SET FULL) are
+counted too. Half-way through, a snapshot of the first LUN is taken and resynced to a new LUN with ``lunsync resync
+--wait --verify`` while the load continues. At the end it checks: 0 I/O errors, 0 retries and 0 verification failures,
+the daemon never died and logged no traceback, VmRSS stayed under the bound, and the daemon's open descriptors came back
+(no socket left open; new files only those of the snapshot and the new LUN).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Session:
     ops: int = 0
     errors: list[str] = field(default_factory=list)
     error_lines: int = 0  # every error line, though only the first 20 are kept
+    # qemu's retries of a command answered BUSY or TASK SET FULL (or a retryable CHECK CONDITION): it gives up after a
+    # few, so a write the target keeps refusing is lost. A healthy store must not be refused at all.
+    retries: int = 0
+    retry_samples: list[str] = field(default_factory=list)
     last: list[int] = field(default_factory=list)
 
     def start(self) -> None:
@@ -103,6 +108,10 @@ class Session:
         for line in self.proc.stdout:
             if line.startswith(("qemu-io> wrote", "qemu-io> read", "wrote ", "read ")) and " bytes at offset " in line:
                 self.ops += 1
+            elif "iSCSI Busy/TaskSetFull/TimeOut" in line or "iSCSI CheckCondition" in line:
+                self.retries += 1
+                if len(self.retry_samples) < 3:
+                    self.retry_samples.append(f"session {self.index}: {line.strip()}")
             elif re.search(r"(?i)fail|error|verification|cannot|could not", line):
                 self.error_lines += 1
                 if len(self.errors) < 20:
@@ -204,6 +213,7 @@ def soak(duration_s: float, *, workdir: Path, sessions: int = 64, qd: int = 32, 
         result = {
             "duration_s": duration_s, "sessions": sessions, "qd": qd, "luns": luns,
             "ops": sum(s.ops for s in pool), "rounds": sum(s.rounds for s in pool),
+            "retries": sum(s.retries for s in pool), "retry_samples": [r for s in pool for r in s.retry_samples][:5],
             "mib_moved": round(sum(s.ops for s in pool) * SLOT / (1 << 20)),
             "io_errors": sum(s.error_lines for s in pool) + len([e for e in errors if "qemu-io" in e]), "daemon_died": died, "tracebacks": tracebacks,
             "rss_start_mib": round(rss_start / 1024, 1), "rss_max_mib": round(rss_max / 1024, 1),
@@ -211,8 +221,8 @@ def soak(duration_s: float, *, workdir: Path, sessions: int = 64, qd: int = 32, 
             "extra_sockets": extra_sockets, "new_fds": new, "foreign_new_fds": foreign,
             "snapshot": events.get("snapshot"), "resync": events.get("resync"), "error_samples": errors[:10],
         }
-        result["ok"] = (not errors and not died and tracebacks == 0 and rss_max <= rss_bound and extra_sockets <= 0
-                        and not foreign and len(new) <= 8 and result["ops"] > 0
+        result["ok"] = (not errors and result["retries"] == 0 and not died and tracebacks == 0
+                        and rss_max <= rss_bound and extra_sockets <= 0 and not foreign and len(new) <= 8 and result["ops"] > 0
                         and (events.get("snapshot") or {}).get("rc") == 0
                         and (events.get("resync") or {}).get("rc") == 0)
         return result
