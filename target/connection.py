@@ -186,6 +186,9 @@ class Connection:
         self.end += nbytes
         self.last_rx = now
         view = self.view
+        # The length fields are read from the bytearray, not its view: an item of a bytearray is a native read in the
+        # compiled build, one of a memoryview a Python call with an int object made for the index.
+        buf = self.buf
         box = self.box
         while True:
             phase = self.phase
@@ -196,8 +199,8 @@ class Connection:
             if avail < pdu.BHS_LEN:
                 break
             # The length fields straight from the receive buffer (RFC 7143 §11.2): no slice of it per PDU.
-            ahs = view[s + 4] * 4
-            dlen = (view[s + 5] << 16) | (view[s + 6] << 8) | view[s + 7]
+            ahs = buf[s + 4] * 4
+            dlen = (buf[s + 5] << 16) | (buf[s + 6] << 8) | buf[s + 7]
             limit = self.max_recv
             if dlen > limit:
                 self._fatal(f"data segment of {dlen} bytes exceeds MaxRecvDataSegmentLength {limit}")
@@ -232,7 +235,7 @@ class Connection:
             if pdu.crc32c(view[p:p + dlen + pad]) != want:
                 self._reject(_bhs(view, s), RejectReason.DATA_DIGEST_ERROR, "data digest error")
                 return
-        op = view[s] & 0x3F
+        op = self.buf[s] & 0x3F  # from the bytearray, as in buffer_updated
         phase = self.phase
         if op not in (_FULL_FEATURE_OPS if phase is _FULL_FEATURE else ALLOWED[phase]):
             if self.phase == Phase.LOGIN:
@@ -258,7 +261,8 @@ class Connection:
             self._reject(_bhs(view, s), RejectReason.PROTOCOL_ERROR, "only Text, NOP and Logout in discovery sessions")
             return
         try:
-            decoded = pdu.decode(view, s)
+            # A SCSI Command's BHS is whole here (buffer_updated checked its length): no re-check, no opcode dispatch.
+            decoded = pdu.decode_scsi_command(view, s) if op == 0x01 else pdu.decode(view, s)
         except pdu.DecodeError as bad:
             self._reject(_bhs(view, s), bad.reason, str(bad))
             return

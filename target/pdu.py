@@ -333,18 +333,36 @@ def opcode_of(bhs: bytes | bytearray | memoryview) -> int:
     return bhs[0] & 0x3F
 
 
+def decode_scsi_command(bhs: bytes | bytearray | memoryview, at: int) -> ScsiCommand:
+    """:func:`decode` of a BHS known to be a SCSI Command's (RFC 7143 §11.3), whole at offset ``at``: the connection
+    calls it directly, once per command, having read the opcode and checked the length itself."""
+    # Declared, because unpack_from's values are untyped: as ints, the tests below are native operations in the
+    # compiled build rather than a generic Python operation (and a new int object) each.
+    b0: int
+    flags: int
+    word4: int
+    word8: int
+    cdb: bytes
+    b0, flags, word4, word8, itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, at)
+    # LUN 0-255 in the peripheral form (the common case) is byte 1 with every other byte zero; the mask is tested in
+    # two pieces that are each a small native int, where one 64-bit mask would be a Python long operation.
+    if not (word8 >> 48) & 0xFF00 and not word8 & 0xFFFF_FFFF_FFFF:
+        lun = (word8 >> 48) & 0xFF
+    else:
+        lun = decode_lun(word8)
+    return ScsiCommand(
+        bool(b0 & 0x40), bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20), flags & 0x07,
+        lun, itt, edtl, cmd_sn, exp_stat_sn, cdb, (word4 >> 24) * 4, word4 & 0xFFFFFF,
+    )
+
+
 def decode(bhs: bytes | bytearray | memoryview, at: int = 0) -> InitiatorPdu:
     """Decode the 48-byte initiator BHS at offset ``at`` of ``bhs`` (the receive buffer is decoded in place, with no
     slice per PDU). Raises :class:`DecodeError` for anything a target must not accept."""
     if at < 0 or len(bhs) - at < BHS_LEN:
         raise DecodeError("short basic header segment")
     if bhs[at] & 0x3F == 0x01:  # SCSI Command: the hot path, so plain ints rather than enum comparisons
-        b0, flags, word4, word8, itt, edtl, cmd_sn, exp_stat_sn, cdb = _SCSI_CMD.unpack_from(bhs, at)
-        lun = (word8 >> 48) & 0xFF if not word8 & 0xFF00_FFFF_FFFF_FFFF else decode_lun(word8)
-        return ScsiCommand(
-            bool(b0 & 0x40), bool(flags & 0x80), bool(flags & 0x40), bool(flags & 0x20), flags & 0x07,
-            lun, itt, edtl, cmd_sn, exp_stat_sn, cdb, (word4 >> 24) * 4, word4 & 0xFFFFFF,
-        )
+        return decode_scsi_command(bhs, at)
     b0, flags, s2, s3, word4, word8, itt = _COMMON.unpack_from(bhs, at)
     op = b0 & 0x3F
     immediate = bool(b0 & 0x40)
