@@ -41,6 +41,14 @@ _INVERT: Final = bytes(255 - i for i in range(256))
 log = logging.getLogger(__name__)
 
 
+def _fields(layout: struct.Struct, cdb: bytes) -> tuple[int, int, int]:
+    """A READ/WRITE-family CDB's flags byte, LBA and transfer length as ints. ``unpack_from`` returns untyped values,
+    so every test of them in the handlers would be a generic Python operation in the compiled build; this converts
+    them once."""
+    flags, lba, blocks = layout.unpack_from(cdb)
+    return flags, lba, blocks
+
+
 def _check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
     if lba + blocks > lu.device.num_blocks:
         raise lba_out_of_range()
@@ -137,7 +145,7 @@ def read_6(req: Request) -> Awaitable[Buffer | None]:
 @command(0x28, data=Dir.IN, conflicts=Conflict.READ, name="READ(10)",
          usage=b"\x28\xfa\xff\xff\xff\xff\x3f\xff\xff\x00")
 def read_10(req: Request) -> Awaitable[Buffer | None]:
-    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW10, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     return _read(req.unit, lba, blocks, 7)
@@ -146,7 +154,7 @@ def read_10(req: Request) -> Awaitable[Buffer | None]:
 @command(0xA8, data=Dir.IN, conflicts=Conflict.READ, name="READ(12)",
          usage=b"\xa8\xfa\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
 def read_12(req: Request) -> Awaitable[Buffer | None]:
-    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW12, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     return _read(req.unit, lba, blocks, 6)
@@ -155,7 +163,7 @@ def read_12(req: Request) -> Awaitable[Buffer | None]:
 @command(0x88, data=Dir.IN, conflicts=Conflict.READ, name="READ(16)",
          usage=b"\x88\xfa" + b"\xff" * 12 + b"\x3f\x00")
 def read_16(req: Request) -> Awaitable[Buffer | None]:
-    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW16, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     return _read(req.unit, lba, blocks, 10)
@@ -174,7 +182,7 @@ def write_6(req: Request) -> Awaitable[None]:
 @command(0x2A, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(10)",
          usage=b"\x2a\xfa\xff\xff\xff\xff\x3f\xff\xff\x00")
 def write_10(req: Request) -> Awaitable[None]:
-    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW10, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     return _write(req, req.unit, lba, blocks, bool(flags & 0x08), 7)
@@ -183,7 +191,7 @@ def write_10(req: Request) -> Awaitable[None]:
 @command(0xAA, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(12)",
          usage=b"\xaa\xfa\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
 def write_12(req: Request) -> Awaitable[None]:
-    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW12, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     return _write(req, req.unit, lba, blocks, bool(flags & 0x08), 6)
@@ -192,7 +200,7 @@ def write_12(req: Request) -> Awaitable[None]:
 @command(0x8A, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE(16)",
          usage=b"\x8a\xfa" + b"\xff" * 12 + b"\x3f\x00")
 def write_16(req: Request) -> Awaitable[None]:
-    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW16, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     return _write(req, req.unit, lba, blocks, bool(flags & 0x08), 10)
@@ -212,21 +220,21 @@ async def _write_verify(req: Request, flags: int, lba: int, blocks: int, len_byt
 @command(0x2E, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE AND VERIFY(10)",
          usage=b"\x2e\xf2\xff\xff\xff\xff\x3f\xff\xff\x00")
 async def write_verify_10(req: Request) -> None:
-    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW10, req.cdb)
     await _write_verify(req, flags, lba, blocks, 7)
 
 
 @command(0xAE, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE AND VERIFY(12)",
          usage=b"\xae\xf2\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
 async def write_verify_12(req: Request) -> None:
-    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW12, req.cdb)
     await _write_verify(req, flags, lba, blocks, 6)
 
 
 @command(0x8E, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE AND VERIFY(16)",
          usage=b"\x8e\xf2" + b"\xff" * 12 + b"\x3f\x00")
 async def write_verify_16(req: Request) -> None:
-    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW16, req.cdb)
     await _write_verify(req, flags, lba, blocks, 10)
 
 
@@ -283,21 +291,21 @@ async def _verify(req: Request, flags: int, lba: int, blocks: int, len_byte: int
 @command(0x2F, data=Dir.OUT, conflicts=Conflict.READ, name="VERIFY(10)",
          usage=b"\x2f\xf6\xff\xff\xff\xff\x3f\xff\xff\x00")
 async def verify_10(req: Request) -> None:
-    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW10, req.cdb)
     await _verify(req, flags, lba, blocks, 7)
 
 
 @command(0xAF, data=Dir.OUT, conflicts=Conflict.READ, name="VERIFY(12)",
          usage=b"\xaf\xf6\xff\xff\xff\xff\xff\xff\xff\xff\x3f\x00")
 async def verify_12(req: Request) -> None:
-    flags, lba, blocks = _RW12.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW12, req.cdb)
     await _verify(req, flags, lba, blocks, 6)
 
 
 @command(0x8F, data=Dir.OUT, conflicts=Conflict.READ, name="VERIFY(16)",
          usage=b"\x8f\xf6" + b"\xff" * 12 + b"\x3f\x00")
 async def verify_16(req: Request) -> None:
-    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW16, req.cdb)
     await _verify(req, flags, lba, blocks, 10)
 
 
@@ -313,27 +321,27 @@ async def _sync(req: Request, lba: int, blocks: int) -> None:
 @command(0x35, conflicts=Conflict.WRITE, name="SYNCHRONIZE CACHE(10)",
          usage=b"\x35\x02\xff\xff\xff\xff\x3f\xff\xff\x00", timeout_s=60)
 async def synchronize_cache_10(req: Request) -> None:
-    _, lba, blocks = _RW10.unpack_from(req.cdb)
+    _, lba, blocks = _fields(_RW10, req.cdb)
     await _sync(req, lba, blocks)
 
 
 @command(0x91, conflicts=Conflict.WRITE, name="SYNCHRONIZE CACHE(16)",
          usage=b"\x91\x02" + b"\xff" * 12 + b"\x3f\x00", timeout_s=60)
 async def synchronize_cache_16(req: Request) -> None:
-    _, lba, blocks = _RW16.unpack_from(req.cdb)
+    _, lba, blocks = _fields(_RW16, req.cdb)
     await _sync(req, lba, blocks)
 
 
 @command(0x34, conflicts=Conflict.READ, name="PRE-FETCH(10)", usage=b"\x34\x02\xff\xff\xff\xff\x3f\xff\xff\x00")
 async def prefetch_10(req: Request) -> None:
     # The page cache does its own read-ahead; PRE-FETCH only checks its range and completes with GOOD.
-    _, lba, blocks = _RW10.unpack_from(req.cdb)
+    _, lba, blocks = _fields(_RW10, req.cdb)
     _check_range(req.unit, lba, blocks)
 
 
 @command(0x90, conflicts=Conflict.READ, name="PRE-FETCH(16)", usage=b"\x90\x02" + b"\xff" * 12 + b"\x3f\x00")
 async def prefetch_16(req: Request) -> None:
-    _, lba, blocks = _RW16.unpack_from(req.cdb)
+    _, lba, blocks = _fields(_RW16, req.cdb)
     _check_range(req.unit, lba, blocks)
 
 
@@ -387,14 +395,14 @@ async def _write_same(req: Request, flags: int, lba: int, blocks: int, len_byte:
 @command(0x41, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE SAME(10)",
          usage=b"\x41\xf8\xff\xff\xff\xff\x3f\xff\xff\x00")
 async def write_same_10(req: Request) -> None:
-    flags, lba, blocks = _RW10.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW10, req.cdb)
     await _write_same(req, flags, lba, blocks, 7, False)
 
 
 @command(0x93, data=Dir.OUT, conflicts=Conflict.WRITE, name="WRITE SAME(16)",
          usage=b"\x93\xf9" + b"\xff" * 12 + b"\x3f\x00")
 async def write_same_16(req: Request) -> None:
-    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW16, req.cdb)
     await _write_same(req, flags, lba, blocks, 10, bool(flags & 0x01))
 
 
@@ -512,7 +520,7 @@ async def compare_and_write(req: Request) -> None:
 async def orwrite_16(req: Request) -> None:
     lu = req.unit
     dev = lu.device
-    flags, lba, blocks = _RW16.unpack_from(req.cdb)
+    flags, lba, blocks = _fields(_RW16, req.cdb)
     if flags & 0xE0:
         raise invalid_field(1, 7)
     if lu.swp or dev.read_only:
