@@ -1,21 +1,27 @@
 """Differential (copy-on-write) snapshots: the pool, the snapshot-aware volume and the read-only snapshot view.
 
 This module owns the data path of snapshots. A :class:`Pool` is a directory (possibly on other, cheaper storage than
-the LUNs) holding, per origin LUN, a preserved-chunk file (``lun-<id>.cow``, fixed-size slots) and a map log
-(``lun-<id>.map``), plus ``pool.db``, the checkpointed chunk maps: ``copies(lun_id, chunk, epoch, slot)`` and
-``zero_copies`` in SQLite (a copy's ``mask`` says which units of its chunk its slot holds), WAL, ``synchronous=FULL``. A preservation batch costs one flush round: the slot file's
+the LUNs) holding, per origin LUN, a pool file of preserved units (``lun-<id>.cow``, blocks of one unit) and a map log
+(``lun-<id>.map``), plus ``pool.db``, the checkpointed chunk maps: ``packed(lun_id, chunk, epoch, loc, mask)`` (the
+units in ``mask`` of a copy lie in the blocks from ``loc`` on), ``copies(lun_id, chunk, epoch, slot, mask)`` (the
+older layout: a copy in a chunk-sized slot at ``slot x chunk``, still read and added to) and ``zero_copies`` in
+SQLite, WAL, ``synchronous=FULL``. A preservation batch costs one flush round: the pool file's
 fdatasync and one small append and fdatasync of the map log, issued together in two threads (no SQLite commit on
 the hot path; the log is checkpointed into pool.db every few thousand records, before any copy is forgotten, and at
-close), shared by every preservation that happened at the same time (group commit). A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, no slot, and
-no slot-file sync. The maps live next to the data they describe, not in the catalog, so the hot path never contends
+close), shared by every preservation that happened at the same time (group commit). A chunk that is a hole on the origin is recorded as ``ZERO``: no copy, no blocks, and
+no pool-file sync. The maps live next to the data they describe, not in the catalog, so the hot path never contends
 with management transactions, and losing the pool's storage loses the snapshots coherently, never leaving maps that
 point at nothing.
 
 A :class:`CowVolume` wraps an origin backend and is the LUN's :class:`~lunsync.snapshots.device.BlockDevice`. Each
 snapshot of the LUN has an epoch, increasing per LUN. The maps are kept per chunk, but copies are made per unit
 (4 KiB, or a 64th of a chunk larger than 256 KiB): before a unit is first overwritten after the newest snapshot, its
-old contents are copied into the chunk's slot for the newest epoch ``e`` and the copy's mask gains it, so a 4 KiB first
-write copies 4 KiB and a later first write to another unit of the chunk copies that unit into the same slot. That one
+old contents are copied into the pool for the chunk's copy of the newest epoch ``e`` and the copy's mask gains it, so a
+4 KiB first write copies 4 KiB and a later first write to another unit of the chunk adds that unit to the same copy.
+The copies are packed: a batch's units go to one run of consecutive blocks of the pool file (the first free run long
+enough, else the file's end), in chunk and unit order, written with one ``pwritev``, so the file system allocates
+and writes back one extent per batch instead of one per copy; each map record says where its units are (its slot
+field holds ``PACKED - block``, see :func:`_place`), so a copy has a piece per batch that added to it. That one
 copy serves every snapshot whose epoch lies in ``(epoch of the chunk's previous copy, e]``, so a first write costs
 the same with 8 snapshots as with 1. Reading unit ``u`` of snapshot ``s`` gives the earliest copy with epoch >= ``s``
 that holds ``u``, else the origin (a unit never overwritten while an older epoch was the newest is held by a later
@@ -23,7 +29,7 @@ copy, if any). Whether a write must preserve is a dict lookup or two (``latest c
 mask when it is not whole), so once a unit is preserved, writes go straight through.
 
 The crash argument, which holds under kill -9 and power loss with any write-cache setting: the copy is written to
-its slot, its map record (carrying the CRC-32 of the bytes copied) is appended to the map log, both files are
+the pool file, its map record (carrying the CRC-32 of the bytes copied and where they are) is appended to the map log, both files are
 fdatasync'ed at the same time, and only when both flushes have returned does the overwriting write reach the origin.
 A crash before that leaves the origin's units as they were, whatever of the copy and the record reached the disk: no
 record (the chunk is not preserved, and need not be), or a record whose copy does not match its CRC (a torn or lost
@@ -33,7 +39,9 @@ unchanged units, never a half-written copy; and batches run one after another, s
 in the last batch before the crash. Concurrent writes to one chunk share the one preservation (a per-chunk in-flight
 future), and preservations that arrive while a batch is being copied form the next batch. UNMAP and WRITE
 SAME preserve first like any write, unit by unit; ``preserve_range`` (for copiers) preserves whole chunks. A copy is freed only when no live
-snapshot maps to it, so snapshots can be deleted in any order. When a preservation fails (pool full, I/O error) the
+snapshot maps to it, so snapshots can be deleted in any order; its blocks are punched, and reused by a later batch
+only once pool.db durably no longer maps them (a free list of block runs, rebuilt at open from the maps: what no row
+maps is free), and a pool file that maps nothing is truncated. When a preservation fails (pool full, I/O error) the
 origin keeps serving: the snapshots that needed it are reported through ``on_invalid`` (which must make that durable)
 before the write proceeds, and stop counting, so they are never silently wrong. Any error of the pool's storage counts
 (ENOSPC, EROFS, EIO, a pool that cannot be opened at all): the pool's failure is the snapshots' loss, never the
@@ -73,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import errno
 import heapq
 import itertools
 import logging
@@ -99,15 +108,20 @@ ZERO = -1  # the slot of a copy of a chunk that was a hole: it reads as zeros
 # The slot of a map-log record that is no copy but says "snapshot epoch E lost a chunk": kept there when the catalog
 # cannot record the invalidation, so that a crash before it can never bring the snapshot back as valid.
 INVALIDATED = -2
+# The slot of a copy whose units are packed (see CowVolume): they lie wherever their batch put them, in the pool
+# file's blocks of one unit each, and each map record of such a copy says where its units are. A record's slot
+# field carries that place as ``PACKED - block`` (so every value up to PACKED is a packed piece, and the slots of
+# the older layout, 0 and up, keep their meaning).
+PACKED = -3
 FULL = -1  # the mask of a copy that holds every unit of its chunk (all bits set, whatever the chunk's size)
 LOG_CHECKPOINT_RECORDS = 4096  # map-log records between checkpoints into pool.db (192 KiB of log)
 _LOG_MAGIC = b"LSM3"
-# generation, chunk, epoch, slot, mask of the copy's units so far, the units this record's batch copied, the chunk
-# and unit sizes and the chunk's length on the origin (where those units lie in the slot file), and the CRC-32 of
-# their bytes in the slot file
+# generation, chunk, epoch, slot (or PACKED - block), mask of the copy's units so far (of a packed piece: its own),
+# the units this record's batch copied, the chunk and unit sizes and the chunk's length on the origin (where those
+# units lie in the pool file), and the CRC-32 of their bytes in the pool file
 _LOG_BODY = struct.Struct("<QqqqqqIIII")
 _LOG_REC = struct.Struct("<4sIQqqqqqIIII")  # magic, CRC-32 of the body, then the body: 72 bytes
-# The records of the second format (no CRC of the data: written after the slot file's own fdatasync), still read.
+# The records of the second format (no CRC of the data: written after the pool file's own fdatasync), still read.
 _LOG2_MAGIC = b"LSM2"
 _LOG2_BODY = struct.Struct("<Qqqqq")
 _LOG2_REC = struct.Struct("<4sIQqqqq")
@@ -123,6 +137,7 @@ _EXTENT_MAX = 1 << 20  # the most a preservation batch copies through one buffer
 # A batch that copies more than this flushes its copies before writing their map records, which then carry no CRC
 # (see CowVolume._copy_now); a smaller one flushes both at once.
 _CRC_MAX_BYTES = 1 << 20
+_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 
 
 class _Commit(Protocol):
@@ -172,9 +187,9 @@ class _MapLog:
     one may (found past a torn record at open, or written by an append that failed): the pool then starts a new
     generation, durably, before the next append.
 
-    A record of a copy carries the CRC-32 of the bytes its batch copied into the slot file (``data_path``), since
+    A record of a copy carries the CRC-32 of the bytes its batch copied into the pool file (``data_path``), since
     the two files are flushed at the same time and either may reach the disk without the other. Opening checks
-    every such record of the current generation (the ones not yet checkpointed) against the slot file and drops
+    every such record of the current generation (the ones not yet checkpointed) against the pool file and drops
     those that do not match: that batch's origin writes never happened, so the origin still holds what the copy
     would have held and the chunk is simply not preserved. The cost is one read of the copied bytes per record: at
     most LOG_CHECKPOINT_RECORDS records, each at most a chunk (in the worst case 256 MiB with 64 KiB chunks, 4 GiB
@@ -200,7 +215,7 @@ class _MapLog:
         first = raw[:4]
         if first in (_LOG1_MAGIC, _LOG2_MAGIC):
             # Written by an older format (LSM1: before copies had masks; LSM2: before records carried their data's
-            # CRC, when the slot file was flushed before the record was written): read it, and start a new
+            # CRC, when the pool file was flushed before the record was written): read it, and start a new
             # generation (in the current format) before the next append, since two formats' records cannot share
             # one generation.
             v1 = first == _LOG1_MAGIC
@@ -223,7 +238,7 @@ class _MapLog:
             magic, crc, rgen, chunk, epoch, slot, mask, copied, cs, unit, length, data_crc = _LOG_REC.unpack(rec)
             if magic != _LOG_MAGIC or crc != zlib.crc32(rec[8:]) or rgen != gen:
                 break
-            if slot >= 0 and copied:
+            if (slot >= 0 or slot <= PACKED) and copied:
                 checks.append((len(self.rows), (slot, cs, unit, length, copied, data_crc, chunk)))
             self.rows.append((chunk, epoch, slot, mask))
             self.end = off + _LOG_REC.size
@@ -239,13 +254,13 @@ class _MapLog:
                             sorted({self.rows[i][0] for i in drop})[:16])
                 self.rows = [r for i, r in enumerate(self.rows) if i not in drop]
                 # The dropped records stay in the file: start a new generation before the next append, so that a
-                # later open never reads them with whatever the slot file holds by then.
+                # later open never reads them with whatever the pool file holds by then.
                 self.stale_tail = True
 
     @staticmethod
     def _torn(data_path: str, checks: Sequence[tuple[int, int, int, int, int, int, int]]) -> list[int]:
         """The indexes of ``(slot, chunk size, unit, length, copied units, crc, chunk)`` whose bytes in the slot
-        file do not match their CRC. A slot file that cannot be read fails the open: dropping a record that may be
+        file do not match their CRC. A pool file that cannot be read fails the open: dropping a record that may be
         good could let a snapshot read the overwritten origin."""
         fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -253,8 +268,8 @@ class _MapLog:
             for i, (slot, cs, unit, length, copied, want, _) in enumerate(checks):
                 crc = 0
                 for off, n in _runs(copied, unit, length):
-                    got = os.pread(fd, n, slot * cs + off)
-                    crc = zlib.crc32(got + bytes(n - len(got)), crc)  # past the slot file's end reads as zeros
+                    got = os.pread(fd, n, _place(slot, copied, cs, unit, off))
+                    crc = zlib.crc32(got + bytes(n - len(got)), crc)  # past the pool file's end reads as zeros
                 if crc != want:
                     bad.append(i)
             return bad
@@ -266,7 +281,7 @@ class _MapLog:
                 alongside: Callable[[], None] | None) -> None:
         """Write and fdatasync ``rows``: durable when this returns. ``proofs`` are each row's ``(copied units,
         chunk size, unit, length, CRC-32 of the copied bytes)`` (none for a row that copied nothing);
-        ``alongside`` (the slot file's fdatasync) runs in another thread at the same time, and both must succeed.
+        ``alongside`` (the pool file's fdatasync) runs in another thread at the same time, and both must succeed.
         Caller holds ``lock`` and has started a new generation if ``stale_tail``."""
         buf = bytearray()
         for i, (chunk, epoch, slot, mask) in enumerate(rows):
@@ -327,13 +342,13 @@ class Pool:
     file per origin LUN.
 
     A map entry is durable once its record is in the LUN's map log (``lun-<id>.map``): one small fdatasync, at the
-    same time as the slot file's, instead of a SQLite commit per batch. Records carry the log's generation and a CRC; a
+    same time as the pool file's, instead of a SQLite commit per batch. Records carry the log's generation and a CRC; a
     checkpoint moves them into ``pool.db`` and bumps the generation in the same transaction, so a crash at any point
     replays each record at most into rows that are already there (INSERT OR IGNORE) and never a stale one. Copies of
-    a chunk that was a hole have no slot (``ZERO``): nothing to copy and nothing in the slot file to sync.
+    a chunk that was a hole have no slot (``ZERO``): nothing to copy and nothing in the pool file to sync.
 
     ``capacity_bytes`` caps what the pool may hold (None: the filesystem's free space is the limit). Accounting is in
-    slots allocated by the volumes open on it."""
+    the blocks of the pool files taken by the volumes open on it."""
 
     def __init__(self, name: str, path: str, capacity_bytes: int | None = None) -> None:
         self.name = name
@@ -353,7 +368,7 @@ class Pool:
         except BaseException:
             self._db.close()
             raise
-        self._used: dict[int, int] = {}  # lun_id -> bytes held in slots
+        self._used: dict[int, int] = {}  # lun_id -> bytes held in its pool file's blocks
         self._logs: dict[int, _MapLog] = {}
         # Record rows durably (see _commit): an attribute, so that a test can watch the commits of this pool.
         self.commit: _Commit = self._commit
@@ -373,6 +388,13 @@ class Pool:
             "CREATE TABLE IF NOT EXISTS zero_copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER "
             "NOT NULL, PRIMARY KEY (lun_id, chunk, epoch)) WITHOUT ROWID"
         )
+        # The pieces of packed copies: the units in ``mask`` lie in the blocks from ``loc`` on, one unit each, in
+        # order (a copy has a piece per batch that copied some of its units).
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS packed (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT "
+            "NULL, loc INTEGER NOT NULL, mask INTEGER NOT NULL, PRIMARY KEY (lun_id, loc)) WITHOUT ROWID"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS packed_copy ON packed (lun_id, chunk, epoch)")
         self._db.execute("CREATE TABLE IF NOT EXISTS map_logs (lun_id INTEGER PRIMARY KEY, gen INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS invalid_epochs (lun_id INTEGER NOT NULL, epoch INTEGER NOT NULL, "
                          "PRIMARY KEY (lun_id, epoch)) WITHOUT ROWID")
@@ -404,6 +426,8 @@ class Pool:
                 self._db.executemany("INSERT INTO copies VALUES (?, ?, ?, ?, ?) ON CONFLICT (lun_id, chunk, epoch) "
                                      "DO UPDATE SET mask = mask | excluded.mask",
                                      [(lun_id, c, e, s, m) for c, e, s, m in log_.rows if s >= 0])
+                self._db.executemany("INSERT OR IGNORE INTO packed VALUES (?, ?, ?, ?, ?)",
+                                     [(lun_id, c, e, PACKED - s, m) for c, e, s, m in log_.rows if s <= PACKED])
                 self._db.executemany("INSERT OR IGNORE INTO invalid_epochs VALUES (?, ?)",
                                      [(lun_id, e) for _, e, s, _ in log_.rows if s == INVALIDATED])
                 self._db.executemany("INSERT OR IGNORE INTO zero_copies VALUES (?, ?, ?)",
@@ -458,15 +482,18 @@ class Pool:
         with self._lock:
             rows = list(self._db.execute(
                 "SELECT chunk, epoch, slot, mask FROM copies WHERE lun_id = ? UNION ALL "
-                f"SELECT chunk, epoch, {ZERO}, {FULL} FROM zero_copies WHERE lun_id = ? ORDER BY 1, 2",
-                (lun_id, lun_id)))
+                f"SELECT chunk, epoch, {ZERO}, {FULL} FROM zero_copies WHERE lun_id = ? UNION ALL "
+                f"SELECT chunk, epoch, {PACKED} - loc, mask FROM packed WHERE lun_id = ? ORDER BY 1, 2, 3 DESC",
+                (lun_id, lun_id, lun_id)))
         if pending:
-            # As a checkpoint would: one row per copy, its mask the union of its records'.
-            merged: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+            # As a checkpoint would: one row per copy of the older layout, its mask the union of its records', and
+            # one per piece of a packed copy.
+            merged: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
             for c, e, slot, mask in rows + pending:
-                had = merged.get((c, e))
-                merged[(c, e)] = (c, e, slot, mask if had is None else had[3] | mask)
-            rows = sorted(merged.values(), key=lambda r: (r[0], r[1]))
+                key = (c, e, slot if slot <= PACKED else 0)
+                had = merged.get(key)
+                merged[key] = (c, e, slot, mask if had is None else had[3] | mask)
+            rows = sorted(merged.values(), key=lambda r: (r[0], r[1], -r[2]))
         return rows
 
     def record_invalid(self, lun_id: int, epochs: Sequence[int]) -> None:
@@ -509,7 +536,7 @@ class Pool:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for table in ("copies", "zero_copies"):
+                    for table in ("copies", "zero_copies", "packed"):
                         self._db.executemany(f"DELETE FROM {table} WHERE lun_id = ? AND chunk = ? AND epoch = ?",
                                              [(lun_id, c, e) for c, e in rows])
                     self._db.execute("COMMIT")
@@ -518,10 +545,10 @@ class Pool:
                     raise
 
     def drop_lun(self, lun_id: int) -> None:
-        """Forget every copy of ``lun_id`` and remove its slot file and map log (the LUN is gone). Blocking."""
+        """Forget every copy of ``lun_id`` and remove its pool file and map log (the LUN is gone). Blocking."""
         with self._lock:
             log_ = self._logs.pop(lun_id, None)
-            for table in ("copies", "zero_copies", "map_logs", "invalid_epochs"):
+            for table in ("copies", "zero_copies", "packed", "map_logs", "invalid_epochs"):
                 self._db.execute(f"DELETE FROM {table} WHERE lun_id = ?", (lun_id,))
             self._used.pop(lun_id, None)
         if log_ is not None:
@@ -553,7 +580,7 @@ class Pool:
         return free
 
     def reserve(self, need: int) -> None:
-        """Refuse a new slot that would take the pool past its cap (ENOSPC from the filesystem is caught later)."""
+        """Refuse new copies that would take the pool past its cap (ENOSPC from the filesystem is caught later)."""
         if self.degraded is not None:
             raise OutOfSpace(f"pool {self.name} is read-only: {self.degraded}")
         if self.capacity_bytes is not None and self.used_bytes + need > self.capacity_bytes:
@@ -600,14 +627,16 @@ InvalidHandler = Callable[[list[int], str], Awaitable[None]]
 
 @dataclass(slots=True)
 class _Item:
-    """One chunk of a preservation batch: its slot, the units to copy now, and the copy's mask once they are."""
+    """One chunk of a preservation batch: its slot (PACKED, or a slot of the older layout), the units to copy now,
+    and the copy's mask once they are; a packed one's units go to the blocks from ``loc`` on."""
 
     chunk: int
     slot: int
     copy: int
     mask: int
-    new: bool  # a new copy (a new slot), else more units for this epoch's copy
+    new: bool  # a new copy, else more units for this epoch's copy
     hole_ok: bool = True  # a new copy may be a ZERO record if the chunk is a hole (no later copy to hide)
+    loc: int = -1
 
 
 @dataclass(slots=True, eq=False)
@@ -657,8 +686,12 @@ class CowVolume:
         self.unit = unit if chunk_size % unit == 0 and unit % origin.block_size == 0 else chunk_size
         self._full = (1 << (chunk_size // self.unit)) - 1
         self._masks: dict[tuple[int, int], int] = {}  # (chunk, epoch) -> mask, when not FULL
-        self._free_slots: list[int] = []
-        self._next_slot = 0
+        # Where a packed copy's units lie: (chunk, epoch) -> [(units, first block)], one piece per batch.
+        self._places: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        # The pool file in blocks of one unit: the free runs below _end, (first block, blocks) by block.
+        self._free: list[tuple[int, int]] = []
+        self._end = 0
+        self._leaked = 0  # copies freed that the pool could not forget: their blocks stay taken until a reopen
         self._pool: Pool | None = None
         self._data_fd = -1
         self._inflight: dict[int, asyncio.Future[None]] = {}
@@ -699,7 +732,7 @@ class CowVolume:
         return self._pool
 
     def attach_pool(self, pool: Pool) -> None:
-        """Open this LUN's slot file in ``pool`` and load its maps; copies no live snapshot needs are freed."""
+        """Open this LUN's pool file in ``pool`` and load its maps; copies no live snapshot needs are freed."""
         if self._pool is not None:
             if self._pool is pool:
                 return
@@ -713,23 +746,41 @@ class CowVolume:
         self._data_fd = fd
         self._pool = pool
         self.pool_unavailable = None
-        used: set[int] = set()
+        full, per_slot = self._full, self.chunk_size // self.unit
+        used: list[tuple[int, int]] = []  # (first block, blocks)
+        packed: dict[tuple[int, int], int] = {}  # a packed copy's units: the union of its pieces'
         for chunk, epoch, slot, mask in rows:
-            self._copies.setdefault(chunk, []).append((epoch, slot))
-            if mask & self._full != self._full:
-                self._masks[(chunk, epoch)] = mask
-            if slot != ZERO:
-                used.add(slot)
+            if slot <= PACKED:
+                key, units, loc = (chunk, epoch), mask & full, PACKED - slot
+                if key not in packed:
+                    packed[key] = 0
+                    self._copies.setdefault(chunk, []).append((epoch, PACKED))
+                    self._places[key] = []
+                packed[key] |= units
+                self._places[key].append((units, loc))
+                used.append((loc, units.bit_count()))
+            else:
+                self._copies.setdefault(chunk, []).append((epoch, slot))
+                if mask & full != full:
+                    self._masks[(chunk, epoch)] = mask
+                if slot != ZERO:
+                    used.append((slot * per_slot, per_slot))
             self._top = max(self._top, epoch)
-        self._next_slot = max(used) + 1 if used else 0
-        self._free_slots = sorted(set(range(self._next_slot)) - used, reverse=True)
+        for key, units in packed.items():
+            if units != full:
+                self._masks[key] = units
+        self._free, self._end = [], 0
+        for start, n in sorted(used):
+            if start > self._end:
+                self._free.append((self._end, start - self._end))
+            self._end = max(self._end, start + n)
         self._account()
         garbage = self._unneeded()
         if garbage:
             self._free_now(garbage)
 
     def detach_pool(self) -> Pool | None:
-        """Let go of the pool once no snapshot needs copy-on-write (its slot file is then empty)."""
+        """Let go of the pool once no snapshot needs copy-on-write (its pool file is then empty)."""
         if self._pool is None or self._epochs or self._copies:
             return None
         pool, self._pool = self._pool, None
@@ -739,7 +790,7 @@ class CowVolume:
         return pool
 
     def close_pool(self) -> None:
-        """Close the slot file (the daemon is stopping, or the LUN is going away). Not for use while writes run."""
+        """Close the pool file (the daemon is stopping, or the LUN is going away). Not for use while writes run."""
         if self._data_fd >= 0:
             os.close(self._data_fd)
             self._data_fd = -1
@@ -749,7 +800,7 @@ class CowVolume:
 
     def _account(self) -> None:
         if self._pool is not None:
-            self._pool.set_used(self.lun_id, (self._next_slot - len(self._free_slots)) * self.chunk_size)
+            self._pool.set_used(self.lun_id, (self._end - sum(n for _, n in self._free)) * self.unit)
 
     @property
     def epochs(self) -> tuple[int, ...]:
@@ -765,28 +816,82 @@ class CowVolume:
 
     @property
     def slots_used(self) -> int:
-        return self._next_slot - len(self._free_slots)
+        """Copies that hold data in the pool (not those of holes), counting those freed but not yet forgotten."""
+        return sum(1 for cl in self._copies.values() for _, slot in cl if slot != ZERO) + self._leaked
+
+    def _alloc(self, n: int) -> int:
+        """The first of ``n`` consecutive free blocks of the pool file: the first free run long enough, else the
+        file's end (a batch's copies are one append, one extent)."""
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + n, length - n)
+                return start
+        start = self._end
+        self._end += n
+        return start
+
+    def _give(self, start: int, n: int) -> None:
+        """Blocks ``start`` to ``start + n`` are free again (their map rows are durably gone, or were never
+        written), joined to the runs next to them."""
+        i = bisect.bisect_left(self._free, (start, 0))
+        if i < len(self._free) and self._free[i][0] == start + n:
+            n += self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:
+            start, n = self._free[i - 1][0], self._free[i - 1][1] + n
+            i -= 1
+            del self._free[i]
+        if start + n == self._end:
+            self._end = start
+        else:
+            self._free.insert(i, (start, n))
+
+    def _blocks_of(self, chunk: int, epoch: int, slot: int) -> list[tuple[int, int]]:
+        """The pool file's ``(first block, blocks)`` runs that a copy's units take."""
+        if slot == ZERO:
+            return []
+        if slot != PACKED:
+            per_slot = self.chunk_size // self.unit
+            return [(slot * per_slot, per_slot)]
+        return [(loc, units.bit_count()) for units, loc in self._places.get((chunk, epoch), ())]
+
+    def _unit_at(self, chunk: int, epoch: int, slot: int, u: int) -> int:
+        """Where unit ``u`` of a copy is in the pool file (bytes), or ZERO."""
+        if slot == ZERO:
+            return ZERO
+        if slot != PACKED:
+            return slot * self.chunk_size + u * self.unit
+        for units, loc in self._places[(chunk, epoch)]:
+            if units >> u & 1:
+                return (loc + (units & ((1 << u) - 1)).bit_count()) * self.unit
+        raise KeyError(f"unit {u} of chunk {chunk}'s copy for epoch {epoch} has no place")
 
     def pieces(self, chunk: int, epoch: int) -> list[tuple[int, int, int | None]]:
         """Where snapshot ``epoch``'s contents of ``chunk`` are: ``(offset in the chunk, length, source)`` pieces
-        covering the whole chunk, the source being a slot of the pool file, ``ZERO`` (it was a hole: zeros) or None
-        (the origin still holds it). Each unit comes from the earliest copy with epoch >= ``epoch`` that holds it."""
+        covering the whole chunk, the source being where the piece starts in the pool file (bytes), ``ZERO`` (it
+        was a hole: zeros) or None (the origin still holds it). Each unit comes from the earliest copy with epoch
+        >= ``epoch`` that holds it."""
         cs = self.chunk_size
         cl = self._copies.get(chunk)
         if not cl or cl[-1][0] < epoch:
             return [(0, cs, None)]
         masks = self._masks
-        found = [(slot, masks.get((chunk, e), FULL)) for e, slot in cl if e >= epoch]
-        if found[0][1] == FULL:
-            return [(0, cs, found[0][0])]
+        found = [(e, slot, masks.get((chunk, e), FULL)) for e, slot in cl if e >= epoch]
+        if found[0][2] == FULL and found[0][1] != PACKED:
+            return [(0, cs, self._unit_at(chunk, found[0][0], found[0][1], 0))]
         unit = self.unit
         out: list[tuple[int, int, int | None]] = []
         for u in range(cs // unit):
-            src = next((slot for slot, mask in found if mask >> u & 1), None)
-            if out and out[-1][2] == src:
-                out[-1] = (out[-1][0], out[-1][1] + unit, src)
-            else:
-                out.append((u * unit, unit, src))
+            src = next((self._unit_at(chunk, e, slot, u) for e, slot, mask in found if mask >> u & 1), None)
+            if out:
+                prev = out[-1][2]
+                if src == prev and (src is None or src == ZERO) or (
+                        src is not None and src >= 0 and prev is not None and prev >= 0 and prev + out[-1][1] == src):
+                    out[-1] = (out[-1][0], out[-1][1] + unit, prev)
+                    continue
+            out.append((u * unit, unit, src))
         return out
 
     def changed_chunks(self, epoch: int) -> set[int]:
@@ -843,10 +948,11 @@ class CowVolume:
         """The pool could not record that these copies are gone (it is full, typically): give their space back
         anyway, since no live snapshot reads them, but never reuse their slots, whose old map rows may still be in
         pool.db (a new copy there would be shadowed by them); the next open frees them for good."""
+        runs = [r for c, e, slot in garbage for r in self._blocks_of(c, e, slot)]
+        self._leaked += sum(1 for _, _, slot in garbage if slot != ZERO)
         self._drop_copies(garbage)
-        for _, _, slot in garbage:
-            if slot != ZERO:
-                punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
+        for start, n in runs:
+            punch(self._data_fd, start * self.unit, n * self.unit)
         log.warning("lun %s: %d unneeded copies freed, but pool %s could not record it (%s); their slots stay unused "
                     "until it reopens", self.name, len(garbage), self._pool.name if self._pool else "?", exc)
 
@@ -858,20 +964,19 @@ class CowVolume:
                 if not cl:
                     del self._copies[chunk]
             self._masks.pop((chunk, e), None)
+            self._places.pop((chunk, e), None)
 
     def _release_slots(self, garbage: list[tuple[int, int, int]]) -> None:
+        runs = [r for c, e, slot in garbage for r in self._blocks_of(c, e, slot)]
         self._drop_copies(garbage)
-        self._free_slots.extend(slot for _, _, slot in garbage if slot != ZERO)
         if not self._copies:
             # Nothing preserved any more: give the whole file back.
-            self._free_slots.clear()
-            self._next_slot = 0
+            self._free, self._end, self._leaked = [], 0, 0
             os.ftruncate(self._data_fd, 0)
         else:
-            for _, _, slot in garbage:
-                if slot != ZERO:
-                    punch(self._data_fd, slot * self.chunk_size, self.chunk_size)
-            self._free_slots.sort(reverse=True)
+            for start, n in runs:
+                punch(self._data_fd, start * self.unit, n * self.unit)
+                self._give(start, n)
         self._account()
 
     # --- snapshots come and go ------------------------------------------------------------------------------------
@@ -1369,7 +1474,7 @@ class CowVolume:
             self._leave()
 
     async def close(self) -> None:
-        """Land the staged writes, wait for preservations in flight, close the slot file, then close the origin."""
+        """Land the staged writes, wait for preservations in flight, close the pool file, then close the origin."""
         await self._landed(self._stage_seq)
         self._closed = True
         if self._runner is not None:
@@ -1435,8 +1540,10 @@ class CowVolume:
         if pool is None:
             failed = {c: (self.pool_unavailable or "no pool", want) for c, want, _ in batch}
         else:
-            # In chunk order, so that new slots are taken in it too: a run of chunks then lies in a run of slots,
-            # copied as one extent (see _copy_now).
+            # In chunk order, and the batch's units packed in it into one run of blocks: a run of chunks then lies
+            # in a run of blocks, copied as one extent (see _copy_now), and scattered units are one append.
+            packed: list[_Item] = []
+            need = 0
             for c, want, _ in sorted(batch, key=_chunk_of):
                 if epoch == 0:
                     continue  # the snapshots went away meanwhile
@@ -1445,40 +1552,52 @@ class CowVolume:
                 if not missing:
                     continue  # preserved by an earlier batch
                 mine = next((slot for e, slot in self._copies.get(c, ()) if e == epoch), None)
-                if mine is not None:  # this epoch's copy lacks some units: add them to its slot
+                if mine is not None and mine >= 0:  # a copy of the older layout: its slot has room for the units
                     items.append(_Item(c, mine, missing, self._masks.get((c, epoch), FULL) | missing, False))
                     continue
+                blocks = (missing & self._full).bit_count()
                 try:
-                    pool.reserve(self.chunk_size)
+                    pool.reserve(need + blocks * self.unit)
                 except OutOfSpace as exc:
                     failed[c] = (str(exc), want)
                     continue
-                slot = self._free_slots.pop() if self._free_slots else self._take_slot()
-                # Only a chunk no later copy serves may be recorded as a whole hole (ZERO): it would hide them.
-                items.append(_Item(c, slot, missing, missing, True, hole_ok=not covered))
+                need += blocks * self.unit
+                if mine is not None:  # this epoch's copy lacks some units: a piece more
+                    it = _Item(c, PACKED, missing, self._masks.get((c, epoch), FULL) | missing, False)
+                else:  # only a chunk no later copy serves may be recorded as a whole hole (ZERO): it would hide them
+                    it = _Item(c, PACKED, missing, missing, True, hole_ok=not covered)
+                items.append(it)
+                packed.append(it)
+            if packed:
+                loc = self._alloc(need // self.unit)
+                for it in packed:
+                    it.loc = loc
+                    loc += (it.copy & self._full).bit_count()
                 self._account()
             if items:
                 done, errors = await asyncio.to_thread(self._copy_and_commit, pool, items, epoch)
                 for it in done:
                     if it.new:
                         bisect.insort(self._copies.setdefault(it.chunk, []), (epoch, it.slot))
+                    if it.slot == PACKED:
+                        self._places.setdefault((it.chunk, epoch), []).append((it.copy & self._full, it.loc))
                     if it.mask & self._full == self._full:
                         self._masks.pop((it.chunk, epoch), None)
                     else:
                         self._masks[(it.chunk, epoch)] = it.mask
                 self.stats.copies += len(done)
-                kept = {it.slot for it in done}
+                kept = {it.loc for it in done if it.slot == PACKED}
                 for it in items:
                     if it.chunk in errors:
                         failed[it.chunk] = (errors[it.chunk], it.copy)
-                    if it.new and it.slot not in kept:  # failed, or the chunk was a hole and needed no slot
-                        self._free_slots.append(it.slot)
+                    if it.slot == PACKED and it.loc not in kept:  # failed, or the chunk was a hole: no blocks
+                        blocks = (it.copy & self._full).bit_count()
                         if it.chunk in errors:  # what a failed copy wrote is mapped by nothing: give the space back
                             try:
-                                punch(self._data_fd, it.slot * self.chunk_size, self.chunk_size)
+                                punch(self._data_fd, it.loc * self.unit, blocks * self.unit)
                             except OSError:
-                                pass  # a failing pool keeps the blocks; the slot is reused all the same
-                self._free_slots.sort(reverse=True)
+                                pass  # a failing pool keeps the blocks; they are reused all the same
+                        self._give(it.loc, blocks)
                 self._account()
         if failed:
             await self._invalidate(failed)
@@ -1487,25 +1606,20 @@ class CowVolume:
             if not fut.done():
                 fut.set_result(None)
 
-    def _take_slot(self) -> int:
-        slot = self._next_slot
-        self._next_slot += 1
-        return slot
-
     def _copy_now(self, pool: Pool, items: list[_Item], epoch: int) -> tuple[list[_Item], dict[int, str]]:
         """In a thread: copy the wanted units of each chunk to its slot, then append the maps (each with the CRC of
-        the bytes it copied) to the pool's map log, fdatasync'ing the slot file and the log at the same time: one
+        the bytes it copied) to the pool's map log, fdatasync'ing the pool file and the log at the same time: one
         flush round per batch. Only after both returned does the caller let the origin be written, so a crash finds
         either a record whose copy matches its CRC, or a record that does not match (or none) and an origin still
         unchanged in those units, which an open treats as not preserved (see :class:`_MapLog`). A new copy of a
         chunk that is a hole on the origin is recorded as ``ZERO`` (whole: every unit reads zeros): no copy, and
-        when the whole batch is holes, no slot-file sync (only the map log's).
+        when the whole batch is holes, no pool-file sync (only the map log's).
 
         The copies go through one buffer per extent: units that lie next to each other both on the origin and in
-        the slot file (a sequential write's whole chunks, in slots taken in chunk order) are one ``preadv`` and one
+        the pool file (a sequential write's whole chunks, in slots taken in chunk order) are one ``preadv`` and one
         ``pwritev``, however many chunks they span, and the CRC is taken of the buffer written, so nothing is read
         back (the bytes an open will read are those bytes, or a torn write the CRC tells apart). A batch that copies
-        more than ``_CRC_MAX_BYTES`` takes two flush rounds instead, the slot file's and then the log's, and its
+        more than ``_CRC_MAX_BYTES`` takes two flush rounds instead, the pool file's and then the log's, and its
         records carry no CRC: a record reaches the disk only after its copy has, so an open has nothing to check;
         its extents of a chunk or more are copied by the kernel (``copy_file_range``)."""
         cs, unit = self.chunk_size, self.unit
@@ -1531,7 +1645,7 @@ class CowVolume:
                 continue
             pieces: list[tuple[int, int, int]] = []
             for off, n in _runs(it.copy, unit, length):
-                o, d = c * cs + off, it.slot * cs + off
+                o, d = c * cs + off, _place(it.slot if it.slot != PACKED else PACKED - it.loc, it.copy, cs, unit, off)
                 if extents:
                     eo, ed, en, members = extents[-1]
                     if eo + en == o and ed + en == d and en + n <= _EXTENT_MAX:
@@ -1550,7 +1664,11 @@ class CowVolume:
         # where the file system can), the smaller ones through a buffer, which costs less for a unit or two.
         flushed = sum(n for _, _, n, _ in extents) > _CRC_MAX_BYTES
         buffers: list[memoryview | None] = []
-        for o, d, n, members in extents:
+        # Buffers whose places in the pool file follow one another (a batch's packed units) go out in one pwritev:
+        # (extent indexes, where the first one goes).
+        run: tuple[list[int], int] = ([], 0)
+        runs: list[tuple[list[int], int]] = []
+        for x, (o, d, n, members) in enumerate(extents):
             buf = None
             try:
                 if flushed and n >= cs:
@@ -1558,11 +1676,23 @@ class CowVolume:
                 else:
                     buf = memoryview(bytearray(n))  # zeros: past the origin's end a copy reads as zeros, as there
                     pread_full(src, buf, o)
-                    pwrite_full(dst, buf, d)
+                    xs = run[0]
+                    if xs and extents[xs[-1]][1] + extents[xs[-1]][2] == d and len(xs) < _IOV_MAX:
+                        xs.append(x)
+                    else:
+                        run = ([x], d)
+                        runs.append(run)
             except OSError as exc:
                 for i in members:
                     errors[todo[i][0].chunk] = f"copying chunk {todo[i][0].chunk}: {exc.strerror or exc}"
             buffers.append(buf)
+        for xs, at in runs:
+            try:
+                _pwritev_full(dst, [b for b in (buffers[i] for i in xs) if b is not None], at)
+            except OSError as exc:
+                for x in xs:
+                    for i in extents[x][3]:
+                        errors[todo[i][0].chunk] = f"copying chunk {todo[i][0].chunk}: {exc.strerror or exc}"
         copied = [(it, length, pieces) for it, length, pieces in todo if it.chunk not in errors]
         flushed = flushed and bool(copied)
         if flushed:
@@ -1585,8 +1715,7 @@ class CowVolume:
             done.append(it)
         if done:
             try:
-                pool.commit(self.lun_id, [(it.chunk, epoch, it.slot, FULL if it.mask & self._full == self._full
-                                           else it.mask) for it in done], proofs,
+                pool.commit(self.lun_id, [_row(it, epoch, self._full) for it in done], proofs,
                             (lambda: os.fdatasync(dst)) if copied and not flushed else None)
             except (OSError, sqlite3.Error) as exc:
                 why = f"making copies durable: {getattr(exc, 'strerror', None) or exc}"
@@ -1679,7 +1808,7 @@ class SnapshotView:
                 if slot == ZERO:
                     buf[lo - start:hi - start] = bytes(hi - lo)
                 else:
-                    segments.append((slot * cs + lo - c * cs, lo - start, hi - lo))
+                    segments.append((slot + lo - c * cs - off, lo - start, hi - lo))
         if segments:
             try:
                 await asyncio.to_thread(_read_segments, vol._data_fd, buf, segments)
@@ -1709,7 +1838,7 @@ class SnapshotView:
 
     def file_extents(self, lba: int, blocks: int) -> list[FileExtent]:
         """:class:`~lunsync.snapshots.device.FileExtents`: each piece of a chunk (see :meth:`CowVolume.pieces`) is
-        in a slot of the pool file, a run of zeros (preserved as a hole), or still the origin's (split where a thin origin has holes). A filled clone's view
+        in the pool file, a run of zeros (preserved as a hole), or still the origin's (split where a thin origin has holes). A filled clone's view
         answers from the clone's own file."""
         self._check(lba, blocks)
         if self.redirect is not None:
@@ -1734,7 +1863,7 @@ class SnapshotView:
                 elif vol._data_fd < 0:
                     raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name}: the pool file is closed")
                 else:
-                    runs = [(vol._data_fd, slot * cs + lo - c * cs, hi - lo)]
+                    runs = [(vol._data_fd, slot + lo - c * cs - p_off, hi - lo)]
                 for fd, off, length in runs:
                     if out and out[-1][0] == fd and (fd < 0 or out[-1][1] + out[-1][2] == off):
                         out[-1] = (fd, out[-1][1], out[-1][2] + length)
@@ -1802,3 +1931,36 @@ def _runs(units: int, unit: int, length: int) -> list[tuple[int, int]]:
         out.append((u * unit, min(run * unit, length) - u * unit))
         u = run
     return out
+
+
+def _place(slot: int, units: int, cs: int, unit: int, off: int) -> int:
+    """Where the byte at ``off`` in a chunk lies in the pool file, for a record with this slot (of the older layout,
+    or ``PACKED - block``) that copied ``units``: a packed piece holds them one after another from its block on."""
+    if slot >= 0:
+        return slot * cs + off
+    u = off // unit
+    return (PACKED - slot + (units & ((1 << u) - 1)).bit_count()) * unit + off - u * unit
+
+
+def _row(it: _Item, epoch: int, full: int) -> tuple[int, int, int, int]:
+    """The map record of a batch item: a packed piece says where its units are and which (this batch's); a copy of
+    the older layout (or of a hole) says its slot and every unit it holds so far."""
+    if it.slot == PACKED:
+        return it.chunk, epoch, PACKED - it.loc, FULL if it.copy & full == full else it.copy
+    return it.chunk, epoch, it.slot, FULL if it.mask & full == full else it.mask
+
+
+def _pwritev_full(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """Write all of ``bufs`` one after another from ``offset`` with as few pwritev calls as the kernel allows (a
+    short write goes on where it stopped; one that makes no progress is an error)."""
+    i = 0
+    while i < len(bufs):
+        done = os.pwritev(fd, bufs[i:i + _IOV_MAX], offset)
+        if done <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        offset += done
+        while i < len(bufs) and done >= len(bufs[i]):
+            done -= len(bufs[i])
+            i += 1
+        if done:
+            bufs[i] = bufs[i][done:]

@@ -731,7 +731,10 @@ def test_a_sequential_write_over_whole_chunks_is_copied_as_one_extent(
         src = vol.origin.fileno()
         assert [c for c in calls if c[1] == src and c[0] == "r"] == [("r", src, 4 * CS)]
         assert [c for c in calls if c[1] == vol._data_fd] == [("w", vol._data_fd, 4 * CS)]
-        assert [s for _, _, _, s in log_records(pool.log_path(1))] == [0, 1, 2, 3]
+        # Packed: each chunk's units in the blocks right after the previous chunk's (one append).
+        from lunsync.snapshots import cow
+        units = CS // vol.unit
+        assert [cow.PACKED - s for _, _, _, s in log_records(pool.log_path(1))] == [0, units, 2 * units, 3 * units]
         await vol.close()
         pool.close()
         vol2, pool2 = make(tmp_path, epochs=(1,), create=False)
@@ -862,9 +865,10 @@ def test_a_torn_slot_write_is_detected_at_open_and_the_chunk_is_not_preserved(
         with pytest.raises(RuntimeError):
             await vol.write(CS // BS, pat(0xCC, U))  # and unit 0 of chunk 1
         assert vol.slots_used == 2
-        slots = {c: vol._copies[c][0][1] for c in (0, 1)}
-        # The power cut kept chunk 1's map record but not its copy: the slot holds something else.
-        put(pool.data_path(1), slots[1] * CS, pat(0x5A, U // 2))
+        place = vol.pieces(1, 1)[0][2]  # where chunk 1's unit 0 was copied in the pool file
+        assert vol.pieces(1, 1)[0][:2] == (0, U) and place is not None and place >= 0
+        # The power cut kept chunk 1's map record but not its copy: its place holds something else.
+        put(pool.data_path(1), place, pat(0x5A, U // 2))
         vol2, pool2 = make(tmp_path, epochs=(1,), create=False)
         assert vol2.slots_used == 1 and set(vol2._copies) == {0}
         assert pool2._logs[1].stale_tail is False  # the open's checkpoint started a new generation
@@ -892,9 +896,9 @@ def test_a_torn_write_of_more_units_drops_only_those_units(tmp_path: Path, monke
         _cut_before_origin(vol, monkeypatch)
         with pytest.raises(RuntimeError):
             await vol.write(3 * U // BS, pat(0xCC, U))  # unit 3 joins the same copy; the origin write is cut
-        slot = vol._copies[0][0][1]
-        assert vol.pieces(0, 1)[0] == (0, U, slot * CS)
-        put(pool.data_path(1), slot * CS + 3 * U + 100, b"\x00torn")
+        where = {off: src for off, _, src in vol.pieces(0, 1)}
+        assert vol.pieces(0, 1)[0][:2] == (0, U) and where[0] is not None and where[3 * U] is not None
+        put(pool.data_path(1), where[3 * U] + 100, b"\x00torn")  # unit 3's copy, wherever its batch put it
         vol2, _ = make(tmp_path, epochs=(1,), create=False)
         assert vol2.slots_used == 1 and vol2._masks[(0, 1)] == 0b1  # unit 0 only: unit 3 is still the origin's
         assert bytes(await vol2.view(1).read(0, CS // BS)) == pat(0xAA, CS)
@@ -1255,7 +1259,7 @@ def test_paused_staging_writes_through_and_unmap_lands_staged_writes_first(
 def test_a_staged_write_whose_copy_fails_invalidates_the_snapshot_and_still_lands(tmp_path: Path) -> None:
     async def go() -> None:
         invalid: list[list[int]] = []
-        vol, _ = staged(tmp_path, capacity=CS)
+        vol, _ = staged(tmp_path, capacity=4096)  # room for one unit's copy
 
         async def on_invalid(epochs: list[int], reason: str) -> None:
             invalid.append(epochs)
@@ -1264,7 +1268,7 @@ def test_a_staged_write_whose_copy_fails_invalidates_the_snapshot_and_still_land
         await vol.write(0, pat(0xA6, 2 * CS))
         await snap(vol, 1)
         await vol.write(0, pat(0xB6, 4096))
-        await vol.write(CS // BS, pat(0xB6, 4096))  # its chunk does not fit in the pool
+        await vol.write(CS // BS, pat(0xB6, 4096))  # its unit does not fit in the pool
         await vol.flush()
         assert invalid == [[1]] and vol.epochs == ()
         assert on_file(vol, 0, 4096) == on_file(vol, CS // BS, 4096) == pat(0xB6, 4096)
@@ -1309,6 +1313,121 @@ def test_the_geometry_follows_a_resize_and_a_reopen(tmp_path: Path) -> None:
         with pytest.raises(ReadOnly):
             await vol.write(0, pat(0xC2, BS))
         assert bytes(await vol.read(2 * SIZE // BS - 8, 8)) == pat(0xC1, 8 * BS)
+        await vol.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("state", ["closed", "crashed"])
+def test_a_pool_of_the_older_slot_layout_opens_reads_grows_and_frees(tmp_path: Path, state: str) -> None:
+    """Pools written by the code before packed copies (see data/make_old_layout_pools.py): one stopped cleanly, one
+    as a kill -9 left it (its rows in an LSM3 map log). Their copies read where their slots are; more units of an
+    old copy go into its slot, new copies are packed after the old slots, and deleting the snapshots frees it all."""
+    import tarfile
+
+    U, ocs, osize = 4096, 64 << 10, 512 << 10
+    with tarfile.open(Path(__file__).parent / "data" / "old-layout-pools.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    d = tmp_path / state
+    orig = [bytes([0x10 + c]) * ocs for c in range(osize // ocs)]
+    first = b"".join(orig)
+    second = bytearray(first)
+    second[0:U] = b"\xb0" * U
+    second[2 * ocs:3 * ocs] = b"\xb2" * ocs
+    second[3 * ocs + 5 * U:3 * ocs + 6 * U] = b"\xb3" * U
+
+    def open_vol() -> tuple[CowVolume, Pool]:
+        pool = Pool("p", str(d / "pool"))
+        return CowVolume(FileBackend.open(d / "origin.img", BS), pool, 1, ocs, (1, 2), name="lun"), pool
+
+    async def check(vol: CowVolume) -> None:
+        assert bytes(await vol.view(1).read(0, osize // BS)) == first
+        assert bytes(await vol.view(2).read(0, osize // BS)) == bytes(second)
+
+    async def go() -> None:
+        vol, pool = open_vol()
+        assert vol.slots_used == 5 and vol.pieces(2, 1) == [(0, ocs, 1 * ocs)]  # chunk 2's copy: slot 1
+        await check(vol)
+        await vol.write((2 * U) // BS, b"\xd0" * U)  # chunk 0, unit 2: into epoch 2's copy, in its slot (3)
+        assert vol.pieces(0, 2)[1] == (U, 2 * U, 3 * ocs + U)
+        await vol.write((4 * ocs) // BS, b"\xd4" * U)  # chunk 4: a new copy, packed after the 5 old slots
+        assert vol.pieces(4, 2)[0] == (0, U, 5 * ocs) and vol.slots_used == 6
+        await check(vol)
+        vol2, pool2 = open_vol()  # a crash: reopened from what is on disk, the map log as it is
+        assert vol2.slots_used == 6
+        await check(vol2)
+        pool2.close()
+        await vol.close()
+        pool.close()
+        vol3, pool3 = open_vol()
+        await check(vol3)
+        for e in (1, 2):
+            await vol3.hold()
+            try:
+                await vol3.drop_snapshot(e)
+            finally:
+                vol3.release()
+        assert vol3.slots_used == 0 and os.path.getsize(pool3.data_path(1)) == 0
+        await vol3.close()
+        pool3.close()
+        pool4 = Pool("p", str(d / "pool"))
+        assert pool4.load(1) == []  # nothing left in pool.db or the map log either
+        pool4.close()
+
+    run(go())
+
+
+def test_a_batch_of_scattered_first_writes_is_packed_into_one_append_and_freed_blocks_are_reused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lunsync.snapshots import cow
+
+    U = 4096
+
+    async def batch(vol: CowVolume, chunks: range, byte: int) -> None:
+        # Started together: they queue behind one preservation batch.
+        await asyncio.gather(*(vol.write((c * CS + (c % 16) * U) // BS, pat(byte, U)) for c in chunks))
+
+    async def go() -> None:
+        vol, pool = make(tmp_path)
+        await vol.write(0, pat(0xAA, 16 * CS))
+        await snap(vol, 1)
+        writes: list[tuple[int, int, int]] = []
+        real_pwritev = os.pwritev
+
+        def pwritev(fd: int, bufs: Any, offset: int, *a: Any) -> int:
+            writes.append((fd, offset, sum(len(memoryview(b)) for b in bufs)))
+            return real_pwritev(fd, bufs, offset, *a)
+
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        await batch(vol, range(8), 0xB1)
+        monkeypatch.undo()
+        # Eight units of eight chunks, 64 KiB apart on the origin: one write of 32 KiB at the pool file's start,
+        # and eight records saying where each one is.
+        assert [w for w in writes if w[0] == vol._data_fd] == [(vol._data_fd, 0, 8 * U)]
+        assert vol.stats.copy_batches == 1
+        assert [(c, cow.PACKED - s) for _, c, _, s in log_records(pool.log_path(1))] == [(c, c) for c in range(8)]
+        assert os.stat(pool.data_path(1)).st_blocks * 512 == 8 * U
+        assert [vol.pieces(c, 1)[(c % 16) > 0] for c in range(8)] == [(c % 16 * U, U, c * U) for c in range(8)]
+        await snap(vol, 2)
+        await batch(vol, range(8), 0xB2)  # epoch 2's copies: blocks 8-15
+        assert vol.pieces(3, 2)[1] == (3 * U, U, 11 * U)
+        await vol.hold()
+        try:
+            assert await vol.drop_snapshot(1) == 8  # blocks 0-7 are free again (punched)
+        finally:
+            vol.release()
+        assert os.stat(pool.data_path(1)).st_blocks * 512 == 8 * U
+        await snap(vol, 3)
+        await batch(vol, range(3), 0xB3)  # the first free run long enough: blocks 0-2, not past the end
+        assert [vol.pieces(c, 3)[(c % 16) > 0][2] for c in range(3)] == [0, U, 2 * U]
+        want2 = bytearray(pat(0xAA, 16 * CS))
+        for c in range(8):
+            want2[c * CS + c * U:c * CS + (c + 1) * U] = pat(0xB1, U)
+        assert bytes(await vol.view(2).read(0, 16 * CS // BS)) == bytes(want2)
+        vol2, _ = make(tmp_path, epochs=(2, 3), create=False)  # a crash: rebuilt from the records
+        assert bytes(await vol2.view(2).read(0, 16 * CS // BS)) == bytes(want2)
+        assert vol2._free == [(3, 5)] and vol2._end == 16
+        await vol2.close()
         await vol.close()
 
     run(go())
