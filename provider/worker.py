@@ -31,12 +31,13 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from lunsync.provider import cross_recovery, remote_snapshot
 from lunsync.provider.channel import Channel, ChannelClosed, report_closed_sessions, serve_sessions
 from lunsync.provider.cross_set import METHODS as HOLD_METHODS
 from lunsync.provider.cross_set import HoldParticipant
-from lunsync.provider.forward import BadForward, HttpRequest, run_asgi
+from lunsync.provider.forward import AsgiApp, BadForward, HttpRequest, run_asgi
 from lunsync.provider.rpc import Call, Json, Message, Notice, Reply
 from lunsync.provider.vss import VssError
 from lunsync.snapshots.catalog import CatalogError
@@ -71,10 +72,10 @@ class WorkerProcess:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.done = asyncio.Event()
+        self._app: AsgiApp | None = None
 
     async def start(self) -> None:
         from lunsync.provider import resync_array
-        from lunsync.provider.api import ApiContext, body_limit, create_app
         from lunsync.provider.config import load_hooks
         from lunsync.provider.daemon import Array, array_registry
         from lunsync.provider.metrics import ApiCounters
@@ -108,10 +109,9 @@ class WorkerProcess:
         self.server = Server(self.array.directory, settings)
         self.array.server = self.server
         await resync_array.attach(self.array, load_hooks(a.hooks) if a.hooks else {})
-        counters = ApiCounters()
-        ctx = ApiContext(self.array, self.server, "", counters, max_body_bytes=a.api_max_body)
-        self.app = body_limit(create_app(ctx), a.api_max_body)
-        self.registry = array_registry(self.array, self.server, counters)
+        self.counters = ApiCounters()
+        self.started = time.monotonic()
+        self.registry = array_registry(self.array, self.server, self.counters)
         self.holds = HoldParticipant(lambda: self.array.snapshots)
         self.channel = Channel(socket.socket(fileno=a.fd), self.on_message, self.done.set)
         report_closed_sessions(self.server, self.channel)
@@ -165,10 +165,22 @@ class WorkerProcess:
             return
         self.channel.send(Reply(call.id, result))
 
+    def api_app(self) -> AsgiApp:
+        """The API application answering the requests the control forwards, built at the first: building it
+        (FastAPI's import and its routes' models) costs more CPU than the rest of a worker's start, and a daemon
+        started with one worker per core pays it per worker, though most workers never get a request."""
+        if self._app is None:
+            from lunsync.provider.api import ApiContext, body_limit, create_app
+
+            ctx = ApiContext(self.array, self.server, "", self.counters, started=self.started,
+                             max_body_bytes=self.args.api_max_body)
+            self._app = body_limit(create_app(ctx), self.args.api_max_body)
+        return self._app
+
     async def handle(self, method: str, params: dict[str, Json]) -> Json:
         array = self.array
         if method == "http":
-            return (await run_asgi(self.app, HttpRequest.from_params(params))).to_result()
+            return (await run_asgi(self.api_app(), HttpRequest.from_params(params))).to_result()
         if method in HOLD_METHODS:
             return await self.holds.call(method, params)
         if method in cross_recovery.METHODS:
