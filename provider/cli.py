@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a dead gateway keeps a LUN's ownership before another takes it (2-300, default 10)")
     s.add_argument("--workers", type=int, metavar="N",
                    help="serve with N worker processes, one event loop each, each serving whole targets, behind a "
-                        "control process that runs the portals and the API (0: one per core; default: one process)")
+                        "control process that runs the portals and the API (0: one per core this process may run "
+                        "on; default and 1: one process)")
     s.add_argument("--write-staging", type=_size, metavar="SIZE",
                    help="per LUN, first writes after a snapshot held in memory while their old data is preserved, "
                         "when the LUN's write cache is on (default 64MiB; 0 makes every one wait for its copy)")
@@ -618,9 +619,11 @@ def _status(c: Any, a: argparse.Namespace) -> int:
             ["data dir", st["data_dir"]], ["portals", ", ".join(st["portals"]) or "-"], ["api", st["api"]],
             ["metrics", st["metrics"] or "off"], ["targets", str(st["targets"])], ["luns", str(st["luns"])],
             ["sessions", str(st["sessions"])], ["connections", str(st["connections"])]]
+    workers = st.get("workers") or []
+    # Without --workers, with --workers 1, or with 0 on a single core, the daemon is one process.
+    rows.append(["workers", f"{len(workers)} behind a control process" if workers else "none: one process"])
     rows += [["attention", line] for line in st.get("attention", [])]
     _table(None, ["", ""], rows)
-    workers = st.get("workers") or []
     if workers:
         _table("workers", ["Worker", "PID", "State", "Restarts", "Sessions", "Targets", "LUNs"],
                [[str(w["index"]), str(w["pid"] or "-"), "up" if w["up"] else "down", str(w["restarts"]),

@@ -751,14 +751,12 @@ def _metrics_app(control: Control) -> Any:
     return app
 
 
-async def serve_workers(opts: ServeOptions, prep: Prepared, ready: asyncio.Event | None = None) -> int:
-    """``lunsync serve --workers N``: start the workers, then the API, metrics and portals; stop on SIGTERM."""
+async def serve_workers(opts: ServeOptions, prep: Prepared, count: int, ready: asyncio.Event | None = None) -> int:
+    """``lunsync serve --workers N`` with N = ``count`` (at least 2): start the workers, then the API, metrics and
+    portals; stop on SIGTERM."""
     from lunsync.provider.api import READ_ONLY_TOKEN_FILENAME, HttpServer, TokenAuth, body_limit, ensure_token
     from lunsync.provider.daemon import METRICS_PORT, listen_portals, print_banner, stop_event
 
-    count = opts.workers or os.cpu_count() or 1
-    if count < 1:
-        raise ValueError(f"--workers takes a number of processes, at least 1, not {count}")
     if opts.gateway is not None:
         prep.settings.tpgt = opts.gateway.port_group  # the portal's TPGT is this gateway's port group
     control = Control(opts, prep, count, ensure_token(prep.data_dir),

@@ -637,8 +637,21 @@ class ServeOptions:
     hooks: str | None = None  # the hook file: named restore hooks, the only commands a restore can run
     gateway: GatewaySettings | None = None  # one of several gateways of the rbd LUNs (serve --gateway)
     write_staging_bytes: int = DEFAULT_STAGING_BYTES  # per LUN; see CowVolume.write
-    # serve --workers N: a control process and N worker processes (lunsync.provider.control); None: one process
+    # serve --workers N: a control process and N worker processes (lunsync.provider.control); 0: one per core this
+    # process may run on; None, 1, or 0 on a single core: one process
     workers: int | None = None
+
+
+def worker_count(workers: int | None) -> int:
+    """How many worker processes ``serve --workers`` asks for, 1 meaning one process: 0 is the cores this process may
+    run on (its CPU affinity, which taskset, a cpuset and systemd's CPUAffinity narrow, not the machine's count)."""
+    if workers is None:
+        return 1
+    if workers == 0:
+        return len(os.sched_getaffinity(0))
+    if workers < 0:
+        raise ValueError(f"--workers takes a number of processes, at least 1 (0: one per core), not {workers}")
+    return workers
 
 
 def array_registry(array: Array, server: Server, counters: ApiCounters) -> CollectorRegistry:
@@ -788,10 +801,11 @@ def stop_event() -> asyncio.Event:
 
 
 async def serve(opts: ServeOptions, ready: asyncio.Event | None = None) -> int:
-    if opts.workers is not None:
+    count = worker_count(opts.workers)
+    if count > 1:
         from lunsync.provider.control import serve_workers
 
-        return await serve_workers(opts, prepare(opts), ready)
+        return await serve_workers(opts, prepare(opts), count, ready)
     prep = prepare(opts)
     catalog, settings, hooks = prep.catalog, prep.settings, prep.hooks
     array = Array(prep.data_dir, catalog, ceph=catalog.get_ceph(), write_staging_bytes=opts.write_staging_bytes)

@@ -6,8 +6,9 @@ For ``--workers 1`` and ``--workers 2`` this starts ``lunsync serve`` with N = w
 ``qemu-img bench -w -d 32 -s 4096`` (iscsi-perf only reads; qemu-img's writes are sequential). It prints the aggregate
 IOPS, and the CPU time per command of each worker (utime + stime from /proc/PID/stat over the phase, divided by the
 commands of the targets it serves, which ``lunsync status`` names), of the control process (which only logs in and
-hands sessions off; over all the phase's commands) and of the initiators (from their rusage). A daemon without ``--workers`` is measured as one process for the 1-worker row and
-the 2-worker row is skipped, saying so.
+hands sessions off; over all the phase's commands) and of the initiators (from their rusage). ``--workers 1`` is one
+process, with no control, so the 1-worker row is the daemon alone. A daemon without ``--workers`` is measured as one
+process for the 1-worker row and the 2-worker row is skipped, saying so.
 
 The modelled figure for 16 cores is computed from this run's measurements, and its method printed beside it: the
 workers' CPU per command ``w`` (of the run with the most workers) and the control's ``c``; with initiators on other

@@ -83,7 +83,7 @@ def test_two_targets_on_two_workers_serve_io_and_report_per_worker(two: Daemon) 
     assert (d.data_dir / "luns" / "l2.img").read_bytes()[:MiB] == b"\x22" * MiB
     # The CLI shows the same.
     cli = run([*_cli(d), "status"], check=True).stdout
-    assert "workers" in cli and T2 in cli and str(workers[1]["pid"]) in cli
+    assert "2 behind a control process" in cli and T2 in cli and str(workers[1]["pid"]) in cli
     # Metrics: every process's exposition summed; each LUN's series from the worker that serves it.
     text = httpx.get(d.metrics_url, timeout=30).text
     assert metric(text, "lunsync_write_commands_total", lun="demo0") >= 1
@@ -438,3 +438,34 @@ def test_a_vss_snapshot_set_over_two_workers_is_taken_by_the_two_phase_hold(two:
     assert r.status_code == 200 and r.json()["state"] == "aborted", r.text
     assert not [s for s in api(d, "GET", "/snapshots").json() if s["name"].endswith(f"@vss-{sid}")]
     d.assert_healthy()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def test_workers_0_is_one_per_core_of_the_affinity_and_one_process_on_one_core(daemon_factory: Any) -> None:
+    """serve --workers 0 runs a worker per core the daemon may run on (its CPU affinity, not the machine's count);
+    pinned to one core (taskset, a cpuset) it is one process, as --workers 1 is: no control, no workers, the status
+    says so, and a LUN serves I/O."""
+    require_tools("qemu-io")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1:
+        d: Daemon = daemon_factory(workers=0, api=True, demo_size="16MiB")
+        w = status(d)["workers"]
+        assert [x["index"] for x in w] == list(range(len(cores))) and all(x["up"] for x in w), w
+        assert d.proc is not None and sorted(_children(d.proc.pid)) == sorted(x["pid"] for x in w)
+        d.terminate()
+    os.sched_setaffinity(0, {cores[0]})  # the daemon inherits it, as from taskset -c
+    try:
+        one: Daemon = daemon_factory(workers=0, api=True, demo_size="16MiB")
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert one.proc is not None and os.sched_getaffinity(one.proc.pid) == {cores[0]}
+    assert status(one)["workers"] == [] and _children(one.proc.pid) == []
+    assert "none: one process" in run([*_cli(one), "status"], check=True).stdout
+    qemu(one.url(0), "write -P 0x5a 0 64k", "flush", "read -P 0x5a 0 64k")
+    one.assert_healthy()
+    single: Daemon = daemon_factory(workers=1, api=True, demo_size="16MiB")
+    assert single.proc is not None and status(single)["workers"] == [] and _children(single.proc.pid) == []
