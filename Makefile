@@ -8,7 +8,8 @@ NATIVE ?= .venv-native
 NPY     = $(NATIVE)/bin/python
 SOURCES = $(shell find target snapshots provider -name '*.py') setup.py
 DEB_PKGS = libiscsi-bin qemu-utils qemu-block-extra tgt tshark prometheus systemd fuse3 g++-mingw-w64-x86-64 \
-           binutils-mingw-w64-x86-64 wine wine64 ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd xfsprogs
+           binutils-mingw-w64-x86-64 wine wine64 libfuse3-dev pkg-config ceph-mon ceph-mgr ceph-osd ceph-common \
+           python3-rados python3-rbd xfsprogs
 SHARED ?= ../shared
 N ?= 100000
 
