@@ -199,7 +199,9 @@ def faulty_pool(tmp_path: Path) -> Iterator[FuseMount]:
 
 @pytest.mark.parametrize("errname", ["EROFS", "EIO"])
 def test_pool_error_invalidates_the_snapshot_and_the_origin_keeps_serving(
-        daemon_factory: Callable[..., Daemon], faulty_pool: FuseMount, errname: str) -> None:
+        faulty_pool: FuseMount, daemon_factory: Callable[..., Daemon], errname: str) -> None:
+    # faulty_pool comes first so that it is torn down last: the daemon, which holds the pool's files open, must stop
+    # before the unmount, or the file system's process lingers until fusefs gives up on it (15 s each run).
     metrics = free_port()
     d, env = start(daemon_factory, metrics)
     cli(env, "pool", "create", "flaky", "--path", str(faulty_pool.mountpoint))
