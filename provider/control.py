@@ -301,7 +301,8 @@ class Control:
     async def per_lun_vss(self, req: HttpRequest) -> HttpResponse:
         """A VSS call that acts on each LUN it names by itself (:data:`routing.PER_LUN_ROUTES`), over LUNs of
         several workers: each worker, in order, gets the call with its own LUNs of every list; the answers' lists
-        are put back in the request's order (a list as long as the request's, LUN by LUN) or joined. A worker that
+        are put back in the request's order (a list as long as the request's, LUN by LUN) or joined, a yes or no is
+        yes only when every worker said yes (AreLunsSupported), and any other value is the first worker's. A worker that
         refuses ends the call with its refusal, what the workers before it did standing, as one process stops at
         the LUN it refuses."""
         body = req.json()
@@ -325,7 +326,9 @@ class Control:
                 return resp
             out = resp.json()
             for k, v in out.items() if isinstance(out, dict) else ():
-                if not isinstance(v, list):
+                if isinstance(v, bool):
+                    merged[k] = merged.get(k, True) is True and v
+                elif not isinstance(v, list):
                     merged.setdefault(k, v)
                 elif k in lists and len(v) == len(mine[k]):  # one answer per LUN asked: in the request's place
                     have = merged.setdefault(k, [None] * len(lists[k]))

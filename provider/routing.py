@@ -87,9 +87,11 @@ SNAPSHOT_SET = "a snapshot set"
 RECOVERY_SET = "a recovery set"
 RESYNC_LUNS = "a VSS ResyncLuns"  # a recovery set made from VSS's LUN descriptions
 # VSS calls that act on each LUN they name by itself, as one process does one after the other: each worker is asked
-# about its own LUNs (LocateLuns, OnLunStateChange, OnReuseLuns, GetTargetLuns without a set).
+# about its own LUNs (LocateLuns, OnLunStateChange, OnReuseLuns, GetTargetLuns without a set, and AreLunsSupported,
+# whose one answer about the whole set is true when every worker's answer about its own LUNs is).
 PER_LUN_VSS = "a VSS call per LUN"
-PER_LUN_ROUTES = frozenset({"locate-luns", "on-lun-state-change", "on-reuse-luns", "get-target-luns"})
+PER_LUN_ROUTES = frozenset({"locate-luns", "on-lun-state-change", "on-reuse-luns", "get-target-luns",
+                            "are-luns-supported"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -378,6 +378,12 @@ def test_a_vss_snapshot_set_over_two_workers_is_taken_by_the_two_phase_hold(two:
     qemu(d.url(0, iqn=T2), "write -P 0x62 0 1M", "flush")
     luns = api(d, "GET", "/provider/luns").json()["luns"]
     info = {x["name"]: x["lun_information"] for x in luns}
+    # AreLunsSupported over both workers' LUNs: yes, each named; with a LUN neither serves: no, that one unnamed.
+    r = api(d, "POST", "/provider/are-luns-supported", {"luns": [info["l2"], info["demo0"]]})
+    assert r.status_code == 200 and r.json() == {"supported": True, "luns": ["l2", "demo0"]}, r.text
+    stranger = {**info["l2"], "serial_number": "NOT-OURS", "device_id_descriptor": {"version": 1, "identifiers": []}}
+    r = api(d, "POST", "/provider/are-luns-supported", {"luns": [info["demo0"], stranger, info["l2"]]})
+    assert r.status_code == 200 and r.json() == {"supported": False, "luns": ["demo0", None, "l2"]}, r.text
     sid = "7e11"
     for snap_id, name in (("a", "demo0"), ("b", "l2")):
         r = api(d, "POST", f"/provider/snapshot-sets/{sid}/begin-prepare", {"snapshot_id": snap_id,
@@ -421,6 +427,9 @@ def test_a_vss_snapshot_set_over_two_workers_is_taken_by_the_two_phase_hold(two:
     assert r.status_code == 404 and r.json()["code"] == "VSS_E_OBJECT_NOT_FOUND", r.text
     # The calls that act LUN by LUN, over both workers' LUNs: each worker does its own, answered in the order asked.
     snap_infos = [t["target"] for t in targets]
+    # l2's snapshot is worker 1's to answer for, and is no LUN to snapshot: the set is not supported.
+    r = api(d, "POST", "/provider/are-luns-supported", {"luns": [info["demo0"], snap_infos[1]]})
+    assert r.status_code == 200 and r.json() == {"supported": False, "luns": ["demo0", None]}, r.text
     r = api(d, "POST", "/provider/locate-luns", {"luns": snap_infos[::-1]})
     assert r.status_code == 200, r.text
     assert [(x["snapshot"], x["target"]) for x in r.json()["luns"]] == [(f"l2@vss-{sid}", T2),
