@@ -276,7 +276,8 @@ class Control:
                 break
         req = HttpRequest.from_scope(scope, b"".join(chunks))
         decision = routing.route(req.method, req.path, req.json(), self.placement)
-        if req.method in ("GET", "HEAD") or isinstance(decision, (routing.FanOut, routing.SpansWorkers)):
+        if not routing.changes_placement(req.method, req.path) or isinstance(decision, (routing.FanOut,
+                                                                                        routing.SpansWorkers)):
             resp = await self.decide(decision, req)
         else:
             async with self.lock:

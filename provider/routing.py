@@ -173,6 +173,23 @@ def serials(value: Json) -> list[str]:
     return found
 
 
+# The calls that may take long and move nothing between workers: the long polls of a recovery set (its own and
+# VSS's IVssAsync::Wait) and its post-restore, which runs hooks. The control serialises changes, so that a LUN
+# moving between workers is never seen halfway; these must not hold up every other change while they last.
+LONG_CALLS = frozenset({"wait", "post-restore"})
+
+
+def changes_placement(method: str, path: str) -> bool:
+    """Whether the control must run the request one at a time with its other changes: every call but a read and
+    a recovery set's :data:`LONG_CALLS` (``/v1/recovery/ID/CALL``, ``/v1/provider/async/ID/CALL``)."""
+    if method in ("GET", "HEAD"):
+        return False
+    parts = [unquote(p) for p in path.strip("/").split("/")]
+    of_a_set = (len(parts) == 4 and parts[:2] == ["v1", "recovery"]) or (
+        len(parts) == 5 and parts[:3] == ["v1", "provider", "async"])
+    return method != "POST" or not of_a_set or parts[-1] not in LONG_CALLS
+
+
 def route(method: str, path: str, body: Json, where: Placement) -> Decision:
     """Where the request ``method path`` (with its JSON ``body``, None if none or not JSON) goes."""
     parts = [unquote(p) for p in path.strip("/").split("/")]

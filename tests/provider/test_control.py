@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -145,6 +146,15 @@ def test_the_control_api_routes_moves_and_refuses_with_reasons(two: Daemon) -> N
     assert r.status_code == 409 and "spans workers" in r.json()["error"], r.text
     assert "worker 0: recovery set" in r.json()["error"] and "worker 1: l2" in r.json()["error"], r.text
     assert "destination LUNs" in r.json()["error"], r.text
+    # A long poll of that set (it has not started, so it lasts its timeout) holds up no change meanwhile.
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        waiting = pool.submit(api, d, "POST", f"/recovery/{step}/wait?timeout_s=4")
+        time.sleep(0.3)
+        assert api(d, "POST", "/luns", {"name": "l3", "size": "1MiB"}).status_code == 201
+        assert not waiting.done(), "the wait ended before the change it should not have held up"
+        assert api(d, "DELETE", "/luns/l3").status_code in (200, 204)
+        assert waiting.result().status_code == 200 and time.monotonic() - t0 >= 4
     assert api(d, "POST", f"/recovery/{step}/cancel").status_code == 200
     # Exposed on worker 1's target, worker 0's snapshot is served there (read across: test_remote_snapshot.py).
     r = api(d, "POST", "/snapshots/demo0@x/expose", {"target": T2})

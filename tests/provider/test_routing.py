@@ -120,3 +120,14 @@ def test_sets_stick_to_the_worker_that_made_them() -> None:
     spanning = routing.Placement(WHERE.target_owner, WHERE.lun_owner, WHERE.set_owner, WHERE.serial_lun,
                                  WHERE.exposed_on, {"0123456789ab"}.__contains__)
     assert route("POST", "/v1/provider/async/0123456789ab/wait", {}, spanning) == SpansWorkers(routing.RECOVERY_SET)
+
+
+def test_only_reads_and_long_calls_run_beside_the_controls_changes() -> None:
+    assert not routing.changes_placement("GET", "/v1/luns")
+    for path in ("/v1/recovery/rs1/wait", "/v1/recovery/rs1/post-restore", "/v1/provider/async/rs1/wait"):
+        assert not routing.changes_placement("POST", path), path
+    for path in ("/v1/recovery/rs1/cancel", "/v1/recovery/resync", "/v1/luns", "/v1/targets/iqn.x/luns",
+                 "/v1/snapshots", "/v1/luns/wait/grow", "/v1/luns/wait"):  # a LUN named "wait" is any LUN
+        assert routing.changes_placement("POST", path), path
+    assert routing.changes_placement("DELETE", "/v1/luns/wait")
+    assert routing.changes_placement("DELETE", "/v1/recovery/rs1/wait")
