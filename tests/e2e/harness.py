@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -92,6 +93,31 @@ def _accepts(port: int, host: str = "127.0.0.1") -> bool:
 
 class DaemonFailed(AssertionError):
     pass
+
+
+class _NotifySocket:
+    """A NOTIFY_SOCKET for one start of the daemon (an abstract unix datagram socket: no path to clean up or to
+    outgrow sun_path), and whether READY=1 has arrived on it."""
+
+    def __init__(self) -> None:
+        name = f"lunsync-e2e-{os.getpid()}-{secrets.token_hex(8)}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + name)
+        self.sock.setblocking(False)
+        self.address = "@" + name
+        self._ready = False
+
+    def ready(self) -> bool:
+        while not self._ready:
+            try:
+                datagram = self.sock.recv(4096)
+            except BlockingIOError:
+                break
+            self._ready = b"READY=1" in datagram.split(b"\n")
+        return self._ready
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Daemon:
@@ -178,26 +204,39 @@ class Daemon:
 
     def _spawn_and_wait(self) -> None:
         self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts}: {' '.join(self.command())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        pending = [(self.host, p) for p in self.ports]
-        pending += [("127.0.0.1", p) for p in (self.api_port, self.metrics_port) if p]
-        while pending:
-            if self.proc.poll() is not None:
-                raise DaemonFailed(f"lunsync serve exited {self.proc.returncode} during start-up\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self._kill()
-                raise DaemonFailed(f"lunsync serve did not accept on {pending} within {START_TIMEOUT_S}s\n"
-                                   f"{self.log_tail()}")
-            pending = [(h, p) for h, p in pending if not _accepts(p, h)]
-            if pending:
-                time.sleep(0.05)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # The daemon says READY=1 (sd_notify) once every portal, the API and metrics listen, which is more than the
+        # harness can see by connecting: a test may add listeners of its own (--listen, a config's portals), and
+        # the last of them binds after the first already accepts. A test that watches NOTIFY_SOCKET itself keeps it.
+        notify = None if "NOTIFY_SOCKET" in self.env else _NotifySocket()
+        if notify is not None:
+            env["NOTIFY_SOCKET"] = notify.address
+        try:
+            with open(self.log_path, "ab") as log:
+                log.write(f"\n===== start #{self.starts}: {' '.join(self.command())}\n".encode())
+                log.flush()
+                self.proc = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cwd=self.workdir, env=env, start_new_session=True,
+                )
+            deadline = time.monotonic() + START_TIMEOUT_S
+            pending = [(self.host, p) for p in self.ports]
+            pending += [("127.0.0.1", p) for p in (self.api_port, self.metrics_port) if p]
+            while pending or (notify is not None and not notify.ready()):
+                if self.proc.poll() is not None:
+                    raise DaemonFailed(f"lunsync serve exited {self.proc.returncode} during start-up\n"
+                                       f"{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    self._kill()
+                    waiting = f"accept on {pending}" if pending else "say READY=1"
+                    raise DaemonFailed(f"lunsync serve did not {waiting} within {START_TIMEOUT_S}s\n"
+                                       f"{self.log_tail()}")
+                pending = [(h, p) for h, p in pending if not _accepts(p, h)]
+                if pending or (notify is not None and not notify.ready()):
+                    time.sleep(0.05)
+        finally:
+            if notify is not None:
+                notify.close()
 
     @property
     def running(self) -> bool:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
-from e2e.harness import DEMO_IQN, Daemon, describe, free_port, require_tools, run
+from e2e.harness import DEMO_IQN, Daemon, DaemonFailed, describe, free_port, require_tools, run
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +33,21 @@ def discover(host: str, port: int) -> list[str]:
     return re.findall(r"Portal:(\S+)", p.stdout)
 
 
+def on_own_ports(daemon_factory: Callable[..., Daemon], count: int,
+                 kwargs_for: Callable[[list[int]], Mapping[str, Any]]) -> tuple[Daemon, list[int]]:
+    """A daemon listening on ``count`` ports the test picks besides the harness's own. Another process may take one
+    between free_port() and the daemon's bind (a split daemon binds seconds later); the harness picks its own ports
+    again then, but not the test's, so pick them again here."""
+    for attempt in range(3):
+        ports = [free_port() for _ in range(count)]
+        try:
+            return daemon_factory(**kwargs_for(ports)), ports
+        except DaemonFailed as e:
+            if attempt == 2 or "in use" not in str(e).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
 def login_works(portal: str) -> None:
     """A normal session to the answered portal (``HOST:PORT,TPGT``): INQUIRY and READ CAPACITY(16)."""
     address = portal.rsplit(",", 1)[0]
@@ -44,13 +60,16 @@ def login_works(portal: str) -> None:
 def test_wildcard_portal_answers_each_discovery_with_the_address_it_was_reached_on(
         daemon_factory: Callable[..., Daemon]) -> None:
     require_tools("iscsi-ls", "iscsi-inq", "iscsi-readcapacity16")
-    v4 = free_port()
-    args = ["--listen", f"0.0.0.0:{v4}"]
-    v6 = None
-    if _has_ipv6_loopback():
-        v6 = free_port()
-        args += ["--listen", f"[::]:{v6}"]
-    d = daemon_factory(extra_args=args)
+    ipv6 = _has_ipv6_loopback()
+
+    def listen(ports: list[int]) -> dict[str, Any]:
+        args = ["--listen", f"0.0.0.0:{ports[0]}"]
+        if ipv6:
+            args += ["--listen", f"[::]:{ports[1]}"]
+        return {"extra_args": args}
+
+    d, ports = on_own_ports(daemon_factory, 2 if ipv6 else 1, listen)
+    v4, v6 = ports[0], (ports[1] if ipv6 else None)
     for host in ("127.0.0.1", "127.0.0.2"):
         portals = discover(host, v4)
         # The harness's own 127.0.0.1 portal is listed as it is; the wildcard one as the address reached.
@@ -66,11 +85,11 @@ def test_wildcard_portal_answers_each_discovery_with_the_address_it_was_reached_
 
 def test_advertise_replaces_the_listen_addresses_in_discovery(daemon_factory: Callable[..., Daemon]) -> None:
     require_tools("iscsi-ls", "iscsi-inq", "iscsi-readcapacity16")
-    wild = free_port()
     # As behind NAT: initiators are told an address that is not one the daemon binds as such (here another
     # loopback address that the wildcard socket also serves).
-    config = f'[portal]\nlisten = ["0.0.0.0:{wild}"]\nadvertise = ["127.0.0.3:{wild}"]\n'
-    d = daemon_factory(config=config, extra_args=["--listen", f"0.0.0.0:{wild}"])
+    d, (wild,) = on_own_ports(daemon_factory, 1, lambda ports: {
+        "config": f'[portal]\nlisten = ["0.0.0.0:{ports[0]}"]\nadvertise = ["127.0.0.3:{ports[0]}"]\n',
+        "extra_args": ["--listen", f"0.0.0.0:{ports[0]}"]})
     for host in ("127.0.0.1", "127.0.0.2"):
         assert discover(host, wild) == [f"127.0.0.3:{wild},1"]
     login_works(f"127.0.0.3:{wild},1")
