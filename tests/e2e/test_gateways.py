@@ -77,8 +77,8 @@ luns = [{{ lun = 0, name = "{image}" }}]
                 extra_args=["--gateway", "gw-a", "--port-group", "1", *common])
     # B is split into a control and two workers (serve --workers 2), A is as the run makes every daemon (one
     # process, unless LUNSYNC_E2E_WORKERS): a gateway is one gateway to the others and to initiators either way.
-    b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2", metrics=True,
-                workers=2, extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
+    b = Gateway(tmp_path / "b", config=ceph_section(ceph_cluster), demo=False, host="127.0.0.2", api=True,
+                metrics=True, workers=2, extra_args=["--gateway", "gw-b", "--port-group", "2", *common])
     for g in (a, b):
         g.iqn, g.image, g.ceph_conf = iqn, f"{POOL}/{image}", str(ceph_cluster.conf)
     try:
@@ -414,9 +414,17 @@ def hold_watchers(g: Gateway) -> int:
     return p.stdout.count("watcher=")
 
 
+def serving_processes(g: Gateway) -> int:
+    """How many processes of ``g`` serve LUNs, as its status says: each worker behind a control, or the one process
+    (what the daemon was started with is not the count: a default or ``--workers 0`` is a number of cores)."""
+    st = httpx.get(g.api_url + "/v1/status", headers={"Authorization": f"Bearer {g.api_token}"}, timeout=30)
+    assert st.status_code == 200, st.text
+    return len(st.json()["workers"]) or 1
+
+
 def no_stale_watches(*gateways: Gateway) -> None:
     """Wait until the only watches are these gateways' (one per process that serves LUNs: each worker)."""
-    want = sum(g.workers or 1 for g in gateways)
+    want = sum(serving_processes(g) for g in gateways)
     wait_for(lambda: hold_watchers(gateways[0]) == want, 4 * LEASE_S,
              f"{hold_watchers(gateways[0])} watches on lunsync.gateways, not {want}")
 
