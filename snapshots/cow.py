@@ -337,6 +337,20 @@ class _MapLog:
         os.close(self.fd)
 
 
+def _journal_mode_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> str:
+    """Put a pool's database in WAL mode; its journal mode. On a new database another opener's transaction (a worker
+    of serve --workers opening the pool at the same time) makes the switch fail with "database is locked" at once,
+    without the busy handler's wait, so wait here, as long as the connection's busy timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Pool:
     """A snapshot pool: a directory with the chunk maps (``pool.db``, plus one map log per origin LUN) and one slot
     file per origin LUN.
@@ -359,7 +373,7 @@ class Pool:
         self._db = sqlite3.connect(os.path.join(self.path, POOL_DB), isolation_level=None, check_same_thread=False,
                                    timeout=30.0)
         try:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _journal_mode_wal(self._db)
             if mode != "wal":
                 raise StorageError(f"pool {name}: cannot use WAL journaling in {self.path} (got {mode!r})")
             # FULL: a checkpoint that returned is on stable storage, so its log may be emptied.
@@ -376,6 +390,18 @@ class Pool:
         self.degraded: str | None = None
 
     def _create_tables(self) -> None:
+        # One write transaction, taken at once (BEGIN IMMEDIATE waits out another's, up to the busy timeout): the
+        # workers of serve --workers open a new pool together, and one's column check must not fall between the
+        # other's CREATE and ALTER, or both add the column and the second fails (duplicate column name: mask).
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._create_tables_now()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _create_tables_now(self) -> None:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS copies (lun_id INTEGER NOT NULL, chunk INTEGER NOT NULL, epoch INTEGER NOT "
             "NULL, slot INTEGER NOT NULL, PRIMARY KEY (lun_id, chunk, epoch), UNIQUE (lun_id, slot)) WITHOUT ROWID"

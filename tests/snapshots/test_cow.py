@@ -1431,3 +1431,33 @@ def test_a_batch_of_scattered_first_writes_is_packed_into_one_append_and_freed_b
         await vol.close()
 
     run(go())
+
+
+def test_two_openers_of_a_new_pool_make_its_schema_once(tmp_path: Path) -> None:
+    """The workers of serve --workers open the default pool together when the data dir is new; each checks for the
+    mask column and adds it, so without one transaction around the schema the second failed with "duplicate column
+    name: mask" about one time in eight here, and that worker had no snapshot pool."""
+    import threading
+
+    for n in range(100):
+        path = str(tmp_path / f"pool{n}")
+        barrier = threading.Barrier(2)
+        opened: list[Pool] = []
+        failed: list[BaseException] = []
+
+        def open_it(path: str = path, barrier: threading.Barrier = barrier, opened: list[Pool] = opened,
+                    failed: list[BaseException] = failed) -> None:
+            barrier.wait()
+            try:
+                opened.append(Pool("default", path))
+            except Exception as e:  # noqa: BLE001 - the assertion below shows it
+                failed.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in opened:
+            p.close()
+        assert not failed, (n, failed)
