@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 import pytest
 
@@ -140,7 +140,7 @@ class Daemon:
         api: bool = False,
         metrics: bool = False,
         host: str = "127.0.0.1",
-        workers: int | None = None,
+        workers: int | Literal["default"] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.host = host  # where the iSCSI portals listen (any 127.0.0.0/8 address: a second gateway "host")
@@ -152,10 +152,12 @@ class Daemon:
             self.config_path = self.workdir / "lunsync.toml"
             self.config_path.write_text(config)
         self.portals = portals
-        # serve --workers N (a control process and N workers); LUNSYNC_E2E_WORKERS sets it for every daemon a test
-        # starts without saying, which is how `make test` runs the conformance and e2e tests split into workers.
+        # serve --workers N (a control process and N workers; 1 is one process). A daemon a test starts without
+        # saying is one process: the suite starts hundreds, and split one starts about a second slower (the
+        # daemon's own default is a worker per core). LUNSYNC_E2E_WORKERS sets it for every such daemon, which is
+        # how `make test` runs the conformance and e2e tests split into workers; "default" passes no --workers.
         env_workers = os.environ.get("LUNSYNC_E2E_WORKERS")
-        self.workers = workers if workers is not None else (int(env_workers) if env_workers else None)
+        self.workers = workers if workers is not None else (int(env_workers) if env_workers else 1)
         self.demo, self.demo_size = demo, demo_size
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
@@ -165,6 +167,7 @@ class Daemon:
         self.api_port: int | None = None
         self.metrics_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self._notify: _NotifySocket | None = None
         self.starts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
@@ -181,7 +184,7 @@ class Daemon:
             cmd.append("--demo")
             if self.demo_size:
                 cmd += ["--demo-size", self.demo_size]
-        if self.workers is not None:
+        if self.workers != "default":
             cmd += ["--workers", str(self.workers)]
         return cmd + self.extra_args
 
@@ -208,7 +211,9 @@ class Daemon:
         # The daemon says READY=1 (sd_notify) once every portal, the API and metrics listen, which is more than the
         # harness can see by connecting: a test may add listeners of its own (--listen, a config's portals), and
         # the last of them binds after the first already accepts. A test that watches NOTIFY_SOCKET itself keeps it.
-        notify = None if "NOTIFY_SOCKET" in self.env else _NotifySocket()
+        # Kept open while the daemon runs, so that its STOPPING=1 at shutdown finds it (else it logs a warning).
+        self._close_notify()
+        notify = self._notify = None if "NOTIFY_SOCKET" in self.env else _NotifySocket()
         if notify is not None:
             env["NOTIFY_SOCKET"] = notify.address
         try:
@@ -234,9 +239,14 @@ class Daemon:
                 pending = [(h, p) for h, p in pending if not _accepts(p, h)]
                 if pending or (notify is not None and not notify.ready()):
                     time.sleep(0.05)
-        finally:
-            if notify is not None:
-                notify.close()
+        except BaseException:
+            self._close_notify()
+            raise
+
+    def _close_notify(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
 
     @property
     def running(self) -> bool:
@@ -251,6 +261,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self._kill()
             raise AssertionError(f"lunsync serve ignored SIGTERM for {timeout}s\n{self.log_tail()}") from None
+        self._close_notify()
         assert rc == 0, f"lunsync serve exited {rc} on SIGTERM\n{self.log_tail()}"
         return rc
 
@@ -267,6 +278,7 @@ class Daemon:
             except ProcessLookupError:
                 pass
             self.proc.wait(10)
+        self._close_notify()
 
     def restart(self, *, clean: bool = True) -> Daemon:
         """Stop (SIGTERM, or SIGKILL with ``clean=False``) and start again on the same ports and data dir."""
