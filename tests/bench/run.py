@@ -1,6 +1,6 @@
 """``make bench``: the shared tgt comparison against a fresh daemon, then lunsync's own benchmarks, as one table.
 
-Starts ``lunsync serve --demo`` (thin 1 GiB LUN, write cache on) in a temporary data dir on a free loopback port,
+Starts ``lunsync serve --demo --workers 1`` (one process; thin 1 GiB LUN, write cache on) in a temporary data dir on a free loopback port,
 runs ``SHARED/tools/bench`` against it (tgt started by that tool beside it, A B A B), then the snapshot and resync
 benchmarks in ``tests/snapshots`` and ``tests/provider``, the RBD one in ``tests/bench/bench_rbd.py``, and three runs
 of ``tests/bench/hotpath.py`` (CPU per command without a client). The copy-on-write iSCSI bench runs twice: on the
@@ -58,7 +58,10 @@ def machine() -> str:
 def start_daemon(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     log = open(data_dir.parent / "daemon.log", "wb")  # noqa: SIM115 - the daemon writes to it for its whole life
     proc = subprocess.Popen([PY, "-m", "lunsync.provider.cli", "serve", "--demo", "--data-dir", str(data_dir),
-                             "--listen", f"127.0.0.1:{port}", "--api", "off", "--metrics", "off"],
+                             "--listen", f"127.0.0.1:{port}", "--api", "off", "--metrics", "off",
+                             # One process, as the README's table was measured: the demo's one target is one
+                             # worker's anyway, and tests/bench/scaling.py measures workers.
+                             "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

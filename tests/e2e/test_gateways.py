@@ -324,7 +324,7 @@ def test_gateway_without_its_pool_refuses_to_start(ceph_cluster: CephCluster, tm
     conf = tmp_path / "gw.toml"
     conf.write_text(ceph_section(ceph_cluster))
     p = run([*lunsync_command(), "serve", "--data-dir", str(tmp_path / "data"), "--config", str(conf), "--listen",
-             "127.0.0.1:0", "--api", "off", "--metrics", "off", "--gateway", "gw-x", "--port-group", "9",
+             "127.0.0.1:0", "--api", "off", "--metrics", "off", "--workers", "1", "--gateway", "gw-x", "--port-group", "9",
              "--gateway-pool", "no-such-pool"], timeout=120)
     assert p.returncode == 1, describe(p)
     assert "gateway gw-x: cannot join through the cluster" in p.stderr and "no-such-pool" in p.stderr, describe(p)
