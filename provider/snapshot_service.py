@@ -115,6 +115,7 @@ class HeldSet:
     requested: float
     started: float  # perf_counter when the hold closed
     drained: float
+    landing: int  # writes still landing on the members' I/O threads when the hold closed (they are in the set)
     state: str = "held"  # held, committed, abandoned
     watchdog: asyncio.TimerHandle | None = None
     expiry: asyncio.Task[None] | None = None
@@ -568,6 +569,7 @@ class SnapshotService:
             # whose writes wait for the network (RBD) is held by its LUN's write gate instead: new writes queue,
             # and the hold is complete once the writes in flight have been acknowledged.
             busy = [v for v in vols if not v.hold_nowait()]
+            landing = sum(v.landing for v in vols)
         finally:
             for v in vols:
                 v.resume_staging()
@@ -604,7 +606,7 @@ class SnapshotService:
             raise
         return HeldSet(what, set_name, plans, kinds, epochs, vols, cow_epochs, cow_plans,
                        [(p, st) for p, st, _ in held_stores], gates, store_gates, requested, started,
-                       time.perf_counter())
+                       time.perf_counter(), landing)
 
     def _expire(self, held: HeldSet) -> None:
         """The prepare's own deadline: neither commit nor abandon came."""
@@ -659,6 +661,9 @@ class SnapshotService:
                 for v in held.vols:
                     v.release()
                 released = time.perf_counter()
+            # Writes that were still landing on a member's I/O threads are in its snapshot (see
+            # CowVolume.hold_nowait): it is recorded, and so may be read, only once they have landed.
+            await asyncio.gather(*(v.settle_snapshot(e) for v, e in zip(held.vols, held.cow_epochs, strict=True)))
         except BaseException:
             self._lock.release()
             raise
@@ -724,10 +729,11 @@ class SnapshotService:
                    f"{(times[1] - times[0]) * 1000:.2f} ms" if len(times) == 2 else "recorded by the coordinator")
         per_lun = "" if len(taken.lun_hold_ms) < 2 else " (per LUN: " + ", ".join(
             f"{n} {ms:.2f}" for n, ms in sorted(taken.lun_hold_ms.items())) + ")"
-        log.info("snapshot%s %s taken (%s, writes held %.2f ms%s: drain %.2f; %s; returned after %.2f ms)",
+        landing = f", {held.landing} write(s) still landing on I/O threads" if held.landing else ""
+        log.info("snapshot%s %s taken (%s, writes held %.2f ms%s: drain %.2f%s; %s; returned after %.2f ms)",
                  " set " + held.set_name if held.set_name else "", ", ".join(r.full_name for r in recs),
-                 "/".join(sorted(set(held.kinds))), hold_ms, per_lun, (held.drained - held.started) * 1000, durable,
-                 (time.perf_counter() - held.requested) * 1000)
+                 "/".join(sorted(set(held.kinds))), hold_ms, per_lun, (held.drained - held.started) * 1000, landing,
+                 durable, (time.perf_counter() - held.requested) * 1000)
         return recs
 
     def _store_of(self, lun: str) -> StoreSnapshots | None:

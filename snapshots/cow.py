@@ -728,6 +728,13 @@ class CowVolume:
         self._copy_and_commit: Callable[[Pool, list[_Item], int], tuple[list[_Item], dict[int, str]]] = \
             self._copy_now
         self._active = 0
+        # Writes the origin sent to its threads, from their last check until the origin has them: id -> (first
+        # chunk, last chunk), ids increasing, so the first key is the oldest (see _write_through and hold_nowait).
+        self._landing: dict[int, tuple[int, int]] = {}
+        self._landing_ids = 0
+        self._landing_waiters: list[asyncio.Future[None]] = []
+        # Per snapshot taken while such writes were landing: the newest of them (its contents settle once they land).
+        self._unsettled: dict[int, int] = {}
         self._gate: asyncio.Event | None = None
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
@@ -1008,17 +1015,30 @@ class CowVolume:
     # --- snapshots come and go ------------------------------------------------------------------------------------
 
     async def hold(self) -> None:
-        """Hold new writes and wait for in-flight ones to finish. Pair with :meth:`release`; a cancelled hold
-        releases itself."""
+        """Hold new writes and wait for in-flight ones to finish, those on the origin's threads included. Pair with
+        :meth:`release`; a cancelled hold releases itself."""
         if not self.hold_nowait():
             await self.drain()
+        try:
+            await self.settle(self._landing_ids)
+        except BaseException:
+            self.release()
+            raise
 
     def hold_nowait(self) -> bool:
         """Hold new writes at once, without yielding; True when nothing is in flight (the hold is complete), else
         :meth:`drain` must be awaited. Holding several volumes in one step is what lets a snapshot set fix its
-        point in time without a trip through the event loop (a write counts as in flight only while its origin, which
-        sends it to its threads, has yet to land it; unmaps and resizes do too, see :meth:`write`, and staged writes
-        until they reach the origin)."""
+        point in time without a trip through the event loop (unmaps and resizes count as in flight, and staged writes
+        until they reach the origin).
+
+        A write the origin sent to its threads does not count, though it may still land: it passed its last check,
+        so whatever it overwrites was preserved for every snapshot before this hold, and a snapshot added now
+        contains it (it was in flight: either side of the instant is right), as it would had the hold waited. Those
+        writes are many and slow exactly when a LUN's page-cache writes stall (they go to the threads after a
+        stall, 64 queued on 4 threads), and waiting for them held a set's writes for tens of milliseconds. What
+        must wait for them instead: a preservation of their chunks (the copy must hold what they write, see
+        :meth:`_copy_batch`) and the readers of the snapshot (:meth:`settle`, which the snapshot service awaits
+        before it records the set; :meth:`SnapshotView.read`)."""
         if self._gate is not None:
             raise RuntimeError(f"lun {self.name} is already held")
         self._gate = asyncio.Event()
@@ -1037,6 +1057,45 @@ class CowVolume:
             raise
         finally:
             self._drained = None
+
+    async def settle(self, upto: int) -> None:
+        """Wait until every write the origin's threads were given up to number ``upto`` has landed (or failed)."""
+        while self._landing and next(iter(self._landing)) <= upto:
+            fut = asyncio.get_running_loop().create_future()
+            self._landing_waiters.append(fut)
+            await fut
+
+    @property
+    def landing(self) -> int:
+        """Writes given to the origin's threads that have not landed yet (see :meth:`hold_nowait`)."""
+        return len(self._landing)
+
+    def settled(self, epoch: int) -> bool:
+        """Whether snapshot ``epoch``'s contents are final: the writes that were landing on the origin's threads
+        when it was taken (it contains them) have landed."""
+        mark = self._unsettled.get(epoch)
+        if mark is None:
+            return True
+        if self._landing and next(iter(self._landing)) <= mark:
+            return False
+        del self._unsettled[epoch]
+        return True
+
+    async def settle_snapshot(self, epoch: int) -> None:
+        """Wait until snapshot ``epoch`` is :meth:`settled`; before then nothing may read it."""
+        mark = self._unsettled.get(epoch)
+        if mark is not None:
+            await self.settle(mark)
+            self._unsettled.pop(epoch, None)
+
+    async def _after_landing(self, chunks: set[int]) -> None:
+        """Wait until no write that was landing on the origin's threads when called touches ``chunks``."""
+        upto = self._landing_ids
+        while any(i <= upto and any(c in chunks for c in range(lo, hi + 1))
+                  for i, (lo, hi) in self._landing.items()):
+            fut = asyncio.get_running_loop().create_future()
+            self._landing_waiters.append(fut)
+            await fut
 
     def release(self) -> None:
         gate, self._gate = self._gate, None
@@ -1058,6 +1117,8 @@ class CowVolume:
             raise ValueError(f"epoch {epoch} is not above {self._top}")
         self._epochs.append(epoch)
         self._newest = self._top = epoch
+        if self._landing:
+            self._unsettled[epoch] = self._landing_ids
 
     def forget_epoch(self, epoch: int) -> None:
         """Undo :meth:`add_snapshot` while still held (no write has seen the epoch, so nothing was preserved)."""
@@ -1089,6 +1150,7 @@ class CowVolume:
     def _drop(self, epoch: int) -> None:
         if epoch in self._epochs:
             self._epochs.remove(epoch)
+        self._unsettled.pop(epoch, None)
         self._newest = self._epochs[-1] if self._epochs else 0
 
     def view(self, epoch: int, num_blocks: int | None = None) -> SnapshotView:
@@ -1285,17 +1347,25 @@ class CowVolume:
             await self._wait_gate()
         # From the last check to the page cache without yielding when the origin writes inline; a FUA write's flush
         # comes after, and the data it waits for is already in the origin. An origin whose writes go to its threads
-        # now (a store that may hang, or for a while after a stall) yields before its data lands: that write counts
-        # as in flight, so that a hold waits for it. Else a snapshot taken meanwhile would miss the copy of blocks
-        # the write then overwrites.
+        # now (a store that may hang, or for a while after a stall) yields before its data lands: from here the
+        # write is landing, and a snapshot taken meanwhile contains it; its chunks are not copied for that
+        # snapshot, nor the snapshot read, before it has landed (see hold_nowait).
         inline = self._origin_inline
         if inline is not None and inline(lba, data):
             return
-        self._active += 1
+        self._landing_ids += 1
+        wid = self._landing_ids
+        cs = self.chunk_size
+        self._landing[wid] = (start // cs, (start + nbytes - 1) // cs)
         try:
             await self.origin.write(lba, data, False)
         finally:
-            self._leave()
+            del self._landing[wid]
+            if self._landing_waiters:
+                waiters, self._landing_waiters = self._landing_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
 
     def _need(self, start: int, nbytes: int) -> list[tuple[int, int]]:
         """What a write of ``nbytes`` at byte ``start`` must preserve first (nothing without snapshots)."""
@@ -1559,6 +1629,10 @@ class CowVolume:
             self.stats.copy_seconds += time.perf_counter() - started
 
     async def _copy_batch(self, batch: list[tuple[int, int, asyncio.Future[None]]]) -> None:
+        if self._landing:
+            # A write still landing on the origin's threads passed its check before the newest snapshot, which
+            # contains it: the copy must hold what it writes, so it is read only once the write has landed.
+            await self._after_landing({c for c, _, _ in batch})
         pool = self._pool
         epoch = self._newest
         failed: dict[int, tuple[str, int]] = {}  # chunk -> (why, the units it needed)
@@ -1820,6 +1894,8 @@ class SnapshotView:
         if self.redirect is not None:
             return bytearray(await self.redirect.read(lba, blocks))
         vol = self.volume
+        if not vol.settled(self.epoch):
+            await vol.settle_snapshot(self.epoch)
         buf = await vol.origin.read(lba, blocks)
         if not isinstance(buf, bytearray):
             buf = bytearray(buf)
@@ -1872,6 +1948,8 @@ class SnapshotView:
                 raise NotReady(f"snapshot epoch {self.epoch} of lun {self.volume.name}: its clone file has no extents")
             return self.redirect.file_extents(lba, blocks)
         vol = self.volume
+        if not vol.settled(self.epoch):  # the snapshot service records a snapshot only once it has settled
+            raise NotReady(f"snapshot epoch {self.epoch} of lun {vol.name}: writes it contains are still landing")
         bs, cs = vol.block_size, vol.chunk_size
         out: list[FileExtent] = []
         pos, end = lba * bs, (lba + blocks) * bs
